@@ -1,0 +1,129 @@
+"""The `asteroid` command line: compile a model for a cluster, show what was compiled."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "f64": torch.float64, "i64": torch.int64,
+          "i32": torch.int32, "b8": torch.bool}
+
+
+def parse_input_spec(spec: str) -> torch.Tensor:
+    """'f32[32,3,32,32]' -> a random tensor; integer inputs 'i64[8,16]<100' draw from [0, 100)."""
+    m = re.fullmatch(r"(\w+)\[([\d,\s]+)\](?:<(\d+))?", spec.strip())
+    if not m or m.group(1) not in DTYPES:
+        raise SystemExit(f"bad --input {spec!r}: write DTYPE[SIZES], e.g. f32[32,3,32,32] or i64[8,16]<1000 "
+                         f"(dtypes: {', '.join(DTYPES)})")
+    shape = [int(s) for s in m.group(2).split(",") if s.strip()]
+    dtype = DTYPES[m.group(1)]
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype)
+    return torch.randint(0, int(m.group(3) or 2), shape, dtype=dtype)
+
+
+def load_model(name: str, batch: int, inputs: Sequence[str]) -> tuple[torch.nn.Module, tuple, Any]:
+    """A zoo name (small config with ':small'), or 'module:callable' returning a module or (module, example)."""
+    from asteroid_fx import models
+
+    base, _, variant = name.partition(":")
+    if base in models.ZOO and variant in ("", "small"):
+        entry = models.get(base)
+        small = variant == "small"
+        return entry.build(small=small), entry.example(batch, small), entry.loss
+    if ":" not in name:
+        raise SystemExit(f"unknown model {name!r}: use a zoo model ({', '.join(models.ZOO)}, add ':small' "
+                         "for the test config) or 'package.module:callable'")
+    module_name, attr = name.split(":", 1)
+    try:
+        made = getattr(importlib.import_module(module_name), attr)()
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"cannot load {name!r}: {e}") from e
+    if isinstance(made, tuple):
+        model, example = made[0], made[1]
+        example = example if isinstance(example, tuple) else (example,)
+    else:
+        model = made
+        if not inputs:
+            raise SystemExit(f"{name!r} returned a module without example inputs: pass --input DTYPE[SIZES] "
+                             "for each positional input, or return (module, example_inputs)")
+        example = tuple(parse_input_spec(s) for s in inputs)
+    return model, example, None
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import asteroid_fx as asteroid
+
+    torch.manual_seed(args.seed)
+    model, example, loss = load_model(args.model, args.batch, args.input)
+    print(f"compiling {args.model} for {args.cluster} ...", file=sys.stderr)
+    compiled = asteroid.compile(model, args.cluster, example=example, loss=loss, microbatches=args.microbatches,
+                                schedule_kind=args.schedule, stages=args.stages, max_layers=args.max_layers)
+    out = compiled.save(args.out)
+    print(compiled.plan)
+    print(f"\nwrote plan, program (text and JSON), layers and {len(compiled.stages)} stage modules to {out}/")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from asteroid_fx.plan import Plan
+    from asteroid_fx.program_text import parse_program
+
+    folder = Path(args.folder)
+    if not (folder / "plan.json").exists():
+        raise SystemExit(f"{folder} holds no compiled plan (plan.json missing); run `asteroid compile ... --out {folder}`")
+    what = args.what
+    if what in ("plan", "all"):
+        print(Plan.from_json(json.loads((folder / "plan.json").read_text())))
+    if what in ("program", "all"):
+        if what == "all":
+            print()
+        print(parse_program((folder / "program.txt").read_text()), end="")
+    if what == "layers":
+        print((folder / "layers.txt").read_text(), end="")
+    if what == "stages":
+        for path in sorted(folder.glob("stage_*.py")):
+            print(f"# {path.name}\n{path.read_text()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asteroid", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="plan a model on a cluster and write plan, program and stages")
+    c.add_argument("model", help="zoo model (resnet18, gpt:small, ...) or package.module:callable")
+    c.add_argument("--cluster", required=True, help="preset name, cluster JSON file, or comma-separated device kinds")
+    c.add_argument("--out", required=True, help="folder to write into")
+    c.add_argument("--batch", type=int, default=32, help="global batch (rows per iteration)")
+    c.add_argument("--microbatches", type=int, default=4)
+    c.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    c.add_argument("--stages", type=int, default=None, help="pin the stage count (default: the fastest)")
+    c.add_argument("--max-layers", type=int, default=48, help="coarsen the graph to at most this many layers")
+    c.add_argument("--input", action="append", default=[], help="example input for module:callable, e.g. f32[32,3,32,32]")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_compile)
+    s = sub.add_parser("show", help="print what `asteroid compile` wrote")
+    s.add_argument("folder")
+    s.add_argument("what", nargs="?", choices=["all", "plan", "program", "layers", "stages"], default="all")
+    s.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"asteroid {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

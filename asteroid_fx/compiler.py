@@ -1,0 +1,138 @@
+"""asteroid.compile: a model and a cluster in, a verified per-device training program out."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from asteroid_fx.cluster import Cluster, resolve_cluster
+from asteroid_fx.layer_graph import LayerGraph
+from asteroid_fx.plan import Plan
+from asteroid_fx.program import Program
+from asteroid_fx.program_text import format_program, program_to_json
+from asteroid_fx.verify import verify
+from asteroid_fx.passes.annotate_costs import annotate_costs
+from asteroid_fx.passes.capture import Captured, capture
+from asteroid_fx.passes.linearize import linearize
+from asteroid_fx.passes.lower_comm import lower_comm
+from asteroid_fx.passes.partition import balanced
+from asteroid_fx.passes.schedule import schedule
+from asteroid_fx.passes.split import Stage, split
+
+DEFAULT_MAX_LAYERS = 48
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    captured: Captured
+    cluster: Cluster
+    layer_graph: LayerGraph
+    plan: Plan
+    stages: tuple[Stage, ...]
+    program: Program
+    loss: Callable | None
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The captured, cost-annotated fx graph (node.meta["asteroid.*"])."""
+        return self.captured.module
+
+    def __str__(self) -> str:
+        return f"{self.plan}\n\n{self.program}"
+
+    def runner(self, *, optimizer="sgd", lr: float = 1e-3, loss: Callable | None = None,
+               loss_reduction: str = "mean"):
+        """A local-backend runner holding one replica of its stage per device."""
+        from asteroid_fx.backends.local import LocalRunner
+
+        loss = loss or self.loss
+        if loss is None:
+            raise ValueError("no loss function: pass loss= to compile() or to run()")
+        names = [n.name for n in self.captured.module.graph.nodes if n.op == "placeholder"]
+        return LocalRunner(self.program, self.stages, loss=loss, unflatten=self.captured.unflatten_outputs,
+                           input_names=names, optimizer=optimizer, lr=lr, loss_reduction=loss_reduction,
+                           state_keys=self.captured.module.state_dict().keys())
+
+    def run(self, data: Iterable, iterations: int, *, optimizer="sgd", lr: float = 1e-3,
+            loss: Callable | None = None, log: Callable[[str], None] | None = None):
+        """Train ``iterations`` steps on the local backend; ``data`` yields (inputs, labels) of one
+        global batch, inputs a tensor or a tuple of positional tensors. Returns (runner, losses)."""
+        runner = self.runner(optimizer=optimizer, lr=lr, loss=loss)
+        losses = []
+        it = iter(data)
+        for i in range(iterations):
+            try:
+                inputs, labels = next(it)
+            except StopIteration:
+                raise ValueError(f"the data ran out after {i} of {iterations} iterations") from None
+            if isinstance(inputs, torch.Tensor):
+                inputs = (inputs,)
+            losses.append(runner.step(tuple(inputs), labels))
+            if log:
+                log(f"iteration {i + 1}/{iterations}: loss {losses[-1]:.4f}")
+        return runner, losses
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """plan.json, plan.txt, program.txt, program.json, cluster.json, stage_<p>.pt (fx code + weights)."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / "plan.json", self.plan.dumps() + "\n")
+        _write(out / "plan.txt", str(self.plan) + "\n")
+        _write(out / "program.txt", format_program(self.program))
+        _write(out / "program.json", json.dumps(program_to_json(self.program), indent=1) + "\n")
+        _write(out / "layers.txt", str(self.layer_graph) + "\n")
+        self.cluster.save(out / "cluster.json")
+        for st in self.stages:
+            _write(out / f"stage_{st.index}.py", st.module.code)
+            tmp = out / f".stage_{st.index}.pt.tmp"
+            torch.save(st.module.state_dict(), tmp)
+            os.replace(tmp, out / f"stage_{st.index}.pt")
+        return out
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomic: a crash never leaves a half-written file behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict | None = None,
+            loss: Callable | None = None, microbatches: int = 4, microbatch_rows: int | None = None,
+            schedule_kind: str = "1f1b", stages: int | None = None,
+            groups: Sequence[Sequence[str]] | None = None, rows: Sequence[Sequence[int]] | None = None,
+            layers: Sequence[int] | None = None, max_layers: int | None = DEFAULT_MAX_LAYERS,
+            opt_state_factor: float = 2.0, check: bool = True) -> Compiled:
+    """Compile ``model`` for ``devices`` (a Cluster, a list of Devices or kind names, a preset name
+    or a cluster JSON path). ``example`` is one global batch of inputs (a tensor or a tuple);
+    micro-batch rows default to batch / microbatches."""
+    cluster = resolve_cluster(devices)
+    args = example if isinstance(example, tuple) else (example,)
+    # capture with a dynamic batch so stages run on row slices of any size
+    captured = capture(model, args, kwargs)
+    batch = captured.example_batch
+    if microbatch_rows is None:
+        if batch % microbatches:
+            raise ValueError(f"the example batch of {batch} rows does not split into {microbatches} micro-batches; "
+                             "pass microbatches= that divides it, or microbatch_rows=")
+        microbatch_rows = batch // microbatches
+    annotate_costs(captured, {d.kind for d in cluster.devices})
+    lg = linearize(captured, max_layers=max_layers)
+    plan = balanced(lg, cluster, microbatches=microbatches, microbatch_rows=microbatch_rows,
+                    schedule=schedule_kind, stages=stages, groups=groups, rows=rows, layers=layers,
+                    opt_state_factor=opt_state_factor)
+    stage_modules = split(captured, lg, plan)
+    compute = schedule(plan)
+    cut_specs = [(s.output_specs, tuple(spec for spec, g in zip(s.output_specs, s.output_grads) if g))
+                 for s in stage_modules[:-1]]
+    program = lower_comm(compute, cut_specs)
+    if check:
+        verify(program)  # cheap, and a wrong program must never reach a backend
+    return Compiled(captured, cluster, lg, plan, stage_modules, program, loss)

@@ -1,0 +1,135 @@
+"""Plan: the planner's answer. Stages in pipeline order, each a layer range run data-parallel by a
+group of devices that split every micro-batch's rows unevenly, plus what the planner predicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+PLAN_FORMAT = "asteroid-plan"
+PLAN_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    layers: tuple[int, int]  # [lo, hi) of the LayerGraph
+    devices: tuple[str, ...]
+    rows: tuple[int, ...]  # rows of every micro-batch per device, same order as devices
+
+    def __post_init__(self) -> None:
+        if len(self.devices) != len(self.rows):
+            raise ValueError(f"stage {self.layers}: {len(self.devices)} devices but {len(self.rows)} row counts")
+
+    @property
+    def slots(self) -> tuple[tuple[str, int, int], ...]:
+        """(device, lo, hi) row ranges, in order."""
+        out, lo = [], 0
+        for d, r in zip(self.devices, self.rows):
+            out.append((d, lo, lo + r))
+            lo += r
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceUse:
+    device: str
+    stage: int | None  # None: left out of the plan
+    memory_bytes: int  # predicted peak
+    budget_bytes: int
+    compute_s: float  # predicted forward+backward seconds per iteration
+    note: str = ""  # why it was left out, or what binds
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    iteration_s: float
+    throughput: float  # samples per second
+    devices: tuple[DeviceUse, ...]
+    binding: str  # the constraint or stage that sets the iteration time
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    stages: tuple[StagePlan, ...]
+    microbatches: int
+    microbatch_rows: int
+    schedule: str  # "1f1b" | "gpipe"
+    planner: str
+    prediction: Prediction | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.microbatches * self.microbatch_rows
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("1f1b", "gpipe"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; use '1f1b' or 'gpipe'")
+        if self.microbatches < 1 or self.microbatch_rows < 1:
+            raise ValueError("a plan needs at least one micro-batch of at least one row")
+        seen: set[str] = set()
+        expect = 0
+        for i, st in enumerate(self.stages):
+            if st.layers[0] != expect or st.layers[1] <= st.layers[0]:
+                raise ValueError(f"stage {i}: layers {st.layers[0]}:{st.layers[1]} do not continue from layer {expect}")
+            expect = st.layers[1]
+            if sum(st.rows) != self.microbatch_rows or min(st.rows) < 1:
+                raise ValueError(f"stage {i}: rows {list(st.rows)} must be >= 1 each and add up to "
+                                 f"the micro-batch size {self.microbatch_rows}")
+            for d in st.devices:
+                if d in seen:
+                    raise ValueError(f"device {d!r} appears in two stages; a device runs one stage")
+                seen.add(d)
+
+    def stage_of(self, device: str) -> int:
+        for i, st in enumerate(self.stages):
+            if device in st.devices:
+                return i
+        raise KeyError(device)
+
+    def __str__(self) -> str:
+        lines = [f"Plan ({self.planner}): {len(self.stages)} stages, {self.microbatches} micro-batches x "
+                 f"{self.microbatch_rows} rows = batch {self.batch}, schedule {self.schedule}"]
+        uses = {u.device: u for u in self.prediction.devices} if self.prediction else {}
+        header = f"  {'stage':>5}  {'layers':>9}  {'device':<16} {'rows':>5}  {'memory':>21}  {'compute':>9}"
+        lines.append(header)
+        for i, st in enumerate(self.stages):
+            for j, (d, r) in enumerate(zip(st.devices, st.rows)):
+                u = uses.get(d)
+                mem = f"{_gib(u.memory_bytes)} / {_gib(u.budget_bytes)}" if u else ""
+                comp = f"{u.compute_s * 1e3:7.1f}ms" if u else ""
+                stage_col = f"{i:>5}  {st.layers[0]:>4}:{st.layers[1]:<4}" if j == 0 else " " * 16
+                lines.append(f"  {stage_col}  {d:<16} {r:>5}  {mem:>21}  {comp:>9}")
+        if self.prediction:
+            p = self.prediction
+            for u in p.devices:
+                if u.stage is None:
+                    lines.append(f"  left out: {u.device} ({u.note})")
+            lines.append(f"  predicted: {p.iteration_s * 1e3:.1f} ms/iteration, {p.throughput:.1f} samples/s; "
+                         f"bound by {p.binding}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **d}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Plan":
+        if data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"not a plan: format is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {data.get('version')} is not supported (this build reads {PLAN_VERSION})")
+        stages = tuple(StagePlan(tuple(s["layers"]), tuple(s["devices"]), tuple(s["rows"])) for s in data["stages"])
+        pred = data.get("prediction")
+        prediction = None
+        if pred is not None:
+            prediction = Prediction(pred["iteration_s"], pred["throughput"],
+                                    tuple(DeviceUse(**u) for u in pred["devices"]), pred["binding"])
+        return cls(stages, data["microbatches"], data["microbatch_rows"], data["schedule"], data["planner"], prediction)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}GiB"

@@ -1,0 +1,226 @@
+"""local backend: execute a Program in one process with real tensors. This is what the IR means.
+
+Every device holds its own replica of its stage (parameters, buffers, optimizer), exactly as on a
+real cluster; actions run in ``verify.execution_order`` (a deterministic interleaving that respects
+every SEND -> RECV and collective). Semantics of one iteration over a global batch of
+``microbatches x microbatch_rows`` rows (micro-batch m = rows [m*b, (m+1)*b)):
+  F     stage 0 reads its rows of the inputs; later stages concatenate the row slices they
+        received; the last stage also computes loss(outputs, labels) x rows / batch, so the
+        summed loss is the full-batch mean and gradients match full-batch training.
+  B     backward from the loss (last stage) or from the received output gradients.
+  SEND  a detached row slice of the outputs (act) or of the input gradients (grad).
+  ALLREDUCE  sums the group's gradients (slot order) and averages its floating buffers, so the
+        replicas stay identical; BatchNorm running statistics become the mean over the group.
+  STEP  the device's optimizer steps and clears its gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from asteroid_fx.program import Action, Op, Program
+from asteroid_fx.verify import dry_run
+
+OptimizerSpec = str | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+OPTIMIZERS = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
+}
+
+
+def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter], lr: float = 1e-3) -> torch.optim.Optimizer | None:
+    if not params:
+        return None
+    if callable(spec):
+        return spec(params)
+    name = spec.lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {spec!r}; use one of {', '.join(OPTIMIZERS)} or pass a callable "
+                         "params -> torch.optim.Optimizer")
+    return OPTIMIZERS[name](params, lr)
+
+
+def run_order(program: Program) -> list[tuple[str, int]]:
+    """The dry run's steps one after another; inside a step sends go first, since a RECV may run
+    in the step of its SEND."""
+    acts = dict(program.actions)
+    sends = (Op.SEND, Op.BACKUP)
+    return [x for step in dry_run(program)
+            for x in sorted(step, key=lambda x: acts[x[0]][x[1]].op not in sends)]
+
+
+@dataclasses.dataclass
+class _MicroBatchState:
+    received: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    grads_in: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    inputs: tuple[torch.Tensor, ...] = ()
+    outputs: tuple[Any, ...] = ()
+    loss: torch.Tensor | None = None
+    input_grads: tuple[torch.Tensor, ...] = ()
+
+
+class LocalRunner:
+    """Runs ``program`` iteration after iteration; ``stages`` are the split stage modules."""
+
+    def __init__(self, program: Program, stages: Sequence, *, loss: Callable, unflatten: Callable,
+                 input_names: Sequence[str], optimizer: OptimizerSpec = "sgd", lr: float = 1e-3,
+                 loss_reduction: str = "mean", state_keys: Iterable[str] | None = None):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.program = program
+        self.stages = tuple(stages)
+        self.loss = loss
+        self.unflatten = unflatten
+        self.input_index = {name: i for i, name in enumerate(input_names)}
+        self.loss_reduction = loss_reduction
+        self.state_keys = set(state_keys) if state_keys is not None else None
+        self.order = run_order(program)
+        self.replicas: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer | None] = {}
+        for device in program.devices:
+            stage = self.stages[program.stage_of(device).index]
+            replica = copy.deepcopy(stage.module)
+            replica.train()
+            self.replicas[device] = replica
+            self.optimizers[device] = make_optimizer(optimizer, [p for p in replica.parameters() if p.requires_grad], lr)
+
+    # --- one iteration -------------------------------------------------------------------------
+
+    def step(self, inputs: Sequence[torch.Tensor], labels: Any) -> float:
+        """One training iteration on a global batch; returns its mean loss."""
+        p = self.program
+        batch = p.microbatches * p.microbatch_rows
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] != batch:
+                raise ValueError(f"the program trains on batches of {batch} rows "
+                                 f"({p.microbatches} micro-batches x {p.microbatch_rows}); got an input with "
+                                 f"{t.shape[0]} rows")
+        self._inputs, self._labels, self._batch = tuple(inputs), labels, batch
+        self._state: dict[tuple[str, int], _MicroBatchState] = {}
+        self._mailbox: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._arrived: dict[tuple[int, int], list[str]] = {}
+        self._loss = 0.0
+        actions = {d: acts for d, acts in p.actions}
+        for device, index in self.order:
+            a = actions[device][index]
+            RULES[a.op](self, device, a)
+        return self._loss
+
+    def _mb(self, device: str, mb: int) -> _MicroBatchState:
+        return self._state.setdefault((device, mb), _MicroBatchState())
+
+    def _rows(self, mb: int, rows: tuple[int, int]) -> slice:
+        base = mb * self.program.microbatch_rows
+        return slice(base + rows[0], base + rows[1])
+
+    def _forward(self, device: str, a: Action) -> None:
+        stage = self.stages[a.stage]
+        st = self._mb(device, a.mb)
+        if a.stage == 0:
+            sl = self._rows(a.mb, a.rows)
+            inputs = tuple(self._inputs[self.input_index[name]][sl] for name in stage.inputs)
+        else:
+            pieces = [st.received[r] for r in sorted(st.received)]
+            inputs = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(stage.inputs)))
+            st.received.clear()
+        inputs = tuple(t.detach().requires_grad_(g) for t, g in zip(inputs, stage.input_grads))
+        outputs = self.replicas[device](*inputs)
+        st.inputs, st.outputs = inputs, tuple(outputs)
+        if a.stage == len(self.stages) - 1:
+            sl = self._rows(a.mb, a.rows)
+            labels = self._labels[sl]
+            value = self.loss(self.unflatten(list(outputs)), labels)
+            scale = (a.rows[1] - a.rows[0]) / self._batch if self.loss_reduction == "mean" else 1.0
+            st.loss = value * scale
+            self._loss += float(st.loss.detach())
+
+    def _backward(self, device: str, a: Action) -> None:
+        stage = self.stages[a.stage]
+        st = self._mb(device, a.mb)
+        if st.loss is not None:
+            st.loss.backward()
+        else:
+            pieces = [st.grads_in[r] for r in sorted(st.grads_in)]
+            needing = [i for i, g in enumerate(stage.output_grads) if g]
+            tensors, grads = [], []
+            for j, i in enumerate(needing):
+                out = st.outputs[i]
+                if out.requires_grad:
+                    tensors.append(out)
+                    grads.append(torch.cat([piece[j] for piece in pieces]))
+            if tensors:
+                torch.autograd.backward(tensors, grads)
+        st.input_grads = tuple(
+            t.grad if t.grad is not None else torch.zeros_like(t)
+            for t, g in zip(st.inputs, stage.input_grads) if g)
+        st.outputs, st.loss, st.grads_in = (), None, {}
+
+    def _send(self, device: str, a: Action) -> None:
+        st = self._mb(device, a.mb)
+        lo = self.program.slot_of(device).lo
+        sl = slice(a.rows[0] - lo, a.rows[1] - lo)
+        source = st.outputs if a.payload == "act" else st.input_grads
+        self._mailbox[(device, a.peer, a.payload, a.stage, a.mb, a.rows)] = tuple(t[sl].detach() for t in source)
+
+    def _recv(self, device: str, a: Action) -> None:
+        data = self._mailbox.pop((a.peer, device, a.payload, a.stage, a.mb, a.rows))
+        st = self._mb(device, a.mb)
+        (st.received if a.payload == "act" else st.grads_in)[a.rows] = data
+
+    def _allreduce(self, device: str, a: Action) -> None:
+        key = (a.stage, 0)
+        arrived = self._arrived.setdefault(key, [])
+        arrived.append(device)
+        if len(arrived) < len(a.group):
+            return
+        replicas = [self.replicas[d] for d in a.group]
+        with torch.no_grad():
+            for params in zip(*(r.parameters() for r in replicas)):
+                grads = [q.grad for q in params if q.grad is not None]
+                if not grads:
+                    continue
+                total = grads[0].clone()
+                for g in grads[1:]:
+                    total += g
+                for q in params:
+                    q.grad = total.clone()
+            for bufs in zip(*(r.buffers() for r in replicas)):
+                if bufs[0].is_floating_point():
+                    mean = torch.stack(list(bufs)).mean(0)
+                    for b in bufs:
+                        b.copy_(mean)
+        self._arrived.pop(key)
+
+    def _step(self, device: str, a: Action) -> None:
+        opt = self.optimizers[device]
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    # --- results -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the whole model (each stage's first replica), by model name."""
+        out: dict[str, torch.Tensor] = {}
+        for info in self.program.stages:
+            replica = self.replicas[info.slots[0].device]
+            out.update({k: v.detach().clone() for k, v in replica.state_dict().items()
+                        if self.state_keys is None or k in self.state_keys})
+        return out
+
+
+RULES: dict[Op, Callable[[LocalRunner, str, Action], None]] = {
+    Op.F: LocalRunner._forward,
+    Op.B: LocalRunner._backward,
+    Op.SEND: LocalRunner._send,
+    Op.RECV: LocalRunner._recv,
+    Op.ALLREDUCE: LocalRunner._allreduce,
+    Op.STEP: LocalRunner._step,
+}

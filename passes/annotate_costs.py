@@ -1,0 +1,96 @@
+"""annotate_costs: write what every node costs into node.meta.
+
+Expects a ``Captured`` graph. Runs it once on the example inputs (no grad; buffers restored after)
+and records, per compute node:
+  node.meta["asteroid.stats"] = NodeStats    FLOPs (torch's FlopCounterMode), bytes moved, params
+  node.meta["asteroid.cost"]  = {device kind: Cost}   the roofline of that kind over those stats
+Measured profiles replace the Cost entries later; the stats stay, since the planner's memory model
+reads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from asteroid_fx import catalog
+from asteroid_fx.costs import NodeStats, roofline
+from asteroid_fx.passes.capture import Captured
+
+COMPUTE_OPS = ("call_function", "call_method", "call_module")
+
+
+def _tensor_bytes(values: Iterable[Any], batch: int, captured: Captured, batched: bool) -> float:
+    total = 0.0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if batched == (v.dim() > 0 and v.shape[0] == batch):
+                total += v.numel() * v.element_size()
+    return total
+
+
+class _StatsInterpreter(fx.Interpreter):
+    def __init__(self, captured: Captured):
+        super().__init__(captured.module)
+        self.captured = captured
+        self.params = {id(t) for t in captured.module.parameters()} | {id(t) for t in captured.module.buffers()}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op not in COMPUTE_OPS:
+            return super().run_node(n)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = super().run_node(n)
+        batch = self.captured.example_batch
+        ins = [self.env[a] for a in n.all_input_nodes]
+        flat_in = pytree.tree_leaves(ins)
+        flat_out = pytree.tree_leaves(out)
+        param_bytes = sum(t.numel() * t.element_size() for t in flat_in
+                          if isinstance(t, torch.Tensor) and id(t) in self.params)
+        if n.op == "call_module":
+            mod = self.captured.module.get_submodule(n.target)
+            param_bytes += sum(p.numel() * p.element_size() for p in mod.parameters())
+        acts_in = [t for t in flat_in if not (isinstance(t, torch.Tensor) and id(t) in self.params)]
+        in_row = _tensor_bytes(acts_in, batch, self.captured, batched=True) / batch
+        out_row = _tensor_bytes(flat_out, batch, self.captured, batched=True) / batch
+        batched = any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
+                      for t in flat_out + acts_in)
+        flops = float(counter.get_total_flops())
+        requires_grad = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in flat_out)
+        n.meta["asteroid.stats"] = NodeStats(
+            flops_per_row=flops / batch if batched else 0.0,
+            flops_fixed=0.0 if batched else flops,
+            bytes_per_row=in_row + out_row,
+            param_bytes=int(param_bytes),
+            out_bytes_per_row=out_row,
+            # most differentiable ops keep their inputs for backward; integer outputs keep nothing
+            saved_bytes_per_row=in_row if requires_grad else 0.0,
+        )
+        return out
+
+
+def annotate_costs(captured: Captured, kinds: Iterable[str]) -> Captured:
+    """Attach NodeStats and an analytic Cost per device kind to every compute node (in place on meta)."""
+    gm = captured.module
+    saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    try:
+        with torch.no_grad():
+            _StatsInterpreter(captured).run(*captured.example_inputs)
+    finally:
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                b.copy_(saved[name])
+    specs = {k: catalog.kind(k) for k in set(kinds)}
+    for n in gm.graph.nodes:
+        stats = n.meta.get("asteroid.stats")
+        if stats is None:
+            continue
+        n.meta["asteroid.cost"] = {
+            k: roofline(stats, s.peak_flops, s.memory_bandwidth, s.efficiency, s.overhead_s)
+            for k, s in specs.items()
+        }
+    return captured

@@ -1,0 +1,161 @@
+"""partition: LayerGraph + Cluster -> Plan.
+
+``balanced`` is the simple planner of the compile spine: devices are dealt into stage groups so
+that every group has about the same aggregate speed, layers are cut so that every stage has work in
+proportion to its group's speed, and each group splits the micro-batch rows in proportion to its
+members' speed on that stage. It tries every stage count and keeps the fastest plan that fits in
+memory. Groups, stage count and rows can be pinned by the caller (tests and hand-made plans).
+
+Guarantees: every layer in exactly one stage, stages only at allowed cuts, rows of each stage add up
+to the micro-batch size, every device's predicted memory within its budget (else NoPlanError
+naming the device and the memory that would do).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from asteroid_fx.cluster import Cluster
+from asteroid_fx.estimate import ADAM_STATE_FACTOR, predict
+from asteroid_fx.layer_graph import LayerGraph
+from asteroid_fx.plan import Plan, StagePlan
+
+
+class NoPlanError(ValueError):
+    """No plan fits; the message says what memory or devices would make one fit."""
+
+
+def split_rows(total: int, weights: Sequence[float]) -> tuple[int, ...]:
+    """``total`` rows in proportion to ``weights``, each at least 1 (largest remainder)."""
+    n = len(weights)
+    if total < n:
+        raise NoPlanError(f"a micro-batch of {total} rows cannot be shared by a group of {n} devices; "
+                          "use a larger micro-batch or smaller groups")
+    spare = total - n
+    wsum = sum(weights)
+    exact = [spare * w / wsum for w in weights]
+    rows = [1 + math.floor(e) for e in exact]
+    left = total - sum(rows)
+    for i in sorted(range(n), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)[:left]:
+        rows[i] += 1
+    return tuple(rows)
+
+
+def _speed(lg: LayerGraph, cluster: Cluster, device: str, lo: int, hi: int, rows: int) -> float:
+    t = lg.stage_time(cluster.device(device).kind, lo, hi, max(rows, 1))
+    return 1.0 / t if t > 0 else 1e12
+
+
+def _deal_groups(speeds: dict[str, float], n_stages: int) -> list[list[str]]:
+    """Longest-processing-time dealing: the fastest device goes to the group with the least speed."""
+    groups: list[list[str]] = [[] for _ in range(n_stages)]
+    total = [0.0] * n_stages
+    for d in sorted(speeds, key=lambda d: -speeds[d]):
+        g = min(range(n_stages), key=lambda i: (len(groups[i]) > 0, total[i]))
+        groups[g].append(d)
+        total[g] += speeds[d]
+    return groups
+
+
+def _cut_layers(lg: LayerGraph, shares: Sequence[float], kind_weight) -> list[int]:
+    """Stage boundaries at allowed cuts so that stage p gets about shares[p] of the total work."""
+    L = len(lg)
+    work = [kind_weight(i) for i in range(L)]
+    prefix = [0.0]
+    for w in work:
+        prefix.append(prefix[-1] + w)
+    allowed = list(lg.allowed_cuts())
+    bounds, acc = [0], 0.0
+    for p, share in enumerate(shares[:-1]):
+        acc += share * prefix[-1]
+        remaining_stages = len(shares) - 1 - p
+        candidates = [c for c in allowed if c > bounds[-1]]
+        candidates = candidates[: max(0, len(candidates) - remaining_stages + 1)]
+        if not candidates:
+            raise NoPlanError(f"only {len(allowed)} allowed cuts: the model cannot be split into {len(shares)} stages")
+        bounds.append(min(candidates, key=lambda c: abs(prefix[c] - acc)))
+    bounds.append(L)
+    return bounds
+
+
+def balanced(lg: LayerGraph, cluster: Cluster, *, microbatches: int, microbatch_rows: int,
+             schedule: str = "1f1b", stages: int | None = None,
+             groups: Sequence[Sequence[str]] | None = None,
+             rows: Sequence[Sequence[int]] | None = None,
+             layers: Sequence[int] | None = None,
+             opt_state_factor: float = ADAM_STATE_FACTOR) -> Plan:
+    """The balanced planner; see the module docstring. ``layers`` pins the stage boundaries."""
+    if groups is not None:
+        candidates = [[list(g) for g in groups]]
+    else:
+        max_stages = min(len(cluster.devices), len(lg.allowed_cuts()) + 1)
+        counts = [stages] if stages else range(1, max_stages + 1)
+        if stages and stages > max_stages:
+            raise NoPlanError(f"{stages} stages asked for, but the model has {len(lg.allowed_cuts())} allowed cuts "
+                              f"and the cluster {len(cluster.devices)} devices: at most {max_stages} stages")
+        mid = max(1, microbatch_rows)
+        speeds = {d.name: _speed(lg, cluster, d.name, 0, len(lg), mid) for d in cluster.devices}
+        candidates = [_deal_groups(speeds, s) for s in counts]
+    best, failures = None, []
+    for grp in candidates:
+        for g in grp:
+            for d in g:
+                cluster.device(d)  # unknown device -> the cluster's own error
+        try:
+            plan = _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, rows, layers,
+                                    opt_state_factor)
+        except NoPlanError as e:
+            failures.append(str(e))
+            continue
+        over = [u for u in plan.prediction.devices if u.memory_bytes > u.budget_bytes]
+        if over:
+            failures.append(_memory_message(over))
+            continue
+        if best is None or plan.prediction.iteration_s < best.prediction.iteration_s:
+            best = plan
+    if best is None:
+        raise NoPlanError("no plan fits this cluster:\n  " + "\n  ".join(dict.fromkeys(failures)))
+    return best
+
+
+def _memory_message(over) -> str:
+    worst = max(over, key=lambda u: u.memory_bytes - u.budget_bytes)
+    return (f"device {worst.device!r} needs {worst.memory_bytes / 2**30:.2f} GiB for its stage but has "
+            f"{worst.budget_bytes / 2**30:.2f} GiB; it would fit with {worst.memory_bytes / 2**30:.2f} GiB "
+            "(or add devices, use smaller micro-batches, or an optimizer with less state)")
+
+
+def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, rows, layers, opt_state_factor):
+    n = len(grp)
+    if layers is not None:
+        bounds = list(layers)
+        if bounds[0] != 0 or bounds[-1] != len(lg) or len(bounds) != n + 1:
+            raise NoPlanError(f"layer bounds {bounds} must start at 0, end at {len(lg)} and give {n} stages")
+        bad = [c for c in bounds[1:-1] if not lg.cuts[c].allowed]
+        if bad:
+            raise NoPlanError(f"cut {bad[0]} is not allowed: {lg.cuts[bad[0]].why_not}")
+    else:
+        L = len(lg)
+        group_speed = [sum(_speed(lg, cluster, d, 0, L, microbatch_rows) for d in g) for g in grp]
+        total = sum(group_speed)
+        kinds = sorted({cluster.device(d).kind for g in grp for d in g})
+
+        def weight(i: int) -> float:
+            return sum(lg.stage_time(k, i, i + 1, microbatch_rows) for k in kinds) / len(kinds)
+
+        bounds = _cut_layers(lg, [s / total for s in group_speed], weight)
+    stage_plans = []
+    for p, g in enumerate(grp):
+        lo, hi = bounds[p], bounds[p + 1]
+        if rows is not None:
+            r = tuple(rows[p])
+        else:
+            r = split_rows(microbatch_rows, [_speed(lg, cluster, d, lo, hi, microbatch_rows) for d in g])
+        stage_plans.append(StagePlan((lo, hi), tuple(g), r))
+    plan = Plan(tuple(stage_plans), microbatches, microbatch_rows, schedule, "balanced")
+    used = {d for g in grp for d in g}
+    left_out = [(d.name, "not given a stage") for d in cluster.devices if d.name not in used]
+    import dataclasses
+
+    return dataclasses.replace(plan, prediction=predict(plan, lg, cluster, opt_state_factor, left_out))

@@ -1,0 +1,55 @@
+"""schedule: Plan -> compute-only Program (F and B actions per device).
+
+Every device of stage p runs the stage's micro-batch order on its own rows:
+  gpipe  all forwards, then all backwards (every micro-batch's activations held at once);
+  1f1b   min(S - p - 1, M) warm-up forwards, then one forward / one backward alternately, so stage
+         p holds at most min(S - p, M) micro-batches in flight (what the planner's memory assumes).
+Communication is added by lower_comm.
+"""
+
+from __future__ import annotations
+
+from asteroid_fx.plan import Plan
+from asteroid_fx.program import Action, Op, Program, StageInfo, StageSlot
+
+
+def _gpipe(stage: int, stages: int, microbatches: int) -> list[tuple[Op, int]]:
+    return [(Op.F, m) for m in range(microbatches)] + [(Op.B, m) for m in range(microbatches)]
+
+
+def _one_f_one_b(stage: int, stages: int, microbatches: int) -> list[tuple[Op, int]]:
+    order = []
+    warmup = min(stages - stage - 1, microbatches)
+    fwd = bwd = 0
+    for _ in range(warmup):
+        order.append((Op.F, fwd))
+        fwd += 1
+    while bwd < microbatches:
+        if fwd < microbatches:
+            order.append((Op.F, fwd))
+            fwd += 1
+        order.append((Op.B, bwd))
+        bwd += 1
+    return order
+
+
+ORDERS = {"gpipe": _gpipe, "1f1b": _one_f_one_b}
+
+
+def stage_table(plan: Plan) -> tuple[StageInfo, ...]:
+    return tuple(StageInfo(p, st.layers, tuple(StageSlot(d, lo, hi) for d, lo, hi in st.slots))
+                 for p, st in enumerate(plan.stages))
+
+
+def schedule(plan: Plan) -> Program:
+    if plan.schedule not in ORDERS:
+        raise ValueError(f"unknown schedule {plan.schedule!r}; known: {', '.join(ORDERS)}")
+    order = ORDERS[plan.schedule]
+    S, M = len(plan.stages), plan.microbatches
+    table = stage_table(plan)
+    actions = []
+    for info in table:
+        steps = order(info.index, S, M)
+        for slot in info.slots:
+            actions.append((slot.device, tuple(Action(op, info.index, m, (slot.lo, slot.hi)) for op, m in steps)))
+    return Program(plan.schedule, M, plan.microbatch_rows, table, tuple(actions))
