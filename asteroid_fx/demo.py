@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        print(f"  iteration {i + 1}: pipeline loss {losses[i]:.4f}   eager loss {float(loss):.4f}")
+        print(f"  iteration {i + 1}: pipeline loss {losses[i]:.4f}   eager loss {float(loss.detach()):.4f}")
     return 0
 
 

@@ -42,6 +42,7 @@ class Cut:
 class LayerGraph:
     layers: tuple[Layer, ...]
     cuts: tuple[Cut, ...]  # len(layers) + 1
+    blocked: tuple[str, ...] = ()  # distinct reasons why cuts inside layers were not allowed
 
     def __len__(self) -> int:
         return len(self.layers)

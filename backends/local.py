@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from asteroid_fx.program import Action, Op, Program
-from asteroid_fx.verify import dry_run
+from asteroid_fx.verify import execution_order
 
 OptimizerSpec = str | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -45,15 +45,6 @@ def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter], lr: fl
         raise ValueError(f"unknown optimizer {spec!r}; use one of {', '.join(OPTIMIZERS)} or pass a callable "
                          "params -> torch.optim.Optimizer")
     return OPTIMIZERS[name](params, lr)
-
-
-def run_order(program: Program) -> list[tuple[str, int]]:
-    """The dry run's steps one after another; inside a step sends go first, since a RECV may run
-    in the step of its SEND."""
-    acts = dict(program.actions)
-    sends = (Op.SEND, Op.BACKUP)
-    return [x for step in dry_run(program)
-            for x in sorted(step, key=lambda x: acts[x[0]][x[1]].op not in sends)]
 
 
 @dataclasses.dataclass
@@ -81,7 +72,7 @@ class LocalRunner:
         self.input_index = {name: i for i, name in enumerate(input_names)}
         self.loss_reduction = loss_reduction
         self.state_keys = set(state_keys) if state_keys is not None else None
-        self.order = run_order(program)
+        self.order = execution_order(program)
         self.replicas: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer | None] = {}
         for device in program.devices:

@@ -24,13 +24,16 @@ from asteroid_fx.passes.capture import Captured
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
 
-def _tensor_bytes(values: Iterable[Any], batch: int, captured: Captured, batched: bool) -> float:
-    total = 0.0
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            if batched == (v.dim() > 0 and v.shape[0] == batch):
-                total += v.numel() * v.element_size()
-    return total
+def _leaves(value: Any, traced: Any) -> list[tuple[Any, Any]]:
+    """(runtime value, traced value) pairs of every leaf; the traced one says which dim is the
+    batch (a shape that merely equals the batch size, like a sequence length, is not)."""
+    values, metas = pytree.tree_leaves(value), pytree.tree_leaves(traced)
+    return list(zip(values, metas)) if len(values) == len(metas) else [(v, None) for v in values]
+
+
+def _row_bytes(pairs: Iterable[tuple[Any, Any]], captured: Captured) -> float:
+    return sum(v.numel() * v.element_size() for v, traced in pairs
+               if isinstance(v, torch.Tensor) and captured.is_batched(traced)) / captured.example_batch
 
 
 class _StatsInterpreter(fx.Interpreter):
@@ -46,19 +49,19 @@ class _StatsInterpreter(fx.Interpreter):
         with counter:
             out = super().run_node(n)
         batch = self.captured.example_batch
-        ins = [self.env[a] for a in n.all_input_nodes]
-        flat_in = pytree.tree_leaves(ins)
-        flat_out = pytree.tree_leaves(out)
+        ins = [pair for a in n.all_input_nodes for pair in _leaves(self.env[a], a.meta.get("val"))]
+        outs = _leaves(out, n.meta.get("val"))
+        flat_in = [v for v, _ in ins]
+        flat_out = [v for v, _ in outs]
         param_bytes = sum(t.numel() * t.element_size() for t in flat_in
                           if isinstance(t, torch.Tensor) and id(t) in self.params)
         if n.op == "call_module":
             mod = self.captured.module.get_submodule(n.target)
             param_bytes += sum(p.numel() * p.element_size() for p in mod.parameters())
-        acts_in = [t for t in flat_in if not (isinstance(t, torch.Tensor) and id(t) in self.params)]
-        in_row = _tensor_bytes(acts_in, batch, self.captured, batched=True) / batch
-        out_row = _tensor_bytes(flat_out, batch, self.captured, batched=True) / batch
-        batched = any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
-                      for t in flat_out + acts_in)
+        acts_in = [(t, m) for t, m in ins if not (isinstance(t, torch.Tensor) and id(t) in self.params)]
+        in_row = _row_bytes(acts_in, self.captured)
+        out_row = _row_bytes(outs, self.captured)
+        batched = any(isinstance(t, torch.Tensor) and self.captured.is_batched(m) for t, m in outs + acts_in)
         flops = float(counter.get_total_flops())
         requires_grad = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in flat_out)
         n.meta["asteroid.stats"] = NodeStats(

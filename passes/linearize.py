@@ -3,7 +3,7 @@
 Expects a Captured graph whose compute nodes carry "asteroid.stats" and "asteroid.cost"
 (annotate_costs). Guarantees: the layers partition the compute nodes in graph order; a cut is
 allowed only if everything live across it can be sent as row slices (batch-first tensors, plus
-SymInts that are functions of the batch size, which the receiving stage recomputes) and no
+SymInts that are integer polynomials in the batch size, which the receiving stage recomputes) and no
 parameter, buffer or module is used on both sides of it (so every weight has one owner stage and
 tied weights stay together); with ``max_layers`` the layers are merged until at most that many
 remain, dropping the most expensive cuts first while keeping layers balanced.
@@ -11,8 +11,10 @@ remain, dropping the most expensive cuts first while keeping layers balanced.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -40,26 +42,58 @@ def _owned_attrs(node: fx.Node) -> list[str]:
     return owned
 
 
-def _forbidden_cuts(order: list[fx.Node]) -> dict[int, str]:
+def _weight_keys(attr: str, gm: fx.GraphModule) -> list[tuple[Any, str]]:
+    """(key, name) pairs that identify what an attribute holds: the attribute itself and every
+    tensor under it by identity, so a weight tied between two modules (symbolic_trace keeps both
+    modules) is one weight."""
+    keys: list[tuple[Any, str]] = [(attr, attr)]
+    held = operator.attrgetter(attr)(gm)
+    if isinstance(held, torch.nn.Module):
+        keys += [(id(t), f"{attr}.{n}") for n, t in (*held.named_parameters(), *held.named_buffers())]
+    elif isinstance(held, torch.Tensor):
+        keys.append((id(held), attr))
+    return keys
+
+
+def _forbidden_cuts(order: list[fx.Node], gm: fx.GraphModule) -> dict[int, str]:
     """Cuts that would separate two users of one weight: position -> reason."""
-    users: dict[str, list[int]] = {}
+    users: dict[Any, list[int]] = {}
+    names: dict[Any, list[str]] = {}
     for pos, node in enumerate(order):
         for attr in _owned_attrs(node):
-            users.setdefault(attr, []).append(pos)
+            for key, name in _weight_keys(attr, gm):
+                users.setdefault(key, []).append(pos)
+                if name not in names.setdefault(key, []):
+                    names[key].append(name)
     forbidden: dict[int, str] = {}
-    for attr, positions in users.items():
+    for key, positions in users.items():
+        name = " = ".join(repr(n) for n in names[key])
         for k in range(min(positions) + 1, max(positions) + 1):
-            forbidden.setdefault(k, f"weight {attr!r} is used on both sides")
+            forbidden.setdefault(k, f"weight {name} is used on both sides")
     return forbidden
 
 
-def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
+def batch_coeffs(val: Any, captured: Captured) -> tuple[int, ...] | None:
+    """A SymInt's integer polynomial in the batch size (highest power first), or None when it is
+    not one (e.g. ``batch // 2``): only such sizes can be recomputed from a row slice's batch."""
+    if not captured.is_batch_sym(val):
+        return None
+    try:
+        coeffs = sympy.Poly(val.node.expr, captured.batch_symbol).all_coeffs()
+    except sympy.PolynomialError:
+        return None
+    if not all(getattr(c, "is_integer", False) for c in coeffs):
+        return None
+    return tuple(int(c) for c in coeffs)
+
+
+def node_cuts(captured: Captured) -> tuple[Cut, ...]:
+    """Cut k before the k-th compute node (k = 0..n): what is live across it, and whether a stage
+    boundary may go there (``why_not`` says what forbids it). ``linearize`` builds layers on these."""
     gm = captured.module
     order = [n for n in gm.graph.nodes if n.op in COMPUTE_OPS]
     position = {n: i for i, n in enumerate(order)}
     n_nodes = len(order)
-    if n_nodes == 0:
-        raise ValueError("the captured graph has no compute nodes: there is nothing to partition")
 
     # Every value that can cross a cut: placeholders (defined "before" position 0) and compute nodes.
     first_def: dict[fx.Node, int] = {}
@@ -80,7 +114,7 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
     for v, d in first_def.items():
         for k in range(d, last_use.get(v, -1) + 1):
             live[k].append(v)
-    forbidden = _forbidden_cuts(order)
+    forbidden = _forbidden_cuts(order, gm)
 
     cuts: list[Cut] = []
     for k in range(n_nodes + 1):
@@ -91,6 +125,8 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
             val = v.meta.get("val")
             if captured.is_batched(val):
                 has_tensor = True
+            elif captured.is_batch_sym(val) and batch_coeffs(val, captured) is None and not why:
+                why = f"size {v.name!r} = {val.node.expr} is not a polynomial in the batch size"
             elif not captured.is_batch_sym(val) and not why:
                 why = f"value {v.name!r} is not a batch-first tensor"
         if not has_tensor and 0 < k < n_nodes and not why:
@@ -98,6 +134,16 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
         cuts.append(Cut(k, tuple(v.name for v in vals),
                         sum(_value_bytes_per_row(v.meta.get("val"), captured) for v in vals),
                         allowed=not why, why_not=why))
+    return tuple(cuts)
+
+
+def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
+    gm = captured.module
+    order = [n for n in gm.graph.nodes if n.op in COMPUTE_OPS]
+    n_nodes = len(order)
+    if n_nodes == 0:
+        raise ValueError("the captured graph has no compute nodes: there is nothing to partition")
+    cuts = node_cuts(captured)
 
     # One unit per node, merged across forbidden cuts; then coarsened to max_layers.
     bounds = [0] + [k for k in range(1, n_nodes) if cuts[k].allowed] + [n_nodes]
@@ -105,8 +151,9 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
     if max_layers is not None and len(bounds) - 1 > max_layers:
         bounds = _coarsen(bounds, weight, cuts, max_layers)
 
-    params = {name: p for name, p in gm.named_parameters()}
-    buffers = {name: b for name, b in gm.named_buffers()}
+    # every name of a tied weight: the graph may read it under the alias that named_* drops
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
     kinds = _kinds(order)
     layers = []
     for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
@@ -118,14 +165,21 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
             nodes=tuple(n.name for n in nodes),
             costs=tuple((k, _sum_costs([n.meta["asteroid.cost"][k] for n in nodes if "asteroid.cost" in n.meta]))
                         for k in kinds),
-            param_bytes=sum(params[p].numel() * params[p].element_size() for p in names if p in params),
-            buffer_bytes=sum(buffers[b].numel() * buffers[b].element_size() for b in names if b in buffers),
+            param_bytes=_unique_bytes(params[p] for p in names if p in params),
+            buffer_bytes=_unique_bytes(buffers[b] for b in names if b in buffers),
             saved_bytes_per_row=sum(n.meta["asteroid.stats"].saved_bytes_per_row for n in nodes
                                     if "asteroid.stats" in n.meta),
             params=tuple(names),
         ))
     layer_cuts = tuple(dataclasses_replace_index(cuts[b], i) for i, b in enumerate(bounds))
-    return LayerGraph(tuple(layers), layer_cuts)
+    blocked = tuple(dict.fromkeys(c.why_not for c in cuts[1:-1] if not c.allowed))
+    return LayerGraph(tuple(layers), layer_cuts, blocked)
+
+
+def _unique_bytes(tensors) -> int:
+    """Bytes of distinct tensors: a weight read under two names is stored once."""
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def dataclasses_replace_index(cut: Cut, index: int) -> Cut:
@@ -143,6 +197,10 @@ def _expand_attrs(owned: list[str], params: dict, buffers: dict) -> list[str]:
             continue
         prefix = attr + "."
         names.extend(n for n in list(params) + list(buffers) if n.startswith(prefix))
+    # a tied weight is owned under all its names, so the owner stage's state_dict has every key
+    tensors = {**params, **buffers}
+    held = {id(tensors[n]) for n in names}
+    names.extend(n for n, t in tensors.items() if id(t) in held)
     return sorted(set(names))
 
 

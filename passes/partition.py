@@ -73,7 +73,8 @@ def _cut_layers(lg: LayerGraph, shares: Sequence[float], kind_weight) -> list[in
         candidates = [c for c in allowed if c > bounds[-1]]
         candidates = candidates[: max(0, len(candidates) - remaining_stages + 1)]
         if not candidates:
-            raise NoPlanError(f"only {len(allowed)} allowed cuts: the model cannot be split into {len(shares)} stages")
+            raise NoPlanError(f"only {len(allowed)} allowed cuts: the model cannot be split into {len(shares)} stages"
+                              + _blocked_note(lg))
         bounds.append(min(candidates, key=lambda c: abs(prefix[c] - acc)))
     bounds.append(L)
     return bounds
@@ -86,6 +87,9 @@ def balanced(lg: LayerGraph, cluster: Cluster, *, microbatches: int, microbatch_
              layers: Sequence[int] | None = None,
              opt_state_factor: float = ADAM_STATE_FACTOR) -> Plan:
     """The balanced planner; see the module docstring. ``layers`` pins the stage boundaries."""
+    if rows is not None and (groups is None or [len(r) for r in rows] != [len(g) for g in groups]):
+        raise ValueError(f"rows {[list(r) for r in rows]} must give one count per device of every group in groups "
+                         f"{None if groups is None else [list(g) for g in groups]}; pin rows= together with groups=")
     if groups is not None:
         candidates = [[list(g) for g in groups]]
     else:
@@ -93,7 +97,8 @@ def balanced(lg: LayerGraph, cluster: Cluster, *, microbatches: int, microbatch_
         counts = [stages] if stages else range(1, max_stages + 1)
         if stages and stages > max_stages:
             raise NoPlanError(f"{stages} stages asked for, but the model has {len(lg.allowed_cuts())} allowed cuts "
-                              f"and the cluster {len(cluster.devices)} devices: at most {max_stages} stages")
+                              f"and the cluster {len(cluster.devices)} devices: at most {max_stages} stages"
+                              + _blocked_note(lg))
         mid = max(1, microbatch_rows)
         speeds = {d.name: _speed(lg, cluster, d.name, 0, len(lg), mid) for d in cluster.devices}
         candidates = [_deal_groups(speeds, s) for s in counts]
@@ -119,11 +124,27 @@ def balanced(lg: LayerGraph, cluster: Cluster, *, microbatches: int, microbatch_
     return best
 
 
+def _blocked_note(lg: LayerGraph) -> str:
+    """Why other cuts are not allowed (a tied weight, a value that is not batch-first)."""
+    if not lg.blocked:
+        return ""
+    more = f" (and {len(lg.blocked) - 3} more)" if len(lg.blocked) > 3 else ""
+    return "; other cuts are not allowed: " + "; ".join(lg.blocked[:3]) + more
+
+
 def _memory_message(over) -> str:
     worst = max(over, key=lambda u: u.memory_bytes - u.budget_bytes)
-    return (f"device {worst.device!r} needs {worst.memory_bytes / 2**30:.2f} GiB for its stage but has "
-            f"{worst.budget_bytes / 2**30:.2f} GiB; it would fit with {worst.memory_bytes / 2**30:.2f} GiB "
+    return (f"device {worst.device!r} needs {_bytes(worst.memory_bytes)} for its stage but has "
+            f"{_bytes(worst.budget_bytes)}: a budget of at least {_bytes(worst.memory_bytes)} would do "
             "(or add devices, use smaller micro-batches, or an optimizer with less state)")
+
+
+def _bytes(n: int) -> str:
+    """Readable at any size: a small model's need printed in GiB would read 0.00."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit} ({n} bytes)"
+    return f"{n} bytes"
 
 
 def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, rows, layers, opt_state_factor):

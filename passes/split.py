@@ -8,7 +8,7 @@ and submodule has users in one stage only). Guarantees, for stage p over layers 
   - it returns the tensors live across cut hi in the cut's order (the last stage: the model's flat
     outputs); values a later stage needs pass through;
   - parameters and buffers live in the stage that uses them (shared with the captured module; a
-    backend copies the stage per device).
+    backend copies the stage per device), a tied weight under every name the model gives it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import dataclasses
 import operator
 from typing import Any
 
-import sympy
 import torch
 import torch.fx as fx
 
@@ -25,6 +24,7 @@ from asteroid_fx.layer_graph import LayerGraph
 from asteroid_fx.plan import Plan
 from asteroid_fx.program import TensorSpec
 from asteroid_fx.passes.capture import Captured
+from asteroid_fx.passes.linearize import batch_coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,9 @@ class Stage:
 
     @property
     def owned(self) -> tuple[str, ...]:
-        return tuple(n for n, _ in self.module.named_parameters()) + tuple(n for n, _ in self.module.named_buffers())
+        """Every name of its parameters and buffers (a tied weight under each of its names)."""
+        return (tuple(n for n, _ in self.module.named_parameters(remove_duplicate=False))
+                + tuple(n for n, _ in self.module.named_buffers(remove_duplicate=False)))
 
 
 def batch_poly(batch: int, coeffs: tuple[int, ...]) -> int:
@@ -84,6 +86,28 @@ def grad_flow(gm: fx.GraphModule) -> set[str]:
     return flows
 
 
+def _hold_under_every_name(module: fx.GraphModule, root: torch.nn.Module) -> None:
+    """A tied weight is read under one name but the model's state_dict has all of them: the stage
+    that holds it registers it under each (one tensor, so optimizers and copies keep the tie)."""
+    held = {id(t) for t in (*module.parameters(), *module.buffers())}
+    named = [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]
+    have = {n for n, _ in (*module.named_parameters(remove_duplicate=False),
+                           *module.named_buffers(remove_duplicate=False))}
+    for name, t in named:
+        if id(t) not in held or name in have:
+            continue
+        *path, leaf = name.split(".")
+        parent, source = module, root
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent, source = getattr(parent, part), getattr(source, part)
+        if isinstance(t, torch.nn.Parameter):
+            parent.register_parameter(leaf, t)
+        else:
+            parent.register_buffer(leaf, t, persistent=leaf not in source._non_persistent_buffers_set)
+
+
 def split(captured: Captured, lg: LayerGraph, plan: Plan) -> tuple[Stage, ...]:
     gm = captured.module
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -106,7 +130,7 @@ def split(captured: Captured, lg: LayerGraph, plan: Plan) -> tuple[Stage, ...]:
         if syms:
             batch = graph.call_function(torch.ops.aten.sym_size.int, (env[tensors[0]], 0))
             for v in syms:
-                coeffs = tuple(int(c) for c in sympy.Poly(v.meta["val"].node.expr, captured.batch_symbol).all_coeffs())
+                coeffs = batch_coeffs(v.meta["val"], captured)  # linearize allows no other sizes
                 env[v] = batch if coeffs == (1, 0) else graph.call_function(batch_poly, (batch, coeffs))
 
         def arg(n: fx.Node) -> fx.Node:
@@ -129,6 +153,7 @@ def split(captured: Captured, lg: LayerGraph, plan: Plan) -> tuple[Stage, ...]:
             graph.output(tuple(arg(v) for v in out_vals))
         graph.eliminate_dead_code = None  # type: ignore[assignment]  # keep side-effect nodes (buffer updates)
         module = fx.GraphModule(gm, graph, class_name=f"Stage{p}")
+        _hold_under_every_name(module, gm)
         stages.append(Stage(
             index=p, layers=(lo, hi), module=module,
             inputs=tuple(v.name for v in tensors),

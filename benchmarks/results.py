@@ -1,0 +1,42 @@
+"""RESULTS.md is written only by the benchmark scripts: each owns one section, between markers,
+and replaces it whole with what it just measured."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = ("# Benchmark results\n\nEvery table below is written by the script named in its heading; "
+          "rerun the script to refresh it. Nothing here is typed by hand.\n")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace section ``name`` of RESULTS.md (atomically; other sections are kept)."""
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, prefix=".RESULTS.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, RESULTS)

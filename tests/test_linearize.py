@@ -1,0 +1,311 @@
+"""linearize: layers partition the compute nodes in order; a cut carries everything live across it
+(skip connections included); cuts that would split a tied weight or send a value that is not a row
+slice are not allowed and say why; max_layers coarsens only at allowed cuts; a size computed from
+the batch at the top of forward crosses a cut by being recomputed, and trains like eager."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import asteroid_fx as asteroid
+from asteroid_fx import models
+from asteroid_fx.cluster import Cluster, Device
+from asteroid_fx.passes.annotate_costs import COMPUTE_OPS, annotate_costs
+from asteroid_fx.passes.capture import capture
+from asteroid_fx.passes.linearize import linearize, node_cuts
+from asteroid_fx.passes.partition import NoPlanError, balanced
+
+KINDS = ("jetson-nano", "jetson-tx2")
+
+
+def _prepare(model: torch.nn.Module, example: tuple):
+    captured = capture(model, example)
+    return annotate_costs(captured, KINDS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models are tiny: intra-op threads only add contention (badly so on a loaded runner)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    entry = models.get("resnet18")
+    torch.manual_seed(0)
+    return _prepare(entry.build(small=True), entry.example(8, True))
+
+
+@pytest.fixture(scope="module")
+def tied_gpt():
+    entry = models.get("gpt")
+    torch.manual_seed(0)
+    return _prepare(entry.build(small=True, tie_weights=True), entry.example(4, True))
+
+
+def _compute_nodes(captured) -> list[str]:
+    return [n.name for n in captured.module.graph.nodes if n.op in COMPUTE_OPS]
+
+
+def _node_position_of_cuts(lg) -> list[int]:
+    """The node index (cut of ``node_cuts``) each layer cut sits at."""
+    out, pos = [0], 0
+    for layer in lg.layers:
+        pos += len(layer.nodes)
+        out.append(pos)
+    return out
+
+
+def _row_bytes(captured, name: str) -> int:
+    val = next(n for n in captured.module.graph.nodes if n.name == name).meta["val"]
+    return int(val[0].numel()) * val.element_size()
+
+
+@pytest.mark.parametrize("max_layers", [None, 4, 8, 16, 48])
+def test_layers_partition_the_compute_nodes_in_order(resnet, max_layers):
+    lg = linearize(resnet, max_layers=max_layers)
+    assert [name for layer in lg.layers for name in layer.nodes] == _compute_nodes(resnet)
+    assert all(layer.nodes for layer in lg.layers)
+    assert [layer.index for layer in lg.layers] == list(range(len(lg)))
+    assert [cut.index for cut in lg.cuts] == list(range(len(lg) + 1))
+    assert set(lg.kinds) == set(KINDS)
+
+
+def test_a_cut_inside_a_residual_block_carries_the_skip(resnet):
+    """The first residual add joins the block input (skip) and the branch; every cut between the
+    skip's definition and the add carries the skip, and the cut right before the add carries both,
+    with the bytes of both."""
+    cuts = node_cuts(resnet)
+    order = _compute_nodes(resnet)
+    gm = resnet.module
+    add = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.add.Tensor)
+    branch, skip = add.args
+    if order.index(skip.name) > order.index(branch.name):
+        branch, skip = skip, branch
+    at_add = cuts[order.index(add.name)]
+    assert at_add.allowed
+    assert set(at_add.values) == {skip.name, branch.name}
+    assert at_add.bytes_per_row == _row_bytes(resnet, skip.name) + _row_bytes(resnet, branch.name)
+    inside = range(order.index(skip.name) + 2, order.index(add.name) + 1)
+    assert len(inside) >= 5  # conv, bn, relu, conv, bn
+    for k in inside:
+        assert skip.name in cuts[k].values, k
+        assert len(cuts[k].values) == 2 and cuts[k].allowed, cuts[k]
+        branch_value = next(v for v in cuts[k].values if v != skip.name)
+        assert cuts[k].bytes_per_row == _row_bytes(resnet, skip.name) + _row_bytes(resnet, branch_value)
+    # and the layer graph keeps that cut, with the same values and bytes
+    lg = linearize(resnet, max_layers=None)
+    layer_cut = lg.cuts[_node_position_of_cuts(lg).index(order.index(add.name))]
+    assert (layer_cut.values, layer_cut.bytes_per_row) == (at_add.values, at_add.bytes_per_row)
+
+
+def test_cuts_between_tied_weight_users_are_not_allowed(tied_gpt):
+    gm = tied_gpt.module
+    tied = gm.get_parameter("tok_emb.weight")
+    names = {n for n, p in gm.named_parameters(remove_duplicate=False) if p is tied}
+    assert names == {"tok_emb.weight", "lm_head.weight"}
+    users = [n.name for n in gm.graph.nodes
+             if n.op in COMPUTE_OPS and any(a.op == "get_attr" and a.target in names for a in n.all_input_nodes)]
+    order = _compute_nodes(tied_gpt)
+    first, last = order.index(users[0]), order.index(users[-1])
+    assert last - first > 10
+    cuts = node_cuts(tied_gpt)
+    for k in range(first + 1, last + 1):
+        assert not cuts[k].allowed
+        assert any(repr(name) in cuts[k].why_not for name in names), cuts[k].why_not
+    # the layer graph merges across them: the tie leaves one layer, owning the weight once
+    lg = linearize(tied_gpt, max_layers=None)
+    assert len(lg) == 1 and lg.allowed_cuts() == ()
+    assert names & set(lg.layers[0].params)
+    assert lg.param_bytes(0, 1) == sum(p.numel() * p.element_size() for p in gm.parameters())
+    assert any("lm_head.weight" in why or "tok_emb.weight" in why for why in lg.blocked)
+
+
+def test_asking_to_cut_a_tied_model_names_the_weight(tied_gpt):
+    lg = linearize(tied_gpt)
+    cluster = Cluster.uniform([Device("a", "jetson-tx2"), Device("b", "jetson-tx2")], bandwidth=125e6)
+    with pytest.raises(NoPlanError, match=r"2 stages asked for.*weight '(lm_head|tok_emb)\.weight' is used on both"):
+        balanced(lg, cluster, microbatches=2, microbatch_rows=2, stages=2)
+
+
+class TiedModules(torch.nn.Module):
+    """A weight shared by two modules. torch.export reads it through one get_attr node; the
+    symbolic_trace fallback keeps the two modules, so the tie is only visible by identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid = torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+def test_a_weight_tied_between_modules_is_one_weight():
+    from asteroid_fx.passes.capture import _symbolic_trace  # the fallback path, which keeps call_module nodes
+
+    torch.manual_seed(0)
+    captured = annotate_costs(_symbolic_trace(TiedModules(), (torch.randint(0, 10, (4, 3)),), {}, 4), KINDS)
+    assert {n.target for n in captured.module.graph.nodes if n.op == "call_module"} == {"emb", "mid", "head"}
+    cuts = node_cuts(captured)
+    assert all(not c.allowed and "'emb.weight' = 'head.weight'" in c.why_not for c in cuts[1:-1])
+    lg = linearize(captured)
+    assert len(lg) == 1 and {"emb.weight", "head.weight"} <= set(lg.layers[0].params)
+    assert lg.param_bytes(0, 1) == sum(p.numel() * 4 for p in TiedModules().parameters())
+
+
+@pytest.mark.parametrize("max_layers", [4, 8, 16])
+def test_coarsening_bounds_the_count_and_keeps_allowed_cuts(resnet, max_layers):
+    fine = node_cuts(resnet)
+    allowed_units = sum(c.allowed for c in fine[1:-1]) + 1
+    assert allowed_units > 16
+    lg = linearize(resnet, max_layers=max_layers)
+    assert 1 <= len(lg) <= max_layers
+    assert len(lg) == max_layers  # there are more allowed cuts than that, so it stops at the bound
+    for layer_cut, k in zip(lg.cuts, _node_position_of_cuts(lg)):
+        assert fine[k].allowed, fine[k]
+        assert (layer_cut.values, layer_cut.bytes_per_row, layer_cut.allowed) == (
+            fine[k].values, fine[k].bytes_per_row, True)
+    # coarsening only merges: per-layer costs and bytes add up to the uncoarsened totals
+    full = linearize(resnet, max_layers=None)
+    assert lg.param_bytes(0, len(lg)) == full.param_bytes(0, len(full))
+    assert lg.buffer_bytes(0, len(lg)) == full.buffer_bytes(0, len(full))
+    assert lg.saved_bytes_per_row(0, len(lg)) == pytest.approx(full.saved_bytes_per_row(0, len(full)))
+    for kind in KINDS:
+        assert lg.stage_time(kind, 0, len(lg), 8) == pytest.approx(full.stage_time(kind, 0, len(full), 8))
+
+
+def test_no_coarsening_below_the_bound(resnet):
+    fine = node_cuts(resnet)
+    allowed_units = sum(c.allowed for c in fine[1:-1]) + 1
+    assert len(linearize(resnet, max_layers=allowed_units)) == allowed_units
+    assert len(linearize(resnet, max_layers=None)) == allowed_units
+
+
+# ------------------------------------------------------------------------------------------------
+# A SymInt live across a cut
+
+
+class BatchSized(torch.nn.Module):
+    """Reads the batch size at the top of forward and reshapes with it near the end, so the size is
+    live across every cut in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.size(0)
+        h = torch.relu(self.a(x))
+        h = torch.tanh(self.b(h))
+        h = h.view(n, 4, 4).sum(1)
+        return self.c(h.reshape(n, 4).repeat(1, 4))
+
+
+MICROBATCHES, ROWS = 3, 4
+BATCH = MICROBATCHES * ROWS
+
+
+def _cluster() -> Cluster:
+    return Cluster.uniform([Device("d0", "jetson-tx2"), Device("d1", "jetson-nano"), Device("d2", "jetson-xavier-nx")],
+                           bandwidth=125e6, latency=1e-3)
+
+
+def eager_train(model, batches, loss_fn, make_opt):
+    """Eager reference: the same micro-batches, each loss weighted by rows / batch, one step."""
+    model = copy.deepcopy(model)
+    opt = make_opt(model.parameters())
+    losses = []
+    for inputs, labels in batches:
+        total = 0.0
+        for m in range(MICROBATCHES):
+            sl = slice(m * ROWS, (m + 1) * ROWS)
+            loss = loss_fn(model(*(t[sl] for t in inputs)), labels[sl]) * (ROWS / BATCH)
+            loss.backward()
+            total += float(loss.detach())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return model, losses
+
+
+def assert_same_state(got: dict, ref: dict, rtol: float = 1e-5) -> None:
+    """Same keys; every tensor within ``rtol`` relative error in norm (float rounding differs
+    between summation orders, so not bit for bit)."""
+    assert got.keys() == ref.keys(), sorted(got.keys() ^ ref.keys())
+    for k, v in ref.items():
+        err = float((got[k] - v).norm() / (v.norm() + 1e-7 * v.numel() ** 0.5))
+        assert err <= rtol, f"{k}: relative error {err:.2e}"
+
+
+def test_a_cut_with_a_batch_size_live_across_it_trains_like_eager():
+    torch.manual_seed(0)
+    model = BatchSized()
+    example = (torch.randn(BATCH, 8),)
+    captured = _prepare(model, example)
+    cuts = node_cuts(captured)
+    order = _compute_nodes(captured)
+    size_node = next(n for n in captured.module.graph.nodes if n.target == torch.ops.aten.sym_size.int)
+    crossing = [c.index for c in cuts[1:-1] if size_node.name in c.values and c.allowed]
+    assert len(crossing) >= 5  # every cut between the size and its last use
+    cut = crossing[-2]  # inside the body, with a tensor and the size both live
+    assert len(cuts[cut].values) == 2
+
+    lg = linearize(captured, max_layers=None)  # one node per layer here: layer cut k = node cut k
+    assert [layer.nodes[0] for layer in lg.layers] == order
+    compiled = asteroid.compile(model, _cluster(), example=example, loss=F.cross_entropy, microbatches=MICROBATCHES,
+                                max_layers=None, layers=[0, cut, len(order)],
+                                groups=[["d0"], ["d1", "d2"]], rows=[[ROWS], [3, 1]])
+    second = compiled.stages[1]
+    # the size is not received: stage 1 gets one tensor and recomputes the size from its rows
+    assert second.inputs == tuple(v for v in cuts[cut].values if v != size_node.name)
+    assert any(n.target == torch.ops.aten.sym_size.int for n in second.module.graph.nodes)
+    for rows in (3, 1):  # each device of the group runs its own row count
+        x = torch.randn(rows, *second.input_specs[0].shape)
+        assert second.module(x)[0].shape == (rows, 5)
+
+    make_opt = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    torch.manual_seed(1)
+    batches = [((torch.randn(BATCH, 8),), torch.randint(0, 5, (BATCH,))) for _ in range(3)]
+    runner, losses = compiled.run(iter(batches), 3, optimizer=make_opt)
+    ref, ref_losses = eager_train(model, batches, F.cross_entropy, make_opt)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(runner.state_dict(), ref.state_dict())
+
+
+class HalfBatch(torch.nn.Module):
+    """A size that is not a polynomial in the batch (batch // 2) cannot be recomputed from a row
+    slice's batch by ``split``: the cuts it crosses are not allowed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.size(0) // 2
+        h = torch.relu(self.a(x))
+        return self.b(h) * n
+
+
+def test_a_size_that_is_not_a_polynomial_of_the_batch_forbids_the_cut():
+    torch.manual_seed(0)
+    captured = _prepare(HalfBatch(), (torch.randn(8, 8),))
+    order = _compute_nodes(captured)
+    half = next(n.name for n in captured.module.graph.nodes if "floordiv" in n.name)
+    cuts = node_cuts(captured)
+    between = [c for c in cuts[1:-1] if half in c.values]
+    assert between
+    for c in between:
+        assert not c.allowed and repr(half) in c.why_not and "polynomial" in c.why_not
+    lg = linearize(captured, max_layers=None)
+    for k in _node_position_of_cuts(lg)[1:-1]:
+        assert half not in cuts[k].values
+    assert [name for layer in lg.layers for name in layer.nodes] == order
