@@ -94,6 +94,32 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from asteroid_fx.cluster import resolve_cluster
+    from asteroid_fx.launch import RunSpec, launch, load_weights
+
+    spec = RunSpec(model=args.model, batch=args.batch, microbatches=args.microbatches, schedule=args.schedule,
+                   iterations=args.iterations, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
+                   stages=args.stages)
+    cluster = resolve_cluster(args.cluster)
+    if args.n is not None and args.n != len(cluster.devices):
+        raise SystemExit(f"-n {args.n} but cluster {args.cluster!r} has {len(cluster.devices)} devices; "
+                         "give a cluster with that many devices, or leave -n out")
+    result = launch(spec, cluster, args.out, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr))
+    print(f"trained {spec.model} on {len(result['workers'])} workers:")
+    for i, loss in enumerate(result["losses"]):
+        print(f"  iteration {i + 1}: loss {loss:.4f}")
+    load_weights(args.out, result["program"].devices)  # proves the weights are readable
+    print(f"worker logs, losses and weights in {args.out}/")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from asteroid_fx.launch import run_worker
+
+    return run_worker(args.coordinator, args.device, args.rank, args.world, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asteroid", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("folder")
     s.add_argument("what", nargs="?", choices=["all", "plan", "program", "layers", "stages"], default="all")
     s.set_defaults(func=cmd_show)
+    la = sub.add_parser("launch", help="train on N local worker processes (gloo) emulating a cluster")
+    la.add_argument("model", help="zoo model, e.g. resnet18:small")
+    la.add_argument("--cluster", required=True)
+    la.add_argument("-n", type=int, default=None, help="number of workers (must match the cluster)")
+    la.add_argument("--out", default="asteroid-run", help="folder for worker logs, losses and weights")
+    la.add_argument("--batch", type=int, default=32)
+    la.add_argument("--microbatches", type=int, default=4)
+    la.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    la.add_argument("--stages", type=int, default=None)
+    la.add_argument("--iterations", type=int, default=3)
+    la.add_argument("--optimizer", default="sgd")
+    la.add_argument("--lr", type=float, default=0.05)
+    la.add_argument("--seed", type=int, default=0)
+    la.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is stopped")
+    la.set_defaults(func=cmd_launch)
+    w = sub.add_parser("worker", help="one device of a run (started by `asteroid launch`, or by hand)")
+    w.add_argument("--coordinator", required=True, help="HOST:PORT of the run's store")
+    w.add_argument("--device", required=True)
+    w.add_argument("--rank", type=int, required=True)
+    w.add_argument("--world", type=int, required=True)
+    w.add_argument("--out", required=True)
+    w.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -1,0 +1,208 @@
+"""`asteroid launch`: N local worker processes that emulate a cluster, around one TCPStore.
+
+The launcher compiles once, serves the rendezvous store, and hands every worker the plan and the
+cluster as JSON text through the store (never pickles). Each worker re-runs the compiler with that
+plan pinned, checks that its program is byte-for-byte the launcher's, trains its device's share
+with the torch_dist backend, and writes its losses and weights into the run folder. A worker that
+fails takes the run down: the others are stopped and its error is shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from asteroid_fx.program_text import format_program
+
+STORE_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What every process needs to build the same program: travels as JSON."""
+
+    model: str  # zoo name, with ":small" for the test configuration
+    batch: int
+    microbatches: int
+    schedule: str = "1f1b"
+    iterations: int = 3
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    seed: int = 0
+    stages: int | None = None
+    groups: tuple[tuple[str, ...], ...] | None = None
+    rows: tuple[tuple[int, ...], ...] | None = None
+    layers: tuple[int, ...] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSpec":
+        d = json.loads(text)
+        for k in ("groups", "rows"):
+            if d[k] is not None:
+                d[k] = tuple(tuple(x) for x in d[k])
+        if d["layers"] is not None:
+            d["layers"] = tuple(d["layers"])
+        return cls(**d)
+
+
+def zoo_entry(model: str):
+    from asteroid_fx import models
+
+    name, _, variant = model.partition(":")
+    if variant not in ("", "small"):
+        raise ValueError(f"model {model!r}: the only variant is ':small'")
+    return models.get(name), variant == "small"
+
+
+def batches(spec: RunSpec) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """The run's synthetic data: the same on every process, iteration by iteration."""
+    entry, small = zoo_entry(spec.model)
+    for i in range(spec.iterations):
+        torch.manual_seed(spec.seed * 100_003 + i + 1)
+        yield entry.example(spec.batch, small), entry.labels(spec.batch, small)
+
+
+def compile_spec(spec: RunSpec, cluster):
+    import asteroid_fx as asteroid
+
+    entry, small = zoo_entry(spec.model)
+    torch.manual_seed(spec.seed)
+    model = entry.build(small=small)
+    torch.manual_seed(spec.seed)
+    example = entry.example(spec.batch, small)
+    return asteroid.compile(model, cluster, example=example, loss=entry.loss, microbatches=spec.microbatches,
+                            schedule_kind=spec.schedule, stages=spec.stages, groups=spec.groups, rows=spec.rows,
+                            layers=spec.layers)
+
+
+def pinned(spec: RunSpec, plan) -> RunSpec:
+    """The spec with the plan's stages, groups, rows and layer bounds fixed."""
+    return dataclasses.replace(spec, groups=tuple(st.devices for st in plan.stages),
+                               rows=tuple(st.rows for st in plan.stages),
+                               layers=tuple([st.layers[0] for st in plan.stages] + [plan.stages[-1].layers[1]]))
+
+
+def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float = 300.0,
+           log=print) -> dict:
+    """Run ``spec`` on one local process per device; returns {"losses": [...], "workers": {...}}."""
+    import torch.distributed as dist
+
+    compiled = compile_spec(spec, cluster)
+    spec = pinned(spec, compiled.plan)
+    devices = compiled.program.devices
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True,
+                          timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
+    store.set("spec", spec.to_json())
+    store.set("cluster", json.dumps(compiled.cluster.to_json()))
+    store.set("program", format_program(compiled.program))
+    log(f"launching {len(devices)} workers on 127.0.0.1:{store.port} ({', '.join(devices)})")
+    procs = []
+    for rank, device in enumerate(devices):
+        cmd = [sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator", f"127.0.0.1:{store.port}",
+               "--device", device, "--rank", str(rank), "--world", str(len(devices)), "--out", str(out)]
+        err = open(out / f"worker_{device}.log", "w")
+        procs.append((device, subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT), err))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(p.poll() is None for _, p, _ in procs):
+            failed = [(d, p) for d, p, _ in procs if p.poll() not in (None, 0)]
+            if failed:
+                d, p = failed[0]
+                raise RuntimeError(f"worker {d} exited with code {p.returncode}:\n{_tail(out / f'worker_{d}.log')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the run did not finish in {timeout_s:.0f}s; worker logs are in {out}/")
+            time.sleep(0.05)
+        failed = [(d, p) for d, p, _ in procs if p.returncode != 0]
+        if failed:
+            d, p = failed[0]
+            raise RuntimeError(f"worker {d} exited with code {p.returncode}:\n{_tail(out / f'worker_{d}.log')}")
+    finally:
+        for _, p, err in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            err.close()
+    results = {d: json.loads((out / f"worker_{d}.json").read_text()) for d in devices}
+    losses = [sum(r["losses"][i] for r in results.values()) for i in range(spec.iterations)]
+    return {"losses": losses, "workers": results, "program": compiled.program}
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def run_worker(coordinator: str, device: str, rank: int, world: int, out: str | os.PathLike) -> int:
+    """One worker: join, rebuild the program with the launcher's plan, check it, train, report."""
+    import torch.distributed as dist
+
+    from asteroid_fx.backends.torch_dist import DistWorker, init_process_group
+    from asteroid_fx.cluster import Cluster
+
+    torch.set_num_threads(1)
+    host, _, port = coordinator.rpartition(":")
+    store = init_process_group(host, int(port), rank, world, timeout_s=STORE_TIMEOUT_S)
+    try:
+        spec = RunSpec.from_json(store.get("spec").decode())
+        cluster = Cluster.from_json(json.loads(store.get("cluster").decode()))
+        compiled = compile_spec(spec, cluster)
+        expected = store.get("program").decode()
+        if format_program(compiled.program) != expected:
+            raise RuntimeError(f"device {device}: the program compiled here differs from the launcher's; "
+                               "every process must run the same torch and asteroid_fx versions")
+        names = [n.name for n in compiled.captured.module.graph.nodes if n.op == "placeholder"]
+        worker = DistWorker(compiled.program, compiled.stages, device, loss=compiled.loss,
+                            unflatten=compiled.captured.unflatten_outputs, input_names=names,
+                            optimizer=spec.optimizer, lr=spec.lr)
+        losses = []
+        for i, (inputs, labels) in enumerate(batches(spec)):
+            losses.append(worker.step(inputs, labels))
+            print(f"[{device}] iteration {i + 1}/{spec.iterations} done", flush=True)
+        keys = set(compiled.captured.module.state_dict().keys())
+        out = Path(out)
+        _atomic_torch_save(worker.state_dict(keys), out / f"worker_{device}.pt")
+        _atomic_write(out / f"worker_{device}.json", json.dumps({"device": device, "rank": rank, "losses": losses}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(out: str | os.PathLike, devices: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The trained model's weights from a run folder (each stage's first device)."""
+    state: dict[str, torch.Tensor] = {}
+    for d in devices:
+        for k, v in torch.load(Path(out) / f"worker_{d}.pt", weights_only=True).items():
+            state.setdefault(k, v)
+    return state

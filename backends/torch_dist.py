@@ -1,0 +1,206 @@
+"""torch_dist backend: every device is one process that runs its own action list on
+torch.distributed (gloo on CPU, nccl on CUDA).
+
+Same meaning as the local backend (backends/local.py), action by action:
+  SEND       isend of each tensor of the row slice (contiguous copies), completed before the
+             iteration ends, so compute goes on while the bytes travel;
+  RECV       irecv into buffers allocated from the action's specs and rows, waited on at once
+             (the device needs the data for its next compute);
+  ALLREDUCE  one flat all_reduce of the stage's gradients on the group's sub-group (created once,
+             in the same order on every rank), then the group's floating buffers are averaged;
+  STEP       the device's optimizer.
+Tags keep messages apart: (stage, micro-batch, payload, tensor index) -> one int per message, the
+same on both sides.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import hashlib
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from asteroid_fx.backends.local import OptimizerSpec, make_optimizer
+from asteroid_fx.program import Action, Op, Program
+
+DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32",
+                                                  "int16", "int8", "uint8", "bool")}
+
+
+def message_tag(a: Action, index: int) -> int:
+    """One tag per tensor of a message; identical on the sending and the receiving side."""
+    payload = 0 if a.payload == "act" else 1
+    return ((a.stage * 1_000_003 + a.mb) * 2 + payload) * 64 + index
+
+
+@dataclasses.dataclass
+class _Pending:
+    received: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    grads_in: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    inputs: tuple[torch.Tensor, ...] = ()
+    outputs: tuple[Any, ...] = ()
+    loss: torch.Tensor | None = None
+    input_grads: tuple[torch.Tensor, ...] = ()
+
+
+class DistWorker:
+    """One device's side of a Program. ``stages`` are the split stage modules (every rank compiles
+    the same model the same way; only this device's stage is copied and trained here)."""
+
+    def __init__(self, program: Program, stages: Sequence, device: str, *, loss: Callable,
+                 unflatten: Callable, input_names: Sequence[str], optimizer: OptimizerSpec = "sgd",
+                 lr: float = 1e-3, loss_reduction: str = "mean", torch_device: str = "cpu"):
+        self.program = program
+        self.device = device
+        self.rank_of = {d: i for i, d in enumerate(program.devices)}
+        self.rank = self.rank_of[device]
+        self.info = program.stage_of(device)
+        self.slot = program.slot_of(device)
+        self.stage = stages[self.info.index]
+        self.last = self.info.index == len(program.stages) - 1
+        self.loss_fn, self.unflatten, self.loss_reduction = loss, unflatten, loss_reduction
+        self.input_index = {name: i for i, name in enumerate(input_names)}
+        self.torch_device = torch.device(torch_device)
+        self.module = copy.deepcopy(self.stage.module).to(self.torch_device)
+        self.module.train()
+        self.optimizer = make_optimizer(optimizer, [p for p in self.module.parameters() if p.requires_grad], lr)
+        # every rank creates every group, in stage order: new_group is collective over the world
+        self.group = None
+        for info in program.stages:
+            if len(info.slots) > 1:
+                g = dist.new_group([self.rank_of[d] for d in info.devices])
+                if info.index == self.info.index:
+                    self.group = g
+
+    def step(self, inputs: Sequence[torch.Tensor], labels: Any) -> float:
+        """One iteration; returns this device's share of the loss (0 off the last stage)."""
+        p = self.program
+        self._inputs, self._labels = tuple(inputs), labels
+        self._batch = p.microbatches * p.microbatch_rows
+        self._state: dict[int, _Pending] = {}
+        self._sends: list[dist.Work] = []
+        self._loss = 0.0
+        for a in p.of(self.device):
+            ACTIONS[a.op](self, a)
+        for w in self._sends:
+            w.wait()
+        return self._loss
+
+    def _mb(self, mb: int) -> _Pending:
+        return self._state.setdefault(mb, _Pending())
+
+    def _rows(self, mb: int, rows: tuple[int, int]) -> slice:
+        base = mb * self.program.microbatch_rows
+        return slice(base + rows[0], base + rows[1])
+
+    def _forward(self, a: Action) -> None:
+        st = self._mb(a.mb)
+        if a.stage == 0:
+            sl = self._rows(a.mb, a.rows)
+            inputs = tuple(self._inputs[self.input_index[n]][sl].to(self.torch_device) for n in self.stage.inputs)
+        else:
+            pieces = [st.received[r] for r in sorted(st.received)]
+            inputs = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(self.stage.inputs)))
+            st.received.clear()
+        inputs = tuple(t.detach().requires_grad_(g) for t, g in zip(inputs, self.stage.input_grads))
+        outputs = self.module(*inputs)
+        st.inputs, st.outputs = inputs, tuple(outputs)
+        if self.last:
+            labels = self._labels[self._rows(a.mb, a.rows)].to(self.torch_device)
+            value = self.loss_fn(self.unflatten(list(outputs)), labels)
+            scale = (a.rows[1] - a.rows[0]) / self._batch if self.loss_reduction == "mean" else 1.0
+            st.loss = value * scale
+            self._loss += float(st.loss.detach())
+
+    def _backward(self, a: Action) -> None:
+        st = self._mb(a.mb)
+        if st.loss is not None:
+            st.loss.backward()
+        else:
+            pieces = [st.grads_in[r] for r in sorted(st.grads_in)]
+            needing = [i for i, g in enumerate(self.stage.output_grads) if g]
+            tensors, grads = [], []
+            for j, i in enumerate(needing):
+                if st.outputs[i].requires_grad:
+                    tensors.append(st.outputs[i])
+                    grads.append(torch.cat([piece[j] for piece in pieces]))
+            if tensors:
+                torch.autograd.backward(tensors, grads)
+        st.input_grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
+                               for t, g in zip(st.inputs, self.stage.input_grads) if g)
+        st.outputs, st.loss, st.grads_in = (), None, {}
+
+    def _send(self, a: Action) -> None:
+        st = self._mb(a.mb)
+        sl = slice(a.rows[0] - self.slot.lo, a.rows[1] - self.slot.lo)
+        source = st.outputs if a.payload == "act" else st.input_grads
+        for i, t in enumerate(source):
+            self._sends.append(dist.isend(t[sl].detach().contiguous(), self.rank_of[a.peer], tag=message_tag(a, i)))
+
+    def _recv(self, a: Action) -> None:
+        rows = a.rows[1] - a.rows[0]
+        bufs = tuple(torch.empty((rows, *spec.shape), dtype=DTYPES[spec.dtype], device=self.torch_device)
+                     for spec in a.specs)
+        works = [dist.irecv(b, self.rank_of[a.peer], tag=message_tag(a, i)) for i, b in enumerate(bufs)]
+        for w in works:
+            w.wait()
+        st = self._mb(a.mb)
+        (st.received if a.payload == "act" else st.grads_in)[a.rows] = bufs
+
+    def _allreduce(self, a: Action) -> None:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for p, g in zip(params, grads):
+                p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+                offset += g.numel()
+        buffers = [b for b in self.module.buffers() if b.is_floating_point()]
+        if buffers:
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.all_reduce(flat, group=self.group)
+            flat /= len(a.group)
+            offset = 0
+            with torch.no_grad():
+                for b in buffers:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+
+    def _step(self, a: Action) -> None:
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
+                if keys is None or k in keys}
+
+
+ACTIONS: dict[Op, Callable[[DistWorker, Action], None]] = {
+    Op.F: DistWorker._forward,
+    Op.B: DistWorker._backward,
+    Op.SEND: DistWorker._send,
+    Op.RECV: DistWorker._recv,
+    Op.ALLREDUCE: DistWorker._allreduce,
+    Op.STEP: DistWorker._step,
+}
+
+
+def fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def init_process_group(host: str, port: int, rank: int, world: int, timeout_s: float = 60.0,
+                       backend: str = "gloo") -> dist.TCPStore:
+    """Join the run's rendezvous (a TCPStore served by the launcher) and the default group."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size=None, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore("asteroid", store), rank=rank, world_size=world,
+                            timeout=timeout)
+    return store

@@ -1,0 +1,56 @@
+"""The `asteroid` command line: compile writes a folder that show reads back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from asteroid_fx import cli
+from asteroid_fx.plan import Plan
+from asteroid_fx.program_text import parse_program, program_from_json
+
+
+def test_compile_then_show(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["compile", "mlp:small", "--cluster", "edge-4-1g", "--batch", "16", "--microbatches", "2",
+                     "--stages", "2", "--out", str(out)]) == 0
+    for name in ("plan.json", "plan.txt", "program.txt", "program.json", "layers.txt", "cluster.json",
+                 "stage_0.py", "stage_0.pt", "stage_1.py", "stage_1.pt"):
+        assert (out / name).exists(), name
+    plan = Plan.from_json(json.loads((out / "plan.json").read_text()))
+    assert len(plan.stages) == 2 and plan.batch == 16
+    program = parse_program((out / "program.txt").read_text())
+    assert program == program_from_json(json.loads((out / "program.json").read_text()))
+    capsys.readouterr()
+    assert cli.main(["show", str(out), "program"]) == 0
+    assert capsys.readouterr().out == (out / "program.txt").read_text()
+    assert cli.main(["show", str(out), "plan"]) == 0
+    assert "Plan (balanced): 2 stages" in capsys.readouterr().out
+
+
+def test_compile_module_callable(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli.main(["compile", "tests.cli_model:build", "--input", "f32[8,6]", "--cluster", "host-2",
+                     "--batch", "8", "--microbatches", "2", "--out", str(out)]) == 0
+    assert (out / "program.txt").exists()
+
+
+def test_show_on_an_empty_folder_says_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match="no compiled plan"):
+        cli.main(["show", str(tmp_path)])
+
+
+def test_bad_input_spec():
+    with pytest.raises(SystemExit, match=r"write DTYPE\[SIZES\]"):
+        cli.parse_input_spec("float[3")
+
+
+def test_unknown_model_names_the_zoo():
+    with pytest.raises(SystemExit, match="zoo model"):
+        cli.load_model("nosuchmodel", 8, [])
+
+
+def test_bad_cluster_is_an_error_not_a_traceback(tmp_path, capsys):
+    assert cli.main(["compile", "mlp:small", "--cluster", "no-such-preset", "--out", str(tmp_path)]) == 2
+    assert "no-such-preset" in capsys.readouterr().err
