@@ -1,18 +1,22 @@
 """The demo behind `./dev demo`: compile a zoo model for an edge cluster from the catalog, print the
-plan and the schedule IR, then train a few iterations through the local backend (every device's
-replica emulated in this process) and show the loss next to plain eager training."""
+plan and the schedule IR, then train a few iterations on one worker process per device
+(torch.distributed, gloo on loopback) and show the loss next to the local backend (the IR's
+reference meaning, every device's replica in this process) and plain eager training."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import sys
+import tempfile
 import time
 
 import torch
 
 import asteroid_fx as asteroid
 from asteroid_fx import models
+from asteroid_fx.launch import RunSpec, launch, pinned
+from asteroid_fx.launch import batches as iter_batches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=8, help="rows per micro-batch")
     parser.add_argument("--stages", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="the full-size model instead of the small config")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the worker run is stopped")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -32,16 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     model = entry.build(small=small)
     batch = args.microbatches * args.rows
     started = time.perf_counter()
+    torch.manual_seed(0)
     compiled = asteroid.compile(model, args.cluster, example=entry.example(batch, small), loss=entry.loss,
                                 microbatches=args.microbatches, stages=args.stages)
     print(f"== cluster\n{compiled.cluster}\n")
     print(f"== plan (compiled in {time.perf_counter() - started:.1f}s)\n{compiled.plan}\n")
     print(f"== program (schedule IR)\n{compiled.program}")
 
-    torch.manual_seed(1)
-    batches = [(entry.example(batch, small), entry.labels(batch, small)) for _ in range(args.iterations)]
-    print(f"== training {args.iterations} iterations on the local backend (SGD, lr 0.05)")
-    runner, losses = compiled.run(iter(batches), args.iterations, optimizer="sgd", lr=0.05)
+    spec = pinned(RunSpec(model=f"{args.model}{'' if args.full else ':small'}", batch=batch,
+                          microbatches=args.microbatches, iterations=args.iterations, optimizer="sgd", lr=0.05),
+                  compiled.plan)
+    print(f"== training {args.iterations} iterations on {len(compiled.program.devices)} worker processes (SGD, lr 0.05)")
+    with tempfile.TemporaryDirectory() as out:
+        result = launch(spec, compiled.cluster, out, timeout_s=args.timeout, log=print)
+    batches = list(iter_batches(spec))
+    _, losses = compiled.run(iter(batches), args.iterations, optimizer="sgd", lr=0.05)
 
     # Plain eager training on the same batches, for comparison (same for models without BatchNorm;
     # with BatchNorm the pipeline normalizes over each device's rows, so the curves differ slightly).
@@ -52,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        print(f"  iteration {i + 1}: pipeline loss {losses[i]:.4f}   eager loss {float(loss.detach()):.4f}")
+        print(f"  iteration {i + 1}: workers {result['losses'][i]:.4f}   local backend {losses[i]:.4f}   "
+              f"eager {float(loss.detach()):.4f}")
     return 0
 
 
