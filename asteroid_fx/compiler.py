@@ -62,7 +62,8 @@ class Compiled:
     def run(self, data: Iterable, iterations: int, *, optimizer="sgd", lr: float = 1e-3,
             loss: Callable | None = None, log: Callable[[str], None] | None = None):
         """Train ``iterations`` steps on the local backend; ``data`` yields (inputs, labels) of one
-        global batch, inputs a tensor or a tuple of positional tensors. Returns (runner, losses)."""
+        global batch, inputs a tensor, a tuple of positional tensors, or (args tuple, kwargs dict)
+        for a model compiled with keyword inputs. Returns (runner, losses)."""
         runner = self.runner(optimizer=optimizer, lr=lr, loss=loss)
         losses = []
         it = iter(data)
@@ -73,6 +74,8 @@ class Compiled:
                 raise ValueError(f"the data ran out after {i} of {iterations} iterations") from None
             if isinstance(inputs, torch.Tensor):
                 inputs = (inputs,)
+            elif isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
+                inputs = self.captured.flatten_inputs(inputs[0], inputs[1])  # (args, kwargs)
             losses.append(runner.step(tuple(inputs), labels))
             if log:
                 log(f"iteration {i + 1}/{iterations}: loss {losses[-1]:.4f}")

@@ -1,22 +1,49 @@
 """capture: nn.Module + example inputs -> a trainable fx.GraphModule with a dynamic batch dimension.
 
-torch.export comes first: it sees through Python (and captures models that plain symbolic tracing
-cannot, such as transformers 5). fx.symbolic_trace is the fallback for modules export rejects.
-Dim 0 of every tensor input is exported as dynamic, because stages later run on row slices of any
-size; the export shape guards are dropped for the same reason (the planner never feeds a stage a
-shape the model did not accept at capture time, apart from the batch size).
+Expects ``model(*args, **kwargs)`` to run, every tensor input to be batch-first (dim 0 = rows,
+the same number of rows in every tensor input, at least 2), and forward to treat the batch
+dimension as a size only: stages later run it on row slices of any size.
 
-Guarantees: the returned graph's placeholders are the flattened positional then keyword inputs;
-``Captured.in_spec`` / ``out_spec`` rebuild the user's structures; every parameter and buffer is a
-``get_attr`` node of the returned module; node.meta["val"] holds a fake tensor (or SymInt) for
-every value; the user's module is not modified (capture works on a deep copy).
+torch.export (non-strict) comes first: it sees through Python and captures models that plain
+symbolic tracing cannot, such as transformers 5. Dim 0 of every tensor input is one shared dynamic
+dimension ``batch`` (so inputs that never meet in forward still share it). A forward that fixes
+the batch size (``view(8, ...)``) is rejected; one that only bounds it (``x[:4]`` needs batch >= 4,
+a reshape across rows needs an even batch) is captured as default export does, with each input's
+dim 0 an independent Dim.AUTO and those guards dropped (refused if the inputs then do not share
+one batch size). Export's shape guards are dropped in any case: the planner changes no size but
+the batch. fx.symbolic_trace is the fallback for models export rejects for any other reason;
+there the batch-first values are found by running forward on the example batch and on the
+example doubled (a forward that fails on the doubled batch is refused).
+
+Guarantees, on both paths:
+  - the graph's placeholders are the leaves of ``(args, kwargs)`` in pytree order (positional
+    inputs, then keyword inputs in the example's key order), non-tensor leaves included: this is
+    the flat input order ``Captured.flatten_inputs`` produces and the backends take;
+  - the output node returns a flat tuple; ``Captured.unflatten_outputs`` rebuilds the user's
+    structure (tuple, dict, ...), which is what the loss function receives;
+  - node.meta["val"] holds a fake tensor (or SymInt) for every value; dim 0 of batch-first values
+    is a SymInt whose expression is ``Captured.batch_symbol``;
+  - export: every parameter and buffer is a ``get_attr`` node; symbolic_trace: submodules are
+    ``call_module`` nodes that own their parameters, direct parameters are ``get_attr`` nodes;
+  - the user's module is not modified: capture works on a deep copy in train mode, and the
+    captured module's parameters and buffers hold the user's values (the runs capture makes
+    leave no trace in them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from typing import Any
+import inspect
+import io
+import logging
+import os
+import re
+import sys
+import sysconfig
+import traceback
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -27,15 +54,36 @@ class CaptureError(ValueError):
     """The model could not be captured; the message names the construct and what to do."""
 
 
+class _BatchSizeError(CaptureError):
+    """Forward cannot run on another batch size: final, whatever made export fail."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Captured:
     module: fx.GraphModule
     method: str  # "export" | "symbolic_trace"
     in_spec: pytree.TreeSpec  # of (args, kwargs)
     out_spec: pytree.TreeSpec
-    batch_symbol: Any  # the sympy symbol of the batch size (None for symbolic_trace)
+    batch_symbol: Any  # the sympy symbol of the batch size
     example_batch: int
-    example_inputs: tuple[torch.Tensor, ...]  # flattened, as the placeholders take them
+    example_inputs: tuple[Any, ...]  # flattened, as the placeholders take them
+
+    def flatten_inputs(self, args: Any, kwargs: dict | None = None) -> tuple[Any, ...]:
+        """The flat inputs, in placeholder order, of the call ``model(*args, **kwargs)``; keyword
+        inputs may come in any order. This is what ``Compiled.run`` and the runners take."""
+        args = args if isinstance(args, tuple) else (args,)
+        kwargs = dict(kwargs or {})
+        expected_args, expected_kwargs = self.in_spec.child(0), self.in_spec.child(1)
+        keys = list(expected_kwargs.context)
+        if set(kwargs) == set(keys):
+            kwargs = {k: kwargs[k] for k in keys}
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.in_spec:
+            raise ValueError(
+                f"the inputs do not have the structure of the example given at capture: expected "
+                f"{expected_args.num_leaves} positional leaves and keywords {keys}, got "
+                f"{len(pytree.tree_leaves(args))} positional leaves and keywords {list(kwargs)}")
+        return tuple(flat)
 
     def unflatten_outputs(self, flat: list[Any]) -> Any:
         return pytree.tree_unflatten(flat, self.out_spec)
@@ -45,9 +93,7 @@ class Captured:
         if not isinstance(val, torch.Tensor) or val.dim() == 0:
             return False
         size = val.shape[0]
-        if self.batch_symbol is not None:
-            return isinstance(size, torch.SymInt) and size.node.expr == self.batch_symbol
-        return int(size) == self.example_batch
+        return isinstance(size, torch.SymInt) and size.node.expr == self.batch_symbol
 
     def is_batch_sym(self, val: Any) -> bool:
         """Whether a traced value is a SymInt that depends on the batch size only."""
@@ -55,28 +101,133 @@ class Captured:
                 and val.node.expr.free_symbols == {self.batch_symbol})
 
 
-def _dynamic_batch_spec(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def capture(model: torch.nn.Module, args: Any, kwargs: dict | None = None) -> Captured:
+    """Capture ``model`` called as ``model(*args, **kwargs)``; raises CaptureError with advice."""
+    kwargs = dict(kwargs or {})
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"capture takes a torch.nn.Module, got {type(model).__name__}; wrap the "
+                           "computation in an nn.Module whose forward takes the batch")
+    if not isinstance(args, tuple):
+        args = (args,)
+    batch = _check_inputs(model, args, kwargs)
+    model = copy.deepcopy(model)
+    model.train()
+    try:
+        return _export(model, args, kwargs)
+    except CaptureError:
+        raise
+    except Exception as export_error:  # noqa: BLE001 - every other export failure falls back
+        fixed = _fixed_batch(export_error)
+        if fixed is not None:  # the fallback would capture it for this one batch size: refuse
+            raise CaptureError(f"cannot capture {type(model).__name__}: forward depends on the batch "
+                               f"size, {_FIXED_BATCH.format(n=fixed)}. {_ROW_SLICES}") from export_error
+        try:
+            return _symbolic_trace(model, args, kwargs, batch)
+        except _BatchSizeError:
+            raise
+        except Exception as trace_error:  # noqa: BLE001
+            raise CaptureError(_explain(model, export_error, trace_error)) from export_error
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def _check_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> int:
+    """The example batch size, after checking that the inputs fit forward and are batch-first."""
+    name = type(model).__name__
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"the example inputs do not fit {name}.forward: {e}") from None
+    leaves = pytree.tree_flatten_with_path((args, kwargs))[0]
+    tensors = [(_input_name(path), x) for path, x in leaves if isinstance(x, torch.Tensor)]
+    if not tensors:
+        raise CaptureError(f"{name} got no tensor input: the batch is split across devices along dim 0 "
+                           "of the inputs, so pass at least one batch-first tensor in example=")
+    for where, x in tensors:
+        if x.dim() == 0:
+            raise CaptureError(f"input {where} is a 0-dim tensor, but every tensor input must be "
+                               "batch-first; pass a constant as a Python number or a module buffer")
+    sizes = {where: x.shape[0] for where, x in tensors}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{w}: {s}" for w, s in sizes.items())
+        raise CaptureError(f"every tensor input must have the batch as its first dimension, but their "
+                           f"first dimensions differ ({listed}); pass constants as module buffers")
+    batch = next(iter(sizes.values()))
+    if batch < 2:
+        raise CaptureError(f"the example batch has {batch} row(s); give at least 2, so that the batch "
+                           "dimension can be told apart from fixed sizes")
+    return batch
+
+
+def _input_name(path: tuple) -> str:
+    """``args[0]`` / ``kwargs['mask']`` for a leaf of (args, kwargs)."""
+    return ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
+
+
+# --- torch.export ------------------------------------------------------------------------------
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
+    bound = ""
+    try:
+        ep = _export_program(model, args, kwargs, shared=True)
+    except Exception as e:  # noqa: BLE001
+        if "Constraints violated (batch)" not in str(e) or _fixed_batch(e) is not None:
+            raise
+        # forward bounds the batch size (batch >= 4, an even batch, ...): what the default export
+        # does then is to capture it anyway without those guards, which we keep doing
+        bound = _batch_guard(e)
+        ep = _export_program(model, args, kwargs, shared=False)
+    gm = ep.module()
+    in_spec, out_spec = gm._in_spec, gm._out_spec
+    _strip_guards(gm)
+    _plain_codegen(gm)
+    flat = pytree.tree_leaves((args, kwargs))
+    batch = next(x.shape[0] for x in flat if isinstance(x, torch.Tensor))
+    sizes = [n.meta["val"].shape[0] for n in gm.graph.nodes
+             if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
+    symbols = {s.node.expr if isinstance(s, torch.SymInt) else s for s in sizes}
+    if len(symbols) > 1 or not isinstance(sizes[0], torch.SymInt):
+        # without the shared dimension, inputs that never meet in forward get a batch size each
+        why = f"it needs {bound} (so its inputs get no common batch)" if bound else _FIXED_BATCH.format(n=batch)
+        raise CaptureError(f"cannot capture {type(model).__name__}: forward depends on the batch size, "
+                           f"{why}. {_ROW_SLICES}")
+    return Captured(gm, "export", in_spec, out_spec, sizes[0].node.expr, batch, tuple(flat))
+
+
+def _export_program(model: torch.nn.Module, args: tuple, kwargs: dict,
+                    shared: bool) -> torch.export.ExportedProgram:
+    """Export with dim 0 of every tensor input dynamic: one shared ``batch`` dimension, or (not
+    ``shared``) one Dim.AUTO per input, which lets export drop the guards it finds on it."""
+    batch_dim = torch.export.Dim("batch", min=2) if shared else torch.export.Dim.AUTO
+
     def spec(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return {0: torch.export.Dim.AUTO}
-        return None
+        return {0: batch_dim} if isinstance(x, torch.Tensor) else None
 
-    return pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs)
+    # one entry per parameter of forward, as export binds them (a dict by name trips on **kwargs)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    dynamic_shapes = tuple(pytree.tree_map(spec, v) for v in bound.values())
+    with _quiet():
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def _batch_size(flat_inputs: list[Any]) -> int:
-    sizes = {x.shape[0] for x in flat_inputs if isinstance(x, torch.Tensor) and x.dim() > 0}
-    if len(sizes) != 1:
-        raise CaptureError(
-            "every tensor input must share its first dimension (the batch); got first dimensions "
-            f"{sorted(sizes)}. Pass per-sample inputs with the batch first, and constants as module "
-            "buffers instead of inputs."
-        )
-    return sizes.pop()
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hold back what export prints while it fails (a partial graph, symbolic-shape warnings):
+    the CaptureError says what went wrong. What it prints on success is passed on."""
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        shapes_log.setLevel(level)
+    sys.stderr.write(held.getvalue())
 
 
 def _strip_guards(gm: fx.GraphModule) -> None:
-    """Remove export's shape guards: they pin the batch range seen at capture time."""
+    """Remove export's shape guards: they check non-batch sizes that never change."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
@@ -97,84 +248,198 @@ def _plain_codegen(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
-    dyn_args, dyn_kwargs = _dynamic_batch_spec(args, kwargs)
-    dynamic_shapes: Any = dyn_args if not kwargs else {**dict(zip(_arg_names(model, len(args)), dyn_args)), **dyn_kwargs}
-    ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    gm = ep.module()
-    in_spec, out_spec = gm._in_spec, gm._out_spec
-    _strip_guards(gm)
-    _plain_codegen(gm)
-    flat, _ = pytree.tree_flatten((args, kwargs))
-    batch = _batch_size(flat)
-    symbol = None
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() > 0:
-            size = val.shape[0]
-            if isinstance(size, torch.SymInt):
-                symbol = size.node.expr
-            break
-    return Captured(gm, "export", in_spec, out_spec, symbol, batch, tuple(flat))
+_FIXED_BATCH = ("it only runs on batches of {n} rows (a fixed size such as view({n}, ...), or a "
+                "tensor of {n} rows that is not an input)")
+_ROW_SLICES = ("Stages run on row slices of any size, so write x.shape[0] or -1 where forward needs "
+               "the batch size")
 
 
-def _arg_names(model: torch.nn.Module, n: int) -> list[str]:
-    import inspect
+def _batch_guard(error: Exception) -> str:
+    """The first condition export found forward puts on the batch size, e.g. ``4 <= batch``."""
+    guards = re.findall(r"satisfy the generated guard (.+?)\.?$", str(error), re.MULTILINE)
+    if not guards:
+        return "a bounded batch size"
+    guard = re.sub(r"L\[[^\]]*\]\.size\(\)\[0\]", "batch", guards[0])
+    return guard.replace(" and batch <= IntInfinity()", "")
 
-    params = list(inspect.signature(model.forward).parameters)
-    return params[:n]
+
+def _fixed_batch(error: Exception) -> int | None:
+    """The batch size export found forward fixed, from its constraint violation (else None)."""
+    fixed = re.search(r"marked batch as dynamic but your code specialized it to be a constant \((\d+)\)",
+                      str(error))
+    return int(fixed.group(1)) if fixed else None
 
 
-def _symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
-    from torch.fx.passes.shape_prop import ShapeProp
+# --- fx.symbolic_trace fallback ----------------------------------------------------------------
 
-    gm = fx.symbolic_trace(model)
+def _symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int) -> Captured:
+    gm, flat, in_spec = _trace(model, args, kwargs)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves, out_spec = pytree.tree_flatten(_mutable(out.args[0]))
+    out.args = (tuple(leaves),)
+    gm.recompile()
+    symbol = _fake_values(gm, flat, batch)
+    return Captured(gm, "symbolic_trace", in_spec, out_spec, symbol, batch, tuple(flat))
+
+
+def _mutable(x: Any) -> Any:
+    """fx stores an output structure as immutable_dict/list; the loss gets plain dict/list."""
+    if isinstance(x, dict):
+        return {k: _mutable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_mutable(v) for v in x]
+    if isinstance(x, tuple):
+        items = [_mutable(v) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+    return x
+
+
+def _trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list, pytree.TreeSpec]:
+    """symbolic_trace with non-tensor inputs and unpassed defaults as constants; placeholders
+    rearranged to the leaves of (args, kwargs)."""
+    params = inspect.signature(model.forward).parameters
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    for name, value in bound.items():
+        if params[name].kind in variadic and value:
+            star = "*" if params[name].kind == inspect.Parameter.VAR_POSITIONAL else "**"
+            raise CaptureError(f"the fallback cannot pass inputs through {star}{name}; name them in forward")
+        if isinstance(value, (tuple, list, dict)) and params[name].kind not in variadic:
+            raise CaptureError(f"the fallback takes tensors and constants, not containers ({name})")
+    concrete = {name: bound.get(name, p.default) for name, p in params.items()
+                if p.kind not in variadic and not isinstance(bound.get(name), torch.Tensor)}
+    gm = fx.symbolic_trace(model, concrete_args=concrete)
+
+    graph = gm.graph
+    placeholders = dict(zip(params, [n for n in graph.nodes if n.op == "placeholder"]))
+    for name, node in placeholders.items():
+        node.args = ()  # no defaults: every input is passed
+        if name in concrete:  # drop the guards that check a constant input's value
+            for user in reversed(_downstream(node)):
+                graph.erase_node(user)
+        if name not in bound or params[name].kind in variadic:
+            graph.erase_node(node)
+    # in pytree order of (args, kwargs): positional inputs in order, then keywords as given
+    positional = [n for n in bound if n not in kwargs and params[n].kind not in variadic]
+    order = [placeholders[n] for n in positional + list(kwargs)]
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    for node in order:
+        anchor.prepend(node)
+    graph.lint()
+    gm.recompile()
     flat, in_spec = pytree.tree_flatten((args, kwargs))
-    if kwargs:
-        raise CaptureError("symbolic tracing fallback does not take keyword inputs; pass them positionally")
-    batch = _batch_size(flat)
-    ShapeProp(gm).propagate(*flat)
-    for node in gm.graph.nodes:
-        if "tensor_meta" in node.meta and "val" not in node.meta:
-            tm = node.meta["tensor_meta"]
-            if hasattr(tm, "shape"):
-                node.meta["val"] = torch.empty(tm.shape, dtype=tm.dtype, device="meta")
-    out = gm(*flat)
-    _, out_spec = pytree.tree_flatten(out)
-    return Captured(gm, "symbolic_trace", in_spec, out_spec, None, batch, tuple(flat))
+    return gm, flat, in_spec
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
-    """Capture ``model`` called as ``model(*args, **kwargs)``; raises CaptureError with advice."""
-    kwargs = dict(kwargs or {})
-    if not isinstance(model, torch.nn.Module):
-        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(args, tuple):
-        args = (args,)
-    model = copy.deepcopy(model)
-    model.train()
+def _downstream(node: fx.Node) -> list[fx.Node]:
+    """Every node that depends on ``node``, in graph order."""
+    seen: set[fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and keeps every node's value."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+
+
+def _run_values(gm: fx.GraphModule, flat: list) -> dict[fx.Node, Any]:
+    buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    recorder = _Recorder(gm)
     try:
-        return _export(model, args, kwargs)
-    except CaptureError:
-        raise
-    except Exception as export_error:  # noqa: BLE001 - every export failure falls back, then is reported
-        try:
-            return _symbolic_trace(model, args, kwargs)
-        except Exception as trace_error:  # noqa: BLE001
-            raise CaptureError(_explain(export_error, trace_error)) from export_error
+        with torch.no_grad():
+            recorder.run(*flat)
+    finally:
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                b.copy_(buffers[name])
+    return recorder.env
 
 
-def _explain(export_error: Exception, trace_error: Exception) -> str:
-    first = str(export_error).strip().splitlines()
-    headline = next((line for line in first if line.strip()), type(export_error).__name__)
-    tip = (
-        "Common causes: Python control flow on tensor values (use torch.where or torch.cond), "
-        "calls into non-torch code (numpy, .item(), .tolist()) inside forward, or shapes that "
-        "depend on data. Rewrite that part of forward, or wrap it in a submodule that is a leaf."
-    )
+def _fake_values(gm: fx.GraphModule, flat: list, batch: int) -> Any:
+    """node.meta["val"] as export writes it, from two runs: the example batch, and the example
+    doubled; values whose dim 0 follows the batch get a symbolic batch size. Returns the symbol."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    first = _run_values(gm, flat)
+    doubled = [torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in flat]
+    try:
+        second = _run_values(gm, doubled)
+    except Exception as e:  # noqa: BLE001
+        raise _BatchSizeError(f"cannot capture {type(gm).__name__}: forward runs on the example batch "
+                              f"of {batch} rows but not on {2 * batch} ({_headline(e)}). {_ROW_SLICES}") from e
+
+    shape_env = ShapeEnv()
+    symbol = shape_env.create_symbol(batch, ConstantSource("batch"), dynamic_dim=DimDynamic.DYNAMIC)
+    batch_size = shape_env.create_symintnode(symbol, hint=batch)
+
+    def fake(a: Any, b: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            follows = (isinstance(b, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
+                       and b.shape[0] == 2 * batch and a.shape[1:] == b.shape[1:])
+            shape = (batch_size, *a.shape[1:]) if follows else tuple(a.shape)
+            return torch.empty(shape, dtype=a.dtype, device=a.device, requires_grad=a.requires_grad)
+        if isinstance(a, int) and not isinstance(a, bool):
+            if a > 0 and a % batch == 0 and b == 2 * a:
+                return batch_size * (a // batch) if a != batch else batch_size
+            return a
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+            return tuple(fake(u, v) for u, v in zip(a, b))
+        return a
+
+    with FakeTensorMode(shape_env=shape_env):
+        for node in gm.graph.nodes:
+            if node in first and node.op != "output":
+                node.meta["val"] = fake(first[node], second.get(node))
+    return symbol
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+_DATA_DEPENDENT = ("data-dependent", "symbolically traced variables cannot be used as inputs to control flow")
+_NOT_USER_CODE = (os.path.dirname(torch.__file__), sysconfig.get_paths()["stdlib"], __file__)
+
+
+def _user_line(error: BaseException) -> str | None:
+    """``file:line`` and the code there, for the innermost frame of ``error``'s traceback that is
+    neither torch, the standard library nor capture itself: the user's forward, usually."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith(_NOT_USER_CODE)]
+    if not frames:
+        return None
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}" + (f"\n    {f.line.strip()}" if f.line else "")
+
+
+def _headline(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _explain(model: torch.nn.Module, export_error: Exception, trace_error: Exception) -> str:
+    name = type(model).__name__
+    where = _user_line(trace_error) or _user_line(export_error)
+    at = f", at {where}" if where else ""
+    if any(marker in str(e) for e in (export_error, trace_error) for marker in _DATA_DEPENDENT):
+        return (
+            f"cannot capture {name}: forward makes a Python decision on a tensor's value{at}\n"
+            "Neither torch.export nor fx.symbolic_trace can follow control flow that depends on data "
+            "(an if or while on a tensor, .item(), int(tensor), a size computed from values). Use "
+            "torch.where(cond, a, b) to choose between values, torch.cond(pred, true_fn, false_fn, "
+            "(x,)) to choose between computations, or move the decision out of forward."
+        )
     return (
-        "could not capture the model.\n"
-        f"  torch.export: {type(export_error).__name__}: {headline}\n"
-        f"  fx.symbolic_trace: {type(trace_error).__name__}: {str(trace_error).strip().splitlines()[0] if str(trace_error).strip() else ''}\n"
-        f"  {tip}"
+        f"cannot capture {name}{at}\n"
+        f"  torch.export: {_headline(export_error)}\n"
+        f"  fx.symbolic_trace: {_headline(trace_error)}\n"
+        "Rewrite that part of forward with torch operations, or move it out of forward."
     )
