@@ -100,7 +100,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     spec = RunSpec(model=args.model, batch=args.batch, microbatches=args.microbatches, schedule=args.schedule,
                    iterations=args.iterations, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-                   stages=args.stages)
+                   stages=args.stages, emulate=args.emulate)
     cluster = resolve_cluster(args.cluster)
     if args.n is not None and args.n != len(cluster.devices):
         raise SystemExit(f"-n {args.n} but cluster {args.cluster!r} has {len(cluster.devices)} devices; "
@@ -108,7 +108,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
     result = launch(spec, cluster, args.out, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr))
     print(f"trained {spec.model} on {len(result['workers'])} workers:")
     for i, loss in enumerate(result["losses"]):
-        print(f"  iteration {i + 1}: loss {loss:.4f}")
+        print(f"  iteration {i + 1}: loss {loss:.4f}  {result['seconds'][i] * 1e3:.1f} ms")
+    if args.emulate:
+        lag = max(r["lag_s"] for r in result["workers"].values())
+        predicted = result["plan"].prediction.iteration_s
+        print(f"planner's prediction: {predicted * 1e3:.1f} ms/iteration; worst compute lag behind the "
+              f"emulated devices: {lag * 1e3:.1f} ms in total (this host was slower than the device it emulated)"
+              if lag > 0 else f"planner's prediction: {predicted * 1e3:.1f} ms/iteration")
     load_weights(args.out, result["program"].devices)  # proves the weights are readable
     print(f"worker logs, losses and weights in {args.out}/")
     return 0
@@ -153,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--lr", type=float, default=0.05)
     la.add_argument("--seed", type=int, default=0)
     la.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is stopped")
+    la.add_argument("--emulate", action="store_true",
+                    help="pace each worker's compute and links like its device in the cluster")
     la.set_defaults(func=cmd_launch)
     w = sub.add_parser("worker", help="one device of a run (started by `asteroid launch`, or by hand)")
     w.add_argument("--coordinator", required=True, help="HOST:PORT of the run's store")

@@ -43,6 +43,7 @@ class RunSpec:
     groups: tuple[tuple[str, ...], ...] | None = None
     rows: tuple[tuple[int, ...], ...] | None = None
     layers: tuple[int, ...] | None = None
+    emulate: bool = False  # pace every worker like its device in the cluster (backends/torch_dist.Emulation)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -139,7 +140,9 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
             err.close()
     results = {d: json.loads((out / f"worker_{d}.json").read_text()) for d in devices}
     losses = [sum(r["losses"][i] for r in results.values()) for i in range(spec.iterations)]
-    return {"losses": losses, "workers": results, "program": compiled.program}
+    seconds = [max(r["seconds"][i] for r in results.values()) for i in range(spec.iterations)]
+    return {"losses": losses, "seconds": seconds, "workers": results, "program": compiled.program,
+            "plan": compiled.plan}
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -153,7 +156,7 @@ def run_worker(coordinator: str, device: str, rank: int, world: int, out: str | 
     """One worker: join, rebuild the program with the launcher's plan, check it, train, report."""
     import torch.distributed as dist
 
-    from asteroid_fx.backends.torch_dist import DistWorker, init_process_group
+    from asteroid_fx.backends.torch_dist import DistWorker, Emulation, init_process_group
     from asteroid_fx.cluster import Cluster
 
     torch.set_num_threads(1)
@@ -170,15 +173,20 @@ def run_worker(coordinator: str, device: str, rank: int, world: int, out: str | 
         names = [n.name for n in compiled.captured.module.graph.nodes if n.op == "placeholder"]
         worker = DistWorker(compiled.program, compiled.stages, device, loss=compiled.loss,
                             unflatten=compiled.captured.unflatten_outputs, input_names=names,
-                            optimizer=spec.optimizer, lr=spec.lr)
-        losses = []
+                            optimizer=spec.optimizer, lr=spec.lr,
+                            emulation=Emulation(compiled.layer_graph, cluster) if spec.emulate else None)
+        losses, seconds = [], []
         for i, (inputs, labels) in enumerate(batches(spec)):
+            dist.barrier()  # iterations start together, so their times compare
+            started = time.perf_counter()
             losses.append(worker.step(inputs, labels))
-            print(f"[{device}] iteration {i + 1}/{spec.iterations} done", flush=True)
+            seconds.append(time.perf_counter() - started)
+            print(f"[{device}] iteration {i + 1}/{spec.iterations}: {seconds[-1] * 1e3:.1f} ms", flush=True)
         keys = set(compiled.captured.module.state_dict().keys())
         out = Path(out)
         _atomic_torch_save(worker.state_dict(keys), out / f"worker_{device}.pt")
-        _atomic_write(out / f"worker_{device}.json", json.dumps({"device": device, "rank": rank, "losses": losses}))
+        _atomic_write(out / f"worker_{device}.json", json.dumps({"device": device, "rank": rank, "losses": losses,
+                                                                  "seconds": seconds, "lag_s": worker.lag_s}))
         dist.barrier()
     finally:
         dist.destroy_process_group()

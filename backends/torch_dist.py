@@ -11,6 +11,13 @@ Same meaning as the local backend (backends/local.py), action by action:
   STEP       the device's optimizer.
 Tags keep messages apart: (stage, micro-batch, payload, tensor index) -> one int per message, the
 same on both sides.
+
+Emulation (``Emulation``): a worker can stand in for a slower device of the cluster. Compute is
+padded to the cost model's time for the emulated device kind (a host faster than the emulated
+device sleeps the difference; a slower one cannot and the lag is counted); every message carries
+the time it would arrive over the emulated link (sender's link busy until its previous message
+has gone, then latency + bytes / bandwidth), and the receiver waits until then; an all-reduce is
+padded to the ring time of the group's slowest link.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import copy
 import dataclasses
 import datetime
 import hashlib
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -37,6 +45,24 @@ def message_tag(a: Action, index: int) -> int:
     return ((a.stage * 1_000_003 + a.mb) * 2 + payload) * 64 + index
 
 
+@dataclasses.dataclass(frozen=True)
+class Emulation:
+    """Pace a worker like the cluster's device: costs from the LayerGraph, links from the Cluster."""
+
+    layer_graph: Any
+    cluster: Any
+
+    def compute_s(self, device: str, a: Action, layers: tuple[int, int]) -> float:
+        kind = self.cluster.device(device).kind
+        fit = self.layer_graph.fwd if a.op == Op.F else self.layer_graph.bwd
+        return fit(kind, *layers)(a.rows[1] - a.rows[0])
+
+    def allreduce_s(self, group: Sequence[str], layers: tuple[int, int]) -> float:
+        from asteroid_fx.estimate import ring_allreduce_s
+
+        return ring_allreduce_s(self.cluster, group, self.layer_graph.param_bytes(*layers))
+
+
 @dataclasses.dataclass
 class _Pending:
     received: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
@@ -53,7 +79,8 @@ class DistWorker:
 
     def __init__(self, program: Program, stages: Sequence, device: str, *, loss: Callable,
                  unflatten: Callable, input_names: Sequence[str], optimizer: OptimizerSpec = "sgd",
-                 lr: float = 1e-3, loss_reduction: str = "mean", torch_device: str = "cpu"):
+                 lr: float = 1e-3, loss_reduction: str = "mean", torch_device: str = "cpu",
+                 emulation: Emulation | None = None):
         self.program = program
         self.device = device
         self.rank_of = {d: i for i, d in enumerate(program.devices)}
@@ -65,6 +92,9 @@ class DistWorker:
         self.loss_fn, self.unflatten, self.loss_reduction = loss, unflatten, loss_reduction
         self.input_index = {name: i for i, name in enumerate(input_names)}
         self.torch_device = torch.device(torch_device)
+        self.emulation = emulation
+        self.link_free_at = 0.0
+        self.lag_s = 0.0  # compute time beyond what the emulated device would take
         self.module = copy.deepcopy(self.stage.module).to(self.torch_device)
         self.module.train()
         self.optimizer = make_optimizer(optimizer, [p for p in self.module.parameters() if p.requires_grad], lr)
@@ -85,10 +115,23 @@ class DistWorker:
         self._sends: list[dist.Work] = []
         self._loss = 0.0
         for a in p.of(self.device):
+            started = time.perf_counter()
             ACTIONS[a.op](self, a)
+            if self.emulation is not None and a.op in (Op.F, Op.B, Op.ALLREDUCE):
+                self._pace(a, time.perf_counter() - started)
         for w in self._sends:
             w.wait()
         return self._loss
+
+    def _pace(self, a: Action, took: float) -> None:
+        if a.op == Op.ALLREDUCE:
+            target = self.emulation.allreduce_s(a.group, self.info.layers)
+        else:
+            target = self.emulation.compute_s(self.device, a, self.info.layers)
+        if took < target:
+            time.sleep(target - took)
+        else:
+            self.lag_s += took - target
 
     def _mb(self, mb: int) -> _Pending:
         return self._state.setdefault(mb, _Pending())
@@ -138,16 +181,29 @@ class DistWorker:
         st = self._mb(a.mb)
         sl = slice(a.rows[0] - self.slot.lo, a.rows[1] - self.slot.lo)
         source = st.outputs if a.payload == "act" else st.input_grads
-        for i, t in enumerate(source):
-            self._sends.append(dist.isend(t[sl].detach().contiguous(), self.rank_of[a.peer], tag=message_tag(a, i)))
+        tensors = [t[sl].detach().contiguous() for t in source]
+        if self.emulation is not None:
+            bandwidth, latency = self.emulation.cluster.link(self.device, a.peer)
+            start = max(time.time(), self.link_free_at)
+            self.link_free_at = start + sum(t.numel() * t.element_size() for t in tensors) / bandwidth
+            arrive = torch.tensor([self.link_free_at + latency], dtype=torch.float64)
+            self._sends.append(dist.isend(arrive, self.rank_of[a.peer], tag=message_tag(a, 63)))
+        for i, t in enumerate(tensors):
+            self._sends.append(dist.isend(t, self.rank_of[a.peer], tag=message_tag(a, i)))
 
     def _recv(self, a: Action) -> None:
         rows = a.rows[1] - a.rows[0]
         bufs = tuple(torch.empty((rows, *spec.shape), dtype=DTYPES[spec.dtype], device=self.torch_device)
                      for spec in a.specs)
         works = [dist.irecv(b, self.rank_of[a.peer], tag=message_tag(a, i)) for i, b in enumerate(bufs)]
+        arrive = None
+        if self.emulation is not None:
+            arrive = torch.empty(1, dtype=torch.float64)
+            works.append(dist.irecv(arrive, self.rank_of[a.peer], tag=message_tag(a, 63)))
         for w in works:
             w.wait()
+        if arrive is not None and float(arrive) > time.time():
+            time.sleep(float(arrive) - time.time())
         st = self._mb(a.mb)
         (st.received if a.payload == "act" else st.grads_in)[a.rows] = bufs
 

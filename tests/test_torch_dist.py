@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -42,3 +44,20 @@ def test_a_worker_whose_program_differs_fails_the_run_with_its_error(tmp_path, m
     monkeypatch.setattr(launch_mod, "format_program", lambda p: original(p) + "# launcher differs\n")
     with pytest.raises(RuntimeError, match="differs from the launcher's"):
         launch(spec, CLUSTER, tmp_path, timeout_s=120, log=lambda m: None)
+
+
+def test_emulated_links_pace_the_run_like_the_cost_model(tmp_path):
+    # a slow link (0.8 Mbit/s) makes the transfers dominate, so the measured iteration time is the
+    # emulated one, which the planner's closed form predicts
+    slow = Cluster.uniform([Device("a", "jetson-agx-orin"), Device("b", "jetson-agx-orin")],
+                           bandwidth=1e5, latency=2e-3)
+    spec = RunSpec(model="mlp:small", batch=32, microbatches=2, groups=(("a",), ("b",)), rows=((16,), (16,)),
+                   iterations=3, emulate=True)
+    result = launch(spec, slow, tmp_path, timeout_s=240, log=lambda m: None)
+    predicted = result["plan"].prediction.iteration_s
+    measured = min(result["seconds"][1:])
+    assert predicted > 0.1  # the links dominate: >= 4 transfers of 16 rows x 256 B at 1e5 B/s
+    assert 0.8 * predicted <= measured <= 1.6 * predicted, (measured, predicted)
+    # emulation changes the timing only, never the numbers
+    plain = launch(dataclasses.replace(spec, emulate=False), slow, tmp_path / "plain", timeout_s=240, log=lambda m: None)
+    assert plain["losses"] == result["losses"]
