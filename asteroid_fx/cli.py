@@ -105,7 +105,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.n is not None and args.n != len(cluster.devices):
         raise SystemExit(f"-n {args.n} but cluster {args.cluster!r} has {len(cluster.devices)} devices; "
                          "give a cluster with that many devices, or leave -n out")
-    result = launch(spec, cluster, args.out, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr))
+    host, _, port = args.listen.rpartition(":")
+    remote = [d for d in args.remote.split(",") if d] if args.remote else []
+    result = launch(spec, cluster, args.out, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr),
+                    host=host, port=int(port), remote=remote)
     print(f"trained {spec.model} on {len(result['workers'])} workers:")
     for i, loss in enumerate(result["losses"]):
         print(f"  iteration {i + 1}: loss {loss:.4f}  {result['seconds'][i] * 1e3:.1f} ms")
@@ -115,7 +118,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(f"planner's prediction: {predicted * 1e3:.1f} ms/iteration; worst compute lag behind the "
               f"emulated devices: {lag * 1e3:.1f} ms in total (this host was slower than the device it emulated)"
               if lag > 0 else f"planner's prediction: {predicted * 1e3:.1f} ms/iteration")
-    load_weights(args.out, result["program"].devices)  # proves the weights are readable
+    if not remote:
+        load_weights(args.out, result["program"].devices)  # proves the weights are readable
     print(f"worker logs, losses and weights in {args.out}/")
     return 0
 
@@ -123,7 +127,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from asteroid_fx.launch import run_worker
 
-    return run_worker(args.coordinator, args.device, args.rank, args.world, args.out)
+    return run_worker(args.coordinator, args.device, args.out, connect_timeout_s=args.connect_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,15 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--lr", type=float, default=0.05)
     la.add_argument("--seed", type=int, default=0)
     la.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is stopped")
+    la.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT the coordinator's store binds to")
+    la.add_argument("--remote", default="", help="comma-separated devices that join from other machines "
+                    "with `asteroid worker` instead of being started here")
     la.add_argument("--emulate", action="store_true",
                     help="pace each worker's compute and links like its device in the cluster")
     la.set_defaults(func=cmd_launch)
     w = sub.add_parser("worker", help="one device of a run (started by `asteroid launch`, or by hand)")
-    w.add_argument("--coordinator", required=True, help="HOST:PORT of the run's store")
-    w.add_argument("--device", required=True)
-    w.add_argument("--rank", type=int, required=True)
-    w.add_argument("--world", type=int, required=True)
-    w.add_argument("--out", required=True)
+    w.add_argument("--coordinator", default=None, help="HOST:PORT of the run's store (default: torchrun's "
+                   "MASTER_ADDR:MASTER_PORT)")
+    w.add_argument("--device", default=None, help="this device's name in the cluster (default: the program's "
+                   "device number $RANK)")
+    w.add_argument("--out", default=".", help="folder for this worker's weights")
+    w.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator")
     w.set_defaults(func=cmd_worker)
     return parser
 

@@ -96,49 +96,60 @@ def pinned(spec: RunSpec, plan) -> RunSpec:
                                layers=tuple([st.layers[0] for st in plan.stages] + [plan.stages[-1].layers[1]]))
 
 
-def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float = 300.0,
-           log=print) -> dict:
-    """Run ``spec`` on one local process per device; returns {"losses": [...], "workers": {...}}."""
+def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float = 300.0, log=print,
+           host: str = "127.0.0.1", port: int = 0, remote: Sequence[str] = ()) -> dict:
+    """Run ``spec`` with one process per device: local processes for every device not in
+    ``remote``; the ``remote`` ones join with `asteroid worker --coordinator HOST:PORT --device D`
+    from their own machines. The store listens on ``host`` (the interface the user names).
+    Returns {"losses", "seconds", "workers", "program", "plan"}."""
     import torch.distributed as dist
 
     compiled = compile_spec(spec, cluster)
     spec = pinned(spec, compiled.plan)
     devices = compiled.program.devices
+    unknown = sorted(set(remote) - set(devices))
+    if unknown:
+        raise ValueError(f"remote devices {unknown} are not in the plan (its devices: {', '.join(devices)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True,
+    store = dist.TCPStore(host, port, world_size=None, is_master=True,
                           timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
     store.set("spec", spec.to_json())
     store.set("cluster", json.dumps(compiled.cluster.to_json()))
     store.set("program", format_program(compiled.program))
-    log(f"launching {len(devices)} workers on 127.0.0.1:{store.port} ({', '.join(devices)})")
+    log(f"coordinator on {host}:{store.port}; {len(devices)} workers ({', '.join(devices)})")
+    for d in remote:
+        log(f"  waiting for {d}: asteroid worker --coordinator {host}:{store.port} --device {d} --out DIR")
     procs = []
-    for rank, device in enumerate(devices):
-        cmd = [sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator", f"127.0.0.1:{store.port}",
-               "--device", device, "--rank", str(rank), "--world", str(len(devices)), "--out", str(out)]
+    for device in devices:
+        if device in remote:
+            continue
+        cmd = [sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator", f"{host}:{store.port}",
+               "--device", device, "--out", str(out)]
         err = open(out / f"worker_{device}.log", "w")
         procs.append((device, subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT), err))
     deadline = time.monotonic() + timeout_s
+    keys = [f"result/{d}" for d in devices]
     try:
-        while any(p.poll() is None for _, p, _ in procs):
+        while not store.check(keys):
             failed = [(d, p) for d, p, _ in procs if p.poll() not in (None, 0)]
             if failed:
                 d, p = failed[0]
                 raise RuntimeError(f"worker {d} exited with code {p.returncode}:\n{_tail(out / f'worker_{d}.log')}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the run did not finish in {timeout_s:.0f}s; worker logs are in {out}/")
+                missing = [d for d in devices if not store.check([f"result/{d}"])]
+                raise TimeoutError(f"the run did not finish in {timeout_s:.0f}s (no result from {', '.join(missing)}); "
+                                   f"worker logs are in {out}/")
             time.sleep(0.05)
-        failed = [(d, p) for d, p, _ in procs if p.returncode != 0]
-        if failed:
-            d, p = failed[0]
-            raise RuntimeError(f"worker {d} exited with code {p.returncode}:\n{_tail(out / f'worker_{d}.log')}")
+        for _, p, _ in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for _, p, err in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
             err.close()
-    results = {d: json.loads((out / f"worker_{d}.json").read_text()) for d in devices}
+    results = {d: json.loads(store.get(f"result/{d}").decode()) for d in devices}
     losses = [sum(r["losses"][i] for r in results.values()) for i in range(spec.iterations)]
     seconds = [max(r["seconds"][i] for r in results.values()) for i in range(spec.iterations)]
     return {"losses": losses, "seconds": seconds, "workers": results, "program": compiled.program,
@@ -152,22 +163,56 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def run_worker(coordinator: str, device: str, rank: int, world: int, out: str | os.PathLike) -> int:
-    """One worker: join, rebuild the program with the launcher's plan, check it, train, report."""
+def connect(coordinator: str, timeout_s: float = STORE_TIMEOUT_S):
+    """A client of the run's store, or a clear error within ``timeout_s``."""
     import torch.distributed as dist
 
-    from asteroid_fx.backends.torch_dist import DistWorker, Emulation, init_process_group
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator {coordinator!r} is not HOST:PORT")
+    try:
+        return dist.TCPStore(host, int(port), world_size=None, is_master=False,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, OSError) as e:  # c10d raises DistNetworkError (a RuntimeError) on timeout
+        raise ConnectionError(f"cannot reach the coordinator at {coordinator} within {timeout_s:.0f}s: is "
+                              "`asteroid launch` running there, and is the port open from this machine?") from e
+
+
+def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLike, *,
+               connect_timeout_s: float = STORE_TIMEOUT_S) -> int:
+    """One worker: join, rebuild the program with the launcher's plan, check it, train, report.
+    Without --coordinator/--device, torchrun's MASTER_ADDR, MASTER_PORT and RANK are used (the
+    rank picks the program's device in order)."""
+    import torch.distributed as dist
+
+    from asteroid_fx.backends.torch_dist import DistWorker, Emulation
     from asteroid_fx.cluster import Cluster
 
     torch.set_num_threads(1)
-    host, _, port = coordinator.rpartition(":")
-    store = init_process_group(host, int(port), rank, world, timeout_s=STORE_TIMEOUT_S)
+    if coordinator is None:
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise ValueError("give --coordinator HOST:PORT (or set MASTER_ADDR and MASTER_PORT, as torchrun does)")
+        coordinator = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    store = connect(coordinator, connect_timeout_s)
+    program_text = store.get("program").decode()
+    from asteroid_fx.program_text import parse_program
+
+    devices = parse_program(program_text).devices
+    if device is None:
+        if "RANK" not in os.environ:
+            raise ValueError("give --device NAME (or set RANK, as torchrun does)")
+        device = devices[int(os.environ["RANK"])]
+    if device not in devices:
+        raise ValueError(f"device {device!r} is not in this run's program (devices: {', '.join(devices)})")
+    rank, world = devices.index(device), len(devices)
+    timeout = datetime.timedelta(seconds=STORE_TIMEOUT_S)
+    dist.init_process_group("gloo", store=dist.PrefixStore("asteroid", store), rank=rank, world_size=world,
+                            timeout=timeout)
     try:
         spec = RunSpec.from_json(store.get("spec").decode())
         cluster = Cluster.from_json(json.loads(store.get("cluster").decode()))
         compiled = compile_spec(spec, cluster)
-        expected = store.get("program").decode()
-        if format_program(compiled.program) != expected:
+        if format_program(compiled.program) != program_text:
             raise RuntimeError(f"device {device}: the program compiled here differs from the launcher's; "
                                "every process must run the same torch and asteroid_fx versions")
         names = [n.name for n in compiled.captured.module.graph.nodes if n.op == "placeholder"]
@@ -184,20 +229,14 @@ def run_worker(coordinator: str, device: str, rank: int, world: int, out: str | 
             print(f"[{device}] iteration {i + 1}/{spec.iterations}: {seconds[-1] * 1e3:.1f} ms", flush=True)
         keys = set(compiled.captured.module.state_dict().keys())
         out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save(worker.state_dict(keys), out / f"worker_{device}.pt")
-        _atomic_write(out / f"worker_{device}.json", json.dumps({"device": device, "rank": rank, "losses": losses,
-                                                                  "seconds": seconds, "lag_s": worker.lag_s}))
+        store.set(f"result/{device}", json.dumps({"device": device, "rank": rank, "losses": losses,
+                                                   "seconds": seconds, "lag_s": worker.lag_s}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:

@@ -16,6 +16,8 @@ CLUSTER = Cluster.uniform([Device("a", "jetson-nano"), Device("b", "jetson-tx2")
 CASES = {
     "mlp-hybrid-1f1b": RunSpec(model="mlp:small", batch=16, microbatches=2, groups=(("a", "b"), ("c",)),
                                rows=((5, 3), (8,)), iterations=3, optimizer="adam", lr=1e-3),
+    "resnet18-hybrid-1f1b": RunSpec(model="resnet18:small", batch=16, microbatches=2, groups=(("a",), ("b", "c")),
+                                    rows=((8,), (3, 5)), iterations=2),
     "gpt-pipeline-gpipe": RunSpec(model="gpt:small", batch=12, microbatches=3, schedule="gpipe",
                                   groups=(("a",), ("b", "c")), rows=((4,), (1, 3)), iterations=2),
 }
@@ -61,3 +63,54 @@ def test_emulated_links_pace_the_run_like_the_cost_model(tmp_path):
     # emulation changes the timing only, never the numbers
     plain = launch(dataclasses.replace(spec, emulate=False), slow, tmp_path / "plain", timeout_s=240, log=lambda m: None)
     assert plain["losses"] == result["losses"]
+
+
+def test_a_worker_that_cannot_reach_the_coordinator_stops_with_a_message(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator", f"127.0.0.1:{port}",
+                           "--device", "a", "--out", str(tmp_path), "--connect-timeout", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "cannot reach the coordinator" in proc.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_remote_workers_join_by_device_name_and_by_torchrun_rank(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = CASES["mlp-hybrid-1f1b"]
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        launch(spec, CLUSTER, tmp_path, timeout_s=120, log=lambda m: None, port=port, remote=["b", "c"])))
+    thread.start()
+    worker = [sys.executable, "-m", "asteroid_fx.cli", "worker", "--out", str(tmp_path / "remote")]
+    by_name = subprocess.Popen(worker + ["--coordinator", f"127.0.0.1:{port}", "--device", "b"])
+    # torchrun's variables: rank 2 is the program's third device, c
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="2", WORLD_SIZE="3")
+    by_rank = subprocess.Popen(worker, env=env)
+    try:
+        assert by_name.wait(timeout=120) == 0 and by_rank.wait(timeout=120) == 0
+        thread.join(timeout=120)
+    finally:
+        for p in (by_name, by_rank):
+            if p.poll() is None:
+                p.kill()
+    assert result["program"].devices == ("a", "b", "c")
+    local = compile_spec(spec, CLUSTER)
+    _, losses = local.run(batches(spec), spec.iterations, optimizer=spec.optimizer, lr=spec.lr)
+    assert result["losses"] == pytest.approx(losses, rel=1e-6)
