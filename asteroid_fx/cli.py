@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("folder")
     s.add_argument("what", nargs="?", choices=["all", "plan", "program", "layers", "stages"], default="all")
     s.set_defaults(func=cmd_show)
+    from asteroid_fx import sim
+
+    sim.register_cli(sub)
     la = sub.add_parser("launch", help="train on N local worker processes (gloo) emulating a cluster")
     la.add_argument("model", help="zoo model, e.g. resnet18:small")
     la.add_argument("--cluster", required=True)

@@ -81,6 +81,15 @@ class Compiled:
                 log(f"iteration {i + 1}/{iterations}: loss {losses[-1]:.4f}")
         return runner, losses
 
+    def simulate(self, *, shared_medium: bool = False, opt_state_factor: float = 2.0):
+        """Time one iteration of the program with the cost model (``asteroid_fx.sim``): iteration
+        time, throughput, per-device busy time and memory; ``.trace(path)``, ``.gantt(path)`` and
+        ``.grid()`` show it. ``opt_state_factor`` as given to compile (2 for Adam)."""
+        from asteroid_fx.sim import simulate
+
+        return simulate(self.program, self.layer_graph, self.cluster, shared_medium=shared_medium,
+                        opt_state_factor=opt_state_factor)
+
     def save(self, folder: str | os.PathLike) -> Path:
         """plan.json, plan.txt, program.txt, program.json, cluster.json, stage_<p>.pt (fx code + weights)."""
         out = Path(folder)
@@ -91,6 +100,9 @@ class Compiled:
         _write(out / "program.json", json.dumps(program_to_json(self.program), indent=1) + "\n")
         _write(out / "layers.txt", str(self.layer_graph) + "\n")
         self.cluster.save(out / "cluster.json")
+        from asteroid_fx.sim import write_costs
+
+        write_costs(self.layer_graph, out / "costs.json")  # what `asteroid simulate` times the program with
         for st in self.stages:
             _write(out / f"stage_{st.index}.py", st.module.code)
             tmp = out / f".stage_{st.index}.pt.tmp"

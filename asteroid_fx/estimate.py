@@ -5,7 +5,10 @@ Memory of device d in stage p (the paper's Mem_p = MOD + OPT + K_p * ACT):
   with momentum, 0 for plain SGD) + buffers + K_p x (activations kept for backward + the stage's
   input and output slices) for its rows, with K_p the micro-batches in flight under the schedule.
 Iteration time: the pipeline's fill and drain plus (M - 1) times its slowest stage, plus the
-slowest group all-reduce (a ring bounded by the group's slowest link).
+slowest group all-reduce (a ring bounded by the group's slowest link) of the gradients and
+buffers. This closed form is for searching many candidates quickly; a plan's reported prediction
+is the simulation of the program it lowers to (``sim.predict``), which overlaps communication with
+compute as the backends do, and may differ from this by tens of percent.
 """
 
 from __future__ import annotations
@@ -26,12 +29,22 @@ def in_flight(schedule: str, stage: int, stages: int, microbatches: int) -> int:
     return min(stages - stage, microbatches)
 
 
+def static_memory(lg: LayerGraph, layers: tuple[int, int], opt_state_factor: float = ADAM_STATE_FACTOR) -> float:
+    """Bytes a device of the stage holds all iteration: weights, gradients, optimizer state, buffers."""
+    lo, hi = layers
+    return lg.param_bytes(lo, hi) * (2.0 + opt_state_factor) + lg.buffer_bytes(lo, hi)
+
+
+def activation_memory(lg: LayerGraph, layers: tuple[int, int], rows: int) -> float:
+    """Bytes one micro-batch in flight holds on a device with ``rows`` rows: the activations kept
+    for backward plus the stage's input and output slices."""
+    lo, hi = layers
+    return (lg.saved_bytes_per_row(lo, hi) + lg.cuts[lo].bytes_per_row + lg.cuts[hi].bytes_per_row) * rows
+
+
 def device_memory(lg: LayerGraph, layers: tuple[int, int], rows: int, k_in_flight: int,
                   opt_state_factor: float = ADAM_STATE_FACTOR) -> int:
-    lo, hi = layers
-    weights = lg.param_bytes(lo, hi)
-    per_mb = (lg.saved_bytes_per_row(lo, hi) + lg.cuts[lo].bytes_per_row + lg.cuts[hi].bytes_per_row) * rows
-    return int(weights * (2.0 + opt_state_factor) + lg.buffer_bytes(lo, hi) + k_in_flight * per_mb)
+    return int(static_memory(lg, layers, opt_state_factor) + k_in_flight * activation_memory(lg, layers, rows))
 
 
 def ring_allreduce_s(cluster: Cluster, group: Sequence[str], nbytes: float) -> float:
@@ -75,7 +88,8 @@ def predict(plan: Plan, lg: LayerGraph, cluster: Cluster, opt_state_factor: floa
         step.append(max(times))
     comm = [transfer_s(cluster, lg, plan.stages[p].layers[1], plan.stages[p], plan.stages[p + 1]) * 2
             for p in range(S - 1)]
-    allreduce = [ring_allreduce_s(cluster, st.devices, lg.param_bytes(*st.layers)) for st in plan.stages]
+    allreduce = [ring_allreduce_s(cluster, st.devices, lg.param_bytes(*st.layers) + lg.buffer_bytes(*st.layers))
+                 for st in plan.stages]
     slowest = max(range(S), key=lambda p: step[p])
     worst_comm = max(range(S - 1), key=lambda p: comm[p]) if S > 1 else None
     steady = step[slowest]

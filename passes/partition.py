@@ -5,6 +5,8 @@ that every group has about the same aggregate speed, layers are cut so that ever
 proportion to its group's speed, and each group splits the micro-batch rows in proportion to its
 members' speed on that stage. It tries every stage count and keeps the fastest plan that fits in
 memory. Groups, stage count and rows can be pinned by the caller (tests and hand-made plans).
+Every candidate's prediction is the simulation of the program it lowers to (``sim.predict``), so
+the plan's numbers are what ``sim.simulate`` says of the compiled program.
 
 Guarantees: every layer in exactly one stage, stages only at allowed cuts, rows of each stage add up
 to the micro-batch size, every device's predicted memory within its budget (else NoPlanError
@@ -17,9 +19,10 @@ import math
 from typing import Sequence
 
 from asteroid_fx.cluster import Cluster
-from asteroid_fx.estimate import ADAM_STATE_FACTOR, predict
+from asteroid_fx.estimate import ADAM_STATE_FACTOR
 from asteroid_fx.layer_graph import LayerGraph
 from asteroid_fx.plan import Plan, StagePlan
+from asteroid_fx.sim import predict
 
 
 class NoPlanError(ValueError):
