@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     from asteroid_fx import sim
 
     sim.register_cli(sub)
+    from asteroid_fx.backends.onnxruntime import register_cli as register_check
+
+    register_check(sub)
     la = sub.add_parser("launch", help="train on N local worker processes (gloo) emulating a cluster")
     la.add_argument("model", help="zoo model, e.g. resnet18:small")
     la.add_argument("--cluster", required=True)

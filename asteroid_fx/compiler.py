@@ -81,6 +81,21 @@ class Compiled:
                 log(f"iteration {i + 1}/{iterations}: loss {losses[-1]:.4f}")
         return runner, losses
 
+    def check(self, backend: str = "onnxruntime", *, inputs: Any = None, kwargs: dict | None = None,
+              model: torch.nn.Module | None = None, rtol: float = 1e-4, atol: float = 1e-5, repeats: int = 3,
+              folder: str | os.PathLike | None = None, exporter: str = "auto", strict: bool = True):
+        """Inference check: the program's forward through ``backend`` (every stage in eval mode)
+        against PyTorch stage by stage, and the model's outputs against eager on the whole batch
+        (``model`` in eval mode if given, else the captured graph in eval mode). ``inputs`` is one
+        global batch (default: the compile example). Returns the report (print it for the table);
+        raises CheckFailed on a mismatch when ``strict``. See backends/onnxruntime.py."""
+        if backend != "onnxruntime":
+            raise ValueError(f"unknown check backend {backend!r}; there is one: 'onnxruntime'")
+        from asteroid_fx.backends.onnxruntime import check
+
+        return check(self, inputs=inputs, kwargs=kwargs, model=model, rtol=rtol, atol=atol, repeats=repeats,
+                     folder=folder, exporter=exporter, strict=strict)
+
     def simulate(self, *, shared_medium: bool = False, opt_state_factor: float = 2.0):
         """Time one iteration of the program with the cost model (``asteroid_fx.sim``): iteration
         time, throughput, per-device busy time and memory; ``.trace(path)``, ``.gantt(path)`` and
@@ -108,6 +123,9 @@ class Compiled:
             tmp = out / f".stage_{st.index}.pt.tmp"
             torch.save(st.module.state_dict(), tmp)
             os.replace(tmp, out / f"stage_{st.index}.pt")
+        from asteroid_fx.backends.onnxruntime import save_check_files
+
+        save_check_files(self, out)  # stage_<p>.eval.pt2, check_inputs.pt, check.json: what `asteroid check` reads
         return out
 
 
