@@ -5,7 +5,12 @@ Same meaning as the local backend (backends/local.py), action by action:
   SEND       isend of each tensor of the row slice (contiguous copies), completed before the
              iteration ends, so compute goes on while the bytes travel;
   RECV       irecv into buffers allocated from the action's specs and rows, waited on at once
-             (the device needs the data for its next compute);
+             (the device needs the data for its next compute). The irecvs are posted one receive
+             ahead: gloo moves a message's bytes only once its receive is posted, so a receive
+             posted at its action would stall for the whole transfer; posted while the previous
+             compute runs, the bytes arrive meanwhile. A run of consecutive RECVs (one
+             micro-batch's row slices from several peers) counts as one receive; at most one
+             receive beyond the current one is in flight, so memory grows by one message;
   ALLREDUCE  one flat all_reduce of the stage's gradients on the group's sub-group (created once,
              in the same order on every rank), then the group's floating buffers are averaged;
   STEP       the device's optimizer.
@@ -98,6 +103,8 @@ class DistWorker:
         self.module = copy.deepcopy(self.stage.module).to(self.torch_device)
         self.module.train()
         self.optimizer = make_optimizer(optimizer, [p for p in self.module.parameters() if p.requires_grad], lr)
+        self.receives = receive_runs(program.of(device))
+        self._receive_of = {a: k for k, run in enumerate(self.receives) for a in run}
         # every rank creates every group, in stage order: new_group is collective over the world
         self.group = None
         for info in program.stages:
@@ -114,6 +121,9 @@ class DistWorker:
         self._state: dict[int, _Pending] = {}
         self._sends: list[dist.Work] = []
         self._loss = 0.0
+        self._posted: dict[Action, tuple] = {}
+        self._posted_through = -1
+        self._post_through(0)
         for a in p.of(self.device):
             started = time.perf_counter()
             ACTIONS[a.op](self, a)
@@ -136,6 +146,9 @@ class DistWorker:
     def _mb(self, mb: int) -> _Pending:
         return self._state.setdefault(mb, _Pending())
 
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.torch_device else t.to(self.torch_device)
+
     def _rows(self, mb: int, rows: tuple[int, int]) -> slice:
         base = mb * self.program.microbatch_rows
         return slice(base + rows[0], base + rows[1])
@@ -144,16 +157,18 @@ class DistWorker:
         st = self._mb(a.mb)
         if a.stage == 0:
             sl = self._rows(a.mb, a.rows)
-            inputs = tuple(self._inputs[self.input_index[n]][sl].to(self.torch_device) for n in self.stage.inputs)
+            inputs = tuple(self._on_device(self._inputs[self.input_index[n]][sl]) for n in self.stage.inputs)
         else:
             pieces = [st.received[r] for r in sorted(st.received)]
-            inputs = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(self.stage.inputs)))
+            inputs = tuple(joined(pieces, i) for i in range(len(self.stage.inputs)))
             st.received.clear()
-        inputs = tuple(t.detach().requires_grad_(g) for t, g in zip(inputs, self.stage.input_grads))
+        # a data input that needs no gradient is used as is: detaching it would only cost time
+        inputs = tuple(t.detach().requires_grad_(g) if g or t.requires_grad else t
+                       for t, g in zip(inputs, self.stage.input_grads))
         outputs = self.module(*inputs)
         st.inputs, st.outputs = inputs, tuple(outputs)
         if self.last:
-            labels = self._labels[self._rows(a.mb, a.rows)].to(self.torch_device)
+            labels = self._on_device(self._labels[self._rows(a.mb, a.rows)])
             value = self.loss_fn(self.unflatten(list(outputs)), labels)
             scale = (a.rows[1] - a.rows[0]) / self._batch if self.loss_reduction == "mean" else 1.0
             st.loss = value * scale
@@ -170,7 +185,7 @@ class DistWorker:
             for j, i in enumerate(needing):
                 if st.outputs[i].requires_grad:
                     tensors.append(st.outputs[i])
-                    grads.append(torch.cat([piece[j] for piece in pieces]))
+                    grads.append(joined(pieces, j))
             if tensors:
                 torch.autograd.backward(tensors, grads)
         st.input_grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
@@ -191,7 +206,14 @@ class DistWorker:
         for i, t in enumerate(tensors):
             self._sends.append(dist.isend(t, self.rank_of[a.peer], tag=message_tag(a, i)))
 
-    def _recv(self, a: Action) -> None:
+    def _post_through(self, k: int) -> None:
+        """Post the irecvs of every receive up to the k-th (in this device's action order)."""
+        while self._posted_through < min(k, len(self.receives) - 1):
+            self._posted_through += 1
+            for a in self.receives[self._posted_through]:
+                self._posted[a] = self._post(a)
+
+    def _post(self, a: Action) -> tuple:
         rows = a.rows[1] - a.rows[0]
         bufs = tuple(torch.empty((rows, *spec.shape), dtype=DTYPES[spec.dtype], device=self.torch_device)
                      for spec in a.specs)
@@ -200,6 +222,11 @@ class DistWorker:
         if self.emulation is not None:
             arrive = torch.empty(1, dtype=torch.float64)
             works.append(dist.irecv(arrive, self.rank_of[a.peer], tag=message_tag(a, 63)))
+        return bufs, works, arrive
+
+    def _recv(self, a: Action) -> None:
+        self._post_through(self._receive_of[a] + 1)
+        bufs, works, arrive = self._posted.pop(a)
         for w in works:
             w.wait()
         if arrive is not None and float(arrive) > time.time():
@@ -236,6 +263,25 @@ class DistWorker:
     def state_dict(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
                 if keys is None or k in keys}
+
+
+def joined(pieces: list[tuple[torch.Tensor, ...]], i: int) -> torch.Tensor:
+    """Tensor i of a micro-batch received as row slices, in row order. One slice (every stage fed
+    by one device) is used as received: concatenating it would only copy a buffer nobody else holds."""
+    return pieces[0][i] if len(pieces) == 1 else torch.cat([piece[i] for piece in pieces])
+
+
+def receive_runs(actions: Sequence[Action]) -> tuple[tuple[Action, ...], ...]:
+    """The device's RECVs in order, consecutive ones (nothing else between them) as one run."""
+    runs: list[list[Action]] = []
+    previous = None
+    for a in actions:
+        if a.op == Op.RECV:
+            if previous != Op.RECV:
+                runs.append([])
+            runs[-1].append(a)
+        previous = a.op
+    return tuple(tuple(run) for run in runs)
 
 
 ACTIONS: dict[Op, Callable[[DistWorker, Action], None]] = {
