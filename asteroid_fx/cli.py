@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
+from asteroid_fx.passes.partition import PLANNER_NAMES
+
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "f64": torch.float64, "i64": torch.int64,
           "i32": torch.int32, "b8": torch.bool}
 
@@ -65,7 +67,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model, example, loss = load_model(args.model, args.batch, args.input)
     print(f"compiling {args.model} for {args.cluster} ...", file=sys.stderr)
     compiled = asteroid.compile(model, args.cluster, example=example, loss=loss, microbatches=args.microbatches,
-                                schedule_kind=args.schedule, stages=args.stages, max_layers=args.max_layers)
+                                planner=args.planner, schedule_kind=args.schedule, stages=args.stages,
+                                max_layers=args.max_layers)
     out = compiled.save(args.out)
     print(compiled.plan)
     print(f"\nwrote plan, program (text and JSON), layers and {len(compiled.stages)} stage modules to {out}/")
@@ -98,7 +101,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from asteroid_fx.cluster import resolve_cluster
     from asteroid_fx.launch import RunSpec, launch, load_weights
 
-    spec = RunSpec(model=args.model, batch=args.batch, microbatches=args.microbatches, schedule=args.schedule,
+    spec = RunSpec(model=args.model, batch=args.batch, microbatches=args.microbatches, planner=args.planner,
+                   schedule=args.schedule,
                    iterations=args.iterations, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
                    stages=args.stages, emulate=args.emulate)
     cluster = resolve_cluster(args.cluster)
@@ -138,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cluster", required=True, help="preset name, cluster JSON file, or comma-separated device kinds")
     c.add_argument("--out", required=True, help="folder to write into")
     c.add_argument("--batch", type=int, default=32, help="global batch (rows per iteration)")
-    c.add_argument("--microbatches", type=int, default=4)
+    c.add_argument("--microbatches", type=int, default=None,
+                   help="micro-batches per iteration (default: the planner chooses)")
+    c.add_argument("--planner", choices=PLANNER_NAMES, default="asteroid",
+                   help="asteroid (default), or a baseline to compare with")
     c.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
     c.add_argument("--stages", type=int, default=None, help="pin the stage count (default: the fastest)")
     c.add_argument("--max-layers", type=int, default=48, help="coarsen the graph to at most this many layers")
@@ -161,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("-n", type=int, default=None, help="number of workers (must match the cluster)")
     la.add_argument("--out", default="asteroid-run", help="folder for worker logs, losses and weights")
     la.add_argument("--batch", type=int, default=32)
-    la.add_argument("--microbatches", type=int, default=4)
+    la.add_argument("--microbatches", type=int, default=None,
+                    help="micro-batches per iteration (default: the planner chooses)")
+    la.add_argument("--planner", choices=PLANNER_NAMES, default="asteroid")
     la.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
     la.add_argument("--stages", type=int, default=None)
     la.add_argument("--iterations", type=int, default=3)

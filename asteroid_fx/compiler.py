@@ -21,7 +21,7 @@ from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import Captured, capture
 from asteroid_fx.passes.linearize import linearize
 from asteroid_fx.passes.lower_comm import lower_comm
-from asteroid_fx.passes.partition import balanced
+from asteroid_fx.passes.partition import partition
 from asteroid_fx.passes.schedule import schedule
 from asteroid_fx.passes.split import Stage, split
 
@@ -138,29 +138,32 @@ def _write(path: Path, text: str) -> None:
 
 
 def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict | None = None,
-            loss: Callable | None = None, microbatches: int = 4, microbatch_rows: int | None = None,
+            loss: Callable | None = None, microbatches: int | None = None, microbatch_rows: int | None = None,
+            planner: str = "asteroid",
             schedule_kind: str = "1f1b", stages: int | None = None,
             groups: Sequence[Sequence[str]] | None = None, rows: Sequence[Sequence[int]] | None = None,
             layers: Sequence[int] | None = None, max_layers: int | None = DEFAULT_MAX_LAYERS,
             opt_state_factor: float = 2.0, check: bool = True) -> Compiled:
     """Compile ``model`` for ``devices`` (a Cluster, a list of Devices or kind names, a preset name
     or a cluster JSON path). ``example`` is one global batch of inputs (a tensor or a tuple);
-    micro-batch rows default to batch / microbatches."""
+    ``planner`` is one of passes.partition.PLANNER_NAMES ("asteroid" by default; the others are
+    the baselines it is compared with). Unless ``microbatches`` or ``microbatch_rows`` pins it,
+    the planner also chooses the micro-batching of the batch."""
     cluster = resolve_cluster(devices)
     args = example if isinstance(example, tuple) else (example,)
     # capture with a dynamic batch so stages run on row slices of any size
     captured = capture(model, args, kwargs)
     batch = captured.example_batch
-    if microbatch_rows is None:
-        if batch % microbatches:
-            raise ValueError(f"the example batch of {batch} rows does not split into {microbatches} micro-batches; "
-                             "pass microbatches= that divides it, or microbatch_rows=")
-        microbatch_rows = batch // microbatches
+    for name, value in (("microbatches", microbatches), ("microbatch_rows", microbatch_rows)):
+        if value is not None and (value < 1 or batch % value):
+            raise ValueError(f"{name}={value} does not divide the example batch of {batch} rows; "
+                             f"pass a divisor of {batch}, or leave both out and the planner chooses")
     annotate_costs(captured, {d.kind for d in cluster.devices})
     lg = linearize(captured, max_layers=max_layers)
-    plan = balanced(lg, cluster, microbatches=microbatches, microbatch_rows=microbatch_rows,
-                    schedule=schedule_kind, stages=stages, groups=groups, rows=rows, layers=layers,
-                    opt_state_factor=opt_state_factor)
+    # the planner picks stages, groups, rows and (unless pinned) the micro-batching
+    plan = partition(lg, cluster, planner=planner, batch=batch, microbatches=microbatches,
+                     microbatch_rows=microbatch_rows, schedule=schedule_kind, stages=stages, groups=groups,
+                     rows=rows, layers=layers, opt_state_factor=opt_state_factor)
     stage_modules = split(captured, lg, plan)
     compute = schedule(plan)
     cut_specs = [(s.output_specs, tuple(spec for spec, g in zip(s.output_specs, s.output_grads) if g))

@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet18", choices=sorted(models.ZOO))
     parser.add_argument("--cluster", default="edge-4-1g", help="a preset, a cluster JSON file or device kinds")
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=8, help="rows per micro-batch")
+    parser.add_argument("--batch", type=int, default=32, help="rows per iteration")
+    parser.add_argument("--microbatches", type=int, default=None, help="default: the planner chooses")
     parser.add_argument("--stages", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="the full-size model instead of the small config")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the worker run is stopped")
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = models.get(args.model)
     small = not args.full
     model = entry.build(small=small)
-    batch = args.microbatches * args.rows
+    batch = args.batch
     started = time.perf_counter()
     torch.manual_seed(0)
     compiled = asteroid.compile(model, args.cluster, example=entry.example(batch, small), loss=entry.loss,
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== program (schedule IR)\n{compiled.program}")
 
     spec = pinned(RunSpec(model=f"{args.model}{'' if args.full else ':small'}", batch=batch,
-                          microbatches=args.microbatches, iterations=args.iterations, optimizer="sgd", lr=0.05),
+                          microbatches=compiled.plan.microbatches, iterations=args.iterations, optimizer="sgd", lr=0.05),
                   compiled.plan)
     print(f"== training {args.iterations} iterations on {len(compiled.program.devices)} worker processes (SGD, lr 0.05)")
     with tempfile.TemporaryDirectory() as out:

@@ -13,7 +13,7 @@ compute as the backends do, and may differ from this by tens of percent.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from asteroid_fx.cluster import Cluster
 from asteroid_fx.layer_graph import LayerGraph
@@ -112,3 +112,147 @@ def step_argmax(plan: Plan, lg: LayerGraph, cluster: Cluster, p: int) -> int:
     st = plan.stages[p]
     times = [lg.stage_time(cluster.device(d).kind, st.layers[0], st.layers[1], r) for d, r in zip(st.devices, st.rows)]
     return max(range(len(times)), key=lambda i: times[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# the same model as tables, for planners that score many candidates
+
+
+class CostTable:
+    """``lg``'s costs for ``cluster`` precomputed for micro-batches of up to ``max_rows`` rows:
+    prefix sums over layers of forward+backward time per device kind and integer row count, of
+    static memory and of activation bytes, so that any stage's time or memory is one subtraction.
+
+    The numbers are exactly those of ``LayerGraph.stage_time``, ``device_memory`` and
+    ``ring_allreduce_s`` (up to float summation order); planners use it to search, ``sim.predict``
+    still gives a plan's reported prediction."""
+
+    def __init__(self, lg: LayerGraph, cluster: Cluster, max_rows: int,
+                 opt_state_factor: float = ADAM_STATE_FACTOR):
+        import numpy as np
+
+        self.lg, self.cluster, self.max_rows = lg, cluster, max_rows
+        self.opt_state_factor = opt_state_factor
+        L = len(lg)
+        rs = np.arange(max_rows + 1, dtype=float)
+        self.kinds = tuple(sorted({d.kind for d in cluster.devices}))
+        self.time: dict[str, Any] = {}  # kind -> (max_rows + 1, L + 1) prefix sums, row 0 all zero
+        for k in self.kinds:
+            per_layer = np.zeros((max_rows + 1, L))
+            for i, layer in enumerate(lg.layers):
+                c = layer.cost(k)
+                per_layer[:, i] = _fit_at(c.fwd, rs) + _fit_at(c.bwd, rs)
+            self.time[k] = np.concatenate([np.zeros((max_rows + 1, 1)), np.cumsum(per_layer, axis=1)], axis=1)
+        prefix = lambda xs: np.concatenate([[0.0], np.cumsum(np.asarray(xs, dtype=float))])  # noqa: E731
+        self.params = prefix([layer.param_bytes for layer in lg.layers])
+        self.buffers = prefix([layer.buffer_bytes for layer in lg.layers])
+        self.saved = prefix([layer.saved_bytes_per_row for layer in lg.layers])
+        self.cut_bytes = np.asarray([c.bytes_per_row for c in lg.cuts], dtype=float)
+        self.kind_of = {d.name: d.kind for d in cluster.devices}
+        self.budget = {d.name: d.memory_bytes for d in cluster.devices}
+
+    def stage_time(self, device: str, lo: int, hi: int, rows: int) -> float:
+        t = self.time[self.kind_of[device]]
+        return float(t[rows, hi] - t[rows, lo])
+
+    def static_bytes(self, lo: int, hi: int) -> float:
+        return ((self.params[hi] - self.params[lo]) * (2.0 + self.opt_state_factor)
+                + self.buffers[hi] - self.buffers[lo])
+
+    def act_bytes_per_row(self, lo: int, hi: int) -> float:
+        return float(self.saved[hi] - self.saved[lo] + self.cut_bytes[lo] + self.cut_bytes[hi])
+
+    def memory(self, lo: int, hi: int, rows: int, k_in_flight: int) -> int:
+        return int(self.static_bytes(lo, hi) + k_in_flight * self.act_bytes_per_row(lo, hi) * rows)
+
+    def row_cap(self, device: str, lo: int, hi: int, k_in_flight: int) -> int:
+        """The most rows ``device`` can hold of stage [lo, hi) with ``k_in_flight`` micro-batches."""
+        spare = self.budget[device] - self.static_bytes(lo, hi)
+        if spare < 0:
+            return 0
+        per_row = k_in_flight * self.act_bytes_per_row(lo, hi)
+        if per_row <= 0:
+            return self.max_rows
+        # the same integer rounding as ``memory`` so that a capped count really fits
+        r = min(self.max_rows, int(spare // per_row))
+        while r > 0 and self.memory(lo, hi, r, k_in_flight) > self.budget[device]:
+            r -= 1
+        return r
+
+    def best_rows(self, devices: Sequence[str], lo: int, hi: int, rows: int,
+                  k_in_flight: int) -> tuple[int, ...] | None:
+        """The split of ``rows`` over ``devices`` (each at least one row, each within its memory)
+        that minimizes the slowest member's time, or None when no split fits. Giving each next row
+        to the device whose time grows least is optimal for a min-max of nondecreasing times."""
+        import heapq
+
+        caps = [self.row_cap(d, lo, hi, k_in_flight) for d in devices]
+        if min(caps) < 1 or sum(caps) < rows or rows < len(devices):
+            return None
+        split = [1] * len(devices)
+        heap = [(self.stage_time(d, lo, hi, 2), i) for i, d in enumerate(devices) if caps[i] > 1]
+        heapq.heapify(heap)
+        for _ in range(rows - len(devices)):
+            _, i = heapq.heappop(heap)
+            split[i] += 1
+            if split[i] < caps[i]:
+                heapq.heappush(heap, (self.stage_time(devices[i], lo, hi, split[i] + 1), i))
+        return tuple(split)
+
+    def allreduce_s(self, devices: Sequence[str], lo: int, hi: int) -> float:
+        return ring_allreduce_s(self.cluster, devices, self.params[hi] - self.params[lo]
+                                + self.buffers[hi] - self.buffers[lo])
+
+    def transfer_s(self, cut: int, src: StagePlan, dst: StagePlan) -> float:
+        worst = 0.0
+        for a, alo, ahi in src.slots:
+            for b, blo, bhi in dst.slots:
+                overlap = min(ahi, bhi) - max(alo, blo)
+                if overlap > 0:
+                    bw, lat = self.cluster.link(a, b)
+                    worst = max(worst, lat + self.cut_bytes[cut] * overlap / bw)
+        return worst
+
+    def iteration_s(self, stages: Sequence[StagePlan], microbatches: int, schedule: str) -> float:
+        """The closed-form iteration time of ``predict`` for these stages (no memory check)."""
+        S, M = len(stages), microbatches
+        step = [max(self.stage_time(d, st.layers[0], st.layers[1], r) for d, r in zip(st.devices, st.rows))
+                for st in stages]
+        comm = [2 * self.transfer_s(stages[p].layers[1], stages[p], stages[p + 1]) for p in range(S - 1)]
+        allreduce = max(self.allreduce_s(st.devices, *st.layers) for st in stages)
+        steady = max(step + comm)
+        return sum(step) + sum(comm) + (M - 1) * steady + allreduce
+
+    def stages_for(self, bounds: Sequence[int], groups: Sequence[Sequence[str]], rows: int,
+                   microbatches: int, schedule: str) -> tuple[StagePlan, ...] | None:
+        """Stages with the best rows per group, or None when some group cannot hold its stage."""
+        S = len(groups)
+        out = []
+        for p, g in enumerate(groups):
+            k = in_flight(schedule, p, S, microbatches)
+            split = self.best_rows(g, bounds[p], bounds[p + 1], rows, k)
+            if split is None:
+                return None
+            out.append(StagePlan((bounds[p], bounds[p + 1]), tuple(g), split))
+        return tuple(out)
+
+
+def _fit_at(fit, rows):
+    """A TimeFit evaluated at an array of row counts, with TimeFit's own rules at the ends."""
+    import numpy as np
+
+    pts = fit.points
+    xs = np.array([p[0] for p in pts], dtype=float)
+    ys = np.array([p[1] for p in pts], dtype=float)
+    out = np.empty_like(rows)
+    if len(pts) == 1:
+        out[:] = ys[0] * rows / xs[0]
+    else:
+        out[:] = np.interp(rows, xs, ys)
+        below = rows < xs[0]
+        out[below] = ys[0] * rows[below] / xs[0]
+        above = rows > xs[-1]
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        out[above] = np.maximum(0.0, ys[-1] + slope * (rows[above] - xs[-1]))
+    out[rows <= 0] = 0.0
+    return out

@@ -33,7 +33,7 @@ class RunSpec:
 
     model: str  # zoo name, with ":small" for the test configuration
     batch: int
-    microbatches: int
+    microbatches: int | None  # None: the planner chooses
     schedule: str = "1f1b"
     iterations: int = 3
     optimizer: str = "sgd"
@@ -43,6 +43,7 @@ class RunSpec:
     groups: tuple[tuple[str, ...], ...] | None = None
     rows: tuple[tuple[int, ...], ...] | None = None
     layers: tuple[int, ...] | None = None
+    planner: str = "asteroid"
     emulate: bool = False  # pace every worker like its device in the cluster (backends/torch_dist.Emulation)
 
     def to_json(self) -> str:
@@ -85,13 +86,13 @@ def compile_spec(spec: RunSpec, cluster):
     torch.manual_seed(spec.seed)
     example = entry.example(spec.batch, small)
     return asteroid.compile(model, cluster, example=example, loss=entry.loss, microbatches=spec.microbatches,
-                            schedule_kind=spec.schedule, stages=spec.stages, groups=spec.groups, rows=spec.rows,
+                            planner=spec.planner, schedule_kind=spec.schedule, stages=spec.stages, groups=spec.groups, rows=spec.rows,
                             layers=spec.layers)
 
 
 def pinned(spec: RunSpec, plan) -> RunSpec:
-    """The spec with the plan's stages, groups, rows and layer bounds fixed."""
-    return dataclasses.replace(spec, groups=tuple(st.devices for st in plan.stages),
+    """The spec with the plan's micro-batching, stages, groups, rows and layer bounds fixed."""
+    return dataclasses.replace(spec, microbatches=plan.microbatches, groups=tuple(st.devices for st in plan.stages),
                                rows=tuple(st.rows for st in plan.stages),
                                layers=tuple([st.layers[0] for st in plan.stages] + [plan.stages[-1].layers[1]]))
 

@@ -11,6 +11,10 @@ PLAN_FORMAT = "asteroid-plan"
 PLAN_VERSION = 1
 
 
+class NoPlanError(ValueError):
+    """No plan fits; the message says what memory or devices would make one fit."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
     layers: tuple[int, int]  # [lo, hi) of the LayerGraph

@@ -21,12 +21,8 @@ from typing import Sequence
 from asteroid_fx.cluster import Cluster
 from asteroid_fx.estimate import ADAM_STATE_FACTOR
 from asteroid_fx.layer_graph import LayerGraph
-from asteroid_fx.plan import Plan, StagePlan
+from asteroid_fx.plan import NoPlanError, Plan, StagePlan
 from asteroid_fx.sim import predict
-
-
-class NoPlanError(ValueError):
-    """No plan fits; the message says what memory or devices would make one fit."""
 
 
 def split_rows(total: int, weights: Sequence[float]) -> tuple[int, ...]:
@@ -183,3 +179,59 @@ def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, 
     import dataclasses
 
     return dataclasses.replace(plan, prediction=predict(plan, lg, cluster, opt_state_factor, left_out))
+
+
+# ---------------------------------------------------------------------------------------------
+# every planner behind one name
+
+
+def _planners() -> dict:
+    from asteroid_fx.passes import baselines, hpp
+
+    return {
+        "asteroid": hpp.plan,
+        "balanced": None,  # the spine's planner: fixed micro-batching, takes pins
+        "dp": baselines.dp,
+        "pp": baselines.pp,
+        "pipedream": baselines.pipedream,
+        "hetpipe": baselines.hetpipe,
+        "metis": baselines.metis,
+        "oracle": baselines.oracle,
+    }
+
+
+PLANNER_NAMES = ("asteroid", "balanced", "dp", "pp", "pipedream", "hetpipe", "metis", "oracle")
+
+
+def partition(lg: LayerGraph, cluster: Cluster, *, planner: str = "asteroid", batch: int,
+              microbatches: int | None = None, microbatch_rows: int | None = None, schedule: str = "1f1b",
+              stages: int | None = None, groups: Sequence[Sequence[str]] | None = None,
+              rows: Sequence[Sequence[int]] | None = None, layers: Sequence[int] | None = None,
+              opt_state_factor: float = ADAM_STATE_FACTOR) -> Plan:
+    """LayerGraph + Cluster -> Plan with the named planner (see PLANNER_NAMES).
+
+    ``microbatches`` / ``microbatch_rows`` pin the micro-batching (else the planner searches every
+    split of ``batch``; "balanced" needs one pinned). Pinned groups, rows or layers give a hand-made
+    plan and go through "balanced", whatever the planner."""
+    if planner not in PLANNER_NAMES:
+        raise ValueError(f"unknown planner {planner!r}; use one of {', '.join(PLANNER_NAMES)}")
+    if planner == "balanced" or groups is not None or rows is not None or layers is not None:
+        if microbatches is None and microbatch_rows is None:
+            microbatches = 4
+        if microbatch_rows is None:
+            if batch % microbatches:
+                raise ValueError(f"a batch of {batch} rows does not split into {microbatches} micro-batches; "
+                                 "pin microbatches= that divides it, or microbatch_rows=")
+            microbatch_rows = batch // microbatches
+        elif microbatches is None:
+            microbatches = batch // microbatch_rows
+        return balanced(lg, cluster, microbatches=microbatches, microbatch_rows=microbatch_rows, schedule=schedule,
+                        stages=stages, groups=groups, rows=rows, layers=layers, opt_state_factor=opt_state_factor)
+    fn = _planners()[planner]
+    kwargs = dict(batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows, schedule=schedule,
+                  opt_state_factor=opt_state_factor)
+    if planner == "asteroid":
+        kwargs["stages"] = stages
+    elif stages is not None:
+        raise ValueError(f"planner {planner!r} chooses its own stage count; pin stages= with 'asteroid' or 'balanced'")
+    return fn(lg, cluster, **kwargs)

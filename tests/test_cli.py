@@ -26,7 +26,7 @@ def test_compile_then_show(tmp_path, capsys):
     assert cli.main(["show", str(out), "program"]) == 0
     assert capsys.readouterr().out == (out / "program.txt").read_text()
     assert cli.main(["show", str(out), "plan"]) == 0
-    assert "Plan (balanced): 2 stages" in capsys.readouterr().out
+    assert "Plan (asteroid): 2 stages" in capsys.readouterr().out
 
 
 def test_compile_module_callable(tmp_path, capsys):
