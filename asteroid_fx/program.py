@@ -12,7 +12,11 @@ Vocabulary (see ``Op``):
                   per-row dtype and shape of each tensor crossing the cut
   ALLREDUCE       sum the gradients of ``stage`` over ``group`` (all members run it, same order)
   STEP            optimizer step of ``stage`` on this device
-  BACKUP/RESTORE  a copy of ``stage``'s weights to / from ``peer`` (fault tolerance)
+  BACKUP/RESTORE  a copy of ``stage``'s state (weights, buffers, optimizer state) to / from ``peer``
+                  (fault tolerance; the copy is the state at the start of an iteration, see
+                  docs/replay.md)
+  ROLLBACK        set this device's ``stage`` to its state at the start of the iteration, dropping
+                  the iteration's work (a recovery program's first action, see passes/replay.py)
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Op(str, enum.Enum):
     STEP = "STEP"
     BACKUP = "BACKUP"
     RESTORE = "RESTORE"
+    ROLLBACK = "ROLLBACK"
 
     def __str__(self) -> str:
         return self.value

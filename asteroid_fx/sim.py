@@ -25,8 +25,9 @@ models exactly this, and nothing else:
               at the pace of the slowest (bounded by the slowest link, and sharing the links as
               above), plus 2 (g-1) x the largest latency on the ring (the same time as
               ``estimate.ring_allreduce_s`` when the links are otherwise idle).
-  BACKUP      like SEND (in the background), RESTORE like RECV, of the stage's weights and buffers.
-  STEP        and any op without a rule: no time.
+  BACKUP      like SEND (in the background), RESTORE like RECV, of the stage's state: weights,
+              optimizer state (weights x opt_state_factor) and buffers.
+  STEP        ROLLBACK (a local copy) and any op without a rule: no time.
   memory      estimate.device_memory's model, as a timeline: weights x (2 + opt_state_factor) +
               buffers all iteration, plus one micro-batch's activations (kept for backward, with the
               stage's input and output slices) from the start of its F to the end of its B.
@@ -740,9 +741,10 @@ class _Engine:
         return DeadlockError(message, [], blocked)
 
 
-def _weights_bytes(e: _Engine, a: Action) -> int:
+def _state_bytes(e: _Engine, a: Action) -> int:
+    """What a BACKUP carries: the stage's weights with their optimizer state, and its buffers."""
     lo, hi = e.p.stages[a.stage].layers
-    return e.lg.param_bytes(lo, hi) + e.lg.buffer_bytes(lo, hi)
+    return int(e.lg.param_bytes(lo, hi) * (1 + e.opt)) + e.lg.buffer_bytes(lo, hi)
 
 
 # Which channel a transfer op is on: (sender, receiver, what, stage[, mb, rows]).
@@ -757,7 +759,7 @@ _SENDS = frozenset({Op.SEND, Op.BACKUP})
 # What a posted transfer carries.
 _PAYLOAD_BYTES: Mapping[Op, Callable[[_Engine, Action], int]] = {
     Op.SEND: lambda e, a: transfer_bytes(a),
-    Op.BACKUP: _weights_bytes,
+    Op.BACKUP: _state_bytes,
 }
 # How each op runs; an op without an entry (STEP, and any a rewrite adds) takes no time.
 _RULES: Mapping[Op, Callable[[_Engine, str, int, Action], bool]] = {

@@ -14,7 +14,7 @@ later phase only runs when the earlier ones passed, since it relies on them):
      gradient traffic: a cut whose tensors need no gradient carries none); a SEND after the compute
      that produces it; one ALLREDUCE per device of a group of two or more, after every backward;
      exactly one STEP, after every backward and the ALLREDUCE; every SEND/BACKUP matched by exactly
-     one RECV/RESTORE with the same rows and specs;
+     one RECV/RESTORE with the same rows and specs; at most one ROLLBACK, before any compute;
   4. deadlock freedom, by ``dry_run``.
 
 ``dry_run`` is step-synchronous: at every step each device runs at most its next action, if that is
@@ -163,6 +163,7 @@ _OP_FIELDS: Mapping[Op, frozenset[str]] = {
     Op.STEP: frozenset(),
     Op.BACKUP: frozenset({"peer"}),
     Op.RESTORE: frozenset({"peer"}),
+    Op.ROLLBACK: frozenset(),
 }
 _OPTIONAL_FIELDS = ("mb", "rows", "peer", "payload", "specs", "group")
 
@@ -296,6 +297,7 @@ class _DeviceWalk:
         self.received: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)  # (payload, mb) -> rows
         self.allreduces: list[int] = []
         self.steps: list[int] = []
+        self.rollbacks: list[int] = []
         self.problems: list[str] = []
 
     def at(self, i: int) -> str:
@@ -375,6 +377,18 @@ def _walk_step(w: _DeviceWalk, i: int, a: Action) -> None:
     w.steps.append(i)
 
 
+def _walk_rollback(w: _DeviceWalk, i: int, a: Action) -> None:
+    done = [*w.computed[Op.F].values(), *w.computed[Op.B].values()]
+    if done:
+        w.problems.append(
+            f"{w.at(i)}: comes after compute (line {w.line(min(done))}) that it would throw away; "
+            "a ROLLBACK starts a recovery program, before the first F"
+        )
+    if w.rollbacks:
+        w.problems.append(f"{w.at(i)}: a second ROLLBACK (first on line {w.line(w.rollbacks[0])}); one is enough")
+    w.rollbacks.append(i)
+
+
 def _walk_nothing(w: _DeviceWalk, i: int, a: Action) -> None:
     pass
 
@@ -386,6 +400,7 @@ _WALK_RULES: Mapping[Op, Callable[[_DeviceWalk, int, Action], None]] = {
     Op.RECV: _walk_recv,
     Op.ALLREDUCE: _walk_allreduce,
     Op.STEP: _walk_step,
+    Op.ROLLBACK: _walk_rollback,
 }
 
 

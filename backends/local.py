@@ -12,13 +12,26 @@ every SEND -> RECV and collective). Semantics of one iteration over a global bat
   ALLREDUCE  sums the group's gradients (slot order) and averages its floating buffers, so the
         replicas stay identical; BatchNorm running statistics become the mean over the group.
   STEP  the device's optimizer steps and clears its gradients.
+
+Fault tolerance (docs/replay.md). A state copy is a stage's parameters, buffers and optimizer
+state by model name, tagged with the iteration it starts. Every device keeps the copy of its own
+stage taken when an iteration starts (its rollback point) until the next one starts, and files the
+copies it receives:
+  BACKUP    a copy of this device's stage goes to ``peer``; tagged with the next iteration once the
+            device has stepped in this one, else with this one.
+  RESTORE   files ``peer``'s copy; a copy tagged i serves a rollback of iteration i.
+  ROLLBACK  sets the device's stage (a new replica when the stage table changed) to its state at
+            the start of the iteration, name by name, from the copies tagged with it.
+Before the first iteration a holder holds the initial state of the stages it receives backups of.
+``step(..., stop=...)`` runs a prefix of an iteration, as a failure leaves it; ``replay`` switches
+to a rewrite's recovery program, which redoes the iteration, then to its program for the rest.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -48,6 +61,55 @@ def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter], lr: fl
 
 
 @dataclasses.dataclass
+class StateCopy:
+    """A stage's state by model name: parameters, buffers and per-parameter optimizer state."""
+
+    params: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    optim: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> "StateCopy":
+        named = list(replica.named_parameters(remove_duplicate=False))
+        state = optimizer.state if optimizer is not None else {}
+        return cls(
+            {n: p.detach().clone() for n, p in named},
+            {n: b.detach().clone() for n, b in replica.named_buffers(remove_duplicate=False)},
+            {n: _clone_state(state[p]) for n, p in named if state.get(p)},
+        )
+
+    def update(self, other: "StateCopy") -> None:
+        self.params.update(other.params)
+        self.buffers.update(other.buffers)
+        self.optim.update(other.optim)
+
+    def load_into(self, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
+        """Copy every name ``replica`` has from this copy; returns the names it lacks."""
+        missing = []
+        with torch.no_grad():
+            for n, p in replica.named_parameters(remove_duplicate=False):
+                if n not in self.params:
+                    missing.append(n)
+                    continue
+                p.copy_(self.params[n])
+                p.grad = None
+                if optimizer is not None:
+                    optimizer.state.pop(p, None)
+                    if n in self.optim:
+                        optimizer.state[p] = _clone_state(self.optim[n])
+            for n, b in replica.named_buffers(remove_duplicate=False):
+                if n not in self.buffers:
+                    missing.append(n)
+                else:
+                    b.copy_(self.buffers[n])
+        return missing
+
+
+def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state.items()}
+
+
+@dataclasses.dataclass
 class _MicroBatchState:
     received: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
     grads_in: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
@@ -72,6 +134,21 @@ class LocalRunner:
         self.input_index = {name: i for i, name in enumerate(input_names)}
         self.loss_reduction = loss_reduction
         self.state_keys = set(state_keys) if state_keys is not None else None
+        self.optimizer_spec, self.lr = optimizer, lr
+        self.iteration = 0  # iterations completed
+        self.copies: dict[str, dict[int, StateCopy]] = {}  # device -> iteration tag -> copies it holds
+        self._rollback_taken: int | None = None  # the iteration whose rollback points are taken
+        self._then: Program | None = None  # the program that follows a recovery iteration
+        self._use(program)
+        for device, acts in program.actions:  # a holder starts out holding the initial state
+            held = self.copies.setdefault(device, {}).setdefault(0, StateCopy())
+            for a in acts:
+                if a.op == Op.RESTORE:
+                    held.update(StateCopy.of(self.replicas[a.peer], None))
+
+    def _use(self, program: Program) -> None:
+        """Run ``program`` from now on, with a fresh replica of its stage on every device."""
+        self.program = program
         self.order = execution_order(program)
         self.replicas: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer | None] = {}
@@ -80,12 +157,33 @@ class LocalRunner:
             replica = copy.deepcopy(stage.module)
             replica.train()
             self.replicas[device] = replica
-            self.optimizers[device] = make_optimizer(optimizer, [p for p in replica.parameters() if p.requires_grad], lr)
+            self.optimizers[device] = make_optimizer(self.optimizer_spec,
+                                                     [p for p in replica.parameters() if p.requires_grad], self.lr)
+
+    def replay(self, rewrite: Any, stages: Sequence | None = None) -> None:
+        """Continue after ``rewrite`` (a passes.replay.Rewrite): the failed device's state is gone,
+        the next ``step`` redoes the interrupted iteration with ``rewrite.recovery`` and the ones
+        after run ``rewrite.after``. ``stages`` are the stage modules of the new stage table
+        (passes.replay.split_stages); without them every new stage must run the layers of an old one."""
+        if stages is None:
+            by_layers = {st.layers: st for st in self.stages}
+            missing = [st for st in rewrite.after.stages if st.layers not in by_layers]
+            if missing:
+                st = missing[0]
+                raise ValueError(f"stage {st.index} of the rewritten program runs layers {st.layers[0]}:{st.layers[1]}, "
+                                 "which no stage ran before; pass stages= (passes.replay.split_stages builds them)")
+            stages = [dataclasses.replace(by_layers[st.layers], index=st.index) for st in rewrite.after.stages]
+        self.copies.pop(rewrite.failure.device, None)
+        self.stages = tuple(stages)
+        self._use(rewrite.recovery)
+        self._then = rewrite.after
 
     # --- one iteration -------------------------------------------------------------------------
 
-    def step(self, inputs: Sequence[torch.Tensor], labels: Any) -> float:
-        """One training iteration on a global batch; returns its mean loss."""
+    def step(self, inputs: Sequence[torch.Tensor], labels: Any, *, stop: Mapping[str, int] | None = None) -> float:
+        """One training iteration on a global batch; returns its mean loss. With ``stop`` (device ->
+        actions it completes) only that prefix runs, as a failure leaves it: the iteration stays
+        unfinished and the loss returned is what the last stage had computed."""
         p = self.program
         batch = p.microbatches * p.microbatch_rows
         for t in inputs:
@@ -97,11 +195,27 @@ class LocalRunner:
         self._state: dict[tuple[str, int], _MicroBatchState] = {}
         self._mailbox: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._arrived: dict[tuple[int, int], list[str]] = {}
+        self._in_flight: dict[tuple[str, str, int], list[tuple[int, StateCopy]]] = {}  # BACKUP -> RESTORE
         self._loss = 0.0
+        self._stepped: set[str] = set()
+        if self._rollback_taken != self.iteration:  # a redone iteration keeps the points it started with
+            for held in self.copies.values():  # copies of earlier iterations serve no rollback any more
+                for tag in [t for t in held if t < self.iteration]:
+                    del held[tag]
+            for device, replica in self.replicas.items():
+                held = self.copies.setdefault(device, {}).setdefault(self.iteration, StateCopy())
+                held.update(StateCopy.of(replica, self.optimizers[device]))
+            self._rollback_taken = self.iteration
         actions = {d: acts for d, acts in p.actions}
         for device, index in self.order:
+            if stop is not None and index >= stop.get(device, 0):
+                continue
             a = actions[device][index]
             RULES[a.op](self, device, a)
+        if stop is None:
+            self.iteration += 1
+            if self._then is not None:
+                self.program, self.order, self._then = self._then, execution_order(self._then), None
         return self._loss
 
     def _mb(self, device: str, mb: int) -> _MicroBatchState:
@@ -194,6 +308,24 @@ class LocalRunner:
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        self._stepped.add(device)
+
+    def _backup(self, device: str, a: Action) -> None:
+        tag = self.iteration + (device in self._stepped)
+        copy_ = StateCopy.of(self.replicas[device], self.optimizers[device])
+        self._in_flight.setdefault((device, a.peer, a.stage), []).append((tag, copy_))
+
+    def _restore(self, device: str, a: Action) -> None:
+        tag, copy_ = self._in_flight[(a.peer, device, a.stage)].pop(0)
+        self.copies.setdefault(device, {}).setdefault(tag, StateCopy()).update(copy_)
+
+    def _rollback(self, device: str, a: Action) -> None:
+        held = self.copies.get(device, {}).get(self.iteration, StateCopy())
+        missing = held.load_into(self.replicas[device], self.optimizers[device])
+        if missing:
+            raise RuntimeError(f"{device} cannot roll back stage {a.stage} to the start of iteration {self.iteration}: "
+                               f"it holds no copy of {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; "
+                               "a RESTORE of that state must come before its ROLLBACK")
 
     # --- results -------------------------------------------------------------------------------
 
@@ -214,4 +346,7 @@ RULES: dict[Op, Callable[[LocalRunner, str, Action], None]] = {
     Op.RECV: LocalRunner._recv,
     Op.ALLREDUCE: LocalRunner._allreduce,
     Op.STEP: LocalRunner._step,
+    Op.BACKUP: LocalRunner._backup,
+    Op.RESTORE: LocalRunner._restore,
+    Op.ROLLBACK: LocalRunner._rollback,
 }
