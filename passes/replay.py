@@ -154,23 +154,28 @@ def _actions_of(program: Program, device: str) -> tuple[Action, ...]:
 
 
 def split_rows(devices: Sequence[str], rows: int, layers: tuple[int, int], *, lg: LayerGraph | None = None,
-               cluster: Cluster | None = None, current: Mapping[str, int] | None = None) -> tuple[StageSlot, ...]:
+               cluster: Cluster | None = None, current: Mapping[str, int] | None = None,
+               keep: str | None = None) -> tuple[StageSlot, ...]:
     """``rows`` rows of every micro-batch over ``devices`` for ``layers``: with ``lg`` and ``cluster``
     one row at a time to the device that is then done soonest (a device may get none, and is then
-    left out); otherwise in proportion to ``current`` rows (at least one each, the next row always to
-    the device furthest below its share)."""
+    left out, but ``keep`` gets at least one: it holds state the others need); otherwise in
+    proportion to ``current`` rows (at least one each, the next row always to the device furthest
+    below its share)."""
     if lg is not None and cluster is not None:
         kinds = {d: cluster.device(d).kind for d in devices}
         share = dict.fromkeys(devices, 0)
-        for _ in range(rows):
+        if keep is not None:
+            share[keep] = 1
+        for _ in range(rows - sum(share.values())):
             best = min(devices, key=lambda d: lg.stage_time(kinds[d], *layers, share[d] + 1))
             share[best] += 1
     else:
         weights = {d: max((current or {}).get(d, 0), 0) for d in devices} if current else {}
         if not any(weights.values()):
             weights = dict.fromkeys(devices, 1)
-        keep = set(sorted(devices, key=lambda d: -weights[d])[:rows])  # fewer rows than devices: the biggest
-        devices = [d for d in devices if d in keep]
+        # fewer rows than devices: ``keep`` and then the biggest shares stay
+        kept = set(sorted(devices, key=lambda d: (d != keep, -weights[d]))[:rows])
+        devices = [d for d in devices if d in kept]
         total = sum(weights[d] for d in devices) or 1
         share = dict.fromkeys(devices, 1)
         for _ in range(rows - len(devices)):  # the next row to the device furthest below its share
@@ -224,8 +229,9 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
     changes: list[str] = []
     R = program.microbatch_rows
 
-    def rows_for(devices: Sequence[str], layers: tuple[int, int], current: Mapping[str, int]) -> tuple[StageSlot, ...]:
-        return split_rows(devices, R, layers, lg=lg, cluster=cluster, current=current)
+    def rows_for(devices: Sequence[str], layers: tuple[int, int], current: Mapping[str, int],
+                 keep: str | None = None) -> tuple[StageSlot, ...]:
+        return split_rows(devices, R, layers, lg=lg, cluster=cluster, current=current, keep=keep)
 
     new: list[tuple[tuple[int, int], tuple[StageSlot, ...]]] = [(st.layers, st.slots) for st in program.stages]
     if len(lost.slots) > 1:
@@ -246,7 +252,7 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
                               "on a neighbouring stage (passes.replay.default_holders)")
         into = program.stages[q]
         layers = (min(lost.layers[0], into.layers[0]), max(lost.layers[1], into.layers[1]))
-        slots = rows_for(into.devices, layers, {s.device: s.hi - s.lo for s in into.slots})
+        slots = rows_for(into.devices, layers, {s.device: s.hi - s.lo for s in into.slots}, keep=holder)
         new[q] = (layers, slots)
         del new[p]
         changes.append(f"stage {p} lost its only device {x}; its layers {lost.layers[0]}:{lost.layers[1]} move to "

@@ -1,0 +1,344 @@
+"""passes/replay: backups, the rewrite for the survivors of a failure, and the local backend running it.
+
+The central check is exhaustive: for every device and every failure position k (the device ran its
+first k actions of the second iteration, the others what precedes that point in the execution
+order), the survivors' run (interrupted iteration, replay, the redone iteration, one more) ends
+with the same weights, optimizer-driven, and the same losses as the failure-free run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+import asteroid_fx as asteroid
+from asteroid_fx import models
+from asteroid_fx.program import Action, Op, Program, StageInfo, StageSlot, TensorSpec
+from asteroid_fx.program_text import format_program, parse_program, program_from_json, program_to_json
+from asteroid_fx.sim import simulate
+from asteroid_fx.verify import VerifyError, execution_order, verify
+from asteroid_fx.passes.lower_comm import lower_comm
+from asteroid_fx.passes.replay import (Failure, ReplayError, add_backups, backup_holders, replay, split_rows,
+                                       split_stages)
+from tests.test_local import _named_cluster
+
+# (groups, rows of a 6-row micro-batch): single-member stages, and a group of three with uneven rows
+# between two single-member stages (its members back up nothing but hold the next stage's backup).
+LAYOUTS = {
+    "2x1": ([["d0"], ["d1"]], [[6], [6]]),
+    "1-3-1": ([["d0"], ["d1", "d2", "d3"], ["d4"]], [[6], [2, 3, 1], [6]]),
+    "2-1-2": ([["d0", "d1"], ["d2"], ["d3", "d4"]], [[4, 2], [6], [1, 5]]),
+}
+ROWS = 6
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+@functools.cache
+def _compiled(layout: str, schedule: str, microbatches: int):
+    entry = models.get("mlp")
+    torch.manual_seed(0)
+    model = entry.build(small=True).double()  # float64: the check is about meaning, not rounding
+    groups, rows = LAYOUTS[layout]
+    example = tuple(t.double() for t in entry.example(microbatches * ROWS, True))
+    compiled = asteroid.compile(model, _named_cluster(), example=example, loss=entry.loss,
+                                microbatches=microbatches, schedule_kind=schedule, groups=groups, rows=rows)
+    fault_tolerant = dataclasses.replace(compiled, program=add_backups(compiled.program))
+    torch.manual_seed(1)
+    batches = [(tuple(t.double() for t in entry.example(microbatches * ROWS, True)),
+                entry.labels(microbatches * ROWS, True)) for _ in range(3)]
+    reference = fault_tolerant.runner(optimizer=adam)
+    losses = [reference.step(*b) for b in batches[:2]]
+    after_two = reference.state_dict()
+    losses.append(reference.step(*batches[2]))
+    return fault_tolerant, batches, losses, after_two, reference.state_dict()
+
+
+def _relative(got: dict, want: dict) -> float:
+    assert got.keys() == want.keys()
+    return max(float((got[k] - want[k]).norm() / want[k].norm()) for k in want)
+
+
+def _sweep(layout: str, schedule: str, microbatches: int, by_speed: bool) -> int:
+    compiled, batches, losses, after_two, after_three = _compiled(layout, schedule, microbatches)
+    program = compiled.program
+    lg, cluster = (compiled.layer_graph, compiled.cluster) if by_speed else (None, None)
+    rewrites: dict[str, object] = {}  # the rewrite does not depend on the position (rollback)
+    runs = 0
+    for device, acts in program.actions:
+        for k in range(len(acts) + 1):
+            runner = compiled.runner(optimizer=adam)
+            assert runner.step(*batches[0]) == pytest.approx(losses[0], rel=1e-12)
+            failure = Failure.at(program, device, k, iteration=1)
+            runner.step(*batches[1], stop=dict(failure.progress))
+            rewrite = replay(program, failure, lg, cluster)
+            if device not in rewrites:
+                rewrites[device] = (rewrite, split_stages(rewrite.after, compiled.captured, compiled.layer_graph))
+            assert rewrite.after == rewrites[device][0].after and rewrite.recovery == rewrites[device][0].recovery
+            runner.replay(rewrite, rewrites[device][1])
+            redone = runner.step(*batches[1])
+            where = f"{device} failed after {k} of {len(acts)} actions"
+            assert redone == pytest.approx(losses[1], rel=1e-6), where
+            assert _relative(runner.state_dict(), after_two) <= 1e-6, where
+            assert runner.step(*batches[2]) == pytest.approx(losses[2], rel=1e-6), where  # 'after' trains on
+            assert _relative(runner.state_dict(), after_three) <= 1e-6, where
+            runs += 1
+    return runs
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("layout, microbatches, by_speed", [
+    ("2x1", 2, True), ("2x1", 3, False), ("1-3-1", 2, False), ("1-3-1", 3, True), ("2-1-2", 2, False),
+    ("2-1-2", 4, True),
+])
+def test_every_failure_position_gives_the_failure_free_update(layout, microbatches, by_speed, schedule):
+    assert _sweep(layout, schedule, microbatches, by_speed) > 20
+
+
+def test_the_sweeps_take_layers_over_in_a_group():
+    """The merge into a group, where members other than the holder receive the lost layers, is
+    among the swept cases (1-3-1 without speeds: d0's layers go to d1 d2 d3, d1 holds them)."""
+    program = _compiled("1-3-1", "1f1b", 2)[0].program
+    prologue = dict(replay(program, Failure("d0", 1)).prologue)
+    assert prologue["d1"] == (Action(Op.ROLLBACK, 0), Action(Op.BACKUP, 0, peer="d2"), Action(Op.BACKUP, 0, peer="d3"))
+    assert prologue["d2"] == (Action(Op.RESTORE, 0, peer="d1"), Action(Op.ROLLBACK, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("microbatches", [2, 3, 4])
+@pytest.mark.parametrize("by_speed", [False, True])
+def test_every_failure_position_all_layouts(layout, microbatches, by_speed, schedule):
+    assert _sweep(layout, schedule, microbatches, by_speed) > 20
+
+
+# ---------------------------------------------------------------------------------------------
+# the rewrite itself
+
+SPEC = (TensorSpec("float32", (8,)),)
+
+
+def _two_stages() -> Program:
+    """Stage 0 on a alone, stage 1 on the group b c; one micro-batch of 4 rows, with backups."""
+    table = (StageInfo(0, (0, 2), (StageSlot("a", 0, 4),)),
+             StageInfo(1, (2, 3), (StageSlot("b", 0, 1), StageSlot("c", 1, 4))))
+    compute = tuple((s.device, (Action(Op.F, st.index, 0, (s.lo, s.hi)), Action(Op.B, st.index, 0, (s.lo, s.hi))))
+                    for st in table for s in st.slots)
+    return add_backups(lower_comm(Program("gpipe", 1, 4, table, compute), [(SPEC, SPEC)]))
+
+
+BACKED_UP = """\
+asteroid-program v1
+schedule gpipe
+microbatches 1
+microbatch_rows 4
+stage 0 layers 0:2 a[0:4]
+stage 1 layers 2:3 b[0:1] c[1:4]
+
+device a
+  F s0 mb0 r0:4
+  SEND act s0 mb0 r0:1 -> b : f32(8)
+  SEND act s0 mb0 r1:4 -> c : f32(8)
+  RECV grad s0 mb0 r0:1 <- b : f32(8)
+  RECV grad s0 mb0 r1:4 <- c : f32(8)
+  B s0 mb0 r0:4
+  STEP s0
+  BACKUP s0 -> b
+  RESTORE s1 <- b
+device b
+  RECV act s0 mb0 r0:1 <- a : f32(8)
+  F s1 mb0 r0:1
+  B s1 mb0 r0:1
+  SEND grad s0 mb0 r0:1 -> a : f32(8)
+  ALLREDUCE s1 [b c]
+  STEP s1
+  BACKUP s1 -> a
+  RESTORE s0 <- a
+device c
+  RECV act s0 mb0 r1:4 <- a : f32(8)
+  F s1 mb0 r1:4
+  B s1 mb0 r1:4
+  SEND grad s0 mb0 r1:4 -> a : f32(8)
+  ALLREDUCE s1 [b c]
+  STEP s1
+"""
+
+# a fails: its layers merge into the stage of b, which holds their backup; c gets them from b
+MERGED = """\
+replay: a failed in iteration 1 after 3 of its actions
+  stage 0 lost its only device a; its layers 0:2 move to stage 1 (b holds the backup), now layers 0:3 on b[0:1] c[1:4]
+  no backups: the program has one stage left
+
+--- before
+{before}
+
+--- after
+asteroid-program v1
+schedule gpipe
+microbatches 1
+microbatch_rows 4
+stage 0 layers 0:3 b[0:1] c[1:4]
+
+device b
+  F s0 mb0 r0:1
+  B s0 mb0 r0:1
+  ALLREDUCE s0 [b c]
+  STEP s0
+device c
+  F s0 mb0 r1:4
+  B s0 mb0 r1:4
+  ALLREDUCE s0 [b c]
+  STEP s0
+
+--- recovery: iteration 1 is redone by 'after' from its start, after this prologue
+device b
+  ROLLBACK s0
+  BACKUP s0 -> c
+device c
+  RESTORE s0 <- b
+  ROLLBACK s0
+"""
+
+# c fails: b runs all rows of stage 1; backups are placed again on the new table
+RESPLIT_AFTER = """\
+stage 0 layers 0:2 a[0:4]
+stage 1 layers 2:3 b[0:4]
+
+device a
+  F s0 mb0 r0:4
+  SEND act s0 mb0 r0:4 -> b : f32(8)
+  RECV grad s0 mb0 r0:4 <- b : f32(8)
+  B s0 mb0 r0:4
+  STEP s0
+  BACKUP s0 -> b
+  RESTORE s1 <- b
+device b
+  RECV act s0 mb0 r0:4 <- a : f32(8)
+  F s1 mb0 r0:4
+  B s1 mb0 r0:4
+  SEND grad s0 mb0 r0:4 -> a : f32(8)
+  STEP s1
+  BACKUP s1 -> a
+  RESTORE s0 <- a
+"""
+
+
+def test_add_backups_places_a_ring_of_neighbours():
+    program = _two_stages()
+    assert format_program(program) == BACKED_UP
+    assert backup_holders(program) == {0: "b", 1: "a"}
+    with pytest.raises(ReplayError, match="already has backups"):
+        add_backups(program)
+
+
+def test_rewrite_prints_before_and_after():
+    program = _two_stages()
+    rewrite = replay(program, Failure.at(program, "a", 3, iteration=1))
+    assert str(rewrite) == MERGED.format(before=format_program(program).rstrip("\n"))
+    assert "-device a\n" in rewrite.diff()
+
+
+def test_resplit_keeps_the_stages():
+    program = _two_stages()
+    rewrite = replay(program, Failure("c", iteration=4))
+    assert format_program(rewrite.after).split("\n", 4)[4] == RESPLIT_AFTER
+    assert [a.op for _, acts in rewrite.prologue for a in acts] == [Op.ROLLBACK, Op.ROLLBACK]
+    assert rewrite.changes[0] == "stage 1 lost c; its group re-splits the rows: b[0:4]"
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("by_speed", [False, True])
+def test_rewrites_verify_round_trip_and_simulate(layout, by_speed):
+    compiled = _compiled(layout, "1f1b", 2)[0]
+    lg, cluster = compiled.layer_graph, compiled.cluster
+    for device in compiled.program.devices:
+        rewrite = replay(compiled.program, Failure(device, 1), *((lg, cluster) if by_speed else ()))
+        for p in (rewrite.after, rewrite.recovery):
+            verify(p)
+            assert parse_program(format_program(p)) == p
+            assert program_from_json(program_to_json(p)) == p
+            assert simulate(p, lg, cluster).iteration_s > 0
+        assert device not in rewrite.after.devices
+        assert set(rewrite.after.devices) <= set(compiled.program.devices)
+
+
+def test_backups_are_simulated_and_held_by_the_neighbour():
+    compiled, batches, *_ = _compiled("2x1", "1f1b", 2)
+    sim = simulate(compiled.program, compiled.layer_graph, compiled.cluster, opt_state_factor=2.0)
+    sent = {t.label: t.nbytes for t in sim.transfers if t.label.startswith("BACKUP")}
+    lg = compiled.layer_graph
+    assert sent == {f"BACKUP s{p} -> {h}": 3 * lg.param_bytes(*compiled.program.stages[p].layers)
+                    for p, h in [(0, "d1"), (1, "d0")]}  # weights + Adam's two moments
+    runner = compiled.runner(optimizer=adam)
+    runner.step(*batches[0])
+    held = runner.copies["d1"][1]  # d1 holds stage 0's state for iteration 1, optimizer state included
+    stage0 = compiled.stages[0].module
+    for name, p in runner.replicas["d0"].named_parameters():
+        assert torch.equal(held.params[name], p.detach())
+        assert name in held.optim
+    assert set(held.params) >= {n for n, _ in stage0.named_parameters()}
+
+
+def test_speed_split_gives_fast_devices_more_rows():
+    compiled = _compiled("1-3-1", "1f1b", 2)[0]
+    lg, cluster = compiled.layer_graph, compiled.cluster
+    slots = split_rows(["d1", "d2", "d3"], 60, (2, 4), lg=lg, cluster=cluster)
+    times = {s.device: lg.stage_time(cluster.device(s.device).kind, 2, 4, s.hi - s.lo) for s in slots}
+    assert sum(s.hi - s.lo for s in slots) == 60
+    one_more = {d: lg.stage_time(cluster.device(d).kind, 2, 4, dict((s.device, s.hi - s.lo) for s in slots).get(d, 0) + 1)
+                for d in ["d1", "d2", "d3"]}
+    assert max(times.values()) <= min(one_more.values()) + 1e-12  # no row could move to finish sooner
+    assert split_rows(["x", "y"], 7, (0, 1), current={"x": 2, "y": 1}) == (StageSlot("x", 0, 5), StageSlot("y", 5, 7))
+
+
+def test_failure_at_is_a_prefix_of_the_execution_order():
+    program = _two_stages()
+    order = execution_order(program)
+    for device, acts in program.actions:
+        for k in range(len(acts) + 1):
+            done = dict(Failure.at(program, device, k).progress)
+            assert done[device] == k
+            n = sum(done.values())
+            assert sorted(order[:n]) == sorted((d, i) for d, c in done.items() for i in range(c))
+    with pytest.raises(ReplayError, match="a failure position is 0..9, not 10"):
+        Failure.at(program, "a", 10)
+
+
+def test_errors_name_the_problem():
+    program = _two_stages()
+    with pytest.raises(ReplayError, match=r"device 'z' is not in the program \(devices: a, b, c\)"):
+        replay(program, Failure("z"))
+    bare = dataclasses.replace(program, actions=tuple(
+        (d, tuple(a for a in acts if a.op not in (Op.BACKUP, Op.RESTORE))) for d, acts in program.actions))
+    with pytest.raises(ReplayError, match="stage 0 lost its only device a and no device holds a backup of it"):
+        replay(bare, Failure("a"))
+    last = replay(bare, Failure("c")).after  # b alone runs stage 1 now
+    merged = replay(program, Failure("a")).after  # b and c run the one stage
+    lone = replay(merged, Failure("c")).after
+    with pytest.raises(ReplayError, match="no device survives: b was the only device"):
+        replay(lone, Failure("b"))
+    with pytest.raises(ReplayError, match="add_backups"):
+        replay(last, Failure("b"))
+
+
+def test_backups_on_a_far_stage_cannot_take_the_layers():
+    program = _compiled("1-3-1", "1f1b", 2)[0].program
+    bare = dataclasses.replace(program, actions=tuple(
+        (d, tuple(a for a in acts if a.op not in (Op.BACKUP, Op.RESTORE))) for d, acts in program.actions))
+    far = add_backups(bare, {0: "d4", 1: "d0", 2: "d0"})
+    with pytest.raises(ReplayError, match=r"its backup is on d0 \(stage 0\), which is not next to stage 2"):
+        replay(far, Failure("d4"))
+
+
+def test_verify_rejects_a_late_rollback():
+    program = _two_stages()
+    late = dataclasses.replace(program, actions=tuple(
+        (d, acts + (Action(Op.ROLLBACK, program.stage_of(d).index),)) for d, acts in program.actions))
+    with pytest.raises(VerifyError, match="comes after compute .* a ROLLBACK starts a recovery program"):
+        verify(late)
