@@ -470,6 +470,21 @@ PRESETS: dict[str, Callable[[], "Cluster"]] = {
         "gigabit-ethernet",
         "Four Jetsons and a laptop CPU on a gigabit switch.",
     ),
+    "edge-6-laptop-300m": _preset(
+        "edge-6-laptop-300m",
+        ("jetson-nano", "jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-orin-nano", "laptop-i7"),
+        "wifi-300m",
+        "Five Jetsons and a laptop CPU sharing 802.11n Wi-Fi (a lab bench or a home).",
+    ),
+    "edge-7-laptop-100m": _preset(
+        "edge-7-laptop-100m",
+        (
+            "jetson-nano", "jetson-tx2", "jetson-tx2", "jetson-xavier-nx",
+            "jetson-orin-nano", "jetson-agx-orin", "laptop-i7",
+        ),
+        "fast-ethernet",
+        "Six Jetsons from Nano to AGX Orin and a laptop CPU on 100 Mbit/s links.",
+    ),
     # Emulated clusters: N training processes on this machine. Each is modelled as the host CPU
     # measured with torch's thread count at first use; processes that share the cores run
     # slower than that, so give each process fewer threads or read predictions as optimistic.

@@ -204,24 +204,58 @@ class CostTable:
                                 + self.buffers[hi] - self.buffers[lo])
 
     def transfer_s(self, cut: int, src: StagePlan, dst: StagePlan) -> float:
-        worst = 0.0
+        """Seconds to move one micro-batch across ``cut``: row slices of different pairs travel
+        in parallel, but each device's network interface carries its own slices one after
+        another (its outgoing channel as a sender, its incoming one as a receiver)."""
+        load: dict[tuple[str, str], float] = {}
+        latency = 0.0
         for a, alo, ahi in src.slots:
             for b, blo, bhi in dst.slots:
                 overlap = min(ahi, bhi) - max(alo, blo)
                 if overlap > 0:
                     bw, lat = self.cluster.link(a, b)
-                    worst = max(worst, lat + self.cut_bytes[cut] * overlap / bw)
-        return worst
+                    t = self.cut_bytes[cut] * overlap / bw
+                    load[a, "out"] = load.get((a, "out"), 0.0) + t
+                    load[b, "in"] = load.get((b, "in"), 0.0) + t
+                    latency = max(latency, lat)
+        return latency + max(load.values(), default=0.0)
+
+    def nic_load_s(self, stages: Sequence[StagePlan]) -> float:
+        """The busiest network interface's seconds per micro-batch: a device's outgoing channel
+        carries its activations to the next stage and its gradients to the previous one, its
+        incoming channel the reverse, each message at its pair's bandwidth (the simulator's NIC)."""
+        load: dict[tuple[str, str], float] = {}
+        for p in range(len(stages) - 1):
+            per_row = self.cut_bytes[stages[p].layers[1]]
+            for a, alo, ahi in stages[p].slots:
+                for b, blo, bhi in stages[p + 1].slots:
+                    overlap = min(ahi, bhi) - max(alo, blo)
+                    if overlap > 0:
+                        t = per_row * overlap / self.cluster.link(a, b)[0]
+                        for key in ((a, "out"), (b, "in"), (b, "out"), (a, "in")):  # act a->b, grad b->a
+                            load[key] = load.get(key, 0.0) + t
+        return max(load.values(), default=0.0)
 
     def iteration_s(self, stages: Sequence[StagePlan], microbatches: int, schedule: str) -> float:
-        """The closed-form iteration time of ``predict`` for these stages (no memory check)."""
+        """The iteration time: one micro-batch's round trip through the pipeline (fill and
+        drain), then M - 1 periods, then the slowest all-reduce. The period is the slowest
+        stage's step, or the busiest network interface, or, under 1F1B, a cycle over stages p..q:
+        stage p alternates one forward and one backward and holds one micro-batch more than
+        stage p + 1, so between its forward of micro-batch m and its backward of m + q - p lie
+        the steps of stages p..q and the links between them both ways, which q - p + 1 periods
+        must cover (what makes 1F1B slow on slow links)."""
         S, M = len(stages), microbatches
         step = [max(self.stage_time(d, st.layers[0], st.layers[1], r) for d, r in zip(st.devices, st.rows))
                 for st in stages]
-        comm = [2 * self.transfer_s(stages[p].layers[1], stages[p], stages[p + 1]) for p in range(S - 1)]
+        link = [self.transfer_s(stages[p].layers[1], stages[p], stages[p + 1]) for p in range(S - 1)]
         allreduce = max(self.allreduce_s(st.devices, *st.layers) for st in stages)
-        steady = max(step + comm)
-        return sum(step) + sum(comm) + (M - 1) * steady + allreduce
+        period = max(step + [self.nic_load_s(stages)])
+        if schedule != "gpipe":
+            for p in range(S):
+                for q in range(p + 1, S):
+                    cycle = sum(step[p:q + 1]) + 2 * sum(link[p:q])
+                    period = max(period, cycle / min(q - p + 1, M))
+        return sum(step) + 2 * sum(link) + (M - 1) * period + allreduce
 
     def stages_for(self, bounds: Sequence[int], groups: Sequence[Sequence[str]], rows: int,
                    microbatches: int, schedule: str) -> tuple[StagePlan, ...] | None:

@@ -30,7 +30,9 @@ model raises NoPlanError with the smallest memory that would do.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import random
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -42,6 +44,8 @@ from asteroid_fx.plan import NoPlanError, Plan, StagePlan
 from asteroid_fx.sim import predict
 
 INF = float("inf")
+RANDOM_ORDERS = 6  # for clusters of up to 8 devices; 2 beyond
+ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,16 @@ def orderings(table: CostTable, devices: Sequence[str]) -> list[tuple[str, ...]]
         tuple(sorted(devices, key=lambda d: (speed[d], -mem[d], d))),
         _locality_chain(table.cluster, devices, speed),
     ]
+    # small clusters: every order (groups are contiguous runs of an order, so this reaches every
+    # grouping); larger ones: a few seeded random orders widen the DP's reach
+    if len(devices) <= ALL_ORDERS_UP_TO:
+        out += [tuple(p) for p in itertools.permutations(sorted(devices))]
+        return list(dict.fromkeys(out))
+    rng = random.Random(len(devices))
+    for _ in range(RANDOM_ORDERS if len(devices) <= 8 else 2):
+        shuffled = list(devices)
+        rng.shuffle(shuffled)
+        out.append(tuple(shuffled))
     return list(dict.fromkeys(out))
 
 
@@ -113,140 +127,196 @@ def _locality_chain(cluster: Cluster, devices: Sequence[str], speed: dict[str, f
 
 
 class _GroupCosts:
-    """Cost matrices over (first boundary a, last boundary b) for a contiguous group of an
-    ordering: the group's step time with a balanced, memory-capped row split, its all-reduce,
-    and the transfer across boundary b."""
+    """Cost matrices over (first boundary a, last boundary b) for a group of devices: its step
+    time with an equal-finish, memory-capped row split, its all-reduce, and the transfer across
+    boundary b.
+
+    For speed each device's stage time is taken as linear in its rows, t = alpha + beta x rows
+    (through its times at 1 and R rows): members finish together at
+    tau = (R + sum alpha/beta) / sum 1/beta, no sooner than one row takes on any member; a member
+    whose share exceeds what its memory holds keeps its cap and the others share the rest. Matrices
+    depend only on the multiset of (kind, memory) in the group, so they are cached across groups
+    and orderings."""
 
     def __init__(self, table: CostTable, pos: np.ndarray, rows: int, microbatches: int):
         self.t, self.pos, self.R, self.M = table, pos, rows, microbatches
         n = len(pos)
-        self.a, self.b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-        self.valid = self.b > self.a
-        lo, hi = pos[self.a], pos[self.b]
+        a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        self.valid = b > a
+        lo, hi = pos[a], pos[b]
         self.static = ((table.params[hi] - table.params[lo]) * (2.0 + table.opt_state_factor)
                        + table.buffers[hi] - table.buffers[lo])
-        self.act = table.saved[hi] - table.saved[lo] + table.cut_bytes[lo] + table.cut_bytes[hi]
+        self.act = np.maximum(table.saved[hi] - table.saved[lo] + table.cut_bytes[lo] + table.cut_bytes[hi], 1e-9)
         self.grad_bytes = table.params[hi] - table.params[lo] + table.buffers[hi] - table.buffers[lo]
-        self.times = {k: table.time[k][:, pos] for k in table.kinds}  # (R + 1, n)
-        self.full = {k: self._at(k, np.full(self.a.shape, float(rows))) for k in table.kinds}
+        self.alpha, self.beta = {}, {}
+        for k in table.kinds:
+            T = table.time[k][:, pos]
+            t1 = T[1, b] - T[1, a]
+            if rows > 1:
+                tR = T[rows, b] - T[rows, a]
+                beta = np.maximum((tR - t1) / (rows - 1), 1e-15)
+            else:
+                beta = np.maximum(t1, 1e-15)
+            self.alpha[k] = np.maximum(t1 - beta, 0.0)
+            self.beta[k] = beta
         self.cache: dict[tuple, np.ndarray] = {}
-
-    def _at(self, kind: str, rows: np.ndarray) -> np.ndarray:
-        """Stage time of every (a, b) for fractional ``rows`` (linear between integer rows)."""
-        T = self.times[kind]
-        r = np.clip(rows, 0.0, float(self.R))
-        r0 = np.floor(r).astype(int)
-        r1 = np.minimum(r0 + 1, self.R)
-        frac = r - r0
-        t0 = T[r0, self.b] - T[r0, self.a]
-        t1 = T[r1, self.b] - T[r1, self.a]
-        return t0 + frac * (t1 - t0)
+        self.bw = np.asarray(table.cluster.bandwidth, dtype=float)
+        self.lat = np.asarray(table.cluster.latency, dtype=float)
+        self.most_needed: dict[int, float] = {}  # K -> the most memory any valid (a, b) needs at R rows
 
     def step(self, group: tuple[str, ...], k_in_flight: int) -> np.ndarray:
         """The group's step time per (a, b); inf where it cannot hold the stage."""
-        key = (tuple(self.t.kind_of[d] for d in group), tuple(self.t.budget[d] for d in group), k_in_flight)
-        if key in self.cache:
-            return self.cache[key]
-        kinds = [self.t.kind_of[d] for d in group]
+        members = tuple(sorted((self.t.kind_of[d], self.t.budget[d]) for d in group))
         R = float(self.R)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            caps = [np.floor((self.t.budget[d] - self.static) / np.maximum(k_in_flight * self.act, 1e-9))
-                    for d in group]
-            caps = [np.where(self.static > self.t.budget[d], -1.0, np.minimum(c, R)) for c, d in zip(caps, group)]
-            speed = [1.0 / np.maximum(self.full[k], 1e-12) for k in kinds]
-            rows = self._split(speed, caps, R)
-            for _ in range(2):  # re-weight by the speed at the rows each member now has
-                times = [self._at(k, r) for k, r in zip(kinds, rows)]
-                speed = [np.where(t > 0, r / np.maximum(t, 1e-12), 1e12) for r, t in zip(rows, times)]
-                rows = self._split(speed, caps, R)
-            times = [self._at(k, r) for k, r in zip(kinds, rows)]
-            out = np.max(np.stack(times), axis=0)
-            ok = np.all(np.stack([c >= 1.0 for c in caps]), axis=0) & (np.sum(np.stack(caps), axis=0) >= R)
-            ok &= R >= len(group)
-        out = np.where(ok & self.valid, out, INF)
+        # memory cannot bind if every member holds all R rows at every (a, b)
+        smallest = min(m for _, m in members)
+        if k_in_flight not in self.most_needed:
+            need = np.where(self.valid, self.static + k_in_flight * self.act * R, 0.0)
+            self.most_needed[k_in_flight] = float(need.max())
+        binds = self.most_needed[k_in_flight] > smallest
+        key = (members, k_in_flight if binds else 0)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        inv = sum(1.0 / self.beta[k] for k, _ in members)
+        lead = sum(self.alpha[k] / self.beta[k] for k, _ in members)
+        one_row = self.alpha[members[0][0]] + self.beta[members[0][0]]
+        for k in {k for k, _ in members[1:]}:
+            one_row = np.maximum(one_row, self.alpha[k] + self.beta[k])
+        tau = np.maximum((R + lead) / inv, one_row)
+        ok = self.valid & (R >= len(members))
+        if binds:
+            caps = [np.where(self.static > m, -1.0, np.floor((m - self.static) / (k_in_flight * self.act)))
+                    for _, m in members]
+            ok &= np.all(np.stack([c >= 1.0 for c in caps]), axis=0)
+            ok &= np.sum(np.stack([np.minimum(c, R) for c in caps]), axis=0) >= R
+            share = [(tau - self.alpha[k]) / self.beta[k] for k, _ in members]
+            over = [sh > c for sh, c in zip(share, caps)]
+            if any(np.any(o) for o in over):
+                kept = sum(np.where(o, np.maximum(c, 0.0), 0.0) for o, c in zip(over, caps))
+                free_inv = sum(np.where(o, 0.0, 1.0 / self.beta[k]) for o, (k, _) in zip(over, members))
+                free_lead = sum(np.where(o, 0.0, self.alpha[k] / self.beta[k]) for o, (k, _) in zip(over, members))
+                capped_time = np.max(np.stack([np.where(o, self.alpha[k] + self.beta[k] * np.maximum(c, 0.0), 0.0)
+                                               for o, c, (k, _) in zip(over, caps, members)]), axis=0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    rebalanced = np.where(free_inv > 0, (R - kept + free_lead) / free_inv, INF)
+                tau = np.maximum(np.maximum(tau, rebalanced), capped_time)
+        out = np.where(ok, tau, INF)
         self.cache[key] = out
         return out
-
-    @staticmethod
-    def _split(speed, caps, R):
-        """Rows in proportion to speed, each at least one and at most its cap; what the capped
-        members cannot take goes to the others in proportion to their speed (twice)."""
-        g = len(speed)
-        total = sum(speed)
-        rows = [np.clip(R * s / total, 1.0, np.maximum(c, 1.0)) for s, c in zip(speed, caps)]
-        for _ in range(2):
-            left = R - sum(rows)
-            free = [(r < c - 1e-9) for r, c in zip(rows, caps)]
-            free_speed = sum(np.where(f, s, 0.0) for f, s in zip(free, speed))
-            free_speed = np.where(free_speed > 0, free_speed, 1.0)
-            rows = [np.clip(r + np.where(f, left * s / free_speed, 0.0), 1.0, np.maximum(c, 1.0))
-                    for r, f, s, c in zip(rows, free, speed, caps)]
-        del g
-        return rows
 
     def allreduce(self, group: tuple[str, ...]) -> np.ndarray:
         g = len(group)
         if g < 2:
             return np.zeros_like(self.grad_bytes)
-        ring = list(group) + [group[0]]
-        bw = min(self.t.cluster.link(x, y)[0] for x, y in zip(ring, ring[1:]))
-        lat = max(self.t.cluster.link(x, y)[1] for x, y in zip(ring, ring[1:]))
-        return 2.0 * (g - 1) / g * self.grad_bytes / bw + 2.0 * (g - 1) * lat
+        key = ("ar", group)
+        if key not in self.cache:
+            ring = list(group) + [group[0]]
+            bw = min(self.t.cluster.link(x, y)[0] for x, y in zip(ring, ring[1:]))
+            lat = max(self.t.cluster.link(x, y)[1] for x, y in zip(ring, ring[1:]))
+            self.cache[key] = 2.0 * (g - 1) / g * self.grad_bytes / bw + 2.0 * (g - 1) * lat
+        return self.cache[key]
 
     def transfer(self, group: tuple[str, ...], others: Sequence[str]) -> np.ndarray:
-        """Per boundary b: one micro-batch's activations leaving the group (its members send their
-        rows in parallel over their slowest link to the rest)."""
+        """Per boundary b: one micro-batch's activations leaving the group over its slowest link
+        to the rest, as if one interface carried them all (the next group is not known yet)."""
         if not others:
             return np.zeros(len(self.pos))
-        bw = min(self.t.cluster.link(x, y)[0] for x in group for y in others)
-        lat = max(self.t.cluster.link(x, y)[1] for x in group for y in others)
-        out = lat + self.t.cut_bytes[self.pos] * self.R / (len(group) * bw)
-        out[-1] = 0.0
-        return out
+        key = ("tr", frozenset(group), frozenset(others))
+        if key not in self.cache:
+            idx = self.t.cluster.index
+            gi, oi = [idx(d) for d in group], [idx(d) for d in others]
+            bw = float(self.bw[np.ix_(gi, oi)].min())
+            lat = float(self.lat[np.ix_(gi, oi)].max())
+            # the next group may be one device whose interface takes every row: no parallelism
+            out = lat + self.t.cut_bytes[self.pos] * self.R / bw
+            out[-1] = 0.0
+            self.cache[key] = out
+        return self.cache[key]
+
+
+DP_BOUNDARIES = 48  # the DP places cuts among at most this many; local search refines them
+
+
+def dp_boundaries(table: CostTable, limit: int = DP_BOUNDARIES) -> list[int]:
+    """0, L and at most ``limit - 2`` allowed cuts between, spread evenly over the work (the mean
+    over the cluster's kinds): a long graph is searched coarsely, then cuts move locally."""
+    lg = table.lg
+    allowed = list(lg.allowed_cuts())
+    if len(allowed) + 2 <= limit:
+        return [0, *allowed, len(lg)]
+    work = sum(table.time[k][table.max_rows] for k in table.kinds)  # prefix over layers
+    total = work[-1] if work[-1] > 0 else 1.0
+    picked = set()
+    for q in range(1, limit - 1):
+        target = total * q / (limit - 1)
+        picked.add(min(allowed, key=lambda c: abs(work[c] - target)))
+    return [0, *sorted(picked), len(lg)]
 
 
 def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule: str,
-             max_stages: int | None = None, boundaries: Sequence[int] | None = None
-             ) -> dict[int, tuple[list[int], list[tuple[str, ...]]]]:
+             max_stages: int | None = None, boundaries: Sequence[int] | None = None,
+             costs: "_GroupCosts | None" = None) -> dict[int, tuple[list[int], list[tuple[str, ...]]]]:
     """For every stage count S, the bounds and groups that minimize the bottleneck on ``order``
-    (groups are contiguous runs of it, devices at its end may be left out)."""
+    (groups are contiguous runs of it, devices at its end may be left out). Cuts are placed among
+    ``boundaries`` (default: every allowed cut); ``costs`` shares cached matrices between calls."""
     lg, R, M = table.lg, table.max_rows, microbatches
-    pos = np.asarray(boundaries if boundaries is not None else [0, *lg.allowed_cuts(), len(lg)])
+    if costs is not None:
+        pos = costs.pos
+    else:
+        pos = np.asarray(boundaries if boundaries is not None else [0, *lg.allowed_cuts(), len(lg)])
     n, D = len(pos), len(order)
     S_max = min(D, n - 1, max_stages or D)
-    gc = _GroupCosts(table, pos, R, M)
+    gc = costs if costs is not None else _GroupCosts(table, pos, R, M)
     # per contiguous group [j, j2): steady cost per (a, b), without the memory term (added per K)
-    base, comm_b = {}, {}
+    base, out_link = {}, {}
     for j in range(D):
         for j2 in range(j + 1, D + 1):
             grp = tuple(order[j:j2])
             rest = [d for d in order if d not in grp]
             base[j, j2] = gc.allreduce(grp)
-            comm_b[j, j2] = M * gc.transfer(grp, rest)
-    best = np.full((n, D + 1), INF)
-    best[n - 1, :] = 0.0  # all layers placed; the devices left over stay out
+            out_link[j, j2] = gc.transfer(grp, rest)
+    # The value of a state is the closed form's shape, (M - 1) x the largest per-micro-batch
+    # stage time + their sum + the largest all-reduce; the DP keeps, per state, the transition
+    # that scores best with what the rest of the pipeline already holds (exact for the
+    # bottleneck, greedy for the sum).
+    mx = np.full((n, D + 1), INF)
+    sm = np.full((n, D + 1), INF)
+    ar = np.full((n, D + 1), INF)
+    mx[n - 1, :] = sm[n - 1, :] = ar[n - 1, :] = 0.0  # all layers placed; devices left over stay out
     choice: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     results: dict[int, tuple[list[int], list[tuple[str, ...]]]] = {}
-    layers = []  # best[s] for s = 0..S_max
-    layers.append(best)
+    layers = [mx]  # score-bearing arrays per s, for the feasibility check below
+    rows_n = np.arange(n)
     for s in range(1, S_max + 1):
         k = M if schedule == "gpipe" else min(s, M)
-        prev = layers[-1]
-        cur = np.full((n, D + 1), INF)
+        pmx, psm, par = mx, sm, ar
+        best = np.full((n, D + 1), INF)
+        mx, sm, ar = np.full((n, D + 1), INF), np.full((n, D + 1), INF), np.full((n, D + 1), INF)
         arg_b = np.zeros((n, D + 1), dtype=int)
         arg_j = np.zeros((n, D + 1), dtype=int)
         for j in range(D):
             for j2 in range(j + 1, D + 1):
                 grp = tuple(order[j:j2])
-                cost = np.maximum(M * gc.step(grp, k) + base[j, j2], comm_b[j, j2][None, :])
-                cand = np.maximum(cost, prev[None, :, j2])
-                bi = np.argmin(cand, axis=1)
-                val = cand[np.arange(n), bi]
-                better = val < cur[:, j]
-                cur[:, j] = np.where(better, val, cur[:, j])
+                step = gc.step(grp, k)
+                link = out_link[j, j2][None, :]
+                # under 1F1B a stage's step and its outgoing transfer bound a period together
+                # (the cycle of two adjacent stages is at most the larger step + the transfer)
+                x = step + link if schedule != "gpipe" else np.maximum(step, link)
+                cmx = np.maximum(x, pmx[None, :, j2])
+                csm = x + psm[None, :, j2]
+                car = np.maximum(base[j, j2], par[None, :, j2])
+                score = csm + car + ((M - 1) * cmx if M > 1 else 0.0)
+                bi = np.argmin(score, axis=1)
+                val = score[rows_n, bi]
+                better = val < best[:, j]
+                best[:, j] = np.where(better, val, best[:, j])
+                mx[:, j] = np.where(better, cmx[rows_n, bi], mx[:, j])
+                sm[:, j] = np.where(better, csm[rows_n, bi], sm[:, j])
+                ar[:, j] = np.where(better, car[rows_n, bi], ar[:, j])
                 arg_b[:, j] = np.where(better, bi, arg_b[:, j])
                 arg_j[:, j] = np.where(better, j2, arg_j[:, j])
-        layers.append(cur)
+        layers.append(best)
         choice[s] = (arg_b, arg_j)
     for S in range(1, S_max + 1):
         if not math.isfinite(layers[S][0, 0]):
@@ -309,6 +379,28 @@ def _neighbours(c: Candidate, allowed: Sequence[int], devices: Sequence[str]) ->
                 ng = [list(x) for x in groups]
                 ng[gj].append(d)
                 yield bounds, ng
+    # split a stage in two at its middle allowed cut, the new stage run by a device taken from
+    # its group or from those left out (the cuts are then re-placed for the new groups)
+    spare = [d for d in devices if d not in used]
+    for gi, g in enumerate(groups):
+        lo, hi = bounds[gi], bounds[gi + 1]
+        inside = [a for a in allowed_set if lo < a < hi]
+        if not inside:
+            continue
+        mid = inside[len(inside) // 2]
+        donors = ([(d, True) for d in g] if len(g) > 1 else []) + [(d, False) for d in spare]
+        for d, from_group in donors:
+            for before in (True, False):
+                ng = [list(x) for x in groups]
+                if from_group:
+                    ng[gi].remove(d)
+                ng.insert(gi if before else gi + 1, [d])
+                yield [*bounds[:gi + 1], mid, *bounds[gi + 1:]], ng
+    # merge two adjacent stages into one run by both groups
+    for gi in range(len(groups) - 1):
+        ng = [list(x) for x in groups]
+        ng[gi] = ng[gi] + ng.pop(gi + 1)
+        yield [*bounds[:gi + 1], *bounds[gi + 2:]], ng
     # swap two devices of different groups
     for gi in range(len(groups)):
         for gj in range(gi + 1, len(groups)):
@@ -320,20 +412,85 @@ def _neighbours(c: Candidate, allowed: Sequence[int], devices: Sequence[str]) ->
                     yield bounds, ng
 
 
-def local_search(table: CostTable, c: Candidate, schedule: str, max_rounds: int = 20) -> Candidate:
-    """Hill-climb on the closed form with the moves of ``_neighbours`` (first improvement)."""
+def best_cuts(costs: _GroupCosts, groups: Sequence[Sequence[str]], schedule: str) -> list[int] | None:
+    """For a fixed sequence of groups, the cuts (among ``costs.pos``) that minimize the DP's
+    bottleneck: a DP over (stage, first boundary), vectorized over the last boundary."""
+    n, S, M = len(costs.pos), len(groups), costs.M
+    names = costs.t.cluster.names
+    mx, sm, ar = np.full(n, INF), np.full(n, INF), np.full(n, INF)
+    mx[n - 1] = sm[n - 1] = ar[n - 1] = 0.0
+    choice = []
+    rows_n = np.arange(n)
+    for p in range(S - 1, -1, -1):
+        grp = tuple(groups[p])
+        k = M if schedule == "gpipe" else min(S - p, M)
+        step = costs.step(grp, k)
+        rest = [d for d in names if d not in grp]
+        link = costs.transfer(grp, rest)[None, :]
+        x = step + link if schedule != "gpipe" else np.maximum(step, link)
+        cmx = np.maximum(x, mx[None, :])
+        csm = x + sm[None, :]
+        car = np.maximum(costs.allreduce(grp), ar[None, :])
+        score = csm + car + ((M - 1) * cmx if M > 1 else 0.0)
+        b = np.argmin(score, axis=1)
+        val = score[rows_n, b]
+        mx, sm, ar = cmx[rows_n, b], csm[rows_n, b], car[rows_n, b]
+        choice.append(b)
+    if not math.isfinite(val[0]):
+        return None
+    bounds, a = [int(costs.pos[0])], 0
+    for b in reversed(choice):
+        a = int(b[a])
+        bounds.append(int(costs.pos[a]))
+    return bounds
+
+
+def local_search(table: CostTable, c: Candidate, schedule: str, costs: _GroupCosts | None = None,
+                 max_rounds: int = 60) -> Candidate:
+    """Hill-climb on the closed form with the moves of ``_neighbours`` (first improvement); a
+    move that changes the groups is also tried with the cuts re-optimized for them."""
     allowed = list(table.lg.allowed_cuts())
     devices = table.cluster.names
+    seen: set = set()
     for _ in range(max_rounds):
         improved = False
         for bounds, groups in _neighbours(c, allowed, devices):
-            n = exact(table, bounds, groups, c.microbatches, schedule)
-            if n is not None and n.estimate_s < c.estimate_s * (1 - 1e-9):
-                c, improved = n, True
+            tries = [bounds]
+            if len(groups) > len(costs.pos if costs is not None else ()) - 1 >= 0:
+                continue
+            if costs is not None and groups != [list(st.devices) for st in c.stages]:
+                recut = best_cuts(costs, groups, schedule)
+                if recut is not None and recut != bounds:
+                    tries.append(recut)
+            for b in tries:
+                key = (tuple(b), tuple(map(tuple, groups)))
+                if key in seen:
+                    continue
+                seen.add(key)
+                n = exact(table, b, groups, c.microbatches, schedule)
+                if n is not None and n.estimate_s < c.estimate_s * (1 - 1e-9):
+                    c, improved = n, True
+                    break
+            if improved:
                 break
         if not improved:
             break
     return c
+
+
+FULL_SEARCH_MICROBATCHINGS = 3
+LOCAL_SEARCH_STARTS = 3
+
+
+def _dp_candidates(table: CostTable, costs: _GroupCosts, orders, M: int, schedule: str, stages: int | None,
+                   found: dict) -> None:
+    for order in orders:
+        for S, (bounds, groups) in dp_plans(table, order, M, schedule, max_stages=stages, costs=costs).items():
+            if stages is not None and S != stages:
+                continue
+            c = exact(table, bounds, groups, M, schedule)
+            if c is not None:
+                found.setdefault(c.key, c)
 
 
 def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
@@ -342,22 +499,25 @@ def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
            simulate_top: int = 4) -> list[Candidate]:
     """All candidates the planner scores, best closed form first (before simulation)."""
     found: dict[tuple, Candidate] = {}
-    for M, R in microbatch_choices(batch, microbatches, microbatch_rows):
-        table = CostTable(lg, cluster, R, opt_state_factor)
-        ords = orderings(table, cluster.names)
-        if orders == "memory":
-            ords = ords[:1]
-        for order in ords:
-            for S, (bounds, groups) in dp_plans(table, order, M, schedule, max_stages=stages).items():
-                if stages is not None and S != stages:
-                    continue
-                c = exact(table, bounds, groups, M, schedule)
-                if c is not None:
-                    found.setdefault(c.key, c)
+    choices = microbatch_choices(batch, microbatches, microbatch_rows)
+    tables = {R: CostTable(lg, cluster, R, opt_state_factor) for _, R in choices}
+    costs = {}
+    # first every micro-batching with the paper's ordering, then the full search (every ordering,
+    # local search) on the micro-batchings that did best
+    for M, R in choices:
+        costs[R] = _GroupCosts(tables[R], np.asarray(dp_boundaries(tables[R])), R, M)
+        _dp_candidates(tables[R], costs[R], orderings(tables[R], cluster.names)[:1], M, schedule, stages, found)
+    if orders == "memory":
+        return sorted(found.values(), key=lambda c: c.estimate_s)
+    ranked = sorted(found.values(), key=lambda c: c.estimate_s)
+    promising = list(dict.fromkeys((c.microbatches, c.rows) for c in ranked))[:FULL_SEARCH_MICROBATCHINGS]
+    for M, R in promising:
+        table = tables[R]
+        _dp_candidates(table, costs[R], orderings(table, cluster.names)[1:], M, schedule, stages, found)
         if local:
             ranked = sorted((c for c in found.values() if c.rows == R), key=lambda c: c.estimate_s)
-            for c in ranked[:3]:
-                better = local_search(table, c, schedule)
+            for c in ranked[:LOCAL_SEARCH_STARTS]:
+                better = local_search(table, c, schedule, costs[R])
                 if stages is None or len(better.stages) == stages:
                     found.setdefault(better.key, better)
     return sorted(found.values(), key=lambda c: c.estimate_s)
@@ -393,10 +553,9 @@ def finish(c: Candidate, lg: LayerGraph, cluster: Cluster, schedule: str, opt_st
     """A Plan for the candidate: the simulator's prediction, devices left out and what binds."""
     plan = Plan(c.stages, c.microbatches, c.rows, schedule, name)
     used = {d for st in c.stages for d in st.devices}
-    left_out = [(d.name, left_out_reason(lg, cluster, d.name, c, opt_state_factor))
-                for d in cluster.devices if d.name not in used]
-    pred = predict(plan, lg, cluster, opt_state_factor, left_out)
     table = CostTable(lg, cluster, c.rows, opt_state_factor)
+    left_out = [(d.name, left_out_reason(table, d.name, c, schedule)) for d in cluster.devices if d.name not in used]
+    pred = predict(plan, lg, cluster, opt_state_factor, left_out)
     notes = {}
     for p, st in enumerate(c.stages):
         k = in_flight(schedule, p, len(c.stages), c.microbatches)
@@ -411,10 +570,9 @@ def finish(c: Candidate, lg: LayerGraph, cluster: Cluster, schedule: str, opt_st
     return dataclasses.replace(plan, prediction=dataclasses.replace(pred, devices=uses, binding=binding))
 
 
-def left_out_reason(lg: LayerGraph, cluster: Cluster, device: str, c: Candidate, opt_state_factor: float) -> str:
-    table = CostTable(lg, cluster, c.rows, opt_state_factor)
+def left_out_reason(table: CostTable, device: str, c: Candidate, schedule: str) -> str:
     for p, st in enumerate(c.stages):
-        k = in_flight("1f1b", p, len(c.stages), c.microbatches)
+        k = in_flight(schedule, p, len(c.stages), c.microbatches)
         if table.row_cap(device, st.layers[0], st.layers[1], k) >= 1:
             return "adding it to any stage does not make the iteration faster (too slow or too poor a link)"
     return "too little memory for any stage of this plan"
@@ -422,21 +580,37 @@ def left_out_reason(lg: LayerGraph, cluster: Cluster, device: str, c: Candidate,
 
 def no_plan_message(lg: LayerGraph, cluster: Cluster, batch: int, microbatches: int | None,
                     microbatch_rows: int | None, schedule: str, opt_state_factor: float) -> str:
-    """Why nothing fits, and the smallest per-device memory that would let some plan fit: the
-    largest layer's static memory with one row in flight, or, over all devices together, the
-    model's memory split evenly."""
-    M, R = microbatch_choices(batch, microbatches, microbatch_rows)[-1] if batch else (1, 1)
-    table = CostTable(lg, cluster, max(R, 1), opt_state_factor)
-    L, D = len(lg), len(cluster.devices)
-    # with one row per device and D stages, the heaviest of the best D-way split bounds the need
-    need_one = max(table.memory(i, i + 1, 1, in_flight(schedule, 0, D, M)) for i in range(L))
-    whole = table.memory(0, L, 1, in_flight(schedule, 0, 1, M))
-    biggest = max(d.memory_bytes for d in cluster.devices)
-    return (f"no plan fits this cluster: the model needs {_bytes(whole)} on one device (weights, gradients, "
-            f"optimizer state and one row of activations); split over all {D} devices each would need at least "
-            f"{_bytes(max(need_one, whole // D))}, and the largest device has {_bytes(biggest)}. "
-            "Give devices at least that much memory, add devices, use an optimizer with less state "
-            "(opt_state_factor), or a smaller model")
+    """Why nothing fits, with the smallest memory that would do: found by bisection on a budget
+    given to every device of the cluster (the planner's own search decides whether it fits)."""
+    import dataclasses as dc
+
+    def fits(budget: int) -> bool:
+        bigger = Cluster([dc.replace(d, memory_bytes=max(d.memory_bytes, budget)) for d in cluster.devices],
+                         cluster.bandwidth, cluster.latency, name=cluster.name)
+        return bool(search(lg, bigger, batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows,
+                           schedule=schedule, opt_state_factor=opt_state_factor))
+
+    L = len(lg)
+    M, R = microbatch_choices(batch, microbatches, microbatch_rows)[-1]
+    table = CostTable(lg, cluster, R, opt_state_factor)
+    hi = max(table.memory(0, L, R, in_flight(schedule, 0, 1, M)), 1)  # one device holds everything
+    lo = max(d.memory_bytes for d in cluster.devices)
+    biggest = lo
+    if fits(lo):  # nothing to add memory to (e.g. too few rows for the groups): say so plainly
+        return (f"no plan fits this cluster with a batch of {batch}" + (f" in {microbatches} micro-batches"
+                if microbatches else "") + "; use a larger batch or fewer micro-batches")
+    for _ in range(24):
+        if hi - lo <= max(hi // 200, 1024):
+            break
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return (f"no plan fits this cluster: its largest device has {_bytes(biggest)}, and with all "
+            f"{len(cluster.devices)} devices each would need at least {_bytes(hi)} (weights, gradients, "
+            "optimizer state and activations of its share). Give the devices that much memory, add devices, "
+            "use an optimizer with less state (opt_state_factor) or a smaller batch")
 
 
 def _bytes(n: float) -> str:
