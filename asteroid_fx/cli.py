@@ -156,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("folder")
     s.add_argument("what", nargs="?", choices=["all", "plan", "program", "layers", "stages"], default="all")
     s.set_defaults(func=cmd_show)
-    from asteroid_fx import sim
+    from asteroid_fx import profile, sim
 
     sim.register_cli(sub)
+    profile.register_cli(sub)
     from asteroid_fx.backends.onnxruntime import register_cli as register_check
 
     register_check(sub)

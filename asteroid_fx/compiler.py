@@ -22,6 +22,7 @@ from asteroid_fx.passes.capture import Captured, capture
 from asteroid_fx.passes.linearize import linearize
 from asteroid_fx.passes.lower_comm import lower_comm
 from asteroid_fx.passes.partition import partition
+from asteroid_fx.passes.profile_costs import profile_costs
 from asteroid_fx.passes.schedule import schedule
 from asteroid_fx.passes.split import Stage, split
 
@@ -143,12 +144,13 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
             schedule_kind: str = "1f1b", stages: int | None = None,
             groups: Sequence[Sequence[str]] | None = None, rows: Sequence[Sequence[int]] | None = None,
             layers: Sequence[int] | None = None, max_layers: int | None = DEFAULT_MAX_LAYERS,
-            opt_state_factor: float = 2.0, check: bool = True) -> Compiled:
+            opt_state_factor: float = 2.0, check: bool = True, profiles: Sequence[Any] = ()) -> Compiled:
     """Compile ``model`` for ``devices`` (a Cluster, a list of Devices or kind names, a preset name
     or a cluster JSON path). ``example`` is one global batch of inputs (a tensor or a tuple);
     ``planner`` is one of passes.partition.PLANNER_NAMES ("asteroid" by default; the others are
     the baselines it is compared with). Unless ``microbatches`` or ``microbatch_rows`` pins it,
-    the planner also chooses the micro-batching of the batch."""
+    the planner also chooses the micro-batching of the batch. ``profiles`` (DeviceProfiles or profile
+    paths, one per device kind, from `asteroid profile`) replace those kinds' analytic costs."""
     cluster = resolve_cluster(devices)
     args = example if isinstance(example, tuple) else (example,)
     # capture with a dynamic batch so stages run on row slices of any size
@@ -160,6 +162,8 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
                              f"pass a divisor of {batch}, or leave both out and the planner chooses")
     annotate_costs(captured, {d.kind for d in cluster.devices})
     lg = linearize(captured, max_layers=max_layers)
+    if profiles:  # measured layer times replace the roofline for the kinds they were measured on
+        lg = profile_costs(lg, profiles, max_layers=max_layers)
     # the planner picks stages, groups, rows and (unless pinned) the micro-batching
     plan = partition(lg, cluster, planner=planner, batch=batch, microbatches=microbatches,
                      microbatch_rows=microbatch_rows, schedule=schedule_kind, stages=stages, groups=groups,
