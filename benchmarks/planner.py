@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -129,15 +130,16 @@ def geomean(xs) -> float:
 
 
 def summary(stats) -> list[str]:
-    out = ["| against | cases | min ratio | geometric mean | max ratio | where the max is |", "|---|---:|---:|---:|---:|---|"]
+    out = ["| against | cases | min ratio (where) | geometric mean | max ratio | where the max is |",
+           "|---|---:|---|---:|---:|---|"]
     for pname, rs in list(stats["ratios"].items()) + [("best hybrid (max of pipedream, hetpipe, metis)",
                                                         stats["best_hybrid"])]:
         if not rs:
             continue
         lo = min(rs)
         hi = max(rs)
-        out.append(f"| {pname} | {len(rs)} | {lo[0]:.2f}x | {geomean([r[0] for r in rs]):.2f}x | {hi[0]:.2f}x | "
-                   f"{hi[1]} on {hi[2]}, batch {hi[3]} |")
+        out.append(f"| {pname} | {len(rs)} | {lo[0]:.3f}x ({lo[1]} on {lo[2]}, batch {lo[3]}) | "
+                   f"{geomean([r[0] for r in rs]):.2f}x | {hi[0]:.2f}x | {hi[1]} on {hi[2]}, batch {hi[3]} |")
     return out
 
 
@@ -186,10 +188,12 @@ def timing(cap) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--quick", action="store_true", help="two presets, one batch, no oracle or timing (a smoke run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="two presets, one batch, no oracle or timing; printed, not written to RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
+    load_start = os.getloadavg()[0]
     names = [m for m in args.models.split(",") if m]
     captured = captured_models(names)
     presets = PRESETS[:2] if args.quick else PRESETS
@@ -238,8 +242,12 @@ def main() -> None:
         timing_model = "resnet50" if "resnet50" in captured else names[0]
         body += ["", f"### Planning time ({timing_model}, Jetson clusters at 1 Gbit/s)", "",
                  *timing(captured[timing_model])]
-    body += ["", f"Whole benchmark: {time.perf_counter() - started:.0f} s."]
-    write_section("planner" if not args.quick else "planner-quick", "\n".join(body))
+    body += ["", f"Whole benchmark: {time.perf_counter() - started:.0f} s; load average {load_start:.1f} at the start, "
+                 f"{os.getloadavg()[0]:.1f} at the end (other jobs share the 2 cores, so times are upper bounds)."]
+    if args.quick:  # a smoke run: shown, never recorded
+        print("\n".join(body))
+        return
+    write_section("planner", "\n".join(body))
     log("wrote the planner section of benchmarks/RESULTS.md")
 
 

@@ -46,6 +46,12 @@ from asteroid_fx.sim import predict
 INF = float("inf")
 RANDOM_ORDERS = 6  # for clusters of up to 8 devices; 2 beyond
 ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders
+DP_BOUNDARIES = 48  # the DP places cuts among at most this many (32 beyond 8 devices); local
+                    # search refines them
+FULL_SEARCH_MICROBATCHINGS = 3  # micro-batchings that get every order (the rest: the paper's)
+LOCAL_SEARCH_STARTS = 3
+POLISHED = 16  # best DP answers whose cuts are polished on the closed form before local search
+LOCAL_SEARCH_EVALS = 250  # plans scored per local search: a bound, so planning time stays bounded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +241,6 @@ class _GroupCosts:
         return self.cache[key]
 
 
-DP_BOUNDARIES = 48  # the DP places cuts among at most this many; local search refines them
 
 
 def dp_boundaries(table: CostTable, limit: int = DP_BOUNDARIES) -> list[int]:
@@ -269,13 +274,13 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
     S_max = min(D, n - 1, max_stages or D)
     gc = costs if costs is not None else _GroupCosts(table, pos, R, M)
     # per contiguous group [j, j2): steady cost per (a, b), without the memory term (added per K)
-    base, out_link = {}, {}
+    # per first device j: the all-reduce and outgoing transfer of every group [j, j2), stacked
+    # over j2 so that one numpy expression covers them all
+    allred, link = {}, {}
     for j in range(D):
-        for j2 in range(j + 1, D + 1):
-            grp = tuple(order[j:j2])
-            rest = [d for d in order if d not in grp]
-            base[j, j2] = gc.allreduce(grp)
-            out_link[j, j2] = gc.transfer(grp, rest)
+        grps = [tuple(order[j:j2]) for j2 in range(j + 1, D + 1)]
+        allred[j] = np.stack([gc.allreduce(g) for g in grps])  # (D - j, n, n)
+        link[j] = np.stack([gc.transfer(g, [d for d in order if d not in g]) for g in grps])[:, None, :]
     # The value of a state is the closed form's shape, (M - 1) x the largest per-micro-batch
     # stage time + their sum + the largest all-reduce; the DP keeps, per state, the transition
     # that scores best with what the rest of the pipeline already holds (exact for the
@@ -286,8 +291,9 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
     mx[n - 1, :] = sm[n - 1, :] = ar[n - 1, :] = 0.0  # all layers placed; devices left over stay out
     choice: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     results: dict[int, tuple[list[int], list[tuple[str, ...]]]] = {}
-    layers = [mx]  # score-bearing arrays per s, for the feasibility check below
+    layers = [mx]
     rows_n = np.arange(n)
+    steps: dict[tuple[int, int], np.ndarray] = {}
     for s in range(1, S_max + 1):
         k = M if schedule == "gpipe" else min(s, M)
         pmx, psm, par = mx, sm, ar
@@ -296,26 +302,25 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
         arg_b = np.zeros((n, D + 1), dtype=int)
         arg_j = np.zeros((n, D + 1), dtype=int)
         for j in range(D):
-            for j2 in range(j + 1, D + 1):
-                grp = tuple(order[j:j2])
-                step = gc.step(grp, k)
-                link = out_link[j, j2][None, :]
+            if (j, k) not in steps:
+                st = np.stack([gc.step(tuple(order[j:j2]), k) for j2 in range(j + 1, D + 1)])
                 # under 1F1B a stage's step and its outgoing transfer bound a period together
                 # (the cycle of two adjacent stages is at most the larger step + the transfer)
-                x = step + link if schedule != "gpipe" else np.maximum(step, link)
-                cmx = np.maximum(x, pmx[None, :, j2])
-                csm = x + psm[None, :, j2]
-                car = np.maximum(base[j, j2], par[None, :, j2])
-                score = csm + car + ((M - 1) * cmx if M > 1 else 0.0)
-                bi = np.argmin(score, axis=1)
-                val = score[rows_n, bi]
-                better = val < best[:, j]
-                best[:, j] = np.where(better, val, best[:, j])
-                mx[:, j] = np.where(better, cmx[rows_n, bi], mx[:, j])
-                sm[:, j] = np.where(better, csm[rows_n, bi], sm[:, j])
-                ar[:, j] = np.where(better, car[rows_n, bi], ar[:, j])
-                arg_b[:, j] = np.where(better, bi, arg_b[:, j])
-                arg_j[:, j] = np.where(better, j2, arg_j[:, j])
+                steps[j, k] = st + link[j] if schedule != "gpipe" else np.maximum(st, link[j])
+            x = steps[j, k]  # (D - j, n, n): group [j, j2), first boundary a, last boundary b
+            cmx = np.maximum(x, pmx[:, j + 1:].T[:, None, :])
+            csm = x + psm[:, j + 1:].T[:, None, :]
+            car = np.maximum(allred[j], par[:, j + 1:].T[:, None, :])
+            score = csm + car + ((M - 1) * cmx if M > 1 else 0.0)
+            flat = score.transpose(1, 0, 2).reshape(n, -1)  # a -> (j2, b)
+            pick = np.argmin(flat, axis=1)
+            g, b = np.divmod(pick, n)
+            best[:, j] = flat[rows_n, pick]
+            mx[:, j] = cmx[g, rows_n, b]
+            sm[:, j] = csm[g, rows_n, b]
+            ar[:, j] = car[g, rows_n, b]
+            arg_b[:, j] = b
+            arg_j[:, j] = j + 1 + g
         layers.append(best)
         choice[s] = (arg_b, arg_j)
     for S in range(1, S_max + 1):
@@ -445,8 +450,33 @@ def best_cuts(costs: _GroupCosts, groups: Sequence[Sequence[str]], schedule: str
     return bounds
 
 
+def polish_cuts(table: CostTable, c: Candidate, schedule: str, max_passes: int = 8) -> Candidate:
+    """Coordinate descent on the cuts alone: move each cut to a neighbouring allowed cut while
+    the closed form improves (the DP placed them by its own, coarser score)."""
+    allowed = sorted(table.lg.allowed_cuts())
+    groups = [list(st.devices) for st in c.stages]
+    for _ in range(max_passes):
+        improved = False
+        bounds = [c.stages[0].layers[0]] + [st.layers[1] for st in c.stages]
+        for i in range(1, len(bounds) - 1):
+            if bounds[i] not in allowed:
+                continue
+            k = allowed.index(bounds[i])
+            for k2 in (k - 1, k + 1):
+                if 0 <= k2 < len(allowed) and bounds[i - 1] < allowed[k2] < bounds[i + 1]:
+                    nb = list(bounds)
+                    nb[i] = allowed[k2]
+                    n = exact(table, nb, groups, c.microbatches, schedule)
+                    if n is not None and n.estimate_s < c.estimate_s * (1 - 1e-9):
+                        c, improved = n, True
+                        bounds = nb
+        if not improved:
+            break
+    return c
+
+
 def local_search(table: CostTable, c: Candidate, schedule: str, costs: _GroupCosts | None = None,
-                 max_rounds: int = 60) -> Candidate:
+                 max_rounds: int = 60, max_evals: int = LOCAL_SEARCH_EVALS) -> Candidate:
     """Hill-climb on the closed form with the moves of ``_neighbours`` (first improvement); a
     move that changes the groups is also tried with the cuts re-optimized for them."""
     allowed = list(table.lg.allowed_cuts())
@@ -467,7 +497,11 @@ def local_search(table: CostTable, c: Candidate, schedule: str, costs: _GroupCos
                 if key in seen:
                     continue
                 seen.add(key)
+                if len(seen) > max_evals:
+                    return c
                 n = exact(table, b, groups, c.microbatches, schedule)
+                if n is not None and b is not bounds and n.estimate_s < 1.05 * c.estimate_s:
+                    n = polish_cuts(table, n, schedule, max_passes=2)  # re-placed cuts, close: finish them
                 if n is not None and n.estimate_s < c.estimate_s * (1 - 1e-9):
                     c, improved = n, True
                     break
@@ -478,8 +512,6 @@ def local_search(table: CostTable, c: Candidate, schedule: str, costs: _GroupCos
     return c
 
 
-FULL_SEARCH_MICROBATCHINGS = 3
-LOCAL_SEARCH_STARTS = 3
 
 
 def _dp_candidates(table: CostTable, costs: _GroupCosts, orders, M: int, schedule: str, stages: int | None,
@@ -502,24 +534,35 @@ def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
     choices = microbatch_choices(batch, microbatches, microbatch_rows)
     tables = {R: CostTable(lg, cluster, R, opt_state_factor) for _, R in choices}
     costs = {}
-    # first every micro-batching with the paper's ordering, then the full search (every ordering,
-    # local search) on the micro-batchings that did best
+    # first every micro-batching with the paper's order and the speed order, then the full search
+    # (every order, local search) on the micro-batchings that did best
     for M, R in choices:
-        costs[R] = _GroupCosts(tables[R], np.asarray(dp_boundaries(tables[R])), R, M)
-        _dp_candidates(tables[R], costs[R], orderings(tables[R], cluster.names)[:1], M, schedule, stages, found)
+        limit = DP_BOUNDARIES if len(cluster.devices) <= 8 else 32
+        costs[R] = _GroupCosts(tables[R], np.asarray(dp_boundaries(tables[R], limit)), R, M)
+        first = 1 if orders == "memory" else 2  # the paper's order (and speed order, to rank micro-batchings)
+        _dp_candidates(tables[R], costs[R], orderings(tables[R], cluster.names)[:first], M, schedule, stages, found)
     if orders == "memory":
         return sorted(found.values(), key=lambda c: c.estimate_s)
     ranked = sorted(found.values(), key=lambda c: c.estimate_s)
     promising = list(dict.fromkeys((c.microbatches, c.rows) for c in ranked))[:FULL_SEARCH_MICROBATCHINGS]
     for M, R in promising:
-        table = tables[R]
-        _dp_candidates(table, costs[R], orderings(table, cluster.names)[1:], M, schedule, stages, found)
-        if local:
-            ranked = sorted((c for c in found.values() if c.rows == R), key=lambda c: c.estimate_s)
-            for c in ranked[:LOCAL_SEARCH_STARTS]:
-                better = local_search(table, c, schedule, costs[R])
-                if stages is None or len(better.stages) == stages:
-                    found.setdefault(better.key, better)
+        _dp_candidates(tables[R], costs[R], orderings(tables[R], cluster.names)[2:], M, schedule, stages, found)
+    if local:
+        ranked = sorted(found.values(), key=lambda c: c.estimate_s)
+        for c in ranked[:POLISHED]:
+            better = polish_cuts(tables[c.rows], c, schedule)
+            found.setdefault(better.key, better)
+        ranked = sorted(found.values(), key=lambda c: c.estimate_s)
+        starts = list(ranked[:LOCAL_SEARCH_STARTS])
+        if len(cluster.devices) <= 8:  # small clusters: also the best of every micro-batching
+            for M, R in choices:
+                best_of = next((c for c in ranked if c.microbatches == M), None)
+                if best_of is not None and best_of not in starts:
+                    starts.append(best_of)
+        for c in starts:
+            better = local_search(tables[c.rows], c, schedule, costs[c.rows])
+            if stages is None or len(better.stages) == stages:
+                found.setdefault(better.key, better)
     return sorted(found.values(), key=lambda c: c.estimate_s)
 
 
@@ -534,18 +577,34 @@ def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | No
     if not cands:
         raise NoPlanError(no_plan_message(lg, cluster, batch, microbatches, microbatch_rows, schedule,
                                           opt_state_factor))
-    return best_simulated(cands[:simulate_top], lg, cluster, schedule, opt_state_factor, name)
+    return best_simulated(to_simulate(cands, simulate_top), lg, cluster, schedule, opt_state_factor, name)
+
+
+def to_simulate(cands: Sequence[Candidate], top: int, most: int = 12) -> list[Candidate]:
+    """Which candidates the simulator settles between: the ``top`` best by the closed form, then
+    the best of every stage count and of every micro-batching not yet in (the closed form is a
+    model of the simulator and can misrank plans of different shapes), at most ``most``."""
+    chosen = list(cands[:top])
+    seen_shapes = {(len(c.stages), c.microbatches) for c in chosen}
+    for c in cands[top:]:
+        if len(chosen) >= most:
+            break
+        shape = (len(c.stages), c.microbatches)
+        if shape not in seen_shapes and c.estimate_s <= 1.25 * cands[0].estimate_s:
+            chosen.append(c)
+            seen_shapes.add(shape)
+    return chosen
 
 
 def best_simulated(cands: Sequence[Candidate], lg: LayerGraph, cluster: Cluster, schedule: str,
                    opt_state_factor: float, name: str) -> Plan:
     """The fastest of ``cands`` by simulation, with its prediction and explanations."""
-    best = None
+    best, best_s = None, INF
     for c in cands:
-        p = finish(c, lg, cluster, schedule, opt_state_factor, name)
-        if best is None or p.prediction.iteration_s < best.prediction.iteration_s:
-            best = p
-    return best
+        t = predict(Plan(c.stages, c.microbatches, c.rows, schedule, name), lg, cluster, opt_state_factor).iteration_s
+        if t < best_s:
+            best, best_s = c, t
+    return finish(best, lg, cluster, schedule, opt_state_factor, name)
 
 
 def finish(c: Candidate, lg: LayerGraph, cluster: Cluster, schedule: str, opt_state_factor: float,
