@@ -48,7 +48,7 @@ RANDOM_ORDERS = 6  # for clusters of up to 8 devices; 2 beyond
 ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders
 DP_BOUNDARIES = 48  # the DP places cuts among at most this many (32 beyond 8 devices); local
                     # search refines them
-FULL_SEARCH_MICROBATCHINGS = 3  # micro-batchings that get every order (the rest: the paper's)
+FULL_SEARCH_MICROBATCHINGS = 3  # micro-batchings that get every order (one fewer beyond 8 devices)
 LOCAL_SEARCH_STARTS = 3
 POLISHED = 16  # best DP answers whose cuts are polished on the closed form before local search
 LOCAL_SEARCH_EVALS = 250  # plans scored per local search: a bound, so planning time stays bounded
@@ -166,16 +166,20 @@ class _GroupCosts:
             self.alpha[k] = np.maximum(t1 - beta, 0.0)
             self.beta[k] = beta
         self.cache: dict[tuple, np.ndarray] = {}
+        self.members: dict[tuple[str, ...], tuple[tuple, int]] = {}  # group -> ((kind, memory)...), least memory
         self.bw = np.asarray(table.cluster.bandwidth, dtype=float)
         self.lat = np.asarray(table.cluster.latency, dtype=float)
         self.most_needed: dict[int, float] = {}  # K -> the most memory any valid (a, b) needs at R rows
 
     def step(self, group: tuple[str, ...], k_in_flight: int) -> np.ndarray:
         """The group's step time per (a, b); inf where it cannot hold the stage."""
-        members = tuple(sorted((self.t.kind_of[d], self.t.budget[d]) for d in group))
+        known = self.members.get(group)
+        if known is None:
+            members = tuple(sorted((self.t.kind_of[d], self.t.budget[d]) for d in group))
+            known = self.members[group] = (members, min(m for _, m in members))
+        members, smallest = known
         R = float(self.R)
         # memory cannot bind if every member holds all R rows at every (a, b)
-        smallest = min(m for _, m in members)
         if k_in_flight not in self.most_needed:
             need = np.where(self.valid, self.static + k_in_flight * self.act * R, 0.0)
             self.most_needed[k_in_flight] = float(need.max())
@@ -544,7 +548,8 @@ def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
     if orders == "memory":
         return sorted(found.values(), key=lambda c: c.estimate_s)
     ranked = sorted(found.values(), key=lambda c: c.estimate_s)
-    promising = list(dict.fromkeys((c.microbatches, c.rows) for c in ranked))[:FULL_SEARCH_MICROBATCHINGS]
+    full = FULL_SEARCH_MICROBATCHINGS if len(cluster.devices) <= 8 else FULL_SEARCH_MICROBATCHINGS - 1
+    promising = list(dict.fromkeys((c.microbatches, c.rows) for c in ranked))[:full]
     for M, R in promising:
         _dp_candidates(tables[R], costs[R], orderings(tables[R], cluster.names)[2:], M, schedule, stages, found)
     if local:
