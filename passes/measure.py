@@ -14,7 +14,7 @@ Expects the ``Captured`` graph and the ``LayerGraph`` that ``linearize`` made of
     activations would fit in ``CACHE_COLD_FROM`` caches, as many repeats again with the cache
     flushed before forward and before backward (the cell's cold timing; else cold is warm);
   - after the requested row counts, a layer whose time bends down at one of them (``probe_rows``)
-    is timed at the row count just below it too;
+    is timed at the row count just below it too, in one pass with the cell's whole quota;
   - per layer: gradient bytes and the optimizer's state bytes after one step;
   - every cheap pair of adjacent layers is timed as one stage at the smallest row counts, and each
     layer's call overhead is fitted from how much the pair's sum overshoots the pair
@@ -516,8 +516,9 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
             checkpoint(snapshot(False))
             last_save = time.monotonic()
 
-    def one_row_count(r: int, todo: list[int], todo_blocks: list[tuple[int, int]]) -> None:
-        """Time the ``todo`` layers (and ``todo_blocks``) at ``r`` rows, in ``rounds`` passes over
+    def one_row_count(r: int, todo: list[int], todo_blocks: list[tuple[int, int]], passes: int = rounds,
+                      quota: tuple[int, int, float] = quota) -> None:
+        """Time the ``todo`` layers (and ``todo_blocks``) at ``r`` rows, in ``passes`` passes over
         the model, cache-warm and, where the layer's data would fit the cache, flushed from it.
         Records their cells."""
         fwd: dict[Any, list[float]] = {k: [] for k in (*todo, *todo_blocks)}
@@ -527,7 +528,7 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
         memory: dict[int, tuple[int, int]] = {}
         # rounds: every layer gets some of its repeats in each pass over the model, so a burst
         # of load from other processes touches one round of a cell, not all of its repeats
-        for k in range(rounds):
+        for k in range(passes):
             x = example_rows(captured, r, dev)
             inputs: tuple[Any, ...] = tuple(x[name] for name in singles[0].stage.inputs)
             at_cut: dict[int, tuple[Any, ...]] = {}
@@ -571,7 +572,7 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
                 if progress is not None:
                     rate = count["measured_s"] / count["work_measured"]
                     progress(Progress(done=count["done"], total=count["total"], rows=r, layer=i, layers=L,
-                                      round=k, rounds=rounds, fwd_s=statistics.median(fwd[i]),
+                                      round=k, rounds=passes, fwd_s=statistics.median(fwd[i]),
                                       bwd_s=statistics.median(bwd[i]),
                                       elapsed_s=previous_s + time.perf_counter() - started,
                                       eta_s=rate * max(0.0, count["work_total"] - count["work_done"])))
@@ -618,11 +619,14 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
         # a kernel that changes at a profiled row count (a faster algorithm from 16 rows on, say)
         # bends the layer's time there: the rows just below it still cost what the slower one does
         probes = {p: [i for i in layers if (i, p) not in cells] for p, layers in probe_rows(cells, rows, L).items()}
-        count["total"] += sum(len(v) for v in probes.values()) * rounds
-        count["work_total"] += sum(p * len(v) for p, v in probes.items()) * rounds
+        # one pass with the whole quota: a pass re-runs every earlier layer's forward to reach the
+        # probed one, and probes are few cells whose job is the size of a bend, not a fine median
+        count["total"] += sum(len(v) for v in probes.values())
+        count["work_total"] += sum(p * len(v) for p, v in probes.items())
+        whole = (method.min_repeats, method.max_repeats, method.budget_s)
         for p, todo in probes.items():
             if todo:
-                one_row_count(p, todo, [])
+                one_row_count(p, todo, [], passes=1, quota=whole)
     except BaseException:
         if checkpoint is not None:
             checkpoint(snapshot(False))
