@@ -470,6 +470,12 @@ PRESETS: dict[str, Callable[[], "Cluster"]] = {
         "gigabit-ethernet",
         "Four Jetsons and a laptop CPU on a gigabit switch.",
     ),
+    "edge-4-pi-1g": _preset(
+        "edge-4-pi-1g",
+        ("raspberry-pi-5", "raspberry-pi-5", "raspberry-pi-5", "jetson-nano"),
+        "gigabit-ethernet",
+        "Three Raspberry Pi 5 boards and a Jetson Nano on a gigabit switch (the demo's cluster).",
+    ),
     "edge-6-laptop-300m": _preset(
         "edge-6-laptop-300m",
         ("jetson-nano", "jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-orin-nano", "laptop-i7"),

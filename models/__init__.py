@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import bert as _bert
+from . import digits_cnn as _digits
 from . import gpt as _gpt
 from . import mlp as _mlp
 from . import mobilenet as _mobilenet
@@ -62,6 +63,10 @@ def gpt(small: bool = False, **kw) -> nn.Module:
     return _gpt.build(small, **kw)
 
 
+def digits(small: bool = False, **kw) -> nn.Module:
+    return _digits.build(small, **kw)
+
+
 def _entry(name: str, build: Callable[..., nn.Module], config: Callable, module, loss: Callable) -> ZooEntry:
     def example(batch: int, small: bool = False) -> tuple:
         return module.example(config(small), batch)
@@ -82,6 +87,7 @@ ZOO: dict[str, ZooEntry] = {
         _entry("vgg16", vgg16, _vgg.config, _vgg, F.cross_entropy),
         _entry("bert", bert, _bert.config, _bert, F.cross_entropy),
         _entry("gpt", gpt, _gpt.config, _gpt, _gpt.lm_loss),
+        _entry("digits", digits, _digits.config, _digits, F.cross_entropy),
     )
 }
 
@@ -95,5 +101,5 @@ def get(name: str) -> ZooEntry:
 
 
 __all__ = [
-    "ZOO", "ZooEntry", "get", "mlp", "resnet18", "resnet50", "mobilenetv2", "vgg16", "bert", "gpt",
+    "ZOO", "ZooEntry", "get", "mlp", "resnet18", "resnet50", "mobilenetv2", "vgg16", "bert", "gpt", "digits",
 ]

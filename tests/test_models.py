@@ -24,7 +24,7 @@ def _seed():
 
 
 def test_registry_keys_and_get():
-    assert set(models.ZOO) == {"mlp", "resnet18", "resnet50", "mobilenetv2", "vgg16", "bert", "gpt"}
+    assert set(models.ZOO) == {"mlp", "resnet18", "resnet50", "mobilenetv2", "vgg16", "bert", "gpt", "digits"}
     for name, entry in models.ZOO.items():
         assert models.get(name) is entry and entry.name == name
     with pytest.raises(ValueError, match="resnet18"):

@@ -23,7 +23,7 @@ from asteroid_fx.backends import onnxruntime as backend  # noqa: E402
 from tests.test_local import BATCH, LAYOUTS, MICROBATCHES, _named_cluster  # noqa: E402
 
 # one plan per model in the default run, so that every stage count is covered
-DEFAULT = {"mobilenetv2": 1, "gpt": 2, "resnet50": 2, "bert": 3, "resnet18": 3, "mlp": 4, "vgg16": 4}
+DEFAULT = {"mobilenetv2": 1, "gpt": 2, "resnet50": 2, "bert": 3, "resnet18": 3, "mlp": 4, "vgg16": 4, "digits": 2}
 
 
 def _compile(name: str, n_stages: int):
