@@ -13,7 +13,12 @@ Same meaning as the local backend (backends/local.py), action by action:
              receive beyond the current one is in flight, so memory grows by one message;
   ALLREDUCE  one flat all_reduce of the stage's gradients on the group's sub-group (created once,
              in the same order on every rank), then the group's floating buffers are averaged;
-  STEP       the device's optimizer.
+  STEP       the device's optimizer;
+  BACKUP     a copy of the stage (parameters, buffers, optimizer state, by model name) to the
+             holder: a header (the length of a JSON list of names, dtypes and shapes), the list as
+             bytes, then one message per tensor; never a pickle;
+  RESTORE    receives such a copy and files it under the iteration it starts (local backend rule);
+  ROLLBACK   loads the copies filed under the iteration being redone, name by name.
 Tags keep messages apart: (stage, micro-batch, payload, tensor index) -> one int per message, the
 same on both sides.
 
@@ -23,6 +28,14 @@ device sleeps the difference; a slower one cannot and the lag is counted); every
 the time it would arrive over the emulated link (sender's link busy until its previous message
 has gone, then latency + bytes / bandwidth), and the receiver waits until then; an all-reduce is
 padded to the ring time of the group's slowest link.
+
+Process groups (``Comm``) are plain ``ProcessGroupGloo`` objects over ``PrefixStore(f"epoch{k}",
+store)`` of the run's store, one world per membership epoch and one per multi-device stage (or,
+without a store, torch.distributed's default group): after a failure the survivors build the
+groups of epoch k+1 in place and drop the broken ones. With an ``interrupt`` event a helper thread
+waits on each work while the device watches the event, so a device blocked on a dead peer's
+message leaves as soon as the failure is agreed (gloo's send and receive works report completion
+only through a blocking wait, and a wait with a timeout closes the connection it waits on).
 """
 
 from __future__ import annotations
@@ -31,13 +44,16 @@ import copy
 import dataclasses
 import datetime
 import hashlib
+import json
+import queue
+import threading
 import time
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.backends.local import OptimizerSpec, make_optimizer
+from asteroid_fx.backends.local import OptimizerSpec, StateCopy, make_optimizer
 from asteroid_fx.program import Action, Op, Program
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32",
@@ -47,7 +63,7 @@ DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat1
 def message_tag(a: Action, index: int) -> int:
     """One tag per tensor of a message; identical on the sending and the receiving side."""
     payload = 0 if a.payload == "act" else 1
-    return ((a.stage * 1_000_003 + a.mb) * 2 + payload) * 64 + index
+    return ((a.stage * 4096 + a.mb) * 2 + payload) * 64 + index  # below BACKUP_TAG for < 2048 stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +84,113 @@ class Emulation:
         return ring_allreduce_s(self.cluster, group, self.layer_graph.param_bytes(*layers))
 
 
+class Interrupted(Exception):
+    """The run's membership changed (a device failed or left) while this device was waiting."""
+
+
+BACKUP_TAG = 1 << 30  # BACKUP/RESTORE messages: a tag space apart from SEND/RECV's (gloo tags are int32)
+
+
+class Comm:
+    """This device's process groups for one membership epoch: the world (every device of
+    ``program``, ranks in program order) and the group of its stage when the stage has several
+    devices. ``interrupt`` (set when a failure is agreed) makes every wait raise Interrupted; a wait
+    that fails (a dead peer's connection) raises Interrupted too if the failure is agreed within
+    ``grace_s``."""
+
+    def __init__(self, store: dist.Store, program: Program, device: str, *, epoch: int = 0,
+                 timeout_s: float = 60.0, interrupt: threading.Event | None = None, grace_s: float = 5.0):
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.epoch, self.interrupt = epoch, interrupt
+        self.grace_s, self._waiter = grace_s, None
+        self.rank_of = {d: i for i, d in enumerate(program.devices)}
+        prefix = f"epoch{epoch}"
+        # a connection of the epoch's own: a group whose peer died may block in the store (gloo
+        # waits there for the peer to come back) and must not hold up the training loop's store
+        store = dist.TCPStore(store.host, store.port, world_size=None, is_master=False, timeout=timeout)
+        self.world = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), self.rank_of[device],
+                                           len(self.rank_of), timeout)
+        info = program.stage_of(device)
+        self.group = None
+        if len(info.slots) > 1:
+            self.group = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/stage{info.index}", store),
+                                               info.devices.index(device), len(info.slots), timeout)
+
+    @classmethod
+    def default_group(cls, program: Program, device: str) -> "Comm":
+        """The groups of torch.distributed's default group (``init_process_group``): its world, and
+        a sub-group per multi-device stage, created on every rank in stage order (new_group is
+        collective over the world)."""
+        self = cls.__new__(cls)
+        self.epoch, self.interrupt, self._waiter = 0, None, None
+        self.rank_of = {d: i for i, d in enumerate(program.devices)}
+        self.world = dist.distributed_c10d._get_default_group()
+        self.group = None
+        for info in program.stages:
+            if len(info.slots) > 1:
+                g = dist.new_group([self.rank_of[d] for d in info.devices])
+                if device in info.devices:
+                    self.group = g
+        return self
+
+    def send(self, t: torch.Tensor, peer: str, tag: int) -> dist.Work:
+        return self.world.send([t], self.rank_of[peer], tag)
+
+    def recv(self, t: torch.Tensor, peer: str, tag: int) -> dist.Work:
+        return self.world.recv([t], self.rank_of[peer], tag)
+
+    def wait(self, work: dist.Work) -> None:
+        if self.interrupt is None:
+            work.wait()
+            return
+        # gloo's send/recv works report completion only through a blocking wait, and a wait with a
+        # timeout closes the connection it times out on: a helper thread waits, this one watches
+        if self._waiter is None:
+            self._waiter = _Waiter()
+        box = self._waiter.submit(work)
+        while not box.done.wait(0.05):
+            if self.interrupt.is_set():
+                raise Interrupted()
+        if box.error is not None:
+            # a peer's connection broke: it died, and the heartbeat is about to say so
+            if self.interrupt.wait(self.grace_s):
+                raise Interrupted() from box.error
+            raise box.error
+
+    def barrier(self) -> None:
+        """Every device of the epoch reaches this point (interruptible)."""
+        self.wait(self.world.allreduce([torch.zeros(1)]))
+
+
+@dataclasses.dataclass
+class _Box:
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class _Waiter:
+    """A daemon thread that waits on works in order; one per epoch (after a failure it may stay
+    blocked on a dead peer's message, and is dropped with its groups)."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="comm-waiter", daemon=True).start()
+
+    def submit(self, work: dist.Work) -> _Box:
+        box = _Box()
+        self._queue.put((work, box))
+        return box
+
+    def _run(self) -> None:
+        while True:
+            work, box = self._queue.get()
+            try:
+                work.wait()
+            except Exception as e:  # handed to the waiting thread
+                box.error = e
+            box.done.set()
+
+
 @dataclasses.dataclass
 class _Pending:
     received: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
@@ -79,17 +202,21 @@ class _Pending:
 
 
 class DistWorker:
-    """One device's side of a Program. ``stages`` are the split stage modules (every rank compiles
-    the same model the same way; only this device's stage is copied and trained here)."""
+    """One device's side of a Program. ``stages`` are the split stage modules of ``program``'s
+    stage table (every rank compiles the same model the same way; only this device's stage is
+    copied and trained here). ``copies`` (iteration tag -> StateCopy) are the rollback points
+    and backups this device holds; a worker built after a rewrite takes over its predecessor's.
+    ``comm`` defaults to the groups of torch.distributed's default group.
+    ``fault`` (for tests and benchmarks) is called before every action with (iteration, index)."""
 
     def __init__(self, program: Program, stages: Sequence, device: str, *, loss: Callable,
                  unflatten: Callable, input_names: Sequence[str], optimizer: OptimizerSpec = "sgd",
                  lr: float = 1e-3, loss_reduction: str = "mean", torch_device: str = "cpu",
-                 emulation: Emulation | None = None):
+                 emulation: Emulation | None = None, copies: dict[int, StateCopy] | None = None,
+                 comm: Comm | None = None, fault: Callable[[int, int], None] | None = None):
         self.program = program
         self.device = device
-        self.rank_of = {d: i for i, d in enumerate(program.devices)}
-        self.rank = self.rank_of[device]
+        self.comm = comm if comm is not None else Comm.default_group(program, device)
         self.info = program.stage_of(device)
         self.slot = program.slot_of(device)
         self.stage = stages[self.info.index]
@@ -103,19 +230,30 @@ class DistWorker:
         self.module = copy.deepcopy(self.stage.module).to(self.torch_device)
         self.module.train()
         self.optimizer = make_optimizer(optimizer, [p for p in self.module.parameters() if p.requires_grad], lr)
-        self.receives = receive_runs(program.of(device))
-        self._receive_of = {a: k for k, run in enumerate(self.receives) for a in run}
-        # every rank creates every group, in stage order: new_group is collective over the world
-        self.group = None
-        for info in program.stages:
-            if len(info.slots) > 1:
-                g = dist.new_group([self.rank_of[d] for d in info.devices])
-                if info.index == self.info.index:
-                    self.group = g
+        self.copies: dict[int, StateCopy] = {} if copies is None else copies
+        self.fault = fault
+        self.done = 0  # actions completed in the current iteration (a failure's progress)
+        self._runs: dict[tuple[Action, ...], tuple] = {}
 
-    def step(self, inputs: Sequence[torch.Tensor], labels: Any) -> float:
-        """One iteration; returns this device's share of the loss (0 off the last stage)."""
+    def take_point(self, iteration: int) -> None:
+        """File the stage's current state as the rollback point of ``iteration`` (its start)."""
+        self.copies.setdefault(iteration, StateCopy()).update(StateCopy.of(self.module, self.optimizer))
+
+    def drop_copies_before(self, iteration: int) -> None:
+        for tag in [t for t in self.copies if t < iteration]:
+            del self.copies[tag]
+
+    def step(self, inputs: Sequence[torch.Tensor], labels: Any, *, actions: Sequence[Action] | None = None,
+             iteration: int = 0) -> float:
+        """One iteration (the program's actions, or ``actions`` over the same stage table); returns
+        this device's share of the loss (0 off the last stage)."""
         p = self.program
+        actions = tuple(p.of(self.device) if actions is None else actions)
+        if actions not in self._runs:
+            runs = receive_runs(actions)
+            self._runs[actions] = (runs, {a: k for k, run in enumerate(runs) for a in run})
+        self.receives, self._receive_of = self._runs[actions]
+        self.iteration, self._stepped = iteration, False
         self._inputs, self._labels = tuple(inputs), labels
         self._batch = p.microbatches * p.microbatch_rows
         self._state: dict[int, _Pending] = {}
@@ -124,13 +262,17 @@ class DistWorker:
         self._posted: dict[Action, tuple] = {}
         self._posted_through = -1
         self._post_through(0)
-        for a in p.of(self.device):
+        for k, a in enumerate(actions):
+            self.done = k
+            if self.fault is not None:
+                self.fault(iteration, k)
             started = time.perf_counter()
             ACTIONS[a.op](self, a)
             if self.emulation is not None and a.op in (Op.F, Op.B, Op.ALLREDUCE):
                 self._pace(a, time.perf_counter() - started)
+        self.done = len(actions)
         for w in self._sends:
-            w.wait()
+            self.comm.wait(w)
         return self._loss
 
     def _pace(self, a: Action, took: float) -> None:
@@ -192,19 +334,24 @@ class DistWorker:
                                for t, g in zip(st.inputs, self.stage.input_grads) if g)
         st.outputs, st.loss, st.grads_in = (), None, {}
 
+    def _arrival(self, peer: str, nbytes: int) -> float:
+        """When a message of ``nbytes`` sent now to ``peer`` arrives over the emulated link."""
+        bandwidth, latency = self.emulation.cluster.link(self.device, peer)
+        start = max(time.time(), self.link_free_at)
+        self.link_free_at = start + nbytes / bandwidth
+        return self.link_free_at + latency
+
     def _send(self, a: Action) -> None:
         st = self._mb(a.mb)
         sl = slice(a.rows[0] - self.slot.lo, a.rows[1] - self.slot.lo)
         source = st.outputs if a.payload == "act" else st.input_grads
         tensors = [t[sl].detach().contiguous() for t in source]
         if self.emulation is not None:
-            bandwidth, latency = self.emulation.cluster.link(self.device, a.peer)
-            start = max(time.time(), self.link_free_at)
-            self.link_free_at = start + sum(t.numel() * t.element_size() for t in tensors) / bandwidth
-            arrive = torch.tensor([self.link_free_at + latency], dtype=torch.float64)
-            self._sends.append(dist.isend(arrive, self.rank_of[a.peer], tag=message_tag(a, 63)))
+            arrive = self._arrival(a.peer, sum(t.numel() * t.element_size() for t in tensors))
+            self._sends.append(self.comm.send(torch.tensor([arrive], dtype=torch.float64), a.peer,
+                                              message_tag(a, 63)))
         for i, t in enumerate(tensors):
-            self._sends.append(dist.isend(t, self.rank_of[a.peer], tag=message_tag(a, i)))
+            self._sends.append(self.comm.send(t, a.peer, message_tag(a, i)))
 
     def _post_through(self, k: int) -> None:
         """Post the irecvs of every receive up to the k-th (in this device's action order)."""
@@ -217,18 +364,18 @@ class DistWorker:
         rows = a.rows[1] - a.rows[0]
         bufs = tuple(torch.empty((rows, *spec.shape), dtype=DTYPES[spec.dtype], device=self.torch_device)
                      for spec in a.specs)
-        works = [dist.irecv(b, self.rank_of[a.peer], tag=message_tag(a, i)) for i, b in enumerate(bufs)]
+        works = [self.comm.recv(b, a.peer, message_tag(a, i)) for i, b in enumerate(bufs)]
         arrive = None
         if self.emulation is not None:
             arrive = torch.empty(1, dtype=torch.float64)
-            works.append(dist.irecv(arrive, self.rank_of[a.peer], tag=message_tag(a, 63)))
+            works.append(self.comm.recv(arrive, a.peer, message_tag(a, 63)))
         return bufs, works, arrive
 
     def _recv(self, a: Action) -> None:
         self._post_through(self._receive_of[a] + 1)
         bufs, works, arrive = self._posted.pop(a)
         for w in works:
-            w.wait()
+            self.comm.wait(w)
         if arrive is not None and float(arrive) > time.time():
             time.sleep(float(arrive) - time.time())
         st = self._mb(a.mb)
@@ -239,7 +386,7 @@ class DistWorker:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.group)
+            self.comm.wait(self.comm.group.allreduce([flat]))
             offset = 0
             for p, g in zip(params, grads):
                 p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
@@ -247,7 +394,7 @@ class DistWorker:
         buffers = [b for b in self.module.buffers() if b.is_floating_point()]
         if buffers:
             flat = torch.cat([b.reshape(-1) for b in buffers])
-            dist.all_reduce(flat, group=self.group)
+            self.comm.wait(self.comm.group.allreduce([flat]))
             flat /= len(a.group)
             offset = 0
             with torch.no_grad():
@@ -259,10 +406,87 @@ class DistWorker:
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        self._stepped = True
+
+    def _backup(self, a: Action) -> None:
+        # tagged like the local backend: the iteration this state starts
+        tag = self.iteration + self._stepped
+        tensors, meta = state_message(StateCopy.of(self.module, self.optimizer))
+        body = json.dumps({"tag": tag, "meta": meta}).encode()
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        arrive = self._arrival(a.peer, nbytes) if self.emulation is not None else 0.0
+        base = BACKUP_TAG + a.stage * 65536
+        self._sends.append(self.comm.send(torch.tensor([len(body), arrive], dtype=torch.float64), a.peer, base))
+        self._sends.append(self.comm.send(torch.frombuffer(bytearray(body), dtype=torch.uint8), a.peer, base + 1))
+        for i, t in enumerate(tensors):
+            self._sends.append(self.comm.send(t, a.peer, base + 2 + i))
+
+    def _restore(self, a: Action) -> None:
+        base = BACKUP_TAG + a.stage * 65536
+        header = torch.empty(2, dtype=torch.float64)
+        self.comm.wait(self.comm.recv(header, a.peer, base))
+        body = torch.empty(int(header[0]), dtype=torch.uint8)
+        self.comm.wait(self.comm.recv(body, a.peer, base + 1))
+        message = json.loads(bytes(body.numpy()).decode())
+        bufs = [torch.empty(shape, dtype=DTYPES[dtype]) for _, _, _, dtype, shape in message["meta"]]
+        works = [self.comm.recv(b, a.peer, base + 2 + i) for i, b in enumerate(bufs)]
+        for w in works:
+            self.comm.wait(w)
+        if float(header[1]) > time.time():
+            time.sleep(float(header[1]) - time.time())
+        self.copies.setdefault(message["tag"], StateCopy()).update(state_from_message(message["meta"], bufs))
+
+    def _rollback(self, a: Action) -> None:
+        held = self.copies.get(self.iteration, StateCopy())
+        missing = held.load_into(self.module, self.optimizer)
+        if missing:
+            raise RuntimeError(f"{self.device} cannot roll back stage {a.stage} to the start of iteration "
+                               f"{self.iteration}: it holds no copy of {', '.join(missing[:4])}"
+                               f"{' ...' if len(missing) > 4 else ''}")
 
     def state_dict(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
                 if keys is None or k in keys}
+
+
+def state_message(copy_: StateCopy) -> tuple[list[torch.Tensor], list[list]]:
+    """A state copy as tensors and a JSON-able list of (kind, name, key, dtype, shape) per tensor;
+    an optimizer entry that is not a tensor (a step count as a number) travels in the key as
+    ``key=value``."""
+    tensors, meta = [], []
+
+    def add(kind: str, name: str, key: str, t: torch.Tensor) -> None:
+        tensors.append(t.detach().cpu().contiguous())
+        meta.append([kind, name, key, str(t.dtype).removeprefix("torch."), list(t.shape)])
+
+    for n, t in copy_.params.items():
+        add("p", n, "", t)
+    for n, t in copy_.buffers.items():
+        add("b", n, "", t)
+    for n, state in copy_.optim.items():
+        for key, v in state.items():
+            if isinstance(v, torch.Tensor):
+                add("o", n, key, v)
+            else:
+                meta.append(["v", n, key, "json", json.dumps(v)])
+    return tensors, meta
+
+
+def state_from_message(meta: list[list], tensors: Sequence[torch.Tensor]) -> StateCopy:
+    out = StateCopy()
+    it = iter(tensors)
+    for kind, name, key, dtype, shape in meta:
+        if kind == "v":
+            out.optim.setdefault(name, {})[key] = json.loads(shape)
+            continue
+        t = next(it)
+        if kind == "p":
+            out.params[name] = t
+        elif kind == "b":
+            out.buffers[name] = t
+        else:
+            out.optim.setdefault(name, {})[key] = t
+    return out
 
 
 def joined(pieces: list[tuple[torch.Tensor, ...]], i: int) -> torch.Tensor:
@@ -291,6 +515,9 @@ ACTIONS: dict[Op, Callable[[DistWorker, Action], None]] = {
     Op.RECV: DistWorker._recv,
     Op.ALLREDUCE: DistWorker._allreduce,
     Op.STEP: DistWorker._step,
+    Op.BACKUP: DistWorker._backup,
+    Op.RESTORE: DistWorker._restore,
+    Op.ROLLBACK: DistWorker._rollback,
 }
 
 

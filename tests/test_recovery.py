@@ -1,0 +1,115 @@
+"""Live pipeline replay on torch_dist: workers (gloo on loopback) lose a device to SIGKILL, to a
+freeze only heartbeats find, or to an announced departure, and the survivors regroup in place and
+end with the weights of the failure-free run of the same iterations."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from asteroid_fx.cluster import resolve_cluster
+from asteroid_fx.heartbeat import Heartbeat, agreed_failure
+from asteroid_fx.launch import RunSpec, batches, compile_spec, launch, load_weights
+
+HOST3 = resolve_cluster("host-3")
+HOST4 = resolve_cluster("host-4")
+
+# stage 0 alone on host0 (its loss merges it into stage 1), stage 1 a group of two (a loss re-splits it)
+HYBRID = RunSpec(model="mlp:small", batch=12, microbatches=2, groups=(("host0",), ("host1", "host2")),
+                 rows=((6,), (4, 2)), iterations=6, optimizer="adam", lr=1e-3, recovery=True)
+
+
+def check_exact(result: dict, spec: RunSpec, cluster, out) -> None:
+    """Weights and losses equal the failure-free local run of the same iterations."""
+    runner, losses = compile_spec(spec, cluster).run(batches(spec), spec.iterations, optimizer=spec.optimizer,
+                                                     lr=spec.lr)
+    assert result["losses"] == pytest.approx(losses, rel=1e-6)
+    got, want = load_weights(out, result["program"].devices), runner.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+
+def test_a_killed_single_device_stage_merges_into_its_neighbour(tmp_path):
+    spec = dataclasses.replace(HYBRID, faults=(("host0", 2, 3, "kill"),))
+    result = launch(spec, HOST3, tmp_path, timeout_s=120, log=lambda m: None)
+    (failure,) = result["failures"]
+    assert failure["device"] == "host0" and failure["iteration"] == 2 and failure["rollback_to"] == 2
+    assert "move to stage 1" in failure["changes"][0]
+    assert failure["detected_s"] < 2.0 and failure["recovery_s"] < 5.0
+    assert result["program"].devices == ("host1", "host2")
+    check_exact(result, spec, HOST3, tmp_path)
+
+
+def test_a_group_member_killed_at_a_random_moment_is_replaced_by_its_group(tmp_path):
+    seed = random.randrange(1 << 30)
+    moment = random.Random(seed).uniform(0.05, 0.5)  # the run lasts over a second
+    spec = dataclasses.replace(HYBRID, iterations=150)
+    result = launch(spec, HOST3, tmp_path, timeout_s=120, log=lambda m: None, kills=[("host2", moment)])
+    (failure,) = result["failures"]
+    assert failure["device"] == "host2", f"seed {seed}"
+    assert result["program"].devices == ("host0", "host1")
+    check_exact(result, spec, HOST3, tmp_path)
+
+
+def test_a_frozen_device_is_found_by_heartbeats_alone(tmp_path):
+    # SIGSTOP: the process stays, its sockets stay open, only its heartbeat stops
+    spec = dataclasses.replace(HYBRID, iterations=200, heartbeat_timeout_s=1.0)
+    result = launch(spec, HOST3, tmp_path, timeout_s=120, log=lambda m: None, kills=[("host1", 0.2, "SIGSTOP")])
+    (failure,) = result["failures"]
+    assert failure["device"] == "host1" and failure["reason"].startswith("no heartbeat")
+    assert 1.0 - spec.heartbeat_s <= failure["detected_s"] <= 1.0 + 2 * spec.heartbeat_s + 0.5
+    check_exact(result, spec, HOST3, tmp_path)
+
+
+def test_an_announced_departure_and_then_a_kill(tmp_path):
+    spec = dataclasses.replace(HYBRID, groups=(("host0", "host1"), ("host2", "host3")), rows=((3, 3), (2, 4)),
+                               iterations=8, faults=(("host1", 2, 1, "leave"), ("host3", 5, 4, "kill")))
+    result = launch(spec, HOST4, tmp_path, timeout_s=120, log=lambda m: None)
+    assert [(f["device"], f["iteration"]) for f in result["failures"]] == [("host1", 2), ("host3", 5)]
+    assert result["failures"][0]["reason"] == "left the run (announced)"
+    assert result["program"].devices == ("host0", "host2")
+    check_exact(result, spec, HOST4, tmp_path)
+
+
+def test_backups_every_three_iterations_redo_from_the_last_backup(tmp_path):
+    # backups after iterations 0, 3, 6: a failure in iteration 5 rolls back to the start of 4
+    spec = dataclasses.replace(HYBRID, iterations=8, backup_every=3, faults=(("host0", 5, 2, "kill"),))
+    result = launch(spec, HOST3, tmp_path, timeout_s=120, log=lambda m: None)
+    (failure,) = result["failures"]
+    assert (failure["iteration"], failure["rollback_to"]) == (5, 4)
+    check_exact(result, spec, HOST3, tmp_path)
+
+
+def test_heartbeats_find_a_silent_device_in_bounded_time_and_raise_no_false_alarm():
+    server = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
+
+    def client():
+        return dist.TCPStore("127.0.0.1", server.port, world_size=None, is_master=False)
+
+    beats = {d: Heartbeat(client(), d, interval_s=0.05, timeout_s=0.5) for d in "abc"}
+    for hb in beats.values():
+        hb.start()
+    for hb in beats.values():
+        hb.watch(0, "abc")
+    try:
+        busy = time.monotonic() + 1.5  # full load on this thread: nobody may be declared
+        x = torch.randn(256, 256)
+        while time.monotonic() < busy:
+            x = torch.tanh(x @ x)
+        assert not any(hb.interrupt.is_set() for hb in beats.values())
+        beats["c"].stop()  # c falls silent
+        silent = time.monotonic()
+        assert beats["a"].interrupt.wait(2.0) and beats["b"].interrupt.wait(1.0)
+        assert time.monotonic() - silent <= 0.5 + 3 * 0.05 + 0.2
+        assert agreed_failure(server, 0)["device"] == "c"
+    finally:
+        for hb in beats.values():
+            hb.stop()
