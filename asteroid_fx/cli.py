@@ -134,6 +134,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(args.coordinator, args.device, args.out, connect_timeout_s=args.connect_timeout)
 
 
+def schedule_name(text: str) -> str:
+    from asteroid_fx.plan import warmup_depth
+
+    try:
+        warmup_depth(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asteroid", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro-batches per iteration (default: the planner chooses)")
     c.add_argument("--planner", choices=PLANNER_NAMES, default="asteroid",
                    help="asteroid (default), or a baseline to compare with")
-    c.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    c.add_argument("--schedule", type=schedule_name, default="1f1b",
+                   help="gpipe, 1f1b (the planner may deepen its warm-up: 1f1b+N) or 1f1b+N pinned")
     c.add_argument("--stages", type=int, default=None, help="pin the stage count (default: the fastest)")
     c.add_argument("--max-layers", type=int, default=48, help="coarsen the graph to at most this many layers")
     c.add_argument("--profile", action="append", default=[], metavar="FILE",
@@ -174,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--microbatches", type=int, default=None,
                     help="micro-batches per iteration (default: the planner chooses)")
     la.add_argument("--planner", choices=PLANNER_NAMES, default="asteroid")
-    la.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    la.add_argument("--schedule", type=schedule_name, default="1f1b")
     la.add_argument("--stages", type=int, default=None)
     la.add_argument("--iterations", type=int, default=3)
     la.add_argument("--optimizer", default="sgd")

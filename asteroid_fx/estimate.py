@@ -17,16 +17,17 @@ from typing import Any, Sequence
 
 from asteroid_fx.cluster import Cluster
 from asteroid_fx.layer_graph import LayerGraph
-from asteroid_fx.plan import DeviceUse, Plan, Prediction, StagePlan
+from asteroid_fx.plan import DeviceUse, Plan, Prediction, StagePlan, warmup_depth
 
 ADAM_STATE_FACTOR = 2.0
 
 
 def in_flight(schedule: str, stage: int, stages: int, microbatches: int) -> int:
     """Micro-batches whose activations a stage holds at its peak."""
-    if schedule == "gpipe":
+    depth = warmup_depth(schedule)
+    if depth is None:
         return microbatches
-    return min(stages - stage, microbatches)
+    return min((stages - stage - 1) * (1 + depth) + 1, microbatches)
 
 
 def static_memory(lg: LayerGraph, layers: tuple[int, int], opt_state_factor: float = ADAM_STATE_FACTOR) -> float:
@@ -240,21 +241,23 @@ class CostTable:
         """The iteration time: one micro-batch's round trip through the pipeline (fill and
         drain), then M - 1 periods, then the slowest all-reduce. The period is the slowest
         stage's step, or the busiest network interface, or, under 1F1B, a cycle over stages p..q:
-        stage p alternates one forward and one backward and holds one micro-batch more than
-        stage p + 1, so between its forward of micro-batch m and its backward of m + q - p lie
-        the steps of stages p..q and the links between them both ways, which q - p + 1 periods
-        must cover (what makes 1F1B slow on slow links)."""
+        stage p alternates one forward and one backward and holds 1 + N micro-batches more than
+        stage p + 1 ("1f1b+N"; N = 0 for plain 1F1B), so between its forward of a micro-batch and
+        its backward of the one (q - p)(1 + N) later lie the steps of stages p..q and the links
+        between them both ways, which (q - p)(1 + N) + 1 periods must cover (what makes plain
+        1F1B slow on slow links, and a deeper warm-up faster there)."""
         S, M = len(stages), microbatches
         step = [max(self.stage_time(d, st.layers[0], st.layers[1], r) for d, r in zip(st.devices, st.rows))
                 for st in stages]
         link = [self.transfer_s(stages[p].layers[1], stages[p], stages[p + 1]) for p in range(S - 1)]
         allreduce = max(self.allreduce_s(st.devices, *st.layers) for st in stages)
         period = max(step + [self.nic_load_s(stages)])
-        if schedule != "gpipe":
+        depth = warmup_depth(schedule)
+        if depth is not None:
             for p in range(S):
                 for q in range(p + 1, S):
                     cycle = sum(step[p:q + 1]) + 2 * sum(link[p:q])
-                    period = max(period, cycle / min(q - p + 1, M))
+                    period = max(period, cycle / min((q - p) * (1 + depth) + 1, M))
         return sum(step) + 2 * sum(link) + (M - 1) * period + allreduce
 
     def stages_for(self, bounds: Sequence[int], groups: Sequence[Sequence[str]], rows: int,

@@ -5,10 +5,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 PLAN_FORMAT = "asteroid-plan"
 PLAN_VERSION = 1
+
+
+def warmup_depth(schedule: str) -> int | None:
+    """The extra warm-up of a 1F1B-family schedule ("1f1b" = 0, "1f1b+N" = N), None for GPipe;
+    ValueError for any other name. Under "1f1b+N" stage p of S holds up to (S - p - 1)(1 + N) + 1
+    micro-batches in flight: N more per later stage than plain 1F1B, which lets it run ahead of a
+    slow link (and costs their activations' memory)."""
+    if schedule == "gpipe":
+        return None
+    if schedule == "1f1b":
+        return 0
+    m = re.fullmatch(r"1f1b\+([0-9]+)", schedule)
+    if m is None:
+        raise ValueError(f"unknown schedule {schedule!r}; use 'gpipe', '1f1b' or '1f1b+N' (N extra warm-up "
+                         "micro-batches per later stage)")
+    return int(m.group(1))
 
 
 class NoPlanError(ValueError):
@@ -58,7 +75,7 @@ class Plan:
     stages: tuple[StagePlan, ...]
     microbatches: int
     microbatch_rows: int
-    schedule: str  # "1f1b" | "gpipe"
+    schedule: str  # "gpipe" | "1f1b" | "1f1b+N" (see warmup_depth)
     planner: str
     prediction: Prediction | None = None
 
@@ -67,8 +84,7 @@ class Plan:
         return self.microbatches * self.microbatch_rows
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("1f1b", "gpipe"):
-            raise ValueError(f"unknown schedule {self.schedule!r}; use '1f1b' or 'gpipe'")
+        warmup_depth(self.schedule)  # a known schedule name, else ValueError
         if self.microbatches < 1 or self.microbatch_rows < 1:
             raise ValueError("a plan needs at least one micro-batch of at least one row")
         seen: set[str] = set()

@@ -63,7 +63,7 @@ def _candidate(table: CostTable, stages: Sequence[StagePlan], M: int, schedule: 
     if not stages or min(min(st.rows) for st in stages) < 1 or not _fits(table, stages, M, schedule):
         return None
     stages = tuple(stages)
-    return Candidate(stages, M, table.max_rows, table.iteration_s(stages, M, schedule))
+    return Candidate(stages, M, table.max_rows, table.iteration_s(stages, M, schedule), schedule)
 
 
 def _cut_by_work(lg: LayerGraph, shares: Sequence[float], work: Sequence[float]) -> list[int] | None:
@@ -309,7 +309,7 @@ def oracle(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
                                 continue
                             stages = table.stages_for(bounds, groups, R, M, schedule)
                             if stages is not None:
-                                best.append(Candidate(stages, M, R, table.iteration_s(stages, M, schedule)))
+                                best.append(Candidate(stages, M, R, table.iteration_s(stages, M, schedule), schedule))
                 if len(best) > 4 * simulate_top:
                     best = sorted(best, key=lambda c: c.estimate_s)[: 2 * simulate_top]
         return sorted(best, key=lambda c: c.estimate_s)[:simulate_top]

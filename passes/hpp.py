@@ -40,7 +40,7 @@ import numpy as np
 from asteroid_fx.cluster import Cluster
 from asteroid_fx.estimate import ADAM_STATE_FACTOR, CostTable, in_flight
 from asteroid_fx.layer_graph import LayerGraph
-from asteroid_fx.plan import NoPlanError, Plan, StagePlan
+from asteroid_fx.plan import NoPlanError, Plan, StagePlan, warmup_depth
 from asteroid_fx.sim import predict
 
 INF = float("inf")
@@ -51,6 +51,8 @@ DP_BOUNDARIES = 48  # the DP places cuts among at most this many (32 beyond 8 de
 FULL_SEARCH_MICROBATCHINGS = 3  # micro-batchings that get every order (one fewer beyond 8 devices)
 LOCAL_SEARCH_STARTS = 3
 POLISHED = 16  # best DP answers whose cuts are polished on the closed form before local search
+DEEPENED = 8  # best plans also tried with a deeper 1F1B warm-up ("1f1b+N", N in DEPTHS)
+DEPTHS = (1, 2, 4)
 LOCAL_SEARCH_EVALS = 250  # plans scored per local search: a bound, so planning time stays bounded
 
 
@@ -62,10 +64,11 @@ class Candidate:
     microbatches: int
     rows: int
     estimate_s: float
+    schedule: str = "1f1b"
 
     @property
     def key(self) -> tuple:
-        return (self.microbatches, tuple((st.layers, st.devices, st.rows) for st in self.stages))
+        return (self.microbatches, self.schedule, tuple((st.layers, st.devices, st.rows) for st in self.stages))
 
 
 def microbatch_choices(batch: int, microbatches: int | None, microbatch_rows: int | None,
@@ -277,6 +280,7 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
     n, D = len(pos), len(order)
     S_max = min(D, n - 1, max_stages or D)
     gc = costs if costs is not None else _GroupCosts(table, pos, R, M)
+    depth = warmup_depth(schedule)
     # per contiguous group [j, j2): steady cost per (a, b), without the memory term (added per K)
     # per first device j: the all-reduce and outgoing transfer of every group [j, j2), stacked
     # over j2 so that one numpy expression covers them all
@@ -299,7 +303,7 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
     rows_n = np.arange(n)
     steps: dict[tuple[int, int], np.ndarray] = {}
     for s in range(1, S_max + 1):
-        k = M if schedule == "gpipe" else min(s, M)
+        k = in_flight(schedule, 0, s, M)  # the first of s stages left holds the most
         pmx, psm, par = mx, sm, ar
         best = np.full((n, D + 1), INF)
         mx, sm, ar = np.full((n, D + 1), INF), np.full((n, D + 1), INF), np.full((n, D + 1), INF)
@@ -310,7 +314,7 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
                 st = np.stack([gc.step(tuple(order[j:j2]), k) for j2 in range(j + 1, D + 1)])
                 # under 1F1B a stage's step and its outgoing transfer bound a period together
                 # (the cycle of two adjacent stages is at most the larger step + the transfer)
-                steps[j, k] = st + link[j] if schedule != "gpipe" else np.maximum(st, link[j])
+                steps[j, k] = st + link[j] / (1 + depth) if depth is not None else np.maximum(st, link[j])
             x = steps[j, k]  # (D - j, n, n): group [j, j2), first boundary a, last boundary b
             cmx = np.maximum(x, pmx[:, j + 1:].T[:, None, :])
             csm = x + psm[:, j + 1:].T[:, None, :]
@@ -350,7 +354,8 @@ def exact(table: CostTable, bounds: Sequence[int], groups: Sequence[Sequence[str
     stages = table.stages_for(bounds, groups, table.max_rows, microbatches, schedule)
     if stages is None:
         return None
-    return Candidate(stages, microbatches, table.max_rows, table.iteration_s(stages, microbatches, schedule))
+    return Candidate(stages, microbatches, table.max_rows, table.iteration_s(stages, microbatches, schedule),
+                     schedule)
 
 
 def _neighbours(c: Candidate, allowed: Sequence[int], devices: Sequence[str]) -> Iterable[tuple[list[int], list[list[str]]]]:
@@ -432,11 +437,12 @@ def best_cuts(costs: _GroupCosts, groups: Sequence[Sequence[str]], schedule: str
     rows_n = np.arange(n)
     for p in range(S - 1, -1, -1):
         grp = tuple(groups[p])
-        k = M if schedule == "gpipe" else min(S - p, M)
+        k = in_flight(schedule, p, S, M)
         step = costs.step(grp, k)
         rest = [d for d in names if d not in grp]
         link = costs.transfer(grp, rest)[None, :]
-        x = step + link if schedule != "gpipe" else np.maximum(step, link)
+        depth = warmup_depth(schedule)
+        x = step + link / (1 + depth) if depth is not None else np.maximum(step, link)
         cmx = np.maximum(x, mx[None, :])
         csm = x + sm[None, :]
         car = np.maximum(costs.allreduce(grp), ar[None, :])
@@ -532,7 +538,7 @@ def _dp_candidates(table: CostTable, costs: _GroupCosts, orders, M: int, schedul
 def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
            microbatch_rows: int | None = None, schedule: str = "1f1b", stages: int | None = None,
            opt_state_factor: float = ADAM_STATE_FACTOR, orders: str = "all", local: bool = True,
-           simulate_top: int = 4) -> list[Candidate]:
+           simulate_top: int = 4, deepen: bool = True) -> list[Candidate]:
     """All candidates the planner scores, best closed form first (before simulation)."""
     found: dict[tuple, Candidate] = {}
     choices = microbatch_choices(batch, microbatches, microbatch_rows)
@@ -545,7 +551,7 @@ def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
         costs[R] = _GroupCosts(tables[R], np.asarray(dp_boundaries(tables[R], limit)), R, M)
         first = 1 if orders == "memory" else 2  # the paper's order (and speed order, to rank micro-batchings)
         _dp_candidates(tables[R], costs[R], orderings(tables[R], cluster.names)[:first], M, schedule, stages, found)
-    if orders == "memory":
+    if orders == "memory":  # the paper's search: one order, plain schedules
         return sorted(found.values(), key=lambda c: c.estimate_s)
     ranked = sorted(found.values(), key=lambda c: c.estimate_s)
     full = FULL_SEARCH_MICROBATCHINGS if len(cluster.devices) <= 8 else FULL_SEARCH_MICROBATCHINGS - 1
@@ -568,6 +574,18 @@ def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
             better = local_search(tables[c.rows], c, schedule, costs[c.rows])
             if stages is None or len(better.stages) == stages:
                 found.setdefault(better.key, better)
+    if schedule == "1f1b" and deepen:
+        # beyond the paper: the same stages with a deeper 1F1B warm-up, where memory allows; it
+        # hides slow links (estimate.CostTable.iteration_s) at the price of activations in flight
+        for c in sorted(found.values(), key=lambda c: c.estimate_s)[:DEEPENED]:
+            if len(c.stages) < 2:
+                continue
+            bounds = [c.stages[0].layers[0]] + [st.layers[1] for st in c.stages]
+            for depth in DEPTHS:
+                deeper = exact(tables[c.rows], bounds, [st.devices for st in c.stages], c.microbatches,
+                               f"1f1b+{depth}")
+                if deeper is not None:
+                    found.setdefault(deeper.key, deeper)
     return sorted(found.values(), key=lambda c: c.estimate_s)
 
 
@@ -585,16 +603,21 @@ def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | No
     return best_simulated(to_simulate(cands, simulate_top), lg, cluster, schedule, opt_state_factor, name)
 
 
-def to_simulate(cands: Sequence[Candidate], top: int, most: int = 12) -> list[Candidate]:
-    """Which candidates the simulator settles between: the ``top`` best by the closed form, then
-    the best of every stage count and of every micro-batching not yet in (the closed form is a
-    model of the simulator and can misrank plans of different shapes), at most ``most``."""
+def to_simulate(cands: Sequence[Candidate], top: int, most: int = 16) -> list[Candidate]:
+    """Which candidates the simulator settles between: the ``top`` best by the closed form, the
+    two best of every schedule, then the best of every stage count, micro-batching and schedule
+    not yet in (the closed form is a model of the simulator and can misrank plans of different
+    shapes; it is optimistic about deeper warm-ups), at most ``most``."""
     chosen = list(cands[:top])
-    seen_shapes = {(len(c.stages), c.microbatches) for c in chosen}
+    for sched in dict.fromkeys(c.schedule for c in cands):
+        for c in [c for c in cands if c.schedule == sched][:2]:
+            if c not in chosen:
+                chosen.append(c)
+    seen_shapes = {(len(c.stages), c.microbatches, c.schedule) for c in chosen}
     for c in cands[top:]:
         if len(chosen) >= most:
             break
-        shape = (len(c.stages), c.microbatches)
+        shape = (len(c.stages), c.microbatches, c.schedule)
         if shape not in seen_shapes and c.estimate_s <= 1.25 * cands[0].estimate_s:
             chosen.append(c)
             seen_shapes.add(shape)
@@ -606,7 +629,7 @@ def best_simulated(cands: Sequence[Candidate], lg: LayerGraph, cluster: Cluster,
     """The fastest of ``cands`` by simulation, with its prediction and explanations."""
     best, best_s = None, INF
     for c in cands:
-        t = predict(Plan(c.stages, c.microbatches, c.rows, schedule, name), lg, cluster, opt_state_factor).iteration_s
+        t = predict(Plan(c.stages, c.microbatches, c.rows, c.schedule, name), lg, cluster, opt_state_factor).iteration_s
         if t < best_s:
             best, best_s = c, t
     return finish(best, lg, cluster, schedule, opt_state_factor, name)
@@ -615,6 +638,7 @@ def best_simulated(cands: Sequence[Candidate], lg: LayerGraph, cluster: Cluster,
 def finish(c: Candidate, lg: LayerGraph, cluster: Cluster, schedule: str, opt_state_factor: float,
            name: str) -> Plan:
     """A Plan for the candidate: the simulator's prediction, devices left out and what binds."""
+    schedule = c.schedule
     plan = Plan(c.stages, c.microbatches, c.rows, schedule, name)
     used = {d for st in c.stages for d in st.devices}
     table = CostTable(lg, cluster, c.rows, opt_state_factor)

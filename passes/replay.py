@@ -33,7 +33,7 @@ from asteroid_fx.program import Action, Op, Program, StageInfo, StageSlot, Tenso
 from asteroid_fx.program_text import format_action, format_program
 from asteroid_fx.verify import execution_order, verify
 from asteroid_fx.passes.lower_comm import CutSpecs, lower_comm
-from asteroid_fx.passes.schedule import ORDERS
+from asteroid_fx.passes.schedule import order_of
 
 
 class ReplayError(ValueError):
@@ -202,9 +202,12 @@ def _cut_specs(program: Program) -> dict[int, CutSpecs]:
 
 def _program(before: Program, table: tuple[StageInfo, ...]) -> Program:
     """The lowered program of ``before``'s schedule over a new stage table (cuts are cuts of before)."""
-    if before.schedule not in ORDERS:
-        raise ReplayError(f"cannot re-schedule a {before.schedule!r} program; replay knows {', '.join(ORDERS)}")
-    order, S, M = ORDERS[before.schedule], len(table), before.microbatches
+    try:
+        order = order_of(before.schedule)
+    except ValueError:
+        raise ReplayError(f"cannot re-schedule a {before.schedule!r} program; replay knows gpipe, 1f1b and "
+                          "1f1b+N") from None
+    S, M = len(table), before.microbatches
     compute = tuple((slot.device, tuple(Action(op, st.index, m, (slot.lo, slot.hi)) for op, m in order(st.index, S, M)))
                     for st in table for slot in st.slots)
     specs = _cut_specs(before)

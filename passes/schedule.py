@@ -3,13 +3,15 @@
 Every device of stage p runs the stage's micro-batch order on its own rows:
   gpipe  all forwards, then all backwards (every micro-batch's activations held at once);
   1f1b   min(S - p - 1, M) warm-up forwards, then one forward / one backward alternately, so stage
-         p holds at most min(S - p, M) micro-batches in flight (what the planner's memory assumes).
+         p holds at most min(S - p, M) micro-batches in flight (what the planner's memory assumes);
+  1f1b+N the same with min((S - p - 1)(1 + N), M) warm-up forwards: each stage runs N more
+         micro-batches ahead of the next, which hides slow links (estimate.in_flight counts them).
 Communication is added by lower_comm.
 """
 
 from __future__ import annotations
 
-from asteroid_fx.plan import Plan
+from asteroid_fx.plan import Plan, warmup_depth
 from asteroid_fx.program import Action, Op, Program, StageInfo, StageSlot
 
 
@@ -17,9 +19,9 @@ def _gpipe(stage: int, stages: int, microbatches: int) -> list[tuple[Op, int]]:
     return [(Op.F, m) for m in range(microbatches)] + [(Op.B, m) for m in range(microbatches)]
 
 
-def _one_f_one_b(stage: int, stages: int, microbatches: int) -> list[tuple[Op, int]]:
+def _one_f_one_b(stage: int, stages: int, microbatches: int, depth: int = 0) -> list[tuple[Op, int]]:
     order = []
-    warmup = min(stages - stage - 1, microbatches)
+    warmup = min((stages - stage - 1) * (1 + depth), microbatches)
     fwd = bwd = 0
     for _ in range(warmup):
         order.append((Op.F, fwd))
@@ -36,15 +38,21 @@ def _one_f_one_b(stage: int, stages: int, microbatches: int) -> list[tuple[Op, i
 ORDERS = {"gpipe": _gpipe, "1f1b": _one_f_one_b}
 
 
+def order_of(name: str):
+    """The per-stage order function of a schedule name: "gpipe", "1f1b" or "1f1b+N"."""
+    depth = warmup_depth(name)  # ValueError names the known schedules
+    if depth is None:
+        return _gpipe
+    return lambda stage, stages, microbatches: _one_f_one_b(stage, stages, microbatches, depth)
+
+
 def stage_table(plan: Plan) -> tuple[StageInfo, ...]:
     return tuple(StageInfo(p, st.layers, tuple(StageSlot(d, lo, hi) for d, lo, hi in st.slots))
                  for p, st in enumerate(plan.stages))
 
 
 def schedule(plan: Plan) -> Program:
-    if plan.schedule not in ORDERS:
-        raise ValueError(f"unknown schedule {plan.schedule!r}; known: {', '.join(ORDERS)}")
-    order = ORDERS[plan.schedule]
+    order = order_of(plan.schedule)
     S, M = len(plan.stages), plan.microbatches
     table = stage_table(plan)
     actions = []

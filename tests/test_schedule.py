@@ -28,7 +28,7 @@ from asteroid_fx.passes.schedule import schedule
 from asteroid_fx.passes.split import split
 
 GOLDEN = Path(__file__).parent / "golden"
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("gpipe", "1f1b", "1f1b+1", "1f1b+3")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,7 +83,8 @@ def test_orders_and_in_flight(kind, n_stages, microbatches):
         assert forwards == backwards == list(range(microbatches))
         for m in range(microbatches):
             assert acts.index(acts[0]._replace(op=Op.F, mb=m)) < acts.index(acts[0]._replace(op=Op.B, mb=m))
-        expected = min(n_stages - p, microbatches) if kind == "1f1b" else microbatches
+        depth = {"gpipe": None, "1f1b": 0, "1f1b+1": 1, "1f1b+3": 3}[kind]
+        expected = microbatches if depth is None else min((n_stages - p - 1) * (1 + depth) + 1, microbatches)
         assert _peak_in_flight(acts) == expected == in_flight(kind, p, n_stages, microbatches)
 
 
@@ -280,3 +281,50 @@ def test_golden_mlp_2stage_3dev_1f1b():
         f"the printed program differs from {path}; if the change is intended, regenerate it with "
         "ASTEROID_UPDATE_GOLDEN=1 and review the diff")
     assert parse_program(path.read_text()) == compiled.program
+
+
+# ------------------------------------------------------------------------------------------------
+# deeper 1F1B warm-up
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_deeper_warmup_runs_ahead_and_holds_what_the_planner_counts(depth):
+    from asteroid_fx.estimate import in_flight
+    from asteroid_fx.passes.schedule import order_of
+
+    S, M = 4, 12
+    name = "1f1b" if depth == 0 else f"1f1b+{depth}"
+    for p in range(S):
+        steps = order_of(name)(p, S, M)
+        assert [m for op, m in steps if op == Op.F] == list(range(M))
+        assert [m for op, m in steps if op == Op.B] == list(range(M))
+        live, most = 0, 0
+        for op, _ in steps:
+            live += 1 if op == Op.F else -1
+            most = max(most, live)
+        assert most == in_flight(name, p, S, M) == min((S - p - 1) * (1 + depth) + 1, M)
+
+
+def test_unknown_schedule_names_are_refused():
+    from asteroid_fx.plan import warmup_depth
+
+    with pytest.raises(ValueError, match="1f1b\\+N"):
+        warmup_depth("1f1b-2")
+
+
+def test_a_deeper_warmup_trains_exactly_like_plain_1f1b():
+    entry = models.get("mlp")
+    results = []
+    for kind in ("1f1b", "1f1b+2"):
+        torch.manual_seed(0)
+        model = entry.build(small=True)
+        compiled = asteroid.compile(model, _golden_cluster(), example=entry.example(8, True), loss=entry.loss,
+                                    microbatches=4, schedule_kind=kind, groups=[["a"], ["b"], ["c"]],
+                                    rows=[[2], [2], [2]], layers=[0, 2, 4, 6])
+        verify(compiled.program)
+        torch.manual_seed(1)
+        batches = [(entry.example(8, True), entry.labels(8, True)) for _ in range(2)]
+        runner, losses = compiled.run(iter(batches), 2, optimizer="adam", lr=1e-2)
+        results.append((losses, runner))
+    (plain, _), (deep, _) = results
+    assert deep == pytest.approx(plain, rel=1e-6)
