@@ -104,15 +104,23 @@ def cmd_launch(args: argparse.Namespace) -> int:
     spec = RunSpec(model=args.model, batch=args.batch, microbatches=args.microbatches, planner=args.planner,
                    schedule=args.schedule,
                    iterations=args.iterations, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-                   stages=args.stages, emulate=args.emulate)
+                   stages=args.stages, emulate=args.emulate, recovery=args.recover, backup_every=args.backup_every,
+                   heartbeat_timeout_s=args.heartbeat_timeout)
     cluster = resolve_cluster(args.cluster)
     if args.n is not None and args.n != len(cluster.devices):
         raise SystemExit(f"-n {args.n} but cluster {args.cluster!r} has {len(cluster.devices)} devices; "
                          "give a cluster with that many devices, or leave -n out")
     host, _, port = args.listen.rpartition(":")
     remote = [d for d in args.remote.split(",") if d] if args.remote else []
+    kills = []
+    for k in args.kill:
+        device, _, seconds = k.partition("@")
+        try:
+            kills.append((device, float(seconds)))
+        except ValueError:
+            raise SystemExit(f"bad --kill {k!r}: write DEVICE@SECONDS, e.g. host1@0.5") from None
     result = launch(spec, cluster, args.out, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr),
-                    host=host, port=int(port), remote=remote)
+                    host=host, port=int(port), remote=remote, kills=kills)
     print(f"trained {spec.model} on {len(result['workers'])} workers:")
     for i, loss in enumerate(result["losses"]):
         print(f"  iteration {i + 1}: loss {loss:.4f}  {result['seconds'][i] * 1e3:.1f} ms")
@@ -124,6 +132,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
               if lag > 0 else f"planner's prediction: {predicted * 1e3:.1f} ms/iteration")
     if not remote:
         load_weights(args.out, result["program"].devices)  # proves the weights are readable
+    for f in result["failures"]:
+        print(f"  {f['device']} failed in iteration {f['iteration'] + 1} ({f['reason']}): agreed after "
+              f"{f['detected_s']:.2f}s, training back after {f['recovery_s']:.2f}s")
     print(f"worker logs, losses and weights in {args.out}/")
     return 0
 
@@ -197,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "with `asteroid worker` instead of being started here")
     la.add_argument("--emulate", action="store_true",
                     help="pace each worker's compute and links like its device in the cluster")
+    la.add_argument("--recover", action="store_true",
+                    help="survive devices that die or leave: heartbeats, backups, pipeline replay in place")
+    la.add_argument("--backup-every", type=int, default=1, help="iterations between backups (with --recover)")
+    la.add_argument("--heartbeat-timeout", type=float, default=1.5,
+                    help="seconds of silence after which a device has failed (with --recover)")
+    la.add_argument("--kill", action="append", default=[], metavar="DEVICE@SECONDS",
+                    help="SIGKILL that worker so long after the first iteration (a failure drill)")
     la.set_defaults(func=cmd_launch)
     w = sub.add_parser("worker", help="one device of a run (started by `asteroid launch`, or by hand)")
     w.add_argument("--coordinator", default=None, help="HOST:PORT of the run's store (default: torchrun's "

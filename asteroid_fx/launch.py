@@ -229,9 +229,9 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
                          "failed_at": failed_at, "detected_s": event["declared_at"] - failed_at,
                          "regroup_s": max(r["recoveries"][k]["regrouped_at"] for r in trained) - event["declared_at"],
                          "recovery_s": resumed - failed_at})
-        log(f"{x} failed in iteration {event['iteration']} ({event['reason']}): agreed after "
-            f"{failures[-1]['detected_s']:.2f}s, training back at iteration {event['iteration'] + 1} after "
-            f"{failures[-1]['recovery_s']:.2f}s (rolled back to iteration {event['rollback_to']})")
+        log(f"{x} failed in iteration {event['iteration'] + 1} ({event['reason']}): agreed after "
+            f"{failures[-1]['detected_s']:.2f}s, iteration {event['iteration'] + 1} done again after "
+            f"{failures[-1]['recovery_s']:.2f}s (rolled back to the start of iteration {event['rollback_to'] + 1})")
     return {"losses": losses, "seconds": seconds, "workers": results, "program": final, "plan": compiled.plan,
             "failures": failures}
 

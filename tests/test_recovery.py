@@ -113,3 +113,15 @@ def test_heartbeats_find_a_silent_device_in_bounded_time_and_raise_no_false_alar
     finally:
         for hb in beats.values():
             hb.stop()
+
+
+def test_asteroid_launch_recovers_from_a_kill_drill(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "asteroid_fx.cli", "launch", "mlp:small", "--cluster", "host-3",
+                           "--batch", "12", "--microbatches", "2", "--stages", "2", "--iterations", "150",
+                           "--recover", "--kill", "host1@0.1", "--out", str(tmp_path), "--timeout", "120"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "host1 failed in iteration" in proc.stdout and "training back after" in proc.stdout
