@@ -592,25 +592,25 @@ def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
 def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
          microbatch_rows: int | None = None, schedule: str = "1f1b", stages: int | None = None,
          opt_state_factor: float = ADAM_STATE_FACTOR, orders: str = "all", local: bool = True,
-         simulate_top: int = 4, name: str = "asteroid") -> Plan:
+         simulate_top: int = 4, name: str = "asteroid", deepen: bool = True) -> Plan:
     """The Asteroid planner; see the module docstring."""
     cands = search(lg, cluster, batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows,
                    schedule=schedule, stages=stages, opt_state_factor=opt_state_factor, orders=orders,
-                   local=local)
+                   local=local, deepen=deepen)
     if not cands:
         raise NoPlanError(no_plan_message(lg, cluster, batch, microbatches, microbatch_rows, schedule,
                                           opt_state_factor))
     return best_simulated(to_simulate(cands, simulate_top), lg, cluster, schedule, opt_state_factor, name)
 
 
-def to_simulate(cands: Sequence[Candidate], top: int, most: int = 16) -> list[Candidate]:
+def to_simulate(cands: Sequence[Candidate], top: int, most: int = 10) -> list[Candidate]:
     """Which candidates the simulator settles between: the ``top`` best by the closed form, the
-    two best of every schedule, then the best of every stage count, micro-batching and schedule
+    best of every schedule, then the best of every stage count, micro-batching and schedule
     not yet in (the closed form is a model of the simulator and can misrank plans of different
     shapes; it is optimistic about deeper warm-ups), at most ``most``."""
     chosen = list(cands[:top])
     for sched in dict.fromkeys(c.schedule for c in cands):
-        for c in [c for c in cands if c.schedule == sched][:2]:
+        for c in [c for c in cands if c.schedule == sched][:1]:
             if c not in chosen:
                 chosen.append(c)
     seen_shapes = {(len(c.stages), c.microbatches, c.schedule) for c in chosen}
