@@ -104,8 +104,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
     spec = RunSpec(model=args.model, batch=args.batch, microbatches=args.microbatches, planner=args.planner,
                    schedule=args.schedule,
                    iterations=args.iterations, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-                   stages=args.stages, emulate=args.emulate, recovery=args.recover, backup_every=args.backup_every,
+                   stages=args.stages, emulate=args.emulate, dilation=args.dilation, recovery=args.recover,
+                   backup_every=args.backup_every,
                    heartbeat_timeout_s=args.heartbeat_timeout)
+    if args.dilation <= 0:
+        raise SystemExit(f"--dilation must be positive, got {args.dilation:g}")
     cluster = resolve_cluster(args.cluster)
     if args.n is not None and args.n != len(cluster.devices):
         raise SystemExit(f"-n {args.n} but cluster {args.cluster!r} has {len(cluster.devices)} devices; "
@@ -126,10 +129,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(f"  iteration {i + 1}: loss {loss:.4f}  {result['seconds'][i] * 1e3:.1f} ms")
     if args.emulate:
         lag = max(r["lag_s"] for r in result["workers"].values())
-        predicted = result["plan"].prediction.iteration_s
-        print(f"planner's prediction: {predicted * 1e3:.1f} ms/iteration; worst compute lag behind the "
+        predicted = result["plan"].prediction.iteration_s * args.dilation
+        print(f"planner's prediction: {predicted * 1e3:.1f} ms/iteration"
+              + (f" (dilated {args.dilation:g}x)" if args.dilation != 1 else "") + "; worst compute lag behind the "
               f"emulated devices: {lag * 1e3:.1f} ms in total (this host was slower than the device it emulated)"
-              if lag > 0 else f"planner's prediction: {predicted * 1e3:.1f} ms/iteration")
+              if lag > 0 else f"planner's prediction: {predicted * 1e3:.1f} ms/iteration"
+              + (f" (dilated {args.dilation:g}x)" if args.dilation != 1 else ""))
     if not remote:
         load_weights(args.out, result["program"].devices)  # proves the weights are readable
     for f in result["failures"]:
@@ -197,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="micro-batches per iteration (default: the planner chooses)")
     la.add_argument("--planner", choices=PLANNER_NAMES, default="asteroid")
     la.add_argument("--schedule", type=schedule_name, default="1f1b")
+    la.add_argument("--dilation", type=float, default=1.0,
+                    help="with --emulate: run every emulated duration this many times slower, for a host slower "
+                         "than the devices it emulates (divide the measured times by it)")
     la.add_argument("--stages", type=int, default=None)
     la.add_argument("--iterations", type=int, default=3)
     la.add_argument("--optimizer", default="sgd")

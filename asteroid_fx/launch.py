@@ -56,6 +56,7 @@ class RunSpec:
     layers: tuple[int, ...] | None = None
     planner: str = "asteroid"
     emulate: bool = False  # pace every worker like its device in the cluster (backends/torch_dist.Emulation)
+    dilation: float = 1.0  # with emulate: every emulated duration this many times longer
     recovery: bool = False  # survive failed and departing devices by pipeline replay
     backup_every: int = 1  # iterations between backups (a failure redoes up to this many)
     heartbeat_s: float = 0.1  # heartbeat interval
@@ -356,7 +357,7 @@ class Training:
         return DistWorker(program, stages, self.device, loss=c.loss, unflatten=c.captured.unflatten_outputs,
                           input_names=[n.name for n in c.captured.module.graph.nodes if n.op == "placeholder"],
                           optimizer=self.spec.optimizer, lr=self.spec.lr, comm=self.comm, copies=copies,
-                          emulation=Emulation(c.layer_graph, c.cluster) if self.spec.emulate else None,
+                          emulation=Emulation(c.layer_graph, c.cluster, self.spec.dilation) if self.spec.emulate else None,
                           fault=self._fault if self.spec.faults else None)
 
     # which iterations back up, and which iteration starts a rollback can return to (a "tag")

@@ -27,7 +27,8 @@ padded to the cost model's time for the emulated device kind (a host faster than
 device sleeps the difference; a slower one cannot and the lag is counted); every message carries
 the time it would arrive over the emulated link (sender's link busy until its previous message
 has gone, then latency + bytes / bandwidth), and the receiver waits until then; an all-reduce is
-padded to the ring time of the group's slowest link.
+padded to the ring time of the group's slowest link. With a time dilation d every emulated
+duration is d times longer (a host slower than the emulated devices can still keep their pace).
 
 Process groups (``Comm``) are plain ``ProcessGroupGloo`` objects over ``PrefixStore(f"epoch{k}",
 store)`` of the run's store, one world per membership epoch and one per multi-device stage (or,
@@ -72,16 +73,24 @@ class Emulation:
 
     layer_graph: Any
     cluster: Any
+    # time dilation: every emulated duration (compute, latency, bytes over bandwidth) this many
+    # times longer, for a host slower than the devices it emulates; divide measured times by it
+    dilation: float = 1.0
 
     def compute_s(self, device: str, a: Action, layers: tuple[int, int]) -> float:
         kind = self.cluster.device(device).kind
         fit = self.layer_graph.fwd if a.op == Op.F else self.layer_graph.bwd
-        return fit(kind, *layers)(a.rows[1] - a.rows[0])
+        return self.dilation * fit(kind, *layers)(a.rows[1] - a.rows[0])
 
     def allreduce_s(self, group: Sequence[str], layers: tuple[int, int]) -> float:
         from asteroid_fx.estimate import ring_allreduce_s
 
-        return ring_allreduce_s(self.cluster, group, self.layer_graph.param_bytes(*layers))
+        return self.dilation * ring_allreduce_s(self.cluster, group, self.layer_graph.param_bytes(*layers))
+
+    def link(self, a: str, b: str) -> tuple[float, float]:
+        """(bandwidth, latency) of the emulated link, dilated."""
+        bandwidth, latency = self.cluster.link(a, b)
+        return bandwidth / self.dilation, latency * self.dilation
 
 
 class Interrupted(Exception):
@@ -336,7 +345,7 @@ class DistWorker:
 
     def _arrival(self, peer: str, nbytes: int) -> float:
         """When a message of ``nbytes`` sent now to ``peer`` arrives over the emulated link."""
-        bandwidth, latency = self.emulation.cluster.link(self.device, peer)
+        bandwidth, latency = self.emulation.link(self.device, peer)
         start = max(time.time(), self.link_free_at)
         self.link_free_at = start + nbytes / bandwidth
         return self.link_free_at + latency

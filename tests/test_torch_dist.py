@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+import asteroid_fx as asteroid
 from asteroid_fx.cluster import Cluster, Device
 from asteroid_fx.launch import RunSpec, batches, compile_spec, launch, load_weights
 
@@ -114,3 +115,22 @@ def test_remote_workers_join_by_device_name_and_by_torchrun_rank(tmp_path):
     local = compile_spec(spec, CLUSTER)
     _, losses = local.run(batches(spec), spec.iterations, optimizer=spec.optimizer, lr=spec.lr)
     assert result["losses"] == pytest.approx(losses, rel=1e-6)
+
+
+def test_time_dilation_stretches_every_emulated_duration():
+    from asteroid_fx import catalog, models
+    from asteroid_fx.backends.torch_dist import Emulation
+    from asteroid_fx.program import Action, Op
+
+    entry = models.get("mlp")
+    torch.manual_seed(0)
+    compiled = asteroid.compile(entry.build(small=True), catalog.preset("edge-4-1g"), example=entry.example(8, True),
+                                loss=entry.loss, microbatches=2, groups=[["nano0", "tx2-0"], ["xnx0"]],
+                                rows=[[2, 2], [4]], layers=[0, 3, 6])
+    plain = Emulation(compiled.layer_graph, compiled.cluster)
+    slow = Emulation(compiled.layer_graph, compiled.cluster, dilation=10.0)
+    f = Action(Op.F, 0, 0, (0, 2))
+    assert slow.compute_s("nano0", f, (0, 3)) == pytest.approx(10 * plain.compute_s("nano0", f, (0, 3)))
+    assert slow.allreduce_s(("nano0", "tx2-0"), (0, 3)) == pytest.approx(10 * plain.allreduce_s(("nano0", "tx2-0"), (0, 3)))
+    (bw, lat), (bw10, lat10) = plain.link("nano0", "xnx0"), slow.link("nano0", "xnx0")
+    assert (bw10, lat10) == pytest.approx((bw / 10, lat * 10))
