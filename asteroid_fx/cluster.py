@@ -26,11 +26,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from asteroid_fx import catalog
+from asteroid_fx.atomic import write_text
 from asteroid_fx.catalog import DeviceKind
 
 FORMAT = "asteroid-cluster"
@@ -455,22 +455,7 @@ class Cluster:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the canonical JSON atomically: readers see the old file or the new, never half."""
-        path = Path(path)
-        text = _canonical_text(self.to_json())
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cluster file is not a secret
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_text(path, _canonical_text(self.to_json()))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Cluster:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from asteroid_fx.atomic import write_text
 from asteroid_fx.cluster import Cluster, resolve_cluster
 from asteroid_fx.layer_graph import LayerGraph
 from asteroid_fx.plan import Plan
@@ -131,11 +131,7 @@ class Compiled:
 
 
 def _write(path: Path, text: str) -> None:
-    """Atomic: a crash never leaves a half-written file behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict | None = None,

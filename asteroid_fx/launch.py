@@ -25,13 +25,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
+from asteroid_fx.atomic import torch_save
 from asteroid_fx.program import Op
 from asteroid_fx.program_text import format_program
 
@@ -483,10 +483,7 @@ def _without_backups(program):
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch_save(obj, path)
 
 
 def load_weights(out: str | os.PathLike, devices: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -868,16 +868,9 @@ def costs_from_json(data: Mapping[str, Any]) -> LayerGraph:
 
 def write_costs(lg: LayerGraph, path: str | Path) -> Path:
     """``costs.json`` beside a compiled plan: what `asteroid simulate` times the program with."""
-    import os
-    import tempfile
+    from asteroid_fx.atomic import write_text
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(costs_to_json(lg), f)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(costs_to_json(lg)) + "\n")
 
 
 def read_costs(path: str | Path) -> LayerGraph:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from asteroid_fx.atomic import write_text
 from asteroid_fx.program import Op
 
 if TYPE_CHECKING:
@@ -113,10 +113,7 @@ def write_trace(sim: "Simulation", path: str | os.PathLike) -> dict[str, Any]:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------

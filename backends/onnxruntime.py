@@ -44,7 +44,6 @@ import logging
 import os
 import re
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -54,6 +53,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from asteroid_fx.atomic import write_bytes
 from asteroid_fx.program import Action, Op, Program
 from asteroid_fx.verify import execution_order
 from asteroid_fx.passes.eval_mode import eval_mode
@@ -646,11 +646,7 @@ def check(compiled: Compiled, *, inputs: Any = None, kwargs: dict | None = None,
 # --- plan folders and the command line -------------------------------------------------------------
 
 def _atomic(path: Path, data: bytes) -> None:
-    """A crash never leaves a half-written file behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_bytes(path, data)
 
 
 def _pt2_bytes(program: torch.export.ExportedProgram) -> bytes:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import platform
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from asteroid_fx.atomic import write_text
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = ("# Benchmark results\n\nEvery table below is written by the script named in its heading; "
@@ -36,7 +37,4 @@ def write_section(name: str, body: str) -> None:
     block = f"{begin}\n{body.rstrip()}\n{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, prefix=".RESULTS.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, RESULTS)
+    write_text(RESULTS, text)
