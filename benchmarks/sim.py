@@ -102,7 +102,8 @@ def consistency() -> list[str]:
     head = ["### Prediction = simulation of the compiled program",
             "",
             "Every zoo model (small configuration, batch 16, 4 micro-batches, 1F1B, analytic costs) compiled by "
-            "the asteroid planner (compile's default); `predicted` is `plan.prediction`, `simulated` is `compiled.simulate()` on the "
+            "the asteroid planner (compile's default); `predicted` is `plan.prediction`, `simulated` is "
+            "`compiled.simulate()` on the "
             f"program compile emits. Goal: within 2 %; largest difference {worst:.3%}. The planner simulates a "
             "program built from the LayerGraph's cut bytes, which counts a gradient for every tensor crossing a "
             "cut (BERT's attention mask needs none: its small difference). The closed form of estimate.py, "
