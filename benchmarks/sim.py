@@ -22,7 +22,7 @@ from results import machine, write_section  # noqa: E402
 import asteroid_fx as asteroid  # noqa: E402
 from asteroid_fx import models  # noqa: E402
 from asteroid_fx.cluster import Cluster  # noqa: E402
-from asteroid_fx.estimate import predict as closed_form  # noqa: E402
+from asteroid_fx.estimate import CostTable  # noqa: E402
 from asteroid_fx.passes.annotate_costs import annotate_costs  # noqa: E402
 from asteroid_fx.passes.capture import capture  # noqa: E402
 from asteroid_fx.passes.linearize import linearize  # noqa: E402
@@ -94,7 +94,9 @@ def consistency() -> list[str]:
                                         loss=entry.loss, microbatches=4)
             predicted = compiled.plan.prediction.iteration_s
             simulated = compiled.simulate().iteration_s
-            closed = closed_form(compiled.plan, compiled.layer_graph, compiled.cluster).iteration_s
+            plan = compiled.plan
+            closed = CostTable(compiled.layer_graph, compiled.cluster, plan.microbatch_rows).iteration_s(
+                plan.stages, plan.microbatches, plan.schedule)
             diff = abs(predicted / simulated - 1)
             worst = max(worst, diff)
             lines.append(f"| {name} | {cluster} | {len(compiled.plan.stages)} | {predicted * 1e3:.2f} | "
@@ -106,8 +108,9 @@ def consistency() -> list[str]:
             "`compiled.simulate()` on the "
             f"program compile emits. Goal: within 2 %; largest difference {worst:.3%}. The planner simulates a "
             "program built from the LayerGraph's cut bytes, which counts a gradient for every tensor crossing a "
-            "cut (BERT's attention mask needs none: its small difference). The closed form of estimate.py, "
-            "for reference, is what a search can afford per candidate.",
+            "cut (BERT's attention mask needs none: its small difference). The closed form "
+            "(`estimate.CostTable.iteration_s`), for reference, is what the planner's search scores candidates "
+            "with before it simulates the best few.",
             ""]
     return head + lines
 
