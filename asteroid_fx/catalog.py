@@ -37,7 +37,9 @@ import dataclasses
 import functools
 import math
 import os
+import platform
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # cluster.py imports this module, so the runtime import is deferred
@@ -294,6 +296,18 @@ def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def host_cpu_name() -> str:
+    """This machine's CPU model as the OS names it (/proc/cpuinfo), else what platform knows."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
 
 
 def _host_memory_bytes() -> int:

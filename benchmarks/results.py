@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from asteroid_fx.atomic import write_text
+from asteroid_fx.catalog import host_cpu_name
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = ("# Benchmark results\n\nEvery table below is written by the script named in its heading; "
@@ -18,15 +19,7 @@ HEADER = ("# Benchmark results\n\nEvery table below is written by the script nam
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+    return (f"{host_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -346,14 +345,7 @@ def _device_info(device: torch.device, kind: str | None) -> DeviceInfo:
             raise ProfileError(f"say which catalog kind this GPU ({name}) stands for with --kind (one of "
                                f"{', '.join(catalog.kind_names())}); add a DeviceKind for new hardware")
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+        name = catalog.host_cpu_name()
         try:
             memory = catalog._host_memory_bytes()
         except RuntimeError:
