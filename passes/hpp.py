@@ -538,7 +538,7 @@ def _dp_candidates(table: CostTable, costs: _GroupCosts, orders, M: int, schedul
 def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
            microbatch_rows: int | None = None, schedule: str = "1f1b", stages: int | None = None,
            opt_state_factor: float = ADAM_STATE_FACTOR, orders: str = "all", local: bool = True,
-           simulate_top: int = 4, deepen: bool = True) -> list[Candidate]:
+           deepen: bool = True) -> list[Candidate]:
     """All candidates the planner scores, best closed form first (before simulation)."""
     found: dict[tuple, Candidate] = {}
     choices = microbatch_choices(batch, microbatches, microbatch_rows)

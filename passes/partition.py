@@ -188,9 +188,8 @@ def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, 
 def _planners() -> dict:
     from asteroid_fx.passes import baselines, hpp
 
-    return {
+    return {  # "balanced" is handled apart: fixed micro-batching, takes pins
         "asteroid": hpp.plan,
-        "balanced": None,  # the spine's planner: fixed micro-batching, takes pins
         "dp": baselines.dp,
         "pp": baselines.pp,
         "pipedream": baselines.pipedream,
