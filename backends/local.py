@@ -178,6 +178,31 @@ class LocalRunner:
         self._use(rewrite.recovery)
         self._then = rewrite.after
 
+    def switch(self, sw: Any, stages: Sequence) -> None:
+        """Move to another plan between two iterations (a passes.replan.Switch): every device files
+        its stage's state as the rollback point of the next iteration, runs its hand-over (BACKUPs
+        of ``sw.before``'s stages, then RESTOREs), and every device of ``sw.after`` loads its new
+        stage (``stages``: the stage modules of ``sw.after``) from what it holds (ROLLBACK)."""
+        if self._then is not None:
+            raise ValueError("a recovery iteration is pending; switch after it has run")
+        i = self.iteration
+        for device, replica in self.replicas.items():
+            self.copies.setdefault(device, {}).setdefault(i, StateCopy()).update(
+                StateCopy.of(replica, self.optimizers[device]))
+        self._in_flight, self._stepped = {}, set()
+        for op in (Op.BACKUP, Op.RESTORE):  # the order every device runs them in: sends first
+            for device, acts in sw.handover:
+                for a in acts:
+                    if a.op == op:
+                        RULES[op](self, device, a)
+        for device in sw.leaving:
+            self.copies.pop(device, None)
+        self.stages = tuple(stages)
+        self._use(sw.after)
+        for device in sw.after.devices:
+            self._rollback(device, Action(Op.ROLLBACK, sw.after.stage_of(device).index))
+        self._rollback_taken = None
+
     # --- one iteration -------------------------------------------------------------------------
 
     def step(self, inputs: Sequence[torch.Tensor], labels: Any, *, stop: Mapping[str, int] | None = None) -> float:

@@ -108,20 +108,24 @@ class Comm:
     ``grace_s``."""
 
     def __init__(self, store: dist.Store, program: Program, device: str, *, epoch: int = 0,
-                 timeout_s: float = 60.0, interrupt: threading.Event | None = None, grace_s: float = 5.0):
+                 timeout_s: float = 60.0, interrupt: threading.Event | None = None, grace_s: float = 5.0,
+                 world: Sequence[str] | None = None, name: str = ""):
         timeout = datetime.timedelta(seconds=timeout_s)
         self.epoch, self.interrupt = epoch, interrupt
         self.grace_s, self._waiter = grace_s, None
-        self.rank_of = {d: i for i, d in enumerate(program.devices)}
-        prefix = f"epoch{epoch}"
+        # ``world``: a wider membership than the program's, for a hand-over between plans
+        # (passes/replan.py) where devices that leave or join take part; ``name`` keeps its groups
+        # apart from the epoch's own
+        self.rank_of = {d: i for i, d in enumerate(program.devices if world is None else world)}
+        prefix = f"epoch{epoch}{name}"
         # a connection of the epoch's own: a group whose peer died may block in the store (gloo
         # waits there for the peer to come back) and must not hold up the training loop's store
         store = dist.TCPStore(store.host, store.port, world_size=None, is_master=False, timeout=timeout)
         self.world = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), self.rank_of[device],
                                            len(self.rank_of), timeout)
-        info = program.stage_of(device)
+        info = program.stage_of(device) if device in program.devices else None
         self.group = None
-        if len(info.slots) > 1:
+        if info is not None and len(info.slots) > 1 and world is None:
             self.group = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/stage{info.index}", store),
                                                info.devices.index(device), len(info.slots), timeout)
 
@@ -166,9 +170,12 @@ class Comm:
                 raise Interrupted() from box.error
             raise box.error
 
-    def barrier(self) -> None:
-        """Every device of the epoch reaches this point (interruptible)."""
-        self.wait(self.world.allreduce([torch.zeros(1)]))
+    def barrier(self, value: float = 0.0) -> float:
+        """Every device of the epoch reaches this point (interruptible); returns the sum of the
+        ``value``s they brought (a flag any device can raise for all at no extra message)."""
+        flag = torch.tensor([value])
+        self.wait(self.world.allreduce([flag]))
+        return float(flag)
 
 
 @dataclasses.dataclass
