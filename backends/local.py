@@ -161,7 +161,7 @@ class LocalRunner:
                                                      [p for p in replica.parameters() if p.requires_grad], self.lr)
 
     def replay(self, rewrite: Any, stages: Sequence | None = None) -> None:
-        """Continue after ``rewrite`` (a passes.replay.Rewrite): the failed device's state is gone,
+        """Continue after ``rewrite`` (a passes.replay.Rewrite): the failed devices' state is gone,
         the next ``step`` redoes the interrupted iteration with ``rewrite.recovery`` and the ones
         after run ``rewrite.after``. ``stages`` are the stage modules of the new stage table
         (passes.replay.split_stages); without them every new stage must run the layers of an old one."""
@@ -173,7 +173,8 @@ class LocalRunner:
                 raise ValueError(f"stage {st.index} of the rewritten program runs layers {st.layers[0]}:{st.layers[1]}, "
                                  "which no stage ran before; pass stages= (passes.replay.split_stages builds them)")
             stages = [dataclasses.replace(by_layers[st.layers], index=st.index) for st in rewrite.after.stages]
-        self.copies.pop(rewrite.failure.device, None)
+        for device in rewrite.failure.devices:
+            self.copies.pop(device, None)
         self.stages = tuple(stages)
         self._use(rewrite.recovery)
         self._then = rewrite.after

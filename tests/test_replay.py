@@ -3,13 +3,17 @@
 The central check is exhaustive: for every device and every failure position k (the device ran its
 first k actions of the second iteration, the others what precedes that point in the execution
 order), the survivors' run (interrupted iteration, replay, the redone iteration, one more) ends
-with the same weights, optimizer-driven, and the same losses as the failure-free run.
+with the same weights, optimizer-driven, and the same losses as the failure-free run. The same
+holds for every pair of devices failing at the same moment, or replay refuses exactly when a stage's
+state is lost with them (a seeded sample of positions here, every position under ``slow``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import random
 
 import pytest
 import torch
@@ -27,10 +31,13 @@ from tests.test_local import _named_cluster
 
 # (groups, rows of a 6-row micro-batch): single-member stages, and a group of three with uneven rows
 # between two single-member stages (its members back up nothing but hold the next stage's backup).
+# With two failures: in 1-3-1 the first and last stages both merge into the group, in 4x1 stages 1
+# and 3 both merge into stage 2, and a stage that dies with its holder is lost.
 LAYOUTS = {
     "2x1": ([["d0"], ["d1"]], [[6], [6]]),
     "1-3-1": ([["d0"], ["d1", "d2", "d3"], ["d4"]], [[6], [2, 3, 1], [6]]),
     "2-1-2": ([["d0", "d1"], ["d2"], ["d3", "d4"]], [[4, 2], [6], [1, 5]]),
+    "4x1": ([["d0"], ["d1"], ["d2"], ["d3"]], [[6], [6], [6], [6]]),
 }
 ROWS = 6
 
@@ -116,6 +123,90 @@ def test_the_sweeps_take_layers_over_in_a_group():
 @pytest.mark.parametrize("by_speed", [False, True])
 def test_every_failure_position_all_layouts(layout, microbatches, by_speed, schedule):
     assert _sweep(layout, schedule, microbatches, by_speed) > 20
+
+
+def _state_lost(program: Program, failed: set[str]) -> bool:
+    """Whether some stage's state dies with ``failed``: every device of the stage failed and no
+    survivor RESTOREs a copy of it (or nobody survives at all)."""
+    survivors = [d for d in program.devices if d not in failed]
+    restored = {a.stage for d in survivors for a in program.of(d) if a.op == Op.RESTORE}
+    return not survivors or any(set(st.devices) <= failed and st.index not in restored for st in program.stages)
+
+
+def _pair_sweep(layout: str, schedule: str, microbatches: int, by_speed: bool,
+                per_pair: int | None) -> tuple[int, list[tuple[str, str]]]:
+    """Every pair of devices fails at the same moment in the second iteration, at every position of
+    either device (``per_pair`` of them, drawn with a fixed seed, when given): the survivors' run
+    equals the failure-free one, or replay raises exactly when a stage's state is lost. Returns the
+    runs and the pairs that lose a stage."""
+    compiled, batches, losses, after_two, after_three = _compiled(layout, schedule, microbatches)
+    program = compiled.program
+    lg, cluster = (compiled.layer_graph, compiled.cluster) if by_speed else (None, None)
+    rng = random.Random(f"{layout} {schedule} {microbatches} {by_speed}")
+    runs, lost = 0, []
+    for x, y in itertools.combinations(program.devices, 2):
+        if _state_lost(program, {x, y}):
+            with pytest.raises(ReplayError, match="no survivor holds stage|no device survives"):
+                replay(program, Failure(x, 1, also=(y,)), lg, cluster)
+            lost.append((x, y))
+            continue
+        first = replay(program, Failure(x, 1, also=(y,)), lg, cluster)
+        stages = split_stages(first.after, compiled.captured, compiled.layer_graph)
+        positions = [(a, k, b) for a, b in [(x, y), (y, x)] for k in range(len(program.of(a)) + 1)]
+        for device, k, other in positions if per_pair is None else rng.sample(positions, per_pair):
+            runner = compiled.runner(optimizer=adam)
+            runner.step(*batches[0])
+            failure = Failure.at(program, device, k, iteration=1, also=(other,))
+            runner.step(*batches[1], stop=dict(failure.progress))
+            rewrite = replay(program, failure, lg, cluster)
+            # the rewrite depends neither on the position nor on which device is named first
+            assert rewrite.after == first.after and rewrite.recovery == first.recovery
+            runner.replay(rewrite, stages)
+            where = f"{device} failed after {k} of {len(program.of(device))} actions, and {other} with it"
+            assert runner.step(*batches[1]) == pytest.approx(losses[1], rel=1e-6), where
+            assert _relative(runner.state_dict(), after_two) <= 1e-6, where
+            assert runner.step(*batches[2]) == pytest.approx(losses[2], rel=1e-6), where
+            assert _relative(runner.state_dict(), after_three) <= 1e-6, where
+            runs += 1
+    return runs, lost
+
+
+# the pairs whose failure loses a stage: it dies with the device holding its backup (or nobody survives)
+LOST_WITH = {"2x1": [("d0", "d1")], "1-3-1": [("d0", "d1"), ("d1", "d4")], "2-1-2": [("d2", "d3")],
+             "4x1": [("d0", "d1"), ("d1", "d2"), ("d2", "d3")]}
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("layout, microbatches, by_speed", [
+    ("2x1", 2, False), ("1-3-1", 2, False), ("1-3-1", 3, True), ("2-1-2", 2, True), ("2-1-2", 3, False),
+    ("4x1", 2, True), ("4x1", 3, False),
+])
+def test_two_failures_at_once_give_the_failure_free_update_or_say_the_state_is_lost(layout, microbatches, by_speed,
+                                                                                      schedule):
+    runs, lost = _pair_sweep(layout, schedule, microbatches, by_speed, per_pair=2)
+    devices = sum(map(len, LAYOUTS[layout][0]))
+    assert lost == LOST_WITH[layout]
+    assert runs == 2 * (devices * (devices - 1) // 2 - len(lost))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("microbatches", [2, 3, 4])
+@pytest.mark.parametrize("by_speed", [False, True])
+def test_two_failures_at_every_position_all_layouts(layout, microbatches, by_speed, schedule):
+    runs, lost = _pair_sweep(layout, schedule, microbatches, by_speed, per_pair=None)
+    assert lost == LOST_WITH[layout] and (runs > 20 or layout == "2x1")
+
+
+def test_default_holders_put_stages_that_merge_from_both_sides_on_one_device():
+    """Only the stage before the last can receive lost stages from both sides; default_holders
+    places both backups on its first device, which then holds all three stages."""
+    program = _compiled("4x1", "1f1b", 2)[0].program
+    assert backup_holders(program) == {0: "d1", 1: "d2", 2: "d3", 3: "d2"}
+    rewrite = replay(program, Failure("d1", 1, also=("d3",)))
+    assert [st.layers for st in rewrite.after.stages] == [program.stages[0].layers, (program.stages[1].layers[0], 6)]
+    assert rewrite.after.stages[1].devices == ("d2",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +318,120 @@ device b
   BACKUP s1 -> a
   RESTORE s0 <- a
 """
+
+
+def _three_stages(holders: dict[int, str] | None = None) -> Program:
+    """Stage 0 on a, stage 1 on the group b c, stage 2 on d; one micro-batch of 4 rows, with backups
+    (by default s0 and s2 on b, s1 on d)."""
+    table = (StageInfo(0, (0, 1), (StageSlot("a", 0, 4),)),
+             StageInfo(1, (1, 2), (StageSlot("b", 0, 1), StageSlot("c", 1, 4))),
+             StageInfo(2, (2, 3), (StageSlot("d", 0, 4),)))
+    compute = tuple((s.device, (Action(Op.F, st.index, 0, (s.lo, s.hi)), Action(Op.B, st.index, 0, (s.lo, s.hi))))
+                    for st in table for s in st.slots)
+    return add_backups(lower_comm(Program("gpipe", 1, 4, table, compute), [(SPEC, SPEC)] * 2), holders)
+
+
+# d and a fail together: stages 0 and 2 both merge into stage 1, whose b holds both backups; c gets
+# the merged stage from b
+BOTH_SIDES = """\
+replay: d and a failed at the same moment in iteration 1, after 4 and 3 of their actions
+  stage 0 lost its only device a; its layers 0:1 move to stage 1 (b holds the backup)
+  stage 2 lost its only device d; its layers 2:3 move to stage 1 (b holds the backup), now layers 0:3 on b[0:1] c[1:4]
+  no backups: the program has one stage left
+
+--- before
+{before}
+
+--- after
+asteroid-program v1
+schedule gpipe
+microbatches 1
+microbatch_rows 4
+stage 0 layers 0:3 b[0:1] c[1:4]
+
+device b
+  F s0 mb0 r0:1
+  B s0 mb0 r0:1
+  ALLREDUCE s0 [b c]
+  STEP s0
+device c
+  F s0 mb0 r1:4
+  B s0 mb0 r1:4
+  ALLREDUCE s0 [b c]
+  STEP s0
+
+--- recovery: iteration 1 is redone by 'after' from its start, after this prologue
+device b
+  ROLLBACK s0
+  BACKUP s0 -> c
+device c
+  RESTORE s0 <- b
+  ROLLBACK s0
+"""
+
+
+def test_two_failures_print_both_and_merge_from_both_sides():
+    program = _three_stages()
+    assert backup_holders(program) == {0: "b", 1: "d", 2: "b"}
+    failure = Failure.at(program, "d", 4, iteration=1, also=("a",))
+    assert failure.devices == ("d", "a") and dict(failure.progress)["a"] == 3
+    assert str(replay(program, failure)) == BOTH_SIDES.format(before=format_program(program).rstrip("\n"))
+
+
+def test_two_failures_merge_a_stage_and_resplit_another():
+    program = _three_stages()
+    rewrite = replay(program, Failure("a", 1, (("a", 3), ("c", 2)), also=("c",)))
+    assert str(rewrite.failure) == "a and c failed at the same moment in iteration 1, after 3 and 2 of their actions"
+    assert rewrite.changes == (
+        "stage 1 lost c",
+        "stage 0 lost its only device a; its layers 0:1 move to stage 1 (b holds the backup), now layers 0:2 on b[0:4]",
+        "backups: s0 -> d, s1 -> b")
+    assert [(d, [a.op for a in acts]) for d, acts in rewrite.prologue] == [("b", [Op.ROLLBACK]), ("d", [Op.ROLLBACK])]
+    # c's progress unknown: no counts printed
+    assert str(Failure("a", 1, (("a", 3),), also=("c",))) == "a and c failed at the same moment in iteration 1"
+    assert str(Failure("a", 2, also=["c", "d"])) == "a, c and d failed at the same moment in iteration 2"
+
+
+def test_a_whole_group_lost_merges_into_its_holders_stage():
+    program = _three_stages()
+    rewrite = replay(program, Failure("b", 1, also=("c",)))
+    assert rewrite.changes[0] == ("stage 1 lost all its devices (b and c); its layers 1:2 move to stage 2 (d holds "
+                                  "the backup), now layers 1:3 on d[0:4]")
+
+
+def test_a_chain_of_lost_stages_merges_into_the_stage_next_to_them_once_merged():
+    """Stages 1 and 2 back up on stage 3: stage 2 merges into it, and then stage 1 is next to it too."""
+    table = tuple(StageInfo(i, (i, i + 1), (StageSlot(d, 0, 4),)) for i, d in enumerate("abcd"))
+    compute = tuple((st.devices[0], (Action(Op.F, st.index, 0, (0, 4)), Action(Op.B, st.index, 0, (0, 4))))
+                    for st in table)
+    bare = lower_comm(Program("gpipe", 1, 4, table, compute), [(SPEC, SPEC)] * 3)
+    program = add_backups(bare, {0: "b", 1: "d", 2: "d", 3: "c"})
+    rewrite = replay(program, Failure("b", 1, also=("c",)))
+    assert [(st.layers, st.devices) for st in rewrite.after.stages] == [((0, 1), ("a",)), ((1, 4), ("d",))]
+    with pytest.raises(ReplayError, match=r"stage 1 lost its only device b; its backup is on d \(stage 3\), which is "
+                                          "not next to stage 1, so"):
+        replay(program, Failure("b", 1))  # alone, stage 1 cannot reach stage 3
+    crossed = add_backups(bare, {0: "b", 1: "d", 2: "a", 3: "c"})
+    with pytest.raises(ReplayError, match="not next to stage 1, even after the other lost stages merged"):
+        replay(crossed, Failure("b", 1, also=("c",)))
+
+
+def test_two_failures_that_lose_a_stage_say_what_to_do():
+    program = _three_stages()
+    with pytest.raises(ReplayError, match=r"stage 0 lost its only device a and, at the same moment, b, which held its "
+                                          r"backup: no survivor holds stage 0's state.*restart from a checkpoint.*"
+                                          r"add_backups\(holders=...\).*give stage 0 a second device"):
+        replay(program, Failure("a", 1, also=("b",)))
+    with pytest.raises(ReplayError, match="no device survives: a, b, c and d were all the devices of the program"):
+        replay(program, Failure("a", also=("b", "c", "d")))
+    with pytest.raises(ReplayError, match=r"device 'z' is not in the program"):
+        replay(program, Failure("a", also=("z",)))
+    with pytest.raises(ReplayError, match="a device is named twice among the failed"):
+        Failure("a", also=("b", "a"))
+    split = _three_stages({0: "b", 1: "d", 2: "c"})  # the two backups of stage 1's neighbours on two devices
+    with pytest.raises(ReplayError, match=r"stages 0 and 2 merge into stage 1, but no surviving device of stage 1 "
+                                          r"holds all of them \(stage 0's backup is on b; stage 2's backup is on c\)"):
+        replay(split, Failure("a", also=("d",)))
 
 
 def test_add_backups_places_a_ring_of_neighbours():
