@@ -29,6 +29,9 @@ the time it would arrive over the emulated link (sender's link busy until its pr
 has gone, then latency + bytes / bandwidth), and the receiver waits until then; an all-reduce is
 padded to the ring time of the group's slowest link. With a time dilation d every emulated
 duration is d times longer (a host slower than the emulated devices can still keep their pace).
+A worker whose links are shaped by the kernel (asteroid_fx/netns.py runs it in a network namespace
+and says so in its environment) paces only its compute: its messages and all-reduces take the time
+they take over the shaped links (``Emulation.links`` is False, every arrival time sent is 0).
 
 Process groups (``Comm``) are plain ``ProcessGroupGloo`` objects over ``PrefixStore(f"epoch{k}",
 store)`` of the run's store, one world per membership epoch and one per multi-device stage (or,
@@ -46,6 +49,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
 import queue
 import threading
 import time
@@ -55,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from asteroid_fx.backends.local import OptimizerSpec, StateCopy, make_optimizer
+from asteroid_fx.netns import SHAPED_LINKS_ENV
 from asteroid_fx.program import Action, Op, Program
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32",
@@ -76,6 +81,9 @@ class Emulation:
     # time dilation: every emulated duration (compute, latency, bytes over bandwidth) this many
     # times longer, for a host slower than the devices it emulates; divide measured times by it
     dilation: float = 1.0
+    # pace messages and all-reduces too; False where the kernel shapes the links (a worker started
+    # in a shaped network has SHAPED_LINKS_ENV set), which pacing them here would count twice
+    links: bool = dataclasses.field(default_factory=lambda: os.environ.get(SHAPED_LINKS_ENV) != "1")
 
     def compute_s(self, device: str, a: Action, layers: tuple[int, int]) -> float:
         kind = self.cluster.device(device).kind
@@ -293,6 +301,8 @@ class DistWorker:
 
     def _pace(self, a: Action, took: float) -> None:
         if a.op == Op.ALLREDUCE:
+            if not self.emulation.links:
+                return
             target = self.emulation.allreduce_s(a.group, self.info.layers)
         else:
             target = self.emulation.compute_s(self.device, a, self.info.layers)
@@ -351,7 +361,10 @@ class DistWorker:
         st.outputs, st.loss, st.grads_in = (), None, {}
 
     def _arrival(self, peer: str, nbytes: int) -> float:
-        """When a message of ``nbytes`` sent now to ``peer`` arrives over the emulated link."""
+        """When a message of ``nbytes`` sent now to ``peer`` arrives over the emulated link (0: when
+        it arrives over a shaped one)."""
+        if not self.emulation.links:
+            return 0.0
         bandwidth, latency = self.emulation.link(self.device, peer)
         start = max(time.time(), self.link_free_at)
         self.link_free_at = start + nbytes / bandwidth
