@@ -109,6 +109,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
                    heartbeat_timeout_s=args.heartbeat_timeout)
     if args.dilation <= 0:
         raise SystemExit(f"--dilation must be positive, got {args.dilation:g}")
+    if args.shape_links:
+        from asteroid_fx import netns
+
+        try:
+            netns.require()
+        except netns.Unavailable as e:
+            raise SystemExit(f"asteroid launch --shape-links: {e}") from None
     cluster = resolve_cluster(args.cluster)
     if args.n is not None and args.n != len(cluster.devices):
         raise SystemExit(f"-n {args.n} but cluster {args.cluster!r} has {len(cluster.devices)} devices; "
@@ -123,6 +130,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         except ValueError:
             raise SystemExit(f"bad --kill {k!r}: write DEVICE@SECONDS, e.g. host1@0.5") from None
     result = launch(spec, cluster, args.out, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr),
+                    shape_links=args.shape_links,
                     host=host, port=int(port), remote=remote, kills=kills)
     print(f"trained {spec.model} on {len(result['workers'])} workers:")
     for i, loss in enumerate(result["losses"]):
@@ -216,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "with `asteroid worker` instead of being started here")
     la.add_argument("--emulate", action="store_true",
                     help="pace each worker's compute and links like its device in the cluster")
+    la.add_argument("--shape-links", action="store_true",
+                    help="run each worker in a network namespace of its own with its links shaped by tc to the "
+                    "cluster's bandwidths (Linux, root; latency is not shaped); with --emulate only compute is "
+                    "paced in process")
     la.add_argument("--recover", action="store_true",
                     help="survive devices that die or leave: heartbeats, backups, pipeline replay in place")
     la.add_argument("--backup-every", type=int, default=1, help="iterations between backups (with --recover)")

@@ -124,11 +124,16 @@ def pinned(spec: RunSpec, plan) -> RunSpec:
 
 
 def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float = 300.0, log=print,
+           shape_links: bool = False,
            host: str = "127.0.0.1", port: int = 0, remote: Sequence[str] = (),
            kills: Sequence[tuple] = ()) -> dict:
     """Run ``spec`` with one process per device: local processes for every device not in
     ``remote``; the ``remote`` ones join with `asteroid worker --coordinator HOST:PORT --device D`
     from their own machines. The store listens on ``host`` (the interface the user names).
+    With ``shape_links`` every local worker runs in a network namespace of its own whose links the
+    kernel shapes to the cluster's bandwidths, not latencies (asteroid_fx/netns.py; root only), and
+    reaches the store at the namespaces' coordinator address; with ``spec.emulate`` the workers
+    then pace only their compute.
     ``kills`` (device, seconds[, signal name]) SIGKILLs (or sends that signal: SIGSTOP freezes it,
     a silent failure only heartbeats find) that local worker so long after the first iteration
     ends: a failure from outside, for tests and benchmarks (``spec.recovery`` survives it).
@@ -137,9 +142,15 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     detected_s, recovery_s)}."""
     import torch.distributed as dist
 
+    from asteroid_fx import netns
     from asteroid_fx.heartbeat import DEAD, beat_key, failure_key
     from asteroid_fx.program_text import parse_program
 
+    if shape_links:
+        netns.require()  # before compiling: say at once what this machine lacks
+        if remote:
+            raise ValueError("shaped links are for local workers: leave out the remote devices, whose links are "
+                             "real ones")
     compiled = compile_spec(spec, cluster)
     spec = pinned(spec, compiled.plan)
     devices = compiled.program.devices
@@ -150,6 +161,12 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     out.mkdir(parents=True, exist_ok=True)
     store = dist.TCPStore(host, port, world_size=None, is_master=True,
                           timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
+    network = None
+    if shape_links:  # the store listens on every interface: workers reach it through the namespaces' bridge
+        network = netns.ShapedNetwork(cluster, cluster.names, dilation=spec.dilation if spec.emulate else 1.0)
+        network.open()
+        host = network.coordinator
+        log(network.describe())
     store.set("spec", spec.to_json())
     store.set("cluster", json.dumps(compiled.cluster.to_json()))
     store.set("program", format_program(compiled.program))
@@ -165,7 +182,11 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         cmd = [sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator", f"{host}:{store.port}",
                "--device", device, "--out", str(out)]
         err = open(out / f"worker_{device}.log", "w")
-        procs.append((device, subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, start_new_session=True), err))
+        env = None
+        if network is not None:  # in the device's namespace, gloo on its interface
+            cmd, env = network.command(device, cmd), {**os.environ, **network.env(device)}
+        procs.append((device, subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, start_new_session=True,
+                                               env=env), err))
     deadline = time.monotonic() + timeout_s
     pending_kills = sorted(kills, key=lambda k: k[1])
     started_at = None  # when the first iteration ended: the origin of ``kills``
@@ -209,6 +230,8 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
             err.close()
+        if network is not None:
+            network.close()
     results = {d: json.loads(store.get(f"result/{d}").decode()) for d in devices if store.check([f"result/{d}"])}
     trained = [r for r in results.values() if not r.get("left")]
     if not trained:
