@@ -105,7 +105,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
                    schedule=args.schedule,
                    iterations=args.iterations, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
                    stages=args.stages, emulate=args.emulate, dilation=args.dilation, recovery=args.recover,
-                   backup_every=args.backup_every,
+                   backup_every=args.backup_every, replan=not args.no_replan,
                    heartbeat_timeout_s=args.heartbeat_timeout)
     if args.dilation <= 0:
         raise SystemExit(f"--dilation must be positive, got {args.dilation:g}")
@@ -122,16 +122,17 @@ def cmd_launch(args: argparse.Namespace) -> int:
                          "give a cluster with that many devices, or leave -n out")
     host, _, port = args.listen.rpartition(":")
     remote = [d for d in args.remote.split(",") if d] if args.remote else []
-    kills = []
-    for k in args.kill:
-        device, _, seconds = k.partition("@")
-        try:
-            kills.append((device, float(seconds)))
-        except ValueError:
-            raise SystemExit(f"bad --kill {k!r}: write DEVICE@SECONDS, e.g. host1@0.5") from None
+    kills, joins = [], []
+    for flag, given, into in (("--kill", args.kill, kills), ("--join", args.join, joins)):
+        for k in given:
+            device, _, seconds = k.partition("@")
+            try:
+                into.append((device, float(seconds)))
+            except ValueError:
+                raise SystemExit(f"bad {flag} {k!r}: write DEVICE@SECONDS, e.g. host1@0.5") from None
     result = launch(spec, cluster, args.out, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr),
                     shape_links=args.shape_links,
-                    host=host, port=int(port), remote=remote, kills=kills)
+                    host=host, port=int(port), remote=remote, kills=kills, joins=joins)
     print(f"trained {spec.model} on {len(result['workers'])} workers:")
     for i, loss in enumerate(result["losses"]):
         print(f"  iteration {i + 1}: loss {loss:.4f}  {result['seconds'][i] * 1e3:.1f} ms")
@@ -148,6 +149,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     for f in result["failures"]:
         print(f"  {f['device']} failed in iteration {f['iteration'] + 1} ({f['reason']}): agreed after "
               f"{f['detected_s']:.2f}s, training back after {f['recovery_s']:.2f}s")
+    for s in result["switches"]:
+        print(f"  iteration {s['iteration'] + 1}: switched to a new plan on {', '.join(s['devices'])} ({s['reason']})")
     print(f"worker logs, losses and weights in {args.out}/")
     return 0
 
@@ -155,7 +158,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from asteroid_fx.launch import run_worker
 
-    return run_worker(args.coordinator, args.device, args.out, connect_timeout_s=args.connect_timeout)
+    return run_worker(args.coordinator, args.device, args.out, connect_timeout_s=args.connect_timeout, join=args.join)
 
 
 def schedule_name(text: str) -> str:
@@ -235,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds of silence after which a device has failed (with --recover)")
     la.add_argument("--kill", action="append", default=[], metavar="DEVICE@SECONDS",
                     help="SIGKILL that worker so long after the first iteration (a failure drill)")
+    la.add_argument("--join", action="append", default=[], metavar="DEVICE@SECONDS",
+                    help="start with the cluster minus DEVICE; so long after the first iteration it starts and "
+                    "asks to join, and is taken in by a re-plan at an iteration boundary (with --recover)")
+    la.add_argument("--no-replan", action="store_true",
+                    help="with --recover: keep replay's local rewrite after a failure instead of switching to the "
+                    "planner's plan for the survivors when it predicts a gain")
     la.set_defaults(func=cmd_launch)
     w = sub.add_parser("worker", help="one device of a run (started by `asteroid launch`, or by hand)")
     w.add_argument("--coordinator", default=None, help="HOST:PORT of the run's store (default: torchrun's "
@@ -243,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "device number $RANK)")
     w.add_argument("--out", default=".", help="folder for this worker's weights")
     w.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator")
+    w.add_argument("--join", action="store_true", help="join a running job (started with --recover) as a device "
+                   "of its cluster it does not use yet: taken in at an iteration boundary by a re-plan")
     w.set_defaults(func=cmd_worker)
     return parser
 

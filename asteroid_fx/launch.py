@@ -36,6 +36,9 @@ from asteroid_fx.program import Op
 from asteroid_fx.program_text import format_program
 
 STORE_TIMEOUT_S = 60.0
+JOIN_POLL_S = 0.25  # how often the leader looks for devices asking to join
+JOIN_TIMEOUT_S = 600.0  # how long a device that asked to join waits for an answer
+MIN_GAIN = 0.05  # a re-plan is switched to when predicted at least this much faster
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,9 @@ class RunSpec:
     dilation: float = 1.0  # with emulate: every emulated duration this many times longer
     recovery: bool = False  # survive failed and departing devices by pipeline replay
     backup_every: int = 1  # iterations between backups (a failure redoes up to this many)
+    # with recovery: after a failure, and when a device asks to join, run the planner in the
+    # background and switch to its plan at an iteration boundary when it predicts a gain
+    replan: bool = True
     heartbeat_s: float = 0.1  # heartbeat interval
     heartbeat_timeout_s: float = 1.5  # a device silent this long has failed
     # (device, iteration, action index, "kill" | "leave"): the device SIGKILLs itself, or leaves
@@ -126,7 +132,7 @@ def pinned(spec: RunSpec, plan) -> RunSpec:
 def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float = 300.0, log=print,
            shape_links: bool = False,
            host: str = "127.0.0.1", port: int = 0, remote: Sequence[str] = (),
-           kills: Sequence[tuple] = ()) -> dict:
+           kills: Sequence[tuple] = (), joins: Sequence[tuple[str, float]] = ()) -> dict:
     """Run ``spec`` with one process per device: local processes for every device not in
     ``remote``; the ``remote`` ones join with `asteroid worker --coordinator HOST:PORT --device D`
     from their own machines. The store listens on ``host`` (the interface the user names).
@@ -137,6 +143,9 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     ``kills`` (device, seconds[, signal name]) SIGKILLs (or sends that signal: SIGSTOP freezes it,
     a silent failure only heartbeats find) that local worker so long after the first iteration
     ends: a failure from outside, for tests and benchmarks (``spec.recovery`` survives it).
+    ``joins`` (device, seconds): devices of ``cluster`` the first plan leaves out, started as local
+    workers that ask to join so long after the first iteration ends (``spec.recovery`` and
+    ``spec.replan`` take them in at an iteration boundary with a plan that includes them).
     Returns {"losses", "seconds", "workers", "program" (the one that ran last), "plan",
     "failures" (with ``spec.recovery``: device, reason, iteration, rollback_to, failed_at,
     detected_s, recovery_s)}."""
@@ -151,7 +160,13 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         if remote:
             raise ValueError("shaped links are for local workers: leave out the remote devices, whose links are "
                              "real ones")
-    compiled = compile_spec(spec, cluster)
+    joining = [d for d, _ in joins]
+    unknown = sorted(set(joining) - set(cluster.names))
+    if unknown:
+        raise ValueError(f"devices {unknown} cannot join: they are not in the cluster ({', '.join(cluster.names)})")
+    if joining and not (spec.recovery and spec.replan):
+        raise ValueError("devices can join only a run with recovery and re-planning on (RunSpec.recovery, .replan)")
+    compiled = compile_spec(spec, cluster.subset([d for d in cluster.names if d not in joining]) if joining else cluster)
     spec = pinned(spec, compiled.plan)
     devices = compiled.program.devices
     unknown = sorted(set(remote) - set(devices))
@@ -168,7 +183,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         host = network.coordinator
         log(network.describe())
     store.set("spec", spec.to_json())
-    store.set("cluster", json.dumps(compiled.cluster.to_json()))
+    store.set("cluster", json.dumps(cluster.to_json()))  # the whole cluster: devices that join are in it
     store.set("program", format_program(compiled.program))
     log(f"coordinator on {host}:{store.port}; {len(devices)} workers ({', '.join(devices)})"
         + (f"; recovery on (heartbeat timeout {spec.heartbeat_timeout_s:g}s, backups every "
@@ -176,29 +191,42 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     for d in remote:
         log(f"  waiting for {d}: asteroid worker --coordinator {host}:{store.port} --device {d} --out DIR")
     procs = []
-    for device in devices:
-        if device in remote:
-            continue
+
+    def start(device: str, *extra: str) -> None:
         cmd = [sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator", f"{host}:{store.port}",
-               "--device", device, "--out", str(out)]
+               "--device", device, "--out", str(out), *extra]
         err = open(out / f"worker_{device}.log", "w")
         env = None
         if network is not None:  # in the device's namespace, gloo on its interface
             cmd, env = network.command(device, cmd), {**os.environ, **network.env(device)}
         procs.append((device, subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, start_new_session=True,
                                                env=env), err))
+
+    for device in devices:
+        if device not in remote:
+            start(device)
+    pending_joins = sorted(joins, key=lambda j: j[1])
+    everyone = (*devices, *joining)
     deadline = time.monotonic() + timeout_s
     pending_kills = sorted(kills, key=lambda k: k[1])
     started_at = None  # when the first iteration ended: the origin of ``kills``
     ended: dict[str, tuple[float, int]] = {}  # device -> (when its process was seen gone, code)
     declared: list[str] = []  # the devices the survivors agreed failed, epoch by epoch
+    failed_epochs: set[int] = set()
     try:
         while True:
-            finished = {d for d in devices if store.check([f"result/{d}"])}
-            while spec.recovery and store.check([failure_key(len(declared))]):
-                declared.append(json.loads(store.get(failure_key(len(declared))).decode())["device"])
-            if finished and finished | set(ended) | set(declared) >= set(devices):
+            finished = {d for d in everyone if store.check([f"result/{d}"])}
+            top = int(store.get("ft/epoch")) if spec.recovery and store.check(["ft/epoch"]) else 0
+            for k in range(top + 1):  # an epoch ends by a failure or by a switch to a new plan
+                if k not in failed_epochs and spec.recovery and store.check([failure_key(k)]):
+                    failed_epochs.add(k)
+                    declared.append(json.loads(store.get(failure_key(k)).decode())["device"])
+            if finished and finished | set(ended) | set(declared) >= set(everyone):
                 break
+            if finished and finished | set(ended) | set(declared) >= set(devices):
+                for d in joining:  # the run is over: a device still waiting to join is told so
+                    if d not in finished and not store.check([f"admit/{d}"]):
+                        store.set(f"admit/{d}", json.dumps({"declined": "the run ended before it could be taken in"}))
             for d, p, _ in procs:
                 if d in ended or p.poll() is None:
                     continue
@@ -216,8 +244,12 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
                     if d == victim and p.poll() is None:
                         store.set(f"ft/killed_at/{d}", repr(time.time()))
                         os.killpg(p.pid, getattr(signal, how[0] if how else "SIGKILL"))
+            while pending_joins and started_at is not None and time.monotonic() - started_at >= pending_joins[0][1]:
+                device, _ = pending_joins.pop(0)
+                log(f"{device} starts and asks to join")
+                start(device, "--join")
             if time.monotonic() > deadline:
-                missing = [d for d in devices if d not in finished and d not in ended]
+                missing = [d for d in everyone if d not in finished and d not in ended]
                 raise TimeoutError(f"the run did not finish in {timeout_s:.0f}s (no result from {', '.join(missing)}); "
                                    f"worker logs are in {out}/")
             time.sleep(0.02)
@@ -232,32 +264,42 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
             err.close()
         if network is not None:
             network.close()
-    results = {d: json.loads(store.get(f"result/{d}").decode()) for d in devices if store.check([f"result/{d}"])}
+    results = {d: json.loads(store.get(f"result/{d}").decode()) for d in everyone if store.check([f"result/{d}"])}
     trained = [r for r in results.values() if not r.get("left")]
     if not trained:
         raise RuntimeError(f"no worker finished training; worker logs are in {out}/")
-    history = trained[0]["epochs"]  # every survivor holds the same: [(first iteration, devices)]
-    final = parse_program(trained[0]["program"])
+    # every survivor holds the same history, [(first iteration, devices)], since it took part
+    ref = max(trained, key=lambda r: (len(r["epochs"]), len(r["recoveries"])))
+    history = ref["epochs"]
+    final = parse_program(ref["program"])
     losses, seconds = [], []
     for i in range(spec.iterations):
         members = [ds for first, ds in history if first <= i][-1]
         losses.append(sum(float(store.get(f"loss/{d}/{i}")) for d in members))
         seconds.append(max(float(store.get(f"seconds/{d}/{i}")) for d in members))
     failures = []
-    for k, event in enumerate(trained[0]["recoveries"]):
+    for k, event in enumerate(ref["recoveries"]):
         x = event["device"]
         failed_at = (float(store.get(f"ft/killed_at/{x}")) if store.check([f"ft/killed_at/{x}"])
                      else min(ended[x][0], event["declared_at"]) if x in ended else event["declared_at"])
-        resumed = max(r["recoveries"][k]["resumed_at"] for r in trained)
+        took_part = [r for r in trained if len(r["recoveries"]) > k]
+        resumed = max(r["recoveries"][k]["resumed_at"] for r in took_part)
         failures.append({**{key: event[key] for key in ("device", "reason", "iteration", "rollback_to", "changes")},
                          "failed_at": failed_at, "detected_s": event["declared_at"] - failed_at,
-                         "regroup_s": max(r["recoveries"][k]["regrouped_at"] for r in trained) - event["declared_at"],
+                         "regroup_s": max(r["recoveries"][k]["regrouped_at"] for r in took_part) - event["declared_at"],
                          "recovery_s": resumed - failed_at})
         log(f"{x} failed in iteration {event['iteration'] + 1} ({event['reason']}): agreed after "
             f"{failures[-1]['detected_s']:.2f}s, iteration {event['iteration'] + 1} done again after "
             f"{failures[-1]['recovery_s']:.2f}s (rolled back to the start of iteration {event['rollback_to'] + 1})")
+    switches = []
+    for event in ref["switches"]:
+        done = [s["switched_at"] for r in trained for s in r["switches"]
+                if s["iteration"] == event["iteration"] and "switched_at" in s]
+        switches.append({**event, "switch_s": max(done) - event["started_at"] if done else None})
+        log(f"switched to a new plan at iteration {event['iteration'] + 1} ({event['reason']})"
+            + (f" in {switches[-1]['switch_s'] * 1e3:.0f} ms" if done else ""))
     return {"losses": losses, "seconds": seconds, "workers": results, "program": final, "plan": compiled.plan,
-            "failures": failures}
+            "failures": failures, "switches": switches}
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -283,10 +325,12 @@ def connect(coordinator: str, timeout_s: float = STORE_TIMEOUT_S):
 
 
 def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLike, *,
-               connect_timeout_s: float = STORE_TIMEOUT_S) -> int:
+               connect_timeout_s: float = STORE_TIMEOUT_S, join: bool = False) -> int:
     """One worker: join, rebuild the program with the launcher's plan, check it, train, report.
     Without --coordinator/--device, torchrun's MASTER_ADDR, MASTER_PORT and RANK are used (the
-    rank picks the program's device in order)."""
+    rank picks the program's device in order). With ``join`` the device is one of the cluster's
+    that the running program does not use: it asks to be taken in, and starts training at the
+    iteration boundary where the run switches to a plan that includes it (passes/replan.py)."""
     from asteroid_fx.backends.torch_dist import Interrupted
     from asteroid_fx.cluster import Cluster
     from asteroid_fx.heartbeat import Heartbeat
@@ -304,28 +348,37 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
         if "RANK" not in os.environ:
             raise ValueError("give --device NAME (or set RANK, as torchrun does)")
         device = devices[int(os.environ["RANK"])]
-    if device not in devices:
-        raise ValueError(f"device {device!r} is not in this run's program (devices: {', '.join(devices)})")
     spec = RunSpec.from_json(store.get("spec").decode())
+    cluster = Cluster.from_json(json.loads(store.get("cluster").decode()))
+    if join:
+        if device in devices:
+            raise ValueError(f"device {device!r} already runs in this program; --join is for a device that does not")
+        if device not in cluster.names:
+            raise ValueError(f"device {device!r} is not in the run's cluster (devices: {', '.join(cluster.names)}); "
+                             "a device that joins must be described in the cluster the run was launched with")
+        if not (spec.recovery and spec.replan):
+            raise ValueError("this run does not take devices in: launch it with --recover (and re-planning on)")
+    elif device not in devices:
+        raise ValueError(f"device {device!r} is not in this run's program (devices: {', '.join(devices)})")
     heartbeat = None
     if spec.recovery:
         heartbeat = Heartbeat(connect(coordinator, connect_timeout_s), device, interval_s=spec.heartbeat_s,
                               timeout_s=spec.heartbeat_timeout_s)
         heartbeat.start()
-    cluster = Cluster.from_json(json.loads(store.get("cluster").decode()))
     compiled = compile_spec(spec, cluster)
     if format_program(compiled.program) != program_text:
         raise RuntimeError(f"device {device}: the program compiled here differs from the launcher's; "
                            "every process must run the same torch and asteroid_fx versions")
     try:
-        training = Training(spec, compiled, store, device, heartbeat)
+        training = Training(spec, compiled, store, device, heartbeat, join=join)
         training.run()
         keys = set(compiled.captured.module.state_dict().keys())
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        result = {"device": device, "rank": devices.index(device), "left": training.left,
-                  "lag_s": training.worker.lag_s, "program": format_program(training.full),
-                  "epochs": training.epochs, "recoveries": training.recoveries}
+        result = {"device": device, "left": training.left,
+                  "lag_s": training.worker.lag_s if training.worker is not None else 0.0,
+                  "program": format_program(training.full), "epochs": training.epochs,
+                  "recoveries": training.recoveries, "switches": training.switches}
         if not training.left:
             _atomic_torch_save(training.worker.state_dict(keys), out / f"worker_{device}.pt")
         store.set(f"result/{device}", json.dumps(result))
@@ -349,9 +402,13 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
 class Training:
     """One device's training loop. With ``spec.recovery`` it runs the program with backups every
     ``backup_every`` iterations, and after an agreed failure it rewrites the program for the
-    survivors, regroups and redoes the lost iterations (the module docstring; docs/replay.md)."""
+    survivors, regroups and redoes the lost iterations (the module docstring; docs/replay.md).
+    With ``spec.replan`` too, the first device of the program (the "leader") runs the planner in
+    the background after a recovery and when a device asks to join, and the run switches to the
+    new plan at an iteration boundary (``_switch``; passes/replan.py). ``join``: this device is
+    not in the program yet and waits to be taken in."""
 
-    def __init__(self, spec: RunSpec, compiled, store, device: str, heartbeat=None):
+    def __init__(self, spec: RunSpec, compiled, store, device: str, heartbeat=None, join: bool = False):
         from asteroid_fx.backends.local import StateCopy
         from asteroid_fx.backends.torch_dist import Comm
         from asteroid_fx.passes.replay import add_backups
@@ -362,8 +419,17 @@ class Training:
         self.epoch, self.base, self.redo = 0, 0, None  # redo: the recovery program's actions, for iteration base
         self.epochs: list[tuple[int, tuple[str, ...]]] = [(0, self.full.devices)]
         self.recoveries: list[dict] = []
+        self.switches: list[dict] = []
         self.retired: list = []  # the groups and workers of past epochs
         self.left = False
+        self.start = 0  # the first iteration this device runs
+        self._planned = None  # (epoch, reason, program, joining): a plan ready to switch to
+        self._planning = False  # a background planner is running
+        self._joins_seen, self._joins_polled = 0, 0.0
+        self.comm, self.worker = None, None
+        if join:
+            self._join()
+            return
         self.comm = Comm(store, self.full, device, timeout_s=STORE_TIMEOUT_S,
                          interrupt=heartbeat.interrupt if heartbeat else None)
         if heartbeat is not None:
@@ -396,13 +462,17 @@ class Training:
     def run(self) -> None:
         from asteroid_fx.backends.torch_dist import Interrupted
 
-        i, self.completed = 0, 0
-        while i < self.spec.iterations:
+        i, self.completed = self.start, self.start
+        while i < self.spec.iterations and not self.left:
             try:
                 # the point is taken before the barrier: a failure agreed in the barrier rolls back here
                 if self.spec.recovery and self.is_tag(i) and not (self.redo is not None and i == self.base):
                     self.worker.take_point(i)  # a redone iteration keeps the point it rolls back to
-                self.comm.barrier()  # iterations start together, so their times compare
+                # iterations start together, so their times compare; the leader's flag says that a
+                # switch to a new plan is published: every device makes it here, before iteration i
+                if self.comm.barrier(self._offer(i)) > 0:
+                    self._switch(i)
+                    continue
                 if self.spec.recovery:  # past the barrier every survivor has finished iteration i - 1
                     self.worker.drop_copies_before(self.tag_at_or_before(i))
                 actions = self.redo if self.redo is not None and i == self.base else \
@@ -427,6 +497,153 @@ class Training:
                 self.recoveries[-1]["resumed_at"] = time.time()
             if i == self.base + 1:
                 self.redo = None
+
+    # --- re-planning: a better plan for the survivors, or one that takes a new device in -----------
+
+    @property
+    def leader(self) -> bool:
+        return self.full.devices[0] == self.device
+
+    def _offer(self, i: int) -> float:
+        """On the leader at the boundary before iteration ``i``: publish a plan the background
+        planner has ready (1.0: switch now), or 0.0. Also notices devices that ask to join."""
+        if not (self.spec.recovery and self.spec.replan and self.leader) or self.redo is not None:
+            return 0.0
+        if time.monotonic() - self._joins_polled > JOIN_POLL_S:  # a store round trip, a few times a second
+            self._joins_polled = time.monotonic()
+            asked = self.store.add("join/n", 0)
+            if asked > self._joins_seen and not self._planning and self._planned is None:
+                joining = [self.store.get(f"join/{k}").decode() for k in range(self._joins_seen + 1, asked + 1)]
+                self._joins_seen = asked
+                self._plan_in_background(list(self.full.devices) + joining, f"{', '.join(joining)} asked to join",
+                                         tuple(joining))
+        if self._planned is None or self._planned[0] != self.epoch:
+            self._planned = None  # planned for a membership that has changed since
+            return 0.0
+        _, reason, program, joining = self._planned
+        self._planned = None
+        record = {"epoch": self.epoch + 1, "iteration": i, "reason": reason, "before": format_program(self.full),
+                  "after": format_program(program), "joining": list(joining), "history": self.epochs,
+                  "joins_seen": self._joins_seen}
+        self.store.set(f"switch/{self.epoch}", json.dumps(record))
+        for d in joining:
+            self.store.set(f"admit/{d}", json.dumps(record))
+        return 1.0
+
+    def _plan_in_background(self, devices: list[str], reason: str, joining: tuple[str, ...] = ()) -> None:
+        """Run the planner for ``devices`` in a thread; keep its plan if the simulator predicts it
+        at least MIN_GAIN faster than the running one (a device that asked to join and is not in
+        the plan is told so)."""
+        import threading
+
+        from asteroid_fx.passes.replan import replan
+        from asteroid_fx.passes.replay import add_backups
+        from asteroid_fx.sim import simulate
+
+        epoch, c = self.epoch, self.compiled
+        self._planning = True
+
+        def work() -> None:
+            verdict = ""
+            try:
+                started = time.perf_counter()
+                _, program = replan(c, devices, planner=self.spec.planner, schedule="1f1b")
+                now = simulate(self.plain, c.layer_graph, c.cluster).iteration_s
+                new = simulate(program, c.layer_graph, c.cluster).iteration_s
+                took = time.perf_counter() - started
+                if joining and not set(joining) & set(program.devices):
+                    verdict = "the planner's best plan leaves it out (too slow to help)"
+                elif new < now * (1 - MIN_GAIN):
+                    full = add_backups(program) if len(program.stages) > 1 else program
+                    self._planned = (epoch, f"{reason}; re-planned in {took:.2f}s: predicted "
+                                     f"{_ms(now)} -> {_ms(new)} per iteration", full, joining)
+                else:
+                    verdict = f"no gain predicted ({_ms(now)} -> {_ms(new)} per iteration)"
+                print(f"[{self.device}] re-plan for {', '.join(devices)}: {verdict or 'switching'}", flush=True)
+            except Exception as e:  # a failed re-plan leaves the running program as it is
+                verdict = f"re-planning failed: {e}"
+                print(f"[{self.device}] {verdict}", flush=True)
+            finally:
+                for d in joining if verdict else ():
+                    self.store.set(f"admit/{d}", json.dumps({"declined": verdict}))
+                self._planning = False
+
+        threading.Thread(target=work, name="replan", daemon=True).start()
+
+    def _join(self) -> None:
+        """Ask to be taken in and wait for the switch that does (or for the answer that it won't)."""
+        k = self.store.add("join/n", 1)
+        self.store.set(f"join/{k}", self.device)
+        print(f"[{self.device}] asked to join; waiting for a plan that takes it in", flush=True)
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while not self.store.check([f"admit/{self.device}"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.device} asked to join but was not taken in within {JOIN_TIMEOUT_S:.0f}s: "
+                                   "is the run still going, with --recover?")
+            time.sleep(0.05)
+        record = json.loads(self.store.get(f"admit/{self.device}"))
+        if "declined" in record:
+            print(f"[{self.device}] not taken in: {record['declined']}", flush=True)
+            self.left = True
+            return
+        self.epoch = record["epoch"] - 1
+        self.epochs = [tuple(e) for e in record["history"]]
+        self.start = record["iteration"]
+        self._switch(self.start, record)
+
+    def _switch(self, i: int, record: dict | None = None) -> None:
+        """At the boundary before iteration ``i``, every device of the published switch (the
+        running program's and those that join) hands its state over and moves to the new plan;
+        a device the new plan leaves out leaves after handing over."""
+        from asteroid_fx.backends.torch_dist import Comm
+        from asteroid_fx.passes.replan import switch
+        from asteroid_fx.passes.replay import split_stages
+        from asteroid_fx.program import Action
+        from asteroid_fx.program_text import parse_program
+
+        record = record or json.loads(self.store.get(f"switch/{self.epoch}"))
+        sw = switch(parse_program(record["before"]), parse_program(record["after"]), reason=record["reason"])
+        after, e, c = sw.after, record["epoch"], self.compiled
+        self._joins_seen = record["joins_seen"]  # a new leader must not take the same requests again
+        started = time.time()
+        interrupt = self.heartbeat.interrupt if self.heartbeat else None
+        handover = Comm(self.store, after, self.device, epoch=e, timeout_s=STORE_TIMEOUT_S, interrupt=interrupt,
+                        world=sw.world, name="handover")
+        stages = split_stages(after, c.captured, c.layer_graph) if self.device in after.devices else None
+        self.retired.append((self.comm, self.worker, handover))
+        if self.worker is not None:  # a device of the running program: its stage's state at the boundary
+            self.worker.take_point(i)
+            sender = self.worker
+        else:  # a device that joins holds nothing; it receives on a worker of its new stage
+            self.comm = handover
+            sender = self._worker(after, stages, {})
+        sender.comm, sender.fault = handover, None
+        from asteroid_fx.backends.torch_dist import Interrupted
+
+        try:
+            sender.step((), None, actions=sw.of(self.device), iteration=i)
+        except Interrupted:  # the old epoch's copies are half handed over: no exact way on (docs/replay.md)
+            raise RuntimeError(f"a device failed while the run switched plans before iteration {i}; a failure "
+                               "during a hand-over is not recovered: restart from a checkpoint") from None
+        event = {"iteration": i, "reason": sw.reason, "devices": list(after.devices), "joining": list(sw.joining),
+                 "leaving": list(sw.leaving), "started_at": started}
+        self.switches.append(event)
+        if self.device not in after.devices:
+            print(f"[{self.device}] the new plan leaves this device out; leaving after handing over", flush=True)
+            self.left = True
+            return
+        self.epoch = e
+        self.store.set("ft/epoch", str(e))
+        self.comm = Comm(self.store, after, self.device, epoch=e, timeout_s=STORE_TIMEOUT_S, interrupt=interrupt)
+        if self.heartbeat is not None:
+            self.heartbeat.watch(e, after.devices)
+        self.worker = self._worker(after, stages, sender.copies)
+        self.full, self.plain = after, _without_backups(after)
+        # the first iteration loads the new stage from what the device holds, then runs the new plan
+        self.base, self.redo = i, (Action(Op.ROLLBACK, after.stage_of(self.device).index), *after.of(self.device))
+        self.epochs.append((i, after.devices))
+        event["switched_at"] = time.time()
+        print(f"[{self.device}] epoch {e}: switched to a new plan ({sw.reason}) at iteration {i}", flush=True)
 
     def _fault(self, iteration: int, k: int) -> None:
         for device, at, action, kind in self.spec.faults:
@@ -479,6 +696,7 @@ class Training:
                  "rollback_to": t, "changes": list(rewrite.changes)}
         self.recoveries.append(event)
         self.epoch += 1
+        self.store.set("ft/epoch", str(self.epoch))
         if self.device not in after.devices:  # left out by the rewrite: too slow to help
             print(f"[{self.device}] the rewrite leaves this device out; leaving", flush=True)
             self.left = True
@@ -497,7 +715,13 @@ class Training:
         event["regrouped_at"] = time.time()
         print(f"[{self.device}] epoch {self.epoch}: {'; '.join(rewrite.changes)}; redoing from iteration {t}",
               flush=True)
+        if self.spec.replan and self.leader:  # the rewrite is local; the planner may know better
+            self._plan_in_background(list(after.devices), f"{x} failed")
         return t
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
 
 
 def _without_backups(program):

@@ -11,8 +11,10 @@ loopback, host-N presets). Writes the "recovery" section of RESULTS.md.
              time plus a real `launch` of one iteration on the survivors plus a checkpoint load;
              lost iterations are counted as zero (a checkpoint every iteration), the baseline's
              best case.
-  throughput after recovery against a fresh plan on the survivors (median iteration times), and
-             the cost of backups on failure-free runs, every iteration and every N.
+  throughput after recovery against a fresh plan on the survivors (median iteration times): replay's
+             rewrite runs at once; the planner runs in the background on the survivors and the run
+             switches to its plan at an iteration boundary (passes/replan.py) when it predicts a gain.
+             The cost of backups on failure-free runs is measured by benchmarks/backups.py.
 
     .venv/bin/python benchmarks/recovery.py [--trials 21] [--seed 0]
 """
@@ -73,18 +75,30 @@ def trial(name: str, rng: random.Random, work: Path, reference: dict) -> dict:
     want, losses = reference[name]
     gap = relative_gap(load_weights(out, result["program"].devices), want)
     (failure,) = result["failures"] or [None]
-    after = result["seconds"][failure["iteration"] + SETTLE:] if failure else []
-    return {"plan": name, "victim": victim, "moment": moment, "failure": failure, "gap": gap,
+    switch = next(iter(result["switches"]), None)
+    seconds = result["seconds"]
+    # replay's rewrite runs from the failure to the switch (if any), the planner's plan after it
+    first = switch["iteration"] if switch else failure["iteration"] if failure else None
+    after = seconds[first + SETTLE:] if failure else []
+    rewrite = seconds[failure["iteration"] + 1:switch["iteration"]] if failure and switch else []
+    return {"plan": name, "victim": victim, "moment": moment, "failure": failure, "switch": switch, "gap": gap,
             "loss_gap": max(abs(a - b) / abs(b) for a, b in zip(result["losses"], losses)),
-            "after_s": statistics.median(after) if after else None, "survivors": len(result["program"].devices),
-            "batch": spec.batch}
+            "after_s": statistics.median(after) if after else None,
+            "rewrite_s": statistics.median(rewrite) if rewrite else None,
+            "survivors": len(set(failure_survivors(result, failure))) if failure else None, "batch": spec.batch}
+
+
+def failure_survivors(result: dict, failure: dict) -> list[str]:
+    """The devices alive after the failure (the run may later leave some out)."""
+    return [d for d, r in result["workers"].items() if d != failure["device"]]
 
 
 def fresh_on_survivors(n: int, spec: RunSpec, work: Path) -> tuple[float, float]:
     """(median iteration seconds of a fresh plan on n devices, wall seconds of a one-iteration restart)."""
     cluster = resolve_cluster(f"host-{n}")
-    fresh = RunSpec(model=spec.model, batch=spec.batch, microbatches=spec.microbatches, optimizer=spec.optimizer,
-                    lr=spec.lr, iterations=60)
+    # the planner's plan from scratch, free to choose the micro-batching (as the re-plan is)
+    fresh = RunSpec(model=spec.model, batch=spec.batch, microbatches=None, optimizer=spec.optimizer,
+                    lr=spec.lr, iterations=60, recovery=True)
     result = launch(fresh, cluster, work / f"fresh{n}", timeout_s=300, log=quiet)
     median = statistics.median(result["seconds"][SETTLE:])
     restarts = []
@@ -104,16 +118,16 @@ def checkpoint_load_s(spec: RunSpec, cluster, work: Path) -> float:
     return time.perf_counter() - started
 
 
-def overhead(name: str, work: Path) -> dict:
-    preset, spec = PLANS[name]
-    cluster = resolve_cluster(preset)
-    times = {}
-    for label, changes in (("none", dict(recovery=False)), ("every 1", dict(backup_every=1)),
-                           ("every 10", dict(backup_every=10))):
-        result = launch(dataclasses.replace(spec, iterations=150, **changes), cluster, work / f"over-{label}",
-                        timeout_s=300, log=quiet)
-        times[label] = statistics.median(result["seconds"][SETTLE:])
-    return times
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def switched_text(r: dict) -> str:
+    s = r["switch"]
+    if not s:
+        return "no"
+    return (f"iteration {s['iteration']}, +{(s['switched_at'] - r['failure']['failed_at']) * 1e3:.0f} ms, on "
+            f"{len(s['devices'])} device{'s' if len(s['devices']) > 1 else ''}")
 
 
 def main() -> None:
@@ -138,16 +152,18 @@ def main() -> None:
                   + (f"recovered in {f['recovery_s']:.3f}s, weights within {row['gap']:.1e}" if f else
                      "the run ended before the kill"), flush=True)
         fresh = {}
-        for n in sorted({r["survivors"] for r in rows}):
+        for n in sorted({r["survivors"] for r in rows if r["survivors"]}):
             spec = PLANS[names[0]][1]
             fresh[n] = fresh_on_survivors(n, spec, work)
         load_s = checkpoint_load_s(PLANS[names[0]][1], resolve_cluster("host-3"), work)
-        over = {name: overhead(name, work) for name in names}
     failed = [r for r in rows if r["failure"] is not None]
     exact = [r for r in failed if r["gap"] <= 1e-6]
     ours = statistics.median(r["failure"]["recovery_s"] for r in failed)
     baseline = statistics.median(r["failure"]["detected_s"] + fresh[r["survivors"]][1] + load_s for r in failed)
     kept = [fresh[r["survivors"]][0] / r["after_s"] for r in failed if r["after_s"]]
+    kept_rewrite = [fresh[r["survivors"]][0] / r["rewrite_s"] for r in failed if r["rewrite_s"]]
+    switched = [r for r in failed if r["switch"]]
+    to_fresh = [r["switch"]["switched_at"] - r["failure"]["failed_at"] for r in switched]
     lines = [
         "## Recovery: live pipeline replay vs checkpoint and restart",
         "",
@@ -162,33 +178,33 @@ def main() -> None:
         f"- recovery time, median: **{ours * 1e3:.0f} ms** (live replay) vs **{baseline:.2f} s** (checkpoint and "
         f"restart, best case) = **{baseline / ours:.0f}x** faster",
         f"- throughput after recovery / fresh plan on the survivors: median **{statistics.median(kept):.2f}**, "
-        f"worst {min(kept):.2f}",
+        f"worst {min(kept):.2f} (from {SETTLE} iterations after the switch to the planner's plan, or after the "
+        "failure where the run did not switch)",
+        f"- switched to the planner's plan for the survivors in {len(switched)} of {len(failed)} runs, a median "
+        f"{statistics.median(to_fresh) * 1e3:.0f} ms after the kill" if switched else
+        f"- switched to the planner's plan in 0 of {len(failed)} runs",
+        f"- before the switch, replay's local rewrite ran at a median {statistics.median(kept_rewrite):.2f} of the "
+        "fresh plan's throughput" if kept_rewrite else "- (no iteration ran on the rewrite before the switch)",
         "",
         "| plan | killed | at | agreed after | regroup | recovered in | rolled back to | weights gap | "
-        "iteration after / fresh plan |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "switched to the fresh plan | iteration: rewrite / after / fresh plan |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         f = r["failure"]
         if f is None:
-            lines.append(f"| {r['plan']} | {r['victim']} | +{r['moment']:.2f} s | (the run ended first) | | | | | |")
+            lines.append(f"| {r['plan']} | {r['victim']} | +{r['moment']:.2f} s | (the run ended first) | | | | | | |")
             continue
         lines.append(f"| {r['plan']} | {r['victim']} | +{r['moment']:.2f} s | {f['detected_s'] * 1e3:.0f} ms | "
                      f"{f['regroup_s'] * 1e3:.0f} ms | {f['recovery_s'] * 1e3:.0f} ms | iteration {f['rollback_to']} "
-                     f"of {f['iteration']} | {r['gap']:.1e} | {r['after_s'] * 1e3:.1f} / "
-                     f"{fresh[r['survivors']][0] * 1e3:.1f} ms |")
+                     f"of {f['iteration']} | {r['gap']:.1e} | {switched_text(r)} | {ms(r['rewrite_s'])} / "
+                     f"{ms(r['after_s'])} / {fresh[r['survivors']][0] * 1e3:.1f} ms |")
     lines += ["", "Checkpoint-and-restart baseline per survivor count: a one-iteration `launch` on the survivors "
               f"(median of 3, fresh plan) plus loading the checkpoint ({load_s * 1e3:.1f} ms):", "",
               "| survivors | restart + one iteration | fresh plan's iteration |", "| ---: | ---: | ---: |"]
     for n, (median, restart) in sorted(fresh.items()):
         lines.append(f"| {n} | {restart:.2f} s | {median * 1e3:.1f} ms |")
-    lines += ["", "Backups on failure-free runs (median iteration time; the cost is what every iteration pays for "
-              "being recoverable):", "", "| plan | no backups | every iteration | every 10 iterations |",
-              "| --- | ---: | ---: | ---: |"]
-    for name, t in over.items():
-        lines.append(f"| {name} | {t['none'] * 1e3:.1f} ms | {t['every 1'] * 1e3:.1f} ms "
-                     f"({t['every 1'] / t['none'] - 1:+.0%}) | {t['every 10'] * 1e3:.1f} ms "
-                     f"({t['every 10'] / t['none'] - 1:+.0%}) |")
+    lines += ["", "What backups cost failure-free runs is in the \"backups\" section (benchmarks/backups.py)."]
     body = "\n".join(lines)
     if args.no_write:
         print(body)

@@ -23,7 +23,7 @@ HOST4 = resolve_cluster("host-4")
 
 # stage 0 alone on host0 (its loss merges it into stage 1), stage 1 a group of two (a loss re-splits it)
 HYBRID = RunSpec(model="mlp:small", batch=12, microbatches=2, groups=(("host0",), ("host1", "host2")),
-                 rows=((6,), (4, 2)), iterations=6, optimizer="adam", lr=1e-3, recovery=True)
+                 rows=((6,), (4, 2)), iterations=6, optimizer="adam", lr=1e-3, recovery=True, replan=False)
 
 
 def check_exact(result: dict, spec: RunSpec, cluster, out) -> None:
@@ -125,3 +125,49 @@ def test_asteroid_launch_recovers_from_a_kill_drill(tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "host1 failed in iteration" in proc.stdout and "training back after" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# re-planning: a switch to the planner's plan after a failure, and a device taken in when it joins
+
+
+def test_after_a_failure_the_run_switches_to_the_planners_plan_for_the_survivors(tmp_path):
+    # the rewrite merges stage 0 into the group; for this tiny model the planner's plan for the
+    # survivors is one device, and the run moves there at an iteration boundary, exactly
+    spec = dataclasses.replace(HYBRID, replan=True, iterations=30, faults=(("host0", 2, 3, "kill"),))
+    result = launch(spec, HOST3, tmp_path, timeout_s=120, log=lambda m: None)
+    (failure,) = result["failures"]
+    (switch,) = result["switches"]
+    assert switch["iteration"] > failure["iteration"] and switch["reason"].startswith("host0 failed")
+    fresh = compile_spec(dataclasses.replace(spec, groups=None, rows=None, microbatches=None),
+                         HOST3.subset(["host1", "host2"]))
+    assert set(result["program"].devices) == set(fresh.program.devices)
+    assert switch["leaving"] == [d for d in ("host1", "host2") if d not in fresh.program.devices]
+    check_exact(result, spec, HOST3, tmp_path)
+
+
+JOIN_CLUSTER = resolve_cluster("raspberry-pi-5,raspberry-pi-5,jetson-agx-orin")
+
+
+def test_a_device_that_joins_is_taken_in_by_a_replan_at_an_iteration_boundary(tmp_path):
+    # the run starts on the two boards (the planner uses one); the much faster board joins, the
+    # planner's plan with it runs there, and the weights are those of training without the switch.
+    # Emulated at 3x dilation so the run outlasts the newcomer's start (imports, compile).
+    spec = RunSpec(model="gpt:small", batch=12, microbatches=None, iterations=600, optimizer="adam", lr=1e-3,
+                   recovery=True, emulate=True, dilation=3.0)
+    result = launch(spec, JOIN_CLUSTER, tmp_path, timeout_s=180, log=lambda m: None, joins=[("agx0", 0.0)])
+    (switch,) = result["switches"]
+    assert switch["joining"] == ["agx0"] and "agx0" in result["program"].devices
+    assert switch["switch_s"] < 2.0
+    check_exact(result, spec, JOIN_CLUSTER, tmp_path)
+
+
+def test_a_device_that_cannot_help_is_told_so_and_the_run_goes_on(tmp_path):
+    # host2 joins a one-device run of a tiny model: the planner's best plan leaves it out
+    spec = RunSpec(model="mlp:small", batch=12, microbatches=2, iterations=6000, optimizer="adam", lr=1e-3,
+                   recovery=True)
+    result = launch(spec, HOST3, tmp_path, timeout_s=180, log=lambda m: None, joins=[("host2", 0.0)])
+    assert result["switches"] == []
+    assert result["workers"]["host2"]["left"]
+    log = (tmp_path / "worker_host2.log").read_text()
+    assert "not taken in: " in log
