@@ -1,4 +1,4 @@
-"""heartbeat: find a device that died or left, and agree on it, through the run's store.
+"""heartbeat: find the devices that died or left, and agree on them, through the run's store.
 
 Every device runs a ``Heartbeat``: a thread that bumps ``ft/hb/<device>`` every ``interval_s`` and
 reads its peers' counters. A peer whose counter has not moved for ``timeout_s`` (measured on this
@@ -7,6 +7,12 @@ saw its process end) or "left" (it announced its departure), is declared failed 
 membership epoch: ``ft/fail/<epoch>`` is set by compare-and-set, so the first declaration wins and
 every survivor reads the same record. Declaring, or seeing the record, sets ``interrupt``, which
 makes the device's pending waits raise (backends/torch_dist.Comm) so it can take part in recovery.
+
+Devices can fail at the same moment; one declaration interrupts everybody, and the rest are found
+during recovery. The thread keeps observing every peer after the declaration, so ``silent`` can
+tell at once, or within one timeout, which of the peers that have not reported for recovery are
+dead or silent; ``agree_failed`` waits for every peer's report or its failure and agrees on the
+whole set (``ft/failed/<epoch>``, compare-and-set again: the first complete answer is everyone's).
 
 The detection bound is ``timeout_s + interval_s`` for a silent death, one ``interval_s`` when the
 launcher or the device itself reports it. The thread only sleeps, sets and reads small keys, so it
@@ -19,7 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch.distributed as dist
 
@@ -31,7 +37,13 @@ def beat_key(device: str) -> str:
 
 
 def failure_key(epoch: int) -> str:
+    """The first failure declared in ``epoch`` (one record)."""
     return f"ft/fail/{epoch}"
+
+
+def failures_key(epoch: int) -> str:
+    """Every device that failed in ``epoch``, as the survivors agreed (a list of records)."""
+    return f"ft/failed/{epoch}"
 
 
 class Heartbeat:
@@ -46,8 +58,12 @@ class Heartbeat:
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.interrupt = threading.Event()
         self._lock = threading.Lock()
+        self._observed = threading.Condition(self._lock)  # notified after every round of reads
         self._epoch, self._peers = 0, ()
-        self._seen: dict[str, tuple[str, float]] = {}
+        # peer -> (its key's value, when this device first saw that value, the round of reads that saw
+        # it change; -1: not yet)
+        self._seen: dict[str, tuple[str, float, int]] = {}
+        self._round, self._read_at = 0, 0.0  # rounds of reads so far, when the last one read
         self._stop = threading.Event()
         self._count = 0
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{device}", daemon=True)
@@ -62,17 +78,68 @@ class Heartbeat:
         with self._lock:
             now = time.monotonic()
             self._epoch, self._peers = epoch, tuple(p for p in peers if p != self.device)
-            self._seen = {p: ("", now) for p in self._peers}
+            self._seen = {p: ("", now, -1) for p in self._peers}
             self.interrupt.clear()
 
     def declare(self, device: str, reason: str) -> dict:
         """Declare ``device`` failed in the current epoch; returns the record that won."""
-        record = json.dumps({"device": device, "reason": reason, "by": self.device, "at": time.time()})
-        won = self.store.compare_set(failure_key(self._epoch), "", record)
-        self.interrupt.set()
-        with self._lock:
-            self._peers = ()  # one failure per epoch; the next epoch's watch starts afresh
-        return json.loads(won)
+        return self._declare(self._epoch, device, reason)
+
+    def silent(self, peers: Sequence[str], within_s: float | None = None) -> dict[str, str]:
+        """Which of ``peers`` (watched in this epoch) have failed: {device: reason} for each whose key
+        says "dead" or "left" or whose counter has not moved for ``timeout_s`` (counted from when the
+        thread last saw it move, often before the call). Returns once every peer has failed or shown it is alive (its
+        counter moved during the call, seen within three rounds of reads), or after ``within_s``
+        (default ``timeout_s + 3 * interval_s``, which decides every peer); a peer not decided by then
+        counts as alive, so a live peer is never reported."""
+        bound = self.timeout_s + 3 * self.interval_s if within_s is None else within_s
+        peers = [p for p in peers if p != self.device]
+        with self._observed:
+            unknown = [p for p in peers if p not in self._seen]
+            if unknown:
+                raise ValueError(f"{', '.join(unknown)} not watched in epoch {self._epoch} (watching "
+                                 f"{', '.join(self._peers) or 'nobody'}); watch() the devices to ask about")
+            # the next round's reads may predate the call, so a change seen by the round after it may
+            # be a beat from before the call; one seen by the third round is a beat during the call
+            alive_from = self._round + 3
+            deadline = time.monotonic() + bound
+            while True:
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"{self.device}'s heartbeat has stopped (stop() was called or the store is "
+                                       "gone), so it cannot tell whether its peers are alive")
+                # silence is measured up to this device's last read: were its own thread held up, the
+                # peers would only look silent
+                failed = {p: reason for p in peers if (reason := self._failure(p, self._read_at))}
+                now = time.monotonic()
+                if now >= deadline or all(p in failed or self._seen[p][2] >= alive_from for p in peers):
+                    return failed
+                self._observed.wait(min(deadline - now, self.interval_s))
+
+    def agree_failed(self, peers: Sequence[str], report_key: Callable[[str], str], *,
+                     deadline_s: float = 60.0) -> list[dict]:
+        """Every device that failed in the current epoch, as all survivors agree; call it during
+        recovery once this device has written ``report_key(self.device)`` (its report for recovery)
+        and the epoch's first failure is declared. ``peers``: the epoch's devices. Waits until every
+        peer has reported (it is alive) or has failed (``silent``), or another survivor's answer is
+        in the store; the first answer written to ``failures_key(epoch)`` is everyone's. Returns
+        records like ``agreed_failure``'s, the declared one first; a device that finds itself in the
+        list was given up by the others and must leave. Raises TimeoutError naming the peers that
+        neither reported nor failed within ``deadline_s``."""
+        epoch = self._epoch
+        first = agreed_failure(self.store, epoch)
+        found = {first["device"]: first}
+        end = time.monotonic() + deadline_s
+        while not self.store.check([failures_key(epoch)]):
+            missing = [p for p in peers
+                       if p != self.device and p not in found and not self.store.check([report_key(p)])]
+            if not missing:
+                break
+            if time.monotonic() > end:
+                raise TimeoutError(f"{', '.join(missing)} neither reported for recovery nor failed within "
+                                   f"{deadline_s:.0f}s of epoch {epoch}'s failure; their logs say why")
+            for p, reason in self.silent(missing).items():
+                found[p] = {"device": p, "reason": reason, "by": self.device, "at": time.time()}
+        return json.loads(self.store.compare_set(failures_key(epoch), "", json.dumps(list(found.values()))))
 
     def leave(self) -> None:
         """Announce this device's departure: its peers recover at once, without waiting for a timeout."""
@@ -84,6 +151,17 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2 * self.interval_s + 1.0)
+
+    def _declare(self, epoch: int, device: str, reason: str) -> dict:
+        record = json.dumps({"device": device, "reason": reason, "by": self.device, "at": time.time()})
+        won = self.store.compare_set(failure_key(epoch), "", record)
+        self._interrupt(epoch)
+        return json.loads(won)
+
+    def _interrupt(self, epoch: int) -> None:
+        with self._lock:
+            if self._epoch == epoch:  # a failure of an epoch that recovery has left behind interrupts nothing
+                self.interrupt.set()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -99,26 +177,44 @@ class Heartbeat:
             epoch, peers = self._epoch, self._peers
         if not peers:
             return
-        if self.store.check([failure_key(epoch)]):
-            self.interrupt.set()
-            return
+        declared = self.store.check([failure_key(epoch)])
+        values = [v.decode() for v in self.store.multi_get([beat_key(p) for p in peers])]
         now = time.monotonic()
-        for peer, value in zip(peers, self.store.multi_get([beat_key(p) for p in peers])):
-            value = value.decode()
-            if value == DEAD:
-                self.declare(peer, "its process ended")
+        with self._observed:
+            if self._epoch != epoch:  # watch() began another epoch meanwhile
                 return
-            if value == LEFT:
-                self.declare(peer, "left the run (announced)")
-                return
-            last, since = self._seen[peer]
-            if value != last:
-                self._seen[peer] = (value, now)
-            elif now - since > self.timeout_s:
-                self.declare(peer, f"no heartbeat for {now - since:.1f}s")
-                return
+            self._round, self._read_at = self._round + 1, now
+            for peer, value in zip(peers, values):
+                last, since, moved = self._seen[peer]
+                if value != last:  # the first value seen is no change: it may be a dead peer's last beat
+                    self._seen[peer] = (value, now, self._round if last else moved)
+            failed = next(((p, reason) for p in peers if (reason := self._failure(p, now))), None)
+            self._observed.notify_all()
+        if declared:
+            self._interrupt(epoch)
+        elif failed:  # one declaration per epoch; the others are found by silent() during recovery
+            self._declare(epoch, *failed)
+
+    def _failure(self, peer: str, now: float) -> str | None:
+        """Why ``peer`` has failed, or None (call with the lock held)."""
+        value, since, _ = self._seen[peer]
+        if value == DEAD:
+            return "its process ended"
+        if value == LEFT:
+            return "left the run (announced)"
+        if value and now - since > self.timeout_s:
+            return f"no heartbeat for {now - since:.1f}s"
+        return None
 
 
 def agreed_failure(store: dist.Store, epoch: int) -> dict:
     """The failure every survivor agreed on in ``epoch``: {"device", "reason", "by", "at"}."""
     return json.loads(store.get(failure_key(epoch)).decode())
+
+
+def agreed_failures(store: dist.Store, epoch: int) -> list[dict]:
+    """Every failure the survivors agreed on in ``epoch`` (``Heartbeat.agree_failed``), the declared
+    one first; only that one while the survivors have not agreed on the rest yet."""
+    if store.check([failures_key(epoch)]):
+        return json.loads(store.get(failures_key(epoch)).decode())
+    return [agreed_failure(store, epoch)]
