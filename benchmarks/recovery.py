@@ -1,5 +1,11 @@
 """Live pipeline replay against checkpoint-and-restart, on worker processes of this machine (gloo on
-loopback, host-N presets). Writes the "recovery" section of RESULTS.md.
+loopback). Writes the "recovery" section of RESULTS.md.
+
+The N worker processes of a run are described to the planner as N laptop-i7 CPUs named host0..,
+on links like the host-N presets' loopback (10 Gbit/s, 20 us): catalog costs are the same in
+every process, so the leader's re-plan and the fresh plan of the baseline are the same plan. (The
+host-N presets' "host-cpu" kind is measured in each process, and under load two processes can
+plan differently.)
 
   trials     a worker is SIGKILLed from outside at a random moment, on several plans; every run
              must recover and end with the weights of the failure-free local run of the same
@@ -36,20 +42,25 @@ from results import machine, write_section  # noqa: E402
 
 import torch  # noqa: E402
 
-from asteroid_fx.cluster import resolve_cluster  # noqa: E402
+from asteroid_fx.cluster import Cluster, Device  # noqa: E402
 from asteroid_fx.launch import RunSpec, batches, compile_spec, launch, load_weights  # noqa: E402
 
 BASE = dict(model="mlp:small", batch=48, microbatches=2, optimizer="adam", lr=1e-3, recovery=True)
 PLANS = {
-    "3 devices, 1 + group of 2": ("host-3", RunSpec(groups=(("host0",), ("host1", "host2")), rows=((24,), (12, 12)),
+    "3 devices, 1 + group of 2": (3, RunSpec(groups=(("host0",), ("host1", "host2")), rows=((24,), (12, 12)),
                                                     **BASE)),
-    "3 devices, 3 stages": ("host-3", RunSpec(groups=(("host0",), ("host1",), ("host2",)), rows=((24,), (24,), (24,)),
+    "3 devices, 3 stages": (3, RunSpec(groups=(("host0",), ("host1",), ("host2",)), rows=((24,), (24,), (24,)),
                                               **BASE)),
-    "4 devices, 2 groups of 2": ("host-4", RunSpec(groups=(("host0", "host1"), ("host2", "host3")),
+    "4 devices, 2 groups of 2": (4, RunSpec(groups=(("host0", "host1"), ("host2", "host3")),
                                                    rows=((12, 12), (12, 12)), **BASE)),
 }
 ITERATIONS = 150
 SETTLE = 5  # iterations left out of a median after a start or a recovery
+
+
+def cluster_of(n: int) -> Cluster:
+    return Cluster.uniform([Device(f"host{i}", "laptop-i7") for i in range(n)], bandwidth="10Gbps", latency=20e-6,
+                           name=f"laptop-i7 x{n}")
 
 
 def quiet(_m: str) -> None:
@@ -61,9 +72,9 @@ def relative_gap(got: dict, want: dict) -> float:
 
 
 def trial(name: str, rng: random.Random, work: Path, reference: dict) -> dict:
-    preset, spec = PLANS[name]
+    n, spec = PLANS[name]
     spec = dataclasses.replace(spec, iterations=ITERATIONS)
-    cluster = resolve_cluster(preset)
+    cluster = cluster_of(n)
     victim = rng.choice([d.name for d in cluster.devices])
     moment = rng.uniform(0.05, 0.6)
     out = work / f"trial{len(list(work.iterdir()))}"
@@ -95,7 +106,7 @@ def failure_survivors(result: dict, failure: dict) -> list[str]:
 
 def fresh_on_survivors(n: int, spec: RunSpec, work: Path) -> tuple[float, float]:
     """(median iteration seconds of a fresh plan on n devices, wall seconds of a one-iteration restart)."""
-    cluster = resolve_cluster(f"host-{n}")
+    cluster = cluster_of(n)
     # the planner's plan from scratch, free to choose the micro-batching (as the re-plan is)
     fresh = RunSpec(model=spec.model, batch=spec.batch, microbatches=None, optimizer=spec.optimizer,
                     lr=spec.lr, iterations=60, recovery=True)
@@ -155,7 +166,7 @@ def main() -> None:
         for n in sorted({r["survivors"] for r in rows if r["survivors"]}):
             spec = PLANS[names[0]][1]
             fresh[n] = fresh_on_survivors(n, spec, work)
-        load_s = checkpoint_load_s(PLANS[names[0]][1], resolve_cluster("host-3"), work)
+        load_s = checkpoint_load_s(PLANS[names[0]][1], cluster_of(3), work)
     failed = [r for r in rows if r["failure"] is not None]
     exact = [r for r in failed if r["gap"] <= 1e-6]
     ours = statistics.median(r["failure"]["recovery_s"] for r in failed)
