@@ -152,7 +152,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     import torch.distributed as dist
 
     from asteroid_fx import netns
-    from asteroid_fx.heartbeat import DEAD, beat_key, failure_key
+    from asteroid_fx.heartbeat import DEAD, beat_key, failure_key, failures_key
     from asteroid_fx.program_text import parse_program
 
     if shape_links:
@@ -221,6 +221,9 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
                 if k not in failed_epochs and spec.recovery and store.check([failure_key(k)]):
                     failed_epochs.add(k)
                     declared.append(json.loads(store.get(failure_key(k)).decode())["device"])
+                if spec.recovery and store.check([failures_key(k)]):  # devices that failed together
+                    together = [r["device"] for r in json.loads(store.get(failures_key(k)).decode())]
+                    declared += [d for d in together if d not in declared]
             if finished and finished | set(ended) | set(declared) >= set(everyone):
                 break
             if finished and finished | set(ended) | set(declared) >= set(devices):
@@ -285,10 +288,11 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         took_part = [r for r in trained if len(r["recoveries"]) > k]
         resumed = max(r["recoveries"][k]["resumed_at"] for r in took_part)
         failures.append({**{key: event[key] for key in ("device", "reason", "iteration", "rollback_to", "changes")},
+                         "also": event.get("also", []),
                          "failed_at": failed_at, "detected_s": event["declared_at"] - failed_at,
                          "regroup_s": max(r["recoveries"][k]["regrouped_at"] for r in took_part) - event["declared_at"],
                          "recovery_s": resumed - failed_at})
-        log(f"{x} failed in iteration {event['iteration'] + 1} ({event['reason']}): agreed after "
+        log(f"{', '.join([x, *event.get('also', [])])} failed in iteration {event['iteration'] + 1} ({event['reason']}): agreed after "
             f"{failures[-1]['detected_s']:.2f}s, iteration {event['iteration'] + 1} done again after "
             f"{failures[-1]['recovery_s']:.2f}s (rolled back to the start of iteration {event['rollback_to'] + 1})")
     switches = []
@@ -676,23 +680,33 @@ class Training:
             return self.spec.iterations
         print(f"[{self.device}] {x} failed ({record['reason']}) during iteration {self.completed}; recovering",
               flush=True)
-        survivors = [d for d in self.full.devices if d != x]
         prefix = f"ft/{self.epoch}/done"
         self.store.set(f"{prefix}/{self.device}", json.dumps([self.completed, self.worker.done]))
-        self.store.wait([f"{prefix}/{d}" for d in survivors],
-                        datetime.timedelta(seconds=self.spec.heartbeat_timeout_s * 4 + 10))
+        # every device reports how far it got, or is found failed too (devices can die together)
+        records = self.heartbeat.agree_failed(self.full.devices, lambda d: f"{prefix}/{d}",
+                                              deadline_s=self.spec.heartbeat_timeout_s * 4 + 10)
+        failed = [rec["device"] for rec in records]
+        if self.device in failed:  # the others gave this device up (it was silent too long): it cannot rejoin
+            print(f"[{self.device}] the others declared this device failed; leaving", flush=True)
+            self.left = True
+            return self.spec.iterations
+        also = failed[1:]
+        if also:
+            together = ", ".join(f"{rec['device']} ({rec['reason']})" for rec in records[1:])
+            print(f"[{self.device}] failed at the same time: {together}", flush=True)
+        survivors = [d for d in self.full.devices if d not in failed]
         reports = {d: json.loads(self.store.get(f"{prefix}/{d}")) for d in survivors}
         r = min(done for done, _ in reports.values())  # the iteration some survivor has not finished
         # an iteration counts only once every device published its loss (before its next barrier,
-        # so nobody has dropped the copies of an iteration the dead device did not publish)
-        while r > self.base and not self.store.check([f"loss/{x}/{r - 1}"]):
+        # so nobody has dropped the copies of an iteration a dead device did not publish)
+        while r > self.base and not self.store.check([f"loss/{d}/{r - 1}" for d in failed]):
             r -= 1
         t = self.tag_at_or_before(r)  # the last iteration start every copy exists for
         progress = tuple((d, k if done == r else 0) for d, (done, k) in reports.items())
         c = self.compiled
-        rewrite = replay(self.full, Failure(x, r, progress), c.layer_graph, c.cluster)
+        rewrite = replay(self.full, Failure(x, r, progress, tuple(also)), c.layer_graph, c.cluster)
         after = rewrite.after
-        event = {"device": x, "reason": record["reason"], "declared_at": record["at"], "iteration": r,
+        event = {"device": x, "also": also, "reason": record["reason"], "declared_at": record["at"], "iteration": r,
                  "rollback_to": t, "changes": list(rewrite.changes)}
         self.recoveries.append(event)
         self.epoch += 1
@@ -716,7 +730,7 @@ class Training:
         print(f"[{self.device}] epoch {self.epoch}: {'; '.join(rewrite.changes)}; redoing from iteration {t}",
               flush=True)
         if self.spec.replan and self.leader:  # the rewrite is local; the planner may know better
-            self._plan_in_background(list(after.devices), f"{x} failed")
+            self._plan_in_background(list(after.devices), f"{', '.join(failed)} failed")
         return t
 
 

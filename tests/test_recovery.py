@@ -175,3 +175,19 @@ def test_a_device_that_cannot_help_is_told_so_and_the_run_goes_on(tmp_path):
     assert result["workers"]["host2"]["left"]
     log = (tmp_path / "worker_host2.log").read_text()
     assert "not taken in: " in log
+
+
+@pytest.mark.parametrize("victims, changes", [
+    (("host1", "host2"), ("re-splits", "re-splits")),  # one member of each group
+    (("host2", "host3"), ("move to stage 0",)),         # a whole stage: it merges into its backup's holder
+])
+def test_two_devices_killed_at_the_same_moment(tmp_path, victims, changes):
+    spec = dataclasses.replace(HYBRID, groups=(("host0", "host1"), ("host2", "host3")), rows=((3, 3), (2, 4)),
+                               iterations=300)
+    result = launch(spec, HOST4, tmp_path, timeout_s=120, log=lambda m: None, kills=[(v, 0.2) for v in victims])
+    (failure,) = result["failures"]
+    assert sorted([failure["device"], *failure["also"]]) == sorted(victims)
+    for text, change in zip(changes, failure["changes"]):
+        assert text in change
+    assert not set(victims) & set(result["program"].devices)
+    check_exact(result, spec, HOST4, tmp_path)
