@@ -26,9 +26,10 @@ kernel without them cannot: ``Cluster.link``'s latency is not applied (``LATENCY
 Rates are line rates, as the cluster's are: frame and TCP/IP headers count against them, as over a
 real link (benchmarks/netns.py measures the bulk payload rate a shaped link gives). A shaper lets a
 packet out while its class has credit and charges it after, so a message sent over an idle link
-arrives one packet's time early: packets are kept small enough (``packet_frames``) that this is at
-most EARLY_S or one frame's time (1514 B / rate: 0.12 ms at 100 Mbit/s, 15 ms at 0.8 Mbit/s),
-while fast links still get the large packets that a host's CPU needs to keep up with them.
+arrives one packet's time early. Packets are kept small enough (``packet_frames``) that this is at
+most EARLY_S or one frame's time (1514 B / rate: 1.5 ms at 8 Mbit/s), and no smaller: every packet
+costs the host CPU time, and one-frame packets on a fast link leave a 2-core host unable to forward
+four devices' traffic at the rates it shapes (an all-reduce then takes twice the link's time).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ LOCK = Path("/run/asteroid-netns.lock")
 SUBNETS = ipaddress.ip_network("10.213.0.0/16")
 MTU_FRAME = 1514  # bytes of one full Ethernet frame: the smallest htb quantum
 MAX_FRAMES = 43  # frames in the largest GSO packet (64 KiB)
-EARLY_S = 1e-4  # how early a message may arrive over an idle link, where one frame takes less
+EARLY_S = 5e-4  # how early a message may arrive over an idle link, where one frame takes less
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 NO_NEED = "`asteroid launch --emulate` paces links in process and needs none of this"
 LATENCY_NOT_SHAPED = ("latency is not shaped: delaying packets takes the netem qdisc (or fq with departure "

@@ -62,8 +62,9 @@ def test_an_infinitely_fast_link_is_not_shaped():
 
 def test_packets_are_small_on_slow_links_and_large_on_fast_ones():
     # a packet passes an idle shaper at once: at most EARLY_S of bytes per packet, at least a frame
-    assert netns.packet_frames(12.5e6) == 1  # 100 Mbit/s: one frame is 0.12 ms
-    assert netns.packet_frames(125e6) == 8  # 1 Gbit/s: 8 frames are 0.1 ms
+    assert netns.packet_frames(1e6) == 1  # 8 Mbit/s: one frame is 1.5 ms
+    assert netns.packet_frames(12.5e6) == 4  # 100 Mbit/s: 4 frames are 0.48 ms
+    assert netns.packet_frames(125e6) == 41  # 1 Gbit/s: 41 frames are 0.5 ms
     assert netns.packet_frames(1.25e9) == netns.packet_frames(math.inf) == netns.MAX_FRAMES
 
 
