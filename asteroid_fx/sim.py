@@ -26,7 +26,9 @@ models exactly this, and nothing else:
               above), plus 2 (g-1) x the largest latency on the ring (the same time as
               ``estimate.ring_allreduce_s`` when the links are otherwise idle).
   BACKUP      like SEND (in the background), RESTORE like RECV, of the stage's state: weights,
-              optimizer state (weights x opt_state_factor) and buffers.
+              optimizer state (weights x opt_state_factor) and buffers (torch_dist sends these
+              bytes as one message, after a 64-byte header, with the holder's receive posted when
+              the iteration starts).
   STEP        ROLLBACK (a local copy) and any op without a rule: no time.
   memory      estimate.device_memory's model, as a timeline: weights x (2 + opt_state_factor) +
               buffers all iteration, plus one micro-batch's activations (kept for backward, with the
@@ -37,7 +39,9 @@ kernel-launch jitter, CPU cost of sending, memory fragmentation and the allocato
 contention between compute and communication for memory bandwidth, TCP dynamics (a transfer runs
 at its fair share at once), the receiver having to post its receive before bytes move (torch_dist
 posts receives one ahead, which hides this), the backend's separate second all-reduce of floating
-buffers (folded into the one ring, its latency counted once), weights a RESTORE brings in memory.
+buffers (folded into the one ring, its latency counted once), the copy a BACKUP packs before it
+sends, and the memory of copies kept for a rollback (torch_dist: every device's rollback point, a
+holder's up to two copies of each stage it backs up).
 Iteration time is when the last device finishes its last action.
 
 Beyond times, a Simulation gives its critical path (the chain of computes and messages that ends

@@ -15,9 +15,13 @@ Same meaning as the local backend (backends/local.py), action by action:
              in the same order on every rank), then the group's floating buffers are averaged;
   STEP       the device's optimizer;
   BACKUP     a copy of the stage (parameters, buffers, optimizer state, by model name) to the
-             holder: a header (the length of a JSON list of names, dtypes and shapes), the list as
-             bytes, then one message per tensor; never a pickle;
-  RESTORE    receives such a copy and files it under the iteration it starts (local backend rule);
+             holder, as one message: a small header (iteration tag), then the tensors packed into
+             one segment per dtype (the packing is the copy). Where each tensor lies (``StateLayout``)
+             follows from a JSON list of names, dtypes and shapes that travels once per link and is
+             kept by both ends; never a pickle. Completed before the iteration ends, like a SEND;
+  RESTORE    waits for such a copy and files it, once complete, under the iteration it starts (local
+             backend rule). Its receive is posted when the iteration starts (``drop_copies_before``),
+             so the bytes travel while the holder computes and the wait at its end is short;
   ROLLBACK   loads the copies filed under the iteration being redone, name by name.
 Tags keep messages apart: (stage, micro-batch, payload, tensor index) -> one int per message, the
 same on both sides.
@@ -49,6 +53,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import queue
 import threading
@@ -258,14 +263,27 @@ class DistWorker:
         self.fault = fault
         self.done = 0  # actions completed in the current iteration (a failure's progress)
         self._runs: dict[tuple[Action, ...], tuple] = {}
+        # backups, per link (process group, stage, peer): the layout of the last copy sent or
+        # received on it, and the holder's receive posted ahead for the next copy
+        self._sent_layouts: dict[tuple, StateLayout] = {}
+        self._held_layouts: dict[tuple, StateLayout] = {}
+        self._restoring: dict[tuple, tuple[torch.Tensor, dist.Work]] = {}
 
     def take_point(self, iteration: int) -> None:
         """File the stage's current state as the rollback point of ``iteration`` (its start)."""
         self.copies.setdefault(iteration, StateCopy()).update(StateCopy.of(self.module, self.optimizer))
 
     def drop_copies_before(self, iteration: int) -> None:
+        """Drop the copies no rollback can need any more (every device has finished the iteration
+        before ``iteration``), then post the receives of the next backups this device holds, in
+        the memory they leave: the bytes move as soon as each sender sends, while this device
+        computes, and a holder never holds more than two copies of a stage."""
         for tag in [t for t in self.copies if t < iteration]:
             del self.copies[tag]
+        for (comm, stage, peer), layout in self._held_layouts.items():
+            if comm is self.comm and (comm, stage, peer) not in self._restoring:
+                self._restoring[(comm, stage, peer)] = self._post_restore(peer, BACKUP_TAG + stage * 65536,
+                                                                          layout.nbytes)
 
     def step(self, inputs: Sequence[torch.Tensor], labels: Any, *, actions: Sequence[Action] | None = None,
              iteration: int = 0) -> float:
@@ -440,30 +458,49 @@ class DistWorker:
     def _backup(self, a: Action) -> None:
         # tagged like the local backend: the iteration this state starts
         tag = self.iteration + self._stepped
-        tensors, meta = state_message(StateCopy.of(self.module, self.optimizer))
-        body = json.dumps({"tag": tag, "meta": meta}).encode()
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        arrive = self._arrival(a.peer, nbytes) if self.emulation is not None else 0.0
-        base = BACKUP_TAG + a.stage * 65536
-        self._sends.append(self.comm.send(torch.tensor([len(body), arrive], dtype=torch.float64), a.peer, base))
-        self._sends.append(self.comm.send(torch.frombuffer(bytearray(body), dtype=torch.uint8), a.peer, base + 1))
-        for i, t in enumerate(tensors):
-            self._sends.append(self.comm.send(t, a.peer, base + 2 + i))
+        tensors, meta = state_message(live_state(self.module, self.optimizer))
+        link, base = (self.comm, a.stage, a.peer), BACKUP_TAG + a.stage * 65536
+        layout = self._sent_layouts.get(link)
+        if layout is None or layout.meta != meta:
+            # the holder has posted a receive of the size it knows: announce the new layout in it
+            new = StateLayout.of(meta)
+            body = json.dumps(new.meta).encode()
+            notice = torch.zeros(HEADER_BYTES if layout is None else layout.nbytes, dtype=torch.uint8)
+            write_header(notice, (LAYOUT, tag, 0.0, len(body)))
+            self._sends.append(self.comm.send(notice, a.peer, base))
+            self._sends.append(self.comm.send(torch.frombuffer(bytearray(body), dtype=torch.uint8), a.peer, base + 1))
+            self._sent_layouts[link] = layout = new
+        arrive = self._arrival(a.peer, layout.nbytes) if self.emulation is not None else 0.0
+        # packing copies the state: what the next iteration starts from, whatever runs after
+        self._sends.append(self.comm.send(layout.pack(tensors, (COPY, tag, arrive)), a.peer, base))
 
     def _restore(self, a: Action) -> None:
-        base = BACKUP_TAG + a.stage * 65536
-        header = torch.empty(2, dtype=torch.float64)
-        self.comm.wait(self.comm.recv(header, a.peer, base))
-        body = torch.empty(int(header[0]), dtype=torch.uint8)
-        self.comm.wait(self.comm.recv(body, a.peer, base + 1))
-        message = json.loads(bytes(body.numpy()).decode())
-        bufs = [torch.empty(shape, dtype=DTYPES[dtype]) for _, _, _, dtype, shape in message["meta"]]
-        works = [self.comm.recv(b, a.peer, base + 2 + i) for i, b in enumerate(bufs)]
-        for w in works:
-            self.comm.wait(w)
-        if float(header[1]) > time.time():
-            time.sleep(float(header[1]) - time.time())
-        self.copies.setdefault(message["tag"], StateCopy()).update(state_from_message(message["meta"], bufs))
+        link, base = (self.comm, a.stage, a.peer), BACKUP_TAG + a.stage * 65536
+        layout = self._held_layouts.get(link)
+        posted = self._restoring.pop(link, None)  # posted ahead by drop_copies_before
+        if posted is None:
+            posted = self._post_restore(a.peer, base, HEADER_BYTES if layout is None else layout.nbytes)
+        buf, work = posted
+        self.comm.wait(work)
+        what, tag, arrive, body_bytes = read_header(buf)
+        if what == LAYOUT:
+            body = torch.empty(int(body_bytes), dtype=torch.uint8)
+            self.comm.wait(self.comm.recv(body, a.peer, base + 1))
+            self._held_layouts[link] = layout = StateLayout.of(json.loads(bytes(body.numpy()).decode()))
+            buf, work = self._post_restore(a.peer, base, layout.nbytes)
+            self.comm.wait(work)
+            what, tag, arrive, _ = read_header(buf)
+        if what != COPY or layout is None:
+            raise RuntimeError(f"{self.device}: the backup of stage {a.stage} from {a.peer} is not a state copy "
+                               f"(header {what:g}); both ends must run the same asteroid_fx version")
+        if arrive > time.time():
+            time.sleep(arrive - time.time())
+        # filed only once every byte is here: a copy cut off by a failure never serves a rollback
+        self.copies.setdefault(int(tag), StateCopy()).update(state_from_message(layout.meta, layout.unpack(buf)))
+
+    def _post_restore(self, peer: str, base: int, nbytes: int) -> tuple[torch.Tensor, dist.Work]:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf, self.comm.recv(buf, peer, base)
 
     def _rollback(self, a: Action) -> None:
         held = self.copies.get(self.iteration, StateCopy())
@@ -478,15 +515,28 @@ class DistWorker:
                 if keys is None or k in keys}
 
 
-def state_message(copy_: StateCopy) -> tuple[list[torch.Tensor], list[list]]:
+def live_state(replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> StateCopy:
+    """The entries ``StateCopy.of`` takes, without copying them: the live tensors, for a message
+    that copies them once, packed."""
+    named = list(replica.named_parameters(remove_duplicate=False))
+    state = optimizer.state if optimizer is not None else {}
+    return StateCopy({n: p.detach() for n, p in named},
+                     {n: b.detach() for n, b in replica.named_buffers(remove_duplicate=False)},
+                     {n: state[p] for n, p in named if state.get(p)})
+
+
+def state_message(copy_: StateCopy) -> tuple[list[torch.Tensor], tuple[tuple, ...]]:
     """A state copy as tensors and a JSON-able list of (kind, name, key, dtype, shape) per tensor;
-    an optimizer entry that is not a tensor (a step count as a number) travels in the key as
-    ``key=value``."""
+    an optimizer entry that is not a tensor (a step count as a number) travels in the list as
+    (kind "v", name, key, "json", its JSON text)."""
     tensors, meta = [], []
 
     def add(kind: str, name: str, key: str, t: torch.Tensor) -> None:
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise ValueError(f"cannot back up {name} ({key or kind}): dtype {dtype} is none of {', '.join(DTYPES)}")
         tensors.append(t.detach().cpu().contiguous())
-        meta.append([kind, name, key, str(t.dtype).removeprefix("torch."), list(t.shape)])
+        meta.append((kind, name, key, dtype, tuple(t.shape)))
 
     for n, t in copy_.params.items():
         add("p", n, "", t)
@@ -497,11 +547,11 @@ def state_message(copy_: StateCopy) -> tuple[list[torch.Tensor], list[list]]:
             if isinstance(v, torch.Tensor):
                 add("o", n, key, v)
             else:
-                meta.append(["v", n, key, "json", json.dumps(v)])
-    return tensors, meta
+                meta.append(("v", n, key, "json", json.dumps(v)))
+    return tensors, tuple(meta)
 
 
-def state_from_message(meta: list[list], tensors: Sequence[torch.Tensor]) -> StateCopy:
+def state_from_message(meta: Sequence[Sequence], tensors: Sequence[torch.Tensor]) -> StateCopy:
     out = StateCopy()
     it = iter(tensors)
     for kind, name, key, dtype, shape in meta:
@@ -516,6 +566,75 @@ def state_from_message(meta: list[list], tensors: Sequence[torch.Tensor]) -> Sta
         else:
             out.optim.setdefault(name, {})[key] = t
     return out
+
+
+# A backup is one message: a header of float64 fields (what it is, the iteration tag, the emulated
+# arrival time, the length of a layout), then the state packed by its StateLayout. The holder
+# posts the receive ahead, which needs its size: both ends keep the layout of the last copy on the
+# link (process group, stage, peer), and a copy whose layout differs is preceded by a LAYOUT notice
+# of the size the holder expects, then the layout as JSON. The layout thus travels once per link.
+HEADER_BYTES = 64
+COPY, LAYOUT = 1.0, 2.0
+
+
+def write_header(buf: torch.Tensor, fields: Sequence[float]) -> None:
+    buf[:HEADER_BYTES].view(torch.float64)[:len(fields)] = torch.tensor(fields, dtype=torch.float64)
+
+
+def read_header(buf: torch.Tensor) -> tuple[float, float, float, float]:
+    what, tag, arrive, body_bytes = buf[:HEADER_BYTES].view(torch.float64)[:4].tolist()
+    return what, tag, arrive, body_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Where a state copy's tensors lie in a backup message: after the header, one segment per
+    dtype (64-byte aligned) with that dtype's tensors back to back, in ``meta`` order. A function
+    of ``meta`` alone, so the sender and the holder compute the same one from the same list."""
+
+    meta: tuple[tuple, ...]
+    # per segment: dtype, byte offset, elements, and the indices (among the tensors) it holds
+    segments: tuple[tuple[torch.dtype, int, int, tuple[int, ...]], ...]
+    shapes: tuple[tuple[int, ...], ...]  # per tensor
+    nbytes: int
+
+    @classmethod
+    def of(cls, meta: Sequence[Sequence]) -> "StateLayout":
+        meta = tuple((kind, name, key, dtype, tuple(shape) if kind != "v" else shape)
+                     for kind, name, key, dtype, shape in meta)
+        shapes = tuple(e[4] for e in meta if e[0] != "v")
+        members: dict[str, list[int]] = {}
+        for i, dtype in enumerate(e[3] for e in meta if e[0] != "v"):
+            members.setdefault(dtype, []).append(i)
+        segments, offset = [], HEADER_BYTES
+        for name, indices in members.items():
+            dtype = DTYPES[name]
+            count = sum(math.prod(shapes[i]) for i in indices)
+            segments.append((dtype, offset, count, tuple(indices)))
+            offset += -(-count * dtype.itemsize // 64) * 64
+        return cls(meta, tuple(segments), shapes, offset)
+
+    def pack(self, tensors: Sequence[torch.Tensor], header: Sequence[float]) -> torch.Tensor:
+        """One buffer: ``header``, then a copy of ``tensors`` (laid out by ``meta``)."""
+        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        write_header(buf, header)
+        for dtype, offset, count, indices in self.segments:
+            if count:
+                out = buf[offset:offset + count * dtype.itemsize].view(dtype)
+                torch.cat([tensors[i].reshape(-1) for i in indices], out=out)
+        return buf
+
+    def unpack(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """The tensors of a packed buffer, as views of it (in ``meta`` order)."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(self.shapes)
+        for dtype, offset, count, indices in self.segments:
+            segment = buf[offset:offset + count * dtype.itemsize].view(dtype)
+            at = 0
+            for i in indices:
+                n = math.prod(self.shapes[i])
+                out[i] = segment[at:at + n].view(self.shapes[i])
+                at += n
+        return out
 
 
 def joined(pieces: list[tuple[torch.Tensor, ...]], i: int) -> torch.Tensor:

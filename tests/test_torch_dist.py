@@ -134,3 +134,112 @@ def test_time_dilation_stretches_every_emulated_duration():
     assert slow.allreduce_s(("nano0", "tx2-0"), (0, 3)) == pytest.approx(10 * plain.allreduce_s(("nano0", "tx2-0"), (0, 3)))
     (bw, lat), (bw10, lat10) = plain.link("nano0", "xnx0"), slow.link("nano0", "xnx0")
     assert (bw10, lat10) == pytest.approx((bw / 10, lat * 10))
+
+
+# --- backups: one packed message, the layout once per link ----------------------------------------
+
+
+def test_a_state_layout_packs_every_dtype_and_shape_and_travels_as_json():
+    import json
+
+    from asteroid_fx.backends.torch_dist import HEADER_BYTES, StateLayout, read_header
+
+    tensors = [torch.randn(3, 5), torch.tensor(7.0), torch.arange(4), torch.tensor([True, False, True]),
+               torch.randn(2, dtype=torch.float64), torch.empty(0, 3), torch.randn(6, dtype=torch.bfloat16)]
+    meta = tuple(("p", f"t{i}", "", str(t.dtype).removeprefix("torch."), tuple(t.shape)) for i, t in enumerate(tensors))
+    meta += (("v", "t0", "count", "json", "3"),)
+    layout = StateLayout.of(meta)
+    assert StateLayout.of(json.loads(json.dumps(layout.meta))) == layout  # the holder's copy of the layout
+    assert layout.nbytes % 64 == 0 and all(offset % 64 == 0 for _, offset, _, _ in layout.segments)
+    buf = layout.pack(tensors, (1.0, 4.0, 0.5, 0.0))
+    assert buf.numel() == layout.nbytes and buf.numel() >= HEADER_BYTES + sum(t.nbytes for t in tensors)
+    assert read_header(buf) == (1.0, 4.0, 0.5, 0.0)
+    for got, want in zip(layout.unpack(buf), tensors, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+class _Loopback:
+    """Comm's send, recv and wait between workers of one process: a send is delivered at once, a
+    receive takes the oldest message on its (peer, tag) when waited on, which must have its size
+    (gloo's rule). ``cut`` makes every wait on a receive fail as a dead peer's does."""
+
+    def __init__(self, device: str, wires: dict):
+        self.device, self.wires, self.sent, self.cut = device, wires, [], False
+
+    def send(self, t, peer, tag):
+        self.wires.setdefault((self.device, peer, tag), []).append(t.clone())
+        self.sent.append(tag)
+
+    def recv(self, t, peer, tag):
+        return t, (peer, self.device, tag)
+
+    def wait(self, work):
+        if work is None:
+            return
+        if self.cut:
+            from asteroid_fx.backends.torch_dist import Interrupted
+
+            raise Interrupted()
+        t, key = work
+        message = self.wires[key].pop(0)
+        assert message.shape == t.shape, f"a message of {message.numel()} bytes into a receive of {t.numel()}"
+        t.copy_(message)
+
+
+def _two_workers():
+    """Stage 0 on a, stage 1 on b (Adam), each with a loopback Comm."""
+    from asteroid_fx.backends.torch_dist import DistWorker
+
+    spec = RunSpec(model="mlp:small", batch=8, microbatches=2, groups=(("a",), ("b",)), rows=((4,), (4,)),
+                   optimizer="adam")
+    c = compile_spec(spec, CLUSTER)
+    wires: dict = {}
+    names = [n.name for n in c.captured.module.graph.nodes if n.op == "placeholder"]
+    return tuple(DistWorker(c.program, c.stages, d, loss=c.loss, unflatten=c.captured.unflatten_outputs,
+                            input_names=names, optimizer="adam", comm=_Loopback(d, wires)) for d in "ab")
+
+
+def _adam_step(worker) -> None:
+    for p in worker.module.parameters():
+        p.grad = torch.randn_like(p)
+    worker.optimizer.step()
+
+
+def test_a_backup_is_one_message_once_its_layout_is_known_and_files_the_exact_state():
+    from asteroid_fx.backends.local import StateCopy
+    from asteroid_fx.program import Action, Op
+
+    a, b = _two_workers()
+    backup, restore = [Action(Op.BACKUP, 0, peer="b")], [Action(Op.RESTORE, 0, peer="a")]
+    for i in range(4):
+        if i:
+            _adam_step(a)  # the first step creates Adam's state: the layout changes once, at iteration 1
+        sent = len(a.comm.sent)
+        b.drop_copies_before(i)  # as every iteration starts: the receive of a known layout is posted here
+        a.step((), None, actions=backup, iteration=i)
+        b.step((), None, actions=restore, iteration=i)
+        assert len(a.comm.sent) - sent == (3 if i < 2 else 1)  # notice, layout, copy; then the copy alone
+        want, got = StateCopy.of(a.module, a.optimizer), b.copies[i]
+        assert got.params.keys() == want.params.keys() and got.optim.keys() == want.optim.keys()
+        for n in want.params:
+            assert torch.equal(got.params[n], want.params[n])
+        for n, state in want.optim.items():
+            assert state.keys() == got.optim[n].keys()
+            assert all(torch.equal(got.optim[n][k], v) for k, v in state.items())
+
+
+def test_a_backup_cut_off_by_a_failure_is_never_filed():
+    from asteroid_fx.backends.torch_dist import Interrupted
+    from asteroid_fx.program import Action, Op
+
+    a, b = _two_workers()
+    backup, restore = [Action(Op.BACKUP, 0, peer="b")], [Action(Op.RESTORE, 0, peer="a")]
+    a.step((), None, actions=backup, iteration=0)
+    b.step((), None, actions=restore, iteration=0)
+    _adam_step(a)
+    b.drop_copies_before(0)
+    a.step((), None, actions=backup, iteration=1)
+    b.comm.cut = True  # the sender dies while its copy is on the way
+    with pytest.raises(Interrupted):
+        b.step((), None, actions=restore, iteration=1)
+    assert set(b.copies) == {0}
