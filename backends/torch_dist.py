@@ -58,13 +58,14 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
 from asteroid_fx.backends.local import OptimizerSpec, StateCopy, make_optimizer
 from asteroid_fx.netns import SHAPED_LINKS_ENV
+from asteroid_fx.passes.direct_calls import direct_calls
 from asteroid_fx.program import Action, Op, Program
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32",
@@ -259,10 +260,19 @@ class DistWorker:
         self.module = copy.deepcopy(self.stage.module).to(self.torch_device)
         self.module.train()
         self.optimizer = make_optimizer(optimizer, [p for p in self.module.parameters() if p.requires_grad], lr)
+        # what F runs: the replica's graph with its tensors bound once (they are the optimizer's,
+        # updated in place for the worker's life) and ops called through torch's own bindings
+        self._direct = direct_calls(self.module)
+        self._bound = self._direct.bind(self.module)
         self.copies: dict[int, StateCopy] = {} if copies is None else copies
         self.fault = fault
         self.done = 0  # actions completed in the current iteration (a failure's progress)
-        self._runs: dict[tuple[Action, ...], tuple] = {}
+        self._runs: dict[tuple[Action, ...], _Prepared] = {}
+        # what every micro-batch would otherwise look up again: where stage 0's inputs are among
+        # the model's, which inputs take a gradient, which outputs receive one
+        self._input_positions = tuple(self.input_index[n] for n in self.stage.inputs) if self.info.index == 0 else ()
+        self._grad_inputs = tuple(i for i, g in enumerate(self.stage.input_grads) if g)
+        self._grad_outputs = tuple(i for i, g in enumerate(self.stage.output_grads) if g)
         # backups, per link (process group, stage, peer): the layout of the last copy sent or
         # received on it, and the holder's receive posted ahead for the next copy
         self._sent_layouts: dict[tuple, StateLayout] = {}
@@ -291,12 +301,13 @@ class DistWorker:
         this device's share of the loss (0 off the last stage)."""
         p = self.program
         actions = tuple(p.of(self.device) if actions is None else actions)
-        if actions not in self._runs:
-            runs = receive_runs(actions)
-            self._runs[actions] = (runs, {a: k for k, run in enumerate(runs) for a in run})
-        self.receives, self._receive_of = self._runs[actions]
+        prepared = self._runs.get(actions)
+        if prepared is None:
+            prepared = self._runs[actions] = _Prepared.of(actions, p.microbatch_rows)
+        self._prepared, self.receives, self._receive_of = prepared, prepared.receives, prepared.receive_of
         self.iteration, self._stepped = iteration, False
         self._inputs, self._labels = tuple(inputs), labels
+        self._pieces: dict[int, tuple[torch.Tensor, ...]] = {}
         self._batch = p.microbatches * p.microbatch_rows
         self._state: dict[int, _Pending] = {}
         self._sends: list[dist.Work] = []
@@ -304,13 +315,17 @@ class DistWorker:
         self._posted: dict[Action, tuple] = {}
         self._posted_through = -1
         self._post_through(0)
-        for k, a in enumerate(actions):
+        fault, emulation = self.fault, self.emulation
+        for k, (run, a) in enumerate(zip(prepared.handlers, actions)):
             self.done = k
-            if self.fault is not None:
-                self.fault(iteration, k)
+            if fault is not None:
+                fault(iteration, k)
+            if emulation is None:
+                run(self, a)
+                continue
             started = time.perf_counter()
-            ACTIONS[a.op](self, a)
-            if self.emulation is not None and a.op in (Op.F, Op.B, Op.ALLREDUCE):
+            run(self, a)
+            if a.op in PACED:
                 self._pace(a, time.perf_counter() - started)
         self.done = len(actions)
         for w in self._sends:
@@ -330,7 +345,10 @@ class DistWorker:
             self.lag_s += took - target
 
     def _mb(self, mb: int) -> _Pending:
-        return self._state.setdefault(mb, _Pending())
+        st = self._state.get(mb)
+        if st is None:
+            st = self._state[mb] = _Pending()
+        return st
 
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.device == self.torch_device else t.to(self.torch_device)
@@ -339,26 +357,37 @@ class DistWorker:
         base = mb * self.program.microbatch_rows
         return slice(base + rows[0], base + rows[1])
 
+    def _batch_rows(self, which: int, t: Any, a: Action) -> Any:
+        """The rows ``a`` reads of a whole-batch value (stage 0's input ``which``, or the labels as
+        -1): the step's one split of it serves every F whose rows are one of its pieces."""
+        piece = self._prepared.piece_of.get((a.mb, a.rows))
+        if piece is None or not isinstance(t, torch.Tensor):
+            return self._on_device(t[self._rows(a.mb, a.rows)])
+        pieces = self._pieces.get(which)
+        if pieces is None:
+            pieces = self._pieces[which] = t.tensor_split(self._prepared.cuts)
+        return self._on_device(pieces[piece])
+
     def _forward(self, a: Action) -> None:
         st = self._mb(a.mb)
         if a.stage == 0:
-            sl = self._rows(a.mb, a.rows)
-            inputs = tuple(self._on_device(self._inputs[self.input_index[n]][sl]) for n in self.stage.inputs)
+            inputs = tuple(self._batch_rows(i, self._inputs[i], a) for i in self._input_positions)
         else:
             pieces = [st.received[r] for r in sorted(st.received)]
             inputs = tuple(joined(pieces, i) for i in range(len(self.stage.inputs)))
             st.received.clear()
         # a data input that needs no gradient is used as is: detaching it would only cost time
-        inputs = tuple(t.detach().requires_grad_(g) if g or t.requires_grad else t
-                       for t, g in zip(inputs, self.stage.input_grads))
-        outputs = self.module(*inputs)
+        if self._grad_inputs or any(t.requires_grad for t in inputs):
+            inputs = tuple(t.detach().requires_grad_(g) if g or t.requires_grad else t
+                           for t, g in zip(inputs, self.stage.input_grads))
+        outputs = self._direct.module(*self._bound, *inputs)
         st.inputs, st.outputs = inputs, tuple(outputs)
         if self.last:
-            labels = self._on_device(self._labels[self._rows(a.mb, a.rows)])
+            labels = self._batch_rows(-1, self._labels, a)
             value = self.loss_fn(self.unflatten(list(outputs)), labels)
             scale = (a.rows[1] - a.rows[0]) / self._batch if self.loss_reduction == "mean" else 1.0
             st.loss = value * scale
-            self._loss += float(st.loss.detach())
+            self._loss += st.loss.item()
 
     def _backward(self, a: Action) -> None:
         st = self._mb(a.mb)
@@ -366,16 +395,16 @@ class DistWorker:
             st.loss.backward()
         else:
             pieces = [st.grads_in[r] for r in sorted(st.grads_in)]
-            needing = [i for i, g in enumerate(self.stage.output_grads) if g]
             tensors, grads = [], []
-            for j, i in enumerate(needing):
+            for j, i in enumerate(self._grad_outputs):
                 if st.outputs[i].requires_grad:
                     tensors.append(st.outputs[i])
                     grads.append(joined(pieces, j))
             if tensors:
                 torch.autograd.backward(tensors, grads)
-        st.input_grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
-                               for t, g in zip(st.inputs, self.stage.input_grads) if g)
+        if self._grad_inputs:
+            st.input_grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
+                                   for t in (st.inputs[i] for i in self._grad_inputs))
         st.outputs, st.loss, st.grads_in = (), None, {}
 
     def _arrival(self, peer: str, nbytes: int) -> float:
@@ -635,6 +664,34 @@ class StateLayout:
                 out[i] = segment[at:at + n].view(self.shapes[i])
                 at += n
         return out
+
+
+class _Prepared(NamedTuple):
+    """An action list made ready to run once: each action's handler; its receives
+    (``receive_runs``) with the run each RECV belongs to; and the rows its F actions read of the
+    batch (stage 0's inputs, the last stage's labels), as the points one ``tensor_split`` of a
+    whole-batch tensor cuts at and the piece each F's (micro-batch, rows) is, where it is one: a
+    split makes every view in one call, where slicing per F costs a call each."""
+
+    handlers: tuple[Callable, ...]
+    receives: tuple[tuple[Action, ...], ...]
+    receive_of: dict[Action, int]
+    cuts: tuple[int, ...]
+    piece_of: dict[tuple[int, tuple[int, int]], int]
+
+    @classmethod
+    def of(cls, actions: tuple[Action, ...], microbatch_rows: int) -> "_Prepared":
+        runs = receive_runs(actions)
+        spans = {(a.mb, a.rows): (a.mb * microbatch_rows + a.rows[0], a.mb * microbatch_rows + a.rows[1])
+                 for a in actions if a.op == Op.F}
+        edges = sorted({0, *(row for span in spans.values() for row in span)})
+        piece_of = {key: edges.index(lo) for key, (lo, hi) in spans.items()
+                    if edges.index(lo) + 1 < len(edges) and edges[edges.index(lo) + 1] == hi}
+        return cls(tuple(ACTIONS[a.op] for a in actions), runs, {a: k for k, run in enumerate(runs) for a in run},
+                   tuple(edges[1:]), piece_of)
+
+
+PACED = (Op.F, Op.B, Op.ALLREDUCE)  # the actions an emulated device pads to the cost model's time
 
 
 def joined(pieces: list[tuple[torch.Tensor, ...]], i: int) -> torch.Tensor:
