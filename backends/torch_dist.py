@@ -5,12 +5,15 @@ Same meaning as the local backend (backends/local.py), action by action:
   SEND       isend of each tensor of the row slice (contiguous copies), completed before the
              iteration ends, so compute goes on while the bytes travel;
   RECV       irecv into buffers allocated from the action's specs and rows, waited on at once
-             (the device needs the data for its next compute). The irecvs are posted one receive
-             ahead: gloo moves a message's bytes only once its receive is posted, so a receive
-             posted at its action would stall for the whole transfer; posted while the previous
-             compute runs, the bytes arrive meanwhile. A run of consecutive RECVs (one
-             micro-batch's row slices from several peers) counts as one receive; at most one
-             receive beyond the current one is in flight, so memory grows by one message;
+             (the device needs the data for its next compute). The irecvs are posted ahead: gloo
+             moves a message's bytes only once its receive is posted, so a receive posted at its
+             action would stall for the whole transfer. When an iteration starts, its receives are
+             posted in order as long as their buffers add up to at most ``post_ahead_bytes``
+             (64 MiB by default), and each RECV tops them up again; the next receive is posted
+             whatever its size. A run of consecutive RECVs (one micro-batch's row slices from
+             several peers) counts as one receive. Posted at the start, the peers learn of every
+             receive before they send: no notice of a receive then reaches a sender in the middle
+             of its sends (see ``Comm`` for why that matters);
   ALLREDUCE  one flat all_reduce of the stage's gradients on the group's sub-group (created once,
              in the same order on every rank), then the group's floating buffers are averaged;
   STEP       the device's optimizer;
@@ -116,10 +119,19 @@ BACKUP_TAG = 1 << 30  # BACKUP/RESTORE messages: a tag space apart from SEND/REC
 
 class Comm:
     """This device's process groups for one membership epoch: the world (every device of
-    ``program``, ranks in program order) and the group of its stage when the stage has several
-    devices. ``interrupt`` (set when a failure is agreed) makes every wait raise Interrupted; a wait
-    that fails (a dead peer's connection) raises Interrupted too if the failure is agreed within
-    ``grace_s``."""
+    ``program``, ranks in program order), a second group over the same devices that carries the
+    gradients of SEND/RECV (``grads``, where the program sends any), and the group of its stage
+    when the stage has several devices. ``interrupt`` (set when a failure is agreed) makes every
+    wait raise Interrupted; a wait that fails (a dead peer's connection) raises Interrupted too if
+    the failure is agreed within ``grace_s``.
+
+    Activations and gradients go between two devices in opposite directions; on one connection,
+    what a device sends would contend with what it receives. gloo handles a connection's reads
+    and writes under one lock, which its event-loop thread only tries to take and, failing, polls
+    again at once: with more busy threads than cores (workers sharing a host) a thread preempted
+    while holding it stalls the sends of its process by milliseconds while the loop spins. Apart,
+    each connection carries one direction's messages (and the notices of the receives for them,
+    sent before them)."""
 
     def __init__(self, store: dist.Store, program: Program, device: str, *, epoch: int = 0,
                  timeout_s: float = 60.0, interrupt: threading.Event | None = None, grace_s: float = 5.0,
@@ -137,6 +149,10 @@ class Comm:
         store = dist.TCPStore(store.host, store.port, world_size=None, is_master=False, timeout=timeout)
         self.world = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), self.rank_of[device],
                                            len(self.rank_of), timeout)
+        self.grads = None
+        if sends_grads(program):
+            self.grads = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/grads", store), self.rank_of[device],
+                                               len(self.rank_of), timeout)
         info = program.stage_of(device) if device in program.devices else None
         self.group = None
         if info is not None and len(info.slots) > 1 and world is None:
@@ -152,6 +168,7 @@ class Comm:
         self.epoch, self.interrupt, self._waiter = 0, None, None
         self.rank_of = {d: i for i, d in enumerate(program.devices)}
         self.world = dist.distributed_c10d._get_default_group()
+        self.grads = dist.new_group(list(range(len(self.rank_of)))) if sends_grads(program) else None
         self.group = None
         for info in program.stages:
             if len(info.slots) > 1:
@@ -160,11 +177,11 @@ class Comm:
                     self.group = g
         return self
 
-    def send(self, t: torch.Tensor, peer: str, tag: int) -> dist.Work:
-        return self.world.send([t], self.rank_of[peer], tag)
+    def send(self, t: torch.Tensor, peer: str, tag: int, *, grads: bool = False) -> dist.Work:
+        return (self.grads if grads and self.grads is not None else self.world).send([t], self.rank_of[peer], tag)
 
-    def recv(self, t: torch.Tensor, peer: str, tag: int) -> dist.Work:
-        return self.world.recv([t], self.rank_of[peer], tag)
+    def recv(self, t: torch.Tensor, peer: str, tag: int, *, grads: bool = False) -> dist.Work:
+        return (self.grads if grads and self.grads is not None else self.world).recv([t], self.rank_of[peer], tag)
 
     def wait(self, work: dist.Work) -> None:
         if self.interrupt is None:
@@ -190,6 +207,12 @@ class Comm:
         flag = torch.tensor([value])
         self.wait(self.world.allreduce([flag]))
         return float(flag)
+
+
+def sends_grads(program: Program) -> bool:
+    """Whether any device of ``program`` sends a gradient (every rank decides alike: the groups
+    made for them are collective)."""
+    return any(a.op == Op.SEND and a.payload == "grad" for _, actions in program.actions for a in actions)
 
 
 @dataclasses.dataclass
@@ -243,8 +266,10 @@ class DistWorker:
                  unflatten: Callable, input_names: Sequence[str], optimizer: OptimizerSpec = "sgd",
                  lr: float = 1e-3, loss_reduction: str = "mean", torch_device: str = "cpu",
                  emulation: Emulation | None = None, copies: dict[int, StateCopy] | None = None,
-                 comm: Comm | None = None, fault: Callable[[int, int], None] | None = None):
+                 comm: Comm | None = None, fault: Callable[[int, int], None] | None = None,
+                 post_ahead_bytes: int = 64 << 20):
         self.program = program
+        self.post_ahead_bytes = post_ahead_bytes
         self.device = device
         self.comm = comm if comm is not None else Comm.default_group(program, device)
         self.info = program.stage_of(device)
@@ -303,7 +328,7 @@ class DistWorker:
         actions = tuple(p.of(self.device) if actions is None else actions)
         prepared = self._runs.get(actions)
         if prepared is None:
-            prepared = self._runs[actions] = _Prepared.of(actions, p.microbatch_rows)
+            prepared = self._runs[actions] = _Prepared.of(actions, p.microbatch_rows, self.post_ahead_bytes)
         self._prepared, self.receives, self._receive_of = prepared, prepared.receives, prepared.receive_of
         self.iteration, self._stepped = iteration, False
         self._inputs, self._labels = tuple(inputs), labels
@@ -314,7 +339,7 @@ class DistWorker:
         self._loss = 0.0
         self._posted: dict[Action, tuple] = {}
         self._posted_through = -1
-        self._post_through(0)
+        self._post_through(prepared.reach[0])
         fault, emulation = self.fault, self.emulation
         for k, (run, a) in enumerate(zip(prepared.handlers, actions)):
             self.done = k
@@ -425,9 +450,9 @@ class DistWorker:
         if self.emulation is not None:
             arrive = self._arrival(a.peer, sum(t.numel() * t.element_size() for t in tensors))
             self._sends.append(self.comm.send(torch.tensor([arrive], dtype=torch.float64), a.peer,
-                                              message_tag(a, 63)))
+                                              message_tag(a, 63), grads=a.payload == "grad"))
         for i, t in enumerate(tensors):
-            self._sends.append(self.comm.send(t, a.peer, message_tag(a, i)))
+            self._sends.append(self.comm.send(t, a.peer, message_tag(a, i), grads=a.payload == "grad"))
 
     def _post_through(self, k: int) -> None:
         """Post the irecvs of every receive up to the k-th (in this device's action order)."""
@@ -440,15 +465,16 @@ class DistWorker:
         rows = a.rows[1] - a.rows[0]
         bufs = tuple(torch.empty((rows, *spec.shape), dtype=DTYPES[spec.dtype], device=self.torch_device)
                      for spec in a.specs)
-        works = [self.comm.recv(b, a.peer, message_tag(a, i)) for i, b in enumerate(bufs)]
+        grads = a.payload == "grad"
+        works = [self.comm.recv(b, a.peer, message_tag(a, i), grads=grads) for i, b in enumerate(bufs)]
         arrive = None
         if self.emulation is not None:
             arrive = torch.empty(1, dtype=torch.float64)
-            works.append(self.comm.recv(arrive, a.peer, message_tag(a, 63)))
+            works.append(self.comm.recv(arrive, a.peer, message_tag(a, 63), grads=grads))
         return bufs, works, arrive
 
     def _recv(self, a: Action) -> None:
-        self._post_through(self._receive_of[a] + 1)
+        self._post_through(self._prepared.reach[self._receive_of[a] + 1])
         bufs, works, arrive = self._posted.pop(a)
         for w in works:
             self.comm.wait(w)
@@ -668,27 +694,43 @@ class StateLayout:
 
 class _Prepared(NamedTuple):
     """An action list made ready to run once: each action's handler; its receives
-    (``receive_runs``) with the run each RECV belongs to; and the rows its F actions read of the
-    batch (stage 0's inputs, the last stage's labels), as the points one ``tensor_split`` of a
-    whole-batch tensor cuts at and the piece each F's (micro-batch, rows) is, where it is one: a
-    split makes every view in one call, where slicing per F costs a call each."""
+    (``receive_runs``) with the run each RECV belongs to, and how far to post them ahead; and the
+    rows its F actions read of the batch (stage 0's inputs, the last stage's labels), as the points
+    one ``tensor_split`` of a whole-batch tensor cuts at and the piece each F's (micro-batch, rows)
+    is, where it is one: a split makes every view in one call, where slicing per F costs a call each."""
 
     handlers: tuple[Callable, ...]
     receives: tuple[tuple[Action, ...], ...]
     receive_of: dict[Action, int]
+    # reach[k]: the last receive to have posted once receive k - 1 is being waited on (reach[0]:
+    # when the iteration starts): the next one, and those after it while their buffers fit the budget
+    reach: tuple[int, ...]
     cuts: tuple[int, ...]
     piece_of: dict[tuple[int, tuple[int, int]], int]
 
     @classmethod
-    def of(cls, actions: tuple[Action, ...], microbatch_rows: int) -> "_Prepared":
+    def of(cls, actions: tuple[Action, ...], microbatch_rows: int, post_ahead_bytes: int) -> "_Prepared":
         runs = receive_runs(actions)
+        sizes = [sum(message_bytes(a) for a in run) for run in runs]
+        reach = []
+        for k in range(len(runs) + 1):
+            last, held = k, sizes[k] if k < len(runs) else 0
+            while last + 1 < len(runs) and held + sizes[last + 1] <= post_ahead_bytes:
+                last += 1
+                held += sizes[last]
+            reach.append(last)
         spans = {(a.mb, a.rows): (a.mb * microbatch_rows + a.rows[0], a.mb * microbatch_rows + a.rows[1])
                  for a in actions if a.op == Op.F}
         edges = sorted({0, *(row for span in spans.values() for row in span)})
         piece_of = {key: edges.index(lo) for key, (lo, hi) in spans.items()
                     if edges.index(lo) + 1 < len(edges) and edges[edges.index(lo) + 1] == hi}
         return cls(tuple(ACTIONS[a.op] for a in actions), runs, {a: k for k, run in enumerate(runs) for a in run},
-                   tuple(edges[1:]), piece_of)
+                   tuple(reach), tuple(edges[1:]), piece_of)
+
+
+def message_bytes(a: Action) -> int:
+    """The bytes a SEND or RECV moves: its rows of every tensor of its specs."""
+    return (a.rows[1] - a.rows[0]) * sum(math.prod(spec.shape) * DTYPES[spec.dtype].itemsize for spec in a.specs)
 
 
 PACED = (Op.F, Op.B, Op.ALLREDUCE)  # the actions an emulated device pads to the cost model's time
