@@ -59,6 +59,7 @@ import json
 import math
 import os
 import queue
+import struct
 import threading
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -303,10 +304,19 @@ class DistWorker:
         self._sent_layouts: dict[tuple, StateLayout] = {}
         self._held_layouts: dict[tuple, StateLayout] = {}
         self._restoring: dict[tuple, tuple[torch.Tensor, dist.Work]] = {}
+        self._sent: tuple[int, StateLayout, torch.Tensor] | None = None  # the last copy sent after a STEP
 
     def take_point(self, iteration: int) -> None:
         """File the stage's current state as the rollback point of ``iteration`` (its start)."""
-        self.copies.setdefault(iteration, StateCopy()).update(StateCopy.of(self.module, self.optimizer))
+        sent, self._sent = self._sent, None
+        if sent is not None and sent[0] == iteration:
+            # a copy sent after this iteration's STEP is the state the next one starts from: the
+            # same bytes serve as the rollback point, without a second copy
+            _, layout, buf = sent
+            point = state_from_message(layout.meta, layout.unpack(buf))
+        else:
+            point = StateCopy.of(self.module, self.optimizer)
+        self.copies.setdefault(iteration, StateCopy()).update(point)
 
     def drop_copies_before(self, iteration: int) -> None:
         """Drop the copies no rollback can need any more (every device has finished the iteration
@@ -527,7 +537,10 @@ class DistWorker:
             self._sent_layouts[link] = layout = new
         arrive = self._arrival(a.peer, layout.nbytes) if self.emulation is not None else 0.0
         # packing copies the state: what the next iteration starts from, whatever runs after
-        self._sends.append(self.comm.send(layout.pack(tensors, (COPY, tag, arrive)), a.peer, base))
+        buf = layout.pack(tensors, (COPY, tag, arrive))
+        self._sends.append(self.comm.send(buf, a.peer, base))
+        if self._stepped:  # nothing changes the stage after its STEP: take_point may file this copy
+            self._sent = (tag, layout, buf)
 
     def _restore(self, a: Action) -> None:
         link, base = (self.comm, a.stage, a.peer), BACKUP_TAG + a.stage * 65536
@@ -633,11 +646,11 @@ COPY, LAYOUT = 1.0, 2.0
 
 
 def write_header(buf: torch.Tensor, fields: Sequence[float]) -> None:
-    buf[:HEADER_BYTES].view(torch.float64)[:len(fields)] = torch.tensor(fields, dtype=torch.float64)
+    struct.pack_into(f"<{len(fields)}d", buf.numpy(), 0, *fields)
 
 
 def read_header(buf: torch.Tensor) -> tuple[float, float, float, float]:
-    what, tag, arrive, body_bytes = buf[:HEADER_BYTES].view(torch.float64)[:4].tolist()
+    what, tag, arrive, body_bytes = struct.unpack_from("<4d", buf.numpy(), 0)
     return what, tag, arrive, body_bytes
 
 

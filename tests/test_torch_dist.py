@@ -243,3 +243,22 @@ def test_a_backup_cut_off_by_a_failure_is_never_filed():
     with pytest.raises(Interrupted):
         b.step((), None, actions=restore, iteration=1)
     assert set(b.copies) == {0}
+
+
+def test_the_copy_sent_after_the_step_is_the_senders_next_rollback_point():
+    from asteroid_fx.backends.local import StateCopy
+    from asteroid_fx.program import Action, Op
+
+    a, b = _two_workers()
+    for p in a.module.parameters():
+        p.grad = torch.randn_like(p)
+    a.step((), None, actions=[Action(Op.STEP, 0), Action(Op.BACKUP, 0, peer="b")], iteration=0)
+    want = StateCopy.of(a.module, a.optimizer)
+    a.take_point(1)
+    got = a.copies[1]
+    assert got.params.keys() == want.params.keys() and got.optim.keys() == want.optim.keys()
+    assert all(torch.equal(got.params[n], t) for n, t in want.params.items())
+    assert all(torch.equal(got.optim[n][k], v) for n, state in want.optim.items() for k, v in state.items())
+    with torch.no_grad():
+        next(a.module.parameters()).add_(1.0)  # the next iteration changes the stage: the point stays
+    assert all(torch.equal(got.params[n], t) for n, t in want.params.items())
