@@ -57,6 +57,9 @@ class Heartbeat:
         self.store, self.device = store, device
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.interrupt = threading.Event()
+        # called once per epoch just before ``interrupt`` is set (backends/torch_dist.cut_connections:
+        # it wakes waits blocked on the epoch's connections)
+        self.on_interrupt: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._observed = threading.Condition(self._lock)  # notified after every round of reads
         self._epoch, self._peers = 0, ()
@@ -160,7 +163,10 @@ class Heartbeat:
 
     def _interrupt(self, epoch: int) -> None:
         with self._lock:
-            if self._epoch == epoch:  # a failure of an epoch that recovery has left behind interrupts nothing
+            # a failure of an epoch that recovery has left behind interrupts nothing
+            if self._epoch == epoch and not self.interrupt.is_set():
+                if self.on_interrupt is not None:
+                    self.on_interrupt()
                 self.interrupt.set()
 
     def _run(self) -> None:

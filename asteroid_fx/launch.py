@@ -368,6 +368,10 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
     if spec.recovery:
         heartbeat = Heartbeat(connect(coordinator, connect_timeout_s), device, interval_s=spec.heartbeat_s,
                               timeout_s=spec.heartbeat_timeout_s)
+        from asteroid_fx.backends.torch_dist import CAN_CUT, cut_connections
+
+        if CAN_CUT:  # waits blocked on the failed epoch's connections fail at once (Comm.wait_all)
+            heartbeat.on_interrupt = lambda: cut_connections(keep_port=store.port)
         heartbeat.start()
     compiled = compile_spec(spec, cluster)
     if format_program(compiled.program) != program_text:

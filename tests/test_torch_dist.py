@@ -173,6 +173,10 @@ class _Loopback:
     def recv(self, t, peer, tag):
         return t, (peer, self.device, tag)
 
+    def wait_all(self, works):
+        for work in works:
+            self.wait(work)
+
     def wait(self, work):
         if work is None:
             return
