@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import torch.distributed as dist
 
 DEAD, LEFT = "dead", "left"
+REPORT_POLL_S = 0.002  # how often recovery looks for the survivors' reports
 
 
 def beat_key(device: str) -> str:
@@ -140,8 +141,11 @@ class Heartbeat:
             if time.monotonic() > end:
                 raise TimeoutError(f"{', '.join(missing)} neither reported for recovery nor failed within "
                                    f"{deadline_s:.0f}s of epoch {epoch}'s failure; their logs say why")
-            for p, reason in self.silent(missing).items():
+            # what the heartbeat thread already knows, without waiting for proof of life: a live
+            # survivor's report usually comes within milliseconds, and recovery waits for it
+            for p, reason in self.silent(missing, within_s=0.0).items():
                 found[p] = {"device": p, "reason": reason, "by": self.device, "at": time.time()}
+            time.sleep(REPORT_POLL_S)
         return json.loads(self.store.compare_set(failures_key(epoch), "", json.dumps(list(found.values()))))
 
     def leave(self) -> None:

@@ -54,7 +54,7 @@ PLANS = {
     "4 devices, 2 groups of 2": (4, RunSpec(groups=(("host0", "host1"), ("host2", "host3")),
                                                    rows=((12, 12), (12, 12)), **BASE)),
 }
-ITERATIONS = 150
+ITERATIONS = 300
 SETTLE = 5  # iterations left out of a median after a start or a recovery
 
 
