@@ -181,10 +181,25 @@ class Comm:
         return self
 
     def send(self, t: torch.Tensor, peer: str, tag: int, *, grads: bool = False) -> dist.Work:
-        return (self.grads if grads and self.grads is not None else self.world).send([t], self.rank_of[peer], tag)
+        group = self.grads if grads and self.grads is not None else self.world
+        return self._post(group.send, [t], self.rank_of[peer], tag)
 
     def recv(self, t: torch.Tensor, peer: str, tag: int, *, grads: bool = False) -> dist.Work:
-        return (self.grads if grads and self.grads is not None else self.world).recv([t], self.rank_of[peer], tag)
+        group = self.grads if grads and self.grads is not None else self.world
+        return self._post(group.recv, [t], self.rank_of[peer], tag)
+
+    def allreduce(self, group: Any, tensors: list[torch.Tensor]) -> dist.Work:
+        return self._post(group.allreduce, tensors)
+
+    def _post(self, op: Callable, *args) -> dist.Work:
+        """Post a gloo operation. On a connection already broken (its peer died, or recovery cut it)
+        gloo raises at once rather than in the wait: the same failure, the same Interrupted."""
+        try:
+            return op(*args)
+        except RuntimeError as e:
+            if self.interrupt is not None and self.interrupt.wait(self.grace_s):
+                raise Interrupted() from e
+            raise
 
     def wait(self, work: dist.Work) -> None:
         self.wait_all((work,))
@@ -225,7 +240,7 @@ class Comm:
         """Every device of the epoch reaches this point (interruptible); returns the sum of the
         ``value``s they brought (a flag any device can raise for all at no extra message)."""
         flag = torch.tensor([value])
-        self.wait(self.world.allreduce([flag]))
+        self.wait(self.allreduce(self.world, [flag]))
         return float(flag)
 
 
@@ -556,7 +571,7 @@ class DistWorker:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
-            self.comm.wait(self.comm.group.allreduce([flat]))
+            self.comm.wait(self.comm.allreduce(self.comm.group, [flat]))
             offset = 0
             for p, g in zip(params, grads):
                 p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
@@ -564,7 +579,7 @@ class DistWorker:
         buffers = [b for b in self.module.buffers() if b.is_floating_point()]
         if buffers:
             flat = torch.cat([b.reshape(-1) for b in buffers])
-            self.comm.wait(self.comm.group.allreduce([flat]))
+            self.comm.wait(self.comm.allreduce(self.comm.group, [flat]))
             flat /= len(a.group)
             offset = 0
             with torch.no_grad():
