@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 DEAD, LEFT = "dead", "left"
 REPORT_POLL_S = 0.002  # how often recovery looks for the survivors' reports
+SUSPECT_POLL_S = 0.005  # how often peers are read after a connection to one broke
 
 
 def beat_key(device: str) -> str:
@@ -69,6 +70,8 @@ class Heartbeat:
         self._seen: dict[str, tuple[str, float, int]] = {}
         self._round, self._read_at = 0, 0.0  # rounds of reads so far, when the last one read
         self._stop = threading.Event()
+        self._wake = threading.Event()  # stop() and suspect() cut the wait short
+        self._hurry_until = 0.0
         self._count = 0
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{device}", daemon=True)
 
@@ -156,6 +159,7 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2 * self.interval_s + 1.0)
 
@@ -173,8 +177,20 @@ class Heartbeat:
                     self.on_interrupt()
                 self.interrupt.set()
 
+    def suspect(self) -> None:
+        """A connection to a peer broke (it died, most likely): read the peers every few
+        milliseconds for the next timeout instead of every interval, so the launcher's or another
+        survivor's report of the death is seen at once. Costs a few store reads; declares nothing."""
+        self._hurry_until = time.monotonic() + self.timeout_s
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.is_set():
+            hurry = time.monotonic() < self._hurry_until
+            self._wake.wait(SUSPECT_POLL_S if hurry else self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             self._count += 1
             try:
                 self.store.set(beat_key(self.device), str(self._count))

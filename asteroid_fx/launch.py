@@ -439,7 +439,8 @@ class Training:
             self._join()
             return
         self.comm = Comm(store, self.full, device, timeout_s=STORE_TIMEOUT_S,
-                         interrupt=heartbeat.interrupt if heartbeat else None)
+                         interrupt=heartbeat.interrupt if heartbeat else None,
+                         suspect=heartbeat.suspect if heartbeat else None)
         if heartbeat is not None:
             heartbeat.watch(0, self.full.devices)
         self.worker = self._worker(self.full, compiled.stages, {})
@@ -615,7 +616,9 @@ class Training:
         self._joins_seen = record["joins_seen"]  # a new leader must not take the same requests again
         started = time.time()
         interrupt = self.heartbeat.interrupt if self.heartbeat else None
+        suspect = self.heartbeat.suspect if self.heartbeat else None
         handover = Comm(self.store, after, self.device, epoch=e, timeout_s=STORE_TIMEOUT_S, interrupt=interrupt,
+                        suspect=suspect,
                         world=sw.world, name="handover")
         stages = split_stages(after, c.captured, c.layer_graph) if self.device in after.devices else None
         self.retired.append((self.comm, self.worker, handover))
@@ -642,7 +645,8 @@ class Training:
             return
         self.epoch = e
         self.store.set("ft/epoch", str(e))
-        self.comm = Comm(self.store, after, self.device, epoch=e, timeout_s=STORE_TIMEOUT_S, interrupt=interrupt)
+        self.comm = Comm(self.store, after, self.device, epoch=e, timeout_s=STORE_TIMEOUT_S, interrupt=interrupt,
+                         suspect=suspect)
         if self.heartbeat is not None:
             self.heartbeat.watch(e, after.devices)
         self.worker = self._worker(after, stages, sender.copies)
@@ -724,7 +728,7 @@ class Training:
         # blocked on the dead peer until the group's timeout
         self.retired.append((self.comm, self.worker))
         self.comm = Comm(self.store, after, self.device, epoch=self.epoch, timeout_s=STORE_TIMEOUT_S,
-                         interrupt=self.heartbeat.interrupt)
+                         interrupt=self.heartbeat.interrupt, suspect=self.heartbeat.suspect)
         stages = split_stages(after, c.captured, c.layer_graph)
         self.worker = self._worker(after, stages, self.worker.copies)
         self.full, self.plain = after, _without_backups(after)

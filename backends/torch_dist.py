@@ -138,9 +138,10 @@ class Comm:
 
     def __init__(self, store: dist.Store, program: Program, device: str, *, epoch: int = 0,
                  timeout_s: float = 60.0, interrupt: threading.Event | None = None, grace_s: float = 5.0,
-                 world: Sequence[str] | None = None, name: str = ""):
+                 world: Sequence[str] | None = None, name: str = "", suspect: Callable[[], None] | None = None):
         timeout = datetime.timedelta(seconds=timeout_s)
         self.epoch, self.interrupt = epoch, interrupt
+        self.suspect = suspect  # told when a connection breaks (Heartbeat.suspect: look at the peers now)
         self.grace_s, self._waiter = grace_s, None
         # ``world``: a wider membership than the program's, for a hand-over between plans
         # (passes/replan.py) where devices that leave or join take part; ``name`` keeps its groups
@@ -168,7 +169,7 @@ class Comm:
         a sub-group per multi-device stage, created on every rank in stage order (new_group is
         collective over the world)."""
         self = cls.__new__(cls)
-        self.epoch, self.interrupt, self._waiter = 0, None, None
+        self.epoch, self.interrupt, self._waiter, self.suspect = 0, None, None, None
         self.rank_of = {d: i for i, d in enumerate(program.devices)}
         self.world = dist.distributed_c10d._get_default_group()
         self.grads = dist.new_group(list(range(len(self.rank_of)))) if sends_grads(program) else None
@@ -197,6 +198,8 @@ class Comm:
         try:
             return op(*args)
         except RuntimeError as e:
+            if self.suspect is not None:
+                self.suspect()
             if self.interrupt is not None and self.interrupt.wait(self.grace_s):
                 raise Interrupted() from e
             raise
@@ -215,6 +218,8 @@ class Comm:
                 for work in works:
                     work.wait()
             except Exception as e:  # a connection broke: its peer died, or recovery cut it
+                if self.suspect is not None:
+                    self.suspect()
                 if self.interrupt is not None and self.interrupt.wait(self.grace_s):
                     raise Interrupted() from e
                 raise
