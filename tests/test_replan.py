@@ -61,12 +61,16 @@ def _relative(got: dict, want: dict) -> float:
     ([["d1", "d3", "d0"]], [[1, 3, 2]], None, 2),                 # data parallel with a newcomer
 ])
 def test_training_that_switches_plans_equals_training_that_never_did(groups, rows, layers, microbatches):
+    compiled, *_ = _setup()
+    _check_switch(switch(compiled.program, _pinned(compiled, groups, rows, layers, microbatches), reason="test"))
+
+
+def _check_switch(sw) -> None:
+    """Two iterations before ``sw``, two after: the losses and weights of never switching."""
     compiled, batches, losses, want = _setup()
-    after = _pinned(compiled, groups, rows, layers, microbatches)
-    sw = switch(compiled.program, after, reason="test")
     runner = compiled.runner(optimizer=adam)
     got = [runner.step(*b) for b in batches[:2]]
-    runner.switch(sw, split_stages(after, compiled.captured, compiled.layer_graph))
+    runner.switch(sw, split_stages(sw.after, compiled.captured, compiled.layer_graph))
     got += [runner.step(*b) for b in batches[2:]]
     assert got == pytest.approx(losses, rel=1e-10)
     assert _relative(runner.state_dict(), want) < 1e-10
@@ -112,14 +116,7 @@ def test_replan_runs_the_planner_on_a_subset_without_recompiling():
 
 
 def test_switch_keeps_backups_working_after_it():
-    compiled, batches, losses, want = _setup()
-    before = add_backups(compiled.program)
-    after = add_backups(_pinned(compiled, [["d2"], ["d0"]], [[6], [6]]))
-    sw = switch(before, after)
+    compiled, *_ = _setup()
+    sw = switch(add_backups(compiled.program), add_backups(_pinned(compiled, [["d2"], ["d0"]], [[6], [6]])))
     assert all(a.op in (Op.BACKUP, Op.RESTORE) for _, acts in sw.handover for a in acts)
-    runner = compiled.runner(optimizer=adam)
-    got = [runner.step(*b) for b in batches[:2]]
-    runner.switch(sw, split_stages(after, compiled.captured, compiled.layer_graph))
-    got += [runner.step(*b) for b in batches[2:]]
-    assert got == pytest.approx(losses, rel=1e-10)
-    assert _relative(runner.state_dict(), want) < 1e-10
+    _check_switch(sw)
