@@ -604,7 +604,7 @@ class Training:
         """At the boundary before iteration ``i``, every device of the published switch (the
         running program's and those that join) hands its state over and moves to the new plan;
         a device the new plan leaves out leaves after handing over."""
-        from asteroid_fx.backends.torch_dist import Comm
+        from asteroid_fx.backends.torch_dist import Comm, Interrupted
         from asteroid_fx.passes.replan import switch
         from asteroid_fx.passes.replay import split_stages
         from asteroid_fx.program import Action
@@ -629,8 +629,6 @@ class Training:
             self.comm = handover
             sender = self._worker(after, stages, {})
         sender.comm, sender.fault = handover, None
-        from asteroid_fx.backends.torch_dist import Interrupted
-
         try:
             sender.step((), None, actions=sw.of(self.device), iteration=i)
         except Interrupted:  # the old epoch's copies are half handed over: no exact way on (docs/replay.md)

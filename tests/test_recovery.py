@@ -5,9 +5,7 @@ end with the weights of the failure-free run of the same iterations."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
-import threading
 import time
 
 import pytest
