@@ -4,6 +4,12 @@ Memory of device d in stage p (the paper's Mem_p = MOD + OPT + K_p * ACT):
   weights + gradients + optimizer state (``opt_state_factor`` x weights: 2 for Adam, 1 for SGD
   with momentum, 0 for plain SGD) + buffers + K_p x (activations kept for backward + the stage's
   input and output slices) for its rows, with K_p the micro-batches in flight under the schedule.
+With recovery (pipeline replay, passes/replay.py) every device also keeps its rollback point, one
+copy of its stage's state (weights + optimizer state + buffers, no gradients), and the first device
+of a stage keeps two copies (this iteration's and the next's) of each stage whose backup it holds
+(``plan.backup_holder_stage``: the previous stage; the first device of stage S - 2 also the last).
+That term depends on the neighbouring stage, so ``CostTable.stages_for`` adds it per candidate plan
+and lets a group put first the member that holds the copies at the least cost in time.
 Iteration time (``CostTable.iteration_s``): one micro-batch's trip through the pipeline, then
 M - 1 periods (the slowest stage, the busiest network interface, or a 1F1B cycle over adjacent
 stages), then the slowest group all-reduce (a ring bounded by the group's slowest link). This
@@ -17,7 +23,7 @@ from typing import Any, Sequence
 
 from asteroid_fx.cluster import Cluster
 from asteroid_fx.layer_graph import LayerGraph
-from asteroid_fx.plan import StagePlan, warmup_depth
+from asteroid_fx.plan import StagePlan, backup_holder_stage, warmup_depth
 
 ADAM_STATE_FACTOR = 2.0
 
@@ -30,10 +36,26 @@ def in_flight(schedule: str, stage: int, stages: int, microbatches: int) -> int:
     return min((stages - stage - 1) * (1 + depth) + 1, microbatches)
 
 
-def static_memory(lg: LayerGraph, layers: tuple[int, int], opt_state_factor: float = ADAM_STATE_FACTOR) -> float:
-    """Bytes a device of the stage holds all iteration: weights, gradients, optimizer state, buffers."""
+def state_memory(lg: LayerGraph, layers: tuple[int, int], opt_state_factor: float = ADAM_STATE_FACTOR) -> float:
+    """Bytes of one copy of a stage's state, what a BACKUP carries and a rollback restores:
+    weights, optimizer state and buffers (gradients are not part of it)."""
     lo, hi = layers
-    return lg.param_bytes(lo, hi) * (2.0 + opt_state_factor) + lg.buffer_bytes(lo, hi)
+    return lg.param_bytes(lo, hi) * (1.0 + opt_state_factor) + lg.buffer_bytes(lo, hi)
+
+
+def static_memory(lg: LayerGraph, layers: tuple[int, int], opt_state_factor: float = ADAM_STATE_FACTOR, *,
+                  recovery: bool = False, held: Sequence[tuple[int, int]] = ()) -> float:
+    """Bytes a device of the stage holds all iteration: weights, gradients, optimizer state, buffers;
+    with ``recovery`` also its rollback point and two copies of each stage in ``held`` (the layer
+    ranges of the stages whose backups it holds)."""
+    lo, hi = layers
+    own = lg.param_bytes(lo, hi) * (2.0 + opt_state_factor) + lg.buffer_bytes(lo, hi)
+    if not recovery:
+        if held:
+            raise ValueError("a device holds backups only in a run with recovery; pass recovery=True")
+        return own
+    return (own + state_memory(lg, layers, opt_state_factor)
+            + 2 * sum(state_memory(lg, h, opt_state_factor) for h in held))
 
 
 def activation_memory(lg: LayerGraph, layers: tuple[int, int], rows: int) -> float:
@@ -44,8 +66,12 @@ def activation_memory(lg: LayerGraph, layers: tuple[int, int], rows: int) -> flo
 
 
 def device_memory(lg: LayerGraph, layers: tuple[int, int], rows: int, k_in_flight: int,
-                  opt_state_factor: float = ADAM_STATE_FACTOR) -> int:
-    return int(static_memory(lg, layers, opt_state_factor) + k_in_flight * activation_memory(lg, layers, rows))
+                  opt_state_factor: float = ADAM_STATE_FACTOR, *, recovery: bool = False,
+                  held: Sequence[tuple[int, int]] = ()) -> int:
+    """A device's peak: ``static_memory`` (``recovery`` and ``held`` as there) and ``k_in_flight``
+    micro-batches of ``rows`` rows."""
+    return int(static_memory(lg, layers, opt_state_factor, recovery=recovery, held=held)
+               + k_in_flight * activation_memory(lg, layers, rows))
 
 
 def ring_allreduce_s(cluster: Cluster, group: Sequence[str], nbytes: float) -> float:
@@ -69,14 +95,17 @@ class CostTable:
 
     The numbers are exactly those of ``LayerGraph.stage_time``, ``device_memory`` and
     ``ring_allreduce_s`` (up to float summation order); planners use it to search, ``sim.predict``
-    still gives a plan's reported prediction."""
+    still gives a plan's reported prediction. With ``recovery`` a stage's static bytes include
+    every device's rollback point, and ``held`` arguments (``held_bytes``) the backups a stage's
+    first device holds."""
 
     def __init__(self, lg: LayerGraph, cluster: Cluster, max_rows: int,
-                 opt_state_factor: float = ADAM_STATE_FACTOR):
+                 opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False):
         import numpy as np
 
         self.lg, self.cluster, self.max_rows = lg, cluster, max_rows
         self.opt_state_factor = opt_state_factor
+        self.recovery = recovery
         L = len(lg)
         rs = np.arange(max_rows + 1, dtype=float)
         self.kinds = tuple(sorted({d.kind for d in cluster.devices}))
@@ -99,19 +128,37 @@ class CostTable:
         t = self.time[self.kind_of[device]]
         return float(t[rows, hi] - t[rows, lo])
 
+    def state_bytes(self, lo: int, hi: int) -> float:
+        """One copy of the stage's state (``state_memory``); elementwise for index arrays too."""
+        return (self.params[hi] - self.params[lo]) * (1.0 + self.opt_state_factor) + self.buffers[hi] - self.buffers[lo]
+
     def static_bytes(self, lo: int, hi: int) -> float:
-        return ((self.params[hi] - self.params[lo]) * (2.0 + self.opt_state_factor)
-                + self.buffers[hi] - self.buffers[lo])
+        """What a device of the stage holds all iteration (``static_memory``), its rollback point
+        included under recovery, not the backups it holds; elementwise for index arrays too."""
+        own = (self.params[hi] - self.params[lo]) * (2.0 + self.opt_state_factor) + self.buffers[hi] - self.buffers[lo]
+        return own + self.state_bytes(lo, hi) if self.recovery else own
+
+    def held_bytes(self, bounds: Sequence[int]) -> list[float]:
+        """Per stage of the plan with stage boundaries ``bounds``, the bytes of the backups its
+        first device holds: two copies of each stage it backs up (none without recovery)."""
+        S = len(bounds) - 1
+        held = [0.0] * S
+        if self.recovery and S > 1:
+            for p in range(S):
+                held[backup_holder_stage(p, S)] += 2 * float(self.state_bytes(bounds[p], bounds[p + 1]))
+        return held
 
     def act_bytes_per_row(self, lo: int, hi: int) -> float:
         return float(self.saved[hi] - self.saved[lo] + self.cut_bytes[lo] + self.cut_bytes[hi])
 
-    def memory(self, lo: int, hi: int, rows: int, k_in_flight: int) -> int:
-        return int(self.static_bytes(lo, hi) + k_in_flight * self.act_bytes_per_row(lo, hi) * rows)
+    def memory(self, lo: int, hi: int, rows: int, k_in_flight: int, held: float = 0.0) -> int:
+        """A device's peak in stage [lo, hi) with ``rows`` rows, holding ``held`` bytes of backups."""
+        return int(self.static_bytes(lo, hi) + held + k_in_flight * self.act_bytes_per_row(lo, hi) * rows)
 
-    def row_cap(self, device: str, lo: int, hi: int, k_in_flight: int) -> int:
-        """The most rows ``device`` can hold of stage [lo, hi) with ``k_in_flight`` micro-batches."""
-        spare = self.budget[device] - self.static_bytes(lo, hi)
+    def row_cap(self, device: str, lo: int, hi: int, k_in_flight: int, held: float = 0.0) -> int:
+        """The most rows ``device`` can hold of stage [lo, hi) with ``k_in_flight`` micro-batches
+        and ``held`` bytes of backups."""
+        spare = self.budget[device] - self.static_bytes(lo, hi) - held
         if spare < 0:
             return 0
         per_row = k_in_flight * self.act_bytes_per_row(lo, hi)
@@ -119,18 +166,20 @@ class CostTable:
             return self.max_rows
         # the same integer rounding as ``memory`` so that a capped count really fits
         r = min(self.max_rows, int(spare // per_row))
-        while r > 0 and self.memory(lo, hi, r, k_in_flight) > self.budget[device]:
+        while r > 0 and self.memory(lo, hi, r, k_in_flight, held) > self.budget[device]:
             r -= 1
         return r
 
     def best_rows(self, devices: Sequence[str], lo: int, hi: int, rows: int,
-                  k_in_flight: int) -> tuple[int, ...] | None:
-        """The split of ``rows`` over ``devices`` (each at least one row, each within its memory)
-        that minimizes the slowest member's time, or None when no split fits. Giving each next row
-        to the device whose time grows least is optimal for a min-max of nondecreasing times."""
+                  k_in_flight: int, held: Sequence[float] = ()) -> tuple[int, ...] | None:
+        """The split of ``rows`` over ``devices`` (each at least one row, each within its memory,
+        ``held[i]`` bytes of backups on ``devices[i]``, none past the end of ``held``) that
+        minimizes the slowest member's time, or None when no split fits. Giving each next row to
+        the device whose time grows least is optimal for a min-max of nondecreasing times."""
         import heapq
 
-        caps = [self.row_cap(d, lo, hi, k_in_flight) for d in devices]
+        caps = [self.row_cap(d, lo, hi, k_in_flight, held[i] if i < len(held) else 0.0)
+                for i, d in enumerate(devices)]
         if min(caps) < 1 or sum(caps) < rows or rows < len(devices):
             return None
         split = [1] * len(devices)
@@ -203,18 +252,53 @@ class CostTable:
                     period = max(period, cycle / min((q - p) * (1 + depth) + 1, M))
         return sum(step) + 2 * sum(link) + (M - 1) * period + allreduce
 
+    def group_rows(self, devices: Sequence[str], lo: int, hi: int, rows: int, k_in_flight: int,
+                   held: float = 0.0) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+        """The group's order and best rows when its first device holds ``held`` bytes of backups:
+        ``devices`` as given, unless another member first makes the group's step faster (its
+        share of rows shrinks less under the copies); None when no member can hold them."""
+        if not held:
+            split = self.best_rows(devices, lo, hi, rows, k_in_flight)
+            return None if split is None else (tuple(devices), split)
+        best = None
+        for i, first in enumerate(devices):
+            order = (first, *devices[:i], *devices[i + 1:])
+            split = self.best_rows(order, lo, hi, rows, k_in_flight, (held,))
+            if split is None:
+                continue
+            step = max(self.stage_time(d, lo, hi, r) for d, r in zip(order, split))
+            if best is None or step < best[0]:
+                best = (step, order, split)
+        return None if best is None else best[1:]
+
     def stages_for(self, bounds: Sequence[int], groups: Sequence[Sequence[str]], rows: int,
                    microbatches: int, schedule: str) -> tuple[StagePlan, ...] | None:
-        """Stages with the best rows per group, or None when some group cannot hold its stage."""
+        """Stages with the best rows per group (and, under recovery, the member that holds the
+        backups first), or None when some group cannot hold its stage."""
         S = len(groups)
+        held = self.held_bytes(bounds)
         out = []
         for p, g in enumerate(groups):
             k = in_flight(schedule, p, S, microbatches)
-            split = self.best_rows(g, bounds[p], bounds[p + 1], rows, k)
-            if split is None:
+            found = self.group_rows(g, bounds[p], bounds[p + 1], rows, k, held[p])
+            if found is None:
                 return None
-            out.append(StagePlan((bounds[p], bounds[p + 1]), tuple(g), split))
+            out.append(StagePlan((bounds[p], bounds[p + 1]), *found))
         return tuple(out)
+
+    def device_bytes(self, stages: Sequence[StagePlan], microbatches: int, schedule: str) -> dict[str, int]:
+        """Each device's peak memory in ``stages``, the backups it holds under recovery included."""
+        held = self.held_bytes([stages[0].layers[0], *(st.layers[1] for st in stages)])
+        out = {}
+        for p, st in enumerate(stages):
+            k = in_flight(schedule, p, len(stages), microbatches)
+            for i, (d, r) in enumerate(zip(st.devices, st.rows)):
+                out[d] = self.memory(*st.layers, r, k, held[p] if i == 0 else 0.0)
+        return out
+
+    def fits(self, stages: Sequence[StagePlan], microbatches: int, schedule: str) -> bool:
+        """Whether every device of ``stages`` holds its peak (``device_bytes``) within its budget."""
+        return all(m <= self.budget[d] for d, m in self.device_bytes(stages, microbatches, schedule).items())
 
 
 def _fit_at(fit, rows):

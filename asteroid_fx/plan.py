@@ -28,6 +28,15 @@ def warmup_depth(schedule: str) -> int | None:
     return int(m.group(1))
 
 
+def backup_holder_stage(stage: int, stages: int) -> int:
+    """The stage whose first device holds ``stage``'s backup when a plan of ``stages`` stages (at
+    least two) runs with recovery: the next stage, and for the last stage the one before it (a ring
+    of stages folded at its end; passes.replay.default_holders places backups by this rule)."""
+    if stages < 2:
+        raise ValueError(f"a plan of {stages} stage has no other stage to hold a backup")
+    return stage + 1 if stage + 1 < stages else stage - 1
+
+
 class NoPlanError(ValueError):
     """No plan fits; the message says what memory or devices would make one fit."""
 
@@ -78,6 +87,9 @@ class Plan:
     schedule: str  # "gpipe" | "1f1b" | "1f1b+N" (see warmup_depth)
     planner: str
     prediction: Prediction | None = None
+    # made for a run with recovery: every device's memory holds its rollback point, and the first
+    # device of a stage holds two copies of each stage it backs up (``backups_held``)
+    recovery: bool = False
 
     @property
     def batch(self) -> int:
@@ -107,6 +119,13 @@ class Plan:
                 return i
         raise KeyError(device)
 
+    def backups_held(self, device: str) -> tuple[int, ...]:
+        """The stages whose backups ``device`` holds when the plan runs with recovery."""
+        S = len(self.stages)
+        if S < 2 or self.stages[self.stage_of(device)].devices[0] != device:
+            return ()
+        return tuple(p for p in range(S) if backup_holder_stage(p, S) == self.stage_of(device))
+
     def __str__(self) -> str:
         lines = [f"Plan ({self.planner}): {len(self.stages)} stages, {self.microbatches} micro-batches x "
                  f"{self.microbatch_rows} rows = batch {self.batch}, schedule {self.schedule}"]
@@ -120,6 +139,11 @@ class Plan:
                 comp = f"{u.compute_s * 1e3:7.1f}ms" if u else ""
                 stage_col = f"{i:>5}  {st.layers[0]:>4}:{st.layers[1]:<4}" if j == 0 else " " * 16
                 lines.append(f"  {stage_col}  {d:<16} {r:>5}  {mem:>21}  {comp:>9}")
+        if self.recovery:
+            S = len(self.stages)
+            held = [f"stage {p} on {self.stages[backup_holder_stage(p, S)].devices[0]}" for p in range(S)] if S > 1 else []
+            lines.append("  recovery: every device's memory includes its rollback point (a copy of its stage's state)"
+                         + (f"; backups, two copies each: {', '.join(held)}" if held else "; one stage, no backups"))
         if self.prediction:
             p = self.prediction
             for u in p.devices:
@@ -131,6 +155,8 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if not self.recovery:  # written only when on: a plan without recovery reads as it always did
+            del d["recovery"]
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **d}
 
     @classmethod
@@ -145,7 +171,8 @@ class Plan:
         if pred is not None:
             prediction = Prediction(pred["iteration_s"], pred["throughput"],
                                     tuple(DeviceUse(**u) for u in pred["devices"]), pred["binding"])
-        return cls(stages, data["microbatches"], data["microbatch_rows"], data["schedule"], data["planner"], prediction)
+        return cls(stages, data["microbatches"], data["microbatch_rows"], data["schedule"], data["planner"], prediction,
+                   bool(data.get("recovery", False)))
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1)

@@ -32,7 +32,10 @@ models exactly this, and nothing else:
   STEP        ROLLBACK (a local copy) and any op without a rule: no time.
   memory      estimate.device_memory's model, as a timeline: weights x (2 + opt_state_factor) +
               buffers all iteration, plus one micro-batch's activations (kept for backward, with the
-              stage's input and output slices) from the start of its F to the end of its B.
+              stage's input and output slices) from the start of its F to the end of its B. With
+              ``recovery`` also, all iteration, the copies torch_dist keeps for a rollback: every
+              device's rollback point (its stage's state, what a BACKUP carries) and a holder's two
+              copies (this iteration's and the next's) of each stage it backs up.
 
 Not modelled: optimizer-step time, the first stage's input loading and the last stage's loss,
 kernel-launch jitter, CPU cost of sending, memory fragmentation and the allocator's caching,
@@ -40,8 +43,7 @@ contention between compute and communication for memory bandwidth, TCP dynamics 
 at its fair share at once), the receiver having to post its receive before bytes move (torch_dist
 posts receives one ahead, which hides this), the backend's separate second all-reduce of floating
 buffers (folded into the one ring, its latency counted once), the copy a BACKUP packs before it
-sends, and the memory of copies kept for a rollback (torch_dist: every device's rollback point, a
-holder's up to two copies of each stage it backs up).
+sends, and the memory of the copies kept for a rollback unless ``recovery`` is asked for.
 Iteration time is when the last device finishes its last action.
 
 Beyond times, a Simulation gives its critical path (the chain of computes and messages that ends
@@ -66,7 +68,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from asteroid_fx.cluster import Cluster
 from asteroid_fx.costs import Cost, TimeFit
-from asteroid_fx.estimate import ADAM_STATE_FACTOR, activation_memory, static_memory
+from asteroid_fx.estimate import ADAM_STATE_FACTOR, activation_memory, state_memory, static_memory
 from asteroid_fx.layer_graph import Cut, Layer, LayerGraph
 from asteroid_fx.plan import DeviceUse, Plan, Prediction
 from asteroid_fx.program import Action, Op, Program, TensorSpec
@@ -157,6 +159,7 @@ class MemoryTimeline(NamedTuple):
     points: tuple[tuple[float, int], ...]  # (time, total bytes) from t=0, at every change
     peak_bytes: int
     budget_bytes: int
+    copies: int = 0  # recovery's state copies: the rollback point and the backups held (in every point)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +327,10 @@ class Simulation:
             mem = f"{_mib(r.memory.peak_bytes)} / {_mib(r.memory.budget_bytes)}"
             lines.append(f"  {r.device:<16} {r.stage:>5} {r.compute_s * 1e3:>8.2f}ms {r.busy:>5.0%} {r.bubble:>6.0%} "
                          f"{r.wait_s * 1e3:>8.2f}ms {r.allreduce_s * 1e3:>8.2f}ms {mem:>21}")
+        copies = [f"{r.device} {_mib(r.memory.copies)}" for r in self.devices if r.memory.copies]
+        if copies:
+            lines.append("  peak memory includes recovery's state copies (rollback point, backups held): "
+                         + ", ".join(copies))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -439,7 +446,7 @@ class _Engine:
     """The simulation's state while it runs (analysis state, not IR)."""
 
     def __init__(self, program: Program, lg: LayerGraph, cluster: Cluster, shared_medium: bool,
-                 opt_state_factor: float) -> None:
+                 opt_state_factor: float, recovery: bool = False) -> None:
         self.p, self.lg, self.cluster = program, lg, cluster
         self.shared_medium = shared_medium
         self.opt = opt_state_factor
@@ -471,7 +478,9 @@ class _Engine:
         self.live: dict[str, Counter] = {d: Counter() for d in self.names}  # (stage, rows) -> in flight
         self.memory: dict[str, list[tuple[float, int]]] = {}
         self.peak: dict[str, int] = {}
-        self.static = {d: static_memory(lg, program.stages[self.slot[d][0]].layers, opt_state_factor) for d in self.names}
+        held = backups_held(program) if recovery else {}
+        self.static = {d: static_memory(lg, program.stages[self.slot[d][0]].layers, opt_state_factor,
+                                        recovery=recovery, held=held.get(d, ())) for d in self.names}
         self._cost_cache: dict[tuple, float] = {}
         self._act_cache: dict[tuple[int, int], float] = {}
         self._keys = self._channel_keys()
@@ -747,8 +756,18 @@ class _Engine:
 
 def _state_bytes(e: _Engine, a: Action) -> int:
     """What a BACKUP carries: the stage's weights with their optimizer state, and its buffers."""
-    lo, hi = e.p.stages[a.stage].layers
-    return int(e.lg.param_bytes(lo, hi) * (1 + e.opt)) + e.lg.buffer_bytes(lo, hi)
+    return int(state_memory(e.lg, e.p.stages[a.stage].layers, e.opt))
+
+
+def backups_held(program: Program) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Device -> the layer ranges of the stages whose backups it holds in a run with recovery:
+    where the program's BACKUPs go, or, in a program without them, where add_backups puts them."""
+    from asteroid_fx.passes.replay import backup_holders, default_holders
+
+    held: dict[str, tuple[tuple[int, int], ...]] = {}
+    for stage, device in sorted((backup_holders(program) or default_holders(program)).items()):
+        held[device] = (*held.get(device, ()), program.stages[stage].layers)
+    return held
 
 
 # Which channel a transfer op is on: (sender, receiver, what, stage[, mb, rows]).
@@ -778,12 +797,14 @@ _RULES: Mapping[Op, Callable[[_Engine, str, int, Action], bool]] = {
 
 
 def simulate(program: Program, lg: LayerGraph, cluster: Cluster, *, shared_medium: bool = False,
-             opt_state_factor: float = ADAM_STATE_FACTOR) -> Simulation:
+             opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False) -> Simulation:
     """Time one iteration of ``program`` on ``cluster`` with ``lg``'s costs (see the module
     docstring for the model). Expects a program whose devices are in ``cluster`` and whose stages
     index ``lg``'s layers; runs any such program (a rewritten one too) and raises DeadlockError
-    when it cannot finish. Deterministic: the same inputs give the same Simulation."""
-    engine = _Engine(program, lg, cluster, shared_medium, opt_state_factor)
+    when it cannot finish. ``recovery``: the program runs with pipeline replay, and every device's
+    memory holds the copies kept for a rollback (``backups_held`` says where the backups are).
+    Deterministic: the same inputs give the same Simulation."""
+    engine = _Engine(program, lg, cluster, shared_medium, opt_state_factor, recovery)
     engine.run()
     iteration = max(engine.finish.values(), default=0.0)
     reports = []
@@ -791,8 +812,9 @@ def simulate(program: Program, lg: LayerGraph, cluster: Cluster, *, shared_mediu
         stage, _ = engine.slot[d]
         lo, hi = program.stages[stage].layers
         weights = lg.param_bytes(lo, hi)
+        copies = int(engine.static[d] - static_memory(lg, (lo, hi), opt_state_factor))
         memory = MemoryTimeline(weights, weights, int(weights * opt_state_factor), lg.buffer_bytes(lo, hi),
-                                tuple(engine.memory[d]), engine.peak[d], cluster.device(d).memory_bytes)
+                                tuple(engine.memory[d]), engine.peak[d], cluster.device(d).memory_bytes, copies)
         compute = engine.compute_s[d]
         reports.append(DeviceReport(d, stage, engine.kind[d], compute, engine.wait_s[d], engine.allreduce_s[d],
                                     engine.finish[d], compute / iteration if iteration > 0 else 0.0, memory))
@@ -821,9 +843,10 @@ def planned_program(plan: Plan, lg: LayerGraph) -> Program:
 def predict(plan: Plan, lg: LayerGraph, cluster: Cluster, opt_state_factor: float = ADAM_STATE_FACTOR,
             left_out: Sequence[tuple[str, str]] = (), *, shared_medium: bool = False) -> Prediction:
     """``plan``'s prediction by simulating ``planned_program(plan, lg)``: what a planner reports, so
-    that the plan's numbers are the simulator's (the closed form in estimate.py is for searching)."""
+    that the plan's numbers are the simulator's (the closed form in estimate.py is for searching).
+    A plan made for recovery (``plan.recovery``) counts recovery's state copies in memory."""
     return simulate(planned_program(plan, lg), lg, cluster, shared_medium=shared_medium,
-                    opt_state_factor=opt_state_factor).prediction(left_out)
+                    opt_state_factor=opt_state_factor, recovery=plan.recovery).prediction(left_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -897,6 +920,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="all transfers share one channel (Wi-Fi) instead of per-device full-duplex links")
     s.add_argument("--optimizer-state", type=float, default=ADAM_STATE_FACTOR,
                    help="optimizer state per weight, in weights (2 Adam, 1 SGD with momentum, 0 SGD)")
+    s.add_argument("--recover", action="store_true",
+                   help="count the state copies recovery keeps (rollback points, backups) in memory; "
+                        "on by itself for a plan compiled with --recover")
     s.set_defaults(func=cmd_simulate)
     return s
 
@@ -913,7 +939,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     program = program_from_json(json.loads((folder / "program.json").read_text()))
     cluster = Cluster.load(folder / "cluster.json")
     lg = read_costs(folder / "costs.json")
-    result = simulate(program, lg, cluster, shared_medium=args.shared_medium, opt_state_factor=args.optimizer_state)
+    compiled_for_recovery = (folder / "plan.json").exists() and Plan.from_json(
+        json.loads((folder / "plan.json").read_text())).recovery
+    result = simulate(program, lg, cluster, shared_medium=args.shared_medium, opt_state_factor=args.optimizer_state,
+                      recovery=args.recover or compiled_for_recovery)
     print(result.summary())
     if args.grid:
         print()

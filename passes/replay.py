@@ -30,6 +30,7 @@ from typing import Any
 
 from asteroid_fx.cluster import Cluster
 from asteroid_fx.layer_graph import LayerGraph
+from asteroid_fx.plan import backup_holder_stage
 from asteroid_fx.program import Action, Op, Program, StageInfo, StageSlot, TensorSpec
 from asteroid_fx.program_text import format_action, format_program
 from asteroid_fx.verify import execution_order, verify
@@ -132,9 +133,10 @@ def backup_holders(program: Program) -> dict[int, str]:
 
 def default_holders(program: Program) -> dict[int, str]:
     """Stage p backs up on the first device of stage p+1, the last stage on stage S-2: a ring of
-    stages folded at its end, so every holder is a neighbour its stage can merge into."""
+    stages folded at its end, so every holder is a neighbour its stage can merge into (the rule
+    ``plan.backup_holder_stage`` states, by which the planner counts a holder's memory)."""
     S = len(program.stages)
-    return {p: program.stages[p + 1 if p + 1 < S else p - 1].slots[0].device for p in range(S)} if S > 1 else {}
+    return {p: program.stages[backup_holder_stage(p, S)].slots[0].device for p in range(S)} if S > 1 else {}
 
 
 def add_backups(program: Program, holders: Mapping[int, str] | None = None) -> Program:
