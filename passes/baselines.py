@@ -38,7 +38,7 @@ import math
 from typing import Callable, Sequence
 
 from asteroid_fx.cluster import Cluster, Device
-from asteroid_fx.estimate import ADAM_STATE_FACTOR, CostTable, in_flight
+from asteroid_fx.estimate import ADAM_STATE_FACTOR, CostTable
 from asteroid_fx.layer_graph import LayerGraph
 from asteroid_fx.passes.hpp import (Candidate, best_simulated, dp_plans, microbatch_choices,
                                     no_plan_message)
@@ -49,18 +49,10 @@ def _even(total: int, n: int) -> tuple[int, ...]:
     return tuple(total // n + (1 if i < total % n else 0) for i in range(n))
 
 
-def _fits(table: CostTable, stages: Sequence[StagePlan], microbatches: int, schedule: str) -> bool:
-    S = len(stages)
-    for p, st in enumerate(stages):
-        k = in_flight(schedule, p, S, microbatches)
-        for d, r in zip(st.devices, st.rows):
-            if table.memory(st.layers[0], st.layers[1], r, k) > table.budget[d]:
-                return False
-    return True
-
-
 def _candidate(table: CostTable, stages: Sequence[StagePlan], M: int, schedule: str) -> Candidate | None:
-    if not stages or min(min(st.rows) for st in stages) < 1 or not _fits(table, stages, M, schedule):
+    """The baseline's stages as a candidate, or None when a device cannot hold its share (under
+    recovery with the state copies: a baseline keeps its own order, so its first device holds)."""
+    if not stages or min(min(st.rows) for st in stages) < 1 or not table.fits(stages, M, schedule):
         return None
     stages = tuple(stages)
     return Candidate(stages, M, table.max_rows, table.iteration_s(stages, M, schedule), schedule)
@@ -91,18 +83,18 @@ def _cut_by_work(lg: LayerGraph, shares: Sequence[float], work: Sequence[float])
 
 def _run(name: str, propose: Callable[[CostTable, int, int, str], list[Candidate]], lg: LayerGraph,
          cluster: Cluster, batch: int, microbatches: int | None, microbatch_rows: int | None, schedule: str,
-         opt_state_factor: float, simulate_top: int = 4) -> Plan:
+         opt_state_factor: float, recovery: bool, simulate_top: int = 4) -> Plan:
     cands: dict[tuple, Candidate] = {}
     for M, R in microbatch_choices(batch, microbatches, microbatch_rows):
-        table = CostTable(lg, cluster, R, opt_state_factor)
+        table = CostTable(lg, cluster, R, opt_state_factor, recovery)
         for c in propose(table, M, R, schedule):
             if c is not None:
                 cands.setdefault(c.key, c)
     if not cands:
         raise NoPlanError(f"planner {name!r}: " + no_plan_message(lg, cluster, batch, microbatches, microbatch_rows,
-                                                                  schedule, opt_state_factor))
+                                                                  schedule, opt_state_factor, recovery))
     ranked = sorted(cands.values(), key=lambda c: c.estimate_s)
-    return best_simulated(ranked[:simulate_top], lg, cluster, schedule, opt_state_factor, name)
+    return best_simulated(ranked[:simulate_top], lg, cluster, schedule, opt_state_factor, name, recovery)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +102,7 @@ def _run(name: str, propose: Callable[[CostTable, int, int, str], list[Candidate
 
 def dp(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
        microbatch_rows: int | None = None, schedule: str = "1f1b",
-       opt_state_factor: float = ADAM_STATE_FACTOR) -> Plan:
+       opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False) -> Plan:
     def propose(table, M, R, schedule):
         L = len(table.lg)
         holders = [d for d in table.cluster.names if table.row_cap(d, 0, L, 1) >= 1]
@@ -125,12 +117,12 @@ def dp(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None
             holders = [d for d in holders if d not in over]
         return out
 
-    return _run("dp", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor)
+    return _run("dp", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor, recovery)
 
 
 def pp(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
        microbatch_rows: int | None = None, schedule: str = "1f1b",
-       opt_state_factor: float = ADAM_STATE_FACTOR) -> Plan:
+       opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False) -> Plan:
     def propose(table, M, R, schedule):
         names = table.cluster.names
         S = min(len(names), len(table.lg.allowed_cuts()) + 1)
@@ -140,7 +132,7 @@ def pp(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None
         stages = [StagePlan((bounds[p], bounds[p + 1]), (names[p],), (R,)) for p in range(S)]
         return [_candidate(table, stages, M, schedule)]
 
-    return _run("pp", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor)
+    return _run("pp", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor, recovery)
 
 
 def _median_device(cluster: Cluster, table: CostTable) -> Device:
@@ -151,7 +143,7 @@ def _median_device(cluster: Cluster, table: CostTable) -> Device:
 
 def pipedream(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
               microbatch_rows: int | None = None, schedule: str = "1f1b",
-              opt_state_factor: float = ADAM_STATE_FACTOR) -> Plan:
+              opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False) -> Plan:
     def propose(table, M, R, schedule):
         med = _median_device(table.cluster, table)
         bw = min(table.cluster.link(a, b)[0] for a in table.cluster.names for b in table.cluster.names if a != b) \
@@ -160,7 +152,7 @@ def pipedream(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int
             if len(table.cluster) > 1 else 0.0
         homo = Cluster.uniform([Device(f"h{i}", med.kind, med.memory_bytes) for i in range(len(table.cluster))],
                                bandwidth=bw, latency=lat)
-        htable = CostTable(table.lg, homo, R, table.opt_state_factor)
+        htable = CostTable(table.lg, homo, R, table.opt_state_factor, table.recovery)
         out = []
         names = table.cluster.names
         for S, (bounds, groups) in dp_plans(htable, homo.names, M, schedule).items():
@@ -176,12 +168,13 @@ def pipedream(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int
                 out.append(_candidate(table, stages, M, schedule))
         return out
 
-    return _run("pipedream", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor)
+    return _run("pipedream", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor,
+                recovery)
 
 
 def hetpipe(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
             microbatch_rows: int | None = None, schedule: str = "1f1b",
-            opt_state_factor: float = ADAM_STATE_FACTOR) -> Plan:
+            opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False) -> Plan:
     def propose(table, M, R, schedule):
         names = table.cluster.names
         L = len(table.lg)
@@ -211,7 +204,8 @@ def hetpipe(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int |
             out.append(_candidate(table, stages, M, schedule))
         return out
 
-    return _run("hetpipe", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor)
+    return _run("hetpipe", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor,
+                recovery)
 
 
 def _proportional(total: int, weights: Sequence[float]) -> tuple[int, ...]:
@@ -227,7 +221,7 @@ def _proportional(total: int, weights: Sequence[float]) -> tuple[int, ...]:
 
 def metis(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
           microbatch_rows: int | None = None, schedule: str = "1f1b",
-          opt_state_factor: float = ADAM_STATE_FACTOR, max_orders: int = 720) -> Plan:
+          opt_state_factor: float = ADAM_STATE_FACTOR, max_orders: int = 720, recovery: bool = False) -> Plan:
     def propose(table, M, R, schedule):
         names = table.cluster.names
         L = len(table.lg)
@@ -260,7 +254,8 @@ def metis(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | N
                 out.append(_candidate(table, stages, M, schedule))
         return out
 
-    return _run("metis", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor)
+    return _run("metis", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor,
+                recovery)
 
 
 ORACLE_LIMIT = 2_000_000  # (cut sets x device assignments) beyond which the oracle refuses
@@ -287,7 +282,7 @@ def oracle_size(lg: LayerGraph, cluster: Cluster) -> int:
 
 def oracle(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
            microbatch_rows: int | None = None, schedule: str = "1f1b",
-           opt_state_factor: float = ADAM_STATE_FACTOR, simulate_top: int = 16) -> Plan:
+           opt_state_factor: float = ADAM_STATE_FACTOR, simulate_top: int = 16, recovery: bool = False) -> Plan:
     size = oracle_size(lg, cluster)
     if size > ORACLE_LIMIT:
         raise ValueError(f"the oracle would score {size} plans ({len(lg.allowed_cuts())} allowed cuts, "
@@ -315,5 +310,5 @@ def oracle(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
         return sorted(best, key=lambda c: c.estimate_s)[:simulate_top]
 
     return _run("oracle", propose, lg, cluster, batch, microbatches, microbatch_rows, schedule, opt_state_factor,
-                simulate_top=simulate_top)
+                recovery, simulate_top=simulate_top)
 

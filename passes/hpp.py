@@ -22,9 +22,15 @@ The search (after the paper's planner, MobiCom 2024 §4, and extended where note
 5. The best few distinct candidates are simulated (``sim.predict`` of the program they lower to)
    and the fastest simulated one is the plan: its prediction is the simulator's.
 
+With ``recovery`` every device's memory also holds recovery's state copies (estimate.py): its
+rollback point in every stage's static bytes, and the backups a stage's first device holds, which
+depend on the neighbouring stage, checked by the DP and ``best_cuts`` against the next stage they
+chose and exactly by ``exact`` (which may put another member first to hold them).
+
 Guarantees: the plan is sound (every layer in one stage, cuts allowed, rows add up, one stage per
-device) and every device's predicted peak memory fits its budget; a cluster that cannot hold the
-model raises NoPlanError with the smallest memory that would do.
+device) and every device's predicted peak memory fits its budget (recovery's copies included when
+asked for); a cluster that cannot hold the model raises NoPlanError with the smallest memory that
+would do.
 """
 
 from __future__ import annotations
@@ -153,8 +159,11 @@ class _GroupCosts:
         a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
         self.valid = b > a
         lo, hi = pos[a], pos[b]
-        self.static = ((table.params[hi] - table.params[lo]) * (2.0 + table.opt_state_factor)
-                       + table.buffers[hi] - table.buffers[lo])
+        # rollback points included under recovery; the backups a first member holds depend on the
+        # neighbouring stages (``holds_backups``, ``holds_last``; ``exact`` checks the candidate)
+        self.static = table.static_bytes(lo, hi)
+        self.state = table.state_bytes(lo, hi)
+        self.recovery = table.recovery
         self.act = np.maximum(table.saved[hi] - table.saved[lo] + table.cut_bytes[lo] + table.cut_bytes[hi], 1e-9)
         self.grad_bytes = table.params[hi] - table.params[lo] + table.buffers[hi] - table.buffers[lo]
         self.alpha, self.beta = {}, {}
@@ -217,6 +226,25 @@ class _GroupCosts:
         out = np.where(ok, tau, INF)
         self.cache[key] = out
         return out
+
+    def holds_backups(self, k_next: int, next_end, next_most, also_last: bool) -> np.ndarray:
+        """Under recovery, per (a, b): whether the first device of the next stage, which runs
+        [b, next_end[b]) and has at most ``next_most[b]`` bytes (its group's largest budget), can
+        hold two copies of this stage [a, b) (its backup), and of the last stage [next_end[b], L)
+        when ``also_last``, with a row of its own. Leading dimensions of ``next_end`` and
+        ``next_most`` broadcast."""
+        b = np.arange(len(self.pos))
+        own = self.static[b, next_end] + k_next * self.act[b, next_end]
+        if also_last:
+            own = own + 2 * self.state[next_end, -1]
+        most = np.broadcast_to(next_most, own.shape)
+        return 2 * self.state + own[..., None, :] <= most[..., None, :]
+
+    def holds_last(self, k_in_flight: int, most) -> np.ndarray:
+        """Under recovery, per (a, b): whether the first device of the first of two stages, with at
+        most ``most`` bytes, can hold two copies of the last stage [b, L) beside its own stage
+        [a, b) with a row."""
+        return self.static + k_in_flight * self.act + 2 * self.state[:, -1][None, :] <= most
 
     def allreduce(self, group: tuple[str, ...]) -> np.ndarray:
         g = len(group)
@@ -285,6 +313,11 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
     # per first device j: the all-reduce and outgoing transfer of every group [j, j2), stacked
     # over j2 so that one numpy expression covers them all
     allred, link = {}, {}
+    # under recovery a stage's first device holds its neighbours' backups: the largest budget of
+    # every contiguous group [j, j2) bounds what its first device (the member exact picks) holds
+    most = np.full((D + 1, D + 1), -INF)
+    for j in range(D):
+        most[j, j + 1:] = np.maximum.accumulate([table.budget[d] for d in order[j:]])
     for j in range(D):
         grps = [tuple(order[j:j2]) for j2 in range(j + 1, D + 1)]
         allred[j] = np.stack([gc.allreduce(g) for g in grps])  # (D - j, n, n)
@@ -316,6 +349,18 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
                 # (the cycle of two adjacent stages is at most the larger step + the transfer)
                 steps[j, k] = st + link[j] / (1 + depth) if depth is not None else np.maximum(st, link[j])
             x = steps[j, k]  # (D - j, n, n): group [j, j2), first boundary a, last boundary b
+            if gc.recovery and s > 1:
+                # the next stage (the one the DP chose for state (b, j2)) holds this stage's
+                # backup, and the last stage's too when it is the second to last
+                nxt_b, nxt_j = choice[s - 1]
+                firsts = np.arange(j + 1, D + 1)[:, None]
+                ok = gc.holds_backups(in_flight(schedule, 0, s - 1, M), nxt_b[:, j + 1:].T,
+                                      most[firsts, nxt_j[:, j + 1:].T], s - 1 == 2)
+                x = np.where(ok, x, INF)
+            if gc.recovery and s == 2:
+                # in a plan of two stages the first stage's first device holds the last one's backup
+                first = np.arange(n)[None, :, None] == 0
+                x = np.where(first & ~gc.holds_last(k, most[j, j + 1:, None, None]), INF, x)
             cmx = np.maximum(x, pmx[:, j + 1:].T[:, None, :])
             csm = x + psm[:, j + 1:].T[:, None, :]
             car = np.maximum(allred[j], par[:, j + 1:].T[:, None, :])
@@ -431,6 +476,7 @@ def best_cuts(costs: _GroupCosts, groups: Sequence[Sequence[str]], schedule: str
     bottleneck: a DP over (stage, first boundary), vectorized over the last boundary."""
     n, S, M = len(costs.pos), len(groups), costs.M
     names = costs.t.cluster.names
+    most = [max(costs.t.budget[d] for d in g) for g in groups]  # what a group's first device may hold
     mx, sm, ar = np.full(n, INF), np.full(n, INF), np.full(n, INF)
     mx[n - 1] = sm[n - 1] = ar[n - 1] = 0.0
     choice = []
@@ -443,6 +489,11 @@ def best_cuts(costs: _GroupCosts, groups: Sequence[Sequence[str]], schedule: str
         link = costs.transfer(grp, rest)[None, :]
         depth = warmup_depth(schedule)
         x = step + link / (1 + depth) if depth is not None else np.maximum(step, link)
+        if costs.recovery and p + 1 < S:  # the next stage's first device holds this stage's backup
+            x = np.where(costs.holds_backups(in_flight(schedule, p + 1, S, M), choice[-1], most[p + 1],
+                                             p + 1 == S - 2), x, INF)
+        if costs.recovery and S == 2 and p == 0:  # and the first stage's the last stage's
+            x = np.where(costs.holds_last(k, most[0]), x, INF)
         cmx = np.maximum(x, mx[None, :])
         csm = x + sm[None, :]
         car = np.maximum(costs.allreduce(grp), ar[None, :])
@@ -538,11 +589,12 @@ def _dp_candidates(table: CostTable, costs: _GroupCosts, orders, M: int, schedul
 def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
            microbatch_rows: int | None = None, schedule: str = "1f1b", stages: int | None = None,
            opt_state_factor: float = ADAM_STATE_FACTOR, orders: str = "all", local: bool = True,
-           deepen: bool = True) -> list[Candidate]:
-    """All candidates the planner scores, best closed form first (before simulation)."""
+           deepen: bool = True, recovery: bool = False) -> list[Candidate]:
+    """All candidates the planner scores, best closed form first (before simulation). With
+    ``recovery`` every candidate fits every device's budget with recovery's state copies."""
     found: dict[tuple, Candidate] = {}
     choices = microbatch_choices(batch, microbatches, microbatch_rows)
-    tables = {R: CostTable(lg, cluster, R, opt_state_factor) for _, R in choices}
+    tables = {R: CostTable(lg, cluster, R, opt_state_factor, recovery) for _, R in choices}
     costs = {}
     # first every micro-batching with the paper's order and the speed order, then the full search
     # (every order, local search) on the micro-batchings that did best
@@ -592,15 +644,16 @@ def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
 def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
          microbatch_rows: int | None = None, schedule: str = "1f1b", stages: int | None = None,
          opt_state_factor: float = ADAM_STATE_FACTOR, orders: str = "all", local: bool = True,
-         simulate_top: int = 4, name: str = "asteroid", deepen: bool = True) -> Plan:
-    """The Asteroid planner; see the module docstring."""
+         simulate_top: int = 4, name: str = "asteroid", deepen: bool = True, recovery: bool = False) -> Plan:
+    """The Asteroid planner; see the module docstring. ``recovery``: the plan runs with pipeline
+    replay, and every device's memory holds recovery's state copies."""
     cands = search(lg, cluster, batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows,
                    schedule=schedule, stages=stages, opt_state_factor=opt_state_factor, orders=orders,
-                   local=local, deepen=deepen)
+                   local=local, deepen=deepen, recovery=recovery)
     if not cands:
         raise NoPlanError(no_plan_message(lg, cluster, batch, microbatches, microbatch_rows, schedule,
-                                          opt_state_factor))
-    return best_simulated(to_simulate(cands, simulate_top), lg, cluster, schedule, opt_state_factor, name)
+                                          opt_state_factor, recovery))
+    return best_simulated(to_simulate(cands, simulate_top), lg, cluster, schedule, opt_state_factor, name, recovery)
 
 
 def to_simulate(cands: Sequence[Candidate], top: int, most: int = 10) -> list[Candidate]:
@@ -625,30 +678,33 @@ def to_simulate(cands: Sequence[Candidate], top: int, most: int = 10) -> list[Ca
 
 
 def best_simulated(cands: Sequence[Candidate], lg: LayerGraph, cluster: Cluster, schedule: str,
-                   opt_state_factor: float, name: str) -> Plan:
+                   opt_state_factor: float, name: str, recovery: bool = False) -> Plan:
     """The fastest of ``cands`` by simulation, with its prediction and explanations."""
     best, best_s = None, INF
     for c in cands:
-        t = predict(Plan(c.stages, c.microbatches, c.rows, c.schedule, name), lg, cluster, opt_state_factor).iteration_s
+        t = predict(Plan(c.stages, c.microbatches, c.rows, c.schedule, name, recovery=recovery), lg, cluster,
+                    opt_state_factor).iteration_s
         if t < best_s:
             best, best_s = c, t
-    return finish(best, lg, cluster, schedule, opt_state_factor, name)
+    return finish(best, lg, cluster, schedule, opt_state_factor, name, recovery)
 
 
 def finish(c: Candidate, lg: LayerGraph, cluster: Cluster, schedule: str, opt_state_factor: float,
-           name: str) -> Plan:
-    """A Plan for the candidate: the simulator's prediction, devices left out and what binds."""
+           name: str, recovery: bool = False) -> Plan:
+    """A Plan for the candidate: the simulator's prediction (recovery's state copies in every
+    device's memory under ``recovery``), devices left out and what binds."""
     schedule = c.schedule
-    plan = Plan(c.stages, c.microbatches, c.rows, schedule, name)
+    plan = Plan(c.stages, c.microbatches, c.rows, schedule, name, recovery=recovery)
     used = {d for st in c.stages for d in st.devices}
-    table = CostTable(lg, cluster, c.rows, opt_state_factor)
+    table = CostTable(lg, cluster, c.rows, opt_state_factor, recovery)
     left_out = [(d.name, left_out_reason(table, d.name, c, schedule)) for d in cluster.devices if d.name not in used]
     pred = predict(plan, lg, cluster, opt_state_factor, left_out)
+    held = table.held_bytes([c.stages[0].layers[0], *(st.layers[1] for st in c.stages)])
     notes = {}
     for p, st in enumerate(c.stages):
         k = in_flight(schedule, p, len(c.stages), c.microbatches)
-        for d, r in zip(st.devices, st.rows):
-            cap = table.row_cap(d, st.layers[0], st.layers[1], k)
+        for i, (d, r) in enumerate(zip(st.devices, st.rows)):
+            cap = table.row_cap(d, st.layers[0], st.layers[1], k, held[p] if i == 0 else 0.0)
             if r == cap and len(st.devices) > 1:
                 notes[d] = f"memory caps its rows at {cap}"
     uses = tuple(dataclasses.replace(u, note=notes.get(u.device, u.note)) for u in pred.devices)
@@ -667,7 +723,8 @@ def left_out_reason(table: CostTable, device: str, c: Candidate, schedule: str) 
 
 
 def no_plan_message(lg: LayerGraph, cluster: Cluster, batch: int, microbatches: int | None,
-                    microbatch_rows: int | None, schedule: str, opt_state_factor: float) -> str:
+                    microbatch_rows: int | None, schedule: str, opt_state_factor: float,
+                    recovery: bool = False) -> str:
     """Why nothing fits, with the smallest memory that would do: found by bisection on a budget
     given to every device of the cluster (the planner's own search decides whether it fits)."""
     import dataclasses as dc
@@ -676,11 +733,11 @@ def no_plan_message(lg: LayerGraph, cluster: Cluster, batch: int, microbatches: 
         bigger = Cluster([dc.replace(d, memory_bytes=max(d.memory_bytes, budget)) for d in cluster.devices],
                          cluster.bandwidth, cluster.latency, name=cluster.name)
         return bool(search(lg, bigger, batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows,
-                           schedule=schedule, opt_state_factor=opt_state_factor))
+                           schedule=schedule, opt_state_factor=opt_state_factor, recovery=recovery))
 
     L = len(lg)
     M, R = microbatch_choices(batch, microbatches, microbatch_rows)[-1]
-    table = CostTable(lg, cluster, R, opt_state_factor)
+    table = CostTable(lg, cluster, R, opt_state_factor, recovery)
     hi = max(table.memory(0, L, R, in_flight(schedule, 0, 1, M)), 1)  # one device holds everything
     lo = max(d.memory_bytes for d in cluster.devices)
     biggest = lo
@@ -695,10 +752,13 @@ def no_plan_message(lg: LayerGraph, cluster: Cluster, batch: int, microbatches: 
             hi = mid
         else:
             lo = mid
+    copies = (", recovery's copies of stage state (its rollback point, and two of each backup it holds)"
+              if recovery else "")
     return (f"no plan fits this cluster: its largest device has {_bytes(biggest)}, and with all "
             f"{len(cluster.devices)} devices each would need at least {_bytes(hi)} (weights, gradients, "
-            "optimizer state and activations of its share). Give the devices that much memory, add devices, "
-            "use an optimizer with less state (opt_state_factor) or a smaller batch")
+            f"optimizer state{copies} and activations of its share). Give the devices that much memory, add "
+            "devices, use an optimizer with less state (opt_state_factor) or a smaller batch"
+            + (", or train without recovery" if recovery else ""))
 
 
 def _bytes(n: float) -> str:

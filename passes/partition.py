@@ -10,7 +10,9 @@ the plan's numbers are what ``sim.simulate`` says of the compiled program.
 
 Guarantees: every layer in exactly one stage, stages only at allowed cuts, rows of each stage add up
 to the micro-batch size, every device's predicted memory within its budget (else NoPlanError
-naming the device and the memory that would do).
+naming the device and the memory that would do). With ``recovery`` that memory includes the state
+copies pipeline replay keeps (estimate.py), and a plan pinned by the caller that cannot hold them
+is refused with what to change.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 from typing import Sequence
 
 from asteroid_fx.cluster import Cluster
-from asteroid_fx.estimate import ADAM_STATE_FACTOR
+from asteroid_fx.estimate import ADAM_STATE_FACTOR, state_memory
 from asteroid_fx.layer_graph import LayerGraph
 from asteroid_fx.plan import NoPlanError, Plan, StagePlan
 from asteroid_fx.sim import predict
@@ -84,8 +86,9 @@ def balanced(lg: LayerGraph, cluster: Cluster, *, microbatches: int, microbatch_
              groups: Sequence[Sequence[str]] | None = None,
              rows: Sequence[Sequence[int]] | None = None,
              layers: Sequence[int] | None = None,
-             opt_state_factor: float = ADAM_STATE_FACTOR) -> Plan:
-    """The balanced planner; see the module docstring. ``layers`` pins the stage boundaries."""
+             opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False) -> Plan:
+    """The balanced planner; see the module docstring. ``layers`` pins the stage boundaries;
+    ``recovery`` plans for a run with pipeline replay (its state copies count in memory)."""
     if rows is not None and (groups is None or [len(r) for r in rows] != [len(g) for g in groups]):
         raise ValueError(f"rows {[list(r) for r in rows]} must give one count per device of every group in groups "
                          f"{None if groups is None else [list(g) for g in groups]}; pin rows= together with groups=")
@@ -108,13 +111,13 @@ def balanced(lg: LayerGraph, cluster: Cluster, *, microbatches: int, microbatch_
                 cluster.device(d)  # unknown device -> the cluster's own error
         try:
             plan = _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, rows, layers,
-                                    opt_state_factor)
+                                    opt_state_factor, recovery)
         except NoPlanError as e:
             failures.append(str(e))
             continue
         over = [u for u in plan.prediction.devices if u.memory_bytes > u.budget_bytes]
         if over:
-            failures.append(_memory_message(over))
+            failures.append(_memory_message(over, plan, lg, opt_state_factor))
             continue
         if best is None or plan.prediction.iteration_s < best.prediction.iteration_s:
             best = plan
@@ -131,11 +134,27 @@ def _blocked_note(lg: LayerGraph) -> str:
     return "; other cuts are not allowed: " + "; ".join(lg.blocked[:3]) + more
 
 
-def _memory_message(over) -> str:
+def _memory_message(over, plan: Plan, lg: LayerGraph, opt_state_factor: float) -> str:
     worst = max(over, key=lambda u: u.memory_bytes - u.budget_bytes)
-    return (f"device {worst.device!r} needs {_bytes(worst.memory_bytes)} for its stage but has "
-            f"{_bytes(worst.budget_bytes)}: a budget of at least {_bytes(worst.memory_bytes)} would do "
-            "(or add devices, use smaller micro-batches, or an optimizer with less state)")
+    if not plan.recovery:
+        return (f"device {worst.device!r} needs {_bytes(worst.memory_bytes)} for its stage but has "
+                f"{_bytes(worst.budget_bytes)}: a budget of at least {_bytes(worst.memory_bytes)} would do "
+                "(or add devices, use smaller micro-batches, or an optimizer with less state)")
+    q = plan.stage_of(worst.device)
+    group = plan.stages[q].devices
+    held = plan.backups_held(worst.device)
+    rollback = int(state_memory(lg, plan.stages[q].layers, opt_state_factor))
+    copies = int(2 * sum(state_memory(lg, plan.stages[p].layers, opt_state_factor) for p in held))
+    what = f"{_bytes(rollback)} for its rollback point"
+    todo = ["give it fewer rows" if len(group) > 1 else "use smaller micro-batches"]
+    if held:
+        what += (f" and {_bytes(copies)} for two copies of each backup it holds as the first device of stage {q} "
+                 f"(stage{'s' if len(held) > 1 else ''} {' and '.join(map(str, held))})")
+        todo.append(f"put another device of stage {q} first to hold the backup" if len(group) > 1 else
+                    f"give stage {q} another device, first in its group, to hold the backup")
+    return (f"device {worst.device!r} needs {_bytes(worst.memory_bytes)} with recovery but has "
+            f"{_bytes(worst.budget_bytes)}: recovery's state copies take {what}. To fit, {', '.join(todo)}, "
+            f"give it at least {_bytes(worst.memory_bytes)}, or train without recovery")
 
 
 def _bytes(n: int) -> str:
@@ -146,7 +165,8 @@ def _bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, rows, layers, opt_state_factor):
+def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, rows, layers, opt_state_factor,
+                     recovery):
     n = len(grp)
     if layers is not None:
         bounds = list(layers)
@@ -173,7 +193,7 @@ def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, 
         else:
             r = split_rows(microbatch_rows, [_speed(lg, cluster, d, lo, hi, microbatch_rows) for d in g])
         stage_plans.append(StagePlan((lo, hi), tuple(g), r))
-    plan = Plan(tuple(stage_plans), microbatches, microbatch_rows, schedule, "balanced")
+    plan = Plan(tuple(stage_plans), microbatches, microbatch_rows, schedule, "balanced", recovery=recovery)
     used = {d for g in grp for d in g}
     left_out = [(d.name, "not given a stage") for d in cluster.devices if d.name not in used]
     import dataclasses
@@ -206,12 +226,14 @@ def partition(lg: LayerGraph, cluster: Cluster, *, planner: str = "asteroid", ba
               microbatches: int | None = None, microbatch_rows: int | None = None, schedule: str = "1f1b",
               stages: int | None = None, groups: Sequence[Sequence[str]] | None = None,
               rows: Sequence[Sequence[int]] | None = None, layers: Sequence[int] | None = None,
-              opt_state_factor: float = ADAM_STATE_FACTOR) -> Plan:
+              opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False) -> Plan:
     """LayerGraph + Cluster -> Plan with the named planner (see PLANNER_NAMES).
 
     ``microbatches`` / ``microbatch_rows`` pin the micro-batching (else the planner searches every
     split of ``batch``; "balanced" needs one pinned). Pinned groups, rows or layers give a hand-made
-    plan and go through "balanced", whatever the planner."""
+    plan and go through "balanced", whatever the planner. ``recovery``: the plan is for a run with
+    pipeline replay, and every device's memory must also hold its rollback point and the backups
+    it holds (``Plan.backups_held``)."""
     if planner not in PLANNER_NAMES:
         raise ValueError(f"unknown planner {planner!r}; use one of {', '.join(PLANNER_NAMES)}")
     if planner == "balanced" or groups is not None or rows is not None or layers is not None:
@@ -225,10 +247,11 @@ def partition(lg: LayerGraph, cluster: Cluster, *, planner: str = "asteroid", ba
         elif microbatches is None:
             microbatches = batch // microbatch_rows
         return balanced(lg, cluster, microbatches=microbatches, microbatch_rows=microbatch_rows, schedule=schedule,
-                        stages=stages, groups=groups, rows=rows, layers=layers, opt_state_factor=opt_state_factor)
+                        stages=stages, groups=groups, rows=rows, layers=layers, opt_state_factor=opt_state_factor,
+                        recovery=recovery)
     fn = _planners()[planner]
     kwargs = dict(batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows, schedule=schedule,
-                  opt_state_factor=opt_state_factor)
+                  opt_state_factor=opt_state_factor, recovery=recovery)
     if planner == "asteroid":
         kwargs["stages"] = stages
     elif stages is not None:
