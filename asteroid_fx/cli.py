@@ -68,7 +68,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"compiling {args.model} for {args.cluster} ...", file=sys.stderr)
     compiled = asteroid.compile(model, args.cluster, example=example, loss=loss, microbatches=args.microbatches,
                                 planner=args.planner, schedule_kind=args.schedule, stages=args.stages,
-                                max_layers=args.max_layers, profiles=args.profile)
+                                max_layers=args.max_layers, profiles=args.profile, recovery=args.recover)
     out = compiled.save(args.out)
     print(compiled.plan)
     print(f"\nwrote plan, program (text and JSON), layers and {len(compiled.stages)} stage modules to {out}/")
@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-layers", type=int, default=48, help="coarsen the graph to at most this many layers")
     c.add_argument("--profile", action="append", default=[], metavar="FILE",
                    help="a profile from `asteroid profile` (one per device kind; repeat for more)")
+    c.add_argument("--recover", action="store_true",
+                   help="plan for a run with recovery (`asteroid launch --recover`): every device's memory also "
+                        "holds its rollback point and the backups it holds")
     c.add_argument("--input", action="append", default=[], help="example input for module:callable, e.g. f32[32,3,32,32]")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_compile)

@@ -97,14 +97,17 @@ class Compiled:
         return check(self, inputs=inputs, kwargs=kwargs, model=model, rtol=rtol, atol=atol, repeats=repeats,
                      folder=folder, exporter=exporter, strict=strict)
 
-    def simulate(self, *, shared_medium: bool = False, opt_state_factor: float = 2.0):
+    def simulate(self, *, shared_medium: bool = False, opt_state_factor: float = 2.0,
+                 recovery: bool | None = None):
         """Time one iteration of the program with the cost model (``asteroid_fx.sim``): iteration
         time, throughput, per-device busy time and memory; ``.trace(path)``, ``.gantt(path)`` and
-        ``.grid()`` show it. ``opt_state_factor`` as given to compile (2 for Adam)."""
+        ``.grid()`` show it. ``opt_state_factor`` as given to compile (2 for Adam); ``recovery``
+        counts recovery's state copies in memory (default: as compiled)."""
         from asteroid_fx.sim import simulate
 
         return simulate(self.program, self.layer_graph, self.cluster, shared_medium=shared_medium,
-                        opt_state_factor=opt_state_factor)
+                        opt_state_factor=opt_state_factor,
+                        recovery=self.plan.recovery if recovery is None else recovery)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """plan.json, plan.txt, program.txt, program.json, cluster.json, stage_<p>.pt (fx code + weights)."""
@@ -140,13 +143,17 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
             schedule_kind: str = "1f1b", stages: int | None = None,
             groups: Sequence[Sequence[str]] | None = None, rows: Sequence[Sequence[int]] | None = None,
             layers: Sequence[int] | None = None, max_layers: int | None = DEFAULT_MAX_LAYERS,
-            opt_state_factor: float = 2.0, check: bool = True, profiles: Sequence[Any] = ()) -> Compiled:
+            opt_state_factor: float = 2.0, check: bool = True, profiles: Sequence[Any] = (),
+            recovery: bool = False) -> Compiled:
     """Compile ``model`` for ``devices`` (a Cluster, a list of Devices or kind names, a preset name
     or a cluster JSON path). ``example`` is one global batch of inputs (a tensor or a tuple);
     ``planner`` is one of passes.partition.PLANNER_NAMES ("asteroid" by default; the others are
     the baselines it is compared with). Unless ``microbatches`` or ``microbatch_rows`` pins it,
     the planner also chooses the micro-batching of the batch. ``profiles`` (DeviceProfiles or profile
-    paths, one per device kind, from `asteroid profile`) replace those kinds' analytic costs."""
+    paths, one per device kind, from `asteroid profile`) replace those kinds' analytic costs. With
+    ``recovery`` the plan is for a run with pipeline replay (`asteroid launch --recover`): every
+    device's memory must also hold its rollback point and, on the first device of a stage, two
+    copies of each stage it backs up (docs/planner.md, "Memory")."""
     cluster = resolve_cluster(devices)
     args = example if isinstance(example, tuple) else (example,)
     # capture with a dynamic batch so stages run on row slices of any size
@@ -160,10 +167,11 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
     lg = linearize(captured, max_layers=max_layers)
     if profiles:  # measured layer times replace the roofline for the kinds they were measured on
         lg = profile_costs(lg, profiles, max_layers=max_layers)
-    # the planner picks stages, groups, rows and (unless pinned) the micro-batching
+    # the planner picks stages, groups, rows and (unless pinned) the micro-batching, within every
+    # device's memory (with recovery's state copies when the run will recover from failures)
     plan = partition(lg, cluster, planner=planner, batch=batch, microbatches=microbatches,
                      microbatch_rows=microbatch_rows, schedule=schedule_kind, stages=stages, groups=groups,
-                     rows=rows, layers=layers, opt_state_factor=opt_state_factor)
+                     rows=rows, layers=layers, opt_state_factor=opt_state_factor, recovery=recovery)
     stage_modules = split(captured, lg, plan)
     compute = schedule(plan)
     cut_specs = [(s.output_specs, tuple(spec for spec, g in zip(s.output_specs, s.output_grads) if g))

@@ -118,7 +118,7 @@ def compile_spec(spec: RunSpec, cluster):
     example = entry.example(spec.batch, small)
     return asteroid.compile(model, cluster, example=example, loss=entry.loss, microbatches=spec.microbatches,
                             planner=spec.planner, schedule_kind=spec.schedule, stages=spec.stages, groups=spec.groups, rows=spec.rows,
-                            layers=spec.layers)
+                            layers=spec.layers, recovery=spec.recovery)
 
 
 def pinned(spec: RunSpec, plan) -> RunSpec:

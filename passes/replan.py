@@ -115,10 +115,13 @@ def switch(before: Program, after: Program, *, reason: str = "") -> Switch:
 
 
 def replan(compiled: Any, devices: Sequence[str], *, planner: str = "asteroid", schedule: str = "1f1b",
-           microbatches: int | None = None, opt_state_factor: float = 2.0) -> tuple[Any, Program]:
+           microbatches: int | None = None, opt_state_factor: float = 2.0,
+           recovery: bool = True) -> tuple[Any, Program]:
     """The planner's (plan, program) for ``devices`` of ``compiled.cluster`` on the compiled model:
     the captured graph, layer graph and costs are reused (no capture, no profiling); the batch is
-    the compiled one. ``microbatches`` None lets the planner choose the micro-batching too."""
+    the compiled one. ``microbatches`` None lets the planner choose the micro-batching too. A
+    re-plan runs in a run with recovery, whose program carries backups again after the switch, so
+    by default the plan leaves room for recovery's state copies on every device (``recovery``)."""
     from asteroid_fx.passes.lower_comm import lower_comm
     from asteroid_fx.passes.partition import partition
     from asteroid_fx.passes.schedule import schedule as schedule_pass
@@ -131,7 +134,8 @@ def replan(compiled: Any, devices: Sequence[str], *, planner: str = "asteroid", 
                           "a device that joins must be described in the run's cluster")
     cluster = compiled.cluster.subset(list(devices))
     plan = partition(compiled.layer_graph, cluster, planner=planner, batch=compiled.captured.example_batch,
-                     microbatches=microbatches, schedule=schedule, opt_state_factor=opt_state_factor)
+                     microbatches=microbatches, schedule=schedule, opt_state_factor=opt_state_factor,
+                     recovery=recovery)
     stages = split(compiled.captured, compiled.layer_graph, plan)
     cut_specs = [(s.output_specs, tuple(spec for spec, g in zip(s.output_specs, s.output_grads) if g))
                  for s in stages[:-1]]
