@@ -60,13 +60,26 @@ def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter], lr: fl
     return OPTIMIZERS[name](params, lr)
 
 
-@dataclasses.dataclass
 class StateCopy:
-    """A stage's state by model name: parameters, buffers and per-parameter optimizer state."""
+    """A stage's state by model name: parameters, buffers and per-parameter optimizer state.
 
-    params: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    optim: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    ``StateCopy.later(make)`` is a copy whose entries ``make()`` builds when one is first read:
+    a packed backup (backends/torch_dist.py) is kept as the buffer it arrived in, and only a
+    rollback or a hand-over, which read it, pays for unpacking it by name. ``update`` merges in
+    order, and keeps what it merges deferred until then too."""
+
+    def __init__(self, params: dict[str, torch.Tensor] | None = None, buffers: dict[str, torch.Tensor] | None = None,
+                 optim: dict[str, dict[str, Any]] | None = None):
+        self._params = {} if params is None else params
+        self._buffers = {} if buffers is None else buffers
+        self._optim = {} if optim is None else optim
+        self._later: list[Callable[[], StateCopy]] = []  # merged over the entries above, in order
+
+    @classmethod
+    def later(cls, make: Callable[[], "StateCopy"]) -> "StateCopy":
+        out = cls()
+        out._later.append(make)
+        return out
 
     @classmethod
     def of(cls, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> "StateCopy":
@@ -78,10 +91,31 @@ class StateCopy:
             {n: _clone_state(state[p]) for n, p in named if state.get(p)},
         )
 
+    def _settle(self) -> None:
+        while self._later:
+            other = self._later.pop(0)()
+            self._params.update(other.params)
+            self._buffers.update(other.buffers)
+            self._optim.update(other.optim)
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        self._settle()
+        return self._params
+
+    @property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        self._settle()
+        return self._buffers
+
+    @property
+    def optim(self) -> dict[str, dict[str, Any]]:
+        self._settle()
+        return self._optim
+
     def update(self, other: "StateCopy") -> None:
-        self.params.update(other.params)
-        self.buffers.update(other.buffers)
-        self.optim.update(other.optim)
+        """Entries of ``other`` replace those of the same name."""
+        self._later.append(lambda: other)
 
     def load_into(self, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
         """Copy every name ``replica`` has from this copy; returns the names it lacks."""

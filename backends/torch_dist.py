@@ -366,6 +366,7 @@ class DistWorker:
         self.module = copy.deepcopy(self.stage.module).to(self.torch_device)
         self.module.train()
         self.optimizer = make_optimizer(optimizer, [p for p in self.module.parameters() if p.requires_grad], lr)
+        self.flat = FlatState(self.module, self.optimizer)  # what a rollback point or a backup copies
         # what F runs: the replica's graph with its tensors bound once (they are the optimizer's,
         # updated in place for the worker's life) and ops called through torch's own bindings
         self._direct = direct_calls(self.module)
@@ -393,10 +394,17 @@ class DistWorker:
             # a copy sent after this iteration's STEP is the state the next one starts from: the
             # same bytes serve as the rollback point, without a second copy
             _, layout, buf = sent
-            point = state_from_message(layout.meta, layout.unpack(buf))
         else:
-            point = StateCopy.of(self.module, self.optimizer)
-        self.copies.setdefault(iteration, StateCopy()).update(point)
+            layout, buf = self.flat.copy()
+        self._file(iteration, layout, buf)
+
+    def _file(self, tag: int, layout: "StateLayout", buf: torch.Tensor) -> None:
+        # kept packed: only a rollback or a hand-over reads a copy by name
+        point = StateCopy.later(lambda: state_from_message(layout.meta, layout.unpack(buf)))
+        if tag in self.copies:
+            self.copies[tag].update(point)
+        else:
+            self.copies[tag] = point
 
     def drop_copies_before(self, iteration: int) -> None:
         """Drop the copies no rollback can need any more (every device has finished the iteration
@@ -601,21 +609,19 @@ class DistWorker:
     def _backup(self, a: Action) -> None:
         # tagged like the local backend: the iteration this state starts
         tag = self.iteration + self._stepped
-        tensors, meta = state_message(live_state(self.module, self.optimizer))
+        layout, buf = self.flat.copy()  # the copy: what the next iteration starts from, whatever runs after
         link, base = (self.comm, a.stage, a.peer), BACKUP_TAG + a.stage * 65536
-        layout = self._sent_layouts.get(link)
-        if layout is None or layout.meta != meta:
+        known = self._sent_layouts.get(link)
+        if known is None or known.meta != layout.meta:
             # the holder has posted a receive of the size it knows: announce the new layout in it
-            new = StateLayout.of(meta)
-            body = json.dumps(new.meta).encode()
-            notice = torch.zeros(HEADER_BYTES if layout is None else layout.nbytes, dtype=torch.uint8)
+            body = json.dumps(layout.meta).encode()
+            notice = torch.zeros(HEADER_BYTES if known is None else known.nbytes, dtype=torch.uint8)
             write_header(notice, (LAYOUT, tag, 0.0, len(body)))
             self._sends.append(self.comm.send(notice, a.peer, base))
             self._sends.append(self.comm.send(torch.frombuffer(bytearray(body), dtype=torch.uint8), a.peer, base + 1))
-            self._sent_layouts[link] = layout = new
+            self._sent_layouts[link] = layout
         arrive = self._arrival(a.peer, layout.nbytes) if self.emulation is not None else 0.0
-        # packing copies the state: what the next iteration starts from, whatever runs after
-        buf = layout.pack(tensors, (COPY, tag, arrive))
+        write_header(buf, (COPY, tag, arrive))
         self._sends.append(self.comm.send(buf, a.peer, base))
         if self._stepped:  # nothing changes the stage after its STEP: take_point may file this copy
             self._sent = (tag, layout, buf)
@@ -642,7 +648,7 @@ class DistWorker:
         if arrive > time.time():
             time.sleep(arrive - time.time())
         # filed only once every byte is here: a copy cut off by a failure never serves a rollback
-        self.copies.setdefault(int(tag), StateCopy()).update(state_from_message(layout.meta, layout.unpack(buf)))
+        self._file(int(tag), layout, buf)
 
     def _post_restore(self, peer: str, base: int, nbytes: int) -> tuple[torch.Tensor, dist.Work]:
         buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -659,6 +665,77 @@ class DistWorker:
     def state_dict(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
                 if keys is None or k in keys}
+
+
+class FlatState:
+    """A replica's parameters, buffers and optimizer state moved into one buffer laid out by their
+    ``StateLayout`` (a header, then a segment per dtype), so that a copy of the whole state is one
+    memory copy instead of one per tensor. Every tensor keeps its identity, so the optimizer's and
+    ``direct_calls``' references stay valid: its ``.data`` becomes a view of the buffer, updated
+    in place from then on (as optimizers and BatchNorm do). ``copy`` first checks that every
+    tensor still lies where it was put, and lays the state out again when one does not: the
+    optimizer creates its state at its first step, a rollback loads new state tensors, and an
+    optimizer that replaces its tensors instead of updating them is caught here, never copied stale."""
+
+    def __init__(self, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+        self.replica, self.optimizer = replica, optimizer
+        self.params = [p for _, p in replica.named_parameters(remove_duplicate=False)]
+        # named_buffers' order: each module's own buffers, modules in named_modules order
+        self.buffer_slots = [(m, n) for _, m in replica.named_modules(remove_duplicate=False)
+                             for n, b in m._buffers.items() if b is not None]
+        self.layout: StateLayout | None = None
+        self.buf = torch.empty(0, dtype=torch.uint8)
+        self.where: list[int] = []  # the address each tensor must have (a tied tensor: its first slot's)
+        self.values: list[Any] = []  # optimizer entries that are not tensors (in the layout's meta)
+        self.tied: list[tuple[torch.Tensor, int]] = []  # (slot, index of the tensor it repeats)
+
+    def live(self) -> tuple[list[torch.Tensor], list[Any]]:
+        """The tensors of the state, in ``state_message``'s order, and its non-tensor entries."""
+        tensors = self.params + [m._buffers[n] for m, n in self.buffer_slots]
+        values = []
+        if self.optimizer is not None:
+            state = self.optimizer.state
+            for p in self.params:
+                entries = state.get(p)
+                if entries:
+                    for v in entries.values():
+                        if isinstance(v, torch.Tensor):
+                            tensors.append(v)
+                        else:
+                            values.append(v)
+        return tensors, values
+
+    def copy(self) -> tuple["StateLayout", torch.Tensor]:
+        """The layout and a copy of the buffer (its header bytes are the caller's to write)."""
+        tensors, values = self.live()
+        if self.layout is None or values != self.values or [t.data_ptr() for t in tensors] != self.where:
+            self._lay_out(tensors)
+        out = self.buf.clone() if self.buf.device.type == "cpu" else self.buf.cpu()  # gloo sends from host memory
+        if self.tied:
+            views = self.layout.unpack(out)
+            for slot, first in self.tied:
+                views[slot].copy_(views[first])
+        return self.layout, out
+
+    def _lay_out(self, tensors: list[torch.Tensor]) -> None:
+        _, meta = state_message(live_state(self.replica, self.optimizer))
+        layout = StateLayout.of(meta)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        if any(t.device != device for t in tensors):
+            raise RuntimeError(f"the stage's state lies on several devices ({sorted({str(t.device) for t in tensors})}); "
+                               "a backup needs it on one")
+        buf = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
+        views, first, self.tied = layout.unpack(buf), {}, []
+        with torch.no_grad():
+            for k, (t, view) in enumerate(zip(tensors, views)):
+                if id(t) in first:  # a tensor under two names (tied weights): copied into both slots
+                    self.tied.append((k, first[id(t)]))
+                    continue
+                first[id(t)] = k
+                view.copy_(t)
+                t.data = view
+        self.layout, self.buf, self.values = layout, buf, self.live()[1]
+        self.where = [t.data_ptr() for t in tensors]
 
 
 def live_state(replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> StateCopy:

@@ -266,3 +266,83 @@ def test_the_copy_sent_after_the_step_is_the_senders_next_rollback_point():
     with torch.no_grad():
         next(a.module.parameters()).add_(1.0)  # the next iteration changes the stage: the point stays
     assert all(torch.equal(got.params[n], t) for n, t in want.params.items())
+
+
+class _Tied(torch.nn.Module):
+    """A stage with a weight under two names and BatchNorm buffers (float and int64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 6)
+        self.norm = torch.nn.BatchNorm1d(6)
+        self.head = torch.nn.Linear(6, 6)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.head(self.norm(self.embed(x)))
+
+
+class _Replacing(torch.optim.Optimizer):
+    """An optimizer that stores new state tensors every step instead of updating them in place."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["avg"] = 0.5 * state.get("avg", torch.zeros_like(p)) + p.grad
+                state["count"] = state.get("count", 0) + 1
+                p.sub_(group["lr"] * state["avg"])
+
+
+def _same_state(got, want) -> bool:
+    from asteroid_fx.backends.local import StateCopy
+
+    assert isinstance(got, StateCopy)
+    return (got.params.keys() == want.params.keys() and got.buffers.keys() == want.buffers.keys()
+            and got.optim.keys() == want.optim.keys()
+            and all(torch.equal(got.params[n], t) for n, t in want.params.items())
+            and all(torch.equal(got.buffers[n], t) for n, t in want.buffers.items())
+            and all(state.keys() == got.optim[n].keys() and all(
+                torch.equal(got.optim[n][k], v) if isinstance(v, torch.Tensor) else got.optim[n][k] == v
+                for k, v in state.items()) for n, state in want.optim.items()))
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda ps: torch.optim.Adam(ps, lr=0.1), _Replacing],
+                         ids=["adam", "replaces its tensors"])
+def test_a_flat_copy_is_the_exact_state_through_steps_rollbacks_and_tied_weights(make_optimizer):
+    from asteroid_fx.backends.local import StateCopy
+    from asteroid_fx.backends.torch_dist import FlatState, state_from_message
+
+    torch.manual_seed(0)
+    model = _Tied()
+    optimizer = make_optimizer(list(model.parameters()))
+    flat = FlatState(model, optimizer)
+    laid_out = []
+    lay_out = flat._lay_out
+    flat._lay_out = lambda tensors: (laid_out.append(1), lay_out(tensors))
+
+    def copied() -> StateCopy:
+        layout, buf = flat.copy()
+        return state_from_message(layout.meta, layout.unpack(buf))
+
+    points = []
+    for i in range(4):
+        points.append((copied(), StateCopy.of(model, optimizer)))
+        loss = model(torch.randn(5, 6)).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    after = copied()
+    assert _same_state(after, StateCopy.of(model, optimizer))
+    for got, want in points:  # earlier copies are not views of the live state
+        assert _same_state(got, want)
+    assert model.head.weight is model.embed.weight and model.embed.weight.data_ptr() != 0
+    # Adam updates in place: laid out before the first step and once its state exists; the other every step
+    assert len(laid_out) == (2 if make_optimizer is not _Replacing else 5)
+    # a rollback loads new optimizer state tensors: the next copy is laid out again and still exact
+    points[1][0].load_into(model, optimizer)
+    assert _same_state(copied(), points[1][1])
