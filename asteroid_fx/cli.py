@@ -97,6 +97,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup_every(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number of iterations (1 or more)")
+    return n
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from asteroid_fx.cluster import resolve_cluster
     from asteroid_fx.launch import RunSpec, launch, load_weights
@@ -105,7 +117,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
                    schedule=args.schedule,
                    iterations=args.iterations, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
                    stages=args.stages, emulate=args.emulate, dilation=args.dilation, recovery=args.recover,
-                   backup_every=args.backup_every, replan=not args.no_replan,
+                   backup_every=args.backup_every, backup_budget=args.backup_budget, replan=not args.no_replan,
                    heartbeat_timeout_s=args.heartbeat_timeout)
     if args.dilation <= 0:
         raise SystemExit(f"--dilation must be positive, got {args.dilation:g}")
@@ -236,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "paced in process")
     la.add_argument("--recover", action="store_true",
                     help="survive devices that die or leave: heartbeats, backups, pipeline replay in place")
-    la.add_argument("--backup-every", type=int, default=1, help="iterations between backups (with --recover)")
+    la.add_argument("--backup-every", type=_backup_every, default=None, metavar="N|auto",
+                    help="iterations between backups (with --recover; a failure redoes up to N). Default auto: as "
+                         "few as keep the backups' measured cost within --backup-budget of the run's time")
+    la.add_argument("--backup-budget", type=float, default=0.02,
+                    help="with --backup-every auto: the fraction of the run's time backups may cost (default 0.02)")
     la.add_argument("--heartbeat-timeout", type=float, default=1.5,
                     help="seconds of silence after which a device has failed (with --recover)")
     la.add_argument("--kill", action="append", default=[], metavar="DEVICE@SECONDS",

@@ -7,9 +7,9 @@ with the torch_dist backend, and writes its losses and weights into the run fold
 fails takes the run down: the others are stopped and its error is shown.
 
 With ``RunSpec.recovery`` the run survives devices that die (SIGKILL, a lost machine) or leave: the
-program carries backups (every ``backup_every`` iterations), every worker runs a heartbeat
-(asteroid_fx/heartbeat.py), and after an agreed failure the survivors roll back to the last
-backed-up iteration, rewrite the program with passes/replay.py (each computes the same rewrite
+program carries backups (paced by their measured cost, or every ``backup_every`` iterations),
+every worker runs a heartbeat (asteroid_fx/heartbeat.py), and after an agreed failure the
+survivors roll back to the last backed-up iteration, rewrite the program with passes/replay.py (each computes the same rewrite
 from the same inputs), build the process groups of a new membership epoch in place and redo the
 lost iterations from the same batches: no process restart, no checkpoint. The launcher then treats
 a worker killed by a signal as a failed device, not as an error, and reports when it failed, when
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import signal
 import subprocess
@@ -61,7 +62,10 @@ class RunSpec:
     emulate: bool = False  # pace every worker like its device in the cluster (backends/torch_dist.Emulation)
     dilation: float = 1.0  # with emulate: every emulated duration this many times longer
     recovery: bool = False  # survive failed and departing devices by pipeline replay
-    backup_every: int = 1  # iterations between backups (a failure redoes up to this many)
+    # iterations between backups (a failure redoes up to this many); None: as few as keep the
+    # backups' measured cost within backup_budget of the run's time (``BackupPace``)
+    backup_every: int | None = None
+    backup_budget: float = 0.02
     # with recovery: after a failure, and when a device asks to join, run the planner in the
     # background and switch to its plan at an iteration boundary when it predicts a gain
     replan: bool = True
@@ -70,6 +74,14 @@ class RunSpec:
     # (device, iteration, action index, "kill" | "leave"): the device SIGKILLs itself, or leaves
     # announced, just before that action (for tests and benchmarks)
     faults: tuple[tuple[str, int, int, str], ...] = ()
+
+    def __post_init__(self):
+        if self.backup_every is not None and self.backup_every < 1:
+            raise ValueError(f"backup_every={self.backup_every}: give a number of iterations (1 or more), or None "
+                             "to pace backups by their measured cost")
+        if not 0 < self.backup_budget < 1:
+            raise ValueError(f"backup_budget={self.backup_budget} is not a fraction of the run's time; give one "
+                             "in (0, 1), for example 0.02")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -119,6 +131,41 @@ def compile_spec(spec: RunSpec, cluster):
     return asteroid.compile(model, cluster, example=example, loss=entry.loss, microbatches=spec.microbatches,
                             planner=spec.planner, schedule_kind=spec.schedule, stages=spec.stages, groups=spec.groups, rows=spec.rows,
                             layers=spec.layers, recovery=spec.recovery)
+
+
+def _backups_text(spec: RunSpec) -> str:
+    if spec.backup_every is None:
+        return f"as often as {spec.backup_budget:.0%} of the run's time allows"
+    return f"every {spec.backup_every} iteration{'s' if spec.backup_every > 1 else ''}"
+
+
+class BackupPace:
+    """How often to back up when ``backup_every`` is None: a backup adds some time to the
+    iteration that makes it (the copies' bytes on the links, the copies themselves), and a failure
+    redoes the iterations since the last one. The leader times every iteration, barrier to barrier,
+    keeps a moving average of those that back up and of those that do not, and backs up once
+    ``every()`` iterations have passed: the fewest whose backups cost at most ``budget`` of the
+    time, ``(backup - plain) / (every * plain) <= budget``, capped at ``most`` (the redo a failure
+    may cost). Until it has measured both kinds it backs up every ``first`` iterations."""
+
+    def __init__(self, budget: float, first: int = 10, most: int = 100, weight: float = 0.2):
+        self.budget, self.first, self.most, self.weight = budget, first, most, weight
+        self.plain_s: float | None = None
+        self.backup_s: float | None = None
+
+    def observe(self, seconds: float, backed_up: bool) -> None:
+        old = self.backup_s if backed_up else self.plain_s
+        new = seconds if old is None else old + self.weight * (seconds - old)
+        if backed_up:
+            self.backup_s = new
+        else:
+            self.plain_s = new
+
+    def every(self) -> int:
+        if self.plain_s is None or self.backup_s is None:
+            return self.first
+        extra = max(self.backup_s - self.plain_s, 0.0)
+        return min(self.most, max(1, math.ceil(extra / (self.budget * self.plain_s))))
 
 
 def pinned(spec: RunSpec, plan) -> RunSpec:
@@ -186,8 +233,8 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     store.set("cluster", json.dumps(cluster.to_json()))  # the whole cluster: devices that join are in it
     store.set("program", format_program(compiled.program))
     log(f"coordinator on {host}:{store.port}; {len(devices)} workers ({', '.join(devices)})"
-        + (f"; recovery on (heartbeat timeout {spec.heartbeat_timeout_s:g}s, backups every "
-           f"{spec.backup_every} iteration{'s' if spec.backup_every > 1 else ''})" if spec.recovery else ""))
+        + (f"; recovery on (heartbeat timeout {spec.heartbeat_timeout_s:g}s, backups {_backups_text(spec)})"
+           if spec.recovery else ""))
     for d in remote:
         log(f"  waiting for {d}: asteroid worker --coordinator {host}:{store.port} --device {d} --out DIR")
     procs = []
@@ -408,8 +455,8 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
 
 
 class Training:
-    """One device's training loop. With ``spec.recovery`` it runs the program with backups every
-    ``backup_every`` iterations, and after an agreed failure it rewrites the program for the
+    """One device's training loop. With ``spec.recovery`` it runs the program with backups (every
+    ``backup_every`` iterations, or as the leader's ``BackupPace`` decides), and after an agreed failure it rewrites the program for the
     survivors, regroups and redoes the lost iterations (the module docstring; docs/replay.md).
     With ``spec.replan`` too, the first device of the program (the "leader") runs the planner in
     the background after a recovery and when a device asks to join, and the run switches to the
@@ -425,6 +472,13 @@ class Training:
         self.plain = compiled.program
         self.full = add_backups(compiled.program) if spec.recovery and len(compiled.program.stages) > 1 else self.plain
         self.epoch, self.base, self.redo = 0, 0, None  # redo: the recovery program's actions, for iteration base
+        # the iterations since base that back up (decided at their barrier), and the recent
+        # iteration starts every copy exists for ("tags"): where a rollback can return to
+        self.backed: set[int] = set()
+        self.tags: list[int] = [0]
+        self.last_backup = 0
+        self.pace = BackupPace(spec.backup_budget) if spec.recovery and spec.backup_every is None else None
+        self._barrier_at: float | None = None  # when the leader left the last barrier
         self.epochs: list[tuple[int, tuple[str, ...]]] = [(0, self.full.devices)]
         self.recoveries: list[dict] = []
         self.switches: list[dict] = []
@@ -460,13 +514,43 @@ class Training:
 
     # which iterations back up, and which iteration starts a rollback can return to (a "tag")
     def backs_up(self, i: int) -> bool:
-        return self.full is not self.plain and (i - self.base) % self.spec.backup_every == 0
+        return i in self.backed
 
     def is_tag(self, i: int) -> bool:
         return i == self.base or (i > self.base and self.backs_up(i - 1))
 
     def tag_at_or_before(self, i: int) -> int:
-        return max(t for t in range(self.base, i + 1) if self.is_tag(t))
+        return next(t for t in reversed(self.tags) if t <= i)
+
+    def _restart_tags(self, base: int) -> None:
+        """A new program runs from ``base`` (a recovery's rollback, a switch): it backs up there."""
+        self.base, self.backed, self.tags, self.last_backup, self._barrier_at = base, set(), [base], base, None
+        if self.pace is not None:
+            self.pace = BackupPace(self.spec.backup_budget)
+
+    def _backup_flag(self, i: int) -> float:
+        """On the leader in a paced run: 2.0 if iteration ``i`` is to back up (its barrier carries it)."""
+        if self.pace is None or not self.leader:
+            return 0.0
+        now = time.perf_counter()
+        if self._barrier_at is not None and i - 1 > self.base:  # the redone iteration is no sample
+            self.pace.observe(now - self._barrier_at, self.backs_up(i - 1))
+        self._barrier_at = now
+        return 2.0 if i - self.last_backup >= self.pace.every() else 0.0
+
+    def _decide_backup(self, i: int, flags: float) -> None:
+        """After the barrier of iteration ``i``: whether it backs up, the same on every device. A
+        program without backups (one stage) needs none: every rollback point is on its device."""
+        if self.full is self.plain or i == self.base:
+            up = True
+        elif self.pace is not None:
+            up = flags >= 2.0
+        else:
+            up = (i - self.base) % self.spec.backup_every == 0
+        if up:  # only the last few matter: a failure returns at most two iterations back
+            self.backed = {j for j in self.backed if j >= i - 2} | {i}
+            self.tags = self.tags[-3:] + [i + 1]
+            self.last_backup = i
 
     def run(self) -> None:
         from asteroid_fx.backends.torch_dist import Interrupted
@@ -479,9 +563,12 @@ class Training:
                     self.worker.take_point(i)  # a redone iteration keeps the point it rolls back to
                 # iterations start together, so their times compare; the leader's flag says that a
                 # switch to a new plan is published: every device makes it here, before iteration i
-                if self.comm.barrier(self._offer(i)) > 0:
+                flags = self.comm.barrier(self._offer(i) + self._backup_flag(i))
+                if flags % 2 >= 1:
                     self._switch(i)
                     continue
+                if self.spec.recovery:
+                    self._decide_backup(i, flags)
                 if self.spec.recovery:  # past the barrier every survivor has finished iteration i - 1
                     self.worker.drop_copies_before(self.tag_at_or_before(i))
                 actions = self.redo if self.redo is not None and i == self.base else \
@@ -650,7 +737,8 @@ class Training:
         self.worker = self._worker(after, stages, sender.copies)
         self.full, self.plain = after, _without_backups(after)
         # the first iteration loads the new stage from what the device holds, then runs the new plan
-        self.base, self.redo = i, (Action(Op.ROLLBACK, after.stage_of(self.device).index), *after.of(self.device))
+        self._restart_tags(i)
+        self.redo = (Action(Op.ROLLBACK, after.stage_of(self.device).index), *after.of(self.device))
         self.epochs.append((i, after.devices))
         event["switched_at"] = time.time()
         print(f"[{self.device}] epoch {e}: switched to a new plan ({sw.reason}) at iteration {i}", flush=True)
@@ -730,7 +818,8 @@ class Training:
         stages = split_stages(after, c.captured, c.layer_graph)
         self.worker = self._worker(after, stages, self.worker.copies)
         self.full, self.plain = after, _without_backups(after)
-        self.base, self.redo = t, rewrite.recovery.of(self.device)
+        self._restart_tags(t)
+        self.redo = rewrite.recovery.of(self.device)
         self.epochs.append((t, after.devices))
         event["regrouped_at"] = time.time()
         print(f"[{self.device}] epoch {self.epoch}: {'; '.join(rewrite.changes)}; redoing from iteration {t}",

@@ -21,7 +21,8 @@ HOST4 = resolve_cluster("host-4")
 
 # stage 0 alone on host0 (its loss merges it into stage 1), stage 1 a group of two (a loss re-splits it)
 HYBRID = RunSpec(model="mlp:small", batch=12, microbatches=2, groups=(("host0",), ("host1", "host2")),
-                 rows=((6,), (4, 2)), iterations=6, optimizer="adam", lr=1e-3, recovery=True, replan=False)
+                 rows=((6,), (4, 2)), iterations=6, optimizer="adam", lr=1e-3, recovery=True, replan=False,
+                 backup_every=1)
 
 
 def check_exact(result: dict, spec: RunSpec, cluster, out) -> None:
@@ -84,6 +85,37 @@ def test_backups_every_three_iterations_redo_from_the_last_backup(tmp_path):
     (failure,) = result["failures"]
     assert (failure["iteration"], failure["rollback_to"]) == (5, 4)
     check_exact(result, spec, HOST3, tmp_path)
+
+
+def test_paced_backups_agree_on_every_device_and_a_kill_redoes_from_the_last(tmp_path):
+    # backup_every=None: the leader decides at each barrier which iterations back up; had two
+    # devices decided differently, a BACKUP would wait for a RESTORE that never comes
+    spec = dataclasses.replace(HYBRID, iterations=150, backup_every=None)
+    result = launch(spec, HOST3, tmp_path, timeout_s=120, log=lambda m: None, kills=[("host2", 0.3)])
+    (failure,) = result["failures"]
+    assert failure["rollback_to"] <= failure["iteration"]
+    check_exact(result, spec, HOST3, tmp_path)
+
+
+def test_the_backup_pace_keeps_the_measured_cost_within_the_budget():
+    from asteroid_fx.launch import BackupPace
+
+    pace = BackupPace(0.02, first=10, most=100)
+    assert pace.every() == 10  # nothing measured yet
+    for _ in range(50):
+        pace.observe(0.010, backed_up=False)
+    pace.observe(0.013, backed_up=True)  # a backup adds 3 ms to a 10 ms iteration: 15 iterations apart
+    assert pace.every() == 15 and 0.003 / (pace.every() * 0.010) <= 0.02 < 0.003 / ((pace.every() - 1) * 0.010)
+    for _ in range(50):
+        pace.observe(0.009, backed_up=True)  # cheaper than a plain iteration (noise): every iteration
+    assert pace.every() == 1
+    for _ in range(50):
+        pace.observe(1.0, backed_up=True)
+    assert pace.every() == 100  # capped: a failure redoes at most this many
+    with pytest.raises(ValueError, match="backup_budget"):
+        RunSpec(model="mlp:small", batch=4, microbatches=1, backup_budget=5)
+    with pytest.raises(ValueError, match="backup_every"):
+        RunSpec(model="mlp:small", batch=4, microbatches=1, backup_every=0)
 
 
 def test_heartbeats_find_a_silent_device_in_bounded_time_and_raise_no_false_alarm():
