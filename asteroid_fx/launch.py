@@ -195,7 +195,8 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     ``spec.replan`` take them in at an iteration boundary with a plan that includes them).
     Returns {"losses", "seconds", "workers", "program" (the one that ran last), "plan",
     "failures" (with ``spec.recovery``: device, reason, iteration, rollback_to, failed_at,
-    detected_s, recovery_s)}."""
+    detected_s, recovery_s), "switches" (plans switched to), "backups" (iterations that backed up,
+    as the device that ran longest counted them)}."""
     import torch.distributed as dist
 
     from asteroid_fx import netns
@@ -350,7 +351,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         log(f"switched to a new plan at iteration {event['iteration'] + 1} ({event['reason']})"
             + (f" in {switches[-1]['switch_s'] * 1e3:.0f} ms" if done else ""))
     return {"losses": losses, "seconds": seconds, "workers": results, "program": final, "plan": compiled.plan,
-            "failures": failures, "switches": switches}
+            "failures": failures, "switches": switches, "backups": ref["backups"]}
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -433,7 +434,7 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
         result = {"device": device, "left": training.left,
                   "lag_s": training.worker.lag_s if training.worker is not None else 0.0,
                   "program": format_program(training.full), "epochs": training.epochs,
-                  "recoveries": training.recoveries, "switches": training.switches}
+                  "recoveries": training.recoveries, "switches": training.switches, "backups": training.backups}
         if not training.left:
             _atomic_torch_save(training.worker.state_dict(keys), out / f"worker_{device}.pt")
         store.set(f"result/{device}", json.dumps(result))
@@ -477,6 +478,7 @@ class Training:
         self.backed: set[int] = set()
         self.tags: list[int] = [0]
         self.last_backup = 0
+        self.backups = 0  # iterations run with the program's backups (redone ones too)
         self.pace = BackupPace(spec.backup_budget) if spec.recovery and spec.backup_every is None else None
         self._barrier_at: float | None = None  # when the leader left the last barrier
         self.epochs: list[tuple[int, tuple[str, ...]]] = [(0, self.full.devices)]
@@ -551,6 +553,7 @@ class Training:
             self.backed = {j for j in self.backed if j >= i - 2} | {i}
             self.tags = self.tags[-3:] + [i + 1]
             self.last_backup = i
+            self.backups += self.full is not self.plain
 
     def run(self) -> None:
         from asteroid_fx.backends.torch_dist import Interrupted

@@ -1,24 +1,26 @@
 """What being recoverable costs a failure-free run: iteration time with recovery off against
-recovery on without backups, with backups every 10 iterations and with backups every iteration, on
-worker processes of this machine (gloo on loopback, clusters of laptop-i7 devices as in
-benchmarks/recovery.py). Writes the "backups" section of RESULTS.md.
+recovery on without backups, with backups paced by their measured cost (the default) and with
+backups every iteration, on worker processes of this machine (gloo on loopback, clusters of
+laptop-i7 devices as in benchmarks/recovery.py). Writes the "backups" section of RESULTS.md.
 
   plans      the three benchmarks/recovery.py trains (mlp:small, 2-7 ms iterations, where a backup's
              fixed costs show most), and resnet18:small and gpt:small on three devices with a group,
              whose longer iterations carry 0.2-1 MB of state per backup.
   settings   "off": no recovery; "no backups": recovery on (heartbeats, interruptible waits,
              rollback points) with backup_every larger than the run, so only iteration 0 backs up;
-             "every 10" and "every 1". The backups' own cost is every N against "no backups".
+             "paced": the default, backup_every=None (the leader backs up as often as keeps the
+             measured cost within backup_budget, 2%); "every 1": a backup every iteration. The
+             backups' own cost is a setting against "no backups".
   order      runs are interleaved: round k runs the settings in order, round k+1 in reverse (A B C
              D D C B A ...), so load that drifts on this shared machine falls on every setting alike.
-  step       a run's median over its iterations (the first SETTLE left out) of the iteration's
-             step time (barrier to the slowest device's last action): what benchmarks/recovery.py
-             reported. A median leaves out the one-in-ten iterations that back up with every 10.
   period     a run's mean wall time per iteration, from when the iterations' losses appear in the
-             run's store: throughput, with everything recovery adds between steps.
-  A setting's value is the median over its runs.
+             run's store (the first SETTLE left out): throughput, with everything recovery adds.
+  ratios     each round's runs of one plan ran back to back: a setting's cost is the median over
+             rounds of its period divided by the same round's "no backups" (or "off") period.
+  step       a run's median over its iterations of the step time (barrier to the slowest device's
+             last action), the measure benchmarks/recovery.py reports; the median of the runs.
 
-    .venv/bin/python benchmarks/backups.py [--rounds 4]
+    .venv/bin/python benchmarks/backups.py [--rounds 6]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery import PLANS as RECOVERY_PLANS  # noqa: E402
@@ -45,11 +48,12 @@ from asteroid_fx.launch import RunSpec, launch  # noqa: E402
 HYBRID = dict(batch=48, microbatches=2, optimizer="adam", lr=1e-3, groups=(("host0",), ("host1", "host2")),
               rows=((24,), (12, 12)))
 # plan -> (devices, spec without recovery, iterations per run); clusters as benchmarks/recovery.py's
-PLANS = {name: (n, dataclasses.replace(spec, recovery=False), 150) for name, (n, spec) in RECOVERY_PLANS.items()}
-PLANS["resnet18:small, 1 + group of 2"] = (3, RunSpec(model="resnet18:small", **HYBRID), 50)
-PLANS["gpt:small, 1 + group of 2"] = (3, RunSpec(model="gpt:small", **HYBRID), 80)
+PLANS = {name: (n, dataclasses.replace(spec, recovery=False), 300) for name, (n, spec) in RECOVERY_PLANS.items()}
+PLANS["resnet18:small, 1 + group of 2"] = (3, RunSpec(model="resnet18:small", **HYBRID), 100)
+PLANS["gpt:small, 1 + group of 2"] = (3, RunSpec(model="gpt:small", **HYBRID), 160)
 SETTINGS = {"off": dict(recovery=False), "no backups": dict(recovery=True, backup_every=10**6),
-            "every 10": dict(recovery=True, backup_every=10), "every 1": dict(recovery=True, backup_every=1)}
+            "paced": dict(recovery=True, backup_every=None), "every 1": dict(recovery=True, backup_every=1)}
+BACKED = ("paced", "every 1")
 SETTLE = 5  # iterations left out of a run's median (start-up, first backups)
 GOAL = 0.05
 
@@ -82,84 +86,95 @@ class Pace:
         return (self.stamps[-1] - self.stamps[SETTLE]) / (len(self.stamps) - 1 - SETTLE)
 
 
-def run(name: str, setting: str, work: Path) -> tuple[float, float]:
-    """(median step seconds, mean period seconds) of one failure-free run."""
+class Run(NamedTuple):
+    step: float  # median step seconds
+    period: float  # mean wall seconds per iteration
+    backups: int  # iterations that backed up
+
+
+def run(name: str, setting: str, work: Path) -> Run:
+    """One failure-free run."""
     n, spec, iterations = PLANS[name]
     spec = dataclasses.replace(spec, iterations=iterations, **SETTINGS[setting])
     pace = Pace(iterations)
     result = launch(spec, cluster_of(n), work / f"run{len(list(work.iterdir()))}", timeout_s=600,
                     log=pace.log)
-    return statistics.median(result["seconds"][SETTLE:]), pace.period()
+    return Run(statistics.median(result["seconds"][SETTLE:]), pace.period(), result.get("backups", 0))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--plans", nargs="*", default=list(PLANS), help="plan names (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     args = parser.parse_args()
     load_start, started = os.getloadavg()[0], time.perf_counter()
-    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    runs: dict[tuple[str, str], list[Run]] = {}
     order = list(SETTINGS)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for k in range(args.rounds):
             for name in args.plans:
                 for setting in order if k % 2 == 0 else order[::-1]:
-                    runs.setdefault((name, setting), []).append(run(name, setting, work))
-                    step, period = runs[(name, setting)][-1]
-                    print(f"round {k + 1}/{args.rounds}, {name}, {setting}: step {step * 1e3:.2f} ms, "
-                          f"period {period * 1e3:.2f} ms", flush=True)
+                    r = run(name, setting, work)
+                    runs.setdefault((name, setting), []).append(r)
+                    print(f"round {k + 1}/{args.rounds}, {name}, {setting}: step {r.step * 1e3:.2f} ms, "
+                          f"period {r.period * 1e3:.2f} ms, {r.backups} backups", flush=True)
     load_end, took = os.getloadavg()[0], time.perf_counter() - started
-    step = {key: statistics.median(s for s, _ in v) for key, v in runs.items()}
-    period = {key: statistics.median(p for _, p in v) for key, v in runs.items()}
-    command = "benchmarks/backups.py" + (f" --rounds {args.rounds}" if args.rounds != 4 else "") + \
+
+    def cost(name: str, setting: str, against: str) -> float:
+        """The median over rounds of the setting's period over the same round's ``against``."""
+        return statistics.median(a.period / b.period - 1 for a, b in zip(runs[(name, setting)], runs[(name, against)]))
+
+    period = {key: statistics.median(r.period for r in v) for key, v in runs.items()}
+    step = {key: statistics.median(r.step for r in v) for key, v in runs.items()}
+    command = "benchmarks/backups.py" + (f" --rounds {args.rounds}" if args.rounds != 6 else "") + \
         (" --plans " + " ".join(f"'{n}'" for n in args.plans) if args.plans != list(PLANS) else "")
     lines = [
         "## Backups: what recovery costs a failure-free run",
         "",
         f"Written by `.venv/bin/python {command}` in {took / 60:.0f} min. Machine: {machine()}; load average "
-        f"{load_start:.1f} at the start, {load_end:.1f} at the end (other jobs share the cores). Worker processes "
-        "on loopback (gloo), clusters of laptop-i7 devices (`recovery.cluster_of`), batch 48, 2 micro-batches, "
-        "Adam. Settings: recovery off; recovery on without backups (heartbeats, interruptible waits, rollback "
-        "points; only iteration 0 backs up); backups every 10 iterations; backups every iteration. "
-        f"{args.rounds} runs of each, interleaved (A B C D D C B A ...); "
-        "each value is the median over the runs. A backup is one message of the stage's packed state, "
-        "received into a buffer the holder posted when the iteration started.",
+        f"{load_start:.1f} at the start, {load_end:.1f} at the end. Worker processes on loopback (gloo), "
+        "clusters of laptop-i7 devices (`recovery.cluster_of`), batch 48, 2 micro-batches, Adam. Settings: "
+        "recovery off; recovery on without backups (heartbeats, interruptible waits, rollback points; only "
+        "iteration 0 backs up); backups paced by their measured cost (the default: `backup_every=None`, "
+        "budget 2%); backups every iteration. A backup is one message, a copy of the stage's state kept "
+        f"as one buffer. {args.rounds} rounds; in each, a plan's four runs ran back to back, in an order "
+        "reversed every other round.",
         "",
-        "**Throughput**: mean wall time per iteration (from one iteration's loss in the store to the next), "
-        "against recovery off, and [the backups' own cost] against recovery on without backups:",
+        "**Throughput**: median over the runs of the mean wall time per iteration (from one iteration's loss "
+        "in the store to the next); in parentheses the median over rounds of the run's time against the same "
+        "round's recovery-off run, in brackets against its no-backups run (the backups' own cost):",
         "",
-        "| plan | iterations per run | recovery off | no backups | every 10 iterations | every iteration |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| plan | iterations per run | recovery off | no backups | paced backups | every iteration "
+        "| paced: backups per run |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-
-    def cells(t: dict, name: str) -> str:
-        off, bare = t[(name, "off")], t[(name, "no backups")]
-        return " | ".join([f"{off * 1e3:.2f} ms", f"{bare * 1e3:.2f} ms ({bare / off - 1:+.1%})"] + [
-            f"{t[(name, s)] * 1e3:.2f} ms ({t[(name, s)] / off - 1:+.1%}) [{t[(name, s)] / bare - 1:+.1%}]"
-            for s in ("every 10", "every 1")])
-
     for name in args.plans:
-        lines.append(f"| {name} | {PLANS[name][2]} | {cells(period, name)} |")
-    lines += ["", "Median step time (barrier to the slowest device's last action; the measure benchmarks/recovery.py "
-              "reported), same layout:", "",
-              "| plan | recovery off | no backups | every 10 iterations | every iteration |",
+        cells = [f"{period[(name, 'off')] * 1e3:.2f} ms",
+                 f"{period[(name, 'no backups')] * 1e3:.2f} ms ({cost(name, 'no backups', 'off'):+.1%})"]
+        cells += [f"{period[(name, s)] * 1e3:.2f} ms ({cost(name, s, 'off'):+.1%}) [{cost(name, s, 'no backups'):+.1%}]"
+                  for s in BACKED]
+        paced = sorted(r.backups for r in runs[(name, "paced")])
+        cells.append(f"{statistics.median(paced):g} ({paced[0]}-{paced[-1]})")
+        lines.append(f"| {name} | {PLANS[name][2]} | " + " | ".join(cells) + " |")
+    lines += ["", "Median step time (barrier to the slowest device's last action; the measure "
+              "benchmarks/recovery.py reports), median over the runs:", "",
+              "| plan | recovery off | no backups | paced backups | every iteration |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for name in args.plans:
-        lines.append(f"| {name} | {cells(step, name)} |")
-    spread = {name: max(p for _, p in runs[(name, "off")]) / min(p for _, p in runs[(name, "off")]) - 1
+        lines.append(f"| {name} | " + " | ".join(f"{step[(name, s)] * 1e3:.2f} ms" for s in SETTINGS) + " |")
+    spread = {name: max(r.period for r in runs[(name, "off")]) / min(r.period for r in runs[(name, "off")]) - 1
               for name in args.plans}
     lines += ["", "Noise: the recovery-off runs of one plan differ in throughput by up to "
               + ", ".join(f"{spread[n]:.0%}" for n in args.plans) + " (plans in table order)."]
     verdict = []
-    for against, label in (("no backups", "the backups' own cost"), ("off", "against recovery off")):
-        missed = [f"{name}, {s} ({period[(name, s)] / period[(name, against)] - 1:+.1%})"
-                  for name in args.plans for s in ("every 10", "every 1")
-                  if period[(name, s)] / period[(name, against)] - 1 > GOAL]
-        verdict.append(f"{label}: " + (f"over {GOAL:.0%} for {'; '.join(missed)}" if missed else
-                                        f"within {GOAL:.0%} everywhere"))
-    lines += ["", f"Goal, at most {GOAL:.0%} on throughput: " + "; ".join(verdict) + "."]
+    for setting in BACKED:
+        missed = [f"{name} ({cost(name, setting, 'no backups'):+.1%})" for name in args.plans
+                  if cost(name, setting, "no backups") > GOAL]
+        verdict.append(f"{setting}: " + (f"over {GOAL:.0%} for {'; '.join(missed)}" if missed else
+                                          f"within {GOAL:.0%} on every plan"))
+    lines += ["", f"Goal, the backups' own cost at most {GOAL:.0%} of throughput: " + "; ".join(verdict) + "."]
     body = "\n".join(lines)
     if not args.no_write:
         write_section("backups", body)
