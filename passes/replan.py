@@ -13,7 +13,9 @@ joins a running job should be put to work. Both are a change of plan between two
 
 A hand-over runs at an iteration boundary, when every device of ``before`` holds its stage's state
 at the start of the next iteration (its rollback point). For every device of ``after`` that lacks
-some layers of its new stage, one device of each old stage holding them sends it a copy of that
+some layers of its new stage (or of a stage whose backup it holds in ``after``: until the first
+backup of the new plan, that copy is what a failure falls back on), one device of each old stage
+holding them sends it a copy of that
 stage (``BACKUP s -> d``, stage indices of ``before``) and it files the copy (``RESTORE s <-
 sender``); the device then loads its new stage from what it holds (``ROLLBACK``) and runs
 ``after``. Devices of ``before`` that ``after`` leaves out only send; devices that join only
@@ -89,27 +91,36 @@ def switch(before: Program, after: Program, *, reason: str = "") -> Switch:
     """Expects ``before`` (the running program) and ``after`` (any verified program over the same
     layer graph, on any devices: some of ``before``'s may be left out, new ones may join).
     Guarantees a Switch whose hand-over, run at an iteration boundary, leaves every device of
-    ``after`` holding a copy of each of its new stage's layers: a device keeps what its old stage
-    holds, and gets each missing old stage from that stage's device with the fewest sends so far
-    (ties: program order), so a stage of a group spreads its sends over the group."""
+    ``after`` holding a copy of each of its new stage's layers, and of the layers of every stage
+    whose backup it holds in ``after`` (so a failure in the first iteration after the switch,
+    before any backup of the new plan, is recovered like any other): a device keeps what its old
+    stage holds, and gets each missing old stage from that stage's device with the fewest sends so
+    far (ties: program order), so a stage of a group spreads its sends over the group."""
     n_layers = before.stages[-1].layers[1]
     if after.stages[-1].layers[1] != n_layers or after.stages[0].layers[0] != 0:
         raise ReplanError(f"the new program covers layers {after.stages[0].layers[0]}:{after.stages[-1].layers[1]}, the "
                           f"running one 0:{n_layers}: both must be plans of the same layer graph")
     holds = {d: range(*before.stage_of(d).layers) for d in before.devices}
+    # what each device of ``after`` needs at the boundary: its new stage, and the stages whose
+    # backups it holds in ``after`` (their first backup comes only at the end of the first
+    # iteration, and a failure during it must find their state)
+    needs = {d: set(range(*after.stage_of(d).layers)) for d in after.devices}
+    for _, acts in after.actions:
+        for a in acts:
+            if a.op == Op.BACKUP:
+                needs[a.peer] |= set(range(*after.stages[a.stage].layers))
     sends = dict.fromkeys(before.devices, 0)
     out: dict[str, list[Action]] = {d: [] for d in (*after.devices, *before.devices)}
     received: dict[str, list[Action]] = {d: [] for d in out}
-    for st in after.stages:
-        for d in st.devices:
-            have = set(holds.get(d, ()))
-            for old in before.stages:
-                if not (set(range(*old.layers)) & set(range(*st.layers))) or set(range(*old.layers)) & have:
-                    continue  # not needed, or held (a device holds whole old stages)
-                sender = min(old.devices, key=lambda s: (sends[s], before.devices.index(s)))
-                sends[sender] += 1
-                out[sender].append(Action(Op.BACKUP, old.index, peer=d))
-                received[d].append(Action(Op.RESTORE, old.index, peer=sender))
+    for d in after.devices:
+        have = set(holds.get(d, ()))
+        for old in before.stages:
+            if not (set(range(*old.layers)) & needs[d]) or set(range(*old.layers)) & have:
+                continue  # not needed, or held (a device holds whole old stages)
+            sender = min(old.devices, key=lambda s: (sends[s], before.devices.index(s)))
+            sends[sender] += 1
+            out[sender].append(Action(Op.BACKUP, old.index, peer=d))
+            received[d].append(Action(Op.RESTORE, old.index, peer=sender))
     handover = tuple((d, tuple(out[d] + received[d])) for d in Switch(before, after, ()).world)
     return Switch(before, after, handover, reason)
 

@@ -120,3 +120,28 @@ def test_switch_keeps_backups_working_after_it():
     sw = switch(add_backups(compiled.program), add_backups(_pinned(compiled, [["d2"], ["d0"]], [[6], [6]])))
     assert all(a.op in (Op.BACKUP, Op.RESTORE) for _, acts in sw.handover for a in acts)
     _check_switch(sw)
+
+
+@pytest.mark.parametrize("k", [0, 3, 7])
+def test_a_failure_in_the_first_iteration_after_a_switch_is_recovered_from_the_handover(k):
+    # after the switch d1 runs stage 0 alone and backs it up on d3, a newcomer that never ran those
+    # layers: the hand-over also gives d3 its copy, so d1 dying in the very first iteration of the
+    # new plan (before any backup of it) merges stage 0 into d3 with the exact state
+    from asteroid_fx.passes.replay import Failure, backup_holders, replay
+
+    compiled, batches, losses, want = _setup()
+    after = add_backups(_pinned(compiled, [["d1"], ["d3"]], [[6], [6]]))
+    assert backup_holders(after)[0] == "d3"
+    sw = switch(add_backups(compiled.program), after)
+    assert any(a.op == Op.RESTORE for a in sw.of("d3"))
+    runner = compiled.runner(optimizer=adam)
+    got = [runner.step(*b) for b in batches[:2]]
+    runner.switch(sw, split_stages(after, compiled.captured, compiled.layer_graph))
+    failure = Failure.at(after, "d1", min(k, len(after.of("d1"))), iteration=2)
+    runner.step(*batches[2], stop=dict(failure.progress))
+    rewrite = replay(after, failure, compiled.layer_graph, compiled.cluster)
+    assert rewrite.after.devices == ("d3",)
+    runner.replay(rewrite, split_stages(rewrite.after, compiled.captured, compiled.layer_graph))
+    got += [runner.step(*b) for b in batches[2:]]
+    assert got == pytest.approx(losses, rel=1e-10)
+    assert _relative(runner.state_dict(), want) < 1e-10
