@@ -133,6 +133,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise SystemExit(f"-n {args.n} but cluster {args.cluster!r} has {len(cluster.devices)} devices; "
                          "give a cluster with that many devices, or leave -n out")
     host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--listen {args.listen!r} is not HOST:PORT (e.g. 127.0.0.1:0, or 0.0.0.0:29500 to accept "
+                         "workers from other machines)")
     remote = [d for d in args.remote.split(",") if d] if args.remote else []
     kills, joins = [], []
     for flag, given, into in (("--kill", args.kill, kills), ("--join", args.join, joins)):
@@ -237,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--lr", type=float, default=0.05)
     la.add_argument("--seed", type=int, default=0)
     la.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is stopped")
-    la.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT the coordinator's store binds to")
+    la.add_argument("--listen", default="127.0.0.1:0",
+                    help="HOST:PORT the coordinator's store listens on, and only there (port 0: a free one)")
     la.add_argument("--remote", default="", help="comma-separated devices that join from other machines "
                     "with `asteroid worker` instead of being started here")
     la.add_argument("--emulate", action="store_true",

@@ -182,7 +182,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
            kills: Sequence[tuple] = (), joins: Sequence[tuple[str, float]] = ()) -> dict:
     """Run ``spec`` with one process per device: local processes for every device not in
     ``remote``; the ``remote`` ones join with `asteroid worker --coordinator HOST:PORT --device D`
-    from their own machines. The store listens on ``host`` (the interface the user names).
+    from their own machines. The store listens on ``host`` only (``serve_store``).
     With ``shape_links`` every local worker runs in a network namespace of its own whose links the
     kernel shapes to the cluster's bandwidths, not latencies (asteroid_fx/netns.py; root only), and
     reaches the store at the namespaces' coordinator address; with ``spec.emulate`` the workers
@@ -197,8 +197,6 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     "failures" (with ``spec.recovery``: device, reason, iteration, rollback_to, failed_at,
     detected_s, recovery_s), "switches" (plans switched to), "backups" (iterations that backed up,
     as the device that ran longest counted them)}."""
-    import torch.distributed as dist
-
     from asteroid_fx import netns
     from asteroid_fx.heartbeat import DEAD, beat_key, failure_key, failures_key
     from asteroid_fx.program_text import parse_program
@@ -222,14 +220,18 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         raise ValueError(f"remote devices {unknown} are not in the plan (its devices: {', '.join(devices)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    store = dist.TCPStore(host, port, world_size=None, is_master=True,
-                          timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
     network = None
-    if shape_links:  # the store listens on every interface: workers reach it through the namespaces' bridge
+    if shape_links:  # workers reach the store through the namespaces' bridge, at its address here
         network = netns.ShapedNetwork(cluster, cluster.names, dilation=spec.dilation if spec.emulate else 1.0)
         network.open()
         host = network.coordinator
         log(network.describe())
+    try:
+        store = serve_store(host, port)
+    except BaseException:
+        if network is not None:
+            network.close()
+        raise
     store.set("spec", spec.to_json())
     store.set("cluster", json.dumps(cluster.to_json()))  # the whole cluster: devices that join are in it
     store.set("program", format_program(compiled.program))
@@ -352,6 +354,27 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
             + (f" in {switches[-1]['switch_s'] * 1e3:.0f} ms" if done else ""))
     return {"losses": losses, "seconds": seconds, "workers": results, "program": final, "plan": compiled.plan,
             "failures": failures, "switches": switches, "backups": ref["backups"]}
+
+
+def serve_store(host: str, port: int = 0, timeout_s: float = STORE_TIMEOUT_S):
+    """The run's store (a TCPStore server) listening on ``host``:``port`` only (0: a free port).
+    Given a host, torch's TCPStore listens on every interface of the machine; it is handed a
+    socket bound to ``host`` instead, so a run told to listen on the loopback is not reachable
+    from the network."""
+    import socket
+
+    import torch.distributed as dist
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}): name an address of this machine and a "
+                      "free port (--listen HOST:PORT; port 0 picks one)") from None
+    with listener:  # the store takes a duplicate of the socket and closes it when it goes
+        return dist.TCPStore(host, listener.getsockname()[1], world_size=None, is_master=True,
+                             timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                             master_listen_fd=os.dup(listener.fileno()))
 
 
 def _tail(path: Path, lines: int = 25) -> str:

@@ -346,3 +346,23 @@ def test_a_flat_copy_is_the_exact_state_through_steps_rollbacks_and_tied_weights
     # a rollback loads new optimizer state tensors: the next copy is laid out again and still exact
     points[1][0].load_into(model, optimizer)
     assert _same_state(copied(), points[1][1])
+
+
+def test_the_store_listens_only_on_the_address_it_is_given():
+    import socket
+
+    from asteroid_fx.launch import serve_store
+
+    store = serve_store("127.0.0.2", 0)  # another loopback address: the test needs no network
+    port = store.port
+    store.set("k", "v")
+    with socket.create_connection(("127.0.0.2", port), timeout=5):
+        pass
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        taken = s.getsockname()[1]
+        s.listen()
+        with pytest.raises(OSError, match="cannot listen on 127.0.0.1"):
+            serve_store("127.0.0.1", taken)
