@@ -71,8 +71,10 @@ class RunSpec:
     replan: bool = True
     heartbeat_s: float = 0.1  # heartbeat interval
     heartbeat_timeout_s: float = 1.5  # a device silent this long has failed
-    # (device, iteration, action index, "kill" | "leave"): the device SIGKILLs itself, or leaves
-    # announced, just before that action (for tests and benchmarks)
+    # (device, iteration, action index, "kill" | "leave" | "kill-handover"): the device SIGKILLs
+    # itself, or leaves announced, just before that action; "kill-handover": before that action of
+    # a switch's hand-over before that iteration (-1: the first switch), the count of its actions
+    # meaning just before the hand-over commits (for tests and benchmarks)
     faults: tuple[tuple[str, int, int, str], ...] = ()
 
     def __post_init__(self):
@@ -513,6 +515,7 @@ class Training:
         self._planned = None  # (epoch, reason, program, joining): a plan ready to switch to
         self._planning = False  # a background planner is running
         self._joins_seen, self._joins_polled = 0, 0.0
+        self._admitted: dict | None = None
         self.comm, self.worker = None, None
         if join:
             self._join()
@@ -584,6 +587,10 @@ class Training:
         i, self.completed = self.start, self.start
         while i < self.spec.iterations and not self.left:
             try:
+                if self._admitted is not None:  # a device that joins: the switch that takes it in
+                    record, self._admitted = self._admitted, None
+                    self._switch(i, record)
+                    continue
                 # the point is taken before the barrier: a failure agreed in the barrier rolls back here
                 if self.spec.recovery and self.is_tag(i) and not (self.redo is not None and i == self.base):
                     self.worker.take_point(i)  # a redone iteration keeps the point it rolls back to
@@ -606,7 +613,12 @@ class Training:
             except Interrupted:
                 if self.left:
                     return
-                i = self._recover()
+                while True:  # another failure while regrouping is recovered from the new program
+                    try:
+                        i = self._recover()
+                        break
+                    except Interrupted:
+                        continue
                 if self.left:
                     return
                 continue
@@ -711,12 +723,19 @@ class Training:
         self.epoch = record["epoch"] - 1
         self.epochs = [tuple(e) for e in record["history"]]
         self.start = record["iteration"]
-        self._switch(self.start, record)
+        self._admitted = record  # run() starts with the switch that takes this device in
 
     def _switch(self, i: int, record: dict | None = None) -> None:
         """At the boundary before iteration ``i``, every device of the published switch (the
         running program's and those that join) hands its state over and moves to the new plan;
-        a device the new plan leaves out leaves after handing over."""
+        a device the new plan leaves out leaves after handing over.
+
+        A device that fails meanwhile: the hand-over commits once every device of it has done its
+        part, which an all-reduce over all of them shows. Until then the switch is abandoned (its
+        record in the store says which, first come first served, so every device does the same):
+        the devices of the running program recover the failure in it, those that were joining
+        leave. After, the failure is one in the new program's first iteration (Interrupted reaches
+        run(), which recovers it there: the hand-over gave every holder of a backup its copy)."""
         from asteroid_fx.backends.torch_dist import Comm, Interrupted
         from asteroid_fx.passes.replan import switch
         from asteroid_fx.passes.replay import split_stages
@@ -730,48 +749,77 @@ class Training:
         started = time.time()
         interrupt = self.heartbeat.interrupt if self.heartbeat else None
         suspect = self.heartbeat.suspect if self.heartbeat else None
-        handover = Comm(self.store, after, self.device, epoch=e, timeout_s=STORE_TIMEOUT_S, interrupt=interrupt,
-                        suspect=suspect,
-                        world=sw.world, name="handover")
-        stages = split_stages(after, c.captured, c.layer_graph) if self.device in after.devices else None
-        self.retired.append((self.comm, self.worker, handover))
-        if self.worker is not None:  # a device of the running program: its stage's state at the boundary
-            self.worker.take_point(i)
-            sender = self.worker
-        else:  # a device that joins holds nothing; it receives on a worker of its new stage
-            self.comm = handover
-            sender = self._worker(after, stages, {})
-        sender.comm, sender.fault = handover, None
-        try:
-            sender.step((), None, actions=sw.of(self.device), iteration=i)
-        except Interrupted:  # the old epoch's copies are half handed over: no exact way on (docs/replay.md)
-            raise RuntimeError(f"a device failed while the run switched plans before iteration {i}; a failure "
-                               "during a hand-over is not recovered: restart from a checkpoint") from None
+        if self.heartbeat is not None:  # a failure of any device of the hand-over interrupts every one
+            self.heartbeat.watch(self.epoch, sw.world)
         event = {"iteration": i, "reason": sw.reason, "devices": list(after.devices), "joining": list(sw.joining),
                  "leaving": list(sw.leaving), "started_at": started}
         self.switches.append(event)
+        running_comm, running = self.comm, self.worker
+        stages = split_stages(after, c.captured, c.layer_graph) if self.device in after.devices else None
+        sender = running
+        try:
+            handover = Comm(self.store, after, self.device, epoch=e, timeout_s=STORE_TIMEOUT_S, interrupt=interrupt,
+                            suspect=suspect, world=sw.world, name="handover")
+            self.retired.append((handover,))
+            if running is not None:  # a device of the running program: its stage's state at the boundary
+                running.take_point(i)
+            else:  # a device that joins holds nothing; it receives on a worker of its new stage
+                self.comm = handover
+                sender = self._worker(after, stages, {})
+            sender.comm, sender.fault = handover, self._handover_fault if self.spec.faults else None
+            actions = sw.of(self.device)
+            sender.step((), None, actions=actions, iteration=i)
+            if sender.fault is not None:
+                sender.fault(i, len(actions))
+            handover.barrier()  # completes only once every device of the hand-over has done its part
+            outcome = "committed"
+        except Interrupted:
+            outcome = "abandoned"
+        outcome = self.store.compare_set(f"switch/{self.epoch}/outcome", "", outcome).decode()
+        if outcome == "abandoned":
+            event["abandoned"] = True
+            if running is None:
+                print(f"[{self.device}] a device failed during the hand-over; the switch is abandoned and this "
+                      "device not taken in; leaving", flush=True)
+                self.left = True
+                return
+            print(f"[{self.device}] a device failed during the hand-over before iteration {i}; the switch is "
+                  "abandoned, recovering in the running program", flush=True)
+            self.comm, self.worker = running_comm, running
+            running.comm, running.fault, running.done = running_comm, self._fault if self.spec.faults else None, 0
+            raise Interrupted()
         if self.device not in after.devices:
             print(f"[{self.device}] the new plan leaves this device out; leaving after handing over", flush=True)
             self.left = True
             return
+        # committed: from here a failure is recovered in the new program, from what the devices hold
         self.epoch = e
         self.store.set("ft/epoch", str(e))
-        self.comm = Comm(self.store, after, self.device, epoch=e, timeout_s=STORE_TIMEOUT_S, interrupt=interrupt,
-                         suspect=suspect)
         if self.heartbeat is not None:
             self.heartbeat.watch(e, after.devices)
-        self.worker = self._worker(after, stages, sender.copies)
         self.full, self.plain = after, _without_backups(after)
-        # the first iteration loads the new stage from what the device holds, then runs the new plan
         self._restart_tags(i)
-        self.redo = (Action(Op.ROLLBACK, after.stage_of(self.device).index), *after.of(self.device))
         self.epochs.append((i, after.devices))
+        self.worker, sender.done = sender, 0  # what a recovery needs of a worker until the new one: its copies
+        self.comm = Comm(self.store, after, self.device, epoch=e, timeout_s=STORE_TIMEOUT_S, interrupt=interrupt,
+                         suspect=suspect)
+        self.worker = self._worker(after, stages, sender.copies)
+        # the first iteration loads the new stage from what the device holds, then runs the new plan
+        self.redo = (Action(Op.ROLLBACK, after.stage_of(self.device).index), *after.of(self.device))
         event["switched_at"] = time.time()
         print(f"[{self.device}] epoch {e}: switched to a new plan ({sw.reason}) at iteration {i}", flush=True)
 
+    def _handover_fault(self, iteration: int, k: int) -> None:
+        """A "kill-handover" fault: the device dies before its k-th hand-over action (k = its
+        number of actions: before the commit) at the switch before ``iteration`` (-1: any switch)."""
+        for device, at, action, kind in self.spec.faults:
+            if kind == "kill-handover" and device == self.device and at in (iteration, -1) and action == k:
+                self.store.set(f"ft/killed_at/{self.device}", repr(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
     def _fault(self, iteration: int, k: int) -> None:
         for device, at, action, kind in self.spec.faults:
-            if (device, at, action) != (self.device, iteration, k):
+            if (device, at, action) != (self.device, iteration, k) or kind == "kill-handover":
                 continue
             if kind == "leave":
                 print(f"[{self.device}] leaving in iteration {iteration} before action {k}", flush=True)
@@ -789,6 +837,7 @@ class Training:
         from asteroid_fx.backends.torch_dist import Comm
         from asteroid_fx.heartbeat import agreed_failure
         from asteroid_fx.passes.replay import Failure, replay, split_stages
+        from asteroid_fx.program import Action
 
         if self.heartbeat is None:
             raise RuntimeError("interrupted without recovery")
@@ -824,10 +873,16 @@ class Training:
         t = self.tag_at_or_before(r)  # the last iteration start every copy exists for
         progress = tuple((d, k if done == r else 0) for d, (done, k) in reports.items())
         c = self.compiled
-        rewrite = replay(self.full, Failure(x, r, progress, tuple(also)), c.layer_graph, c.cluster)
-        after = rewrite.after
+        lost = [d for d in failed if d in self.full.devices]  # the others were joining (a switch's hand-over)
+        if lost:
+            rewrite = replay(self.full, Failure(lost[0], r, progress, tuple(lost[1:])), c.layer_graph, c.cluster)
+            after, redo, changes = rewrite.after, rewrite.recovery.of(self.device), list(rewrite.changes)
+        else:  # the program stays; its groups, which the failure broke, are built again
+            after = self.full
+            redo = (Action(Op.ROLLBACK, after.stage_of(self.device).index), *after.of(self.device))
+            changes = [f"{', '.join(failed)} failed while joining; the program is unchanged"]
         event = {"device": x, "also": also, "reason": record["reason"], "declared_at": record["at"], "iteration": r,
-                 "rollback_to": t, "changes": list(rewrite.changes)}
+                 "rollback_to": t, "changes": changes}
         self.recoveries.append(event)
         self.epoch += 1
         self.store.set("ft/epoch", str(self.epoch))
@@ -836,6 +891,13 @@ class Training:
             self.left = True
             return self.spec.iterations
         self.heartbeat.watch(self.epoch, after.devices)
+        # the new program is this device's before its groups are built: a failure meanwhile (the
+        # groups wait for every member) is recovered from it, with the copies the worker holds
+        self.full, self.plain = after, _without_backups(after)
+        self._restart_tags(t)
+        self.redo = redo
+        self.epochs.append((t, after.devices))
+        self.worker.done = 0
         # the broken groups are kept, never destroyed: gloo's destructor joins threads that may be
         # blocked on the dead peer until the group's timeout
         self.retired.append((self.comm, self.worker))
@@ -843,13 +905,8 @@ class Training:
                          interrupt=self.heartbeat.interrupt, suspect=self.heartbeat.suspect)
         stages = split_stages(after, c.captured, c.layer_graph)
         self.worker = self._worker(after, stages, self.worker.copies)
-        self.full, self.plain = after, _without_backups(after)
-        self._restart_tags(t)
-        self.redo = rewrite.recovery.of(self.device)
-        self.epochs.append((t, after.devices))
         event["regrouped_at"] = time.time()
-        print(f"[{self.device}] epoch {self.epoch}: {'; '.join(rewrite.changes)}; redoing from iteration {t}",
-              flush=True)
+        print(f"[{self.device}] epoch {self.epoch}: {'; '.join(changes)}; redoing from iteration {t}", flush=True)
         if self.spec.replan and self.leader:  # the rewrite is local; the planner may know better
             self._plan_in_background(list(after.devices), f"{', '.join(failed)} failed")
         return t

@@ -45,10 +45,13 @@ they take over the shaped links (``Emulation.links`` is False, every arrival tim
 Process groups (``Comm``) are plain ``ProcessGroupGloo`` objects over ``PrefixStore(f"epoch{k}",
 store)`` of the run's store, one world per membership epoch and one per multi-device stage (or,
 without a store, torch.distributed's default group): after a failure the survivors build the
-groups of epoch k+1 in place and drop the broken ones. With an ``interrupt`` event a helper thread
-waits on each work while the device watches the event, so a device blocked on a dead peer's
-message leaves as soon as the failure is agreed (gloo's send and receive works report completion
-only through a blocking wait, and a wait with a timeout closes the connection it waits on).
+groups of epoch k+1 in place and drop the broken ones. With an ``interrupt`` event a device blocked
+on a dead peer's message leaves as soon as the failure is agreed: gloo's send and receive works
+report completion only through a blocking wait (a wait with a timeout closes the connection it
+waits on), so the heartbeat shuts the process's gloo connections down before it sets the event
+(``cut_connections``) and the blocked wait fails at once; where /proc is missing a helper thread
+waits on each work while the device watches the event. Building an epoch's groups is
+interruptible too: the devices check in through the store first (``Comm._check_in``).
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class Interrupted(Exception):
     """The run's membership changed (a device failed or left) while this device was waiting."""
 
 
+CHECK_IN_POLL_S = 0.002  # how often a device building an epoch's groups looks for the others
 BACKUP_TAG = 1 << 30  # BACKUP/RESTORE messages: a tag space apart from SEND/RECV's (gloo tags are int32)
 
 
@@ -151,6 +155,8 @@ class Comm:
         # a connection of the epoch's own: a group whose peer died may block in the store (gloo
         # waits there for the peer to come back) and must not hold up the training loop's store
         store = dist.TCPStore(store.host, store.port, world_size=None, is_master=False, timeout=timeout)
+        if interrupt is not None:
+            self._check_in(store, prefix, timeout_s)
         self.world = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), self.rank_of[device],
                                            len(self.rank_of), timeout)
         self.grads = None
@@ -162,6 +168,22 @@ class Comm:
         if info is not None and len(info.slots) > 1 and world is None:
             self.group = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/stage{info.index}", store),
                                                info.devices.index(device), len(info.slots), timeout)
+
+    def _check_in(self, store: dist.Store, prefix: str, timeout_s: float) -> None:
+        """Wait until every member has come to build the groups. gloo's own rendezvous waits in
+        the store, where no interrupt reaches it, for the whole timeout: a member that died before
+        it came would hold the others there. Here a failure agreed meanwhile raises Interrupted."""
+        key, members = f"{prefix}/check-in", len(self.rank_of)
+        deadline = time.monotonic() + timeout_s
+        count = store.add(key, 1)
+        while count < members:
+            if self.interrupt.is_set():
+                raise Interrupted()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{members - count} of the {members} devices of {prefix} did not come to build its "
+                                   f"process groups within {timeout_s:.0f}s")
+            time.sleep(CHECK_IN_POLL_S)
+            count = store.add(key, 0)
 
     @classmethod
     def default_group(cls, program: Program, device: str) -> "Comm":

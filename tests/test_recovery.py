@@ -180,6 +180,21 @@ def test_after_a_failure_the_run_switches_to_the_planners_plan_for_the_survivors
     check_exact(result, spec, LAPTOP3, tmp_path)
 
 
+@pytest.mark.parametrize("victim", ["host1", "host2"])  # the device the new plan keeps, and the one it leaves out
+def test_a_failure_during_a_switch_abandons_it_and_is_recovered_in_the_running_program(tmp_path, victim):
+    # as above, but a device dies in the switch's hand-over, before it commits: every device drops
+    # the switch and recovers the failure in the program that ran, whose weights then go on exactly
+    spec = dataclasses.replace(HYBRID, replan=True, iterations=40,
+                               faults=(("host0", 2, 3, "kill"), (victim, -1, 0, "kill-handover")))
+    result = launch(spec, LAPTOP3, tmp_path, timeout_s=120, log=lambda m: None)
+    assert [f["device"] for f in result["failures"]] == ["host0", victim]
+    first = result["switches"][0]
+    assert first.get("abandoned") and first["switch_s"] is None
+    assert result["failures"][1]["iteration"] == first["iteration"]
+    assert victim not in result["program"].devices
+    check_exact(result, spec, LAPTOP3, tmp_path)
+
+
 JOIN_CLUSTER = resolve_cluster("raspberry-pi-5,raspberry-pi-5,jetson-agx-orin")
 
 

@@ -366,3 +366,21 @@ def test_the_store_listens_only_on_the_address_it_is_given():
         s.listen()
         with pytest.raises(OSError, match="cannot listen on 127.0.0.1"):
             serve_store("127.0.0.1", taken)
+
+
+def test_building_an_epochs_groups_waits_for_every_member_and_an_agreed_failure_interrupts_it():
+    import threading
+    import time
+
+    from asteroid_fx.backends.torch_dist import Comm, Interrupted
+    from asteroid_fx.launch import serve_store
+
+    program = compile_spec(RunSpec(model="mlp:small", batch=8, microbatches=2, groups=(("a",), ("b",)),
+                                   rows=((4,), (4,))), CLUSTER).program
+    store = serve_store("127.0.0.1", 0)
+    interrupt = threading.Event()
+    threading.Timer(0.3, interrupt.set).start()  # b never comes: it died; the failure is agreed 0.3 s on
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        Comm(store, program, "a", epoch=1, timeout_s=30, interrupt=interrupt)
+    assert 0.25 < time.monotonic() - started < 5  # not gloo's rendezvous timeout (30 s here)
