@@ -18,12 +18,14 @@ the failure was agreed and when training was back where it had been (docs/replay
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -142,32 +144,39 @@ def _backups_text(spec: RunSpec) -> str:
 
 
 class BackupPace:
-    """How often to back up when ``backup_every`` is None: a backup adds some time to the
-    iteration that makes it (the copies' bytes on the links, the copies themselves), and a failure
-    redoes the iterations since the last one. The leader times every iteration, barrier to barrier,
-    keeps a moving average of those that back up and of those that do not, and backs up once
-    ``every()`` iterations have passed: the fewest whose backups cost at most ``budget`` of the
-    time, ``(backup - plain) / (every * plain) <= budget``, capped at ``most`` (the redo a failure
-    may cost). Until it has measured both kinds it backs up every ``first`` iterations."""
+    """How often to back up when ``backup_every`` is None. A backup adds time to the iteration that
+    makes it (the copy's bytes on the links, the holder's wait for them) and some to the next (the
+    copy filed, the next receive posted); a failure redoes the iterations since the last backup.
+    The leader times every iteration, barrier to barrier, and backs up again once ``every()``
+    iterations have passed: the fewest whose backups cost at most ``budget`` of the time,
+    ``extra / (every * plain) <= budget``, where ``plain`` is the median time of recent iterations
+    neither backing up nor following one, and ``extra`` the mean of what recent backups added to
+    their iteration and the next. At least ``least`` (plain iterations must go on being measured),
+    at most ``most`` (what a failure may redo); ``first`` until both are measured."""
 
-    def __init__(self, budget: float, first: int = 10, most: int = 100, weight: float = 0.2):
-        self.budget, self.first, self.most, self.weight = budget, first, most, weight
-        self.plain_s: float | None = None
-        self.backup_s: float | None = None
+    def __init__(self, budget: float, first: int = 10, least: int = 3, most: int = 100):
+        self.budget, self.first, self.least, self.most = budget, first, least, most
+        self.plain: collections.deque[float] = collections.deque(maxlen=32)
+        self.extra: collections.deque[float] = collections.deque(maxlen=8)
+        self._backup_s: float | None = None  # the last backup's iteration, until the next one is timed
 
-    def observe(self, seconds: float, backed_up: bool) -> None:
-        old = self.backup_s if backed_up else self.plain_s
-        new = seconds if old is None else old + self.weight * (seconds - old)
-        if backed_up:
-            self.backup_s = new
-        else:
-            self.plain_s = new
+    def observe(self, seconds: float, kind: str) -> None:
+        """One iteration's time; ``kind``: "plain", "backup" (it backed up) or "after" (it followed one)."""
+        if kind == "plain":
+            self.plain.append(seconds)
+        elif kind == "backup":
+            self._backup_s = seconds
+        elif self._backup_s is not None and len(self.plain) >= 4:
+            base = statistics.median(self.plain)
+            self.extra.append(self._backup_s + seconds - 2 * base)
+            self._backup_s = None
 
     def every(self) -> int:
-        if self.plain_s is None or self.backup_s is None:
+        if len(self.plain) < 4 or len(self.extra) < 2:
             return self.first
-        extra = max(self.backup_s - self.plain_s, 0.0)
-        return min(self.most, max(1, math.ceil(extra / (self.budget * self.plain_s))))
+        base = statistics.median(self.plain)
+        extra = max(statistics.fmean(self.extra), 0.0)
+        return min(self.most, max(self.least, math.ceil(extra / (self.budget * base))))
 
 
 def pinned(spec: RunSpec, plan) -> RunSpec:
@@ -562,7 +571,8 @@ class Training:
             return 0.0
         now = time.perf_counter()
         if self._barrier_at is not None and i - 1 > self.base:  # the redone iteration is no sample
-            self.pace.observe(now - self._barrier_at, self.backs_up(i - 1))
+            kind = "backup" if self.backs_up(i - 1) else "after" if self.backs_up(i - 2) else "plain"
+            self.pace.observe(now - self._barrier_at, kind)
         self._barrier_at = now
         return 2.0 if i - self.last_backup >= self.pace.every() else 0.0
 

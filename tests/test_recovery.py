@@ -100,18 +100,25 @@ def test_paced_backups_agree_on_every_device_and_a_kill_redoes_from_the_last(tmp
 def test_the_backup_pace_keeps_the_measured_cost_within_the_budget():
     from asteroid_fx.launch import BackupPace
 
-    pace = BackupPace(0.02, first=10, most=100)
+    pace = BackupPace(0.02, first=10, least=3, most=100)
     assert pace.every() == 10  # nothing measured yet
-    for _ in range(50):
-        pace.observe(0.010, backed_up=False)
-    pace.observe(0.013, backed_up=True)  # a backup adds 3 ms to a 10 ms iteration: 15 iterations apart
-    assert pace.every() == 15 and 0.003 / (pace.every() * 0.010) <= 0.02 < 0.003 / ((pace.every() - 1) * 0.010)
-    for _ in range(50):
-        pace.observe(0.009, backed_up=True)  # cheaper than a plain iteration (noise): every iteration
-    assert pace.every() == 1
-    for _ in range(50):
-        pace.observe(1.0, backed_up=True)
-    assert pace.every() == 100  # capped: a failure redoes at most this many
+
+    def cycle(plain_s: float, backup_s: float, after_s: float, plains: int = 6) -> None:
+        for _ in range(plains):
+            pace.observe(plain_s, "plain")
+        pace.observe(backup_s, "backup")
+        pace.observe(after_s, "after")
+
+    for _ in range(8):  # a backup adds 2 ms to its iteration and 1 ms to the next, on 10 ms iterations
+        cycle(0.010, 0.012, 0.011)
+    assert pace.every() == 15 and 0.003 / (15 * 0.010) <= 0.02 < 0.003 / (14 * 0.010)
+    for _ in range(8):
+        cycle(0.010, 0.035, 0.010, plains=1)  # a slow plain iteration now and then does not move the baseline
+        pace.observe(0.200, "plain")
+    assert pace.every() == 100  # 25 ms per backup: capped, a failure redoes at most this many
+    for _ in range(8):
+        cycle(0.010, 0.009, 0.010)  # cheaper than a plain iteration (noise): as often as still measurable
+    assert pace.every() == 3
     with pytest.raises(ValueError, match="backup_budget"):
         RunSpec(model="mlp:small", batch=4, microbatches=1, backup_budget=5)
     with pytest.raises(ValueError, match="backup_every"):
