@@ -127,7 +127,9 @@ BACKUP_TAG = 1 << 30  # BACKUP/RESTORE messages: a tag space apart from SEND/REC
 class Comm:
     """This device's process groups for one membership epoch: the world (every device of
     ``program``, ranks in program order), a second group over the same devices that carries the
-    gradients of SEND/RECV (``grads``, where the program sends any), and the group of its stage
+    gradients of SEND/RECV (``grads``, where the program sends any), a third for BACKUP/RESTORE
+    (``backups``, where the program has any: a backup goes against the activations' direction on
+    some links, and on theirs it would stall them as below), and the group of its stage
     when the stage has several devices. ``interrupt`` (set when a failure is agreed) makes every
     wait raise Interrupted; a wait that fails (a dead peer's connection) raises Interrupted too if
     the failure is agreed within ``grace_s``.
@@ -163,6 +165,10 @@ class Comm:
         if sends_grads(program):
             self.grads = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/grads", store), self.rank_of[device],
                                                len(self.rank_of), timeout)
+        self.backups = None
+        if world is None and has_backups(program):
+            self.backups = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/backups", store), self.rank_of[device],
+                                                 len(self.rank_of), timeout)
         info = program.stage_of(device) if device in program.devices else None
         self.group = None
         if info is not None and len(info.slots) > 1 and world is None:
@@ -195,6 +201,7 @@ class Comm:
         self.rank_of = {d: i for i, d in enumerate(program.devices)}
         self.world = dist.distributed_c10d._get_default_group()
         self.grads = dist.new_group(list(range(len(self.rank_of)))) if sends_grads(program) else None
+        self.backups = dist.new_group(list(range(len(self.rank_of)))) if has_backups(program) else None
         self.group = None
         for info in program.stages:
             if len(info.slots) > 1:
@@ -203,13 +210,18 @@ class Comm:
                     self.group = g
         return self
 
-    def send(self, t: torch.Tensor, peer: str, tag: int, *, grads: bool = False) -> dist.Work:
-        group = self.grads if grads and self.grads is not None else self.world
-        return self._post(group.send, [t], self.rank_of[peer], tag)
+    def send(self, t: torch.Tensor, peer: str, tag: int, *, grads: bool = False, backups: bool = False) -> dist.Work:
+        return self._post(self._group(grads, backups).send, [t], self.rank_of[peer], tag)
 
-    def recv(self, t: torch.Tensor, peer: str, tag: int, *, grads: bool = False) -> dist.Work:
-        group = self.grads if grads and self.grads is not None else self.world
-        return self._post(group.recv, [t], self.rank_of[peer], tag)
+    def recv(self, t: torch.Tensor, peer: str, tag: int, *, grads: bool = False, backups: bool = False) -> dist.Work:
+        return self._post(self._group(grads, backups).recv, [t], self.rank_of[peer], tag)
+
+    def _group(self, grads: bool, backups: bool) -> Any:
+        if grads and self.grads is not None:
+            return self.grads
+        if backups and self.backups is not None:
+            return self.backups
+        return self.world
 
     def allreduce(self, group: Any, tensors: list[torch.Tensor]) -> dist.Work:
         return self._post(group.allreduce, tensors)
@@ -269,6 +281,11 @@ class Comm:
         flag = torch.tensor([value])
         self.wait(self.allreduce(self.world, [flag]))
         return float(flag)
+
+
+def has_backups(program: Program) -> bool:
+    """Whether ``program`` backs any stage up (every rank decides alike, as for ``sends_grads``)."""
+    return any(a.op == Op.BACKUP for _, actions in program.actions for a in actions)
 
 
 def sends_grads(program: Program) -> bool:
@@ -639,12 +656,13 @@ class DistWorker:
             body = json.dumps(layout.meta).encode()
             notice = torch.zeros(HEADER_BYTES if known is None else known.nbytes, dtype=torch.uint8)
             write_header(notice, (LAYOUT, tag, 0.0, len(body)))
-            self._sends.append(self.comm.send(notice, a.peer, base))
-            self._sends.append(self.comm.send(torch.frombuffer(bytearray(body), dtype=torch.uint8), a.peer, base + 1))
+            self._sends.append(self.comm.send(notice, a.peer, base, backups=True))
+            self._sends.append(self.comm.send(torch.frombuffer(bytearray(body), dtype=torch.uint8), a.peer, base + 1,
+                                              backups=True))
             self._sent_layouts[link] = layout
         arrive = self._arrival(a.peer, layout.nbytes) if self.emulation is not None else 0.0
         write_header(buf, (COPY, tag, arrive))
-        self._sends.append(self.comm.send(buf, a.peer, base))
+        self._sends.append(self.comm.send(buf, a.peer, base, backups=True))
         if self._stepped:  # nothing changes the stage after its STEP: take_point may file this copy
             self._sent = (tag, layout, buf)
 
@@ -659,7 +677,7 @@ class DistWorker:
         what, tag, arrive, body_bytes = read_header(buf)
         if what == LAYOUT:
             body = torch.empty(int(body_bytes), dtype=torch.uint8)
-            self.comm.wait(self.comm.recv(body, a.peer, base + 1))
+            self.comm.wait(self.comm.recv(body, a.peer, base + 1, backups=True))
             self._held_layouts[link] = layout = StateLayout.of(json.loads(bytes(body.numpy()).decode()))
             buf, work = self._post_restore(a.peer, base, layout.nbytes)
             self.comm.wait(work)
@@ -674,7 +692,7 @@ class DistWorker:
 
     def _post_restore(self, peer: str, base: int, nbytes: int) -> tuple[torch.Tensor, dist.Work]:
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        return buf, self.comm.recv(buf, peer, base)
+        return buf, self.comm.recv(buf, peer, base, backups=True)
 
     def _rollback(self, a: Action) -> None:
         held = self.copies.get(self.iteration, StateCopy())

@@ -166,11 +166,11 @@ class _Loopback:
     def __init__(self, device: str, wires: dict):
         self.device, self.wires, self.sent, self.cut = device, wires, [], False
 
-    def send(self, t, peer, tag):
+    def send(self, t, peer, tag, **_):
         self.wires.setdefault((self.device, peer, tag), []).append(t.clone())
         self.sent.append(tag)
 
-    def recv(self, t, peer, tag):
+    def recv(self, t, peer, tag, **_):
         return t, (peer, self.device, tag)
 
     def wait_all(self, works):
