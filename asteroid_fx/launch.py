@@ -150,11 +150,12 @@ class BackupPace:
     The leader times every iteration, barrier to barrier, and backs up again once ``every()``
     iterations have passed: the fewest whose backups cost at most ``budget`` of the time,
     ``extra / (every * plain) <= budget``, where ``plain`` is the median time of recent iterations
-    neither backing up nor following one, and ``extra`` the mean of what recent backups added to
-    their iteration and the next. At least ``least`` (plain iterations must go on being measured),
-    at most ``most`` (what a failure may redo); ``first`` until both are measured."""
+    neither backing up nor following one, and ``extra`` the median of what recent backups added to
+    their iteration and the next (medians: one iteration held up by something else must not move
+    the pace). At least ``least`` (plain iterations must go on being measured), at most ``most``
+    (what a failure may redo); ``first`` until both are measured."""
 
-    def __init__(self, budget: float, first: int = 10, least: int = 3, most: int = 100):
+    def __init__(self, budget: float, first: int = 10, least: int = 3, most: int = 50):
         self.budget, self.first, self.least, self.most = budget, first, least, most
         self.plain: collections.deque[float] = collections.deque(maxlen=32)
         self.extra: collections.deque[float] = collections.deque(maxlen=8)
@@ -175,7 +176,7 @@ class BackupPace:
         if len(self.plain) < 4 or len(self.extra) < 2:
             return self.first
         base = statistics.median(self.plain)
-        extra = max(statistics.fmean(self.extra), 0.0)
+        extra = max(statistics.median(self.extra), 0.0)
         return min(self.most, max(self.least, math.ceil(extra / (self.budget * base))))
 
 
@@ -206,8 +207,8 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     ``spec.replan`` take them in at an iteration boundary with a plan that includes them).
     Returns {"losses", "seconds", "workers", "program" (the one that ran last), "plan",
     "failures" (with ``spec.recovery``: device, reason, iteration, rollback_to, failed_at,
-    detected_s, recovery_s), "switches" (plans switched to), "backups" (iterations that backed up,
-    as the device that ran longest counted them)}."""
+    detected_s, recovery_s), "switches" (plans switched to), "backups" (how many iterations backed
+    up, as the device that ran longest counted them) and "backed_up" (which, the last 10000)}."""
     from asteroid_fx import netns
     from asteroid_fx.heartbeat import DEAD, beat_key, failure_key, failures_key
     from asteroid_fx.program_text import parse_program
@@ -364,7 +365,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         log(f"switched to a new plan at iteration {event['iteration'] + 1} ({event['reason']})"
             + (f" in {switches[-1]['switch_s'] * 1e3:.0f} ms" if done else ""))
     return {"losses": losses, "seconds": seconds, "workers": results, "program": final, "plan": compiled.plan,
-            "failures": failures, "switches": switches, "backups": ref["backups"]}
+            "failures": failures, "switches": switches, "backups": ref["backups"], "backed_up": ref["backed_up"]}
 
 
 def serve_store(host: str, port: int = 0, timeout_s: float = STORE_TIMEOUT_S):
@@ -468,7 +469,8 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
         result = {"device": device, "left": training.left,
                   "lag_s": training.worker.lag_s if training.worker is not None else 0.0,
                   "program": format_program(training.full), "epochs": training.epochs,
-                  "recoveries": training.recoveries, "switches": training.switches, "backups": training.backups}
+                  "recoveries": training.recoveries, "switches": training.switches, "backups": training.backups,
+                  "backed_up": training.backed_up}
         if not training.left:
             _atomic_torch_save(training.worker.state_dict(keys), out / f"worker_{device}.pt")
         store.set(f"result/{device}", json.dumps(result))
@@ -513,6 +515,7 @@ class Training:
         self.tags: list[int] = [0]
         self.last_backup = 0
         self.backups = 0  # iterations run with the program's backups (redone ones too)
+        self.backed_up: list[int] = []  # which, the last 10000
         self.pace = BackupPace(spec.backup_budget) if spec.recovery and spec.backup_every is None else None
         self._barrier_at: float | None = None  # when the leader left the last barrier
         self.epochs: list[tuple[int, tuple[str, ...]]] = [(0, self.full.devices)]
@@ -525,6 +528,7 @@ class Training:
         self._planning = False  # a background planner is running
         self._joins_seen, self._joins_polled = 0, 0.0
         self._admitted: dict | None = None
+        self._replan_after: tuple[int, str] | None = None  # (iteration, reason): re-plan once it is done
         self.comm, self.worker = None, None
         if join:
             self._join()
@@ -589,7 +593,9 @@ class Training:
             self.backed = {j for j in self.backed if j >= i - 2} | {i}
             self.tags = self.tags[-3:] + [i + 1]
             self.last_backup = i
-            self.backups += self.full is not self.plain
+            if self.full is not self.plain:
+                self.backups += 1
+                self.backed_up = self.backed_up[-9999:] + [i]
 
     def run(self) -> None:
         from asteroid_fx.backends.torch_dist import Interrupted
@@ -639,6 +645,10 @@ class Training:
             self.completed = i
             if self.recoveries and "resumed_at" not in self.recoveries[-1] and i > self.recoveries[-1]["iteration"]:
                 self.recoveries[-1]["resumed_at"] = time.time()
+            if self._replan_after is not None and i > self._replan_after[0]:
+                reason, self._replan_after = self._replan_after[1], None
+                if self.leader:
+                    self._plan_in_background(list(self.full.devices), reason)
             if i == self.base + 1:
                 self.redo = None
 
@@ -917,8 +927,10 @@ class Training:
         self.worker = self._worker(after, stages, self.worker.copies)
         event["regrouped_at"] = time.time()
         print(f"[{self.device}] epoch {self.epoch}: {'; '.join(changes)}; redoing from iteration {t}", flush=True)
-        if self.spec.replan and self.leader:  # the rewrite is local; the planner may know better
-            self._plan_in_background(list(after.devices), f"{', '.join(failed)} failed")
+        # the rewrite is local; the planner may know better. It runs once the interrupted iteration
+        # is redone: a planner thread holds the interpreter lock for most of its run, and
+        # alongside it the leader's redone iterations were several times slower
+        self._replan_after = (r, f"{', '.join(failed)} failed") if self.spec.replan and self.leader else None
         return t
 
 

@@ -100,7 +100,7 @@ def test_paced_backups_agree_on_every_device_and_a_kill_redoes_from_the_last(tmp
 def test_the_backup_pace_keeps_the_measured_cost_within_the_budget():
     from asteroid_fx.launch import BackupPace
 
-    pace = BackupPace(0.02, first=10, least=3, most=100)
+    pace = BackupPace(0.02, first=10, least=3, most=50)
     assert pace.every() == 10  # nothing measured yet
 
     def cycle(plain_s: float, backup_s: float, after_s: float, plains: int = 6) -> None:
@@ -115,7 +115,7 @@ def test_the_backup_pace_keeps_the_measured_cost_within_the_budget():
     for _ in range(8):
         cycle(0.010, 0.035, 0.010, plains=1)  # a slow plain iteration now and then does not move the baseline
         pace.observe(0.200, "plain")
-    assert pace.every() == 100  # 25 ms per backup: capped, a failure redoes at most this many
+    assert pace.every() == 50  # 25 ms per backup: capped, a failure redoes at most this many
     for _ in range(8):
         cycle(0.010, 0.009, 0.010)  # cheaper than a plain iteration (noise): as often as still measurable
     assert pace.every() == 3
