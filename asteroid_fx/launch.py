@@ -571,7 +571,7 @@ class Training:
 
     def _backup_flag(self, i: int) -> float:
         """On the leader in a paced run: 2.0 if iteration ``i`` is to back up (its barrier carries it)."""
-        if self.pace is None or not self.leader:
+        if self.pace is None or not self.leader or self.full is self.plain:  # no backups to pace
             return 0.0
         now = time.perf_counter()
         if self._barrier_at is not None and i - 1 > self.base:  # the redone iteration is no sample
