@@ -182,7 +182,9 @@ def main() -> None:
         f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. Worker processes on loopback (gloo), "
         f"{BASE['model']}, batch {BASE['batch']}, {BASE['microbatches']} micro-batches, Adam, {ITERATIONS} "
         "iterations per trial; a worker is SIGKILLed from outside at a random moment 0.05-0.6 s after the first "
-        "iteration. Recovery time: kill to the end of the interrupted iteration, redone.",
+        "iteration. Backups are paced by their measured cost (the default, budget 2% of the run's time), so a "
+        "recovery rolls back to the last backed-up iteration and redoes from there (\"rolled back to\" below). "
+        "Recovery time: kill to the end of the interrupted iteration, redone.",
         "",
         f"- recovered: **{len(exact)}/{len(failed)}** runs with weights within 1e-6 of the failure-free run "
         f"({len(rows) - len(failed)} of {len(rows)} runs ended before their kill)",
