@@ -253,6 +253,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     for d in remote:
         log(f"  waiting for {d}: asteroid worker --coordinator {host}:{store.port} --device {d} --out DIR")
     procs = []
+    finished_run = False
 
     def start(device: str, *extra: str) -> None:
         cmd = [sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator", f"{host}:{store.port}",
@@ -321,51 +322,56 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         for d, p, _ in procs:
             if d not in declared:  # a device declared failed may still hang (frozen): it is killed below
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finished_run = True
     finally:
         for _, p, err in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
             err.close()
+        if network is not None and not finished_run:
+            network.close()
+    try:  # the results are read while the launcher can still reach the store (a shaped run's address)
+        results = {d: json.loads(store.get(f"result/{d}").decode()) for d in everyone if store.check([f"result/{d}"])}
+        trained = [r for r in results.values() if not r.get("left")]
+        if not trained:
+            raise RuntimeError(f"no worker finished training; worker logs are in {out}/")
+        # every survivor holds the same history, [(first iteration, devices)], since it took part
+        ref = max(trained, key=lambda r: (len(r["epochs"]), len(r["recoveries"])))
+        history = ref["epochs"]
+        final = parse_program(ref["program"])
+        losses, seconds = [], []
+        for i in range(spec.iterations):
+            members = [ds for first, ds in history if first <= i][-1]
+            losses.append(sum(float(store.get(f"loss/{d}/{i}")) for d in members))
+            seconds.append(max(float(store.get(f"seconds/{d}/{i}")) for d in members))
+        failures = []
+        for k, event in enumerate(ref["recoveries"]):
+            x = event["device"]
+            failed_at = (float(store.get(f"ft/killed_at/{x}")) if store.check([f"ft/killed_at/{x}"])
+                         else min(ended[x][0], event["declared_at"]) if x in ended else event["declared_at"])
+            took_part = [r for r in trained if len(r["recoveries"]) > k]
+            resumed = max(r["recoveries"][k]["resumed_at"] for r in took_part)
+            failures.append({**{key: event[key] for key in ("device", "reason", "iteration", "rollback_to", "changes")},
+                             "also": event.get("also", []),
+                             "failed_at": failed_at, "detected_s": event["declared_at"] - failed_at,
+                             "regroup_s": max(r["recoveries"][k]["regrouped_at"] for r in took_part) - event["declared_at"],
+                             "recovery_s": resumed - failed_at})
+            log(f"{', '.join([x, *event.get('also', [])])} failed in iteration {event['iteration'] + 1} ({event['reason']}): agreed after "
+                f"{failures[-1]['detected_s']:.2f}s, iteration {event['iteration'] + 1} done again after "
+                f"{failures[-1]['recovery_s']:.2f}s (rolled back to the start of iteration {event['rollback_to'] + 1})")
+        switches = []
+        for event in ref["switches"]:
+            done = [s["switched_at"] for r in trained for s in r["switches"]
+                    if s["iteration"] == event["iteration"] and "switched_at" in s]
+            switches.append({**event, "switch_s": max(done) - event["started_at"] if done else None})
+            log(f"switched to a new plan at iteration {event['iteration'] + 1} ({event['reason']})"
+                + (f" in {switches[-1]['switch_s'] * 1e3:.0f} ms" if done else ""))
+        return {"losses": losses, "seconds": seconds, "workers": results, "program": final, "plan": compiled.plan,
+                "failures": failures, "switches": switches, "backups": ref["backups"], "backed_up": ref["backed_up"]}
+    finally:
         if network is not None:
             network.close()
-    results = {d: json.loads(store.get(f"result/{d}").decode()) for d in everyone if store.check([f"result/{d}"])}
-    trained = [r for r in results.values() if not r.get("left")]
-    if not trained:
-        raise RuntimeError(f"no worker finished training; worker logs are in {out}/")
-    # every survivor holds the same history, [(first iteration, devices)], since it took part
-    ref = max(trained, key=lambda r: (len(r["epochs"]), len(r["recoveries"])))
-    history = ref["epochs"]
-    final = parse_program(ref["program"])
-    losses, seconds = [], []
-    for i in range(spec.iterations):
-        members = [ds for first, ds in history if first <= i][-1]
-        losses.append(sum(float(store.get(f"loss/{d}/{i}")) for d in members))
-        seconds.append(max(float(store.get(f"seconds/{d}/{i}")) for d in members))
-    failures = []
-    for k, event in enumerate(ref["recoveries"]):
-        x = event["device"]
-        failed_at = (float(store.get(f"ft/killed_at/{x}")) if store.check([f"ft/killed_at/{x}"])
-                     else min(ended[x][0], event["declared_at"]) if x in ended else event["declared_at"])
-        took_part = [r for r in trained if len(r["recoveries"]) > k]
-        resumed = max(r["recoveries"][k]["resumed_at"] for r in took_part)
-        failures.append({**{key: event[key] for key in ("device", "reason", "iteration", "rollback_to", "changes")},
-                         "also": event.get("also", []),
-                         "failed_at": failed_at, "detected_s": event["declared_at"] - failed_at,
-                         "regroup_s": max(r["recoveries"][k]["regrouped_at"] for r in took_part) - event["declared_at"],
-                         "recovery_s": resumed - failed_at})
-        log(f"{', '.join([x, *event.get('also', [])])} failed in iteration {event['iteration'] + 1} ({event['reason']}): agreed after "
-            f"{failures[-1]['detected_s']:.2f}s, iteration {event['iteration'] + 1} done again after "
-            f"{failures[-1]['recovery_s']:.2f}s (rolled back to the start of iteration {event['rollback_to'] + 1})")
-    switches = []
-    for event in ref["switches"]:
-        done = [s["switched_at"] for r in trained for s in r["switches"]
-                if s["iteration"] == event["iteration"] and "switched_at" in s]
-        switches.append({**event, "switch_s": max(done) - event["started_at"] if done else None})
-        log(f"switched to a new plan at iteration {event['iteration'] + 1} ({event['reason']})"
-            + (f" in {switches[-1]['switch_s'] * 1e3:.0f} ms" if done else ""))
-    return {"losses": losses, "seconds": seconds, "workers": results, "program": final, "plan": compiled.plan,
-            "failures": failures, "switches": switches, "backups": ref["backups"], "backed_up": ref["backed_up"]}
 
 
 def serve_store(host: str, port: int = 0, timeout_s: float = STORE_TIMEOUT_S):
