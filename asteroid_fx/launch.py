@@ -250,6 +250,9 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     log(f"coordinator on {host}:{store.port}; {len(devices)} workers ({', '.join(devices)})"
         + (f"; recovery on (heartbeat timeout {spec.heartbeat_timeout_s:g}s, backups {_backups_text(spec)})"
            if spec.recovery else ""))
+    if remote and _is_loopback(host):
+        log(f"  the store listens on {host} only: devices on other machines cannot reach it (launch --listen "
+            f"0.0.0.0:{store.port}, or an address of this machine they can reach, lets them)")
     for d in remote:
         log(f"  waiting for {d}: asteroid worker --coordinator {host}:{store.port} --device {d} --out DIR")
     procs = []
@@ -372,6 +375,16 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     finally:
         if network is not None:
             network.close()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
 
 
 def serve_store(host: str, port: int = 0, timeout_s: float = STORE_TIMEOUT_S):
@@ -644,8 +657,10 @@ class Training:
                 if self.left:
                     return
                 continue
-            self.store.set(f"loss/{self.device}/{i}", repr(loss))
+            # the loss last: it marks the iteration done (a recovery counts it), and a device killed
+            # between the two must not leave a done iteration without its time
             self.store.set(f"seconds/{self.device}/{i}", repr(took))
+            self.store.set(f"loss/{self.device}/{i}", repr(loss))
             print(f"[{self.device}] iteration {i + 1}/{self.spec.iterations}: {took * 1e3:.1f} ms", flush=True)
             i += 1
             self.completed = i
