@@ -9,9 +9,11 @@ fails takes the run down: the others are stopped and its error is shown.
 With ``RunSpec.recovery`` the run survives devices that die (SIGKILL, a lost machine) or leave: the
 program carries backups (paced by their measured cost, or every ``backup_every`` iterations),
 every worker runs a heartbeat (asteroid_fx/heartbeat.py), and after an agreed failure the
-survivors roll back to the last backed-up iteration, rewrite the program with passes/replay.py (each computes the same rewrite
-from the same inputs), build the process groups of a new membership epoch in place and redo the
-lost iterations from the same batches: no process restart, no checkpoint. The launcher then treats
+survivors roll back to the last backed-up iteration, rewrite the program with passes/replay.py
+(each computes the same rewrite from the same inputs), build the process groups of a new
+membership epoch in place and redo the lost iterations from the same batches: no process
+restart, no checkpoint. A failure during a switch to a re-planned program (passes/replan.py) is
+recovered too (``Training._switch``). The launcher then treats
 a worker killed by a signal as a failed device, not as an error, and reports when it failed, when
 the failure was agreed and when training was back where it had been (docs/replay.md, "Live").
 """
