@@ -749,32 +749,31 @@ class FlatState:
         """The layout and a copy of the buffer (its header bytes are the caller's to write)."""
         tensors, values = self.live()
         if self.layout is None or values != self.values or [t.data_ptr() for t in tensors] != self.where:
-            self._lay_out(tensors)
-        out = self.buf.clone() if self.buf.device.type == "cpu" else self.buf.cpu()  # gloo sends from host memory
+            self._lay_out(tensors, values)
+        out = self.buf.clone()
         if self.tied:
             views = self.layout.unpack(out)
             for slot, first in self.tied:
                 views[slot].copy_(views[first])
         return self.layout, out
 
-    def _lay_out(self, tensors: list[torch.Tensor]) -> None:
-        _, meta = state_message(live_state(self.replica, self.optimizer))
+    def _lay_out(self, tensors: list[torch.Tensor], values: list[Any]) -> None:
+        off_host = sorted({str(t.device) for t in tensors if t.device.type != "cpu"})
+        if off_host:
+            raise RuntimeError(f"the stage's state lies on {', '.join(off_host)}; this backend keeps it in host "
+                               "memory (gloo sends from there)")
+        packed, meta = state_message(live_state(self.replica, self.optimizer))
         layout = StateLayout.of(meta)
-        device = tensors[0].device if tensors else torch.device("cpu")
-        if any(t.device != device for t in tensors):
-            raise RuntimeError(f"the stage's state lies on several devices ({sorted({str(t.device) for t in tensors})}); "
-                               "a backup needs it on one")
-        buf = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
-        views, first, self.tied = layout.unpack(buf), {}, []
-        with torch.no_grad():
-            for k, (t, view) in enumerate(zip(tensors, views)):
-                if id(t) in first:  # a tensor under two names (tied weights): copied into both slots
-                    self.tied.append((k, first[id(t)]))
-                    continue
-                first[id(t)] = k
-                view.copy_(t)
-                t.data = view
-        self.layout, self.buf, self.values = layout, buf, self.live()[1]
+        buf = layout.pack(packed, ())  # the copy's taker writes the header
+        first: dict[int, int] = {}
+        self.tied = []
+        for k, (t, view) in enumerate(zip(tensors, layout.unpack(buf))):
+            if id(t) in first:  # a tensor under two names (tied weights): each copy refreshes its slot
+                self.tied.append((k, first[id(t)]))
+                continue
+            first[id(t)] = k
+            t.data = view
+        self.layout, self.buf, self.values = layout, buf, values
         self.where = [t.data_ptr() for t in tensors]
 
 
