@@ -83,19 +83,20 @@ class Compiled:
         return runner, losses
 
     def check(self, backend: str = "onnxruntime", *, inputs: Any = None, kwargs: dict | None = None,
-              model: torch.nn.Module | None = None, rtol: float = 1e-4, atol: float = 1e-5, repeats: int = 3,
-              folder: str | os.PathLike | None = None, exporter: str = "auto", strict: bool = True):
+              model: torch.nn.Module | None = None, rtol: float = 1e-4, atol: float = 1e-5, rounding: float = 4.0,
+              repeats: int = 3, folder: str | os.PathLike | None = None, exporter: str = "auto", strict: bool = True):
         """Inference check: the program's forward through ``backend`` (every stage in eval mode)
         against PyTorch stage by stage, and the model's outputs against eager on the whole batch
         (``model`` in eval mode if given, else the captured graph in eval mode). ``inputs`` is one
-        global batch (default: the compile example). Returns the report (print it for the table);
+        global batch (default: the compile example); atol is widened by ``rounding`` times PyTorch's
+        own float32 error on each output (0: off). Returns the report (print it for the table);
         raises CheckFailed on a mismatch when ``strict``. See backends/onnxruntime.py."""
         if backend != "onnxruntime":
             raise ValueError(f"unknown check backend {backend!r}; there is one: 'onnxruntime'")
         from asteroid_fx.backends.onnxruntime import check
 
-        return check(self, inputs=inputs, kwargs=kwargs, model=model, rtol=rtol, atol=atol, repeats=repeats,
-                     folder=folder, exporter=exporter, strict=strict)
+        return check(self, inputs=inputs, kwargs=kwargs, model=model, rtol=rtol, atol=atol, rounding=rounding,
+                     repeats=repeats, folder=folder, exporter=exporter, strict=strict)
 
     def simulate(self, *, shared_medium: bool = False, opt_state_factor: float = 2.0,
                  recovery: bool | None = None):

@@ -13,8 +13,15 @@ PyTorch; the two must give the same outputs. What ``check`` runs and compares:
   - the model's outputs, from both, against eager PyTorch on the whole batch: the user's model in
     eval mode when given, else the captured graph in eval mode (for a plan folder, which holds no
     whole model: the stages chained on the whole batch, with no row split);
-  - an element is off when |x - ref| > atol + rtol * |ref| (torch.testing's rule); "max abs err" is
-    max |x - ref| and "max rel err" is max |x - ref| / |ref| over ref != 0, as torch.testing reports.
+  - an element is off when |x - ref| > atol + rtol * |ref| + rounding * e (torch.testing's rule,
+    widened by PyTorch's own float32 error), where e is max |ref - ref64| over that output: how far
+    PyTorch's float32 run is from the same program run in float64 (every stage and input widened).
+    Over a deep model float32 rounding alone reaches 1e-4 and more; two correct float32
+    implementations may each be that far from the exact value, so a fixed atol would call a correct
+    export of ResNet-50 a mismatch. ``rounding=0`` turns the widening off; a model that cannot run
+    in float64 is compared with atol and rtol alone, and the report says so.
+    "max abs err" is max |x - ref| and "max rel err" is max |x - ref| / |ref| over ref != 0, as
+    torch.testing reports; "f32 err" is e.
 
 Export: torch.onnx's torch.export-based exporter at opset ``OPSET`` with dim 0 ("rows") of every
 input and output dynamic, so one session runs any row slice; where it fails, the TorchScript
@@ -65,6 +72,11 @@ if TYPE_CHECKING:
 
 OPSET = 18
 RTOL, ATOL = 1e-4, 1e-5
+# How many times PyTorch's own float32 error (float32 against float64) a difference may add to
+# atol: ORT and PyTorch each within that error of the exact value are up to twice it apart; twice
+# that again leaves room for kernels that round differently, while a real mismatch (a wrong op, a
+# wrong weight) is orders of magnitude larger on any model that is not all rounding.
+ROUNDING = 4.0
 ROWS = "rows"  # the name of the dynamic dim 0 in every exported stage
 FX_NODE = "asteroid.fx_node"  # node.meta["custom"] key and ONNX node metadata key
 EXPORTERS = ("auto", "torch.export", "torchscript")
@@ -440,20 +452,42 @@ class Agreement:
     max_rel: float
     off: int  # elements beyond atol + rtol * |ref|
     elements: int
-    atol_to_pass: float  # the smallest atol under which every element agrees, rtol kept (inf: never)
+    atol_to_pass: float  # the smallest atol under which every element agrees, rtol kept, no widening (inf: never)
+    float32_error: float | None = None  # PyTorch's own: max |ref - ref in float64| (None: not measured)
+    slack: float | None = None  # what the rounding rule added to atol (the largest over the outputs)
 
     @property
     def ok(self) -> bool:
         return self.off == 0
 
 
-def compare(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], rtol: float, atol: float) -> Agreement:
-    """torch.testing's rule and error measures, over all the tensors together."""
+def float_error(ref: Sequence[torch.Tensor], wide: Sequence[torch.Tensor] | None) -> tuple[float, ...] | None:
+    """Per output, max |ref - wide| over its finite elements: PyTorch's own rounding error where
+    ``wide`` is the same computation in float64 (0 for outputs that are not floating point)."""
+    if wide is None:
+        return None
+    if len(wide) != len(ref):
+        raise ValueError(f"{len(wide)} float64 outputs for {len(ref)} outputs")
+    errors = []
+    for r, w in zip(ref, wide):
+        if not r.is_floating_point() or r.shape != w.shape or r.dtype == torch.float64:
+            errors.append(0.0)
+            continue
+        d = (r.detach().to(torch.float64) - w.detach().to(torch.float64)).abs()
+        d = d[torch.isfinite(d)]
+        errors.append(float(d.max()) if d.numel() else 0.0)
+    return tuple(errors)
+
+
+def compare(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], rtol: float, atol: float, *,
+            errors: Sequence[float] | None = None, rounding: float = 0.0) -> Agreement:
+    """torch.testing's rule and error measures, over all the tensors together; ``errors`` (from
+    ``float_error``), times ``rounding``, widen each output's atol by PyTorch's own float32 error."""
     if len(got) != len(ref):
         raise ValueError(f"{len(got)} outputs to compare with {len(ref)}")
     max_abs = max_rel = atol_to_pass = 0.0
     off = elements = 0
-    for g, r in zip(got, ref):
+    for i, (g, r) in enumerate(zip(got, ref)):
         elements += r.numel()
         if g.shape != r.shape:
             off, max_abs, max_rel, atol_to_pass = off + r.numel(), float("inf"), float("inf"), float("inf")
@@ -465,7 +499,8 @@ def compare(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], rtol: floa
         same = (g64 == r64) | (torch.isnan(g64) & torch.isnan(r64))
         diff = torch.where(same, torch.zeros_like(r64), (g64 - r64).abs().nan_to_num(nan=float("inf")))
         finite = torch.isfinite(r64)
-        tolerance = torch.where(finite, atol + rtol * r64.abs(), torch.zeros_like(r64))
+        slack = rounding * errors[i] if errors is not None else 0.0
+        tolerance = torch.where(finite, atol + slack + rtol * r64.abs(), torch.zeros_like(r64))
         if not r.is_floating_point():  # integers and booleans agree exactly or not at all
             tolerance = torch.zeros_like(r64)
         off += int((diff > tolerance).sum())
@@ -479,7 +514,9 @@ def compare(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], rtol: floa
             scaled = finite & (r64 != 0)
             if scaled.any():
                 max_rel = max(max_rel, float((diff[scaled] / r64[scaled].abs()).max()))
-    return Agreement(max_abs, max_rel, off, elements, atol_to_pass)
+    slack = max((rounding * e for e in errors), default=0.0) if errors is not None else None
+    return Agreement(max_abs, max_rel, off, elements, atol_to_pass,
+                     max(errors, default=0.0) if errors is not None else None, slack)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,6 +538,8 @@ class CheckReport:
     opset: int
     rtol: float
     atol: float
+    rounding: float  # atol widened by this many times PyTorch's own float32 error per output
+    wide: str  # "" when the float64 run worked, else why it could not be made (no widening then)
     repeats: int
     threads: int
     stages: tuple[StageCheck, ...]
@@ -514,14 +553,19 @@ class CheckReport:
         return all(s.agreement.ok for s in self.stages) and self.local_vs_eager.ok and self.ort_vs_eager.ok
 
     def __str__(self) -> str:
+        if self.rounding and not self.wide:
+            rule = (f"atol + rtol * |ref| + {self.rounding:g} * f32 err, where f32 err is PyTorch's own float32 error "
+                    "on that output, against the program run in float64")
+        else:
+            rule = "atol + rtol * |ref|"
         head = (f"ONNX Runtime check: {len(self.stages)} stage(s), opset {self.opset}, rtol {self.rtol:g}, "
-                f"atol {self.atol:g} (an element is off when |x - ref| > atol + rtol * |ref|)")
+                f"atol {self.atol:g}, rounding {self.rounding:g} (an element is off when |x - ref| > {rule})")
         timing = (f"latency: a stage's F actions over one global batch, median of {self.repeats}, "
                   f"{self.threads} thread(s)") if self.repeats else "latency: not measured (repeats=0)"
-        header = ["stage", "devices (rows)", "exporter", "max abs err", "max rel err", "off/elements",
+        header = ["stage", "devices (rows)", "exporter", "max abs err", "max rel err", "f32 err", "off/elements",
                   "ORT ms", "PyTorch ms", "ORT/PyTorch", "export s", "ok"]
         rows = [[str(s.index), ",".join(f"{d}({r})" for d, r in zip(s.devices, s.rows)), s.exporter,
-                 f"{s.agreement.max_abs:.2e}", f"{s.agreement.max_rel:.2e}",
+                 f"{s.agreement.max_abs:.2e}", f"{s.agreement.max_rel:.2e}", _err(s.agreement.float32_error),
                  f"{s.agreement.off}/{s.agreement.elements}", _ms(s.ort_s), _ms(s.torch_s),
                  f"{s.ort_s / s.torch_s:.2f}x" if s.ort_s and s.torch_s else "-", f"{s.export_s:.1f}",
                  "yes" if s.agreement.ok else "NO"] for s in self.stages]
@@ -529,14 +573,20 @@ class CheckReport:
         for name, a in (("PyTorch through the program (local)", self.local_vs_eager),
                         ("ONNX Runtime through the program", self.ort_vs_eager)):
             lines.append(f"  {name:<37} max abs err {a.max_abs:.2e}  max rel err {a.max_rel:.2e}  "
-                         f"off {a.off}/{a.elements}  {'ok' if a.ok else 'MISMATCH'}")
+                         f"f32 err {_err(a.float32_error)}  off {a.off}/{a.elements}  {'ok' if a.ok else 'MISMATCH'}")
+        if self.wide:
+            lines.append(f"note: PyTorch's float32 error is not measured, so atol is not widened: {self.wide}")
         lines += [f"note: stage {s.index}: {s.exporter} exporter, because {s.note}" for s in self.stages if s.note]
         needed = max(a.atol_to_pass for a in (*(s.agreement for s in self.stages), self.local_vs_eager, self.ort_vs_eager))
         if not self.ok and needed < float("inf"):
-            lines.append(f"every element agrees with atol {needed:.1e} at this rtol; float32 rounding over many layers "
-                         "can reach that, so compare with PyTorch's own float32 error before calling it a bug")
+            lines.append(f"every element agrees with atol {needed:.1e} at this rtol; compare it with the f32 err "
+                         "column (PyTorch's own float32 error) before calling it a bug")
         lines.append("result: " + ("pass" if self.ok else "MISMATCH"))
         return "\n".join(lines)
+
+
+def _err(error: float | None) -> str:
+    return "-" if error is None else f"{error:.2e}"
 
 
 def _ms(seconds: float | None) -> str:
@@ -552,14 +602,36 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 # --- the check -------------------------------------------------------------------------------------
 
+def _widened(t: Any) -> Any:
+    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def _wide_forward(program: Program, stages: Sequence[CheckStage], inputs: Mapping[str, torch.Tensor]) -> Forward:
+    """The program's forward in float64: every stage's floating weights and buffers, and the
+    floating inputs, widened. Raises whatever PyTorch raises where the model insists on float32."""
+    wide = [dataclasses.replace(s, module=copy.deepcopy(s.module).double()) for s in stages]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_forward(program, wide, _torch_runner(wide), {n: _widened(t) for n, t in inputs.items()})
+
+
 def _check(program: Program, stages: Sequence[CheckStage], inputs: Mapping[str, torch.Tensor],
-           eager_outputs: Sequence[torch.Tensor], eager: str, *, rtol: float, atol: float, repeats: int,
-           exporter: str, folder: Path | None) -> CheckReport:
+           eager_outputs: Sequence[torch.Tensor], eager: str, *, rtol: float, atol: float, rounding: float,
+           repeats: int, exporter: str, folder: Path | None) -> CheckReport:
     import onnx
 
     if repeats < 0:
         raise ValueError(f"repeats must be >= 0, got {repeats}")
+    if not rounding >= 0:
+        raise ValueError(f"rounding must be >= 0 (0: compare with atol and rtol alone), got {rounding}")
     local = run_forward(program, stages, _torch_runner(stages), inputs)
+    wide: Forward | None = None
+    why_not_wide = ""
+    if rounding:
+        try:
+            wide = _wide_forward(program, stages, inputs)
+        except Exception as e:  # noqa: BLE001 - any op that refuses float64; the check goes on without it
+            why_not_wide = f"the program does not run in float64 ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     exported, sessions, files, export_s = [], [], [], []
     for s in stages:
         started = time.perf_counter()
@@ -582,20 +654,29 @@ def _check(program: Program, stages: Sequence[CheckStage], inputs: Mapping[str, 
         torch_times.append(run_forward(program, stages, _torch_runner(stages), inputs).seconds)
         ort_times.append(run_forward(program, stages, ort_run, inputs).seconds)
 
+    def errors(stage: int, ref: Sequence[torch.Tensor]) -> tuple[float, ...] | None:
+        return float_error(ref, wide.stage_outputs(stage)) if wide is not None else None
+
     checks = []
     for s, ox in zip(stages, exported):
         info = program.stages[s.index]
+        ref = local.stage_outputs(s.index)
         checks.append(StageCheck(
             s.index, info.devices, tuple(slot.hi - slot.lo for slot in info.slots), ox.exporter, ox.note,
-            compare(through_ort.stage_outputs(s.index), local.stage_outputs(s.index), rtol, atol),
+            compare(through_ort.stage_outputs(s.index), ref, rtol, atol, errors=errors(s.index, ref), rounding=rounding),
             statistics.median(t[s.index] for t in ort_times) if repeats else None,
             statistics.median(t[s.index] for t in torch_times) if repeats else None, export_s[s.index]))
     last = len(stages) - 1
+    # eager's own float32 error: the float64 program run stands for eager in float64 (the two
+    # compute the same function; only the row split's summation order differs)
+    eager_errors = errors(last, eager_outputs)
     return CheckReport(
-        backend="onnxruntime", opset=min(x.opset for x in exported), rtol=rtol, atol=atol, repeats=repeats,
-        threads=torch.get_num_threads(), stages=tuple(checks), eager=eager,
-        local_vs_eager=compare(local.stage_outputs(last), eager_outputs, rtol, atol),
-        ort_vs_eager=compare(through_ort.stage_outputs(last), eager_outputs, rtol, atol),
+        backend="onnxruntime", opset=min(x.opset for x in exported), rtol=rtol, atol=atol, rounding=rounding,
+        wide=why_not_wide, repeats=repeats, threads=torch.get_num_threads(), stages=tuple(checks), eager=eager,
+        local_vs_eager=compare(local.stage_outputs(last), eager_outputs, rtol, atol, errors=eager_errors,
+                               rounding=rounding),
+        ort_vs_eager=compare(through_ort.stage_outputs(last), eager_outputs, rtol, atol, errors=eager_errors,
+                             rounding=rounding),
         onnx_files=tuple(files))
 
 
@@ -611,13 +692,14 @@ def _batch_inputs(program: Program, names: Sequence[str], flat: Sequence[Any]) -
 
 
 def check(compiled: Compiled, *, inputs: Any = None, kwargs: dict | None = None, model: torch.nn.Module | None = None,
-          rtol: float = RTOL, atol: float = ATOL, repeats: int = 3, folder: str | os.PathLike | None = None,
-          exporter: str = "auto", strict: bool = True) -> CheckReport:
+          rtol: float = RTOL, atol: float = ATOL, rounding: float = ROUNDING, repeats: int = 3,
+          folder: str | os.PathLike | None = None, exporter: str = "auto", strict: bool = True) -> CheckReport:
     """Run ``compiled.program``'s forward through ONNX Runtime and compare it with PyTorch stage by
     stage and with eager on the whole batch (see the module docstring for exactly what). ``inputs``
     (and ``kwargs``) are one global batch, as the model takes it (default: the example given to
     compile); ``model`` is the eager reference (default: the captured graph in eval mode);
-    ``folder``, when given, receives stage_<p>.onnx and what ``asteroid check`` needs. Raises
+    ``folder``, when given, receives stage_<p>.onnx and what ``asteroid check`` needs; ``rounding``
+    widens atol by that many times PyTorch's own float32 error on each output (0: off). Raises
     CheckFailed on a mismatch when ``strict``; returns the report (print it for the table)."""
     captured = compiled.captured
     flat = captured.example_inputs if inputs is None else captured.flatten_inputs(inputs, kwargs)
@@ -636,7 +718,7 @@ def check(compiled: Compiled, *, inputs: Any = None, kwargs: dict | None = None,
     if out is not None:
         save_check_files(compiled, out)
     report = _check(compiled.program, check_stages(compiled), batch_inputs, eager_outputs, eager, rtol=rtol,
-                    atol=atol, repeats=repeats, exporter=exporter, folder=out)
+                    atol=atol, rounding=rounding, repeats=repeats, exporter=exporter, folder=out)
     if strict and not report.ok:
         raise CheckFailed(report)
     return report
@@ -718,8 +800,8 @@ def folder_stages(folder: str | os.PathLike) -> tuple[CheckStage, ...]:
     return tuple(stages)
 
 
-def check_folder(folder: str | os.PathLike, *, rtol: float = RTOL, atol: float = ATOL, repeats: int = 3,
-                 exporter: str = "auto", strict: bool = False) -> CheckReport:
+def check_folder(folder: str | os.PathLike, *, rtol: float = RTOL, atol: float = ATOL, rounding: float = ROUNDING,
+                 repeats: int = 3, exporter: str = "auto", strict: bool = False) -> CheckReport:
     """The check on a plan folder (see ``save_check_files``), on the example batch saved there; the
     eager reference is the stages chained on the whole batch. Writes stage_<p>.onnx into it."""
     from asteroid_fx.program_text import program_from_json
@@ -737,7 +819,7 @@ def check_folder(folder: str | os.PathLike, *, rtol: float = RTOL, atol: float =
     for s in stages:
         outputs = _torch_runner(stages)(s.index, outputs)
     report = _check(program, stages, batch_inputs, outputs, "the stages chained on the whole batch", rtol=rtol,
-                    atol=atol, repeats=repeats, exporter=exporter, folder=folder)
+                    atol=atol, rounding=rounding, repeats=repeats, exporter=exporter, folder=folder)
     if strict and not report.ok:
         raise CheckFailed(report)
     return report
@@ -751,6 +833,9 @@ def register_cli(subparsers: Any) -> None:
     c.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime")
     c.add_argument("--rtol", type=float, default=RTOL, help=f"relative tolerance (default {RTOL:g})")
     c.add_argument("--atol", type=float, default=ATOL, help=f"absolute tolerance (default {ATOL:g})")
+    c.add_argument("--rounding", type=float, default=ROUNDING,
+                   help=f"widen atol by this many times PyTorch's own float32 error on each output, measured "
+                        f"against a float64 run (default {ROUNDING:g}; 0: atol and rtol alone)")
     c.add_argument("--repeats", type=int, default=3, help="timed forward passes for the latency columns (0: none)")
     c.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="torch.export-based, TorchScript, or auto: the first, then the second where it fails")
@@ -759,6 +844,7 @@ def register_cli(subparsers: Any) -> None:
 
 def cmd_check(args: Any) -> int:
     """Print the check's table; exit status 0 when every stage agrees, 1 on a mismatch."""
-    report = check_folder(args.folder, rtol=args.rtol, atol=args.atol, repeats=args.repeats, exporter=args.exporter)
+    report = check_folder(args.folder, rtol=args.rtol, atol=args.atol, rounding=args.rounding, repeats=args.repeats,
+                          exporter=args.exporter)
     print(report)
     return 0 if report.ok else 1

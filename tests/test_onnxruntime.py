@@ -83,7 +83,8 @@ def test_report_table_states_errors_latency_and_opset(plan_dir):
     _, report = plan_dir
     text = str(report)
     assert f"opset {backend.OPSET}" in text and "rtol 0.0001" in text and "atol 1e-05" in text
-    for column in ("max abs err", "max rel err", "ORT ms", "PyTorch ms"):
+    assert f"rounding {backend.ROUNDING:g}" in text
+    for column in ("max abs err", "max rel err", "f32 err", "ORT ms", "PyTorch ms"):
         assert column in text
     assert "d0(5),d1(3)" in text and text.endswith("result: pass")
     assert all(s.ort_s > 0 and s.torch_s > 0 for s in report.stages)
@@ -110,17 +111,83 @@ def test_saved_stages_are_valid_onnx_with_dynamic_rows(mlp, plan_dir):
             assert all(out.shape[0] == rows for out in session.run(None, feeds))
 
 
-def test_a_mismatch_raises_with_the_table(mlp):
+# --- a mismatch made for certain ------------------------------------------------------------------
+
+DELTA = 1e-2  # added to the last stage's output bias in ONNX: every output off by exactly that
+
+
+@pytest.fixture
+def wrong_bias(monkeypatch):
+    """Export the last stage of the two-stage mlp with its output layer's bias shifted by DELTA in
+    the ONNX model only: ORT then differs from PyTorch by DELTA on every output of stage 1 (its last
+    op is that Linear), and agrees on stage 0."""
+    from onnx import numpy_helper
+
+    export = backend.export_stage
+
+    def perturbed(stage, example, exporter="auto"):
+        out = export(stage, example, exporter)
+        if stage.index == 1:
+            bias = next(i for i in out.model.graph.initializer if i.name.endswith("bias") and len(i.dims) == 1)
+            bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + DELTA, bias.name))
+        return out
+
+    monkeypatch.setattr(backend, "export_stage", perturbed)
+
+
+def _needed(report) -> float:
+    return max(a.atol_to_pass for a in (*(s.agreement for s in report.stages), report.local_vs_eager,
+                                        report.ort_vs_eager))
+
+
+def test_a_mismatch_raises_with_the_table_naming_the_stage(mlp, wrong_bias):
     _, compiled = mlp
     with pytest.raises(backend.CheckFailed, match="MISMATCH") as info:
-        compiled.check(rtol=0.0, atol=0.0, repeats=0)  # ORT rounds differently from PyTorch somewhere
+        compiled.check(repeats=0)  # the default tolerance, rounding included
     report = info.value.report
-    assert not report.ok and "NO" in str(report)
-    # it says which atol would do, and that atol does
-    needed = max(a.atol_to_pass for a in (*(s.agreement for s in report.stages), report.local_vs_eager,
-                                          report.ort_vs_eager))
-    assert 0 < needed < 1e-3 and f"every element agrees with atol {needed:.1e}" in str(report)
-    assert compiled.check(rtol=0.0, atol=needed * 1.01, repeats=0).ok
+    assert not report.ok
+    first, second = report.stages
+    assert first.agreement.ok and not second.agreement.ok
+    assert second.agreement.off == second.agreement.elements  # every output is DELTA off
+    assert report.local_vs_eager.ok and not report.ort_vs_eager.ok
+    rows = {line.split()[0]: line for line in str(report).splitlines() if line[:1].isdigit()}
+    assert rows["0"].endswith("yes") and rows["1"].endswith("NO")
+    # the atol that would pass is DELTA, less the rtol share of the smallest |output|, plus rounding
+    needed = _needed(report)
+    assert DELTA * 0.9 < needed < DELTA * 1.01 and f"every element agrees with atol {needed:.1e}" in str(report)
+    assert compiled.check(atol=needed * 1.01, repeats=0).ok
+    assert not compiled.check(atol=needed * 0.9, repeats=0, strict=False).ok
+
+
+def test_rounding_widens_atol_by_pytorchs_own_float32_error(mlp):
+    _, compiled = mlp
+    report = compiled.check(repeats=0)
+    for a in (*(s.agreement for s in report.stages), report.ort_vs_eager):
+        assert 0 < a.float32_error < 1e-5 and a.slack == pytest.approx(backend.ROUNDING * a.float32_error)
+    assert "f32 err" in str(report) and not report.wide
+    plain = compiled.check(rounding=0, repeats=0, strict=False)
+    assert plain.stages[0].agreement.float32_error is None and "rounding 0 " in str(plain)
+    # rounding only widens: a difference within atol passes either way, and DELTA never hides
+    assert [s.agreement.max_abs for s in plain.stages] == [s.agreement.max_abs for s in report.stages]
+    with pytest.raises(ValueError, match="rounding must be >= 0"):
+        compiled.check(rounding=-1, repeats=0)
+
+
+def test_a_model_that_refuses_float64_is_checked_with_atol_alone():
+    class Float32Only(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+            self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(torch.mm(h.float(), self.w.float()) + h)
+
+    compiled = _two_stages(Float32Only())
+    report = compiled.check(repeats=0)
+    assert report.ok and "does not run in float64" in report.wide and "atol is not widened" in str(report)
+    assert all(s.agreement.float32_error is None for s in report.stages)
 
 
 def test_inputs_must_be_one_global_batch(mlp):
@@ -221,13 +288,19 @@ def _cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-def test_cli_check_passes_and_exits_non_zero_on_a_mismatch(plan_dir, capsys):
+def test_cli_check_passes(plan_dir, capsys):
     folder, _ = plan_dir
     assert _cli(["check", "--backend", "onnxruntime", str(folder), "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "against the stages chained on the whole batch" in out and out.rstrip().endswith("result: pass")
-    assert _cli(["check", str(folder), "--rtol", "0", "--atol", "0", "--repeats", "0"]) == 1
-    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_cli_check_exits_non_zero_on_a_mismatch(plan_dir, capsys, wrong_bias):
+    folder, _ = plan_dir
+    assert _cli(["check", str(folder), "--repeats", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out and next(line for line in out.splitlines() if line.startswith("1 ")).endswith("NO")
+    assert _cli(["check", str(folder), "--repeats", "0", "--atol", f"{DELTA * 1.01}"]) == 0
 
 
 def test_cli_check_on_a_folder_without_check_files_says_what_to_do(mlp, tmp_path):
