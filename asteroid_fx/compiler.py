@@ -10,20 +10,19 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from asteroid_fx.atomic import write_text
-from asteroid_fx.cluster import Cluster, resolve_cluster
-from asteroid_fx.layer_graph import LayerGraph
-from asteroid_fx.plan import Plan
-from asteroid_fx.program import Program
-from asteroid_fx.program_text import format_program, program_to_json
-from asteroid_fx.verify import verify
+from asteroid_fx.ir.atomic import write_text
+from asteroid_fx.ir.cluster import Cluster, resolve_cluster
+from asteroid_fx.ir.layer_graph import LayerGraph, write_costs
+from asteroid_fx.ir.plan import Plan
+from asteroid_fx.ir.program import Program
+from asteroid_fx.ir.program_text import format_program, program_to_json
+from asteroid_fx.ir.verify import verify
 from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import Captured, capture
 from asteroid_fx.passes.linearize import linearize
-from asteroid_fx.passes.lower_comm import lower_comm
+from asteroid_fx.passes.lower import lower_plan, stage_cut_specs
 from asteroid_fx.passes.partition import partition
 from asteroid_fx.passes.profile_costs import profile_costs
-from asteroid_fx.passes.schedule import schedule
 from asteroid_fx.passes.split import Stage, split
 
 DEFAULT_MAX_LAYERS = 48
@@ -120,8 +119,6 @@ class Compiled:
         _write(out / "program.json", json.dumps(program_to_json(self.program), indent=1) + "\n")
         _write(out / "layers.txt", str(self.layer_graph) + "\n")
         self.cluster.save(out / "cluster.json")
-        from asteroid_fx.sim import write_costs
-
         write_costs(self.layer_graph, out / "costs.json")  # what `asteroid simulate` times the program with
         for st in self.stages:
             _write(out / f"stage_{st.index}.py", st.module.code)
@@ -174,10 +171,8 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
                      microbatch_rows=microbatch_rows, schedule=schedule_kind, stages=stages, groups=groups,
                      rows=rows, layers=layers, opt_state_factor=opt_state_factor, recovery=recovery)
     stage_modules = split(captured, lg, plan)
-    compute = schedule(plan)
-    cut_specs = [(s.output_specs, tuple(spec for spec, g in zip(s.output_specs, s.output_grads) if g))
-                 for s in stage_modules[:-1]]
-    program = lower_comm(compute, cut_specs)
+    # the schedule's F/B order per device, then the row-slice messages, all-reduces and steps
+    program = lower_plan(plan, stage_cut_specs(stage_modules))
     if check:
         verify(program)  # cheap, and a wrong program must never reach a backend
     return Compiled(captured, cluster, lg, plan, stage_modules, program, loss)

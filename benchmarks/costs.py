@@ -29,10 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine, write_section  # noqa: E402
 
-from asteroid_fx import calibrate, catalog  # noqa: E402
-from asteroid_fx.passes import measure  # noqa: E402
+from asteroid_fx.cost import calibrate  # noqa: E402
+
+from asteroid_fx.ir import catalog
+from asteroid_fx.runtime import profiler as measure  # noqa: E402
 from asteroid_fx.passes.profile_costs import profile_costs  # noqa: E402
-from asteroid_fx.profile import Method  # noqa: E402
+from asteroid_fx.ir.profile import Method  # noqa: E402
 
 # the zoo's modules (``models.gpt`` and ``models.bert`` are the builder functions)
 resnet_zoo, mobilenet_zoo, gpt_zoo, bert_zoo = (importlib.import_module(f"asteroid_fx.models.{m}")
@@ -150,8 +152,8 @@ def profile_resnet50() -> tuple[float, int]:
     (imports, capture and the JSON write included), and its exit status."""
     out = Path(__file__).resolve().parent / ".resnet50_profile.json"
     out.unlink(missing_ok=True)
-    code = ("import argparse, sys; from asteroid_fx import profile; p = argparse.ArgumentParser(); "
-            "profile.register_cli(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+    code = ("import argparse, sys; from asteroid_fx.cli import profile; p = argparse.ArgumentParser(); "
+            "profile.register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
     cmd = [sys.executable, "-c", code, "profile", "--model", "resnet50", "--rows", "1,2,4,8,16,32",
            "--out", str(out), "--threads", "1", "--device", "cpu"]
     print("resnet50: " + " ".join(cmd[3:]), file=sys.stderr, flush=True)

@@ -25,9 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine, write_section  # noqa: E402
 
-from asteroid_fx import catalog, netns  # noqa: E402
-from asteroid_fx.cluster import Cluster, Device  # noqa: E402
-from asteroid_fx.launch import RunSpec, compile_spec, launch, pinned  # noqa: E402
+from asteroid_fx.ir import catalog  # noqa: E402
+
+from asteroid_fx.runtime import netns
+from asteroid_fx.ir.cluster import Cluster, Device  # noqa: E402
+from asteroid_fx.runtime.launch import RunSpec, compile_spec, launch, pinned  # noqa: E402
 from asteroid_fx.sim import simulate  # noqa: E402
 
 MODEL, PRESET, BATCH = "digits", "edge-4-pi-1g", 64

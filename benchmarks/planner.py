@@ -26,13 +26,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine, write_section  # noqa: E402
 
-from asteroid_fx import catalog, models  # noqa: E402
-from asteroid_fx.cluster import Cluster  # noqa: E402
-from asteroid_fx.passes import baselines, hpp  # noqa: E402
+from asteroid_fx.ir import catalog  # noqa: E402
+
+from asteroid_fx import models
+from asteroid_fx.ir.cluster import Cluster  # noqa: E402
+from asteroid_fx.passes.planners import baselines, hpp  # noqa: E402
 from asteroid_fx.passes.annotate_costs import annotate_costs  # noqa: E402
 from asteroid_fx.passes.capture import capture  # noqa: E402
 from asteroid_fx.passes.linearize import linearize  # noqa: E402
-from asteroid_fx.plan import NoPlanError  # noqa: E402
+from asteroid_fx.ir.plan import NoPlanError  # noqa: E402
 
 MODELS = ("vgg16", "resnet50", "mobilenetv2", "bert", "gpt")
 PRESETS = ("edge-4-1g", "edge-5-mixed-1g", "edge-6-300m", "edge-6-laptop-300m", "edge-8-100m", "edge-7-laptop-100m")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from asteroid_fx.atomic import write_text
-from asteroid_fx.catalog import host_cpu_name
+from asteroid_fx.ir.atomic import write_text
+from asteroid_fx.ir.catalog import host_cpu_name
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = ("# Benchmark results\n\nEvery table below is written by the script named in its heading; "

@@ -21,13 +21,14 @@ from results import machine, write_section  # noqa: E402
 
 import asteroid_fx as asteroid  # noqa: E402
 from asteroid_fx import models  # noqa: E402
-from asteroid_fx.cluster import Cluster  # noqa: E402
-from asteroid_fx.estimate import CostTable  # noqa: E402
+from asteroid_fx.ir.cluster import Cluster  # noqa: E402
+from asteroid_fx.cost.estimate import CostTable  # noqa: E402
 from asteroid_fx.passes.annotate_costs import annotate_costs  # noqa: E402
 from asteroid_fx.passes.capture import capture  # noqa: E402
 from asteroid_fx.passes.linearize import linearize  # noqa: E402
 from asteroid_fx.passes.partition import balanced  # noqa: E402
-from asteroid_fx.sim import planned_program, simulate  # noqa: E402
+from asteroid_fx.passes.lower import planned_program  # noqa: E402
+from asteroid_fx.sim import simulate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PICTURE = ROOT / "docs" / "sim-1f1b-4dev.png"

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.fx as fx
 
-from asteroid_fx import catalog, models
-from asteroid_fx.costs import ROW_GRID, Cost, NodeStats
+from asteroid_fx.ir import catalog
+
+from asteroid_fx import models
+from asteroid_fx.ir.costs import ROW_GRID, Cost, NodeStats
 from asteroid_fx.passes.annotate_costs import COMPUTE_OPS, annotate_costs
 from asteroid_fx.passes.capture import capture
 

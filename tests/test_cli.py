@@ -7,8 +7,8 @@ import json
 import pytest
 
 from asteroid_fx import cli
-from asteroid_fx.plan import Plan
-from asteroid_fx.program_text import parse_program, program_from_json
+from asteroid_fx.ir.plan import Plan
+from asteroid_fx.ir.program_text import parse_program, program_from_json
 
 
 def test_compile_then_show(tmp_path, capsys):

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asteroid_fx import catalog
-from asteroid_fx.catalog import GiB, DeviceKind
-from asteroid_fx.cluster import (
+from asteroid_fx.ir import catalog
+from asteroid_fx.ir.catalog import GiB, DeviceKind
+from asteroid_fx.ir.cluster import (
     Cluster,
     Device,
     parse_bandwidth,

@@ -7,7 +7,10 @@ import json
 
 import torch
 
-from asteroid_fx import catalog, demo, models
+from asteroid_fx.ir import catalog
+
+from asteroid_fx import models
+from examples import demo
 from asteroid_fx.models import digits_cnn
 
 

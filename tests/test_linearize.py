@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import asteroid_fx as asteroid
 from asteroid_fx import models
-from asteroid_fx.cluster import Cluster, Device
+from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.passes.annotate_costs import COMPUTE_OPS, annotate_costs
 from asteroid_fx.passes.capture import capture
 from asteroid_fx.passes.linearize import linearize, node_cuts

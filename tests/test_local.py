@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import asteroid_fx as asteroid
 from asteroid_fx import models
-from asteroid_fx.cluster import Cluster
+from asteroid_fx.ir.cluster import Cluster
 
 # stage groups over a 7-device mixed cluster: (groups, rows per device of an 8-row micro-batch).
 # No chunk has a single row: BatchNorm over one row normalizes a handful of nearly equal values,
@@ -35,8 +35,8 @@ BATCH = MICROBATCHES * ROWS
 
 
 def _named_cluster() -> Cluster:
-    from asteroid_fx.catalog import kind
-    from asteroid_fx.cluster import Device
+    from asteroid_fx.ir.catalog import kind
+    from asteroid_fx.ir.cluster import Device
 
     devices = [Device(f"d{i}", k, kind(k).memory_bytes) for i, k in enumerate(KINDS)]
     return Cluster.uniform(devices, bandwidth=125e6, latency=1e-3)

@@ -20,6 +20,7 @@ pytest.importorskip("onnxscript")  # torch.onnx's torch.export-based exporter ne
 import asteroid_fx as asteroid  # noqa: E402
 from asteroid_fx import models  # noqa: E402
 from asteroid_fx.backends import onnxruntime as backend  # noqa: E402
+from asteroid_fx.cli import check as check_cli  # noqa: E402
 from tests.test_local import BATCH, LAYOUTS, MICROBATCHES, _named_cluster  # noqa: E402
 
 # one plan per model in the default run, so that every stage count is covered
@@ -283,7 +284,7 @@ def test_an_op_without_an_ort_kernel_names_op_stage_and_node():
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="asteroid")
-    backend.register_cli(parser.add_subparsers(dest="command", required=True))
+    check_cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -12,15 +12,17 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from asteroid_fx import catalog, models
-from asteroid_fx.cluster import Cluster, Device
-from asteroid_fx.estimate import ADAM_STATE_FACTOR, device_memory, in_flight
-from asteroid_fx.layer_graph import LayerGraph
+from asteroid_fx.ir import catalog
+
+from asteroid_fx import models
+from asteroid_fx.ir.cluster import Cluster, Device
+from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, device_memory, in_flight
+from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import capture
 from asteroid_fx.passes.linearize import linearize
 from asteroid_fx.passes.partition import NoPlanError, balanced, split_rows
-from asteroid_fx.plan import Plan
+from asteroid_fx.ir.plan import Plan
 
 KINDS = tuple(catalog.KINDS)  # static kinds only: host-cpu would be measured on this machine
 

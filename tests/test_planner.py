@@ -15,16 +15,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import asteroid_fx as asteroid
-from asteroid_fx import catalog, models
-from asteroid_fx.cluster import Cluster, Device
-from asteroid_fx.estimate import CostTable, in_flight
-from asteroid_fx.layer_graph import LayerGraph
-from asteroid_fx.passes import baselines, hpp
+from asteroid_fx.ir import catalog
+from asteroid_fx import models
+from asteroid_fx.ir.cluster import Cluster, Device
+from asteroid_fx.cost.estimate import CostTable, in_flight
+from asteroid_fx.ir.layer_graph import LayerGraph
+from asteroid_fx.passes.planners import baselines, hpp
 from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import capture
 from asteroid_fx.passes.linearize import linearize
 from asteroid_fx.passes.partition import PLANNER_NAMES, partition
-from asteroid_fx.plan import NoPlanError, Plan
+from asteroid_fx.ir.plan import NoPlanError, Plan
 from asteroid_fx.sim import simulate
 
 KINDS = ("jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-orin-nano", "laptop-i7", "raspberry-pi-5")
@@ -208,8 +209,8 @@ def test_the_dp_handles_200_layers_and_16_devices_quickly():
 
 
 def _synthetic(n: int) -> LayerGraph:
-    from asteroid_fx.costs import Cost, TimeFit
-    from asteroid_fx.layer_graph import Cut, Layer
+    from asteroid_fx.ir.costs import Cost, TimeFit
+    from asteroid_fx.ir.layer_graph import Cut, Layer
 
     layers, cuts = [], [Cut(0, ("x",), 4096.0, True)]
     for i in range(n):

@@ -16,10 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asteroid_fx as asteroid
-from asteroid_fx import calibrate, linkprobe
-from asteroid_fx import profile as P
-from asteroid_fx.cluster import Cluster
-from asteroid_fx.passes import measure
+from asteroid_fx.cost import calibrate
+from asteroid_fx.runtime import linkprobe
+from asteroid_fx.ir import profile as P
+from asteroid_fx.cli import profile as profile_cli
+from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.runtime import profiler as measure
 from asteroid_fx.passes.profile_costs import profile_costs
 
 QUICK = P.Method(min_repeats=2, max_repeats=3, budget_s=0.0)
@@ -51,7 +53,7 @@ def tiny():
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="asteroid")
-    P.register_cli(parser.add_subparsers(dest="command"))
+    profile_cli.register(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asteroid_fx.program import Action, Op, Program, StageInfo, StageSlot, TensorSpec
-from asteroid_fx.program_text import (
+from asteroid_fx.ir.program import Action, Op, Program, StageInfo, StageSlot, TensorSpec
+from asteroid_fx.ir.program_text import (
     ProgramParseError,
     format_action,
     format_program,

@@ -17,16 +17,17 @@ from hypothesis import strategies as st
 
 import asteroid_fx as asteroid
 from asteroid_fx import cli, models
-from asteroid_fx.cluster import Cluster, Device
-from asteroid_fx.costs import Cost, TimeFit
-from asteroid_fx.estimate import CostTable, device_memory
-from asteroid_fx.layer_graph import Cut, Layer, LayerGraph
-from asteroid_fx.passes import hpp
+from asteroid_fx.ir.cluster import Cluster, Device
+from asteroid_fx.ir.costs import Cost, TimeFit
+from asteroid_fx.cost.estimate import CostTable, device_memory
+from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph
+from asteroid_fx.passes.planners import hpp
 from asteroid_fx.passes.partition import partition
 from asteroid_fx.passes.replan import replan
 from asteroid_fx.passes.replay import add_backups, backup_holders
-from asteroid_fx.plan import NoPlanError, Plan
-from asteroid_fx.sim import planned_program, simulate
+from asteroid_fx.ir.plan import NoPlanError, Plan
+from asteroid_fx.passes.lower import planned_program
+from asteroid_fx.sim import simulate
 
 FAST, SLOW = "laptop-i7", "jetson-nano"
 

@@ -11,7 +11,7 @@ import torch
 
 import asteroid_fx as asteroid
 from asteroid_fx import models
-from asteroid_fx.program import Op
+from asteroid_fx.ir.program import Op
 from asteroid_fx.passes.replan import ReplanError, replan, switch
 from asteroid_fx.passes.replay import add_backups, split_stages
 from tests.test_local import _named_cluster

@@ -20,10 +20,10 @@ import torch
 
 import asteroid_fx as asteroid
 from asteroid_fx import models
-from asteroid_fx.program import Action, Op, Program, StageInfo, StageSlot, TensorSpec
-from asteroid_fx.program_text import format_program, parse_program, program_from_json, program_to_json
+from asteroid_fx.ir.program import Action, Op, Program, StageInfo, StageSlot, TensorSpec
+from asteroid_fx.ir.program_text import format_program, parse_program, program_from_json, program_to_json
 from asteroid_fx.sim import simulate
-from asteroid_fx.verify import VerifyError, execution_order, verify
+from asteroid_fx.ir.verify import VerifyError, execution_order, verify
 from asteroid_fx.passes.lower_comm import lower_comm
 from asteroid_fx.passes.replay import (Failure, ReplayError, add_backups, backup_holders, replay, split_rows,
                                        split_stages)

@@ -15,13 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import asteroid_fx as asteroid
-from asteroid_fx import catalog, models
-from asteroid_fx.cluster import Cluster, Device
-from asteroid_fx.estimate import in_flight
-from asteroid_fx.plan import Plan, StagePlan
-from asteroid_fx.program import Op, Program, TensorSpec
-from asteroid_fx.program_text import format_program, parse_program, program_from_json, program_to_json
-from asteroid_fx.verify import verify
+from asteroid_fx.ir import catalog
+from asteroid_fx import models
+from asteroid_fx.ir.cluster import Cluster, Device
+from asteroid_fx.cost.estimate import in_flight
+from asteroid_fx.ir.plan import Plan, StagePlan
+from asteroid_fx.ir.program import Op, Program, TensorSpec
+from asteroid_fx.ir.program_text import format_program, parse_program, program_from_json, program_to_json
+from asteroid_fx.ir.verify import verify
 from asteroid_fx.passes.lower_comm import lower_comm
 from asteroid_fx.passes.partition import balanced
 from asteroid_fx.passes.schedule import schedule
@@ -289,7 +290,7 @@ def test_golden_mlp_2stage_3dev_1f1b():
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_deeper_warmup_runs_ahead_and_holds_what_the_planner_counts(depth):
-    from asteroid_fx.estimate import in_flight
+    from asteroid_fx.cost.estimate import in_flight
     from asteroid_fx.passes.schedule import order_of
 
     S, M = 4, 12
@@ -306,7 +307,7 @@ def test_deeper_warmup_runs_ahead_and_holds_what_the_planner_counts(depth):
 
 
 def test_unknown_schedule_names_are_refused():
-    from asteroid_fx.plan import warmup_depth
+    from asteroid_fx.ir.plan import warmup_depth
 
     with pytest.raises(ValueError, match="1f1b\\+N"):
         warmup_depth("1f1b-2")

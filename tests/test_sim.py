@@ -18,16 +18,19 @@ from hypothesis import strategies as st
 
 import asteroid_fx as asteroid
 from asteroid_fx import models
-from asteroid_fx.cluster import Cluster, Device
-from asteroid_fx.costs import Cost, TimeFit
-from asteroid_fx.estimate import ADAM_STATE_FACTOR, device_memory, in_flight, ring_allreduce_s
-from asteroid_fx.layer_graph import Cut, Layer, LayerGraph
-from asteroid_fx.plan import Plan, StagePlan
-from asteroid_fx.program import Op
-from asteroid_fx.program_text import parse_program
-from asteroid_fx.sim import (_fair_rates, _Flow, costs_from_json, costs_to_json, planned_program, register_cli,
-                             simulate, transfer_bytes, write_costs)
-from asteroid_fx.verify import DeadlockError, dry_run
+from asteroid_fx.ir.cluster import Cluster, Device
+from asteroid_fx.ir.costs import Cost, TimeFit
+from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, device_memory, in_flight, ring_allreduce_s
+from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph
+from asteroid_fx.ir.plan import Plan, StagePlan
+from asteroid_fx.ir.program import Op
+from asteroid_fx.ir.program_text import parse_program
+from asteroid_fx.cli.simulate import register as register_cli
+from asteroid_fx.ir.layer_graph import costs_from_json, costs_to_json, write_costs
+from asteroid_fx.passes.lower import planned_program
+from asteroid_fx.sim import simulate, transfer_bytes
+from asteroid_fx.sim.engine import _fair_rates, _Flow
+from asteroid_fx.ir.verify import DeadlockError, dry_run
 
 KIND = "jetson-nano"
 

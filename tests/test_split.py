@@ -12,7 +12,7 @@ import torch
 
 import asteroid_fx as asteroid
 from asteroid_fx import models
-from asteroid_fx.cluster import Cluster, Device
+from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.passes.partition import NoPlanError, balanced
 from asteroid_fx.passes.split import split, tensor_spec
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import asteroid_fx as asteroid
-from asteroid_fx.cluster import Cluster, Device
-from asteroid_fx.launch import RunSpec, batches, compile_spec, launch, load_weights
+from asteroid_fx.ir.cluster import Cluster, Device
+from asteroid_fx.runtime.launch import RunSpec, batches, compile_spec, launch, load_weights
 
 CLUSTER = Cluster.uniform([Device("a", "jetson-nano"), Device("b", "jetson-tx2"), Device("c", "jetson-xavier-nx")],
                           bandwidth=125e6, latency=1e-3)
@@ -41,7 +41,7 @@ def test_workers_match_local_backend(case, tmp_path):
 def test_a_worker_whose_program_differs_fails_the_run_with_its_error(tmp_path, monkeypatch):
     spec = CASES["mlp-hybrid-1f1b"]
     # a worker that cannot compile the launcher's program: it must fail fast, not hang the others
-    import asteroid_fx.launch as launch_mod
+    import asteroid_fx.runtime.launch as launch_mod
 
     original = launch_mod.format_program
     monkeypatch.setattr(launch_mod, "format_program", lambda p: original(p) + "# launcher differs\n")
@@ -118,9 +118,10 @@ def test_remote_workers_join_by_device_name_and_by_torchrun_rank(tmp_path):
 
 
 def test_time_dilation_stretches_every_emulated_duration():
-    from asteroid_fx import catalog, models
+    from asteroid_fx.ir import catalog
+    from asteroid_fx import models
     from asteroid_fx.backends.torch_dist import Emulation
-    from asteroid_fx.program import Action, Op
+    from asteroid_fx.ir.program import Action, Op
 
     entry = models.get("mlp")
     torch.manual_seed(0)
@@ -211,7 +212,7 @@ def _adam_step(worker) -> None:
 
 def test_a_backup_is_one_message_once_its_layout_is_known_and_files_the_exact_state():
     from asteroid_fx.backends.local import StateCopy
-    from asteroid_fx.program import Action, Op
+    from asteroid_fx.ir.program import Action, Op
 
     a, b = _two_workers()
     backup, restore = [Action(Op.BACKUP, 0, peer="b")], [Action(Op.RESTORE, 0, peer="a")]
@@ -234,7 +235,7 @@ def test_a_backup_is_one_message_once_its_layout_is_known_and_files_the_exact_st
 
 def test_a_backup_cut_off_by_a_failure_is_never_filed():
     from asteroid_fx.backends.torch_dist import Interrupted
-    from asteroid_fx.program import Action, Op
+    from asteroid_fx.ir.program import Action, Op
 
     a, b = _two_workers()
     backup, restore = [Action(Op.BACKUP, 0, peer="b")], [Action(Op.RESTORE, 0, peer="a")]
@@ -251,7 +252,7 @@ def test_a_backup_cut_off_by_a_failure_is_never_filed():
 
 def test_the_copy_sent_after_the_step_is_the_senders_next_rollback_point():
     from asteroid_fx.backends.local import StateCopy
-    from asteroid_fx.program import Action, Op
+    from asteroid_fx.ir.program import Action, Op
 
     a, b = _two_workers()
     for p in a.module.parameters():
@@ -351,7 +352,7 @@ def test_a_flat_copy_is_the_exact_state_through_steps_rollbacks_and_tied_weights
 def test_the_store_listens_only_on_the_address_it_is_given():
     import socket
 
-    from asteroid_fx.launch import serve_store
+    from asteroid_fx.runtime.launch import serve_store
 
     store = serve_store("127.0.0.2", 0)  # another loopback address: the test needs no network
     port = store.port
@@ -373,7 +374,7 @@ def test_building_an_epochs_groups_waits_for_every_member_and_an_agreed_failure_
     import time
 
     from asteroid_fx.backends.torch_dist import Comm, Interrupted
-    from asteroid_fx.launch import serve_store
+    from asteroid_fx.runtime.launch import serve_store
 
     program = compile_spec(RunSpec(model="mlp:small", batch=8, microbatches=2, groups=(("a",), ("b",)),
                                    rows=((4,), (4,))), CLUSTER).program

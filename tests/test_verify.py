@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asteroid_fx.program import Action, Op, Program, StageInfo, StageSlot, TensorSpec
-from asteroid_fx.program_text import format_program_lines, parse_action, parse_program
-from asteroid_fx.verify import DeadlockError, VerifyError, dry_run, execution_order, format_grid, verify
+from asteroid_fx.ir.program import Action, Op, Program, StageInfo, StageSlot, TensorSpec
+from asteroid_fx.ir.program_text import format_program_lines, parse_action, parse_program
+from asteroid_fx.ir.verify import DeadlockError, VerifyError, dry_run, execution_order, format_grid, verify
 
 CUT_SPECS = (TensorSpec("float32", (8,)),)
 

@@ -1,0 +1,412 @@
+"""local backend: execute a Program in one process with real tensors. This is what the IR means.
+
+Every device holds its own replica of its stage (parameters, buffers, optimizer), exactly as on a
+real cluster; actions run in ``verify.execution_order`` (a deterministic interleaving that respects
+every SEND -> RECV and collective). Semantics of one iteration over a global batch of
+``microbatches x microbatch_rows`` rows (micro-batch m = rows [m*b, (m+1)*b)):
+  F     stage 0 reads its rows of the inputs; later stages concatenate the row slices they
+        received; the last stage also computes loss(outputs, labels) x rows / batch, so the
+        summed loss is the full-batch mean and gradients match full-batch training.
+  B     backward from the loss (last stage) or from the received output gradients.
+  SEND  a detached row slice of the outputs (act) or of the input gradients (grad).
+  ALLREDUCE  sums the group's gradients (slot order) and averages its floating buffers, so the
+        replicas stay identical; BatchNorm running statistics become the mean over the group.
+  STEP  the device's optimizer steps and clears its gradients.
+
+Fault tolerance (docs/replay.md). A state copy is a stage's parameters, buffers and optimizer
+state by model name, tagged with the iteration it starts. Every device keeps the copy of its own
+stage taken when an iteration starts (its rollback point) until the next one starts, and files the
+copies it receives:
+  BACKUP    a copy of this device's stage goes to ``peer``; tagged with the next iteration once the
+            device has stepped in this one, else with this one.
+  RESTORE   files ``peer``'s copy; a copy tagged i serves a rollback of iteration i.
+  ROLLBACK  sets the device's stage (a new replica when the stage table changed) to its state at
+            the start of the iteration, name by name, from the copies tagged with it.
+Before the first iteration a holder holds the initial state of the stages it receives backups of.
+``step(..., stop=...)`` runs a prefix of an iteration, as a failure leaves it; ``replay`` switches
+to a rewrite's recovery program, which redoes the iteration, then to its program for the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from asteroid_fx.ir.program import Action, Op, Program
+from asteroid_fx.ir.verify import execution_order
+
+OptimizerSpec = str | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+OPTIMIZERS = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
+}
+
+
+def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter], lr: float = 1e-3) -> torch.optim.Optimizer | None:
+    if not params:
+        return None
+    if callable(spec):
+        return spec(params)
+    name = spec.lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {spec!r}; use one of {', '.join(OPTIMIZERS)} or pass a callable "
+                         "params -> torch.optim.Optimizer")
+    return OPTIMIZERS[name](params, lr)
+
+
+class StateCopy:
+    """A stage's state by model name: parameters, buffers and per-parameter optimizer state.
+
+    ``StateCopy.later(make)`` is a copy whose entries ``make()`` builds when one is first read:
+    a packed backup (backends/torch_dist.py) is kept as the buffer it arrived in, and only a
+    rollback or a hand-over, which read it, pays for unpacking it by name. ``update`` merges in
+    order, and keeps what it merges deferred until then too."""
+
+    def __init__(self, params: dict[str, torch.Tensor] | None = None, buffers: dict[str, torch.Tensor] | None = None,
+                 optim: dict[str, dict[str, Any]] | None = None):
+        self._params = {} if params is None else params
+        self._buffers = {} if buffers is None else buffers
+        self._optim = {} if optim is None else optim
+        self._later: list[Callable[[], StateCopy]] = []  # merged over the entries above, in order
+
+    @classmethod
+    def later(cls, make: Callable[[], "StateCopy"]) -> "StateCopy":
+        out = cls()
+        out._later.append(make)
+        return out
+
+    @classmethod
+    def of(cls, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> "StateCopy":
+        named = list(replica.named_parameters(remove_duplicate=False))
+        state = optimizer.state if optimizer is not None else {}
+        return cls(
+            {n: p.detach().clone() for n, p in named},
+            {n: b.detach().clone() for n, b in replica.named_buffers(remove_duplicate=False)},
+            {n: _clone_state(state[p]) for n, p in named if state.get(p)},
+        )
+
+    def _settle(self) -> None:
+        while self._later:
+            other = self._later.pop(0)()
+            self._params.update(other.params)
+            self._buffers.update(other.buffers)
+            self._optim.update(other.optim)
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        self._settle()
+        return self._params
+
+    @property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        self._settle()
+        return self._buffers
+
+    @property
+    def optim(self) -> dict[str, dict[str, Any]]:
+        self._settle()
+        return self._optim
+
+    def update(self, other: "StateCopy") -> None:
+        """Entries of ``other`` replace those of the same name."""
+        self._later.append(lambda: other)
+
+    def load_into(self, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
+        """Copy every name ``replica`` has from this copy; returns the names it lacks."""
+        missing = []
+        with torch.no_grad():
+            for n, p in replica.named_parameters(remove_duplicate=False):
+                if n not in self.params:
+                    missing.append(n)
+                    continue
+                p.copy_(self.params[n])
+                p.grad = None
+                if optimizer is not None:
+                    optimizer.state.pop(p, None)
+                    if n in self.optim:
+                        optimizer.state[p] = _clone_state(self.optim[n])
+            for n, b in replica.named_buffers(remove_duplicate=False):
+                if n not in self.buffers:
+                    missing.append(n)
+                else:
+                    b.copy_(self.buffers[n])
+        return missing
+
+
+def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state.items()}
+
+
+@dataclasses.dataclass
+class _MicroBatchState:
+    received: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    grads_in: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    inputs: tuple[torch.Tensor, ...] = ()
+    outputs: tuple[Any, ...] = ()
+    loss: torch.Tensor | None = None
+    input_grads: tuple[torch.Tensor, ...] = ()
+
+
+class LocalRunner:
+    """Runs ``program`` iteration after iteration; ``stages`` are the split stage modules."""
+
+    def __init__(self, program: Program, stages: Sequence, *, loss: Callable, unflatten: Callable,
+                 input_names: Sequence[str], optimizer: OptimizerSpec = "sgd", lr: float = 1e-3,
+                 loss_reduction: str = "mean", state_keys: Iterable[str] | None = None):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.program = program
+        self.stages = tuple(stages)
+        self.loss = loss
+        self.unflatten = unflatten
+        self.input_index = {name: i for i, name in enumerate(input_names)}
+        self.loss_reduction = loss_reduction
+        self.state_keys = set(state_keys) if state_keys is not None else None
+        self.optimizer_spec, self.lr = optimizer, lr
+        self.iteration = 0  # iterations completed
+        self.copies: dict[str, dict[int, StateCopy]] = {}  # device -> iteration tag -> copies it holds
+        self._rollback_taken: int | None = None  # the iteration whose rollback points are taken
+        self._then: Program | None = None  # the program that follows a recovery iteration
+        self._use(program)
+        for device, acts in program.actions:  # a holder starts out holding the initial state
+            held = self.copies.setdefault(device, {}).setdefault(0, StateCopy())
+            for a in acts:
+                if a.op == Op.RESTORE:
+                    held.update(StateCopy.of(self.replicas[a.peer], None))
+
+    def _use(self, program: Program) -> None:
+        """Run ``program`` from now on, with a fresh replica of its stage on every device."""
+        self.program = program
+        self.order = execution_order(program)
+        self.replicas: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer | None] = {}
+        for device in program.devices:
+            stage = self.stages[program.stage_of(device).index]
+            replica = copy.deepcopy(stage.module)
+            replica.train()
+            self.replicas[device] = replica
+            self.optimizers[device] = make_optimizer(self.optimizer_spec,
+                                                     [p for p in replica.parameters() if p.requires_grad], self.lr)
+
+    def replay(self, rewrite: Any, stages: Sequence | None = None) -> None:
+        """Continue after ``rewrite`` (a passes.replay.Rewrite): the failed devices' state is gone,
+        the next ``step`` redoes the interrupted iteration with ``rewrite.recovery`` and the ones
+        after run ``rewrite.after``. ``stages`` are the stage modules of the new stage table
+        (passes.replay.split_stages); without them every new stage must run the layers of an old one."""
+        if stages is None:
+            by_layers = {st.layers: st for st in self.stages}
+            missing = [st for st in rewrite.after.stages if st.layers not in by_layers]
+            if missing:
+                st = missing[0]
+                raise ValueError(f"stage {st.index} of the rewritten program runs layers {st.layers[0]}:{st.layers[1]}, "
+                                 "which no stage ran before; pass stages= (passes.replay.split_stages builds them)")
+            stages = [dataclasses.replace(by_layers[st.layers], index=st.index) for st in rewrite.after.stages]
+        for device in rewrite.failure.devices:
+            self.copies.pop(device, None)
+        self.stages = tuple(stages)
+        self._use(rewrite.recovery)
+        self._then = rewrite.after
+
+    def switch(self, sw: Any, stages: Sequence) -> None:
+        """Move to another plan between two iterations (a passes.replan.Switch): every device files
+        its stage's state as the rollback point of the next iteration, runs its hand-over (BACKUPs
+        of ``sw.before``'s stages, then RESTOREs), and every device of ``sw.after`` loads its new
+        stage (``stages``: the stage modules of ``sw.after``) from what it holds (ROLLBACK)."""
+        if self._then is not None:
+            raise ValueError("a recovery iteration is pending; switch after it has run")
+        i = self.iteration
+        for device, replica in self.replicas.items():
+            self.copies.setdefault(device, {}).setdefault(i, StateCopy()).update(
+                StateCopy.of(replica, self.optimizers[device]))
+        self._in_flight, self._stepped = {}, set()
+        for op in (Op.BACKUP, Op.RESTORE):  # the order every device runs them in: sends first
+            for device, acts in sw.handover:
+                for a in acts:
+                    if a.op == op:
+                        RULES[op](self, device, a)
+        for device in sw.leaving:
+            self.copies.pop(device, None)
+        self.stages = tuple(stages)
+        self._use(sw.after)
+        for device in sw.after.devices:
+            self._rollback(device, Action(Op.ROLLBACK, sw.after.stage_of(device).index))
+        self._rollback_taken = None
+
+    # --- one iteration -------------------------------------------------------------------------
+
+    def step(self, inputs: Sequence[torch.Tensor], labels: Any, *, stop: Mapping[str, int] | None = None) -> float:
+        """One training iteration on a global batch; returns its mean loss. With ``stop`` (device ->
+        actions it completes) only that prefix runs, as a failure leaves it: the iteration stays
+        unfinished and the loss returned is what the last stage had computed."""
+        p = self.program
+        batch = p.microbatches * p.microbatch_rows
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] != batch:
+                raise ValueError(f"the program trains on batches of {batch} rows "
+                                 f"({p.microbatches} micro-batches x {p.microbatch_rows}); got an input with "
+                                 f"{t.shape[0]} rows")
+        self._inputs, self._labels, self._batch = tuple(inputs), labels, batch
+        self._state: dict[tuple[str, int], _MicroBatchState] = {}
+        self._mailbox: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._arrived: dict[tuple[int, int], list[str]] = {}
+        self._in_flight: dict[tuple[str, str, int], list[tuple[int, StateCopy]]] = {}  # BACKUP -> RESTORE
+        self._loss = 0.0
+        self._stepped: set[str] = set()
+        if self._rollback_taken != self.iteration:  # a redone iteration keeps the points it started with
+            for held in self.copies.values():  # copies of earlier iterations serve no rollback any more
+                for tag in [t for t in held if t < self.iteration]:
+                    del held[tag]
+            for device, replica in self.replicas.items():
+                held = self.copies.setdefault(device, {}).setdefault(self.iteration, StateCopy())
+                held.update(StateCopy.of(replica, self.optimizers[device]))
+            self._rollback_taken = self.iteration
+        actions = {d: acts for d, acts in p.actions}
+        for device, index in self.order:
+            if stop is not None and index >= stop.get(device, 0):
+                continue
+            a = actions[device][index]
+            RULES[a.op](self, device, a)
+        if stop is None:
+            self.iteration += 1
+            if self._then is not None:
+                self.program, self.order, self._then = self._then, execution_order(self._then), None
+        return self._loss
+
+    def _mb(self, device: str, mb: int) -> _MicroBatchState:
+        return self._state.setdefault((device, mb), _MicroBatchState())
+
+    def _rows(self, mb: int, rows: tuple[int, int]) -> slice:
+        base = mb * self.program.microbatch_rows
+        return slice(base + rows[0], base + rows[1])
+
+    def _forward(self, device: str, a: Action) -> None:
+        stage = self.stages[a.stage]
+        st = self._mb(device, a.mb)
+        if a.stage == 0:
+            sl = self._rows(a.mb, a.rows)
+            inputs = tuple(self._inputs[self.input_index[name]][sl] for name in stage.inputs)
+        else:
+            pieces = [st.received[r] for r in sorted(st.received)]
+            inputs = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(stage.inputs)))
+            st.received.clear()
+        inputs = tuple(t.detach().requires_grad_(g) for t, g in zip(inputs, stage.input_grads))
+        outputs = self.replicas[device](*inputs)
+        st.inputs, st.outputs = inputs, tuple(outputs)
+        if a.stage == len(self.stages) - 1:
+            sl = self._rows(a.mb, a.rows)
+            labels = self._labels[sl]
+            value = self.loss(self.unflatten(list(outputs)), labels)
+            scale = (a.rows[1] - a.rows[0]) / self._batch if self.loss_reduction == "mean" else 1.0
+            st.loss = value * scale
+            self._loss += float(st.loss.detach())
+
+    def _backward(self, device: str, a: Action) -> None:
+        stage = self.stages[a.stage]
+        st = self._mb(device, a.mb)
+        if st.loss is not None:
+            st.loss.backward()
+        else:
+            pieces = [st.grads_in[r] for r in sorted(st.grads_in)]
+            needing = [i for i, g in enumerate(stage.output_grads) if g]
+            tensors, grads = [], []
+            for j, i in enumerate(needing):
+                out = st.outputs[i]
+                if out.requires_grad:
+                    tensors.append(out)
+                    grads.append(torch.cat([piece[j] for piece in pieces]))
+            if tensors:
+                torch.autograd.backward(tensors, grads)
+        st.input_grads = tuple(
+            t.grad if t.grad is not None else torch.zeros_like(t)
+            for t, g in zip(st.inputs, stage.input_grads) if g)
+        st.outputs, st.loss, st.grads_in = (), None, {}
+
+    def _send(self, device: str, a: Action) -> None:
+        st = self._mb(device, a.mb)
+        lo = self.program.slot_of(device).lo
+        sl = slice(a.rows[0] - lo, a.rows[1] - lo)
+        source = st.outputs if a.payload == "act" else st.input_grads
+        self._mailbox[(device, a.peer, a.payload, a.stage, a.mb, a.rows)] = tuple(t[sl].detach() for t in source)
+
+    def _recv(self, device: str, a: Action) -> None:
+        data = self._mailbox.pop((a.peer, device, a.payload, a.stage, a.mb, a.rows))
+        st = self._mb(device, a.mb)
+        (st.received if a.payload == "act" else st.grads_in)[a.rows] = data
+
+    def _allreduce(self, device: str, a: Action) -> None:
+        key = (a.stage, 0)
+        arrived = self._arrived.setdefault(key, [])
+        arrived.append(device)
+        if len(arrived) < len(a.group):
+            return
+        replicas = [self.replicas[d] for d in a.group]
+        with torch.no_grad():
+            for params in zip(*(r.parameters() for r in replicas)):
+                grads = [q.grad for q in params if q.grad is not None]
+                if not grads:
+                    continue
+                total = grads[0].clone()
+                for g in grads[1:]:
+                    total += g
+                for q in params:
+                    q.grad = total.clone()
+            for bufs in zip(*(r.buffers() for r in replicas)):
+                if bufs[0].is_floating_point():
+                    mean = torch.stack(list(bufs)).mean(0)
+                    for b in bufs:
+                        b.copy_(mean)
+        self._arrived.pop(key)
+
+    def _step(self, device: str, a: Action) -> None:
+        opt = self.optimizers[device]
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self._stepped.add(device)
+
+    def _backup(self, device: str, a: Action) -> None:
+        tag = self.iteration + (device in self._stepped)
+        copy_ = StateCopy.of(self.replicas[device], self.optimizers[device])
+        self._in_flight.setdefault((device, a.peer, a.stage), []).append((tag, copy_))
+
+    def _restore(self, device: str, a: Action) -> None:
+        tag, copy_ = self._in_flight[(a.peer, device, a.stage)].pop(0)
+        self.copies.setdefault(device, {}).setdefault(tag, StateCopy()).update(copy_)
+
+    def _rollback(self, device: str, a: Action) -> None:
+        held = self.copies.get(device, {}).get(self.iteration, StateCopy())
+        missing = held.load_into(self.replicas[device], self.optimizers[device])
+        if missing:
+            raise RuntimeError(f"{device} cannot roll back stage {a.stage} to the start of iteration {self.iteration}: "
+                               f"it holds no copy of {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; "
+                               "a RESTORE of that state must come before its ROLLBACK")
+
+    # --- results -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the whole model (each stage's first replica), by model name."""
+        out: dict[str, torch.Tensor] = {}
+        for info in self.program.stages:
+            replica = self.replicas[info.slots[0].device]
+            out.update({k: v.detach().clone() for k, v in replica.state_dict().items()
+                        if self.state_keys is None or k in self.state_keys})
+        return out
+
+
+RULES: dict[Op, Callable[[LocalRunner, str, Action], None]] = {
+    Op.F: LocalRunner._forward,
+    Op.B: LocalRunner._backward,
+    Op.SEND: LocalRunner._send,
+    Op.RECV: LocalRunner._recv,
+    Op.ALLREDUCE: LocalRunner._allreduce,
+    Op.STEP: LocalRunner._step,
+    Op.BACKUP: LocalRunner._backup,
+    Op.RESTORE: LocalRunner._restore,
+    Op.ROLLBACK: LocalRunner._rollback,
+}

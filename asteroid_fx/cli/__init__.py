@@ -1,0 +1,54 @@
+"""The `asteroid` command line, one module per subcommand: compile, show, simulate, profile, check,
+launch and worker. ``-v`` shows the project's progress messages at INFO, ``-vv`` at DEBUG, ``-q``
+only errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from asteroid_fx.cli import check, launch, profile, show, simulate
+from asteroid_fx.cli import compile as compile_command
+from asteroid_fx.cli.models import load_model, parse_input_spec
+from asteroid_fx.ir.errors import AsteroidError
+
+__all__ = ["build_parser", "load_model", "main", "parse_input_spec"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asteroid", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log messages (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in (compile_command, show, simulate, profile, check, launch):
+        command.register(sub)
+    return parser
+
+
+def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """The project's logger ("asteroid_fx") to stderr: WARNING by default, INFO with -v, DEBUG with
+    -vv, ERROR with -q. Libraries embedding asteroid_fx configure logging themselves instead."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    log = logging.getLogger("asteroid_fx")
+    log.setLevel(level)
+    if not any(getattr(h, "_asteroid_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._asteroid_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except (AsteroidError, ValueError) as e:
+        print(f"asteroid {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

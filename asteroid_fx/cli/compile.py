@@ -1,0 +1,59 @@
+"""asteroid compile: plan a model on a cluster and write plan, program and stages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from asteroid_fx.cli.models import load_model
+from asteroid_fx.ir.plan import warmup_depth
+from asteroid_fx.passes.partition import PLANNER_NAMES
+
+
+def schedule_name(text: str) -> str:
+    try:
+        warmup_depth(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("compile", help="plan a model on a cluster and write plan, program and stages")
+    c.add_argument("model", help="zoo model (resnet18, gpt:small, ...) or package.module:callable")
+    c.add_argument("--cluster", required=True, help="preset name, cluster JSON file, or comma-separated device kinds")
+    c.add_argument("--out", required=True, help="folder to write into")
+    c.add_argument("--batch", type=int, default=32, help="global batch (rows per iteration)")
+    c.add_argument("--microbatches", type=int, default=None,
+                   help="micro-batches per iteration (default: the planner chooses)")
+    c.add_argument("--planner", choices=PLANNER_NAMES, default="asteroid",
+                   help="asteroid (default), or a baseline to compare with")
+    c.add_argument("--schedule", type=schedule_name, default="1f1b",
+                   help="gpipe, 1f1b (the planner may deepen its warm-up: 1f1b+N) or 1f1b+N pinned")
+    c.add_argument("--stages", type=int, default=None, help="pin the stage count (default: the fastest)")
+    c.add_argument("--max-layers", type=int, default=48, help="coarsen the graph to at most this many layers")
+    c.add_argument("--profile", action="append", default=[], metavar="FILE",
+                   help="a profile from `asteroid profile` (one per device kind; repeat for more)")
+    c.add_argument("--recover", action="store_true",
+                   help="plan for a run with recovery (`asteroid launch --recover`): every device's memory also "
+                        "holds its rollback point and the backups it holds")
+    c.add_argument("--input", action="append", default=[], help="example input for module:callable, e.g. f32[32,3,32,32]")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asteroid_fx as asteroid
+
+    torch.manual_seed(args.seed)
+    model, example, loss = load_model(args.model, args.batch, args.input)
+    print(f"compiling {args.model} for {args.cluster} ...", file=sys.stderr)
+    compiled = asteroid.compile(model, args.cluster, example=example, loss=loss, microbatches=args.microbatches,
+                                planner=args.planner, schedule_kind=args.schedule, stages=args.stages,
+                                max_layers=args.max_layers, profiles=args.profile, recovery=args.recover)
+    out = compiled.save(args.out)
+    print(compiled.plan)
+    print(f"\nwrote plan, program (text and JSON), layers and {len(compiled.stages)} stage modules to {out}/")
+    return 0

@@ -1,0 +1,322 @@
+"""The planner's closed-form cost model of a plan: per-device memory and the iteration time.
+
+Memory of device d in stage p (the paper's Mem_p = MOD + OPT + K_p * ACT):
+  weights + gradients + optimizer state (``opt_state_factor`` x weights: 2 for Adam, 1 for SGD
+  with momentum, 0 for plain SGD) + buffers + K_p x (activations kept for backward + the stage's
+  input and output slices) for its rows, with K_p the micro-batches in flight under the schedule.
+With recovery (pipeline replay, passes/replay.py) every device also keeps its rollback point, one
+copy of its stage's state (weights + optimizer state + buffers, no gradients), and the first device
+of a stage keeps two copies (this iteration's and the next's) of each stage whose backup it holds
+(``plan.backup_holder_stage``: the previous stage; the first device of stage S - 2 also the last).
+That term depends on the neighbouring stage, so ``CostTable.stages_for`` adds it per candidate plan
+and lets a group put first the member that holds the copies at the least cost in time.
+Iteration time (``CostTable.iteration_s``): one micro-batch's trip through the pipeline, then
+M - 1 periods (the slowest stage, the busiest network interface, or a 1F1B cycle over adjacent
+stages), then the slowest group all-reduce (a ring bounded by the group's slowest link). This
+closed form is for searching many candidates quickly; a plan's reported prediction is the
+simulation of the program it lowers to (``sim.predict``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.ir.layer_graph import LayerGraph
+from asteroid_fx.ir.plan import StagePlan, backup_holder_stage, warmup_depth
+
+ADAM_STATE_FACTOR = 2.0
+
+
+def in_flight(schedule: str, stage: int, stages: int, microbatches: int) -> int:
+    """Micro-batches whose activations a stage holds at its peak."""
+    depth = warmup_depth(schedule)
+    if depth is None:
+        return microbatches
+    return min((stages - stage - 1) * (1 + depth) + 1, microbatches)
+
+
+def state_memory(lg: LayerGraph, layers: tuple[int, int], opt_state_factor: float = ADAM_STATE_FACTOR) -> float:
+    """Bytes of one copy of a stage's state, what a BACKUP carries and a rollback restores:
+    weights, optimizer state and buffers (gradients are not part of it)."""
+    lo, hi = layers
+    return lg.param_bytes(lo, hi) * (1.0 + opt_state_factor) + lg.buffer_bytes(lo, hi)
+
+
+def static_memory(lg: LayerGraph, layers: tuple[int, int], opt_state_factor: float = ADAM_STATE_FACTOR, *,
+                  recovery: bool = False, held: Sequence[tuple[int, int]] = ()) -> float:
+    """Bytes a device of the stage holds all iteration: weights, gradients, optimizer state, buffers;
+    with ``recovery`` also its rollback point and two copies of each stage in ``held`` (the layer
+    ranges of the stages whose backups it holds)."""
+    lo, hi = layers
+    own = lg.param_bytes(lo, hi) * (2.0 + opt_state_factor) + lg.buffer_bytes(lo, hi)
+    if not recovery:
+        if held:
+            raise ValueError("a device holds backups only in a run with recovery; pass recovery=True")
+        return own
+    return (own + state_memory(lg, layers, opt_state_factor)
+            + 2 * sum(state_memory(lg, h, opt_state_factor) for h in held))
+
+
+def activation_memory(lg: LayerGraph, layers: tuple[int, int], rows: int) -> float:
+    """Bytes one micro-batch in flight holds on a device with ``rows`` rows: the activations kept
+    for backward plus the stage's input and output slices."""
+    lo, hi = layers
+    return (lg.saved_bytes_per_row(lo, hi) + lg.cuts[lo].bytes_per_row + lg.cuts[hi].bytes_per_row) * rows
+
+
+def device_memory(lg: LayerGraph, layers: tuple[int, int], rows: int, k_in_flight: int,
+                  opt_state_factor: float = ADAM_STATE_FACTOR, *, recovery: bool = False,
+                  held: Sequence[tuple[int, int]] = ()) -> int:
+    """A device's peak: ``static_memory`` (``recovery`` and ``held`` as there) and ``k_in_flight``
+    micro-batches of ``rows`` rows."""
+    return int(static_memory(lg, layers, opt_state_factor, recovery=recovery, held=held)
+               + k_in_flight * activation_memory(lg, layers, rows))
+
+
+def ring_allreduce_s(cluster: Cluster, group: Sequence[str], nbytes: float) -> float:
+    g = len(group)
+    if g < 2 or nbytes <= 0:
+        return 0.0
+    ring = list(group) + [group[0]]
+    bw = min(cluster.link(a, b)[0] for a, b in zip(ring, ring[1:]))
+    lat = max(cluster.link(a, b)[1] for a, b in zip(ring, ring[1:]))
+    return 2.0 * (g - 1) / g * nbytes / bw + 2.0 * (g - 1) * lat
+
+
+# ---------------------------------------------------------------------------------------------
+# the same model as tables, for planners that score many candidates
+
+
+class CostTable:
+    """``lg``'s costs for ``cluster`` precomputed for micro-batches of up to ``max_rows`` rows:
+    prefix sums over layers of forward+backward time per device kind and integer row count, of
+    static memory and of activation bytes, so that any stage's time or memory is one subtraction.
+
+    The numbers are exactly those of ``LayerGraph.stage_time``, ``device_memory`` and
+    ``ring_allreduce_s`` (up to float summation order); planners use it to search, ``sim.predict``
+    still gives a plan's reported prediction. With ``recovery`` a stage's static bytes include
+    every device's rollback point, and ``held`` arguments (``held_bytes``) the backups a stage's
+    first device holds."""
+
+    def __init__(self, lg: LayerGraph, cluster: Cluster, max_rows: int,
+                 opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False):
+        import numpy as np
+
+        self.lg, self.cluster, self.max_rows = lg, cluster, max_rows
+        self.opt_state_factor = opt_state_factor
+        self.recovery = recovery
+        L = len(lg)
+        rs = np.arange(max_rows + 1, dtype=float)
+        self.kinds = tuple(sorted({d.kind for d in cluster.devices}))
+        self.time: dict[str, Any] = {}  # kind -> (max_rows + 1, L + 1) prefix sums, row 0 all zero
+        for k in self.kinds:
+            per_layer = np.zeros((max_rows + 1, L))
+            for i, layer in enumerate(lg.layers):
+                c = layer.cost(k)
+                per_layer[:, i] = _fit_at(c.fwd, rs) + _fit_at(c.bwd, rs)
+            self.time[k] = np.concatenate([np.zeros((max_rows + 1, 1)), np.cumsum(per_layer, axis=1)], axis=1)
+        prefix = lambda xs: np.concatenate([[0.0], np.cumsum(np.asarray(xs, dtype=float))])  # noqa: E731
+        self.params = prefix([layer.param_bytes for layer in lg.layers])
+        self.buffers = prefix([layer.buffer_bytes for layer in lg.layers])
+        self.saved = prefix([layer.saved_bytes_per_row for layer in lg.layers])
+        self.cut_bytes = np.asarray([c.bytes_per_row for c in lg.cuts], dtype=float)
+        self.kind_of = {d.name: d.kind for d in cluster.devices}
+        self.budget = {d.name: d.memory_bytes for d in cluster.devices}
+
+    def stage_time(self, device: str, lo: int, hi: int, rows: int) -> float:
+        t = self.time[self.kind_of[device]]
+        return float(t[rows, hi] - t[rows, lo])
+
+    def state_bytes(self, lo: int, hi: int) -> float:
+        """One copy of the stage's state (``state_memory``); elementwise for index arrays too."""
+        return (self.params[hi] - self.params[lo]) * (1.0 + self.opt_state_factor) + self.buffers[hi] - self.buffers[lo]
+
+    def static_bytes(self, lo: int, hi: int) -> float:
+        """What a device of the stage holds all iteration (``static_memory``), its rollback point
+        included under recovery, not the backups it holds; elementwise for index arrays too."""
+        own = (self.params[hi] - self.params[lo]) * (2.0 + self.opt_state_factor) + self.buffers[hi] - self.buffers[lo]
+        return own + self.state_bytes(lo, hi) if self.recovery else own
+
+    def held_bytes(self, bounds: Sequence[int]) -> list[float]:
+        """Per stage of the plan with stage boundaries ``bounds``, the bytes of the backups its
+        first device holds: two copies of each stage it backs up (none without recovery)."""
+        S = len(bounds) - 1
+        held = [0.0] * S
+        if self.recovery and S > 1:
+            for p in range(S):
+                held[backup_holder_stage(p, S)] += 2 * float(self.state_bytes(bounds[p], bounds[p + 1]))
+        return held
+
+    def act_bytes_per_row(self, lo: int, hi: int) -> float:
+        return float(self.saved[hi] - self.saved[lo] + self.cut_bytes[lo] + self.cut_bytes[hi])
+
+    def memory(self, lo: int, hi: int, rows: int, k_in_flight: int, held: float = 0.0) -> int:
+        """A device's peak in stage [lo, hi) with ``rows`` rows, holding ``held`` bytes of backups."""
+        return int(self.static_bytes(lo, hi) + held + k_in_flight * self.act_bytes_per_row(lo, hi) * rows)
+
+    def row_cap(self, device: str, lo: int, hi: int, k_in_flight: int, held: float = 0.0) -> int:
+        """The most rows ``device`` can hold of stage [lo, hi) with ``k_in_flight`` micro-batches
+        and ``held`` bytes of backups."""
+        spare = self.budget[device] - self.static_bytes(lo, hi) - held
+        if spare < 0:
+            return 0
+        per_row = k_in_flight * self.act_bytes_per_row(lo, hi)
+        if per_row <= 0:
+            return self.max_rows
+        # the same integer rounding as ``memory`` so that a capped count really fits
+        r = min(self.max_rows, int(spare // per_row))
+        while r > 0 and self.memory(lo, hi, r, k_in_flight, held) > self.budget[device]:
+            r -= 1
+        return r
+
+    def best_rows(self, devices: Sequence[str], lo: int, hi: int, rows: int,
+                  k_in_flight: int, held: Sequence[float] = ()) -> tuple[int, ...] | None:
+        """The split of ``rows`` over ``devices`` (each at least one row, each within its memory,
+        ``held[i]`` bytes of backups on ``devices[i]``, none past the end of ``held``) that
+        minimizes the slowest member's time, or None when no split fits. Giving each next row to
+        the device whose time grows least is optimal for a min-max of nondecreasing times."""
+        import heapq
+
+        caps = [self.row_cap(d, lo, hi, k_in_flight, held[i] if i < len(held) else 0.0)
+                for i, d in enumerate(devices)]
+        if min(caps) < 1 or sum(caps) < rows or rows < len(devices):
+            return None
+        split = [1] * len(devices)
+        heap = [(self.stage_time(d, lo, hi, 2), i) for i, d in enumerate(devices) if caps[i] > 1]
+        heapq.heapify(heap)
+        for _ in range(rows - len(devices)):
+            _, i = heapq.heappop(heap)
+            split[i] += 1
+            if split[i] < caps[i]:
+                heapq.heappush(heap, (self.stage_time(devices[i], lo, hi, split[i] + 1), i))
+        return tuple(split)
+
+    def allreduce_s(self, devices: Sequence[str], lo: int, hi: int) -> float:
+        return ring_allreduce_s(self.cluster, devices, self.params[hi] - self.params[lo]
+                                + self.buffers[hi] - self.buffers[lo])
+
+    def transfer_s(self, cut: int, src: StagePlan, dst: StagePlan) -> float:
+        """Seconds to move one micro-batch across ``cut``: row slices of different pairs travel
+        in parallel, but each device's network interface carries its own slices one after
+        another (its outgoing channel as a sender, its incoming one as a receiver)."""
+        load: dict[tuple[str, str], float] = {}
+        latency = 0.0
+        for a, alo, ahi in src.slots:
+            for b, blo, bhi in dst.slots:
+                overlap = min(ahi, bhi) - max(alo, blo)
+                if overlap > 0:
+                    bw, lat = self.cluster.link(a, b)
+                    t = self.cut_bytes[cut] * overlap / bw
+                    load[a, "out"] = load.get((a, "out"), 0.0) + t
+                    load[b, "in"] = load.get((b, "in"), 0.0) + t
+                    latency = max(latency, lat)
+        return latency + max(load.values(), default=0.0)
+
+    def nic_load_s(self, stages: Sequence[StagePlan]) -> float:
+        """The busiest network interface's seconds per micro-batch: a device's outgoing channel
+        carries its activations to the next stage and its gradients to the previous one, its
+        incoming channel the reverse, each message at its pair's bandwidth (the simulator's NIC)."""
+        load: dict[tuple[str, str], float] = {}
+        for p in range(len(stages) - 1):
+            per_row = self.cut_bytes[stages[p].layers[1]]
+            for a, alo, ahi in stages[p].slots:
+                for b, blo, bhi in stages[p + 1].slots:
+                    overlap = min(ahi, bhi) - max(alo, blo)
+                    if overlap > 0:
+                        t = per_row * overlap / self.cluster.link(a, b)[0]
+                        for key in ((a, "out"), (b, "in"), (b, "out"), (a, "in")):  # act a->b, grad b->a
+                            load[key] = load.get(key, 0.0) + t
+        return max(load.values(), default=0.0)
+
+    def iteration_s(self, stages: Sequence[StagePlan], microbatches: int, schedule: str) -> float:
+        """The iteration time: one micro-batch's round trip through the pipeline (fill and
+        drain), then M - 1 periods, then the slowest all-reduce. The period is the slowest
+        stage's step, or the busiest network interface, or, under 1F1B, a cycle over stages p..q:
+        stage p alternates one forward and one backward and holds 1 + N micro-batches more than
+        stage p + 1 ("1f1b+N"; N = 0 for plain 1F1B), so between its forward of a micro-batch and
+        its backward of the one (q - p)(1 + N) later lie the steps of stages p..q and the links
+        between them both ways, which (q - p)(1 + N) + 1 periods must cover (what makes plain
+        1F1B slow on slow links, and a deeper warm-up faster there)."""
+        S, M = len(stages), microbatches
+        step = [max(self.stage_time(d, st.layers[0], st.layers[1], r) for d, r in zip(st.devices, st.rows))
+                for st in stages]
+        link = [self.transfer_s(stages[p].layers[1], stages[p], stages[p + 1]) for p in range(S - 1)]
+        allreduce = max(self.allreduce_s(st.devices, *st.layers) for st in stages)
+        period = max(step + [self.nic_load_s(stages)])
+        depth = warmup_depth(schedule)
+        if depth is not None:
+            for p in range(S):
+                for q in range(p + 1, S):
+                    cycle = sum(step[p:q + 1]) + 2 * sum(link[p:q])
+                    period = max(period, cycle / min((q - p) * (1 + depth) + 1, M))
+        return sum(step) + 2 * sum(link) + (M - 1) * period + allreduce
+
+    def group_rows(self, devices: Sequence[str], lo: int, hi: int, rows: int, k_in_flight: int,
+                   held: float = 0.0) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+        """The group's order and best rows when its first device holds ``held`` bytes of backups:
+        ``devices`` as given, unless another member first makes the group's step faster (its
+        share of rows shrinks less under the copies); None when no member can hold them."""
+        if not held:
+            split = self.best_rows(devices, lo, hi, rows, k_in_flight)
+            return None if split is None else (tuple(devices), split)
+        best = None
+        for i, first in enumerate(devices):
+            order = (first, *devices[:i], *devices[i + 1:])
+            split = self.best_rows(order, lo, hi, rows, k_in_flight, (held,))
+            if split is None:
+                continue
+            step = max(self.stage_time(d, lo, hi, r) for d, r in zip(order, split))
+            if best is None or step < best[0]:
+                best = (step, order, split)
+        return None if best is None else best[1:]
+
+    def stages_for(self, bounds: Sequence[int], groups: Sequence[Sequence[str]], rows: int,
+                   microbatches: int, schedule: str) -> tuple[StagePlan, ...] | None:
+        """Stages with the best rows per group (and, under recovery, the member that holds the
+        backups first), or None when some group cannot hold its stage."""
+        S = len(groups)
+        held = self.held_bytes(bounds)
+        out = []
+        for p, g in enumerate(groups):
+            k = in_flight(schedule, p, S, microbatches)
+            found = self.group_rows(g, bounds[p], bounds[p + 1], rows, k, held[p])
+            if found is None:
+                return None
+            out.append(StagePlan((bounds[p], bounds[p + 1]), *found))
+        return tuple(out)
+
+    def device_bytes(self, stages: Sequence[StagePlan], microbatches: int, schedule: str) -> dict[str, int]:
+        """Each device's peak memory in ``stages``, the backups it holds under recovery included."""
+        held = self.held_bytes([stages[0].layers[0], *(st.layers[1] for st in stages)])
+        out = {}
+        for p, st in enumerate(stages):
+            k = in_flight(schedule, p, len(stages), microbatches)
+            for i, (d, r) in enumerate(zip(st.devices, st.rows)):
+                out[d] = self.memory(*st.layers, r, k, held[p] if i == 0 else 0.0)
+        return out
+
+    def fits(self, stages: Sequence[StagePlan], microbatches: int, schedule: str) -> bool:
+        """Whether every device of ``stages`` holds its peak (``device_bytes``) within its budget."""
+        return all(m <= self.budget[d] for d, m in self.device_bytes(stages, microbatches, schedule).items())
+
+
+def _fit_at(fit, rows):
+    """A TimeFit evaluated at an array of row counts, with TimeFit's own rules at the ends."""
+    import numpy as np
+
+    pts = fit.points
+    xs = np.array([p[0] for p in pts], dtype=float)
+    ys = np.array([p[1] for p in pts], dtype=float)
+    out = np.empty_like(rows)
+    if len(pts) == 1:
+        out[:] = ys[0] * rows / xs[0]
+    else:
+        out[:] = np.interp(rows, xs, ys)
+        below = rows < xs[0]
+        out[below] = ys[0] * rows[below] / xs[0]
+        above = rows > xs[-1]
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        out[above] = np.maximum(0.0, ys[-1] + slope * (rows[above] - xs[-1]))
+    out[rows <= 0] = 0.0
+    return out

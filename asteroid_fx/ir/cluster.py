@@ -1,0 +1,595 @@
+"""The cluster a model is trained on: named devices of catalog kinds and the links between them.
+
+A ``Cluster`` is an immutable value: devices in a fixed order plus two dense matrices,
+``bandwidth[i][j]`` (bytes/s) and ``latency[i][j]`` (seconds) for sending from ``devices[i]`` to
+``devices[j]``. Links may be asymmetric (e.g. a Wi-Fi uplink slower than its downlink). The
+diagonal is never used for communication; the constructors put ``inf`` / ``0`` there.
+
+On disk a cluster is JSON (``Cluster.save`` / ``Cluster.load``)::
+
+    {"format": "asteroid-cluster", "version": 1, "name": "lab",
+     "devices": [{"name": "nano0", "kind": "jetson-nano", "memory_bytes": 4294967296}, ...],
+     "bandwidth": [[null, 125000000.0], [125000000.0, null]],   # null = infinity
+     "latency": [[0.0, 0.0005], [0.0005, 0.0]]}
+
+Hand-written files may instead give memory as "4GiB" / "512MiB" / "8GB", matrix entries with
+units ("1Gbps", "0.5ms"), and, for a uniform cluster, ``"links": {"bandwidth": "1Gbps",
+"latency": "0.5ms"}`` in place of the matrices. ``save`` always writes the explicit form.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from asteroid_fx.ir import catalog
+from asteroid_fx.ir.atomic import write_text
+from asteroid_fx.ir.catalog import DeviceKind
+
+FORMAT = "asteroid-cluster"
+FORMAT_VERSION = 1
+
+# ----------------------------------------------------------------------------------------------
+# Units. Bits and bytes are told apart by the case of "b"/"B" (Gbps vs GB/s) because mixing
+# them up is an 8x error in every communication estimate; prefixes are case-insensitive.
+
+_NUMBER = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
+           "ki": 2.0**10, "mi": 2.0**20, "gi": 2.0**30, "ti": 2.0**40}
+_MEMORY_RE = re.compile(rf"^\s*{_NUMBER}\s*([kmgt]i?)?b\s*$", re.IGNORECASE)
+_BANDWIDTH_RE = re.compile(rf"^\s*{_NUMBER}\s*([kmgtKMGT]i?)?(bps|bit/s|b/s|B/s|Bps)\s*$")
+_LATENCY_RE = re.compile(rf"^\s*{_NUMBER}\s*(s|ms|us|µs|μs|ns)\s*$", re.IGNORECASE)
+_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes from an int (taken as bytes) or a string such as "4GiB", "512MiB", "8GB", "100kB"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # JSON's 4e9 arrives as a float
+    if isinstance(value, str):
+        m = _MEMORY_RE.match(value)
+        if m:
+            return int(round(float(m.group(1)) * _PREFIX[(m.group(2) or "").lower()]))
+    raise ValueError(
+        f"cannot parse memory size {value!r}; give an integer number of bytes or a string like "
+        "'4GiB', '512MiB' or '8GB' (units: B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+    )
+
+
+def parse_bandwidth(value: float | str) -> float:
+    """Bytes/s from a number (taken as bytes/s) or a string like "1Gbps", "100Mbps", "125MB/s"."""
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, str):
+        m = _BANDWIDTH_RE.match(value)
+        if m:
+            scale = _PREFIX[(m.group(2) or "").lower()]
+            per_byte = 1.0 if m.group(3) in ("B/s", "Bps") else 1 / 8
+            return float(m.group(1)) * scale * per_byte
+    raise ValueError(
+        f"cannot parse bandwidth {value!r}; give bytes/s as a number or a string like '1Gbps', "
+        "'300Mbps' or '125MB/s' (bits: bps, Kbps, Mbps, Gbps; bytes: B/s, KB/s, MB/s, GB/s)"
+    )
+
+
+def parse_latency(value: float | str) -> float:
+    """Seconds from a number (taken as seconds) or a string such as "0.5ms", "20us", "1s"."""
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, str):
+        m = _LATENCY_RE.match(value)
+        if m:
+            unit = m.group(2)
+            scale = _SECONDS[unit] if unit in _SECONDS else _SECONDS[unit.lower()]
+            return float(m.group(1)) * scale
+    raise ValueError(
+        f"cannot parse latency {value!r}; give seconds as a number or a string like '0.5ms', "
+        "'20us' or '1s' (units: s, ms, us, ns)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str  # unique within a cluster, e.g. "nano0"
+    kind: str  # a catalog kind name (see asteroid_fx.ir.catalog.kind_names())
+    # Memory budget for training in bytes; None (the default) means the kind's physical memory.
+    # Smaller budgets model memory other processes keep, or test out-of-memory planning.
+    memory_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or any(c.isspace() for c in self.name):
+            raise ValueError(
+                f"device name must be a non-empty string without whitespace, got {self.name!r}; "
+                "use names like 'nano0'"
+            )
+        if not isinstance(self.kind, str) or not catalog.is_known(self.kind):
+            raise ValueError(
+                f"device {self.name!r}: unknown device kind {self.kind!r}; known kinds: "
+                f"{', '.join(catalog.kind_names())} (add a DeviceKind to "
+                "asteroid_fx.ir.catalog.KINDS for other hardware)"
+            )
+        if self.memory_bytes is None:
+            object.__setattr__(self, "memory_bytes", catalog.kind(self.kind).memory_bytes)
+            return
+        mem = self.memory_bytes
+        if not isinstance(mem, int) or isinstance(mem, bool):
+            raise ValueError(
+                f"device {self.name!r}: memory_bytes must be an integer number of bytes, got "
+                f"{mem!r}; in JSON a string like '4GiB' is also accepted"
+            )
+        if mem <= 0:
+            raise ValueError(
+                f"device {self.name!r}: memory_bytes must be positive, got {mem}; "
+                "give the memory budget in bytes"
+            )
+        # A budget above the hardware is almost always a unit slip (GB vs GiB, MiB vs bytes).
+        # Not checked for host-cpu: it is measured wherever the code runs, and a file written
+        # on a bigger machine must still load on a smaller one.
+        if self.kind != catalog.HOST_CPU and mem > catalog.KINDS[self.kind].memory_bytes:
+            physical = catalog.KINDS[self.kind].memory_bytes
+            raise ValueError(
+                f"device {self.name!r}: memory_bytes {mem} exceeds the {physical} bytes "
+                f"({physical / catalog.GiB:g} GiB) of physical memory of kind {self.kind!r}; "
+                "give a budget at most that, or leave it out to use all of it"
+            )
+
+
+def _matrix_error(field: str, devices: Sequence[Device], i: int, j: int, value: object,
+                  want: str) -> ValueError:
+    return ValueError(
+        f"{field}[{i}][{j}] (from {devices[i].name!r} to {devices[j].name!r}) must be {want}, "
+        f"got {value!r}"
+    )
+
+
+def _normalise_matrix(field: str, value: object, devices: Sequence[Device]) -> tuple:
+    n = len(devices)
+    unit = "bytes/s" if field == "bandwidth" else "seconds"
+    how = f"give {field}[i][j] in {unit} from devices[i] to devices[j], one row per device"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{field} must be a square {n}x{n} matrix, got {value!r}; {how}")
+    if len(value) != n:
+        raise ValueError(
+            f"{field} must be a square {n}x{n} matrix for {n} device(s), got {len(value)} rows; "
+            f"{how}"
+        )
+    rows = []
+    for i, row in enumerate(value):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise ValueError(
+                f"{field} must be a square {n}x{n} matrix, but row {i} ({devices[i].name!r}) "
+                f"is {row!r}; {how}"
+            )
+        if len(row) != n:
+            raise ValueError(
+                f"{field} must be a square {n}x{n} matrix, but row {i} ({devices[i].name!r}) "
+                f"has {len(row)} entries; {how}"
+            )
+        out = []
+        for j, x in enumerate(row):
+            if not _is_number(x) or math.isnan(x):
+                raise _matrix_error(field, devices, i, j, x, f"a number in {unit}")
+            out.append(float(x))
+        rows.append(tuple(out))
+    return tuple(rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    devices: tuple[Device, ...]
+    bandwidth: tuple[tuple[float, ...], ...]  # bytes/s, [i][j] from devices[i] to devices[j]
+    latency: tuple[tuple[float, ...], ...]  # seconds, one way
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        # Lists are accepted and frozen into tuples so that clusters compare and hash by value.
+        if isinstance(self.devices, (str, bytes)) or not isinstance(self.devices, Sequence):
+            raise ValueError(
+                f"devices must be a sequence of Device, got {type(self.devices).__name__}; "
+                "use Cluster.from_kinds to start from kind names"
+            )
+        devices = tuple(self.devices)
+        if not devices:
+            raise ValueError("a cluster needs at least one device")
+        for i, d in enumerate(devices):
+            if not isinstance(d, Device):
+                raise ValueError(
+                    f"devices[{i}] must be a Device, got {d!r}; "
+                    "use Cluster.from_kinds to start from kind names"
+                )
+        counts = collections.Counter(d.name for d in devices)
+        dups = sorted(n for n, c in counts.items() if c > 1)
+        if dups:
+            raise ValueError(
+                f"device names must be unique, but {', '.join(map(repr, dups))} appear more than "
+                "once; rename the duplicates (e.g. 'nano0', 'nano1')"
+            )
+        if not isinstance(self.name, str):
+            raise ValueError(f"cluster name must be a string, got {self.name!r}")
+        bandwidth = _normalise_matrix("bandwidth", self.bandwidth, devices)
+        latency = _normalise_matrix("latency", self.latency, devices)
+        for i in range(len(devices)):
+            for j in range(len(devices)):
+                b, lat = bandwidth[i][j], latency[i][j]
+                if i == j:
+                    # Self-links carry nothing; only reject values that are plainly garbage.
+                    if b < 0:
+                        raise _matrix_error("bandwidth", devices, i, j, b, ">= 0 (or inf)")
+                    if not 0 <= lat < math.inf:
+                        raise _matrix_error("latency", devices, i, j, lat, "finite and >= 0")
+                    continue
+                if not b > 0:
+                    raise _matrix_error(
+                        "bandwidth", devices, i, j, b,
+                        "positive (bytes/s; every pair of devices must be able to talk)",
+                    )
+                if not 0 <= lat < math.inf:
+                    raise _matrix_error("latency", devices, i, j, lat, "finite and >= 0 seconds")
+        object.__setattr__(self, "devices", devices)
+        object.__setattr__(self, "bandwidth", bandwidth)
+        object.__setattr__(self, "latency", latency)
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def uniform(cls, devices: Sequence[Device], bandwidth: float | str,
+                latency: float | str = 0.0, name: str = "") -> Cluster:
+        """Every pair of devices joined by one link (bytes/s or "1Gbps"; seconds or "0.5ms")."""
+        bw, lat = parse_bandwidth(bandwidth), parse_latency(latency)
+        n = len(devices)
+        return cls(
+            devices=tuple(devices),
+            bandwidth=tuple(tuple(math.inf if i == j else bw for j in range(n)) for i in range(n)),
+            latency=tuple(tuple(0.0 if i == j else lat for j in range(n)) for i in range(n)),
+            name=name,
+        )
+
+    @classmethod
+    def from_kinds(cls, kinds: Sequence[str], bandwidth: float | str,
+                   latency: float | str = 0.0, name: str = "") -> Cluster:
+        """A uniform cluster with one device per kind name, each with its kind's full memory.
+
+        Devices are named ``{short}{i}`` with ``i`` counting per kind (nano0, nano1, tx2-0, ...),
+        so adding a device of another kind does not rename the existing ones.
+        """
+        if isinstance(kinds, str):
+            raise ValueError(f"kinds must be a list of kind names, got the string {kinds!r}")
+        seen: collections.Counter[str] = collections.Counter()
+        devices = []
+        for k in kinds:
+            short = catalog.kind(k).short
+            devices.append(Device(f"{short}{seen[k]}", k))
+            seen[k] += 1
+        return cls.uniform(devices, bandwidth, latency, name=name)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _positions(self) -> dict[str, int]:
+        return {d.name: i for i, d in enumerate(self.devices)}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.devices)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def index(self, name: str) -> int:
+        try:
+            return self._positions[name]
+        except (KeyError, TypeError):
+            label = f"cluster {self.name!r}" if self.name else "the cluster"
+            raise ValueError(
+                f"no device {name!r} in {label}; devices: {', '.join(self.names)}"
+            ) from None
+
+    def device(self, name: str) -> Device:
+        return self.devices[self.index(name)]
+
+    def kind_of(self, name: str) -> DeviceKind:
+        return catalog.kind(self.device(name).kind)
+
+    def link(self, a: str, b: str) -> tuple[float, float]:
+        """(bandwidth bytes/s, latency s) for sending from device ``a`` to device ``b``."""
+        i, j = self.index(a), self.index(b)
+        return self.bandwidth[i][j], self.latency[i][j]
+
+    def subset(self, names: Sequence[str]) -> Cluster:
+        """The cluster restricted to ``names`` (in that order), with their links unchanged."""
+        if isinstance(names, str):
+            raise ValueError(f"names must be a list of device names, got the string {names!r}")
+        idx = [self.index(n) for n in names]
+        if len(set(idx)) != len(idx):
+            dups = sorted({n for n in names if list(names).count(n) > 1})
+            raise ValueError(f"subset names must be distinct, but {', '.join(dups)} repeat")
+        return Cluster(
+            devices=tuple(self.devices[i] for i in idx),
+            bandwidth=tuple(tuple(self.bandwidth[i][j] for j in idx) for i in idx),
+            latency=tuple(tuple(self.latency[i][j] for j in idx) for i in idx),
+            name=self.name,
+        )
+
+    # -- JSON ----------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical JSON object (matrices explicit, infinity as null)."""
+
+        def encode(m: tuple[tuple[float, ...], ...]) -> list[list[float | None]]:
+            return [[None if math.isinf(x) else x for x in row] for row in m]
+
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "devices": [
+                {"name": d.name, "kind": d.kind, "memory_bytes": d.memory_bytes}
+                for d in self.devices
+            ],
+            "bandwidth": encode(self.bandwidth),
+            "latency": encode(self.latency),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, origin: str = "cluster JSON") -> Cluster:
+        """Inverse of ``to_json``; also reads the hand-written forms in the module docstring.
+
+        ``origin`` (a file path when called by ``load``) prefixes every error message.
+        """
+        try:
+            return cls._from_json(data)
+        except ValueError as e:
+            raise ValueError(f"{origin}: {e}") from None
+
+    @classmethod
+    def _from_json(cls, data: Mapping[str, Any]) -> Cluster:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ValueError(
+                f"field 'format' must be {FORMAT!r}, got {data.get('format')!r}; "
+                "is this a cluster file?"
+            )
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"field 'version' is {data.get('version')!r}, but this asteroid_fx reads "
+                f"version {FORMAT_VERSION}; write version {FORMAT_VERSION} or upgrade asteroid_fx"
+            )
+        allowed = {"format", "version", "name", "devices", "bandwidth", "latency", "links"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: "
+                f"{', '.join(sorted(allowed))}"
+            )
+        name = data.get("name", "")
+        if not isinstance(name, str):
+            raise ValueError(f"field 'name' must be a string, got {name!r}")
+
+        raw_devices = data.get("devices")
+        if not isinstance(raw_devices, list):
+            raise ValueError(
+                f"field 'devices' must be a list of {{'name', 'kind', 'memory_bytes'}} objects, "
+                f"got {raw_devices!r}"
+            )
+        devices = []
+        for i, d in enumerate(raw_devices):
+            where = f"devices[{i}]"
+            if not isinstance(d, Mapping):
+                raise ValueError(f"{where} must be an object with 'name' and 'kind', got {d!r}")
+            extra = sorted(set(d) - {"name", "kind", "memory_bytes"})
+            if extra:
+                raise ValueError(
+                    f"{where}: unknown field(s) {', '.join(map(repr, extra))}; "
+                    "allowed: name, kind, memory_bytes"
+                )
+            for key in ("name", "kind"):
+                if key not in d:
+                    raise ValueError(f"{where}: missing field {key!r}")
+            mem = d.get("memory_bytes")
+            try:
+                mem = None if mem is None else parse_memory(mem)
+            except ValueError as e:
+                raise ValueError(f"{where}.memory_bytes: {e}") from None
+            try:
+                devices.append(Device(d["name"], d["kind"], mem))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+
+        if "links" in data:
+            if "bandwidth" in data or "latency" in data:
+                raise ValueError(
+                    "give either 'links' (one link for every pair) or the 'bandwidth'/'latency' "
+                    "matrices, not both"
+                )
+            links = data["links"]
+            if not isinstance(links, Mapping) or "bandwidth" not in links:
+                raise ValueError(
+                    "field 'links' must be an object like "
+                    f"{{\"bandwidth\": \"1Gbps\", \"latency\": \"0.5ms\"}}, got {links!r}"
+                )
+            extra = sorted(set(links) - {"bandwidth", "latency"})
+            if extra:
+                raise ValueError(
+                    f"links: unknown field(s) {', '.join(map(repr, extra))}; "
+                    "allowed: bandwidth, latency"
+                )
+            try:
+                bw = parse_bandwidth(links["bandwidth"])
+            except ValueError as e:
+                raise ValueError(f"links.bandwidth: {e}") from None
+            try:
+                lat = parse_latency(links.get("latency", 0.0))
+            except ValueError as e:
+                raise ValueError(f"links.latency: {e}") from None
+            return cls.uniform(devices, bw, lat, name=name)
+
+        if "bandwidth" not in data:
+            raise ValueError(
+                "missing field 'bandwidth' (an NxN matrix in bytes/s); for a uniform cluster "
+                "write \"links\": {\"bandwidth\": \"1Gbps\", \"latency\": \"0.5ms\"} instead"
+            )
+        n = len(devices)
+        bandwidth = _decode_matrix("bandwidth", data["bandwidth"], parse_bandwidth)
+        if "latency" in data:
+            latency = _decode_matrix("latency", data["latency"], parse_latency)
+        else:
+            latency = [[0.0] * n for _ in range(n)]
+        return cls(devices=tuple(devices), bandwidth=bandwidth, latency=latency, name=name)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the canonical JSON atomically: readers see the old file or the new, never half."""
+        write_text(path, _canonical_text(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Cluster:
+        """Read a cluster JSON file; errors name the file and the offending field."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+            ) from None
+        return cls.from_json(data, origin=str(path))
+
+    # -- display -------------------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        title = f"cluster {self.name!r}" if self.name else "cluster"
+        lines = [f"{title}: {len(self.devices)} device(s)"]
+        rows = [("device", "kind", "memory GiB", "peak GFLOP/s")]
+        for d in self.devices:
+            k = catalog.kind(d.kind)
+            rows.append((d.name, d.kind, f"{d.memory_bytes / catalog.GiB:.2f}",
+                         f"{k.peak_flops / 1e9:.1f}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        for r in rows:
+            lines.append("  ".join(
+                cell.ljust(w) if c < 2 else cell.rjust(w)
+                for c, (cell, w) in enumerate(zip(r, widths))
+            ).rstrip())
+
+        def matrix(title: str, m: tuple[tuple[float, ...], ...], scale: float) -> None:
+            cells = [["-" if i == j else f"{m[i][j] * scale:g}" for j in range(len(m))]
+                     for i in range(len(m))]
+            w = max([len(n) for n in self.names] + [len(c) for row in cells for c in row])
+            lines.append("")
+            lines.append(title)
+            lines.append(" " * w + "  " + "  ".join(n.rjust(w) for n in self.names))
+            for name, row in zip(self.names, cells):
+                lines.append(name.ljust(w) + "  " + "  ".join(c.rjust(w) for c in row))
+
+        matrix("bandwidth Mbit/s (row sends to column)", self.bandwidth, 8 / 1e6)
+        matrix("latency ms", self.latency, 1e3)
+        return "\n".join(lines)
+
+
+def _decode_matrix(field: str, value: object, parse: Any) -> list[list[float]]:
+    # JSON has no infinity, so null stands for it; strings may carry units ("1Gbps", "2ms").
+    # Shape errors are left to Cluster's validation, which names the devices involved.
+    if not isinstance(value, list):
+        return value  # type: ignore[return-value]
+    out: list[list[float]] = []
+    for i, row in enumerate(value):
+        if not isinstance(row, list):
+            out.append(row)
+            continue
+        decoded = []
+        for j, x in enumerate(row):
+            if x is None:
+                decoded.append(math.inf)
+            elif isinstance(x, str):
+                try:
+                    decoded.append(parse(x))
+                except ValueError as e:
+                    raise ValueError(f"{field}[{i}][{j}]: {e}") from None
+            else:
+                decoded.append(x)
+        out.append(decoded)
+    return out
+
+
+def _canonical_text(data: dict[str, Any]) -> str:
+    # json.dumps(indent=2) would put every matrix entry on its own line; one row per line keeps
+    # the file readable and diffable.
+    def dump(x: object) -> str:
+        return json.dumps(x, allow_nan=False, ensure_ascii=False)
+
+    parts = ["{"]
+    for key in ("format", "version", "name"):
+        parts.append(f"  {dump(key)}: {dump(data[key])},")
+    parts.append('  "devices": [')
+    parts.append(",\n".join(f"    {dump(d)}" for d in data["devices"]))
+    parts.append("  ],")
+    for key, last in (("bandwidth", False), ("latency", True)):
+        parts.append(f"  {dump(key)}: [")
+        parts.append(",\n".join(f"    {dump(row)}" for row in data[key]))
+        parts.append("  ]" + ("" if last else ","))
+    parts.append("}")
+    return "\n".join(parts) + "\n"
+
+
+_RESOLVE_FORMS = (
+    "a Cluster, a list of Device, a list of kind names, a comma-separated string of kind names, "
+    "a preset name, or a path to a cluster JSON file"
+)
+
+
+def resolve_cluster(
+    x: Cluster | Sequence[Device] | Sequence[str] | str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    bandwidth: float | str = catalog.LINKS["gigabit-ethernet"].bandwidth,
+    latency: float | str = catalog.LINKS["gigabit-ethernet"].latency,
+) -> Cluster:
+    """Turn any of the usual ways of naming a cluster into a Cluster.
+
+    Accepted: a Cluster (returned as is); a JSON object as from ``to_json``; a preset name
+    (``catalog.PRESETS``); a path to a cluster JSON file; a list of Device or of kind names, or
+    a string "kind,kind,...", joined uniformly by ``bandwidth``/``latency`` (default: gigabit
+    Ethernet, see ``catalog.LINKS``).
+    """
+    if isinstance(x, Cluster):
+        return x
+    if isinstance(x, Mapping):
+        return Cluster.from_json(x)
+    if isinstance(x, os.PathLike):
+        return Cluster.load(x)
+    if isinstance(x, str):
+        if x in catalog.PRESETS:
+            return catalog.preset(x)
+        if os.path.exists(x):
+            return Cluster.load(x)
+        parts = [p.strip() for p in x.split(",")]
+        if all(catalog.is_known(p) for p in parts):
+            return Cluster.from_kinds(parts, bandwidth, latency)
+        if x.endswith(".json") or os.sep in x:
+            raise ValueError(f"cluster file {x!r} does not exist")
+        raise ValueError(
+            f"cannot resolve cluster {x!r}: not a preset ({', '.join(catalog.PRESETS)}), not an "
+            f"existing file, and not kind names ({', '.join(catalog.kind_names())}); "
+            f"accepted: {_RESOLVE_FORMS}"
+        )
+    if isinstance(x, Sequence) and not isinstance(x, bytes) and len(x) > 0:
+        if all(isinstance(d, Device) for d in x):
+            return Cluster.uniform(x, bandwidth, latency)  # type: ignore[arg-type]
+        if all(isinstance(k, str) for k in x):
+            return Cluster.from_kinds(x, bandwidth, latency)  # type: ignore[arg-type]
+    raise TypeError(f"cannot make a cluster from {x!r}; accepted: {_RESOLVE_FORMS}")

@@ -1,0 +1,149 @@
+"""LayerGraph: the planner's view of a model, a chain of layers separated by cuts.
+
+Layer i is a run of fx nodes in topological order. Cut k sits before layer k (cut 0 carries the
+model inputs, cut L the outputs); it lists every value live across it, skip connections included,
+and says whether a stage boundary may be placed there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from asteroid_fx.ir.atomic import write_text
+from asteroid_fx.ir.costs import Cost, TimeFit
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    index: int
+    nodes: tuple[str, ...]  # fx node names, in graph order
+    costs: tuple[tuple[str, Cost], ...]  # (device kind, cost) for every kind of the cluster
+    param_bytes: int  # trainable parameters owned by this layer
+    buffer_bytes: int  # buffers (BatchNorm statistics, masks) owned by this layer
+    saved_bytes_per_row: float  # activations kept for backward, per row
+    params: tuple[str, ...] = ()  # qualified names of the parameters and buffers it owns
+
+    def cost(self, kind: str) -> Cost:
+        for k, c in self.costs:
+            if k == kind:
+                return c
+        raise KeyError(f"layer {self.index} has no cost for device kind {kind!r}; annotate costs for it")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    index: int
+    values: tuple[str, ...]  # names of the values live across the cut, in graph order
+    bytes_per_row: float  # bytes of those values per row (what a stage boundary here transfers)
+    allowed: bool
+    why_not: str = ""  # when not allowed: the value or parameter that forbids it
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGraph:
+    layers: tuple[Layer, ...]
+    cuts: tuple[Cut, ...]  # len(layers) + 1
+    blocked: tuple[str, ...] = ()  # distinct reasons why cuts inside layers were not allowed
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.layers[0].costs) if self.layers else ()
+
+    def fwd(self, kind: str, lo: int, hi: int) -> TimeFit:
+        out = TimeFit.zero()
+        for layer in self.layers[lo:hi]:
+            out = out + layer.cost(kind).fwd
+        return out
+
+    def bwd(self, kind: str, lo: int, hi: int) -> TimeFit:
+        out = TimeFit.zero()
+        for layer in self.layers[lo:hi]:
+            out = out + layer.cost(kind).bwd
+        return out
+
+    def stage_time(self, kind: str, lo: int, hi: int, rows: float) -> float:
+        """Forward + backward seconds of layers [lo, hi) for ``rows`` rows on ``kind``."""
+        return sum(layer.cost(kind).fwd(rows) + layer.cost(kind).bwd(rows) for layer in self.layers[lo:hi])
+
+    def param_bytes(self, lo: int, hi: int) -> int:
+        return sum(layer.param_bytes for layer in self.layers[lo:hi])
+
+    def buffer_bytes(self, lo: int, hi: int) -> int:
+        return sum(layer.buffer_bytes for layer in self.layers[lo:hi])
+
+    def saved_bytes_per_row(self, lo: int, hi: int) -> float:
+        return sum(layer.saved_bytes_per_row for layer in self.layers[lo:hi])
+
+    def allowed_cuts(self) -> tuple[int, ...]:
+        return tuple(c.index for c in self.cuts[1:-1] if c.allowed)
+
+    def __str__(self) -> str:
+        kinds = self.kinds
+        head = f"LayerGraph: {len(self.layers)} layers, {len(self.allowed_cuts())} allowed cuts"
+        rows = [head, f"{'layer':>5}  {'nodes':>5}  {'params':>10}  {'cut bytes/row':>13}  first node"]
+        for layer in self.layers:
+            cut = self.cuts[layer.index]
+            mark = "" if cut.allowed else " x"
+            rows.append(f"{layer.index:>5}  {len(layer.nodes):>5}  {layer.param_bytes:>10}  "
+                        f"{cut.bytes_per_row:>11.0f}{mark:2}  {layer.nodes[0] if layer.nodes else ''}")
+        if kinds:
+            rows.append("kinds: " + ", ".join(kinds))
+        return "\n".join(rows)
+
+
+# --- on disk: costs.json beside a compiled plan, what `asteroid simulate PLAN_DIR` reads -------------
+
+COSTS_FORMAT = "asteroid-costs"
+COSTS_VERSION = 1
+
+
+def costs_to_json(lg: LayerGraph) -> dict[str, Any]:
+    """The LayerGraph as JSON: every layer's costs per device kind, bytes, and every cut."""
+    def fit(f: TimeFit) -> list[list[float]]:
+        return [[r, t] for r, t in f.points]
+
+    return {
+        "format": COSTS_FORMAT, "version": COSTS_VERSION,
+        "layers": [{"index": l.index, "nodes": list(l.nodes), "param_bytes": l.param_bytes,
+                    "buffer_bytes": l.buffer_bytes, "saved_bytes_per_row": l.saved_bytes_per_row,
+                    "params": list(l.params),
+                    "costs": {k: {"fwd": fit(c.fwd), "bwd": fit(c.bwd), "source": c.source} for k, c in l.costs}}
+                   for l in lg.layers],
+        "cuts": [{"index": c.index, "values": list(c.values), "bytes_per_row": c.bytes_per_row,
+                  "allowed": c.allowed, "why_not": c.why_not} for c in lg.cuts],
+        "blocked": list(lg.blocked),
+    }
+
+
+def costs_from_json(data: Mapping[str, Any]) -> LayerGraph:
+    if data.get("format") != COSTS_FORMAT:
+        raise ValueError(f"not a cost file: format is {data.get('format')!r}, expected {COSTS_FORMAT!r}")
+    if data.get("version") != COSTS_VERSION:
+        raise ValueError(f"cost file version {data.get('version')} is not supported (this build reads {COSTS_VERSION})")
+
+    def fit(points) -> TimeFit:
+        return TimeFit(tuple((float(r), float(t)) for r, t in points))
+
+    layers = tuple(Layer(l["index"], tuple(l["nodes"]),
+                         tuple((k, Cost(fit(c["fwd"]), fit(c["bwd"]), c.get("source", "analytic")))
+                               for k, c in l["costs"].items()),
+                         l["param_bytes"], l["buffer_bytes"], l["saved_bytes_per_row"], tuple(l.get("params", ())))
+                   for l in data["layers"])
+    cuts = tuple(Cut(c["index"], tuple(c["values"]), c["bytes_per_row"], c["allowed"], c.get("why_not", ""))
+                 for c in data["cuts"])
+    return LayerGraph(layers, cuts, tuple(data.get("blocked", ())))
+
+
+def write_costs(lg: LayerGraph, path: str | Path) -> Path:
+    """``costs.json`` beside a compiled plan: what `asteroid simulate` times the program with."""
+    return write_text(path, json.dumps(costs_to_json(lg)) + "\n")
+
+
+def read_costs(path: str | Path) -> LayerGraph:
+    return costs_from_json(json.loads(Path(path).read_text()))

@@ -1,0 +1,132 @@
+"""The schedule IR: for every device, the ordered list of actions it runs in one training iteration.
+
+A Program is self-contained: besides the per-device action lists it carries the stage table (which
+layers each stage runs, which devices run it and which rows of every micro-batch each device owns),
+so a backend needs nothing else to execute it.
+
+Vocabulary (see ``Op``):
+  F / B           forward / backward of ``stage`` on rows ``rows`` of micro-batch ``mb``
+  SEND / RECV     a row slice of a cut's tensors to / from ``peer``; ``payload`` is "act" (forward
+                  activations, stage -> stage+1) or "grad" (their gradients, stage+1 -> stage);
+                  ``stage`` is always the producing (lower) stage of the cut; ``specs`` are the
+                  per-row dtype and shape of each tensor crossing the cut
+  ALLREDUCE       sum the gradients of ``stage`` over ``group`` (all members run it, same order)
+  STEP            optimizer step of ``stage`` on this device
+  BACKUP/RESTORE  a copy of ``stage``'s state (weights, buffers, optimizer state) to / from ``peer``
+                  (fault tolerance; the copy is the state at the start of an iteration, see
+                  docs/replay.md)
+  ROLLBACK        set this device's ``stage`` to its state at the start of the iteration, dropping
+                  the iteration's work (a recovery program's first action, see passes/replay.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import NamedTuple
+
+from asteroid_fx.ir.plan import backup_holder_stage
+
+FORMAT_VERSION = 1
+
+
+class Op(str, enum.Enum):
+    F = "F"
+    B = "B"
+    SEND = "SEND"
+    RECV = "RECV"
+    ALLREDUCE = "ALLREDUCE"
+    STEP = "STEP"
+    BACKUP = "BACKUP"
+    RESTORE = "RESTORE"
+    ROLLBACK = "ROLLBACK"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TensorSpec(NamedTuple):
+    """dtype name (torch's, e.g. "float32", "int64") and shape of ONE row (the batch dim removed)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Action(NamedTuple):
+    op: Op
+    stage: int
+    mb: int | None = None
+    rows: tuple[int, int] | None = None  # [lo, hi) within the micro-batch
+    peer: str | None = None  # SEND: destination, RECV: source, BACKUP/RESTORE: the other device
+    payload: str | None = None  # "act" | "grad" for SEND/RECV
+    specs: tuple[TensorSpec, ...] = ()
+    group: tuple[str, ...] = ()  # ALLREDUCE members, in reduction order
+
+
+class StageSlot(NamedTuple):
+    """One device's share of a stage: rows [lo, hi) of every micro-batch."""
+
+    device: str
+    lo: int
+    hi: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StageInfo:
+    index: int
+    layers: tuple[int, int]  # [lo, hi) of the LayerGraph
+    slots: tuple[StageSlot, ...]  # row ranges tile [0, microbatch_rows) in order
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(s.device for s in self.slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    schedule: str  # "gpipe" | "1f1b" | whatever a rewrite produced
+    microbatches: int
+    microbatch_rows: int
+    stages: tuple[StageInfo, ...]
+    actions: tuple[tuple[str, tuple[Action, ...]], ...]  # (device, its actions) in stage order
+    version: int = FORMAT_VERSION
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(d for d, _ in self.actions)
+
+    def of(self, device: str) -> tuple[Action, ...]:
+        for d, acts in self.actions:
+            if d == device:
+                return acts
+        raise KeyError(f"device {device!r} is not in this program (devices: {', '.join(self.devices)})")
+
+    def stage_of(self, device: str) -> StageInfo:
+        for st in self.stages:
+            if device in st.devices:
+                return st
+        raise KeyError(f"device {device!r} runs no stage of this program")
+
+    def slot_of(self, device: str) -> StageSlot:
+        for slot in self.stage_of(device).slots:
+            if slot.device == device:
+                return slot
+        raise AssertionError("unreachable")
+
+    def __str__(self) -> str:
+        from asteroid_fx.ir.program_text import format_program
+
+        return format_program(self)
+
+
+def backup_holders(program: Program) -> dict[int, str]:
+    """Stage -> the device its BACKUP goes to (empty for a program without backups)."""
+    return {a.stage: a.peer for _, acts in program.actions for a in acts if a.op == Op.BACKUP}
+
+
+def default_holders(program: Program) -> dict[int, str]:
+    """Stage p backs up on the first device of stage p+1, the last stage on stage S-2: a ring of
+    stages folded at its end, so every holder is a neighbour its stage can merge into (the rule
+    ``plan.backup_holder_stage`` states, by which the planner counts a holder's memory)."""
+    S = len(program.stages)
+    return {p: program.stages[backup_holder_stage(p, S)].slots[0].device for p in range(S)} if S > 1 else {}

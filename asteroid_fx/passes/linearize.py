@@ -1,0 +1,250 @@
+"""linearize: annotated fx graph -> LayerGraph.
+
+Expects a Captured graph whose compute nodes carry "asteroid.stats" and "asteroid.cost"
+(annotate_costs). Guarantees: the layers partition the compute nodes in graph order; a cut is
+allowed only if everything live across it can be sent as row slices (batch-first tensors, plus
+SymInts that are integer polynomials in the batch size, which the receiving stage recomputes) and no
+parameter, buffer or module is used on both sides of it (so every weight has one owner stage and
+tied weights stay together); with ``max_layers`` the layers are merged until at most that many
+remain, dropping the most expensive cuts first while keeping layers balanced.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from asteroid_fx.ir.costs import Cost, NodeStats
+from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph
+from asteroid_fx.passes.capture import Captured
+
+COMPUTE_OPS = ("call_function", "call_method", "call_module")
+
+
+def _value_bytes_per_row(val: Any, captured: Captured) -> float:
+    if isinstance(val, torch.Tensor) and captured.is_batched(val):
+        per_row = 1
+        for s in val.shape[1:]:
+            per_row *= int(s)
+        return float(per_row * val.element_size())
+    return 0.0
+
+
+def _owned_attrs(node: fx.Node) -> list[str]:
+    """Attributes (parameters, buffers, submodules) a compute node reads."""
+    owned = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
+    if node.op == "call_module":
+        owned.append(node.target)
+    return owned
+
+
+def _weight_keys(attr: str, gm: fx.GraphModule) -> list[tuple[Any, str]]:
+    """(key, name) pairs that identify what an attribute holds: the attribute itself and every
+    tensor under it by identity, so a weight tied between two modules (symbolic_trace keeps both
+    modules) is one weight."""
+    keys: list[tuple[Any, str]] = [(attr, attr)]
+    held = operator.attrgetter(attr)(gm)
+    if isinstance(held, torch.nn.Module):
+        keys += [(id(t), f"{attr}.{n}") for n, t in (*held.named_parameters(), *held.named_buffers())]
+    elif isinstance(held, torch.Tensor):
+        keys.append((id(held), attr))
+    return keys
+
+
+def _forbidden_cuts(order: list[fx.Node], gm: fx.GraphModule) -> dict[int, str]:
+    """Cuts that would separate two users of one weight: position -> reason."""
+    users: dict[Any, list[int]] = {}
+    names: dict[Any, list[str]] = {}
+    for pos, node in enumerate(order):
+        for attr in _owned_attrs(node):
+            for key, name in _weight_keys(attr, gm):
+                users.setdefault(key, []).append(pos)
+                if name not in names.setdefault(key, []):
+                    names[key].append(name)
+    forbidden: dict[int, str] = {}
+    for key, positions in users.items():
+        name = " = ".join(repr(n) for n in names[key])
+        for k in range(min(positions) + 1, max(positions) + 1):
+            forbidden.setdefault(k, f"weight {name} is used on both sides")
+    return forbidden
+
+
+def batch_coeffs(val: Any, captured: Captured) -> tuple[int, ...] | None:
+    """A SymInt's integer polynomial in the batch size (highest power first), or None when it is
+    not one (e.g. ``batch // 2``): only such sizes can be recomputed from a row slice's batch."""
+    if not captured.is_batch_sym(val):
+        return None
+    try:
+        coeffs = sympy.Poly(val.node.expr, captured.batch_symbol).all_coeffs()
+    except sympy.PolynomialError:
+        return None
+    if not all(getattr(c, "is_integer", False) for c in coeffs):
+        return None
+    return tuple(int(c) for c in coeffs)
+
+
+def node_cuts(captured: Captured) -> tuple[Cut, ...]:
+    """Cut k before the k-th compute node (k = 0..n): what is live across it, and whether a stage
+    boundary may go there (``why_not`` says what forbids it). ``linearize`` builds layers on these."""
+    gm = captured.module
+    order = [n for n in gm.graph.nodes if n.op in COMPUTE_OPS]
+    position = {n: i for i, n in enumerate(order)}
+    n_nodes = len(order)
+
+    # Every value that can cross a cut: placeholders (defined "before" position 0) and compute nodes.
+    first_def: dict[fx.Node, int] = {}
+    last_use: dict[fx.Node, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            first_def[n] = 0
+        elif n.op in COMPUTE_OPS:
+            first_def[n] = position[n] + 1
+    for n in gm.graph.nodes:
+        for a in n.all_input_nodes:
+            if a in first_def:
+                use = n_nodes if n.op == "output" else position.get(n, n_nodes)
+                last_use[a] = max(last_use.get(a, -1), use)
+
+    # live[k]: values defined before cut k and used at or after it; cut k is before node order[k].
+    live: list[list[fx.Node]] = [[] for _ in range(n_nodes + 1)]
+    for v, d in first_def.items():
+        for k in range(d, last_use.get(v, -1) + 1):
+            live[k].append(v)
+    forbidden = _forbidden_cuts(order, gm)
+
+    cuts: list[Cut] = []
+    for k in range(n_nodes + 1):
+        vals = sorted(live[k], key=lambda v: (first_def[v], v.name))
+        why = forbidden.get(k, "") if 0 < k < n_nodes else ""
+        has_tensor = False
+        for v in vals:
+            val = v.meta.get("val")
+            if captured.is_batched(val):
+                has_tensor = True
+            elif captured.is_batch_sym(val) and batch_coeffs(val, captured) is None and not why:
+                why = f"size {v.name!r} = {val.node.expr} is not a polynomial in the batch size"
+            elif not captured.is_batch_sym(val) and not why:
+                why = f"value {v.name!r} is not a batch-first tensor"
+        if not has_tensor and 0 < k < n_nodes and not why:
+            why = "no tensor crosses it"
+        cuts.append(Cut(k, tuple(v.name for v in vals),
+                        sum(_value_bytes_per_row(v.meta.get("val"), captured) for v in vals),
+                        allowed=not why, why_not=why))
+    return tuple(cuts)
+
+
+def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
+    gm = captured.module
+    order = [n for n in gm.graph.nodes if n.op in COMPUTE_OPS]
+    n_nodes = len(order)
+    if n_nodes == 0:
+        raise ValueError("the captured graph has no compute nodes: there is nothing to partition")
+    cuts = node_cuts(captured)
+
+    # One unit per node, merged across forbidden cuts; then coarsened to max_layers.
+    bounds = [0] + [k for k in range(1, n_nodes) if cuts[k].allowed] + [n_nodes]
+    weight = [_node_weight(n) for n in order]
+    if max_layers is not None and len(bounds) - 1 > max_layers:
+        bounds = _coarsen(bounds, weight, cuts, max_layers)
+
+    # every name of a tied weight: the graph may read it under the alias that named_* drops
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
+    kinds = _kinds(order)
+    layers = []
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        nodes = order[lo:hi]
+        owned = sorted({a for n in nodes for a in _owned_attrs(n)})
+        names = _expand_attrs(owned, params, buffers)
+        layers.append(Layer(
+            index=i,
+            nodes=tuple(n.name for n in nodes),
+            costs=tuple((k, _sum_costs([n.meta["asteroid.cost"][k] for n in nodes if "asteroid.cost" in n.meta]))
+                        for k in kinds),
+            param_bytes=_unique_bytes(params[p] for p in names if p in params),
+            buffer_bytes=_unique_bytes(buffers[b] for b in names if b in buffers),
+            saved_bytes_per_row=sum(n.meta["asteroid.stats"].saved_bytes_per_row for n in nodes
+                                    if "asteroid.stats" in n.meta),
+            params=tuple(names),
+        ))
+    layer_cuts = tuple(dataclasses_replace_index(cuts[b], i) for i, b in enumerate(bounds))
+    blocked = tuple(dict.fromkeys(c.why_not for c in cuts[1:-1] if not c.allowed))
+    return LayerGraph(tuple(layers), layer_cuts, blocked)
+
+
+def _unique_bytes(tensors) -> int:
+    """Bytes of distinct tensors: a weight read under two names is stored once."""
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def dataclasses_replace_index(cut: Cut, index: int) -> Cut:
+    import dataclasses
+
+    return dataclasses.replace(cut, index=index)
+
+
+def _expand_attrs(owned: list[str], params: dict, buffers: dict) -> list[str]:
+    """Attribute names -> parameter and buffer names (a call_module owns everything below it)."""
+    names: list[str] = []
+    for attr in owned:
+        if attr in params or attr in buffers:
+            names.append(attr)
+            continue
+        prefix = attr + "."
+        names.extend(n for n in list(params) + list(buffers) if n.startswith(prefix))
+    # a tied weight is owned under all its names, so the owner stage's state_dict has every key
+    tensors = {**params, **buffers}
+    held = {id(tensors[n]) for n in names}
+    names.extend(n for n, t in tensors.items() if id(t) in held)
+    return sorted(set(names))
+
+
+def _kinds(order: list[fx.Node]) -> list[str]:
+    for n in order:
+        if "asteroid.cost" in n.meta:
+            return sorted(n.meta["asteroid.cost"])
+    return []
+
+
+def _sum_costs(costs: list[Cost]) -> Cost:
+    from asteroid_fx.ir.costs import TimeFit
+
+    fwd, bwd = TimeFit.zero(), TimeFit.zero()
+    for c in costs:
+        fwd, bwd = fwd + c.fwd, bwd + c.bwd
+    source = costs[0].source if costs else "analytic"
+    return Cost(fwd, bwd, source)
+
+
+def _node_weight(node: fx.Node) -> float:
+    stats: NodeStats | None = node.meta.get("asteroid.stats")
+    if stats is None:
+        return 0.0
+    # FLOPs dominate; bytes keep memory-bound layers from looking free.
+    return 3.0 * (stats.flops_per_row + stats.flops_fixed) + 10.0 * stats.bytes_per_row
+
+
+def _coarsen(bounds: list[int], weight: list[float], cuts: list[Cut], max_layers: int) -> list[int]:
+    """Drop interior bounds until ``max_layers`` layers remain: expensive cuts go first, but no
+    merged layer may exceed twice the average weight while a cheaper choice exists."""
+    prefix = [0.0]
+    for w in weight:
+        prefix.append(prefix[-1] + w)
+    cap = 2.0 * prefix[-1] / max_layers
+    bounds = list(bounds)
+    while len(bounds) - 1 > max(1, max_layers):
+        best, best_key = None, None
+        for j in range(1, len(bounds) - 1):
+            merged = prefix[bounds[j + 1]] - prefix[bounds[j - 1]]
+            within = merged <= cap
+            # prefer: within the cap, then the most expensive cut, then the lightest merge
+            key = (within, cuts[bounds[j]].bytes_per_row if within else -merged)
+            if best_key is None or key > best_key:
+                best, best_key = j, key
+        del bounds[best]
+    return bounds

@@ -1,0 +1,391 @@
+"""replay: rewrite a running Program for the devices that survive a failure (pipeline replay).
+
+``add_backups(program)`` makes a program fault tolerant: after its STEP, one device of every stage
+sends a copy of the stage (weights, buffers, optimizer state) to a holder on a neighbouring stage,
+which files it at the end of its own iteration. The copy is the state the next iteration starts
+from.
+
+``replay(program, failure)`` expects the program that was running and a Failure (which devices died
+at the same moment, in which iteration, how far every device got). It returns a Rewrite holding:
+  after     the program for the survivors from the next iteration on, verified: a stage that kept
+            group members re-splits the rows among them; a stage that lost every device is merged
+            into the stage of a survivor that holds its backup (a neighbour, once the other lost
+            stages have merged), whose group re-splits the merged stage's rows; backups are placed
+            again when the program had them;
+  recovery  ``after`` with a prologue that rolls every survivor back to the start of the
+            interrupted iteration (ROLLBACK; a member of a merged stage that holds no copy of the
+            layers it takes over first gets one from the holder by BACKUP/RESTORE); running it
+            redoes the interrupted iteration, so its update equals the failure-free one.
+Rows are split by speed (``lg`` and ``cluster`` give each device's time for the stage's layers)
+or, without them, in proportion to the rows each device ran. docs/replay.md says why it rolls the
+iteration back rather than replaying logged messages, and what every survivor holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.ir.layer_graph import LayerGraph
+from asteroid_fx.ir.program import (Action, Op, Program, StageInfo, StageSlot, TensorSpec, backup_holders,
+                                    default_holders)
+from asteroid_fx.ir.program_text import format_action, format_program
+from asteroid_fx.ir.verify import execution_order, verify
+from asteroid_fx.passes.lower import lower
+from asteroid_fx.passes.lower_comm import CutSpecs
+from asteroid_fx.passes.schedule import order_of
+
+
+class ReplayError(ValueError):
+    """A failure the program cannot be rewritten for; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """``device`` died in iteration ``iteration`` (0-based) when every device had completed the
+    number of its actions that ``progress`` gives ((device, count) pairs; empty: unknown). ``also``
+    names the devices that died at the same moment (before any survivor noticed the first)."""
+
+    device: str
+    iteration: int = 0
+    progress: tuple[tuple[str, int], ...] = ()
+    also: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "also", tuple(self.also))  # a list would make the value unhashable
+        if len(set(self.devices)) < len(self.devices):
+            raise ReplayError(f"a device is named twice among the failed ({', '.join(self.devices)}); name each once")
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Every device that failed, ``device`` first."""
+        return (self.device, *self.also)
+
+    @classmethod
+    def at(cls, program: Program, device: str, k: int, iteration: int = 0, also: Sequence[str] = ()) -> "Failure":
+        """``device`` dies after its first ``k`` actions, and the devices in ``also`` at the same
+        moment; the others have run every action that comes before that point in
+        ``verify.execution_order`` (the order the local backend runs)."""
+        acts = _actions_of(program, device)
+        for d in also:
+            _actions_of(program, d)
+        if not 0 <= k <= len(acts):
+            raise ReplayError(f"{device} has {len(acts)} actions; a failure position is 0..{len(acts)}, not {k}")
+        order = execution_order(program)
+        cut = order.index((device, k)) if k < len(acts) else order.index((device, k - 1)) + 1 if k else 0
+        done = dict.fromkeys(program.devices, 0)
+        for d, _ in order[:cut]:
+            done[d] += 1
+        return cls(device, iteration, tuple(done.items()), tuple(also))
+
+    def __str__(self) -> str:
+        done = dict(self.progress)
+        if not self.also:
+            where = f" after {done[self.device]} of its actions" if self.device in done else ""
+            return f"{self.device} failed in iteration {self.iteration}{where}"
+        where = (f", after {_and(str(done[d]) for d in self.devices)} of their actions"
+                 if all(d in done for d in self.devices) else "")
+        return f"{_and(self.devices)} failed at the same moment in iteration {self.iteration}{where}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """What ``replay`` returns; printing it shows the failure, the changes and the IR before and after."""
+
+    failure: Failure
+    before: Program
+    recovery: Program  # the interrupted iteration, redone from its start: prologue + ``after``
+    after: Program  # every iteration after it
+    changes: tuple[str, ...]
+
+    @property
+    def prologue(self) -> tuple[tuple[str, tuple[Action, ...]], ...]:
+        """The actions ``recovery`` runs before those of ``after``, per device."""
+        after = dict(self.after.actions)
+        return tuple((d, acts[: len(acts) - len(after[d])]) for d, acts in self.recovery.actions)
+
+    def diff(self) -> str:
+        """A unified diff of the program text, before -> after."""
+        return "".join(difflib.unified_diff(format_program(self.before).splitlines(True),
+                                             format_program(self.after).splitlines(True), "before", "after"))
+
+    def __str__(self) -> str:
+        lines = [f"replay: {self.failure}", *(f"  {c}" for c in self.changes), "", "--- before",
+                 format_program(self.before).rstrip("\n"), "", "--- after", format_program(self.after).rstrip("\n"),
+                 "", f"--- recovery: iteration {self.failure.iteration} is redone by 'after' from its start, "
+                 "after this prologue"]
+        for d, acts in self.prologue:
+            lines.append(f"device {d}")
+            lines += [f"  {format_action(a)}" for a in acts]
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# backups
+
+
+def add_backups(program: Program, holders: Mapping[int, str] | None = None) -> Program:
+    """Expects a verified program without backups and (optionally) stage -> holder device, a device
+    of another stage (default: ``default_holders``). Guarantees a verified program where the first
+    device of every stage runs ``BACKUP s -> holder`` right after its STEP and the holder runs
+    ``RESTORE s <- sender`` as its last actions, so the copy moves while the rest of the iteration
+    runs and never delays a compute."""
+    if backup_holders(program):
+        raise ReplayError("the program already has backups; add_backups places them once")
+    holders = dict(default_holders(program) if holders is None else holders)
+    if len(program.stages) < 2 and holders:
+        raise ReplayError("a one-stage program has no other stage to hold its backup")
+    acts = {d: list(a) for d, a in program.actions}
+    for p, holder in sorted(holders.items()):
+        sender = program.stages[p].slots[0].device
+        if holder not in acts or program.stage_of(holder).index == p:
+            raise ReplayError(f"stage {p}'s backup must go to a device of another stage, not {holder!r}")
+        step = next(i for i, a in enumerate(acts[sender]) if a.op == Op.STEP)
+        acts[sender].insert(step + 1, Action(Op.BACKUP, p, peer=holder))
+        acts[holder].append(Action(Op.RESTORE, p, peer=sender))
+    out = dataclasses.replace(program, actions=tuple((d, tuple(acts[d])) for d, _ in program.actions))
+    verify(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the rewrite
+
+
+def _actions_of(program: Program, device: str) -> tuple[Action, ...]:
+    try:
+        return program.of(device)
+    except KeyError:
+        raise ReplayError(f"device {device!r} is not in the program (devices: {', '.join(program.devices)}); "
+                          "name a device the program runs") from None
+
+
+def split_rows(devices: Sequence[str], rows: int, layers: tuple[int, int], *, lg: LayerGraph | None = None,
+               cluster: Cluster | None = None, current: Mapping[str, int] | None = None,
+               keep: str | None = None) -> tuple[StageSlot, ...]:
+    """``rows`` rows of every micro-batch over ``devices`` for ``layers``: with ``lg`` and ``cluster``
+    one row at a time to the device that is then done soonest (a device may get none, and is then
+    left out, but ``keep`` gets at least one: it holds state the others need); otherwise in
+    proportion to ``current`` rows (at least one each, the next row always to the device furthest
+    below its share)."""
+    if lg is not None and cluster is not None:
+        kinds = {d: cluster.device(d).kind for d in devices}
+        share = dict.fromkeys(devices, 0)
+        if keep is not None:
+            share[keep] = 1
+        for _ in range(rows - sum(share.values())):
+            best = min(devices, key=lambda d: lg.stage_time(kinds[d], *layers, share[d] + 1))
+            share[best] += 1
+    else:
+        weights = {d: max((current or {}).get(d, 0), 0) for d in devices} if current else {}
+        if not any(weights.values()):
+            weights = dict.fromkeys(devices, 1)
+        # fewer rows than devices: ``keep`` and then the biggest shares stay
+        kept = set(sorted(devices, key=lambda d: (d != keep, -weights[d]))[:rows])
+        devices = [d for d in devices if d in kept]
+        total = sum(weights[d] for d in devices) or 1
+        share = dict.fromkeys(devices, 1)
+        for _ in range(rows - len(devices)):  # the next row to the device furthest below its share
+            best = max(devices, key=lambda d: rows * weights[d] / total - share[d])
+            share[best] += 1
+    slots, lo = [], 0
+    for d in devices:
+        if share.get(d):
+            slots.append(StageSlot(d, lo, lo + share[d]))
+            lo += share[d]
+    return tuple(slots)
+
+
+def _cut_specs(program: Program) -> dict[int, CutSpecs]:
+    """Layer index of each cut of ``program`` -> (activation specs, gradient specs) crossing it."""
+    act: dict[int, tuple[TensorSpec, ...]] = {}
+    grad: dict[int, tuple[TensorSpec, ...]] = {}
+    for _, acts in program.actions:
+        for a in acts:
+            if a.op == Op.SEND:
+                (act if a.payload == "act" else grad)[a.stage] = a.specs
+    return {st.layers[1]: (act.get(st.index, ()), grad.get(st.index, ())) for st in program.stages[:-1]}
+
+
+def _program(before: Program, table: tuple[StageInfo, ...]) -> Program:
+    """The lowered program of ``before``'s schedule over a new stage table (cuts are cuts of before)."""
+    try:
+        order_of(before.schedule)
+    except ValueError:
+        raise ReplayError(f"cannot re-schedule a {before.schedule!r} program; replay knows gpipe, 1f1b and "
+                          "1f1b+N") from None
+    specs = _cut_specs(before)
+    return lower(before.schedule, before.microbatches, before.microbatch_rows, table,
+                 [specs[st.layers[1]] for st in table[:-1]])
+
+
+def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
+           cluster: Cluster | None = None) -> Rewrite:
+    """The Rewrite of ``program`` for the devices that survive ``failure`` (see the module docstring),
+    one device or several at once: every stage that keeps members re-splits its rows among them;
+    every stage that keeps none merges into the stage of a survivor that holds its backup, which
+    must be next to it once the other lost stages have merged. Raises ReplayError when a device is
+    not in the program, when no device survives, when a lost stage's state is held by no survivor
+    (no backup, or its holder failed too), when its holder is not next to it, and when stages merged
+    from both sides have no survivor holding all of them."""
+    failed = failure.devices
+    for x in failed:
+        _actions_of(program, x)
+    survivors = [d for d in program.devices if d not in failed]
+    if not survivors:
+        only = "the only device" if len(failed) == 1 else "all the devices"
+        raise ReplayError(f"no device survives: {_and(failed)} {'was' if len(failed) == 1 else 'were'} {only} of the "
+                          "program; training cannot go on here (restart from a checkpoint on new devices)")
+    holds = _held_stages(program, survivors)
+    into = _merge_targets(program, failed)
+    changes: list[str] = []
+    R = program.microbatch_rows
+
+    def rows_for(devices: Sequence[str], layers: tuple[int, int], current: Mapping[str, int],
+                 keep: str | None = None) -> tuple[StageSlot, ...]:
+        return split_rows(devices, R, layers, lg=lg, cluster=cluster, current=current, keep=keep)
+
+    new: list[tuple[tuple[int, int], tuple[StageSlot, ...]]] = []
+    for st in program.stages:
+        if st.index in into:
+            continue
+        q = st.index
+        merged = sorted(p for p, (target, _) in into.items() if target == q)
+        gone = [d for d in st.devices if d in failed]
+        rest = [d for d in st.devices if d not in failed]
+        current = {s.device: s.hi - s.lo for s in st.slots}
+        if not merged:
+            slots = rows_for(rest, st.layers, current) if gone else st.slots
+            new.append((st.layers, slots))
+            if gone:
+                changes.append(f"stage {q} lost {_and(gone)}; its group re-splits the rows: {_slots(slots)}")
+            continue
+        group = [program.stages[i] for i in sorted([q, *merged])]
+        layers = (group[0].layers[0], group[-1].layers[1])
+        # the prologue hands the merged stage to the other members from one device that holds it whole
+        whole = [d for d in rest if {g.index for g in group} <= holds[d]]
+        if not whole:
+            held_by = "; ".join(f"stage {p}'s backup is on {into[p][1]}" for p in merged)
+            raise ReplayError(f"stages {_and(str(p) for p in merged)} merge into stage {q}, but no surviving device of "
+                              f"stage {q} holds all of them ({held_by}), so the merged stage cannot be handed to its "
+                              "members; place the backups of stages that may merge into one stage on one device "
+                              "(passes.replay.default_holders does), or give those stages a second device")
+        slots = rows_for(rest, layers, current, keep=whole[0])
+        new.append((layers, slots))
+        if gone:
+            changes.append(f"stage {q} lost {_and(gone)}")
+        for i, p in enumerate(merged):
+            lost = program.stages[p]
+            now = f", now layers {layers[0]}:{layers[1]} on {_slots(slots)}" if i == len(merged) - 1 else ""
+            changes.append(f"stage {p} lost {_only(lost.devices)}; its layers {lost.layers[0]}:{lost.layers[1]} move "
+                           f"to stage {q} ({into[p][1]} holds the backup){now}")
+    table = tuple(StageInfo(i, layers, slots) for i, (layers, slots) in enumerate(new))
+    idle = [d for d in survivors if not any(d in st.devices for st in table)]
+    if idle:
+        changes.append(f"left out (slower than giving their rows to others): {', '.join(idle)}")
+    after = _program(program, table)
+    held = backup_holders(program)
+    if held and len(table) > 1:
+        after = add_backups(after)
+        changes.append("backups: " + ", ".join(f"s{s} -> {h}" for s, h in sorted(backup_holders(after).items())))
+    elif held:
+        changes.append("no backups: the program has one stage left")
+    recovery = _with_prologue(program, after, holds)
+    verify(after)
+    verify(recovery)
+    return Rewrite(failure, program, recovery, after, tuple(changes))
+
+
+def _held_stages(program: Program, survivors: Sequence[str]) -> dict[str, frozenset[int]]:
+    """Survivor -> the stages whose state at the start of the iteration it holds: its own (its
+    rollback point) and those it RESTOREs (their copies arrived in the iteration before). Only the
+    program that was running counts: backups the rewrite places hold nothing yet."""
+    return {d: frozenset({program.stage_of(d).index} | {a.stage for a in program.of(d) if a.op == Op.RESTORE})
+            for d in survivors}
+
+
+def _merge_targets(program: Program, failed: Sequence[str]) -> dict[int, tuple[int, str]]:
+    """Stage that lost every device -> (the stage it merges into, the survivor holding its backup)."""
+    into: dict[int, tuple[int, str]] = {}
+    for st in program.stages:
+        if any(d not in failed for d in st.devices):
+            continue
+        p = st.index
+        holders = [d for d, acts in program.actions if any(a.op == Op.RESTORE and a.stage == p for a in acts)]
+        alive = [d for d in holders if d not in failed]
+        if not holders:
+            raise ReplayError(f"stage {p} lost {_only(st.devices)} and no device holds a backup of it (the program "
+                              f"has no 'BACKUP s{p} -> ...'); run passes.replay.add_backups on the program before "
+                              f"training, or give stage {p} a second device")
+        if not alive:
+            raise ReplayError(f"stage {p} lost {_only(st.devices)} and, at the same moment, {_and(holders)}, which "
+                              f"held its backup: no survivor holds stage {p}'s state, so replay cannot recover it; "
+                              f"restart from a checkpoint, or train with stage {p}'s backup on a device that does not "
+                              f"fail with it (passes.replay.add_backups(holders=...)) or give stage {p} a second device")
+        into[p] = (program.stage_of(alive[0]).index, alive[0])
+    for p, (q, holder) in into.items():
+        # the stages between p and q must merge into q too, or p's layers would not be contiguous
+        if any(into.get(r, (None,))[0] != q for r in range(min(p, q) + 1, max(p, q))):
+            merged = ", even after the other lost stages merged" if len(into) > 1 else ""
+            raise ReplayError(f"stage {p} lost {_only(program.stages[p].devices)}; its backup is on {holder} (stage "
+                              f"{q}), which is not next to stage {p}{merged}, so the layers cannot move there and stay "
+                              "contiguous; place backups on a neighbouring stage (passes.replay.default_holders)")
+    return into
+
+
+def _and(items: Iterable[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = list(items)
+    return " and ".join(filter(None, [", ".join(items[:-1]), items[-1]]))
+
+
+def _only(devices: Sequence[str]) -> str:
+    return f"its only device {devices[0]}" if len(devices) == 1 else f"all its devices ({_and(devices)})"
+
+
+def _slots(slots: Sequence[StageSlot]) -> str:
+    return " ".join(f"{s.device}[{s.lo}:{s.hi}]" for s in slots)
+
+
+def _with_prologue(before: Program, after: Program, holds: Mapping[str, frozenset[int]]) -> Program:
+    """``after`` preceded by a ROLLBACK on every device; a device that will run layers of which it
+    holds no copy (``holds``: the stages of ``before`` each survivor holds) first receives the
+    rolled-back stage from a group member that holds them all."""
+    layers_held = {d: set().union(*(range(*before.stages[s].layers) for s in stages)) for d, stages in holds.items()}
+    pre: dict[str, list[Action]] = {d: [] for d in after.devices}
+    post: dict[str, list[Action]] = {d: [] for d in after.devices}
+    for st in after.stages:
+        need = set(range(*st.layers))
+        whole = [d for d in st.devices if need <= layers_held[d]]
+        for d in st.devices:
+            if need <= layers_held[d]:
+                continue
+            if not whole:
+                raise ReplayError(f"no device of the new stage {st.index} holds all of layers {st.layers[0]}:{st.layers[1]} "
+                                  f"to give {d}; place backups on the stage a lost stage merges into")
+            pre[d].append(Action(Op.RESTORE, st.index, peer=whole[0]))
+            post[whole[0]].append(Action(Op.BACKUP, st.index, peer=d))
+    actions = []
+    for d, acts in after.actions:
+        rollback = Action(Op.ROLLBACK, after.stage_of(d).index)
+        actions.append((d, (*pre[d], rollback, *post[d], *acts)))
+    return dataclasses.replace(after, actions=tuple(actions))
+
+
+# ---------------------------------------------------------------------------------------------
+# for backends
+
+
+def split_stages(program: Program, captured: Any, lg: LayerGraph) -> tuple[Any, ...]:
+    """The stage modules of ``program``'s stage table (passes.split over a plan of that table):
+    what a backend runs a rewritten program with when stages were merged."""
+    from asteroid_fx.ir.plan import Plan, StagePlan
+    from asteroid_fx.passes.split import split
+
+    plan = Plan(stages=tuple(StagePlan(st.layers, st.devices, tuple(s.hi - s.lo for s in st.slots)) for st in program.stages),
+                microbatches=program.microbatches, microbatch_rows=program.microbatch_rows,
+                schedule=program.schedule, planner="replay")
+    return split(captured, lg, plan)

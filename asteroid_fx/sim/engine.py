@@ -1,0 +1,816 @@
+"""sim: time a Program on a Cluster with the cost model, without running it.
+
+``simulate(program, lg, cluster)`` is a discrete-event simulation of one training iteration. It
+models exactly this, and nothing else:
+
+  compute     F and B run one at a time per device, in the device's order, for
+              ``lg.fwd(kind, lo, hi)(rows)`` / ``lg.bwd(...)`` seconds (kind: the device's kind;
+              summed layer by layer, as ``LayerGraph.stage_time`` does).
+  SEND        asynchronous, as torch_dist's isend: the transfer starts when the SEND is posted (the
+              receiver's buffer is taken to be ready) and the device goes on at once. A SEND moves
+              ``transfer_bytes(action)`` = rows x the bytes of one row of every tensor in its specs.
+  RECV        blocks the device until the matching SEND's data has arrived (matched as ``verify``
+              matches them: same endpoints, payload, stage, micro-batch and rows, k-th with k-th).
+  links       a transfer from a to b takes latency(a, b) + bytes / bandwidth(a, b) on its own.
+              Transfers from a to b go one after another in the order posted (one connection per
+              pair, as gloo and NCCL keep them). Every device has a full-duplex NIC: one "out" and
+              one "in" channel, which the transfers of different pairs share max-min fairly, in
+              time: a transfer running at a fraction x of its pair's bandwidth uses x of its
+              sender's out channel and x of its receiver's in channel, and each channel gives at
+              most 1 in all. Latency is a delay after the last byte, not link time. With
+              ``shared_medium=True`` (one Wi-Fi channel) every transfer also uses x of a single
+              medium shared by all devices, in both directions.
+  ALLREDUCE   blocks until every member of the group reached it, then is a ring: each member sends
+              2 (g-1)/g x the stage's gradient and buffer bytes to the next, all edges in lockstep
+              at the pace of the slowest (bounded by the slowest link, and sharing the links as
+              above), plus 2 (g-1) x the largest latency on the ring (the same time as
+              ``estimate.ring_allreduce_s`` when the links are otherwise idle).
+  BACKUP      like SEND (in the background), RESTORE like RECV, of the stage's state: weights,
+              optimizer state (weights x opt_state_factor) and buffers (torch_dist sends these
+              bytes as one message, after a 64-byte header, with the holder's receive posted when
+              the iteration starts).
+  STEP        ROLLBACK (a local copy) and any op without a rule: no time.
+  memory      estimate.device_memory's model, as a timeline: weights x (2 + opt_state_factor) +
+              buffers all iteration, plus one micro-batch's activations (kept for backward, with the
+              stage's input and output slices) from the start of its F to the end of its B. With
+              ``recovery`` also, all iteration, the copies torch_dist keeps for a rollback: every
+              device's rollback point (its stage's state, what a BACKUP carries) and a holder's two
+              copies (this iteration's and the next's) of each stage it backs up.
+
+Not modelled: optimizer-step time, the first stage's input loading and the last stage's loss,
+kernel-launch jitter, CPU cost of sending, memory fragmentation and the allocator's caching,
+contention between compute and communication for memory bandwidth, TCP dynamics (a transfer runs
+at its fair share at once), the receiver having to post its receive before bytes move (torch_dist
+posts receives one ahead, which hides this), the backend's separate second all-reduce of floating
+buffers (folded into the one ring, its latency counted once), the copy a BACKUP packs before it
+sends, and the memory of the copies kept for a rollback unless ``recovery`` is asked for.
+Iteration time is when the last device finishes its last action.
+
+Beyond times, a Simulation gives its critical path (the chain of computes and messages that ends
+last, walked back from the last device to t=0) and, from it, what binds the iteration.
+
+A program that cannot finish (a RECV whose SEND never comes, members of an ALLREDUCE that never
+meet) raises ``verify.DeadlockError`` naming each blocked device, its line and what it waits for.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import heapq
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, activation_memory, state_memory, static_memory
+from asteroid_fx.ir.layer_graph import LayerGraph
+from asteroid_fx.ir.plan import DeviceUse, Prediction
+from asteroid_fx.ir.program import Action, Op, Program, TensorSpec, backup_holders, default_holders
+from asteroid_fx.ir.program_text import format_action, layout_program
+from asteroid_fx.ir.verify import DeadlockError
+
+# Bytes per element of the dtypes a cut carries; any other dtype asks torch.
+_ELEMENT_BYTES: Mapping[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+    "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16,
+}
+
+
+def element_bytes(dtype: str) -> int:
+    if dtype in _ELEMENT_BYTES:
+        return _ELEMENT_BYTES[dtype]
+    import torch
+
+    dt = getattr(torch, dtype, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r} in a transfer's specs; use a torch dtype name such as 'float32'")
+    return torch.empty((), dtype=dt).element_size()
+
+
+def spec_bytes(specs: Sequence[TensorSpec]) -> int:
+    """Bytes of one row of every tensor in ``specs``."""
+    total = 0
+    for s in specs:
+        n = element_bytes(s.dtype)
+        for d in s.shape:
+            n *= d
+        total += n
+    return total
+
+
+def transfer_bytes(a: Action) -> int:
+    """Bytes a SEND/RECV moves: its rows times one row of its specs (what the backend sends)."""
+    return (a.rows[1] - a.rows[0]) * spec_bytes(a.specs) if a.rows else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+class Span(NamedTuple):
+    """What a device did from ``start`` to ``end``: "compute" (F/B), "wait" (blocked in RECV,
+    RESTORE or for its group), "allreduce" (the ring itself)."""
+
+    device: str
+    index: int  # the action's index in the device's list
+    start: float
+    end: float
+    what: str
+    label: str  # the action's short text
+    cause: int = -1  # a wait for a message: its index in Simulation.transfers
+
+
+class PathStep(NamedTuple):
+    """One piece of the critical path: "compute" on a device, a message on a "link" ("a -> b",
+    from posting to arrival), an "allreduce" of a stage, or a "wait" the path could not follow."""
+
+    what: str
+    where: str
+    start: float
+    end: float
+
+
+class Transfer(NamedTuple):
+    """One message on the network: posted, on the wire from ``started`` (after the messages
+    posted before it on its pair) to its last byte (``drained``), arrived after the latency. An
+    ALLREDUCE is one Transfer per edge of its ring."""
+
+    src: str
+    dst: str
+    label: str
+    nbytes: float
+    posted: float
+    started: float
+    drained: float
+    arrived: float
+
+
+class MemoryTimeline(NamedTuple):
+    weights: int
+    gradients: int
+    optimizer: int
+    buffers: int
+    points: tuple[tuple[float, int], ...]  # (time, total bytes) from t=0, at every change
+    peak_bytes: int
+    budget_bytes: int
+    copies: int = 0  # recovery's state copies: the rollback point and the backups held (in every point)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceReport:
+    device: str
+    stage: int
+    kind: str
+    compute_s: float  # F and B
+    wait_s: float  # blocked in RECV / RESTORE, or for the group of an ALLREDUCE
+    allreduce_s: float  # inside the ALLREDUCE ring
+    finish_s: float  # end of the device's last action
+    busy: float  # compute_s / iteration time
+    memory: MemoryTimeline
+
+    @property
+    def bubble(self) -> float:
+        """The fraction of the iteration the device does not compute."""
+        return 1.0 - self.busy
+
+
+@dataclasses.dataclass(frozen=True)
+class Simulation:
+    """One simulated iteration of ``program``; times in seconds from its start."""
+
+    program: Program
+    cluster: Cluster
+    shared_medium: bool
+    iteration_s: float
+    devices: tuple[DeviceReport, ...]  # in program order
+    spans: tuple[Span, ...]  # by start time
+    transfers: tuple[Transfer, ...]  # in the order they drained
+
+    @property
+    def batch(self) -> int:
+        return self.program.microbatches * self.program.microbatch_rows
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second."""
+        return self.batch / self.iteration_s if self.iteration_s > 0 else math.inf
+
+    def device(self, name: str) -> DeviceReport:
+        for r in self.devices:
+            if r.device == name:
+                return r
+        raise KeyError(f"device {name!r} is not in this simulation (devices: {', '.join(r.device for r in self.devices)})")
+
+    def link_busy_s(self) -> dict[tuple[str, str], float]:
+        """(device, "out" | "in") -> seconds its channel carried at least one transfer."""
+        intervals: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+        for t in self.transfers:
+            if t.drained > t.started:
+                intervals[(t.src, "out")].append((t.started, t.drained))
+                intervals[(t.dst, "in")].append((t.started, t.drained))
+        return {k: _union_length(v) for k, v in intervals.items()}
+
+    def critical_path(self) -> tuple[PathStep, ...]:
+        """The chain of work that ends last, in time order: walked back from the device that
+        finishes last, through its computes, to the message a wait waited for and on at its sender
+        (queueing behind the pair's earlier messages and latency count as the link's), and from an
+        ALLREDUCE to the member that reached it last. Its steps tile [0, iteration time]."""
+        spans: dict[str, list[Span]] = defaultdict(list)
+        for sp in self.spans:
+            spans[sp.device].append(sp)
+        for items in spans.values():
+            items.sort(key=lambda sp: (sp.start, sp.index, sp.end))
+        ends = {d: [sp.end for sp in items] for d, items in spans.items()}
+        stage_of = {r.device: r.stage for r in self.devices}
+
+        def last_ending(device: str, t: float) -> int:
+            """Position of the device's last span ending at or before ``t`` (-1: none)."""
+            return bisect.bisect_right(ends.get(device, []), t + 1e-12 * (1.0 + t)) - 1
+
+        path: list[PathStep] = []
+        if not spans:
+            return ()
+        device = max(spans, key=lambda d: spans[d][-1].end)
+        k = len(spans[device]) - 1
+        while k >= 0:
+            sp = spans[device][k]
+            if sp.what == "compute":
+                path.append(PathStep("compute", device, sp.start, sp.end))
+                k -= 1
+            elif sp.what == "wait" and sp.cause >= 0:
+                t = self.transfers[sp.cause]
+                path.append(PathStep("link", f"{t.src} -> {t.dst}", t.posted, t.arrived))
+                device = t.src
+                k = last_ending(device, t.posted)
+            elif sp.what == "allreduce":
+                path.append(PathStep("allreduce", f"stage {stage_of[device]}", sp.start, sp.end))
+                group = self.program.of(device)[sp.index].group or (device,)
+                # the member that came last waited for nobody: its span before the ring ends at its start
+                late = [m for m in group if m in spans and not any(
+                    x.what == "wait" and x.end == sp.start and x.cause < 0 for x in spans[m])]
+                device = late[0] if late else device
+                k = last_ending(device, sp.start)
+                if spans[device] and k >= 0 and spans[device][k].what == "allreduce":
+                    k -= 1
+            else:
+                path.append(PathStep("wait", device, sp.start, sp.end))
+                k -= 1
+        return tuple(reversed(path))
+
+    def binding(self) -> str:
+        """What sets the iteration time, in words: memory over budget if any, else what takes the
+        biggest part of the critical path (compute, communication or an all-reduce) and where most."""
+        if not self.devices or self.iteration_s <= 0:
+            return "nothing (an empty iteration)"
+        over = [r.device for r in self.devices if r.memory.peak_bytes > r.memory.budget_bytes]
+        if over:
+            return "memory of " + ", ".join(over) + " (over budget)"
+        totals: dict[str, float] = defaultdict(float)
+        parts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for step in self.critical_path():
+            totals[step.what] += step.end - step.start
+            parts[step.what][step.where] += step.end - step.start
+        if not totals:
+            return "nothing (an empty iteration)"
+        what = max(totals, key=lambda w: totals[w])
+        where, most = max(parts[what].items(), key=lambda kv: kv[1])
+        share = f"{totals[what] / self.iteration_s:.0%} of the critical path"
+        if what == "compute":
+            return f"compute ({share}; most: {where} of stage {self.device(where).stage}, {most / self.iteration_s:.0%})"
+        if what == "link":
+            medium = ", one shared medium" if self.shared_medium else ""
+            return f"communication ({share}{medium}; most: {where}, {most / self.iteration_s:.0%})"
+        if what == "allreduce":
+            return f"all-reduce ({share}; most: {where}, {most / self.iteration_s:.0%})"
+        return f"waiting ({share})"
+
+    def critical_path_summary(self) -> str:
+        """How the critical path splits between compute, links and all-reduces."""
+        totals: dict[str, float] = defaultdict(float)
+        parts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for step in self.critical_path():
+            totals[step.what] += step.end - step.start
+            parts[step.what][step.where] += step.end - step.start
+        out = []
+        for what in ("compute", "link", "allreduce", "wait"):
+            if totals.get(what, 0.0) <= 0:
+                continue
+            top = sorted(parts[what].items(), key=lambda kv: -kv[1])[:3]
+            detail = ", ".join(f"{w} {x / self.iteration_s:.0%}" for w, x in top)
+            out.append(f"{what} {totals[what] / self.iteration_s:.0%} ({detail})")
+        return "; ".join(out)
+
+    def prediction(self, left_out: Sequence[tuple[str, str]] = ()) -> Prediction:
+        """The simulated iteration as the planner reports it (``Plan.prediction``)."""
+        uses = [DeviceUse(r.device, r.stage, r.memory.peak_bytes, r.memory.budget_bytes, r.compute_s,
+                          "over budget" if r.memory.peak_bytes > r.memory.budget_bytes else "")
+                for r in self.devices]
+        uses += [DeviceUse(d, None, 0, self.cluster.device(d).memory_bytes, 0.0, why) for d, why in left_out]
+        return Prediction(self.iteration_s, self.throughput, tuple(uses), self.binding())
+
+    def summary(self) -> str:
+        p = self.program
+        medium = ", one shared medium" if self.shared_medium else ""
+        lines = [f"simulated {p.schedule}: {len(p.stages)} stages, {p.microbatches} micro-batches x "
+                 f"{p.microbatch_rows} rows on {len(self.devices)} devices{medium}",
+                 f"  iteration {self.iteration_s * 1e3:.2f} ms, {self.throughput:.1f} samples/s; bound by {self.binding()}",
+                 f"  critical path: {self.critical_path_summary()}",
+                 f"  {'device':<16} {'stage':>5} {'compute':>10} {'busy':>5} {'bubble':>6} {'wait':>10} "
+                 f"{'allreduce':>10} {'peak memory':>21}"]
+        for r in self.devices:
+            mem = f"{_mib(r.memory.peak_bytes)} / {_mib(r.memory.budget_bytes)}"
+            lines.append(f"  {r.device:<16} {r.stage:>5} {r.compute_s * 1e3:>8.2f}ms {r.busy:>5.0%} {r.bubble:>6.0%} "
+                         f"{r.wait_s * 1e3:>8.2f}ms {r.allreduce_s * 1e3:>8.2f}ms {mem:>21}")
+        copies = [f"{r.device} {_mib(r.memory.copies)}" for r in self.devices if r.memory.copies]
+        if copies:
+            lines.append("  peak memory includes recovery's state copies (rollback point, backups held): "
+                         + ", ".join(copies))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    # exports live in trace.py; these are the short ways to reach them
+    def trace(self, path: str | Path | None = None) -> dict[str, Any]:
+        """The Chrome/Perfetto trace (a dict); written as JSON to ``path`` when given."""
+        from asteroid_fx.sim.trace import chrome_trace, write_trace
+
+        return write_trace(self, path) if path is not None else chrome_trace(self)
+
+    def gantt(self, path: str | Path) -> Path:
+        """A Gantt chart, PNG or SVG by the file's suffix (needs matplotlib: the ``plot`` extra)."""
+        from asteroid_fx.sim.trace import gantt
+
+        return gantt(self, path)
+
+    def grid(self) -> str:
+        """Steps x devices, each row the compute that starts at one instant."""
+        from asteroid_fx.sim.trace import format_timed_grid
+
+        return format_timed_grid(self)
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**30:.2f}GiB" if n >= 2**30 else f"{n / 2**20:.1f}MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# the network: flows sharing channels max-min fairly
+
+_AIR = -1  # the resource id of the shared medium; device i's out channel is 2i, its in channel 2i+1
+
+
+class _Flow:
+    """Bytes draining through some channels. ``rate`` is in bytes/s of each of its edges; an
+    ALLREDUCE ring is one flow whose edges move in lockstep."""
+
+    __slots__ = ("uses", "nominal", "remaining", "rate", "latency", "on_done", "edges", "posted", "started",
+                 "pair", "first_record")
+
+    def __init__(self, uses, nominal, nbytes, latency, on_done, edges, posted, pair):
+        self.uses: tuple[tuple[int, float], ...] = uses  # (channel, share used at the nominal rate)
+        self.nominal: float = nominal
+        self.remaining: float = nbytes
+        self.rate: float = 0.0
+        self.latency: float = latency
+        self.on_done = on_done
+        self.edges: tuple[tuple[str, str, str, float], ...] = edges  # (src, dst, label, bytes) for Transfer records
+        self.posted: float = posted
+        self.started: float = posted
+        self.pair = pair  # the (src, dst) queue it waits in, or None (a collective's own connection)
+        self.first_record = -1  # index of its first Transfer record, once drained
+
+
+def _fair_rates(flows: list[_Flow]) -> None:
+    """Max-min fair shares by progressive filling: raise every flow's fraction of its nominal rate
+    together until a channel is full or a flow runs at its nominal rate; freeze those; repeat."""
+    load: dict[int, float] = {}
+    for f in flows:
+        for r, c in f.uses:
+            load[r] = load.get(r, 0.0) + c
+    if max(load.values(), default=0.0) <= 1.0 + 1e-12:  # nothing oversubscribed: all at full speed
+        for f in flows:
+            f.rate = f.nominal
+        return
+    left = dict.fromkeys(load, 1.0)
+    active = list(flows)
+    level = 0.0  # the fraction every active flow runs at
+    while active:
+        step = 1.0 - level
+        for r, c in load.items():
+            if c > 1e-15 and left[r] < step * c:
+                step = left[r] / c
+        step = max(step, 0.0)
+        level += step
+        full = set()
+        for r, c in load.items():
+            left[r] -= step * c
+            if c > 1e-15 and left[r] <= 1e-12:
+                full.add(r)
+        still = []
+        for f in active:
+            if level >= 1.0 - 1e-12 or any(r in full for r, _ in f.uses):
+                f.rate = level * f.nominal
+                for r, c in f.uses:
+                    load[r] -= c
+            else:
+                still.append(f)
+        if len(still) == len(active):  # cannot happen with exact arithmetic; never loop on rounding
+            for f in still:
+                f.rate = level * f.nominal
+            return
+        active = still
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+
+
+class _Engine:
+    """The simulation's state while it runs (analysis state, not IR)."""
+
+    def __init__(self, program: Program, lg: LayerGraph, cluster: Cluster, shared_medium: bool,
+                 opt_state_factor: float, recovery: bool = False) -> None:
+        self.p, self.lg, self.cluster = program, lg, cluster
+        self.shared_medium = shared_medium
+        self.opt = opt_state_factor
+        self.names = [d for d, _ in program.actions]
+        self.acts = {d: acts for d, acts in reversed(program.actions)}
+        self.slot = {s.device: (st.index, s) for st in program.stages for s in st.slots}
+        for d in self.names:
+            if d not in self.slot:
+                raise ValueError(f"device {d} has actions but no slot in the stage table; verify(program) says more")
+        self.nic = {d: 2 * cluster.index(d) for d in self.names}  # out channel id; in = +1
+        self.kind = {d: cluster.device(d).kind for d in self.names}
+        self.now = 0.0
+        self.pc = dict.fromkeys(self.names, 0)
+        self.finish: dict[str, float] = {}
+        self.heap: list[tuple[float, int, Callable[[], None]]] = []
+        self.seq = 0
+        self.flows: list[_Flow] = []  # on the wire now
+        self.queued: dict[tuple[str, str], list[_Flow]] = defaultdict(list)  # per pair, behind the one on the wire
+        self.flows_changed = False
+        self.ready: list[str] = []
+        self.arrived: set[tuple] = set()
+        self.waiting: dict[tuple, tuple[str, float]] = {}  # channel key -> (device, since)
+        self.gathering: dict[tuple, dict[str, float]] = defaultdict(dict)  # collective -> member -> arrival
+        self.spans: list[Span] = []
+        self.transfers: list[Transfer] = []
+        self.compute_s = Counter()
+        self.wait_s = Counter()
+        self.allreduce_s = Counter()
+        self.live: dict[str, Counter] = {d: Counter() for d in self.names}  # (stage, rows) -> in flight
+        self.memory: dict[str, list[tuple[float, int]]] = {}
+        self.peak: dict[str, int] = {}
+        held = backups_held(program) if recovery else {}
+        self.static = {d: static_memory(lg, program.stages[self.slot[d][0]].layers, opt_state_factor,
+                                        recovery=recovery, held=held.get(d, ())) for d in self.names}
+        self._cost_cache: dict[tuple, float] = {}
+        self._act_cache: dict[tuple[int, int], float] = {}
+        self._keys = self._channel_keys()
+        for d in self.names:
+            self.memory[d] = [(0.0, int(self.static[d]))]
+            self.peak[d] = int(self.static[d])
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _channel_keys(self) -> dict[tuple[str, int], tuple]:
+        """Each transfer action's channel key, with its ordinal on the channel (k-th with k-th),
+        and each ALLREDUCE's collective key (the k-th of its stage and group)."""
+        keys: dict[tuple[str, int], tuple] = {}
+        for d in self.names:
+            seen: Counter = Counter()
+            for i, a in enumerate(self.acts[d]):
+                rule = _CHANNEL_KEYS.get(a.op)
+                if rule is None:
+                    continue
+                key = rule(d, a)
+                keys[(d, i)] = (*key, seen[key])
+                seen[key] += 1
+        return keys
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, fn))
+
+    def compute_seconds(self, device: str, a: Action) -> float:
+        kind = self.kind[device]
+        rows = a.rows[1] - a.rows[0]
+        key = (kind, a.op, a.stage, rows)
+        t = self._cost_cache.get(key)
+        if t is None:
+            # = lg.fwd(kind, lo, hi)(rows), without building the summed fit
+            lo, hi = self.p.stages[a.stage].layers
+            if a.op == Op.F:
+                t = sum(layer.cost(kind).fwd(rows) for layer in self.lg.layers[lo:hi])
+            else:
+                t = sum(layer.cost(kind).bwd(rows) for layer in self.lg.layers[lo:hi])
+            self._cost_cache[key] = t
+        return t
+
+    def activation(self, stage: int, rows: int) -> float:
+        key = (stage, rows)
+        if key not in self._act_cache:
+            self._act_cache[key] = activation_memory(self.lg, self.p.stages[stage].layers, rows)
+        return self._act_cache[key]
+
+    def run(self) -> None:
+        self.ready = list(self.names)
+        while True:
+            while self.ready:
+                ready, self.ready = self.ready, []
+                for d in ready:
+                    self.advance(d)
+            if self.flows_changed:
+                _fair_rates(self.flows)
+                self.flows_changed = False
+            t_next, first = math.inf, None
+            for f in self.flows:
+                if f.rate > 0:
+                    t = self.now + f.remaining / f.rate
+                    if t < t_next:
+                        t_next, first = t, f
+            if self.heap and self.heap[0][0] <= t_next:
+                t_next, first = self.heap[0][0], None
+            if t_next == math.inf:
+                break
+            self.drain(t_next, first)
+            while self.heap and self.heap[0][0] <= self.now:
+                heapq.heappop(self.heap)[2]()
+        blocked = {d: self.pc[d] for d in self.names if self.pc[d] < len(self.acts[d])}
+        if blocked:
+            raise self.deadlock(blocked)
+
+    def drain(self, t: float, first: _Flow | None) -> None:
+        dt = t - self.now
+        self.now = t
+        if not self.flows or dt <= 0 and first is None:
+            return
+        done = []
+        for f in self.flows:
+            f.remaining -= f.rate * dt
+            # flows that end together with ``first`` (to rounding) end now too
+            if f is first or f.remaining <= f.rate * 1e-12 * (1.0 + t):
+                done.append(f)
+        if done:
+            self.flows = [f for f in self.flows if f not in done]
+            self.flows_changed = True
+            for f in done:
+                f.remaining = 0.0
+                self.finish_flow(f)
+
+    def finish_flow(self, f: _Flow) -> None:
+        arrive = self.now + f.latency
+        f.first_record = len(self.transfers)
+        for src, dst, label, nbytes in f.edges:
+            self.transfers.append(Transfer(src, dst, label, nbytes, f.posted, f.started, self.now, arrive))
+        self.at(arrive, lambda: f.on_done(f))
+        if f.pair is not None:
+            queue = self.queued[f.pair]
+            if queue:
+                nxt = queue.pop(0)
+                nxt.started = self.now
+                self.flows.append(nxt)
+            else:
+                del self.queued[f.pair]
+
+    def start_flow(self, uses, airtime: float, nominal: float, nbytes: float, latency: float, on_done,
+                   edges, pair: tuple[str, str] | None) -> None:
+        """``uses``: the channels and the share of each the flow takes at its nominal rate;
+        ``airtime``: the share of the shared medium it takes then (when there is one)."""
+        if nominal == math.inf:  # an infinitely fast link: only the latency
+            self.finish_flow(_Flow(uses, nominal, nbytes, latency, on_done, edges, self.now, None))
+            return
+        flow = _Flow(uses, nominal, max(nbytes, 0.0), latency, on_done, edges, self.now, pair)
+        if self.shared_medium:
+            flow.uses = (*uses, (_AIR, airtime))
+        if pair is not None and pair in self.queued:
+            self.queued[pair].append(flow)  # behind the pair's earlier messages
+            return
+        if pair is not None:
+            self.queued[pair] = []
+        self.flows.append(flow)
+        self.flows_changed = True
+
+    # -- devices ------------------------------------------------------------------------------
+
+    def advance(self, d: str) -> None:
+        """Run device ``d`` from its current action until it computes, blocks or is done."""
+        acts = self.acts[d]
+        while self.pc[d] < len(acts):
+            i = self.pc[d]
+            if not _RULES.get(acts[i].op, _Engine.instant)(self, d, i, acts[i]):
+                return
+            self.pc[d] = i + 1
+        self.finish.setdefault(d, self.now)
+
+    def instant(self, d: str, i: int, a: Action) -> bool:
+        return True
+
+    def compute(self, d: str, i: int, a: Action) -> bool:
+        start = self.now
+        end = start + self.compute_seconds(d, a)
+        if a.op == Op.F:
+            self.hold(d, a, +1)
+
+        def done() -> None:
+            self.spans.append(Span(d, i, start, end, "compute", format_action(a, short=True)))
+            self.compute_s[d] += end - start
+            if a.op == Op.B:
+                self.hold(d, a, -1)
+            self.pc[d] = i + 1
+            self.ready.append(d)
+
+        self.at(end, done)
+        return False
+
+    def hold(self, d: str, a: Action, sign: int) -> None:
+        """A micro-batch's activations come to life at its F and die at its B."""
+        live = self.live[d]
+        live[(a.stage, a.rows[1] - a.rows[0])] += sign
+        total = self.static[d] + sum(n * self.activation(s, r) for (s, r), n in live.items() if n)
+        self.memory[d].append((self.now, int(total)))
+        self.peak[d] = max(self.peak[d], int(total))
+
+    def post(self, d: str, i: int, a: Action) -> bool:
+        key = self._keys[(d, i)]
+        nbytes = float(_PAYLOAD_BYTES[a.op](self, a))
+        bw, lat = self.cluster.link(d, a.peer)
+        src, dst = self.nic[d], self.nic[a.peer] + 1
+        label = format_action(a, short=True)
+
+        def arrived(flow: _Flow) -> None:
+            self.arrived.add(key)
+            waiter = self.waiting.pop(key, None)
+            if waiter is not None:
+                device, since = waiter
+                self.spans.append(Span(device, self.pc[device], since, self.now, "wait",
+                                       format_action(self.acts[device][self.pc[device]], short=True),
+                                       flow.first_record))
+                self.wait_s[device] += self.now - since
+                self.pc[device] += 1
+                self.ready.append(device)
+
+        self.start_flow(((src, 1.0), (dst, 1.0)), 1.0, bw, nbytes, lat, arrived, ((d, a.peer, label, nbytes),), (d, a.peer))
+        return True
+
+    def wait(self, d: str, i: int, a: Action) -> bool:
+        key = self._keys[(d, i)]
+        if key in self.arrived:
+            return True
+        self.waiting[key] = (d, self.now)
+        return False
+
+    def collective(self, d: str, i: int, a: Action) -> bool:
+        key = self._keys[(d, i)]
+        members = a.group if d in a.group else (*a.group, d)
+        here = self.gathering[key]
+        here[d] = self.now
+        if len(here) < len(members):
+            return False
+        del self.gathering[key]
+        start = self.now
+        label = format_action(a, short=True)
+        g = len(members)
+        lo, hi = self.p.stages[a.stage].layers
+        nbytes = self.lg.param_bytes(lo, hi) + self.lg.buffer_bytes(lo, hi)
+        ring = list(zip(members, members[1:] + members[:1])) if g > 1 else []
+        links = [self.cluster.link(x, y) for x, y in ring]
+        per_edge = 2.0 * (g - 1) / g * nbytes if g > 1 else 0.0
+        slowest = min((bw for bw, _ in links), default=math.inf)
+        latency = 2.0 * (g - 1) * max((lat for _, lat in links), default=0.0)
+        uses = tuple(u for (x, y), (bw, _) in zip(ring, links)
+                     for u in ((self.nic[x], slowest / bw), (self.nic[y] + 1, slowest / bw)))
+
+        def done(flow: _Flow) -> None:
+            for m in members:
+                arrived_at = here[m]
+                mi = self.pc[m]
+                if start > arrived_at:
+                    self.spans.append(Span(m, mi, arrived_at, start, "wait", label))
+                    self.wait_s[m] += start - arrived_at
+                self.spans.append(Span(m, mi, start, self.now, "allreduce", label))
+                self.allreduce_s[m] += self.now - start
+                self.pc[m] = mi + 1
+                self.ready.append(m)
+
+        airtime = sum(slowest / bw for bw, _ in links)  # every edge's bytes go over the air
+        self.start_flow(uses, airtime, slowest, per_edge, latency, done, tuple((x, y, label, per_edge) for x, y in ring), None)
+        return False
+
+    # -- deadlock -----------------------------------------------------------------------------
+
+    def deadlock(self, blocked: dict[str, int]) -> DeadlockError:
+        layout = layout_program(self.p)
+
+        def where(device: str) -> str:
+            if device not in self.acts:
+                return f"{device} is not a device of this program"
+            if self.pc[device] >= len(self.acts[device]):
+                return f"{device} has finished all its actions"
+            line = layout.action_lines[(device, self.pc[device])]
+            return f"{device} is blocked at line {line} ({format_action(self.acts[device][self.pc[device]], short=True)})"
+
+        lines = []
+        for d, i in blocked.items():
+            a = self.acts[d][i]
+            key = self._keys.get((d, i))
+            if a.op == Op.ALLREDUCE:
+                members = a.group if d in a.group else (*a.group, d)
+                late = [m for m in members if m not in self.gathering.get(key, {})]
+                why = "waits for its group, but " + "; ".join(where(m) for m in late)
+            else:
+                sender = next(((s, j) for (s, j), k in self._keys.items()
+                               if k == key and self.acts[s][j].op in _SENDS), None)
+                if sender is None:
+                    why = f"waits for a {a.op.value} counterpart on {a.peer}, which {a.peer} never runs"
+                else:
+                    s, j = sender
+                    why = (f"waits for '{format_action(self.acts[s][j], short=True)}' on {s} "
+                           f"(line {layout.action_lines[(s, j)]}), but {where(s)}")
+            lines.append(f"  device {d}, line {layout.action_lines[(d, i)]}: {format_action(a)}\n    {why}")
+        message = (f"deadlock at t={self.now * 1e3:.3f} ms of the simulation: no device can move, "
+                   f"{len(blocked)} blocked:\n" + "\n".join(lines)
+                   + "\nReorder these actions so that every RECV's SEND (and every member of an ALLREDUCE) "
+                     "can run first; verify(program) shows the step where the dry run stops.")
+        return DeadlockError(message, [], blocked)
+
+
+def _state_bytes(e: _Engine, a: Action) -> int:
+    """What a BACKUP carries: the stage's weights with their optimizer state, and its buffers."""
+    return int(state_memory(e.lg, e.p.stages[a.stage].layers, e.opt))
+
+
+def backups_held(program: Program) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Device -> the layer ranges of the stages whose backups it holds in a run with recovery:
+    where the program's BACKUPs go, or, in a program without them, where add_backups puts them."""
+    held: dict[str, tuple[tuple[int, int], ...]] = {}
+    for stage, device in sorted((backup_holders(program) or default_holders(program)).items()):
+        held[device] = (*held.get(device, ()), program.stages[stage].layers)
+    return held
+
+
+# Which channel a transfer op is on: (sender, receiver, what, stage[, mb, rows]).
+_CHANNEL_KEYS: Mapping[Op, Callable[[str, Action], tuple]] = {
+    Op.SEND: lambda d, a: (d, a.peer, a.payload, a.stage, a.mb, a.rows),
+    Op.RECV: lambda d, a: (a.peer, d, a.payload, a.stage, a.mb, a.rows),
+    Op.BACKUP: lambda d, a: (d, a.peer, "weights", a.stage),
+    Op.RESTORE: lambda d, a: (a.peer, d, "weights", a.stage),
+    Op.ALLREDUCE: lambda d, a: ("allreduce", a.stage, a.group),
+}
+_SENDS = frozenset({Op.SEND, Op.BACKUP})
+# What a posted transfer carries.
+_PAYLOAD_BYTES: Mapping[Op, Callable[[_Engine, Action], int]] = {
+    Op.SEND: lambda e, a: transfer_bytes(a),
+    Op.BACKUP: _state_bytes,
+}
+# How each op runs; an op without an entry (STEP, and any a rewrite adds) takes no time.
+_RULES: Mapping[Op, Callable[[_Engine, str, int, Action], bool]] = {
+    Op.F: _Engine.compute,
+    Op.B: _Engine.compute,
+    Op.SEND: _Engine.post,
+    Op.BACKUP: _Engine.post,
+    Op.RECV: _Engine.wait,
+    Op.RESTORE: _Engine.wait,
+    Op.ALLREDUCE: _Engine.collective,
+}
+
+
+def simulate(program: Program, lg: LayerGraph, cluster: Cluster, *, shared_medium: bool = False,
+             opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False) -> Simulation:
+    """Time one iteration of ``program`` on ``cluster`` with ``lg``'s costs (see the module
+    docstring for the model). Expects a program whose devices are in ``cluster`` and whose stages
+    index ``lg``'s layers; runs any such program (a rewritten one too) and raises DeadlockError
+    when it cannot finish. ``recovery``: the program runs with pipeline replay, and every device's
+    memory holds the copies kept for a rollback (``backups_held`` says where the backups are).
+    Deterministic: the same inputs give the same Simulation."""
+    engine = _Engine(program, lg, cluster, shared_medium, opt_state_factor, recovery)
+    engine.run()
+    iteration = max(engine.finish.values(), default=0.0)
+    reports = []
+    for d in engine.names:
+        stage, _ = engine.slot[d]
+        lo, hi = program.stages[stage].layers
+        weights = lg.param_bytes(lo, hi)
+        copies = int(engine.static[d] - static_memory(lg, (lo, hi), opt_state_factor))
+        memory = MemoryTimeline(weights, weights, int(weights * opt_state_factor), lg.buffer_bytes(lo, hi),
+                                tuple(engine.memory[d]), engine.peak[d], cluster.device(d).memory_bytes, copies)
+        compute = engine.compute_s[d]
+        reports.append(DeviceReport(d, stage, engine.kind[d], compute, engine.wait_s[d], engine.allreduce_s[d],
+                                    engine.finish[d], compute / iteration if iteration > 0 else 0.0, memory))
+    spans = tuple(sorted(engine.spans, key=lambda s: (s.start, s.device, s.index)))
+    return Simulation(program, cluster, shared_medium, iteration, tuple(reports), spans, tuple(engine.transfers))
