@@ -29,7 +29,7 @@ from asteroid_fx.cli.simulate import register as register_cli
 from asteroid_fx.ir.layer_graph import costs_from_json, costs_to_json, write_costs
 from asteroid_fx.passes.lower import planned_program
 from asteroid_fx.sim import simulate, transfer_bytes
-from asteroid_fx.sim.engine import _fair_rates, _Flow
+from asteroid_fx.sim.network import Flow as _Flow, fair_rates as _fair_rates
 from asteroid_fx.ir.verify import DeadlockError, dry_run
 
 KIND = "jetson-nano"

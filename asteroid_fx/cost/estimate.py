@@ -1,9 +1,10 @@
-"""The planner's closed-form cost model of a plan: per-device memory and the iteration time.
+"""The planner's closed form: a plan's per-device memory and iteration time from the stage model.
 
-Memory of device d in stage p (the paper's Mem_p = MOD + OPT + K_p * ACT):
-  weights + gradients + optimizer state (``opt_state_factor`` x weights: 2 for Adam, 1 for SGD
-  with momentum, 0 for plain SGD) + buffers + K_p x (activations kept for backward + the stage's
-  input and output slices) for its rows, with K_p the micro-batches in flight under the schedule.
+Each stage's numbers are those of ``cost/stage.py`` (compute, all-reduce, transfer, memory);
+``CostTable`` tabulates them for micro-batches of up to R rows so that any stage's time or memory
+is one subtraction, and composes them into a plan's:
+
+Memory of device d in stage p (the paper's Mem_p = MOD + OPT + K_p * ACT): ``stage.device_memory``.
 With recovery (pipeline replay, passes/replay.py) every device also keeps its rollback point, one
 copy of its stage's state (weights + optimizer state + buffers, no gradients), and the first device
 of a stage keeps two copies (this iteration's and the next's) of each stage whose backup it holds
@@ -21,68 +22,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, activation_memory, device_memory, in_flight,
+                                    ring_allreduce_s, state_memory, static_memory, step_table, wire_s)
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.plan import StagePlan, backup_holder_stage, warmup_depth
-
-ADAM_STATE_FACTOR = 2.0
-
-
-def in_flight(schedule: str, stage: int, stages: int, microbatches: int) -> int:
-    """Micro-batches whose activations a stage holds at its peak."""
-    depth = warmup_depth(schedule)
-    if depth is None:
-        return microbatches
-    return min((stages - stage - 1) * (1 + depth) + 1, microbatches)
-
-
-def state_memory(lg: LayerGraph, layers: tuple[int, int], opt_state_factor: float = ADAM_STATE_FACTOR) -> float:
-    """Bytes of one copy of a stage's state, what a BACKUP carries and a rollback restores:
-    weights, optimizer state and buffers (gradients are not part of it)."""
-    lo, hi = layers
-    return lg.param_bytes(lo, hi) * (1.0 + opt_state_factor) + lg.buffer_bytes(lo, hi)
-
-
-def static_memory(lg: LayerGraph, layers: tuple[int, int], opt_state_factor: float = ADAM_STATE_FACTOR, *,
-                  recovery: bool = False, held: Sequence[tuple[int, int]] = ()) -> float:
-    """Bytes a device of the stage holds all iteration: weights, gradients, optimizer state, buffers;
-    with ``recovery`` also its rollback point and two copies of each stage in ``held`` (the layer
-    ranges of the stages whose backups it holds)."""
-    lo, hi = layers
-    own = lg.param_bytes(lo, hi) * (2.0 + opt_state_factor) + lg.buffer_bytes(lo, hi)
-    if not recovery:
-        if held:
-            raise ValueError("a device holds backups only in a run with recovery; pass recovery=True")
-        return own
-    return (own + state_memory(lg, layers, opt_state_factor)
-            + 2 * sum(state_memory(lg, h, opt_state_factor) for h in held))
-
-
-def activation_memory(lg: LayerGraph, layers: tuple[int, int], rows: int) -> float:
-    """Bytes one micro-batch in flight holds on a device with ``rows`` rows: the activations kept
-    for backward plus the stage's input and output slices."""
-    lo, hi = layers
-    return (lg.saved_bytes_per_row(lo, hi) + lg.cuts[lo].bytes_per_row + lg.cuts[hi].bytes_per_row) * rows
-
-
-def device_memory(lg: LayerGraph, layers: tuple[int, int], rows: int, k_in_flight: int,
-                  opt_state_factor: float = ADAM_STATE_FACTOR, *, recovery: bool = False,
-                  held: Sequence[tuple[int, int]] = ()) -> int:
-    """A device's peak: ``static_memory`` (``recovery`` and ``held`` as there) and ``k_in_flight``
-    micro-batches of ``rows`` rows."""
-    return int(static_memory(lg, layers, opt_state_factor, recovery=recovery, held=held)
-               + k_in_flight * activation_memory(lg, layers, rows))
-
-
-def ring_allreduce_s(cluster: Cluster, group: Sequence[str], nbytes: float) -> float:
-    g = len(group)
-    if g < 2 or nbytes <= 0:
-        return 0.0
-    ring = list(group) + [group[0]]
-    bw = min(cluster.link(a, b)[0] for a, b in zip(ring, ring[1:]))
-    lat = max(cluster.link(a, b)[1] for a, b in zip(ring, ring[1:]))
-    return 2.0 * (g - 1) / g * nbytes / bw + 2.0 * (g - 1) * lat
-
 
 # ---------------------------------------------------------------------------------------------
 # the same model as tables, for planners that score many candidates
@@ -93,8 +37,8 @@ class CostTable:
     prefix sums over layers of forward+backward time per device kind and integer row count, of
     static memory and of activation bytes, so that any stage's time or memory is one subtraction.
 
-    The numbers are exactly those of ``LayerGraph.stage_time``, ``device_memory`` and
-    ``ring_allreduce_s`` (up to float summation order); planners use it to search, ``sim.predict``
+    The numbers are exactly the stage model's (``stage.step_s``, ``stage.device_memory``,
+    ``stage.allreduce_s``, ``stage.wire_s``; up to float summation order); planners use it to search, ``sim.predict``
     still gives a plan's reported prediction. With ``recovery`` a stage's static bytes include
     every device's rollback point, and ``held`` arguments (``held_bytes``) the backups a stage's
     first device holds."""
@@ -106,15 +50,11 @@ class CostTable:
         self.lg, self.cluster, self.max_rows = lg, cluster, max_rows
         self.opt_state_factor = opt_state_factor
         self.recovery = recovery
-        L = len(lg)
         rs = np.arange(max_rows + 1, dtype=float)
         self.kinds = tuple(sorted({d.kind for d in cluster.devices}))
         self.time: dict[str, Any] = {}  # kind -> (max_rows + 1, L + 1) prefix sums, row 0 all zero
         for k in self.kinds:
-            per_layer = np.zeros((max_rows + 1, L))
-            for i, layer in enumerate(lg.layers):
-                c = layer.cost(k)
-                per_layer[:, i] = _fit_at(c.fwd, rs) + _fit_at(c.bwd, rs)
+            per_layer = step_table(lg, k, rs)
             self.time[k] = np.concatenate([np.zeros((max_rows + 1, 1)), np.cumsum(per_layer, axis=1)], axis=1)
         prefix = lambda xs: np.concatenate([[0.0], np.cumsum(np.asarray(xs, dtype=float))])  # noqa: E731
         self.params = prefix([layer.param_bytes for layer in lg.layers])
@@ -125,8 +65,12 @@ class CostTable:
         self.budget = {d.name: d.memory_bytes for d in cluster.devices}
 
     def stage_time(self, device: str, lo: int, hi: int, rows: int) -> float:
-        t = self.time[self.kind_of[device]]
-        return float(t[rows, hi] - t[rows, lo])
+        return float(self.kind_time(self.kind_of[device], lo, hi, rows))
+
+    def kind_time(self, kind: str, lo, hi, rows):
+        """``stage.step_s`` of [lo, hi) on ``rows`` rows on ``kind``; elementwise for index arrays."""
+        t = self.time[kind]
+        return t[rows, hi] - t[rows, lo]
 
     def state_bytes(self, lo: int, hi: int) -> float:
         """One copy of the stage's state (``state_memory``); elementwise for index arrays too."""
@@ -149,7 +93,15 @@ class CostTable:
         return held
 
     def act_bytes_per_row(self, lo: int, hi: int) -> float:
-        return float(self.saved[hi] - self.saved[lo] + self.cut_bytes[lo] + self.cut_bytes[hi])
+        return float(self.activation_bytes_per_row(lo, hi))
+
+    def activation_bytes_per_row(self, lo, hi):
+        """``stage.activation_memory`` of one row; elementwise for index arrays too."""
+        return self.saved[hi] - self.saved[lo] + self.cut_bytes[lo] + self.cut_bytes[hi]
+
+    def allreduce_bytes(self, lo, hi):
+        """``stage.allreduce_bytes``; elementwise for index arrays too."""
+        return self.params[hi] - self.params[lo] + self.buffers[hi] - self.buffers[lo]
 
     def memory(self, lo: int, hi: int, rows: int, k_in_flight: int, held: float = 0.0) -> int:
         """A device's peak in stage [lo, hi) with ``rows`` rows, holding ``held`` bytes of backups."""
@@ -193,8 +145,7 @@ class CostTable:
         return tuple(split)
 
     def allreduce_s(self, devices: Sequence[str], lo: int, hi: int) -> float:
-        return ring_allreduce_s(self.cluster, devices, self.params[hi] - self.params[lo]
-                                + self.buffers[hi] - self.buffers[lo])
+        return ring_allreduce_s(self.cluster, devices, self.allreduce_bytes(lo, hi))
 
     def transfer_s(self, cut: int, src: StagePlan, dst: StagePlan) -> float:
         """Seconds to move one micro-batch across ``cut``: row slices of different pairs travel
@@ -207,7 +158,7 @@ class CostTable:
                 overlap = min(ahi, bhi) - max(alo, blo)
                 if overlap > 0:
                     bw, lat = self.cluster.link(a, b)
-                    t = self.cut_bytes[cut] * overlap / bw
+                    t = wire_s(self.cut_bytes[cut] * overlap, bw)
                     load[a, "out"] = load.get((a, "out"), 0.0) + t
                     load[b, "in"] = load.get((b, "in"), 0.0) + t
                     latency = max(latency, lat)
@@ -224,7 +175,7 @@ class CostTable:
                 for b, blo, bhi in stages[p + 1].slots:
                     overlap = min(ahi, bhi) - max(alo, blo)
                     if overlap > 0:
-                        t = per_row * overlap / self.cluster.link(a, b)[0]
+                        t = wire_s(per_row * overlap, self.cluster.link(a, b)[0])
                         for key in ((a, "out"), (b, "in"), (b, "out"), (a, "in")):  # act a->b, grad b->a
                             load[key] = load.get(key, 0.0) + t
         return max(load.values(), default=0.0)
@@ -301,22 +252,7 @@ class CostTable:
         return all(m <= self.budget[d] for d, m in self.device_bytes(stages, microbatches, schedule).items())
 
 
-def _fit_at(fit, rows):
-    """A TimeFit evaluated at an array of row counts, with TimeFit's own rules at the ends."""
-    import numpy as np
 
-    pts = fit.points
-    xs = np.array([p[0] for p in pts], dtype=float)
-    ys = np.array([p[1] for p in pts], dtype=float)
-    out = np.empty_like(rows)
-    if len(pts) == 1:
-        out[:] = ys[0] * rows / xs[0]
-    else:
-        out[:] = np.interp(rows, xs, ys)
-        below = rows < xs[0]
-        out[below] = ys[0] * rows[below] / xs[0]
-        above = rows > xs[-1]
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-        out[above] = np.maximum(0.0, ys[-1] + slope * (rows[above] - xs[-1]))
-    out[rows <= 0] = 0.0
-    return out
+# the stage model's pieces that callers have long imported from here
+__all__ = ["ADAM_STATE_FACTOR", "CostTable", "activation_memory", "device_memory", "in_flight", "ring_allreduce_s",
+           "state_memory", "static_memory"]

@@ -3,15 +3,16 @@
 ``simulate(program, lg, cluster)`` is a discrete-event simulation of one training iteration. It
 models exactly this, and nothing else:
 
-  compute     F and B run one at a time per device, in the device's order, for
-              ``lg.fwd(kind, lo, hi)(rows)`` / ``lg.bwd(...)`` seconds (kind: the device's kind;
-              summed layer by layer, as ``LayerGraph.stage_time`` does).
+  compute     F and B run one at a time per device, in the device's order, for the stage model's
+              ``cost.stage.compute_s(lg, kind, op, layers, rows)`` seconds (kind: the device's
+              kind).
   SEND        asynchronous, as torch_dist's isend: the transfer starts when the SEND is posted (the
               receiver's buffer is taken to be ready) and the device goes on at once. A SEND moves
               ``transfer_bytes(action)`` = rows x the bytes of one row of every tensor in its specs.
   RECV        blocks the device until the matching SEND's data has arrived (matched as ``verify``
               matches them: same endpoints, payload, stage, micro-batch and rows, k-th with k-th).
-  links       a transfer from a to b takes latency(a, b) + bytes / bandwidth(a, b) on its own.
+  links       a transfer from a to b takes latency(a, b) + bytes / bandwidth(a, b) on its own
+              (``cost.stage.message_s``).
               Transfers from a to b go one after another in the order posted (one connection per
               pair, as gloo and NCCL keep them). Every device has a full-duplex NIC: one "out" and
               one "in" channel, which the transfers of different pairs share max-min fairly, in
@@ -23,14 +24,14 @@ models exactly this, and nothing else:
   ALLREDUCE   blocks until every member of the group reached it, then is a ring: each member sends
               2 (g-1)/g x the stage's gradient and buffer bytes to the next, all edges in lockstep
               at the pace of the slowest (bounded by the slowest link, and sharing the links as
-              above), plus 2 (g-1) x the largest latency on the ring (the same time as
-              ``estimate.ring_allreduce_s`` when the links are otherwise idle).
+              above), plus 2 (g-1) x the largest latency on the ring (``cost.stage.Ring``: the
+              same time as ``Ring.seconds`` when the links are otherwise idle).
   BACKUP      like SEND (in the background), RESTORE like RECV, of the stage's state: weights,
               optimizer state (weights x opt_state_factor) and buffers (torch_dist sends these
               bytes as one message, after a 64-byte header, with the holder's receive posted when
               the iteration starts).
   STEP        ROLLBACK (a local copy) and any op without a rule: no time.
-  memory      estimate.device_memory's model, as a timeline: weights x (2 + opt_state_factor) +
+  memory      cost.stage.device_memory's model, as a timeline: weights x (2 + opt_state_factor) +
               buffers all iteration, plus one micro-batch's activations (kept for backward, with the
               stage's input and output slices) from the start of its F to the end of its B. With
               ``recovery`` also, all iteration, the copies torch_dist keeps for a rollback: every
@@ -55,21 +56,21 @@ meet) raises ``verify.DeadlockError`` naming each blocked device, its line and w
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
 import heapq
 import math
 from collections import Counter, defaultdict
-from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, Sequence
 
+from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, StageCosts, activation_memory, allreduce_bytes, ring,
+                                    state_memory, static_memory)
 from asteroid_fx.ir.cluster import Cluster
-from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, activation_memory, state_memory, static_memory
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
-from asteroid_fx.ir.plan import DeviceUse, Prediction
 from asteroid_fx.ir.program import Action, Op, Program, TensorSpec, backup_holders, default_holders
 from asteroid_fx.ir.program_text import format_action, layout_program
 from asteroid_fx.ir.verify import DeadlockError
+from asteroid_fx.sim.network import AIR, Flow, fair_rates
+from asteroid_fx.sim.report import DeviceReport, MemoryTimeline, Simulation, Span, Transfer
 
 # Bytes per element of the dtypes a cut carries; any other dtype asks torch.
 _ELEMENT_BYTES: Mapping[str, int] = {
@@ -85,7 +86,7 @@ def element_bytes(dtype: str) -> int:
 
     dt = getattr(torch, dtype, None)
     if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r} in a transfer's specs; use a torch dtype name such as 'float32'")
+        raise InputError(f"unknown dtype {dtype!r} in a transfer's specs; use a torch dtype name such as 'float32'")
     return torch.empty((), dtype=dt).element_size()
 
 
@@ -106,335 +107,6 @@ def transfer_bytes(a: Action) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# results
-
-
-class Span(NamedTuple):
-    """What a device did from ``start`` to ``end``: "compute" (F/B), "wait" (blocked in RECV,
-    RESTORE or for its group), "allreduce" (the ring itself)."""
-
-    device: str
-    index: int  # the action's index in the device's list
-    start: float
-    end: float
-    what: str
-    label: str  # the action's short text
-    cause: int = -1  # a wait for a message: its index in Simulation.transfers
-
-
-class PathStep(NamedTuple):
-    """One piece of the critical path: "compute" on a device, a message on a "link" ("a -> b",
-    from posting to arrival), an "allreduce" of a stage, or a "wait" the path could not follow."""
-
-    what: str
-    where: str
-    start: float
-    end: float
-
-
-class Transfer(NamedTuple):
-    """One message on the network: posted, on the wire from ``started`` (after the messages
-    posted before it on its pair) to its last byte (``drained``), arrived after the latency. An
-    ALLREDUCE is one Transfer per edge of its ring."""
-
-    src: str
-    dst: str
-    label: str
-    nbytes: float
-    posted: float
-    started: float
-    drained: float
-    arrived: float
-
-
-class MemoryTimeline(NamedTuple):
-    weights: int
-    gradients: int
-    optimizer: int
-    buffers: int
-    points: tuple[tuple[float, int], ...]  # (time, total bytes) from t=0, at every change
-    peak_bytes: int
-    budget_bytes: int
-    copies: int = 0  # recovery's state copies: the rollback point and the backups held (in every point)
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceReport:
-    device: str
-    stage: int
-    kind: str
-    compute_s: float  # F and B
-    wait_s: float  # blocked in RECV / RESTORE, or for the group of an ALLREDUCE
-    allreduce_s: float  # inside the ALLREDUCE ring
-    finish_s: float  # end of the device's last action
-    busy: float  # compute_s / iteration time
-    memory: MemoryTimeline
-
-    @property
-    def bubble(self) -> float:
-        """The fraction of the iteration the device does not compute."""
-        return 1.0 - self.busy
-
-
-@dataclasses.dataclass(frozen=True)
-class Simulation:
-    """One simulated iteration of ``program``; times in seconds from its start."""
-
-    program: Program
-    cluster: Cluster
-    shared_medium: bool
-    iteration_s: float
-    devices: tuple[DeviceReport, ...]  # in program order
-    spans: tuple[Span, ...]  # by start time
-    transfers: tuple[Transfer, ...]  # in the order they drained
-
-    @property
-    def batch(self) -> int:
-        return self.program.microbatches * self.program.microbatch_rows
-
-    @property
-    def throughput(self) -> float:
-        """Samples per second."""
-        return self.batch / self.iteration_s if self.iteration_s > 0 else math.inf
-
-    def device(self, name: str) -> DeviceReport:
-        for r in self.devices:
-            if r.device == name:
-                return r
-        raise KeyError(f"device {name!r} is not in this simulation (devices: {', '.join(r.device for r in self.devices)})")
-
-    def link_busy_s(self) -> dict[tuple[str, str], float]:
-        """(device, "out" | "in") -> seconds its channel carried at least one transfer."""
-        intervals: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
-        for t in self.transfers:
-            if t.drained > t.started:
-                intervals[(t.src, "out")].append((t.started, t.drained))
-                intervals[(t.dst, "in")].append((t.started, t.drained))
-        return {k: _union_length(v) for k, v in intervals.items()}
-
-    def critical_path(self) -> tuple[PathStep, ...]:
-        """The chain of work that ends last, in time order: walked back from the device that
-        finishes last, through its computes, to the message a wait waited for and on at its sender
-        (queueing behind the pair's earlier messages and latency count as the link's), and from an
-        ALLREDUCE to the member that reached it last. Its steps tile [0, iteration time]."""
-        spans: dict[str, list[Span]] = defaultdict(list)
-        for sp in self.spans:
-            spans[sp.device].append(sp)
-        for items in spans.values():
-            items.sort(key=lambda sp: (sp.start, sp.index, sp.end))
-        ends = {d: [sp.end for sp in items] for d, items in spans.items()}
-        stage_of = {r.device: r.stage for r in self.devices}
-
-        def last_ending(device: str, t: float) -> int:
-            """Position of the device's last span ending at or before ``t`` (-1: none)."""
-            return bisect.bisect_right(ends.get(device, []), t + 1e-12 * (1.0 + t)) - 1
-
-        path: list[PathStep] = []
-        if not spans:
-            return ()
-        device = max(spans, key=lambda d: spans[d][-1].end)
-        k = len(spans[device]) - 1
-        while k >= 0:
-            sp = spans[device][k]
-            if sp.what == "compute":
-                path.append(PathStep("compute", device, sp.start, sp.end))
-                k -= 1
-            elif sp.what == "wait" and sp.cause >= 0:
-                t = self.transfers[sp.cause]
-                path.append(PathStep("link", f"{t.src} -> {t.dst}", t.posted, t.arrived))
-                device = t.src
-                k = last_ending(device, t.posted)
-            elif sp.what == "allreduce":
-                path.append(PathStep("allreduce", f"stage {stage_of[device]}", sp.start, sp.end))
-                group = self.program.of(device)[sp.index].group or (device,)
-                # the member that came last waited for nobody: its span before the ring ends at its start
-                late = [m for m in group if m in spans and not any(
-                    x.what == "wait" and x.end == sp.start and x.cause < 0 for x in spans[m])]
-                device = late[0] if late else device
-                k = last_ending(device, sp.start)
-                if spans[device] and k >= 0 and spans[device][k].what == "allreduce":
-                    k -= 1
-            else:
-                path.append(PathStep("wait", device, sp.start, sp.end))
-                k -= 1
-        return tuple(reversed(path))
-
-    def binding(self) -> str:
-        """What sets the iteration time, in words: memory over budget if any, else what takes the
-        biggest part of the critical path (compute, communication or an all-reduce) and where most."""
-        if not self.devices or self.iteration_s <= 0:
-            return "nothing (an empty iteration)"
-        over = [r.device for r in self.devices if r.memory.peak_bytes > r.memory.budget_bytes]
-        if over:
-            return "memory of " + ", ".join(over) + " (over budget)"
-        totals: dict[str, float] = defaultdict(float)
-        parts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        for step in self.critical_path():
-            totals[step.what] += step.end - step.start
-            parts[step.what][step.where] += step.end - step.start
-        if not totals:
-            return "nothing (an empty iteration)"
-        what = max(totals, key=lambda w: totals[w])
-        where, most = max(parts[what].items(), key=lambda kv: kv[1])
-        share = f"{totals[what] / self.iteration_s:.0%} of the critical path"
-        if what == "compute":
-            return f"compute ({share}; most: {where} of stage {self.device(where).stage}, {most / self.iteration_s:.0%})"
-        if what == "link":
-            medium = ", one shared medium" if self.shared_medium else ""
-            return f"communication ({share}{medium}; most: {where}, {most / self.iteration_s:.0%})"
-        if what == "allreduce":
-            return f"all-reduce ({share}; most: {where}, {most / self.iteration_s:.0%})"
-        return f"waiting ({share})"
-
-    def critical_path_summary(self) -> str:
-        """How the critical path splits between compute, links and all-reduces."""
-        totals: dict[str, float] = defaultdict(float)
-        parts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        for step in self.critical_path():
-            totals[step.what] += step.end - step.start
-            parts[step.what][step.where] += step.end - step.start
-        out = []
-        for what in ("compute", "link", "allreduce", "wait"):
-            if totals.get(what, 0.0) <= 0:
-                continue
-            top = sorted(parts[what].items(), key=lambda kv: -kv[1])[:3]
-            detail = ", ".join(f"{w} {x / self.iteration_s:.0%}" for w, x in top)
-            out.append(f"{what} {totals[what] / self.iteration_s:.0%} ({detail})")
-        return "; ".join(out)
-
-    def prediction(self, left_out: Sequence[tuple[str, str]] = ()) -> Prediction:
-        """The simulated iteration as the planner reports it (``Plan.prediction``)."""
-        uses = [DeviceUse(r.device, r.stage, r.memory.peak_bytes, r.memory.budget_bytes, r.compute_s,
-                          "over budget" if r.memory.peak_bytes > r.memory.budget_bytes else "")
-                for r in self.devices]
-        uses += [DeviceUse(d, None, 0, self.cluster.device(d).memory_bytes, 0.0, why) for d, why in left_out]
-        return Prediction(self.iteration_s, self.throughput, tuple(uses), self.binding())
-
-    def summary(self) -> str:
-        p = self.program
-        medium = ", one shared medium" if self.shared_medium else ""
-        lines = [f"simulated {p.schedule}: {len(p.stages)} stages, {p.microbatches} micro-batches x "
-                 f"{p.microbatch_rows} rows on {len(self.devices)} devices{medium}",
-                 f"  iteration {self.iteration_s * 1e3:.2f} ms, {self.throughput:.1f} samples/s; bound by {self.binding()}",
-                 f"  critical path: {self.critical_path_summary()}",
-                 f"  {'device':<16} {'stage':>5} {'compute':>10} {'busy':>5} {'bubble':>6} {'wait':>10} "
-                 f"{'allreduce':>10} {'peak memory':>21}"]
-        for r in self.devices:
-            mem = f"{_mib(r.memory.peak_bytes)} / {_mib(r.memory.budget_bytes)}"
-            lines.append(f"  {r.device:<16} {r.stage:>5} {r.compute_s * 1e3:>8.2f}ms {r.busy:>5.0%} {r.bubble:>6.0%} "
-                         f"{r.wait_s * 1e3:>8.2f}ms {r.allreduce_s * 1e3:>8.2f}ms {mem:>21}")
-        copies = [f"{r.device} {_mib(r.memory.copies)}" for r in self.devices if r.memory.copies]
-        if copies:
-            lines.append("  peak memory includes recovery's state copies (rollback point, backups held): "
-                         + ", ".join(copies))
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-    # exports live in trace.py; these are the short ways to reach them
-    def trace(self, path: str | Path | None = None) -> dict[str, Any]:
-        """The Chrome/Perfetto trace (a dict); written as JSON to ``path`` when given."""
-        from asteroid_fx.sim.trace import chrome_trace, write_trace
-
-        return write_trace(self, path) if path is not None else chrome_trace(self)
-
-    def gantt(self, path: str | Path) -> Path:
-        """A Gantt chart, PNG or SVG by the file's suffix (needs matplotlib: the ``plot`` extra)."""
-        from asteroid_fx.sim.trace import gantt
-
-        return gantt(self, path)
-
-    def grid(self) -> str:
-        """Steps x devices, each row the compute that starts at one instant."""
-        from asteroid_fx.sim.trace import format_timed_grid
-
-        return format_timed_grid(self)
-
-
-def _union_length(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, -math.inf
-    for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**30:.2f}GiB" if n >= 2**30 else f"{n / 2**20:.1f}MiB"
-
-
-# ---------------------------------------------------------------------------------------------
-# the network: flows sharing channels max-min fairly
-
-_AIR = -1  # the resource id of the shared medium; device i's out channel is 2i, its in channel 2i+1
-
-
-class _Flow:
-    """Bytes draining through some channels. ``rate`` is in bytes/s of each of its edges; an
-    ALLREDUCE ring is one flow whose edges move in lockstep."""
-
-    __slots__ = ("uses", "nominal", "remaining", "rate", "latency", "on_done", "edges", "posted", "started",
-                 "pair", "first_record")
-
-    def __init__(self, uses, nominal, nbytes, latency, on_done, edges, posted, pair):
-        self.uses: tuple[tuple[int, float], ...] = uses  # (channel, share used at the nominal rate)
-        self.nominal: float = nominal
-        self.remaining: float = nbytes
-        self.rate: float = 0.0
-        self.latency: float = latency
-        self.on_done = on_done
-        self.edges: tuple[tuple[str, str, str, float], ...] = edges  # (src, dst, label, bytes) for Transfer records
-        self.posted: float = posted
-        self.started: float = posted
-        self.pair = pair  # the (src, dst) queue it waits in, or None (a collective's own connection)
-        self.first_record = -1  # index of its first Transfer record, once drained
-
-
-def _fair_rates(flows: list[_Flow]) -> None:
-    """Max-min fair shares by progressive filling: raise every flow's fraction of its nominal rate
-    together until a channel is full or a flow runs at its nominal rate; freeze those; repeat."""
-    load: dict[int, float] = {}
-    for f in flows:
-        for r, c in f.uses:
-            load[r] = load.get(r, 0.0) + c
-    if max(load.values(), default=0.0) <= 1.0 + 1e-12:  # nothing oversubscribed: all at full speed
-        for f in flows:
-            f.rate = f.nominal
-        return
-    left = dict.fromkeys(load, 1.0)
-    active = list(flows)
-    level = 0.0  # the fraction every active flow runs at
-    while active:
-        step = 1.0 - level
-        for r, c in load.items():
-            if c > 1e-15 and left[r] < step * c:
-                step = left[r] / c
-        step = max(step, 0.0)
-        level += step
-        full = set()
-        for r, c in load.items():
-            left[r] -= step * c
-            if c > 1e-15 and left[r] <= 1e-12:
-                full.add(r)
-        still = []
-        for f in active:
-            if level >= 1.0 - 1e-12 or any(r in full for r, _ in f.uses):
-                f.rate = level * f.nominal
-                for r, c in f.uses:
-                    load[r] -= c
-            else:
-                still.append(f)
-        if len(still) == len(active):  # cannot happen with exact arithmetic; never loop on rounding
-            for f in still:
-                f.rate = level * f.nominal
-            return
-        active = still
-
-
-# ---------------------------------------------------------------------------------------------
 # the engine
 
 
@@ -451,7 +123,7 @@ class _Engine:
         self.slot = {s.device: (st.index, s) for st in program.stages for s in st.slots}
         for d in self.names:
             if d not in self.slot:
-                raise ValueError(f"device {d} has actions but no slot in the stage table; verify(program) says more")
+                raise InputError(f"device {d} has actions but no slot in the stage table; verify(program) says more")
         self.nic = {d: 2 * cluster.index(d) for d in self.names}  # out channel id; in = +1
         self.kind = {d: cluster.device(d).kind for d in self.names}
         self.now = 0.0
@@ -459,8 +131,8 @@ class _Engine:
         self.finish: dict[str, float] = {}
         self.heap: list[tuple[float, int, Callable[[], None]]] = []
         self.seq = 0
-        self.flows: list[_Flow] = []  # on the wire now
-        self.queued: dict[tuple[str, str], list[_Flow]] = defaultdict(list)  # per pair, behind the one on the wire
+        self.flows: list[Flow] = []  # on the wire now
+        self.queued: dict[tuple[str, str], list[Flow]] = defaultdict(list)  # per pair, behind the one on the wire
         self.flows_changed = False
         self.ready: list[str] = []
         self.arrived: set[tuple] = set()
@@ -477,7 +149,7 @@ class _Engine:
         held = backups_held(program) if recovery else {}
         self.static = {d: static_memory(lg, program.stages[self.slot[d][0]].layers, opt_state_factor,
                                         recovery=recovery, held=held.get(d, ())) for d in self.names}
-        self._cost_cache: dict[tuple, float] = {}
+        self.costs = StageCosts(lg, cluster, opt_state_factor)
         self._act_cache: dict[tuple[int, int], float] = {}
         self._keys = self._channel_keys()
         for d in self.names:
@@ -508,19 +180,7 @@ class _Engine:
         heapq.heappush(self.heap, (t, self.seq, fn))
 
     def compute_seconds(self, device: str, a: Action) -> float:
-        kind = self.kind[device]
-        rows = a.rows[1] - a.rows[0]
-        key = (kind, a.op, a.stage, rows)
-        t = self._cost_cache.get(key)
-        if t is None:
-            # = lg.fwd(kind, lo, hi)(rows), without building the summed fit
-            lo, hi = self.p.stages[a.stage].layers
-            if a.op == Op.F:
-                t = sum(layer.cost(kind).fwd(rows) for layer in self.lg.layers[lo:hi])
-            else:
-                t = sum(layer.cost(kind).bwd(rows) for layer in self.lg.layers[lo:hi])
-            self._cost_cache[key] = t
-        return t
+        return self.costs.compute_s(device, a.op, self.p.stages[a.stage].layers, a.rows[1] - a.rows[0])
 
     def activation(self, stage: int, rows: int) -> float:
         key = (stage, rows)
@@ -536,7 +196,7 @@ class _Engine:
                 for d in ready:
                     self.advance(d)
             if self.flows_changed:
-                _fair_rates(self.flows)
+                fair_rates(self.flows)
                 self.flows_changed = False
             t_next, first = math.inf, None
             for f in self.flows:
@@ -555,7 +215,7 @@ class _Engine:
         if blocked:
             raise self.deadlock(blocked)
 
-    def drain(self, t: float, first: _Flow | None) -> None:
+    def drain(self, t: float, first: Flow | None) -> None:
         dt = t - self.now
         self.now = t
         if not self.flows or dt <= 0 and first is None:
@@ -573,7 +233,7 @@ class _Engine:
                 f.remaining = 0.0
                 self.finish_flow(f)
 
-    def finish_flow(self, f: _Flow) -> None:
+    def finish_flow(self, f: Flow) -> None:
         arrive = self.now + f.latency
         f.first_record = len(self.transfers)
         for src, dst, label, nbytes in f.edges:
@@ -593,11 +253,11 @@ class _Engine:
         """``uses``: the channels and the share of each the flow takes at its nominal rate;
         ``airtime``: the share of the shared medium it takes then (when there is one)."""
         if nominal == math.inf:  # an infinitely fast link: only the latency
-            self.finish_flow(_Flow(uses, nominal, nbytes, latency, on_done, edges, self.now, None))
+            self.finish_flow(Flow(uses, nominal, nbytes, latency, on_done, edges, self.now, None))
             return
-        flow = _Flow(uses, nominal, max(nbytes, 0.0), latency, on_done, edges, self.now, pair)
+        flow = Flow(uses, nominal, max(nbytes, 0.0), latency, on_done, edges, self.now, pair)
         if self.shared_medium:
-            flow.uses = (*uses, (_AIR, airtime))
+            flow.uses = (*uses, (AIR, airtime))
         if pair is not None and pair in self.queued:
             self.queued[pair].append(flow)  # behind the pair's earlier messages
             return
@@ -653,7 +313,7 @@ class _Engine:
         src, dst = self.nic[d], self.nic[a.peer] + 1
         label = format_action(a, short=True)
 
-        def arrived(flow: _Flow) -> None:
+        def arrived(flow: Flow) -> None:
             self.arrived.add(key)
             waiter = self.waiting.pop(key, None)
             if waiter is not None:
@@ -685,18 +345,15 @@ class _Engine:
         del self.gathering[key]
         start = self.now
         label = format_action(a, short=True)
-        g = len(members)
-        lo, hi = self.p.stages[a.stage].layers
-        nbytes = self.lg.param_bytes(lo, hi) + self.lg.buffer_bytes(lo, hi)
-        ring = list(zip(members, members[1:] + members[:1])) if g > 1 else []
-        links = [self.cluster.link(x, y) for x, y in ring]
-        per_edge = 2.0 * (g - 1) / g * nbytes if g > 1 else 0.0
-        slowest = min((bw for bw, _ in links), default=math.inf)
-        latency = 2.0 * (g - 1) * max((lat for _, lat in links), default=0.0)
-        uses = tuple(u for (x, y), (bw, _) in zip(ring, links)
+        # the stage model's ring (cost/stage.py), run as one flow whose edges move in lockstep at
+        # the slowest edge's pace and share the NICs with the other transfers
+        r = ring(self.cluster, members)
+        per_edge = r.edge_bytes(allreduce_bytes(self.lg, self.p.stages[a.stage].layers))
+        slowest = r.bandwidth
+        uses = tuple(u for (x, y), (bw, _) in zip(r.edges, r.links)
                      for u in ((self.nic[x], slowest / bw), (self.nic[y] + 1, slowest / bw)))
 
-        def done(flow: _Flow) -> None:
+        def done(flow: Flow) -> None:
             for m in members:
                 arrived_at = here[m]
                 mi = self.pc[m]
@@ -708,8 +365,9 @@ class _Engine:
                 self.pc[m] = mi + 1
                 self.ready.append(m)
 
-        airtime = sum(slowest / bw for bw, _ in links)  # every edge's bytes go over the air
-        self.start_flow(uses, airtime, slowest, per_edge, latency, done, tuple((x, y, label, per_edge) for x, y in ring), None)
+        airtime = sum(slowest / bw for bw, _ in r.links)  # every edge's bytes go over the air
+        self.start_flow(uses, airtime, slowest, per_edge, r.latency, done, tuple((x, y, label, per_edge) for x, y in r.edges),
+                        None)
         return False
 
     # -- deadlock -----------------------------------------------------------------------------

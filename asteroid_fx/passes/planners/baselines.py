@@ -40,8 +40,9 @@ from typing import Callable, Sequence
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, CostTable
 from asteroid_fx.ir.layer_graph import LayerGraph
-from asteroid_fx.passes.planners.hpp import (Candidate, best_simulated, dp_plans, microbatch_choices,
-                                    no_plan_message)
+from asteroid_fx.passes.planners.candidates import Candidate, microbatch_choices
+from asteroid_fx.passes.planners.dp import dp_plans
+from asteroid_fx.passes.planners.hpp import best_simulated, no_plan_message
 from asteroid_fx.ir.plan import NoPlanError, Plan, StagePlan
 
 
@@ -94,7 +95,7 @@ def _run(name: str, propose: Callable[[CostTable, int, int, str], list[Candidate
         raise NoPlanError(f"planner {name!r}: " + no_plan_message(lg, cluster, batch, microbatches, microbatch_rows,
                                                                   schedule, opt_state_factor, recovery))
     ranked = sorted(cands.values(), key=lambda c: c.estimate_s)
-    return best_simulated(ranked[:simulate_top], lg, cluster, schedule, opt_state_factor, name, recovery)
+    return best_simulated(ranked[:simulate_top], lg, cluster, opt_state_factor, name, recovery)
 
 
 # ---------------------------------------------------------------------------------------------

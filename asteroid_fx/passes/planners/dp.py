@@ -1,0 +1,169 @@
+"""The dynamic program of the Asteroid planner (hpp.py): cuts and contiguous device groups that
+minimize the pipeline's bottleneck on one device order, and the cuts alone for fixed groups."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from asteroid_fx.cost.estimate import CostTable, in_flight
+from asteroid_fx.ir.plan import warmup_depth
+from asteroid_fx.passes.planners.group_costs import GroupCosts
+
+INF = float("inf")
+DP_BOUNDARIES = 48  # the DP places cuts among at most this many (32 beyond 8 devices); local
+                    # search refines them
+
+
+def dp_boundaries(table: CostTable, limit: int = DP_BOUNDARIES) -> list[int]:
+    """0, L and at most ``limit - 2`` allowed cuts between, spread evenly over the work (the mean
+    over the cluster's kinds): a long graph is searched coarsely, then cuts move locally."""
+    lg = table.lg
+    allowed = list(lg.allowed_cuts())
+    if len(allowed) + 2 <= limit:
+        return [0, *allowed, len(lg)]
+    work = sum(table.time[k][table.max_rows] for k in table.kinds)  # prefix over layers
+    total = work[-1] if work[-1] > 0 else 1.0
+    picked = set()
+    for q in range(1, limit - 1):
+        target = total * q / (limit - 1)
+        picked.add(min(allowed, key=lambda c: abs(work[c] - target)))
+    return [0, *sorted(picked), len(lg)]
+
+
+def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule: str,
+             max_stages: int | None = None, boundaries: Sequence[int] | None = None,
+             costs: "GroupCosts | None" = None) -> dict[int, tuple[list[int], list[tuple[str, ...]]]]:
+    """For every stage count S, the bounds and groups that minimize the bottleneck on ``order``
+    (groups are contiguous runs of it, devices at its end may be left out). Cuts are placed among
+    ``boundaries`` (default: every allowed cut); ``costs`` shares cached matrices between calls."""
+    lg, R, M = table.lg, table.max_rows, microbatches
+    if costs is not None:
+        pos = costs.pos
+    else:
+        pos = np.asarray(boundaries if boundaries is not None else [0, *lg.allowed_cuts(), len(lg)])
+    n, D = len(pos), len(order)
+    S_max = min(D, n - 1, max_stages or D)
+    gc = costs if costs is not None else GroupCosts(table, pos, R, M)
+    depth = warmup_depth(schedule)
+    # per contiguous group [j, j2): steady cost per (a, b), without the memory term (added per K)
+    # per first device j: the all-reduce and outgoing transfer of every group [j, j2), stacked
+    # over j2 so that one numpy expression covers them all
+    allred, link = {}, {}
+    # under recovery a stage's first device holds its neighbours' backups: the largest budget of
+    # every contiguous group [j, j2) bounds what its first device (the member exact picks) holds
+    most = np.full((D + 1, D + 1), -INF)
+    for j in range(D):
+        most[j, j + 1:] = np.maximum.accumulate([table.budget[d] for d in order[j:]])
+    for j in range(D):
+        grps = [tuple(order[j:j2]) for j2 in range(j + 1, D + 1)]
+        allred[j] = np.stack([gc.allreduce(g) for g in grps])  # (D - j, n, n)
+        link[j] = np.stack([gc.transfer(g, [d for d in order if d not in g]) for g in grps])[:, None, :]
+    # The value of a state is the closed form's shape, (M - 1) x the largest per-micro-batch
+    # stage time + their sum + the largest all-reduce; the DP keeps, per state, the transition
+    # that scores best with what the rest of the pipeline already holds (exact for the
+    # bottleneck, greedy for the sum).
+    mx = np.full((n, D + 1), INF)
+    sm = np.full((n, D + 1), INF)
+    ar = np.full((n, D + 1), INF)
+    mx[n - 1, :] = sm[n - 1, :] = ar[n - 1, :] = 0.0  # all layers placed; devices left over stay out
+    choice: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    results: dict[int, tuple[list[int], list[tuple[str, ...]]]] = {}
+    layers = [mx]
+    rows_n = np.arange(n)
+    steps: dict[tuple[int, int], np.ndarray] = {}
+    for s in range(1, S_max + 1):
+        k = in_flight(schedule, 0, s, M)  # the first of s stages left holds the most
+        pmx, psm, par = mx, sm, ar
+        best = np.full((n, D + 1), INF)
+        mx, sm, ar = np.full((n, D + 1), INF), np.full((n, D + 1), INF), np.full((n, D + 1), INF)
+        arg_b = np.zeros((n, D + 1), dtype=int)
+        arg_j = np.zeros((n, D + 1), dtype=int)
+        for j in range(D):
+            if (j, k) not in steps:
+                st = np.stack([gc.step(tuple(order[j:j2]), k) for j2 in range(j + 1, D + 1)])
+                # under 1F1B a stage's step and its outgoing transfer bound a period together
+                # (the cycle of two adjacent stages is at most the larger step + the transfer)
+                steps[j, k] = st + link[j] / (1 + depth) if depth is not None else np.maximum(st, link[j])
+            x = steps[j, k]  # (D - j, n, n): group [j, j2), first boundary a, last boundary b
+            if gc.recovery and s > 1:
+                # the next stage (the one the DP chose for state (b, j2)) holds this stage's
+                # backup, and the last stage's too when it is the second to last
+                nxt_b, nxt_j = choice[s - 1]
+                firsts = np.arange(j + 1, D + 1)[:, None]
+                ok = gc.holds_backups(in_flight(schedule, 0, s - 1, M), nxt_b[:, j + 1:].T,
+                                      most[firsts, nxt_j[:, j + 1:].T], s - 1 == 2)
+                x = np.where(ok, x, INF)
+            if gc.recovery and s == 2:
+                # in a plan of two stages the first stage's first device holds the last one's backup
+                first = np.arange(n)[None, :, None] == 0
+                x = np.where(first & ~gc.holds_last(k, most[j, j + 1:, None, None]), INF, x)
+            cmx = np.maximum(x, pmx[:, j + 1:].T[:, None, :])
+            csm = x + psm[:, j + 1:].T[:, None, :]
+            car = np.maximum(allred[j], par[:, j + 1:].T[:, None, :])
+            score = csm + car + ((M - 1) * cmx if M > 1 else 0.0)
+            flat = score.transpose(1, 0, 2).reshape(n, -1)  # a -> (j2, b)
+            pick = np.argmin(flat, axis=1)
+            g, b = np.divmod(pick, n)
+            best[:, j] = flat[rows_n, pick]
+            mx[:, j] = cmx[g, rows_n, b]
+            sm[:, j] = csm[g, rows_n, b]
+            ar[:, j] = car[g, rows_n, b]
+            arg_b[:, j] = b
+            arg_j[:, j] = j + 1 + g
+        layers.append(best)
+        choice[s] = (arg_b, arg_j)
+    for S in range(1, S_max + 1):
+        if not math.isfinite(layers[S][0, 0]):
+            continue
+        bounds, groups, a, j = [int(pos[0])], [], 0, 0
+        for s in range(S, 0, -1):
+            arg_b, arg_j = choice[s]
+            b, j2 = int(arg_b[a, j]), int(arg_j[a, j])
+            bounds.append(int(pos[b]))
+            groups.append(tuple(order[j:j2]))
+            a, j = b, j2
+        results[S] = (bounds, groups)
+    return results
+
+
+def best_cuts(costs: GroupCosts, groups: Sequence[Sequence[str]], schedule: str) -> list[int] | None:
+    """For a fixed sequence of groups, the cuts (among ``costs.pos``) that minimize the DP's
+    bottleneck: a DP over (stage, first boundary), vectorized over the last boundary."""
+    n, S, M = len(costs.pos), len(groups), costs.M
+    names = costs.t.cluster.names
+    most = [max(costs.t.budget[d] for d in g) for g in groups]  # what a group's first device may hold
+    mx, sm, ar = np.full(n, INF), np.full(n, INF), np.full(n, INF)
+    mx[n - 1] = sm[n - 1] = ar[n - 1] = 0.0
+    choice = []
+    rows_n = np.arange(n)
+    for p in range(S - 1, -1, -1):
+        grp = tuple(groups[p])
+        k = in_flight(schedule, p, S, M)
+        step = costs.step(grp, k)
+        rest = [d for d in names if d not in grp]
+        link = costs.transfer(grp, rest)[None, :]
+        depth = warmup_depth(schedule)
+        x = step + link / (1 + depth) if depth is not None else np.maximum(step, link)
+        if costs.recovery and p + 1 < S:  # the next stage's first device holds this stage's backup
+            x = np.where(costs.holds_backups(in_flight(schedule, p + 1, S, M), choice[-1], most[p + 1],
+                                             p + 1 == S - 2), x, INF)
+        if costs.recovery and S == 2 and p == 0:  # and the first stage's the last stage's
+            x = np.where(costs.holds_last(k, most[0]), x, INF)
+        cmx = np.maximum(x, mx[None, :])
+        csm = x + sm[None, :]
+        car = np.maximum(costs.allreduce(grp), ar[None, :])
+        score = csm + car + ((M - 1) * cmx if M > 1 else 0.0)
+        b = np.argmin(score, axis=1)
+        val = score[rows_n, b]
+        mx, sm, ar = cmx[rows_n, b], csm[rows_n, b], car[rows_n, b]
+        choice.append(b)
+    if not math.isfinite(val[0]):
+        return None
+    bounds, a = [int(costs.pos[0])], 0
+    for b in reversed(choice):
+        a = int(b[a])
+        bounds.append(int(costs.pos[a]))
+    return bounds

@@ -1,0 +1,146 @@
+"""The DP's cost matrices of a device group (hpp.py, dp.py): the stage model (cost/stage.py) over
+every (first boundary, last boundary) pair at once, with each member's time made linear in rows."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from asteroid_fx.cost import stage
+from asteroid_fx.cost.estimate import CostTable
+
+INF = float("inf")
+
+
+class GroupCosts:
+    """Cost matrices over (first boundary a, last boundary b) for a group of devices: its step
+    time with an equal-finish, memory-capped row split, its all-reduce, and the transfer across
+    boundary b.
+
+    For speed each device's stage time is taken as linear in its rows, t = alpha + beta x rows
+    (through its times at 1 and R rows): members finish together at
+    tau = (R + sum alpha/beta) / sum 1/beta, no sooner than one row takes on any member; a member
+    whose share exceeds what its memory holds keeps its cap and the others share the rest. Matrices
+    depend only on the multiset of (kind, memory) in the group, so they are cached across groups
+    and orderings."""
+
+    def __init__(self, table: CostTable, pos: np.ndarray, rows: int, microbatches: int):
+        self.t, self.pos, self.R, self.M = table, pos, rows, microbatches
+        n = len(pos)
+        a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        self.valid = b > a
+        lo, hi = pos[a], pos[b]
+        # rollback points included under recovery; the backups a first member holds depend on the
+        # neighbouring stages (``holds_backups``, ``holds_last``; ``exact`` checks the candidate)
+        self.static = table.static_bytes(lo, hi)
+        self.state = table.state_bytes(lo, hi)
+        self.recovery = table.recovery
+        self.act = np.maximum(table.activation_bytes_per_row(lo, hi), 1e-9)
+        self.grad_bytes = table.allreduce_bytes(lo, hi)
+        self.alpha, self.beta = {}, {}
+        for k in table.kinds:
+            t1 = table.kind_time(k, lo, hi, 1)
+            if rows > 1:
+                tR = table.kind_time(k, lo, hi, rows)
+                beta = np.maximum((tR - t1) / (rows - 1), 1e-15)
+            else:
+                beta = np.maximum(t1, 1e-15)
+            self.alpha[k] = np.maximum(t1 - beta, 0.0)
+            self.beta[k] = beta
+        self.cache: dict[tuple, np.ndarray] = {}
+        self.members: dict[tuple[str, ...], tuple[tuple, int]] = {}  # group -> ((kind, memory)...), least memory
+        self.bw = np.asarray(table.cluster.bandwidth, dtype=float)
+        self.lat = np.asarray(table.cluster.latency, dtype=float)
+        self.most_needed: dict[int, float] = {}  # K -> the most memory any valid (a, b) needs at R rows
+
+    def step(self, group: tuple[str, ...], k_in_flight: int) -> np.ndarray:
+        """The group's step time per (a, b); inf where it cannot hold the stage."""
+        known = self.members.get(group)
+        if known is None:
+            members = tuple(sorted((self.t.kind_of[d], self.t.budget[d]) for d in group))
+            known = self.members[group] = (members, min(m for _, m in members))
+        members, smallest = known
+        R = float(self.R)
+        # memory cannot bind if every member holds all R rows at every (a, b)
+        if k_in_flight not in self.most_needed:
+            need = np.where(self.valid, self.static + k_in_flight * self.act * R, 0.0)
+            self.most_needed[k_in_flight] = float(need.max())
+        binds = self.most_needed[k_in_flight] > smallest
+        key = (members, k_in_flight if binds else 0)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        inv = sum(1.0 / self.beta[k] for k, _ in members)
+        lead = sum(self.alpha[k] / self.beta[k] for k, _ in members)
+        one_row = self.alpha[members[0][0]] + self.beta[members[0][0]]
+        for k in {k for k, _ in members[1:]}:
+            one_row = np.maximum(one_row, self.alpha[k] + self.beta[k])
+        tau = np.maximum((R + lead) / inv, one_row)
+        ok = self.valid & (R >= len(members))
+        if binds:
+            caps = [np.where(self.static > m, -1.0, np.floor((m - self.static) / (k_in_flight * self.act)))
+                    for _, m in members]
+            ok &= np.all(np.stack([c >= 1.0 for c in caps]), axis=0)
+            ok &= np.sum(np.stack([np.minimum(c, R) for c in caps]), axis=0) >= R
+            share = [(tau - self.alpha[k]) / self.beta[k] for k, _ in members]
+            over = [sh > c for sh, c in zip(share, caps)]
+            if any(np.any(o) for o in over):
+                kept = sum(np.where(o, np.maximum(c, 0.0), 0.0) for o, c in zip(over, caps))
+                free_inv = sum(np.where(o, 0.0, 1.0 / self.beta[k]) for o, (k, _) in zip(over, members))
+                free_lead = sum(np.where(o, 0.0, self.alpha[k] / self.beta[k]) for o, (k, _) in zip(over, members))
+                capped_time = np.max(np.stack([np.where(o, self.alpha[k] + self.beta[k] * np.maximum(c, 0.0), 0.0)
+                                               for o, c, (k, _) in zip(over, caps, members)]), axis=0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    rebalanced = np.where(free_inv > 0, (R - kept + free_lead) / free_inv, INF)
+                tau = np.maximum(np.maximum(tau, rebalanced), capped_time)
+        out = np.where(ok, tau, INF)
+        self.cache[key] = out
+        return out
+
+    def holds_backups(self, k_next: int, next_end, next_most, also_last: bool) -> np.ndarray:
+        """Under recovery, per (a, b): whether the first device of the next stage, which runs
+        [b, next_end[b]) and has at most ``next_most[b]`` bytes (its group's largest budget), can
+        hold two copies of this stage [a, b) (its backup), and of the last stage [next_end[b], L)
+        when ``also_last``, with a row of its own. Leading dimensions of ``next_end`` and
+        ``next_most`` broadcast."""
+        b = np.arange(len(self.pos))
+        own = self.static[b, next_end] + k_next * self.act[b, next_end]
+        if also_last:
+            own = own + 2 * self.state[next_end, -1]
+        most = np.broadcast_to(next_most, own.shape)
+        return 2 * self.state + own[..., None, :] <= most[..., None, :]
+
+    def holds_last(self, k_in_flight: int, most) -> np.ndarray:
+        """Under recovery, per (a, b): whether the first device of the first of two stages, with at
+        most ``most`` bytes, can hold two copies of the last stage [b, L) beside its own stage
+        [a, b) with a row."""
+        return self.static + k_in_flight * self.act + 2 * self.state[:, -1][None, :] <= most
+
+    def allreduce(self, group: tuple[str, ...]) -> np.ndarray:
+        g = len(group)
+        if g < 2:
+            return np.zeros_like(self.grad_bytes)
+        key = ("ar", group)
+        if key not in self.cache:
+            # the ring's time on idle links for every (a, b) at once; a stage with nothing to
+            # reduce still pays the ring's latency here (``stage.allreduce_s`` charges none)
+            self.cache[key] = stage.ring(self.t.cluster, group).seconds(self.grad_bytes)
+        return self.cache[key]
+
+    def transfer(self, group: tuple[str, ...], others: Sequence[str]) -> np.ndarray:
+        """Per boundary b: one micro-batch's activations leaving the group over its slowest link
+        to the rest, as if one interface carried them all (the next group is not known yet)."""
+        if not others:
+            return np.zeros(len(self.pos))
+        key = ("tr", frozenset(group), frozenset(others))
+        if key not in self.cache:
+            idx = self.t.cluster.index
+            gi, oi = [idx(d) for d in group], [idx(d) for d in others]
+            bw = float(self.bw[np.ix_(gi, oi)].min())
+            lat = float(self.lat[np.ix_(gi, oi)].max())
+            # the next group may be one device whose interface takes every row: no parallelism
+            out = stage.message_s(self.t.cut_bytes[self.pos] * self.R, bw, lat)
+            out[-1] = 0.0
+            self.cache[key] = out
+        return self.cache[key]
