@@ -21,7 +21,8 @@ from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import capture
 from asteroid_fx.passes.linearize import linearize
-from asteroid_fx.passes.partition import NoPlanError, balanced, split_rows
+from asteroid_fx.ir.errors import InputError
+from asteroid_fx.passes.partition import NoPlanError, balanced, partition, split_rows
 from asteroid_fx.ir.plan import Plan
 
 KINDS = tuple(catalog.KINDS)  # static kinds only: host-cpu would be measured on this machine
@@ -73,25 +74,25 @@ def _one_device_bound(lg: LayerGraph, rows: int, microbatches: int, schedule: st
 def check_plan(plan: Plan, lg: LayerGraph, cluster: Cluster, microbatches: int, rows: int, schedule: str) -> None:
     assert (plan.microbatches, plan.microbatch_rows, plan.schedule) == (microbatches, rows, schedule)
     # every layer in exactly one stage, in order
-    covered = [i for st in plan.stages for i in range(*st.layers)]
+    covered = [i for sp in plan.stages for i in range(*sp.layers)]
     assert covered == list(range(len(lg)))
     # boundaries only at allowed cuts
-    for st in plan.stages[1:]:
-        assert lg.cuts[st.layers[0]].allowed, st.layers
+    for sp in plan.stages[1:]:
+        assert lg.cuts[sp.layers[0]].allowed, sp.layers
     # rows >= 1 each, one count per device, adding up to the micro-batch
-    for st in plan.stages:
-        assert len(st.rows) == len(st.devices) >= 1
-        assert min(st.rows) >= 1 and sum(st.rows) == rows
+    for sp in plan.stages:
+        assert len(sp.rows) == len(sp.devices) >= 1
+        assert min(sp.rows) >= 1 and sum(sp.rows) == rows
     # a device runs at most one stage, and only devices of the cluster
-    placed = [d for st in plan.stages for d in st.devices]
+    placed = [d for sp in plan.stages for d in sp.devices]
     assert len(placed) == len(set(placed))
     assert set(placed) <= set(cluster.names)
     # predicted memory: the planner's model, and within every budget
     uses = {u.device: u for u in plan.prediction.devices}
     assert set(uses) == set(cluster.names)
-    for p, st in enumerate(plan.stages):
-        for d, r in zip(st.devices, st.rows):
-            expect = device_memory(lg, st.layers, r, in_flight(schedule, p, len(plan.stages), microbatches),
+    for p, sp in enumerate(plan.stages):
+        for d, r in zip(sp.devices, sp.rows):
+            expect = device_memory(lg, sp.layers, r, in_flight(schedule, p, len(plan.stages), microbatches),
                                    ADAM_STATE_FACTOR)
             assert uses[d].stage == p and uses[d].memory_bytes == expect
     for u in plan.prediction.devices:
@@ -163,6 +164,23 @@ def test_explicit_groups_rows_and_layers_are_honoured(mlp):
     plan = balanced(mlp, cluster, microbatches=2, microbatch_rows=8, layers=[0, 1, 4, L])
     assert [st.layers for st in plan.stages] == [(0, 1), (1, 4), (4, L)]
     check_plan(plan, mlp, cluster, 2, 8, "1f1b")
+
+
+@pytest.mark.parametrize("planner", ["metis", "dp", "pp", "pipedream", "hetpipe", "oracle"])
+def test_a_baseline_refuses_pins_it_would_not_honour(mlp, planner):
+    cluster = _uniform([Device("a", "jetson-tx2"), Device("b", "jetson-tx2"), Device("c", "jetson-nano")])
+    with pytest.raises(InputError, match=rf"planner '{planner}' chooses its own stages and groups, but groups is pinned"):
+        partition(mlp, cluster, planner=planner, batch=8, groups=[["a", "b"], ["c"]])
+    with pytest.raises(InputError, match="groups and rows and layers are pinned"):
+        partition(mlp, cluster, planner=planner, batch=8, groups=[["a", "b"], ["c"]], rows=[[3, 1], [4]],
+                  layers=[0, 2, len(mlp)])
+
+
+def test_the_default_planner_and_balanced_take_pins(mlp):
+    cluster = _uniform([Device("a", "jetson-tx2"), Device("b", "jetson-tx2"), Device("c", "jetson-nano")])
+    for planner in ("asteroid", "balanced"):
+        plan = partition(mlp, cluster, planner=planner, batch=8, groups=[["a", "b"], ["c"]])
+        assert [st.devices for st in plan.stages] == [("a", "b"), ("c",)]
 
 
 def test_rows_are_pinned_with_their_groups(mlp):

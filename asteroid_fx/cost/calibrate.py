@@ -24,6 +24,7 @@ import torch.fx as fx
 from asteroid_fx.ir import catalog
 from asteroid_fx.cost.roofline import roofline
 from asteroid_fx.ir.costs import Cost, NodeStats
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.profile import (Cell, DeviceInfo, DeviceProfile, LayerProfile, Method, Overhead, Timing,
                                  graph_key)
@@ -141,10 +142,10 @@ def nnls(a: np.ndarray, b: np.ndarray, tol: float = 1e-12) -> np.ndarray:
 def fit(sources: Sequence[tuple[Captured, LayerGraph, DeviceProfile]]) -> Calibration:
     """Fit a Calibration to measured profiles (of one device kind; one model or several)."""
     if not sources:
-        raise ValueError("calibrate.fit needs at least one measured profile")
+        raise InputError("calibrate.fit needs at least one measured profile")
     kinds = {p.kind for _, _, p in sources}
     if len(kinds) != 1:
-        raise ValueError(f"calibrate from one device kind at a time, got profiles of {', '.join(sorted(kinds))}")
+        raise InputError(f"calibrate from one device kind at a time, got profiles of {', '.join(sorted(kinds))}")
     kind_name = kinds.pop()
     spec = catalog.kind(kind_name)
     tables, errors = {}, []

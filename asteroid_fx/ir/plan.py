@@ -8,6 +8,8 @@ import json
 import re
 from typing import Any
 
+from asteroid_fx.ir.errors import AsteroidError
+
 PLAN_FORMAT = "asteroid-plan"
 PLAN_VERSION = 1
 
@@ -37,7 +39,7 @@ def backup_holder_stage(stage: int, stages: int) -> int:
     return stage + 1 if stage + 1 < stages else stage - 1
 
 
-class NoPlanError(ValueError):
+class NoPlanError(AsteroidError):
     """No plan fits; the message says what memory or devices would make one fit."""
 
 

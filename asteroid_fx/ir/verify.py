@@ -29,6 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+from asteroid_fx.ir.errors import AsteroidError
 from asteroid_fx.ir.program import FORMAT_VERSION, Action, Op, Program, StageSlot
 from asteroid_fx.ir.program_text import PAYLOADS, ProgramLayout, format_action, format_spec, layout_program
 
@@ -37,7 +38,7 @@ Step = list[tuple[str, int]]
 _MAX_PROBLEMS_SHOWN = 25
 
 
-class VerifyError(ValueError):
+class VerifyError(AsteroidError):
     """A Program that must not be executed; ``problems`` holds one line per problem found."""
 
     def __init__(self, message: str, problems: Sequence[str] = ()) -> None:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from asteroid_fx.cost.stage import ADAM_STATE_FACTOR, state_memory, step_s
 from asteroid_fx.ir.cluster import Cluster
-from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, state_memory
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.plan import NoPlanError, Plan, StagePlan
 from asteroid_fx.passes.planners.predict import predict
@@ -44,7 +45,7 @@ def split_rows(total: int, weights: Sequence[float]) -> tuple[int, ...]:
 
 
 def _speed(lg: LayerGraph, cluster: Cluster, device: str, lo: int, hi: int, rows: int) -> float:
-    t = lg.stage_time(cluster.device(device).kind, lo, hi, max(rows, 1))
+    t = step_s(lg, cluster.device(device).kind, (lo, hi), max(rows, 1))
     return 1.0 / t if t > 0 else 1e12
 
 
@@ -90,7 +91,7 @@ def balanced(lg: LayerGraph, cluster: Cluster, *, microbatches: int, microbatch_
     """The balanced planner; see the module docstring. ``layers`` pins the stage boundaries;
     ``recovery`` plans for a run with pipeline replay (its state copies count in memory)."""
     if rows is not None and (groups is None or [len(r) for r in rows] != [len(g) for g in groups]):
-        raise ValueError(f"rows {[list(r) for r in rows]} must give one count per device of every group in groups "
+        raise InputError(f"rows {[list(r) for r in rows]} must give one count per device of every group in groups "
                          f"{None if groups is None else [list(g) for g in groups]}; pin rows= together with groups=")
     if groups is not None:
         candidates = [[list(g) for g in groups]]
@@ -182,7 +183,7 @@ def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, 
         kinds = sorted({cluster.device(d).kind for g in grp for d in g})
 
         def weight(i: int) -> float:
-            return sum(lg.stage_time(k, i, i + 1, microbatch_rows) for k in kinds) / len(kinds)
+            return sum(step_s(lg, k, (i, i + 1), microbatch_rows) for k in kinds) / len(kinds)
 
         bounds = _cut_layers(lg, [s / total for s in group_speed], weight)
     stage_plans = []
@@ -231,17 +232,23 @@ def partition(lg: LayerGraph, cluster: Cluster, *, planner: str = "asteroid", ba
 
     ``microbatches`` / ``microbatch_rows`` pin the micro-batching (else the planner searches every
     split of ``batch``; "balanced" needs one pinned). Pinned groups, rows or layers give a hand-made
-    plan and go through "balanced", whatever the planner. ``recovery``: the plan is for a run with
+    plan through "balanced" (also under "asteroid", the default, so that ``compile`` takes pins);
+    the baselines plan by their own rules and refuse pins (InputError). ``recovery``: the plan is for a run with
     pipeline replay, and every device's memory must also hold its rollback point and the backups
     it holds (``Plan.backups_held``)."""
     if planner not in PLANNER_NAMES:
-        raise ValueError(f"unknown planner {planner!r}; use one of {', '.join(PLANNER_NAMES)}")
-    if planner == "balanced" or groups is not None or rows is not None or layers is not None:
+        raise InputError(f"unknown planner {planner!r}; use one of {', '.join(PLANNER_NAMES)}")
+    pinned = [name for name, value in (("groups", groups), ("rows", rows), ("layers", layers)) if value is not None]
+    if pinned and planner not in ("asteroid", "balanced"):
+        raise InputError(f"planner {planner!r} chooses its own stages and groups, but {' and '.join(pinned)} "
+                         f"{'is' if len(pinned) == 1 else 'are'} pinned; leave {', '.join(p + '=' for p in pinned)} "
+                         "out, or use planner='balanced' for a hand-made plan")
+    if planner == "balanced" or pinned:
         if microbatches is None and microbatch_rows is None:
             microbatches = 4
         if microbatch_rows is None:
             if batch % microbatches:
-                raise ValueError(f"a batch of {batch} rows does not split into {microbatches} micro-batches; "
+                raise InputError(f"a batch of {batch} rows does not split into {microbatches} micro-batches; "
                                  "pin microbatches= that divides it, or microbatch_rows=")
             microbatch_rows = batch // microbatches
         elif microbatches is None:
@@ -255,5 +262,5 @@ def partition(lg: LayerGraph, cluster: Cluster, *, planner: str = "asteroid", ba
     if planner == "asteroid":
         kwargs["stages"] = stages
     elif stages is not None:
-        raise ValueError(f"planner {planner!r} chooses its own stage count; pin stages= with 'asteroid' or 'balanced'")
+        raise InputError(f"planner {planner!r} chooses its own stage count; pin stages= with 'asteroid' or 'balanced'")
     return fn(lg, cluster, **kwargs)

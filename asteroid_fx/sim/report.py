@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.plan import DeviceUse, Prediction
 from asteroid_fx.ir.program import Program
 
@@ -111,7 +112,7 @@ class Simulation:
         for r in self.devices:
             if r.device == name:
                 return r
-        raise KeyError(f"device {name!r} is not in this simulation (devices: {', '.join(r.device for r in self.devices)})")
+        raise InputError(f"device {name!r} is not in this simulation (devices: {', '.join(r.device for r in self.devices)})")
 
     def link_busy_s(self) -> dict[tuple[str, str], float]:
         """(device, "out" | "in") -> seconds its channel carried at least one transfer."""

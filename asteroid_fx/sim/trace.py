@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from asteroid_fx.ir.atomic import write_text
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program import Op
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ def gantt(sim: "Simulation", path: str | os.PathLike, *, title: str | None = Non
     rows for its link (out, in). Returns the path."""
     path = Path(path)
     if path.suffix.lower() not in _PICTURE_FORMATS:
-        raise ValueError(f"cannot tell the picture format of {str(path)!r}: use a name ending in "
+        raise InputError(f"cannot tell the picture format of {str(path)!r}: use a name ending in "
                          f"{', '.join(_PICTURE_FORMATS)}")
     Figure = _figure_class()
     from matplotlib.patches import Patch

@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, CostTable
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.passes.planners.candidates import Candidate, microbatch_choices
 from asteroid_fx.passes.planners.dp import dp_plans
@@ -286,7 +287,7 @@ def oracle(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
            opt_state_factor: float = ADAM_STATE_FACTOR, simulate_top: int = 16, recovery: bool = False) -> Plan:
     size = oracle_size(lg, cluster)
     if size > ORACLE_LIMIT:
-        raise ValueError(f"the oracle would score {size} plans ({len(lg.allowed_cuts())} allowed cuts, "
+        raise InputError(f"the oracle would score {size} plans ({len(lg.allowed_cuts())} allowed cuts, "
                          f"{len(cluster.devices)} devices), more than {ORACLE_LIMIT}; coarsen the graph "
                          "(max_layers) or use fewer devices")
 

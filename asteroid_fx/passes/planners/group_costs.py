@@ -11,6 +11,9 @@ from asteroid_fx.cost import stage
 from asteroid_fx.cost.estimate import CostTable
 
 INF = float("inf")
+# a share within this fraction of its cap is at the cap: the equal-finish share is computed in
+# floats, and an exactly fitting member (share 2 of cap 2) may come out a few ulps above it
+CAP_RTOL = 1e-9
 
 
 class GroupCosts:
@@ -84,7 +87,7 @@ class GroupCosts:
             ok &= np.all(np.stack([c >= 1.0 for c in caps]), axis=0)
             ok &= np.sum(np.stack([np.minimum(c, R) for c in caps]), axis=0) >= R
             share = [(tau - self.alpha[k]) / self.beta[k] for k, _ in members]
-            over = [sh > c for sh, c in zip(share, caps)]
+            over = [sh > c + CAP_RTOL * np.abs(c) for sh, c in zip(share, caps)]
             if any(np.any(o) for o in over):
                 kept = sum(np.where(o, np.maximum(c, 0.0), 0.0) for o, c in zip(over, caps))
                 free_inv = sum(np.where(o, 0.0, 1.0 / self.beta[k]) for o, (k, _) in zip(over, members))
