@@ -3,13 +3,16 @@ to an equal Program, rejecting a malformed document with the JSON path of the ba
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
+from asteroid_fx.ir.json_fields import read_json
 from asteroid_fx.ir.ops import OPTIONAL_FIELDS, Op
 from asteroid_fx.ir.program import FORMAT_VERSION, Action, Program, StageInfo, StageSlot, TensorSpec
 from asteroid_fx.ir.program_format import FORMAT_NAME
 from asteroid_fx.ir.program_parse import ProgramParseError
+
 
 def _action_to_json(a: Action) -> dict[str, Any]:
     out: dict[str, Any] = {"op": Op(a.op).value, "stage": a.stage}
@@ -162,3 +165,12 @@ def program_from_json(d: Mapping[str, Any]) -> Program:
         actions=tuple(actions),
         version=version,
     )
+
+
+def read_program_json(path: str | os.PathLike[str]) -> Program:
+    """Read ``program.json``; errors name the file and the JSON path of the bad field."""
+    data = read_json(path, "program", ProgramParseError)
+    try:
+        return program_from_json(data)
+    except ProgramParseError as e:
+        raise ProgramParseError(f"{path}: {e}") from None

@@ -42,7 +42,7 @@ from asteroid_fx.ir.program_format import (
     format_spec,
     layout_program,
 )
-from asteroid_fx.ir.program_json import program_from_json, program_to_json
+from asteroid_fx.ir.program_json import program_from_json, program_to_json, read_program_json
 from asteroid_fx.ir.program_parse import ProgramParseError, parse_action, parse_program
 
 __all__ = [
@@ -60,4 +60,5 @@ __all__ = [
     "parse_program",
     "program_from_json",
     "program_to_json",
+    "read_program_json",
 ]
