@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import asteroid_fx as asteroid
 from asteroid_fx.cost import calibrate
 from asteroid_fx.runtime import linkprobe
+from asteroid_fx.ir import device_profile as DP
 from asteroid_fx.ir import profile as P
 from asteroid_fx.cli import profile as profile_cli
 from asteroid_fx.ir.cluster import Cluster
@@ -271,7 +272,7 @@ def test_a_probed_row_count_joins_the_fit(tiny):
     assert p.layer_cost(0, cold=False).fwd(ROWS[-1] - 1) > profile.layer_cost(0, cold=False).fwd(ROWS[-1] - 1)
     # its cold time is its warm time scaled like its neighbour's
     near = layer.cells[-1]
-    assert P._cell_seconds(probed, probe, "fwd", True) == pytest.approx(2 * t * near.cold_fwd.median / t)
+    assert DP._cell_seconds(probed, probe, "fwd", True) == pytest.approx(2 * t * near.cold_fwd.median / t)
 
 
 # -- measuring: resume, command line, compile -------------------------------------------------------

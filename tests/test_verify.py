@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from asteroid_fx.ir import ops
 from asteroid_fx.ir.program import Action, Op, Program, StageInfo, StageSlot, TensorSpec
 from asteroid_fx.ir.program_text import format_program_lines, parse_action, parse_program
 from asteroid_fx.ir.verify import DeadlockError, VerifyError, dry_run, execution_order, format_grid, verify
@@ -424,3 +425,24 @@ def test_any_shuffled_or_corrupted_program_gives_a_verify_error_or_passes(p: Pro
         assert str(e)
     else:
         execution_order(broken)
+
+
+# --- the per-op facts verify reads ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", [op for op in Op if ops.info(op).moves])
+def test_every_transfer_pairs_with_its_counterpart(op: Op) -> None:
+    """A transfer's counterpart is a transfer of the same thing the other way, and their channels meet."""
+    mine, other = ops.info(op), ops.info(ops.info(op).counterpart)
+    assert other.counterpart == op and other.moves == mine.moves and other.sends != mine.sends
+    assert mine.arrow == ("->" if mine.sends else "<-")
+    a = Action(op, 0, 0, (0, 4), "b", "act", CUT_SPECS) if mine.moves == ops.DATA else Action(op, 0, peer="b")
+    here, there = ops.channel("a", a), ops.channel("b", ops.counterpart("a", a))
+    assert here.key == there.key and here.sends != there.sends
+
+
+def test_ops_without_facts_get_the_default() -> None:
+    assert set(ops.OPS) == set(Op)  # every op of this build states its facts
+    assert ops.DEFAULT.fields is None and not ops.DEFAULT.compute and ops.DEFAULT.moves is None
+    assert ops.COMPUTE_OPS == (Op.F, Op.B) and ops.SEND_OPS == {Op.SEND, Op.BACKUP}
+    assert ops.PAYLOADS == ("act", "grad")

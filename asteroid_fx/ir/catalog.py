@@ -1,5 +1,7 @@
 """Device kinds taken from spec sheets, the links between them, and ready-made cluster presets.
 
+This module is data (one cited entry per board, link and preset), so it stays whole past 500 lines.
+
 A ``DeviceKind`` is what the planner's cost model needs to know about one kind of hardware:
 a compute roofline (``peak_flops`` x ``efficiency`` against ``memory_bandwidth``), a fixed
 per-operator cost (``overhead_s``) and how much memory a training process can have.
@@ -42,6 +44,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from asteroid_fx.ir.errors import InputError
+
 if TYPE_CHECKING:  # cluster.py imports this module, so the runtime import is deferred
     from asteroid_fx.ir.cluster import Cluster
 
@@ -66,11 +70,11 @@ class DeviceKind:
     def __post_init__(self) -> None:
         # Kinds can be added to KINDS by users, so bad numbers are caught here rather than as
         # nonsense (negative or infinite stage times) deep inside the planner.
-        def bad(field: str, value: object, want: str) -> ValueError:
-            return ValueError(f"device kind {self.name!r}: {field} must be {want}, got {value!r}")
+        def bad(field: str, value: object, want: str) -> InputError:
+            return InputError(f"device kind {self.name!r}: {field} must be {want}, got {value!r}")
 
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"device kind name must be a non-empty string, got {self.name!r}")
+            raise InputError(f"device kind name must be a non-empty string, got {self.name!r}")
         for field in ("peak_flops", "memory_bandwidth"):
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -281,7 +285,7 @@ def kind(name: str) -> DeviceKind:
     try:
         return KINDS[name]
     except (KeyError, TypeError):
-        raise ValueError(
+        raise InputError(
             f"unknown device kind {name!r}; known kinds: {', '.join(kind_names())} "
             "(add a DeviceKind to asteroid_fx.ir.catalog.KINDS for other hardware)"
         ) from None
@@ -521,7 +525,7 @@ def preset(name: str) -> "Cluster":
     try:
         build = PRESETS[name]
     except (KeyError, TypeError):
-        raise ValueError(
+        raise InputError(
             f"unknown cluster preset {name!r}; presets: {', '.join(PRESETS)}"
         ) from None
     return build()

@@ -25,84 +25,21 @@ import functools
 import json
 import math
 import os
-import re
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from asteroid_fx.ir import catalog
 from asteroid_fx.ir.atomic import write_text
 from asteroid_fx.ir.catalog import DeviceKind
+from asteroid_fx.ir.errors import InputError
+from asteroid_fx.ir.json_fields import read_json
+from asteroid_fx.ir.units import is_number, parse_bandwidth, parse_latency, parse_memory
+
+# the unit parsers were defined here first; callers still import them from this module
+__all__ = ["FORMAT", "FORMAT_VERSION", "Cluster", "Device", "parse_bandwidth", "parse_latency", "parse_memory",
+           "resolve_cluster"]
 
 FORMAT = "asteroid-cluster"
 FORMAT_VERSION = 1
-
-# ----------------------------------------------------------------------------------------------
-# Units. Bits and bytes are told apart by the case of "b"/"B" (Gbps vs GB/s) because mixing
-# them up is an 8x error in every communication estimate; prefixes are case-insensitive.
-
-_NUMBER = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
-_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
-           "ki": 2.0**10, "mi": 2.0**20, "gi": 2.0**30, "ti": 2.0**40}
-_MEMORY_RE = re.compile(rf"^\s*{_NUMBER}\s*([kmgt]i?)?b\s*$", re.IGNORECASE)
-_BANDWIDTH_RE = re.compile(rf"^\s*{_NUMBER}\s*([kmgtKMGT]i?)?(bps|bit/s|b/s|B/s|Bps)\s*$")
-_LATENCY_RE = re.compile(rf"^\s*{_NUMBER}\s*(s|ms|us|µs|μs|ns)\s*$", re.IGNORECASE)
-_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def parse_memory(value: int | str) -> int:
-    """Bytes from an int (taken as bytes) or a string such as "4GiB", "512MiB", "8GB", "100kB"."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)  # JSON's 4e9 arrives as a float
-    if isinstance(value, str):
-        m = _MEMORY_RE.match(value)
-        if m:
-            return int(round(float(m.group(1)) * _PREFIX[(m.group(2) or "").lower()]))
-    raise ValueError(
-        f"cannot parse memory size {value!r}; give an integer number of bytes or a string like "
-        "'4GiB', '512MiB' or '8GB' (units: B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-    )
-
-
-def parse_bandwidth(value: float | str) -> float:
-    """Bytes/s from a number (taken as bytes/s) or a string like "1Gbps", "100Mbps", "125MB/s"."""
-    if _is_number(value):
-        return float(value)
-    if isinstance(value, str):
-        m = _BANDWIDTH_RE.match(value)
-        if m:
-            scale = _PREFIX[(m.group(2) or "").lower()]
-            per_byte = 1.0 if m.group(3) in ("B/s", "Bps") else 1 / 8
-            return float(m.group(1)) * scale * per_byte
-    raise ValueError(
-        f"cannot parse bandwidth {value!r}; give bytes/s as a number or a string like '1Gbps', "
-        "'300Mbps' or '125MB/s' (bits: bps, Kbps, Mbps, Gbps; bytes: B/s, KB/s, MB/s, GB/s)"
-    )
-
-
-def parse_latency(value: float | str) -> float:
-    """Seconds from a number (taken as seconds) or a string such as "0.5ms", "20us", "1s"."""
-    if _is_number(value):
-        return float(value)
-    if isinstance(value, str):
-        m = _LATENCY_RE.match(value)
-        if m:
-            unit = m.group(2)
-            scale = _SECONDS[unit] if unit in _SECONDS else _SECONDS[unit.lower()]
-            return float(m.group(1)) * scale
-    raise ValueError(
-        f"cannot parse latency {value!r}; give seconds as a number or a string like '0.5ms', "
-        "'20us' or '1s' (units: s, ms, us, ns)"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-
 
 @dataclasses.dataclass(frozen=True)
 class Device:
@@ -114,12 +51,12 @@ class Device:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or any(c.isspace() for c in self.name):
-            raise ValueError(
+            raise InputError(
                 f"device name must be a non-empty string without whitespace, got {self.name!r}; "
                 "use names like 'nano0'"
             )
         if not isinstance(self.kind, str) or not catalog.is_known(self.kind):
-            raise ValueError(
+            raise InputError(
                 f"device {self.name!r}: unknown device kind {self.kind!r}; known kinds: "
                 f"{', '.join(catalog.kind_names())} (add a DeviceKind to "
                 "asteroid_fx.ir.catalog.KINDS for other hardware)"
@@ -129,12 +66,12 @@ class Device:
             return
         mem = self.memory_bytes
         if not isinstance(mem, int) or isinstance(mem, bool):
-            raise ValueError(
+            raise InputError(
                 f"device {self.name!r}: memory_bytes must be an integer number of bytes, got "
                 f"{mem!r}; in JSON a string like '4GiB' is also accepted"
             )
         if mem <= 0:
-            raise ValueError(
+            raise InputError(
                 f"device {self.name!r}: memory_bytes must be positive, got {mem}; "
                 "give the memory budget in bytes"
             )
@@ -143,7 +80,7 @@ class Device:
         # on a bigger machine must still load on a smaller one.
         if self.kind != catalog.HOST_CPU and mem > catalog.KINDS[self.kind].memory_bytes:
             physical = catalog.KINDS[self.kind].memory_bytes
-            raise ValueError(
+            raise InputError(
                 f"device {self.name!r}: memory_bytes {mem} exceeds the {physical} bytes "
                 f"({physical / catalog.GiB:g} GiB) of physical memory of kind {self.kind!r}; "
                 "give a budget at most that, or leave it out to use all of it"
@@ -151,8 +88,8 @@ class Device:
 
 
 def _matrix_error(field: str, devices: Sequence[Device], i: int, j: int, value: object,
-                  want: str) -> ValueError:
-    return ValueError(
+                  want: str) -> InputError:
+    return InputError(
         f"{field}[{i}][{j}] (from {devices[i].name!r} to {devices[j].name!r}) must be {want}, "
         f"got {value!r}"
     )
@@ -163,27 +100,27 @@ def _normalise_matrix(field: str, value: object, devices: Sequence[Device]) -> t
     unit = "bytes/s" if field == "bandwidth" else "seconds"
     how = f"give {field}[i][j] in {unit} from devices[i] to devices[j], one row per device"
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"{field} must be a square {n}x{n} matrix, got {value!r}; {how}")
+        raise InputError(f"{field} must be a square {n}x{n} matrix, got {value!r}; {how}")
     if len(value) != n:
-        raise ValueError(
+        raise InputError(
             f"{field} must be a square {n}x{n} matrix for {n} device(s), got {len(value)} rows; "
             f"{how}"
         )
     rows = []
     for i, row in enumerate(value):
         if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
-            raise ValueError(
+            raise InputError(
                 f"{field} must be a square {n}x{n} matrix, but row {i} ({devices[i].name!r}) "
                 f"is {row!r}; {how}"
             )
         if len(row) != n:
-            raise ValueError(
+            raise InputError(
                 f"{field} must be a square {n}x{n} matrix, but row {i} ({devices[i].name!r}) "
                 f"has {len(row)} entries; {how}"
             )
         out = []
         for j, x in enumerate(row):
-            if not _is_number(x) or math.isnan(x):
+            if not is_number(x) or math.isnan(x):
                 raise _matrix_error(field, devices, i, j, x, f"a number in {unit}")
             out.append(float(x))
         rows.append(tuple(out))
@@ -200,28 +137,28 @@ class Cluster:
     def __post_init__(self) -> None:
         # Lists are accepted and frozen into tuples so that clusters compare and hash by value.
         if isinstance(self.devices, (str, bytes)) or not isinstance(self.devices, Sequence):
-            raise ValueError(
+            raise InputError(
                 f"devices must be a sequence of Device, got {type(self.devices).__name__}; "
                 "use Cluster.from_kinds to start from kind names"
             )
         devices = tuple(self.devices)
         if not devices:
-            raise ValueError("a cluster needs at least one device")
+            raise InputError("a cluster needs at least one device")
         for i, d in enumerate(devices):
             if not isinstance(d, Device):
-                raise ValueError(
+                raise InputError(
                     f"devices[{i}] must be a Device, got {d!r}; "
                     "use Cluster.from_kinds to start from kind names"
                 )
         counts = collections.Counter(d.name for d in devices)
         dups = sorted(n for n, c in counts.items() if c > 1)
         if dups:
-            raise ValueError(
+            raise InputError(
                 f"device names must be unique, but {', '.join(map(repr, dups))} appear more than "
                 "once; rename the duplicates (e.g. 'nano0', 'nano1')"
             )
         if not isinstance(self.name, str):
-            raise ValueError(f"cluster name must be a string, got {self.name!r}")
+            raise InputError(f"cluster name must be a string, got {self.name!r}")
         bandwidth = _normalise_matrix("bandwidth", self.bandwidth, devices)
         latency = _normalise_matrix("latency", self.latency, devices)
         for i in range(len(devices)):
@@ -269,7 +206,7 @@ class Cluster:
         so adding a device of another kind does not rename the existing ones.
         """
         if isinstance(kinds, str):
-            raise ValueError(f"kinds must be a list of kind names, got the string {kinds!r}")
+            raise InputError(f"kinds must be a list of kind names, got the string {kinds!r}")
         seen: collections.Counter[str] = collections.Counter()
         devices = []
         for k in kinds:
@@ -296,7 +233,7 @@ class Cluster:
             return self._positions[name]
         except (KeyError, TypeError):
             label = f"cluster {self.name!r}" if self.name else "the cluster"
-            raise ValueError(
+            raise InputError(
                 f"no device {name!r} in {label}; devices: {', '.join(self.names)}"
             ) from None
 
@@ -314,11 +251,11 @@ class Cluster:
     def subset(self, names: Sequence[str]) -> Cluster:
         """The cluster restricted to ``names`` (in that order), with their links unchanged."""
         if isinstance(names, str):
-            raise ValueError(f"names must be a list of device names, got the string {names!r}")
+            raise InputError(f"names must be a list of device names, got the string {names!r}")
         idx = [self.index(n) for n in names]
         if len(set(idx)) != len(idx):
             dups = sorted({n for n in names if list(names).count(n) > 1})
-            raise ValueError(f"subset names must be distinct, but {', '.join(dups)} repeat")
+            raise InputError(f"subset names must be distinct, but {', '.join(dups)} repeat")
         return Cluster(
             devices=tuple(self.devices[i] for i in idx),
             bandwidth=tuple(tuple(self.bandwidth[i][j] for j in idx) for i in idx),
@@ -355,36 +292,36 @@ class Cluster:
         try:
             return cls._from_json(data)
         except ValueError as e:
-            raise ValueError(f"{origin}: {e}") from None
+            raise InputError(f"{origin}: {e}") from None
 
     @classmethod
     def _from_json(cls, data: Mapping[str, Any]) -> Cluster:
         if not isinstance(data, Mapping):
-            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+            raise InputError(f"expected a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
-            raise ValueError(
+            raise InputError(
                 f"field 'format' must be {FORMAT!r}, got {data.get('format')!r}; "
                 "is this a cluster file?"
             )
         if data.get("version") != FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"field 'version' is {data.get('version')!r}, but this asteroid_fx reads "
                 f"version {FORMAT_VERSION}; write version {FORMAT_VERSION} or upgrade asteroid_fx"
             )
         allowed = {"format", "version", "name", "devices", "bandwidth", "latency", "links"}
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: "
                 f"{', '.join(sorted(allowed))}"
             )
         name = data.get("name", "")
         if not isinstance(name, str):
-            raise ValueError(f"field 'name' must be a string, got {name!r}")
+            raise InputError(f"field 'name' must be a string, got {name!r}")
 
         raw_devices = data.get("devices")
         if not isinstance(raw_devices, list):
-            raise ValueError(
+            raise InputError(
                 f"field 'devices' must be a list of {{'name', 'kind', 'memory_bytes'}} objects, "
                 f"got {raw_devices!r}"
             )
@@ -392,56 +329,56 @@ class Cluster:
         for i, d in enumerate(raw_devices):
             where = f"devices[{i}]"
             if not isinstance(d, Mapping):
-                raise ValueError(f"{where} must be an object with 'name' and 'kind', got {d!r}")
+                raise InputError(f"{where} must be an object with 'name' and 'kind', got {d!r}")
             extra = sorted(set(d) - {"name", "kind", "memory_bytes"})
             if extra:
-                raise ValueError(
+                raise InputError(
                     f"{where}: unknown field(s) {', '.join(map(repr, extra))}; "
                     "allowed: name, kind, memory_bytes"
                 )
             for key in ("name", "kind"):
                 if key not in d:
-                    raise ValueError(f"{where}: missing field {key!r}")
+                    raise InputError(f"{where}: missing field {key!r}")
             mem = d.get("memory_bytes")
             try:
                 mem = None if mem is None else parse_memory(mem)
             except ValueError as e:
-                raise ValueError(f"{where}.memory_bytes: {e}") from None
+                raise InputError(f"{where}.memory_bytes: {e}") from None
             try:
                 devices.append(Device(d["name"], d["kind"], mem))
             except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+                raise InputError(f"{where}: {e}") from None
 
         if "links" in data:
             if "bandwidth" in data or "latency" in data:
-                raise ValueError(
+                raise InputError(
                     "give either 'links' (one link for every pair) or the 'bandwidth'/'latency' "
                     "matrices, not both"
                 )
             links = data["links"]
             if not isinstance(links, Mapping) or "bandwidth" not in links:
-                raise ValueError(
+                raise InputError(
                     "field 'links' must be an object like "
                     f"{{\"bandwidth\": \"1Gbps\", \"latency\": \"0.5ms\"}}, got {links!r}"
                 )
             extra = sorted(set(links) - {"bandwidth", "latency"})
             if extra:
-                raise ValueError(
+                raise InputError(
                     f"links: unknown field(s) {', '.join(map(repr, extra))}; "
                     "allowed: bandwidth, latency"
                 )
             try:
                 bw = parse_bandwidth(links["bandwidth"])
             except ValueError as e:
-                raise ValueError(f"links.bandwidth: {e}") from None
+                raise InputError(f"links.bandwidth: {e}") from None
             try:
                 lat = parse_latency(links.get("latency", 0.0))
             except ValueError as e:
-                raise ValueError(f"links.latency: {e}") from None
+                raise InputError(f"links.latency: {e}") from None
             return cls.uniform(devices, bw, lat, name=name)
 
         if "bandwidth" not in data:
-            raise ValueError(
+            raise InputError(
                 "missing field 'bandwidth' (an NxN matrix in bytes/s); for a uniform cluster "
                 "write \"links\": {\"bandwidth\": \"1Gbps\", \"latency\": \"0.5ms\"} instead"
             )
@@ -460,15 +397,7 @@ class Cluster:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Cluster:
         """Read a cluster JSON file; errors name the file and the offending field."""
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-            ) from None
-        return cls.from_json(data, origin=str(path))
+        return cls.from_json(read_json(path, "cluster file"), origin=str(path))
 
     # -- display -------------------------------------------------------------------------------
 
@@ -520,7 +449,7 @@ def _decode_matrix(field: str, value: object, parse: Any) -> list[list[float]]:
                 try:
                     decoded.append(parse(x))
                 except ValueError as e:
-                    raise ValueError(f"{field}[{i}][{j}]: {e}") from None
+                    raise InputError(f"{field}[{i}][{j}]: {e}") from None
             else:
                 decoded.append(x)
         out.append(decoded)
@@ -581,8 +510,8 @@ def resolve_cluster(
         if all(catalog.is_known(p) for p in parts):
             return Cluster.from_kinds(parts, bandwidth, latency)
         if x.endswith(".json") or os.sep in x:
-            raise ValueError(f"cluster file {x!r} does not exist")
-        raise ValueError(
+            raise InputError(f"cluster file {x!r} does not exist")
+        raise InputError(
             f"cannot resolve cluster {x!r}: not a preset ({', '.join(catalog.PRESETS)}), not an "
             f"existing file, and not kind names ({', '.join(catalog.kind_names())}); "
             f"accepted: {_RESOLVE_FORMS}"

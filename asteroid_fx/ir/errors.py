@@ -7,6 +7,8 @@ file and the field) instead of leaking ``KeyError``/``IndexError``/``TypeError``
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 
 class AsteroidError(ValueError):
     """Base of every error asteroid_fx raises on purpose."""
@@ -14,3 +16,22 @@ class AsteroidError(ValueError):
 
 class InputError(AsteroidError):
     """A file, argument or message that does not hold what it must; the message names which."""
+
+
+class VerifyError(AsteroidError):
+    """A Program that must not be executed; ``problems`` holds one line per problem found."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems) or (message,)
+
+
+class DeadlockError(VerifyError):
+    """A Program that cannot finish: ``steps`` ran (each a list of (device, action index)), then
+    ``blocked`` (device -> index of the action it waits in) could not move. The verifier's dry run
+    and the simulator raise it."""
+
+    def __init__(self, message: str, steps: Sequence[Sequence[tuple[str, int]]], blocked: Mapping[str, int]) -> None:
+        super().__init__(message)
+        self.steps = [list(s) for s in steps]
+        self.blocked = dict(blocked)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from asteroid_fx.ir.atomic import write_text
 from asteroid_fx.ir.costs import Cost, TimeFit
+from asteroid_fx.ir.json_fields import Fields, read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,23 +122,30 @@ def costs_to_json(lg: LayerGraph) -> dict[str, Any]:
     }
 
 
-def costs_from_json(data: Mapping[str, Any]) -> LayerGraph:
-    if data.get("format") != COSTS_FORMAT:
-        raise ValueError(f"not a cost file: format is {data.get('format')!r}, expected {COSTS_FORMAT!r}")
-    if data.get("version") != COSTS_VERSION:
-        raise ValueError(f"cost file version {data.get('version')} is not supported (this build reads {COSTS_VERSION})")
+def costs_from_json(data: Any, *, origin: str = "cost file") -> LayerGraph:
+    """Inverse of ``costs_to_json``. A malformed document raises InputError starting with
+    ``origin`` (the file, when ``read_costs`` reads one) and naming the field."""
+    top = Fields(data, origin)
+    if top.data.get("format") != COSTS_FORMAT:
+        raise top.fail(f"not a cost file: format is {top.data.get('format')!r}, expected {COSTS_FORMAT!r}")
+    if top.data.get("version") != COSTS_VERSION:
+        raise top.fail(f"cost file version {top.data.get('version')} is not supported (this build reads {COSTS_VERSION})")
 
-    def fit(points) -> TimeFit:
-        return TimeFit(tuple((float(r), float(t)) for r, t in points))
+    def costs(layer: Fields) -> tuple[tuple[str, Cost], ...]:
+        by_kind = layer.obj("costs")
+        out = []
+        for kind in by_kind.data:
+            c = by_kind.obj(kind)
+            out.append((kind, Cost(TimeFit(c.points("fwd")), TimeFit(c.points("bwd")), c.string("source", "analytic"))))
+        return tuple(out)
 
-    layers = tuple(Layer(l["index"], tuple(l["nodes"]),
-                         tuple((k, Cost(fit(c["fwd"]), fit(c["bwd"]), c.get("source", "analytic")))
-                               for k, c in l["costs"].items()),
-                         l["param_bytes"], l["buffer_bytes"], l["saved_bytes_per_row"], tuple(l.get("params", ())))
-                   for l in data["layers"])
-    cuts = tuple(Cut(c["index"], tuple(c["values"]), c["bytes_per_row"], c["allowed"], c.get("why_not", ""))
-                 for c in data["cuts"])
-    return LayerGraph(layers, cuts, tuple(data.get("blocked", ())))
+    layers = tuple(Layer(l.integer("index"), l.strings("nodes"), costs(l), l.integer("param_bytes"),
+                         l.integer("buffer_bytes"), l.number("saved_bytes_per_row"), l.strings("params", []))
+                   for l in top.objs("layers"))
+    cuts = tuple(Cut(c.integer("index"), c.strings("values"), c.number("bytes_per_row"), c.boolean("allowed"),
+                     c.string("why_not", ""))
+                 for c in top.objs("cuts"))
+    return LayerGraph(layers, cuts, top.strings("blocked", []))
 
 
 def write_costs(lg: LayerGraph, path: str | Path) -> Path:
@@ -146,4 +154,5 @@ def write_costs(lg: LayerGraph, path: str | Path) -> Path:
 
 
 def read_costs(path: str | Path) -> LayerGraph:
-    return costs_from_json(json.loads(Path(path).read_text()))
+    """Read ``costs.json``; errors name the file and the field."""
+    return costs_from_json(read_json(path, "cost file"), origin=str(path))

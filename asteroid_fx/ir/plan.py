@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from typing import Any
 
-from asteroid_fx.ir.errors import AsteroidError
+from asteroid_fx.ir.errors import AsteroidError, InputError
+from asteroid_fx.ir.json_fields import Fields, read_json
 
 PLAN_FORMAT = "asteroid-plan"
 PLAN_VERSION = 1
@@ -16,7 +18,7 @@ PLAN_VERSION = 1
 
 def warmup_depth(schedule: str) -> int | None:
     """The extra warm-up of a 1F1B-family schedule ("1f1b" = 0, "1f1b+N" = N), None for GPipe;
-    ValueError for any other name. Under "1f1b+N" stage p of S holds up to (S - p - 1)(1 + N) + 1
+    InputError for any other name. Under "1f1b+N" stage p of S holds up to (S - p - 1)(1 + N) + 1
     micro-batches in flight: N more per later stage than plain 1F1B, which lets it run ahead of a
     slow link (and costs their activations' memory)."""
     if schedule == "gpipe":
@@ -25,7 +27,7 @@ def warmup_depth(schedule: str) -> int | None:
         return 0
     m = re.fullmatch(r"1f1b\+([0-9]+)", schedule)
     if m is None:
-        raise ValueError(f"unknown schedule {schedule!r}; use 'gpipe', '1f1b' or '1f1b+N' (N extra warm-up "
+        raise InputError(f"unknown schedule {schedule!r}; use 'gpipe', '1f1b' or '1f1b+N' (N extra warm-up "
                          "micro-batches per later stage)")
     return int(m.group(1))
 
@@ -35,7 +37,7 @@ def backup_holder_stage(stage: int, stages: int) -> int:
     least two) runs with recovery: the next stage, and for the last stage the one before it (a ring
     of stages folded at its end; passes.replay.default_holders places backups by this rule)."""
     if stages < 2:
-        raise ValueError(f"a plan of {stages} stage has no other stage to hold a backup")
+        raise InputError(f"a plan of {stages} stage has no other stage to hold a backup")
     return stage + 1 if stage + 1 < stages else stage - 1
 
 
@@ -51,7 +53,7 @@ class StagePlan:
 
     def __post_init__(self) -> None:
         if len(self.devices) != len(self.rows):
-            raise ValueError(f"stage {self.layers}: {len(self.devices)} devices but {len(self.rows)} row counts")
+            raise InputError(f"stage {self.layers}: {len(self.devices)} devices but {len(self.rows)} row counts")
 
     @property
     def slots(self) -> tuple[tuple[str, int, int], ...]:
@@ -98,21 +100,21 @@ class Plan:
         return self.microbatches * self.microbatch_rows
 
     def __post_init__(self) -> None:
-        warmup_depth(self.schedule)  # a known schedule name, else ValueError
+        warmup_depth(self.schedule)  # a known schedule name, else InputError
         if self.microbatches < 1 or self.microbatch_rows < 1:
-            raise ValueError("a plan needs at least one micro-batch of at least one row")
+            raise InputError("a plan needs at least one micro-batch of at least one row")
         seen: set[str] = set()
         expect = 0
         for i, st in enumerate(self.stages):
             if st.layers[0] != expect or st.layers[1] <= st.layers[0]:
-                raise ValueError(f"stage {i}: layers {st.layers[0]}:{st.layers[1]} do not continue from layer {expect}")
+                raise InputError(f"stage {i}: layers {st.layers[0]}:{st.layers[1]} do not continue from layer {expect}")
             expect = st.layers[1]
             if sum(st.rows) != self.microbatch_rows or min(st.rows) < 1:
-                raise ValueError(f"stage {i}: rows {list(st.rows)} must be >= 1 each and add up to "
+                raise InputError(f"stage {i}: rows {list(st.rows)} must be >= 1 each and add up to "
                                  f"the micro-batch size {self.microbatch_rows}")
             for d in st.devices:
                 if d in seen:
-                    raise ValueError(f"device {d!r} appears in two stages; a device runs one stage")
+                    raise InputError(f"device {d!r} appears in two stages; a device runs one stage")
                 seen.add(d)
 
     def stage_of(self, device: str) -> int:
@@ -162,19 +164,33 @@ class Plan:
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **d}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Plan":
-        if data.get("format") != PLAN_FORMAT:
-            raise ValueError(f"not a plan: format is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
-        if data.get("version") != PLAN_VERSION:
-            raise ValueError(f"plan version {data.get('version')} is not supported (this build reads {PLAN_VERSION})")
-        stages = tuple(StagePlan(tuple(s["layers"]), tuple(s["devices"]), tuple(s["rows"])) for s in data["stages"])
-        pred = data.get("prediction")
+    def from_json(cls, data: Any, *, origin: str = "plan JSON") -> "Plan":
+        """Inverse of ``to_json``. A malformed document raises InputError starting with ``origin``
+        (the file, when ``load`` reads one) and naming the field."""
+        top = Fields(data, origin)
+        if top.data.get("format") != PLAN_FORMAT:
+            raise top.fail(f"not a plan: format is {top.data.get('format')!r}, expected {PLAN_FORMAT!r}")
+        if top.data.get("version") != PLAN_VERSION:
+            raise top.fail(f"plan version {top.data.get('version')} is not supported (this build reads {PLAN_VERSION})")
         prediction = None
-        if pred is not None:
-            prediction = Prediction(pred["iteration_s"], pred["throughput"],
-                                    tuple(DeviceUse(**u) for u in pred["devices"]), pred["binding"])
-        return cls(stages, data["microbatches"], data["microbatch_rows"], data["schedule"], data["planner"], prediction,
-                   bool(data.get("recovery", False)))
+        if top.data.get("prediction") is not None:
+            pred = top.obj("prediction")
+            uses = tuple(DeviceUse(u.string("device"), u.integer_or_null("stage"), u.integer("memory_bytes"),
+                                   u.integer("budget_bytes"), u.number("compute_s"), u.string("note", ""))
+                         for u in pred.objs("devices"))
+            prediction = Prediction(pred.number("iteration_s"), pred.number("throughput"), uses, pred.string("binding"))
+        stages = [(s.span("layers"), s.strings("devices"), s.integers("rows")) for s in top.objs("stages")]
+        fields = (top.integer("microbatches"), top.integer("microbatch_rows"), top.string("schedule"),
+                  top.string("planner"))
+        try:  # every field read; what is left is a plan that does not hold together
+            return cls(tuple(StagePlan(*st) for st in stages), *fields, prediction, top.boolean("recovery", False))
+        except InputError as e:
+            raise top.fail(str(e)) from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Plan":
+        """Read ``plan.json``; errors name the file and the field."""
+        return cls.from_json(read_json(path, "plan"), origin=str(path))
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1)

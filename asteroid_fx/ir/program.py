@@ -4,7 +4,7 @@ A Program is self-contained: besides the per-device action lists it carries the 
 layers each stage runs, which devices run it and which rows of every micro-batch each device owns),
 so a backend needs nothing else to execute it.
 
-Vocabulary (see ``Op``):
+Vocabulary (``Op``; what each op carries, computes and moves is in ``ops.OPS``):
   F / B           forward / backward of ``stage`` on rows ``rows`` of micro-batch ``mb``
   SEND / RECV     a row slice of a cut's tensors to / from ``peer``; ``payload`` is "act" (forward
                   activations, stage -> stage+1) or "grad" (their gradients, stage+1 -> stage);
@@ -22,27 +22,12 @@ Vocabulary (see ``Op``):
 from __future__ import annotations
 
 import dataclasses
-import enum
 from typing import NamedTuple
 
+from asteroid_fx.ir.ops import Op  # the vocabulary lives beside its facts; importable from here too
 from asteroid_fx.ir.plan import backup_holder_stage
 
 FORMAT_VERSION = 1
-
-
-class Op(str, enum.Enum):
-    F = "F"
-    B = "B"
-    SEND = "SEND"
-    RECV = "RECV"
-    ALLREDUCE = "ALLREDUCE"
-    STEP = "STEP"
-    BACKUP = "BACKUP"
-    RESTORE = "RESTORE"
-    ROLLBACK = "ROLLBACK"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class TensorSpec(NamedTuple):

@@ -17,42 +17,32 @@ later phase only runs when the earlier ones passed, since it relies on them):
      one RECV/RESTORE with the same rows and specs; at most one ROLLBACK, before any compute;
   4. deadlock freedom, by ``dry_run``.
 
-``dry_run`` is step-synchronous: at every step each device runs at most its next action, if that is
-ready (SEND and BACKUP are buffered and never wait; a RECV/RESTORE waits for its matching send, which
-may run in the same step; an ALLREDUCE runs when every member of its group starts the step at that
-same ALLREDUCE). ``execution_order`` flattens it; the local backend runs actions in that order.
+``dry_run`` (in ``dry_run.py``, with the channel matching it shares with phase 3) is
+step-synchronous: at every step each device runs at most its next action, if that is ready (SEND
+and BACKUP are buffered and never wait; a RECV/RESTORE waits for its matching send, which may run
+in the same step; an ALLREDUCE runs when every member of its group starts the step at that same
+ALLREDUCE). ``execution_order`` flattens it; the local backend runs actions in that order.
+
+What each op carries, which stage it names and what it pairs with come from ``ops.OPS``; the
+rules here are the checks per op (a table with a default, ``_WALK_RULES``).
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
 
-from asteroid_fx.ir.errors import AsteroidError
-from asteroid_fx.ir.program import FORMAT_VERSION, Action, Op, Program, StageSlot
-from asteroid_fx.ir.program_text import PAYLOADS, ProgramLayout, format_action, format_spec, layout_program
+from asteroid_fx.ir import ops
+from asteroid_fx.ir.dry_run import Step, dry_run, execution_order, format_grid, pair_transfers
+from asteroid_fx.ir.errors import DeadlockError, VerifyError
+from asteroid_fx.ir.ops import COMPUTE_OPS, OPTIONAL_FIELDS, PAYLOAD_INFO, PAYLOADS, Op
+from asteroid_fx.ir.program import FORMAT_VERSION, Action, Program, StageSlot
+from asteroid_fx.ir.program_format import ProgramLayout, format_action, format_spec, layout_program
 
-Step = list[tuple[str, int]]
+# verify is where these are looked up; they live beside the dry run and with the other errors
+__all__ = ["DeadlockError", "Step", "VerifyError", "dry_run", "execution_order", "format_grid", "verify"]
 
 _MAX_PROBLEMS_SHOWN = 25
-
-
-class VerifyError(AsteroidError):
-    """A Program that must not be executed; ``problems`` holds one line per problem found."""
-
-    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.problems = tuple(problems) or (message,)
-
-
-class DeadlockError(VerifyError):
-    """The dry run stopped with actions left: ``steps`` ran, then ``blocked`` (device -> index) waited."""
-
-    def __init__(self, message: str, steps: Sequence[Step], blocked: Mapping[str, int]) -> None:
-        super().__init__(message)
-        self.steps = [list(s) for s in steps]
-        self.blocked = dict(blocked)
 
 
 def _fail(problems: list[str]) -> None:
@@ -153,41 +143,6 @@ def _check_stage_table(p: Program, where: _Where) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # 2. fields of every action
 
-# The fields each op carries beyond op and stage; every other field must keep its default. An op
-# without an entry (one a future rewrite adds) is not checked here.
-_OP_FIELDS: Mapping[Op, frozenset[str]] = {
-    Op.F: frozenset({"mb", "rows"}),
-    Op.B: frozenset({"mb", "rows"}),
-    Op.SEND: frozenset({"mb", "rows", "peer", "payload", "specs"}),
-    Op.RECV: frozenset({"mb", "rows", "peer", "payload", "specs"}),
-    Op.ALLREDUCE: frozenset({"group"}),
-    Op.STEP: frozenset(),
-    Op.BACKUP: frozenset({"peer"}),
-    Op.RESTORE: frozenset({"peer"}),
-    Op.ROLLBACK: frozenset(),
-}
-_OPTIONAL_FIELDS = ("mb", "rows", "peer", "payload", "specs", "group")
-
-
-def _any_stage(own: int) -> None:
-    return None
-
-
-# Which stage an action of a stage-`own` device must name (None: any stage of the program).
-# Activations come from the cut before (stage own-1) and gradients go back across it; weights may
-# be backed up on, or restored from, any device whatever stage it runs.
-_STAGE_RULES: Mapping[tuple[Op, str | None], Callable[[int], int | None]] = {
-    (Op.RECV, "act"): lambda own: own - 1,
-    (Op.SEND, "grad"): lambda own: own - 1,
-    (Op.BACKUP, None): _any_stage,
-    (Op.RESTORE, None): _any_stage,
-}
-
-
-def _own_stage(own: int) -> int | None:
-    return own
-
-
 def _check_fields(p: Program, where: _Where, stage_of: Mapping[str, int]) -> list[str]:
     problems: list[str] = []
     S, M, R = len(p.stages), p.microbatches, p.microbatch_rows
@@ -195,15 +150,16 @@ def _check_fields(p: Program, where: _Where, stage_of: Mapping[str, int]) -> lis
         own = stage_of[device]
         for i, a in enumerate(acts):
             at = where.action(device, i)
-            fields = _OP_FIELDS.get(a.op)
+            info = ops.info(a.op)
+            fields = info.fields  # an op whose fields are not stated (None) is not checked here
             if fields is not None:
-                for f in _OPTIONAL_FIELDS:
+                for f in OPTIONAL_FIELDS:
                     present = getattr(a, f) not in (None, ())
                     if f in fields and not present:
                         problems.append(f"{at}: {a.op.value} needs a {f}")
                     elif f not in fields and present:
                         problems.append(f"{at}: {a.op.value} takes no {f}; remove it")
-            expected = _STAGE_RULES.get((a.op, a.payload), _own_stage)(own)
+            expected = ops.named_stage(a, own)
             if not 0 <= a.stage < S:
                 problems.append(f"{at}: stage {a.stage} does not exist (the program has stages 0..{S - 1})")
             elif expected is not None and a.stage != expected:
@@ -214,7 +170,7 @@ def _check_fields(p: Program, where: _Where, stage_of: Mapping[str, int]) -> lis
                 problems.append(f"{at}: micro-batch {a.mb} does not exist (the program has micro-batches 0..{M - 1})")
             if a.rows is not None and not 0 <= a.rows[0] < a.rows[1] <= R:
                 problems.append(f"{at}: rows {_r(*a.rows)} are not a non-empty range inside [0:{R}] of the micro-batch")
-            if a.payload is not None and a.op in (Op.SEND, Op.RECV) and a.payload not in PAYLOADS:
+            if a.payload is not None and info.moves == ops.DATA and a.payload not in PAYLOADS:
                 problems.append(f"{at}: unknown payload {a.payload!r} (expected {' or '.join(PAYLOADS)})")
             if a.peer is not None and (a.peer == device or a.peer not in stage_of):
                 what = "is this device itself" if a.peer == device else "is not a device of this program"
@@ -238,7 +194,7 @@ def _check_compute(p: Program, where: _Where, stage_of: Mapping[str, int], slot_
         own, slot = stage_of[device], slot_of[device]
         seen: dict[tuple[Op, int], list[int]] = defaultdict(list)
         for i, a in enumerate(acts):
-            if a.op in (Op.F, Op.B):
+            if ops.info(a.op).compute:
                 seen[(a.op, a.mb)].append(i)
                 if a.rows != (slot.lo, slot.hi):
                     problems.append(
@@ -246,7 +202,7 @@ def _check_compute(p: Program, where: _Where, stage_of: Mapping[str, int], slot_
                         f"[{_r(slot.lo, slot.hi)}]; a device computes exactly its slot's rows"
                     )
         for mb in range(p.microbatches):
-            for op in (Op.F, Op.B):
+            for op in COMPUTE_OPS:
                 found = seen[(op, mb)]
                 if not found:
                     problems.append(
@@ -294,7 +250,7 @@ class _DeviceWalk:
     def __init__(self, p: Program, where: _Where, device: str, stage: int, slot: StageSlot, grad_cuts: set[int]) -> None:
         self.p, self.where, self.device, self.stage, self.slot = p, where, device, stage, slot
         self.grad_cuts = grad_cuts
-        self.computed: dict[Op, dict[int, int]] = {Op.F: {}, Op.B: {}}  # F|B -> mb -> index
+        self.computed: dict[Op, dict[int, int]] = {op: {} for op in COMPUTE_OPS}  # F|B -> mb -> index
         self.received: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)  # (payload, mb) -> rows
         self.allreduces: list[int] = []
         self.steps: list[int] = []
@@ -335,12 +291,8 @@ def _walk_b(w: _DeviceWalk, i: int, a: Action) -> None:
     w.computed[Op.B].setdefault(a.mb, i)
 
 
-# The compute a SEND must follow on its device, and that a RECV must arrive before, per payload.
-_PRODUCED_BY: Mapping[str, Op] = {"act": Op.F, "grad": Op.B}
-
-
 def _walk_send(w: _DeviceWalk, i: int, a: Action) -> None:
-    op = _PRODUCED_BY[a.payload]
+    op = PAYLOAD_INFO[a.payload].produced_by
     if a.mb not in w.computed[op]:
         w.problems.append(
             f"{w.at(i)}: sends before this device runs {op.value} s{w.stage} mb{a.mb}, which computes it; "
@@ -349,7 +301,7 @@ def _walk_send(w: _DeviceWalk, i: int, a: Action) -> None:
 
 
 def _walk_recv(w: _DeviceWalk, i: int, a: Action) -> None:
-    op = _PRODUCED_BY[a.payload]
+    op = PAYLOAD_INFO[a.payload].produced_by
     used = w.computed[op].get(a.mb)
     if used is not None:
         w.problems.append(
@@ -379,7 +331,7 @@ def _walk_step(w: _DeviceWalk, i: int, a: Action) -> None:
 
 
 def _walk_rollback(w: _DeviceWalk, i: int, a: Action) -> None:
-    done = [*w.computed[Op.F].values(), *w.computed[Op.B].values()]
+    done = [i for by_mb in w.computed.values() for i in by_mb.values()]
     if done:
         w.problems.append(
             f"{w.at(i)}: comes after compute (line {w.line(min(done))}) that it would throw away; "
@@ -410,7 +362,7 @@ def _check_dependencies(p: Program, where: _Where, stage_of: Mapping[str, int], 
     # A cut whose tensors need no gradient carries no gradient messages at all (lower_comm leaves
     # them out); the backward of its lower stage then waits for nothing. Any gradient traffic
     # across a cut means every backward below it needs its rows' gradients.
-    grad_cuts = {a.stage for _, acts in p.actions for a in acts if a.op in (Op.SEND, Op.RECV) and a.payload == "grad"}
+    grad_cuts = {a.stage for _, acts in p.actions for a in acts if ops.info(a.op).moves == ops.DATA and a.payload == "grad"}
     for device, acts in p.actions:
         own = stage_of[device]
         w = _DeviceWalk(p, where, device, own, slot_of[device], grad_cuts)
@@ -437,48 +389,6 @@ def _check_dependencies(p: Program, where: _Where, stage_of: Mapping[str, int], 
     return problems
 
 
-class _Channel(NamedTuple):
-    """A SEND/RECV (or BACKUP/RESTORE) pairs with the same-ordinal action on the same key."""
-
-    key: tuple[object, ...]
-    sends: bool  # True on the sending side
-
-
-# How each transfer op pairs with its counterpart; an op without an entry transfers nothing.
-_CHANNELS: Mapping[Op, Callable[[str, Action], _Channel]] = {
-    Op.SEND: lambda dev, a: _Channel(("data", dev, a.peer, a.payload, a.stage, a.mb, a.rows), True),
-    Op.RECV: lambda dev, a: _Channel(("data", a.peer, dev, a.payload, a.stage, a.mb, a.rows), False),
-    Op.BACKUP: lambda dev, a: _Channel(("weights", dev, a.peer, a.stage), True),
-    Op.RESTORE: lambda dev, a: _Channel(("weights", a.peer, dev, a.stage), False),
-}
-_COUNTERPART: Mapping[Op, Op] = {Op.SEND: Op.RECV, Op.RECV: Op.SEND, Op.BACKUP: Op.RESTORE, Op.RESTORE: Op.BACKUP}
-
-
-def _counterpart(device: str, a: Action) -> Action:
-    """The action ``a.peer`` must run to pair with ``a`` on ``device``."""
-    return a._replace(op=_COUNTERPART[a.op], peer=device)
-
-
-class _Pairs(NamedTuple):
-    matched: list[tuple[tuple[str, int], tuple[str, int]]]  # (sender, receiver)
-    unmatched: list[tuple[str, int]]
-
-
-def _pair_transfers(p: Program) -> _Pairs:
-    sides: dict[tuple[object, ...], tuple[list[tuple[str, int]], list[tuple[str, int]]]] = defaultdict(lambda: ([], []))
-    for device, acts in p.actions:
-        for i, a in enumerate(acts):
-            rule = _CHANNELS.get(a.op)
-            if rule is not None:
-                ch = rule(device, a)
-                sides[ch.key][0 if ch.sends else 1].append((device, i))
-    matched, unmatched = [], []
-    for sends, recvs in sides.values():
-        matched += zip(sends, recvs)
-        unmatched += sends[len(recvs):] + recvs[len(sends):]
-    return _Pairs(matched, unmatched)
-
-
 def _near(a: Action, b: Action) -> bool:
     """Two unmatched transfers that were meant for each other but disagree on their rows."""
     return a.payload == b.payload and a.stage == b.stage and a.mb == b.mb
@@ -489,11 +399,10 @@ def _check_pairing(p: Program, where: _Where, stage_of: Mapping[str, int], slot_
     acts = where.acts
     for device, items in p.actions:
         for i, a in enumerate(items):
-            if a.op not in (Op.SEND, Op.RECV):
+            if ops.info(a.op).moves != ops.DATA:
                 continue
             # activations go up across the cut (a.stage -> a.stage+1), gradients come back down
-            peer_is_lower = (a.op == Op.SEND) == (a.payload == "grad")
-            peer_stage = a.stage if peer_is_lower else a.stage + 1
+            peer_stage = a.stage if ops.peer_is_lower(a) else a.stage + 1
             if stage_of[a.peer] != peer_stage:
                 problems.append(
                     f"{where.action(device, i)}: {a.peer} runs stage {stage_of[a.peer]}, but this {a.payload} crosses "
@@ -506,7 +415,7 @@ def _check_pairing(p: Program, where: _Where, stage_of: Mapping[str, int], slot_
                         f"{where.action(device, i)}: rows {_r(*a.rows)} lie outside {who}'s slot [{_r(slot.lo, slot.hi)}]"
                     )
 
-    pairs = _pair_transfers(p)
+    pairs = pair_transfers(p)
     for (sd, si), (rd, ri) in pairs.matched:
         send, recv = acts[sd][si], acts[rd][ri]
         if send.specs != recv.specs:
@@ -522,7 +431,7 @@ def _check_pairing(p: Program, where: _Where, stage_of: Mapping[str, int], slot_
             (
                 (d, j)
                 for d, j in leftover
-                if d == a.peer and acts[d][j].peer == device and acts[d][j].op == _COUNTERPART[a.op] and _near(a, acts[d][j])
+                if d == a.peer and acts[d][j].peer == device and acts[d][j].op == ops.info(a.op).counterpart and _near(a, acts[d][j])
             ),
             None,
         )
@@ -535,210 +444,10 @@ def _check_pairing(p: Program, where: _Where, stage_of: Mapping[str, int], slot_
             )
             continue
         problems.append(
-            f"{where.action(device, i)}: has no matching {_COUNTERPART[a.op].value} on {a.peer}; "
-            f"add '{format_action(_counterpart(device, a))}' to {a.peer}'s actions"
+            f"{where.action(device, i)}: has no matching {ops.info(a.op).counterpart.value} on {a.peer}; "
+            f"add '{format_action(ops.counterpart(device, a))}' to {a.peer}'s actions"
         )
     return problems
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. the dry run
-
-
-class _Sim:
-    """The dry run's state: how far each device got and what has been sent (analysis state)."""
-
-    def __init__(self, p: Program) -> None:
-        self.p = p
-        self.order = list(dict.fromkeys(d for d, _ in p.actions))
-        self.acts = {d: acts for d, acts in reversed(p.actions)}
-        self.pos = dict.fromkeys(self.order, 0)
-        self.start = dict(self.pos)  # positions when the current step began
-        self.sent: Counter[tuple[object, ...]] = Counter()
-        self.ordinal: dict[tuple[str, int], int] = {}  # k-th of its channel (or of its stage's ALLREDUCEs)
-        self.senders: dict[tuple[object, ...], list[tuple[str, int]]] = defaultdict(list)
-        for device, acts in self.acts.items():
-            seen: Counter[tuple[object, ...]] = Counter()
-            for i, a in enumerate(acts):
-                rule = _CHANNELS.get(a.op)
-                key = rule(device, a).key if rule is not None else (a.op, a.stage)
-                if rule is not None and rule(device, a).sends:
-                    self.senders[key].append((device, i))
-                self.ordinal[(device, i)] = seen[key]
-                seen[key] += 1
-
-    def next_of(self, device: str, positions: Mapping[str, int]) -> Action | None:
-        acts = self.acts.get(device, ())
-        return acts[positions[device]] if positions.get(device, len(acts)) < len(acts) else None
-
-    def where_is(self, device: str, layout: ProgramLayout) -> str:
-        a = self.next_of(device, self.pos)
-        if device not in self.acts:
-            return f"{device} is not a device of this program"
-        if a is None:
-            return f"{device} has finished all its actions"
-        line = layout.action_lines[(device, self.pos[device])]
-        return f"{device} is blocked at line {line} ({format_action(a, short=True)})"
-
-
-def _ready_always(sim: _Sim, device: str, i: int, a: Action) -> bool:
-    return True
-
-
-def _ready_channel(sim: _Sim, device: str, i: int, a: Action) -> bool:
-    return sim.sent[_CHANNELS[a.op](device, a).key] > sim.ordinal[(device, i)]
-
-
-def _waits_channel(sim: _Sim, device: str, i: int, a: Action, layout: ProgramLayout) -> str:
-    key = _CHANNELS[a.op](device, a).key
-    k = sim.ordinal[(device, i)]
-    wanted = format_action(_counterpart(device, a))
-    senders = sim.senders.get(key, [])
-    if k >= len(senders):
-        return f"waits for '{wanted}' on {a.peer}, which {a.peer} never runs"
-    src, j = senders[k]
-    return f"waits for '{wanted}' on {src} (line {layout.action_lines[(src, j)]}), but {sim.where_is(src, layout)}"
-
-
-def _members(device: str, a: Action) -> tuple[str, ...]:
-    return a.group if device in a.group else (*a.group, device)
-
-
-def _at_collective(sim: _Sim, member: str, a: Action, k: int, positions: Mapping[str, int]) -> bool:
-    b = sim.next_of(member, positions)
-    return b is not None and b.op == a.op and b.stage == a.stage and sim.ordinal[(member, positions[member])] == k
-
-
-def _ready_collective(sim: _Sim, device: str, i: int, a: Action) -> bool:
-    # every member starts this step at the same (k-th of the stage) ALLREDUCE; then they all run it
-    k = sim.ordinal[(device, i)]
-    return all(_at_collective(sim, m, a, k, sim.start) for m in _members(device, a))
-
-
-def _waits_collective(sim: _Sim, device: str, i: int, a: Action, layout: ProgramLayout) -> str:
-    k = sim.ordinal[(device, i)]
-    late = [m for m in _members(device, a) if not _at_collective(sim, m, a, k, sim.pos)]
-    return "waits for its group to reach this ALLREDUCE together, but " + "; ".join(sim.where_is(m, layout) for m in late)
-
-
-def _waits_nothing(sim: _Sim, device: str, i: int, a: Action, layout: ProgramLayout) -> str:
-    return "waits for nothing (this is a bug in the dry run)"
-
-
-class _Readiness(NamedTuple):
-    ready: Callable[[_Sim, str, int, Action], bool]
-    waits_for: Callable[[_Sim, str, int, Action, ProgramLayout], str]
-
-
-# When each op may run in a step; ops without an entry (F, B, STEP, and the buffered SEND and
-# BACKUP) never wait.
-_READINESS: Mapping[Op, _Readiness] = {
-    Op.RECV: _Readiness(_ready_channel, _waits_channel),
-    Op.RESTORE: _Readiness(_ready_channel, _waits_channel),
-    Op.ALLREDUCE: _Readiness(_ready_collective, _waits_collective),
-}
-_ALWAYS_READY = _Readiness(_ready_always, _waits_nothing)
-
-
-def dry_run(p: Program) -> list[Step]:
-    """Run ``p`` step-synchronously without computing anything; return what ran at every step.
-
-    Each step lists (device, action index) in program device order, except that an action which
-    became ready by another one of the same step (a RECV by its SEND) is listed after it; so every
-    step, and the steps one after another, can be run in the order listed. Deterministic: the same
-    program always gives the same steps. Raises DeadlockError when actions remain but no device can
-    move, naming each blocked device, its line and what it waits for, with the schedule grid.
-    """
-    sim = _Sim(p)
-    remaining = sum(len(acts) for acts in sim.acts.values())
-    steps: list[Step] = []
-    while remaining:
-        sim.start = dict(sim.pos)
-        step: Step = []
-        # Passes over the devices in program order until nothing more is ready: a RECV may run in
-        # the step of its SEND, and is then listed after it, so the step's order is runnable as is.
-        progress = True
-        while progress:
-            progress = False
-            for device in sim.order:
-                a = sim.next_of(device, sim.pos)
-                if a is None or sim.pos[device] != sim.start[device]:
-                    continue
-                i = sim.pos[device]
-                if _READINESS.get(a.op, _ALWAYS_READY).ready(sim, device, i, a):
-                    rule = _CHANNELS.get(a.op)
-                    if rule is not None and rule(device, a).sends:
-                        sim.sent[rule(device, a).key] += 1
-                    sim.pos[device] += 1
-                    step.append((device, i))
-                    progress = True
-        if not step:
-            raise _deadlock(p, sim, steps)
-        steps.append(step)
-        remaining -= len(step)
-    return steps
-
-
-def _deadlock(p: Program, sim: _Sim, steps: list[Step]) -> DeadlockError:
-    layout = layout_program(p)
-    blocked = {d: sim.pos[d] for d in sim.order if sim.next_of(d, sim.pos) is not None}
-    lines = []
-    for device, i in blocked.items():
-        a = sim.acts[device][i]
-        waits = _READINESS.get(a.op, _ALWAYS_READY).waits_for(sim, device, i, a, layout)
-        lines.append(f"  device {device}, line {layout.action_lines[(device, i)]}: {format_action(a)}\n    {waits}")
-    message = (
-        f"deadlock at step {len(steps)}: no device can move, {len(blocked)} blocked:\n"
-        + "\n".join(lines)
-        + "\nReorder these actions so that every RECV's SEND (and every member of an ALLREDUCE) can run "
-        "first; the grid shows where each device stopped:\n"
-        + format_grid(p, steps, mark_step=len(steps))
-    )
-    return DeadlockError(message, steps, blocked)
-
-
-def execution_order(p: Program) -> list[tuple[str, int]]:
-    """Every (device, action index) in the order the local backend runs them: the dry run's steps
-    one after another, each in its listed order (so every SEND comes before its RECV and every
-    action after the ones before it on its device). Raises DeadlockError as ``dry_run`` does."""
-    return [x for step in dry_run(p) for x in step]
-
-
-def format_grid(p: Program, steps: Sequence[Step], mark_step: int | None = None) -> str:
-    """The schedule as a table: a column per device, a row per step, each cell the action's short
-    text. In row ``mark_step`` (which may be ``len(steps)``, the step that could not run) a device
-    that did not run shows ``(blocked: <its next action>)``; the row is marked ``>>``."""
-    devices = [d for d, _ in p.actions]
-    acts = {d: a for d, a in reversed(p.actions)}
-    pos = dict.fromkeys(devices, 0)
-    rows: list[tuple[str, list[str]]] = []
-    n_rows = max(len(steps), (mark_step + 1) if mark_step is not None else 0)
-    for k in range(n_rows):
-        ran = dict(steps[k]) if k < len(steps) else {}
-        cells = []
-        for d in devices:
-            if d in ran:
-                cells.append(format_action(acts[d][ran[d]], short=True))
-            elif k == mark_step and pos[d] < len(acts[d]):
-                cells.append(f"(blocked: {format_action(acts[d][pos[d]], short=True)})")
-            elif k == mark_step:
-                cells.append("(done)")
-            else:
-                cells.append("")
-        for d, i in ran.items():
-            pos[d] = i + 1
-        rows.append((f">> {k}" if k == mark_step else str(k), cells))
-    header = ("step", devices)
-    widths = [max(len(r[0]) for r in [header, *rows])] + [
-        max(len(r[1][c]) for r in [header, *rows]) for c in range(len(devices))
-    ]
-
-    def render(first: str, cells: Sequence[str]) -> str:
-        parts = [first.rjust(widths[0]), *(c.ljust(w) for c, w in zip(cells, widths[1:]))]
-        return " | ".join(parts).rstrip()
-
-    rule = "-+-".join("-" * w for w in widths)
-    return "\n".join([render(*header), rule, *(render(*r) for r in rows)])
 
 
 # ---------------------------------------------------------------------------------------------

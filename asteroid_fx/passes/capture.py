@@ -49,8 +49,10 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from asteroid_fx.ir.errors import AsteroidError, InputError
 
-class CaptureError(ValueError):
+
+class CaptureError(AsteroidError):
     """The model could not be captured; the message names the construct and what to do."""
 
 
@@ -79,7 +81,7 @@ class Captured:
             kwargs = {k: kwargs[k] for k in keys}
         flat, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.in_spec:
-            raise ValueError(
+            raise InputError(
                 f"the inputs do not have the structure of the example given at capture: expected "
                 f"{expected_args.num_leaves} positional leaves and keywords {keys}, got "
                 f"{len(pytree.tree_leaves(args))} positional leaves and keywords {list(kwargs)}")

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from asteroid_fx.ir.costs import Cost, NodeStats
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph
 from asteroid_fx.passes.capture import Captured
 
@@ -142,7 +143,7 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
     order = [n for n in gm.graph.nodes if n.op in COMPUTE_OPS]
     n_nodes = len(order)
     if n_nodes == 0:
-        raise ValueError("the captured graph has no compute nodes: there is nothing to partition")
+        raise InputError("the captured graph has no compute nodes: there is nothing to partition")
     cuts = node_cuts(captured)
 
     # One unit per node, merged across forbidden cuts; then coarsened to max_layers.

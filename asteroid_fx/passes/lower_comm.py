@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program import Action, Op, Program, StageInfo, TensorSpec
 
 CutSpecs = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
@@ -31,7 +32,7 @@ def lower_comm(program: Program, cut_specs: Sequence[CutSpecs]) -> Program:
     stages = program.stages
     S = len(stages)
     if len(cut_specs) != S - 1:
-        raise ValueError(f"{S} stages need specs for {S - 1} cuts, got {len(cut_specs)}")
+        raise InputError(f"{S} stages need specs for {S - 1} cuts, got {len(cut_specs)}")
     lowered = []
     for device, acts in program.actions:
         info = program.stage_of(device)

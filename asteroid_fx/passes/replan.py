@@ -27,11 +27,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from asteroid_fx.ir.errors import AsteroidError
 from asteroid_fx.ir.program import Action, Op, Program
 from asteroid_fx.ir.program_text import format_action, format_program
 
 
-class ReplanError(ValueError):
+class ReplanError(AsteroidError):
     """A switch that cannot be made; the message says why and what to do."""
 
 

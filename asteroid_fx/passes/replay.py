@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.ir.errors import AsteroidError
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.program import (Action, Op, Program, StageInfo, StageSlot, TensorSpec, backup_holders,
                                     default_holders)
@@ -39,7 +40,7 @@ from asteroid_fx.passes.lower_comm import CutSpecs
 from asteroid_fx.passes.schedule import order_of
 
 
-class ReplayError(ValueError):
+class ReplayError(AsteroidError):
     """A failure the program cannot be rewritten for; the message says why and what to do."""
 
 

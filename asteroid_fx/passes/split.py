@@ -14,7 +14,6 @@ and submodule has users in one stage only). Guarantees, for stage p over layers 
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any
 
 import torch

@@ -66,6 +66,7 @@ from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, StageCosts, activation_me
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
+from asteroid_fx.ir import ops
 from asteroid_fx.ir.program import Action, Op, Program, TensorSpec, backup_holders, default_holders
 from asteroid_fx.ir.program_text import format_action, layout_program
 from asteroid_fx.ir.verify import DeadlockError
@@ -165,10 +166,9 @@ class _Engine:
         for d in self.names:
             seen: Counter = Counter()
             for i, a in enumerate(self.acts[d]):
-                rule = _CHANNEL_KEYS.get(a.op)
-                if rule is None:
+                key = _channel_key(d, a)
+                if key is None:
                     continue
-                key = rule(d, a)
                 keys[(d, i)] = (*key, seen[key])
                 seen[key] += 1
         return keys
@@ -284,13 +284,13 @@ class _Engine:
     def compute(self, d: str, i: int, a: Action) -> bool:
         start = self.now
         end = start + self.compute_seconds(d, a)
-        if a.op == Op.F:
+        if ops.info(a.op).compute == "fwd":
             self.hold(d, a, +1)
 
         def done() -> None:
             self.spans.append(Span(d, i, start, end, "compute", format_action(a, short=True)))
             self.compute_s[d] += end - start
-            if a.op == Op.B:
+            if ops.info(a.op).compute == "bwd":
                 self.hold(d, a, -1)
             self.pc[d] = i + 1
             self.ready.append(d)
@@ -308,7 +308,7 @@ class _Engine:
 
     def post(self, d: str, i: int, a: Action) -> bool:
         key = self._keys[(d, i)]
-        nbytes = float(_PAYLOAD_BYTES[a.op](self, a))
+        nbytes = float(_PAYLOAD_BYTES[ops.info(a.op).moves](self, a))
         bw, lat = self.cluster.link(d, a.peer)
         src, dst = self.nic[d], self.nic[a.peer] + 1
         label = format_action(a, short=True)
@@ -387,13 +387,13 @@ class _Engine:
         for d, i in blocked.items():
             a = self.acts[d][i]
             key = self._keys.get((d, i))
-            if a.op == Op.ALLREDUCE:
+            if ops.info(a.op).collective:
                 members = a.group if d in a.group else (*a.group, d)
                 late = [m for m in members if m not in self.gathering.get(key, {})]
                 why = "waits for its group, but " + "; ".join(where(m) for m in late)
             else:
                 sender = next(((s, j) for (s, j), k in self._keys.items()
-                               if k == key and self.acts[s][j].op in _SENDS), None)
+                               if k == key and self.acts[s][j].op in ops.SEND_OPS), None)
                 if sender is None:
                     why = f"waits for a {a.op.value} counterpart on {a.peer}, which {a.peer} never runs"
                 else:
@@ -422,30 +422,33 @@ def backups_held(program: Program) -> dict[str, tuple[tuple[int, int], ...]]:
     return held
 
 
-# Which channel a transfer op is on: (sender, receiver, what, stage[, mb, rows]).
-_CHANNEL_KEYS: Mapping[Op, Callable[[str, Action], tuple]] = {
-    Op.SEND: lambda d, a: (d, a.peer, a.payload, a.stage, a.mb, a.rows),
-    Op.RECV: lambda d, a: (a.peer, d, a.payload, a.stage, a.mb, a.rows),
-    Op.BACKUP: lambda d, a: (d, a.peer, "weights", a.stage),
-    Op.RESTORE: lambda d, a: (a.peer, d, "weights", a.stage),
-    Op.ALLREDUCE: lambda d, a: ("allreduce", a.stage, a.group),
+def _channel_key(d: str, a: Action) -> tuple | None:
+    """The channel a transfer is on (``ops.channel``), or a collective's key (its stage and group)."""
+    ch = ops.channel(d, a)
+    if ch is not None:
+        return ch.key
+    return ("allreduce", a.stage, a.group) if ops.info(a.op).collective else None
+
+
+# What a posted transfer carries, by what it moves (``OpInfo.moves``).
+_PAYLOAD_BYTES: Mapping[str, Callable[[_Engine, Action], int]] = {
+    ops.DATA: lambda e, a: transfer_bytes(a),
+    ops.WEIGHTS: _state_bytes,
 }
-_SENDS = frozenset({Op.SEND, Op.BACKUP})
-# What a posted transfer carries.
-_PAYLOAD_BYTES: Mapping[Op, Callable[[_Engine, Action], int]] = {
-    Op.SEND: lambda e, a: transfer_bytes(a),
-    Op.BACKUP: _state_bytes,
-}
-# How each op runs; an op without an entry (STEP, and any a rewrite adds) takes no time.
-_RULES: Mapping[Op, Callable[[_Engine, str, int, Action], bool]] = {
-    Op.F: _Engine.compute,
-    Op.B: _Engine.compute,
-    Op.SEND: _Engine.post,
-    Op.BACKUP: _Engine.post,
-    Op.RECV: _Engine.wait,
-    Op.RESTORE: _Engine.wait,
-    Op.ALLREDUCE: _Engine.collective,
-}
+
+
+def _rule(op: Op) -> Callable[[_Engine, str, int, Action], bool]:
+    """How an op runs, from its facts: compute takes time, a send posts, a receive waits, a
+    collective gathers its group; any other op (STEP, ROLLBACK, any a rewrite adds) takes none."""
+    info = ops.info(op)
+    if info.compute:
+        return _Engine.compute
+    if info.moves is not None:
+        return _Engine.post if info.sends else _Engine.wait
+    return _Engine.collective if info.collective else _Engine.instant
+
+
+_RULES: Mapping[Op, Callable[[_Engine, str, int, Action], bool]] = {op: _rule(op) for op in Op}
 
 
 def simulate(program: Program, lg: LayerGraph, cluster: Cluster, *, shared_medium: bool = False,
