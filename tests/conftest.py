@@ -89,7 +89,7 @@ class Golden:
             pytest.fail(f"{self.path}: {where} is missing; create it with {UPDATE_GOLDENS}=1 and review it")
         if actual != want:
             diff = "".join(difflib.unified_diff(want.splitlines(True), actual.splitlines(True),
-                                                f"{self.name} (expected)", "actual"))
+                                                f"{self.name}{'' if section is None else ', ' + section}", "actual"))
             pytest.fail(f"the output differs from {self.path}:\n{diff}\nif the change is intended, regenerate "
                         f"with {UPDATE_GOLDENS}=1 and review the diff (tests/golden/README.md)", pytrace=False)
 
