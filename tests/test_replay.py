@@ -71,6 +71,15 @@ def _relative(got: dict, want: dict) -> float:
     return max(float((got[k] - want[k]).norm() / want[k].norm()) for k in want)
 
 
+def _every_layout(test):
+    """Runs ``test`` for every layout, micro-batch count, row split and schedule: slow."""
+    for mark in (pytest.mark.parametrize("by_speed", [False, True]), pytest.mark.parametrize("microbatches", [2, 3, 4]),
+                 pytest.mark.parametrize("layout", sorted(LAYOUTS)),
+                 pytest.mark.parametrize("schedule", ["1f1b", "gpipe"]), pytest.mark.slow):
+        test = mark(test)
+    return test
+
+
 def _sweep(layout: str, schedule: str, microbatches: int, by_speed: bool) -> int:
     compiled, batches, losses, after_two, after_three = _compiled(layout, schedule, microbatches)
     program = compiled.program
@@ -116,11 +125,7 @@ def test_the_sweeps_take_layers_over_in_a_group():
     assert prologue["d2"] == (Action(Op.RESTORE, 0, peer="d1"), Action(Op.ROLLBACK, 0))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("microbatches", [2, 3, 4])
-@pytest.mark.parametrize("by_speed", [False, True])
+@_every_layout
 def test_every_failure_position_all_layouts(layout, microbatches, by_speed, schedule):
     assert _sweep(layout, schedule, microbatches, by_speed) > 20
 
@@ -189,11 +194,7 @@ def test_two_failures_at_once_give_the_failure_free_update_or_say_the_state_is_l
     assert runs == 2 * (devices * (devices - 1) // 2 - len(lost))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("microbatches", [2, 3, 4])
-@pytest.mark.parametrize("by_speed", [False, True])
+@_every_layout
 def test_two_failures_at_every_position_all_layouts(layout, microbatches, by_speed, schedule):
     runs, lost = _pair_sweep(layout, schedule, microbatches, by_speed, per_pair=None)
     assert lost == LOST_WITH[layout] and (runs > 20 or layout == "2x1")
