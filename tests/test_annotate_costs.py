@@ -13,6 +13,7 @@ from asteroid_fx import models
 from asteroid_fx.ir.costs import ROW_GRID, Cost, NodeStats
 from asteroid_fx.passes.annotate_costs import COMPUTE_OPS, annotate_costs
 from asteroid_fx.passes.capture import capture
+from tests import zoo
 
 IN, OUT = 12, 20
 # a mixed cluster's kinds; never "host-cpu", whose numbers are measured on the machine running the test
@@ -22,15 +23,6 @@ KINDS = ("jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-orin-nano", "l
 def _linear_node(captured) -> fx.Node:
     (node,) = [n for n in captured.module.graph.nodes if n.op in COMPUTE_OPS and "linear" in str(n.target)]
     return node
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (badly so on a loaded runner)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +35,7 @@ def linear():
 @pytest.fixture(scope="module")
 def resnet():
     """The small ResNet-18 annotated for KINDS, with its state before annotation."""
-    entry = models.get("resnet18")
-    torch.manual_seed(0)
-    captured = capture(entry.build(small=True), entry.example(8, True))
+    captured = zoo.captured("resnet18")
     before = {k: v.detach().clone() for k, v in captured.module.state_dict().items()}
     annotate_costs(captured, KINDS)
     return captured, before
@@ -67,8 +57,7 @@ def test_stats_do_not_depend_on_the_example_batch():
     entry = models.get("gpt")
     stats = []
     for batch in (8, entry.build(small=True).cfg.seq_len):
-        torch.manual_seed(0)
-        captured = annotate_costs(capture(entry.build(small=True), entry.example(batch, True)), KINDS[:1])
+        captured = zoo.annotated("gpt", KINDS[:1], batch)
         stats.append({n.name: n.meta["asteroid.stats"] for n in captured.module.graph.nodes if n.op in COMPUTE_OPS})
     assert stats[0].keys() == stats[1].keys()
     for name, s in stats[0].items():

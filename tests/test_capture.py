@@ -9,7 +9,6 @@ against eager gradient accumulation over the same micro-batches (docs/semantics.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from typing import Any, Callable
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 import asteroid_fx as asteroid
 from asteroid_fx.passes.capture import CaptureError, Captured, capture
+from tests.eager import Call, eager_train
 
 CLUSTER = "laptop-i7,laptop-i7"  # catalog kinds: nothing is measured on this machine
 GROUPS = [["i7-0"], ["i7-1"]]
@@ -31,31 +31,6 @@ LR = 0.1
 
 def sgd(params):
     return torch.optim.SGD(params, lr=LR)
-
-
-def _slice(x: Any, sl: slice) -> Any:
-    return x[sl] if isinstance(x, torch.Tensor) else x
-
-
-def eager_train(model: nn.Module, batches, loss: Callable) -> tuple[nn.Module, list[float]]:
-    """Plain training with the program's micro-batches: each micro-batch's loss weighted by
-    rows / batch, gradients accumulated, one step per batch."""
-    model = copy.deepcopy(model)
-    model.train()
-    opt = sgd(model.parameters())
-    losses = []
-    for (args, kwargs), labels in batches:
-        total = 0.0
-        for m in range(MICROBATCHES):
-            sl = slice(m * ROWS, (m + 1) * ROWS)
-            out = model(*(_slice(a, sl) for a in args), **{k: _slice(v, sl) for k, v in kwargs.items()})
-            value = loss(out, labels[sl]) * (ROWS / BATCH)
-            value.backward()
-            total += float(value.detach())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(total)
-    return model, losses
 
 
 def _like(x: Any) -> Any:
@@ -70,11 +45,11 @@ def train_both(model: nn.Module, args: tuple, loss: Callable, labels: Callable[[
     compiled = asteroid.compile(model, CLUSTER, example=args, kwargs=kwargs, loss=loss,
                                 microbatches=MICROBATCHES, groups=GROUPS[:stages])
     assert len(compiled.stages) == stages
-    batches = [((tuple(_like(a) for a in args), {k: _like(v) for k, v in kwargs.items()}), labels())
+    batches = [(Call(tuple(_like(a) for a in args), {k: _like(v) for k, v in kwargs.items()}), labels())
                for _ in range(2)]
     flat = [(compiled.captured.flatten_inputs(a, k), y) for (a, k), y in batches]
     runner, losses = compiled.run(iter(flat), 2, optimizer=sgd)
-    ref, ref_losses = eager_train(model, batches, loss)
+    ref, ref_losses = eager_train(model, batches, loss, sgd, microbatches=MICROBATCHES, rows=ROWS)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     got, want = runner.state_dict(), ref.state_dict()
     assert got.keys() == want.keys(), sorted(got.keys() ^ want.keys())

@@ -5,19 +5,18 @@ the batch at the top of forward crosses a cut by being recomputed, and trains li
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import asteroid_fx as asteroid
-from asteroid_fx import models
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.passes.annotate_costs import COMPUTE_OPS, annotate_costs
 from asteroid_fx.passes.capture import capture
 from asteroid_fx.passes.linearize import linearize, node_cuts
 from asteroid_fx.passes.partition import NoPlanError, balanced
+from tests import zoo
+from tests.eager import assert_same_state, eager_train
 
 KINDS = ("jetson-nano", "jetson-tx2")
 
@@ -27,27 +26,14 @@ def _prepare(model: torch.nn.Module, example: tuple):
     return annotate_costs(captured, KINDS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (badly so on a loaded runner)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def resnet():
-    entry = models.get("resnet18")
-    torch.manual_seed(0)
-    return _prepare(entry.build(small=True), entry.example(8, True))
+    return zoo.annotated("resnet18", KINDS)
 
 
 @pytest.fixture(scope="module")
 def tied_gpt():
-    entry = models.get("gpt")
-    torch.manual_seed(0)
-    return _prepare(entry.build(small=True, tie_weights=True), entry.example(4, True))
+    return zoo.annotated("gpt", KINDS, 4, tie_weights=True)
 
 
 def _compute_nodes(captured) -> list[str]:
@@ -219,33 +205,6 @@ def _cluster() -> Cluster:
                            bandwidth=125e6, latency=1e-3)
 
 
-def eager_train(model, batches, loss_fn, make_opt):
-    """Eager reference: the same micro-batches, each loss weighted by rows / batch, one step."""
-    model = copy.deepcopy(model)
-    opt = make_opt(model.parameters())
-    losses = []
-    for inputs, labels in batches:
-        total = 0.0
-        for m in range(MICROBATCHES):
-            sl = slice(m * ROWS, (m + 1) * ROWS)
-            loss = loss_fn(model(*(t[sl] for t in inputs)), labels[sl]) * (ROWS / BATCH)
-            loss.backward()
-            total += float(loss.detach())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(total)
-    return model, losses
-
-
-def assert_same_state(got: dict, ref: dict, rtol: float = 1e-5) -> None:
-    """Same keys; every tensor within ``rtol`` relative error in norm (float rounding differs
-    between summation orders, so not bit for bit)."""
-    assert got.keys() == ref.keys(), sorted(got.keys() ^ ref.keys())
-    for k, v in ref.items():
-        err = float((got[k] - v).norm() / (v.norm() + 1e-7 * v.numel() ** 0.5))
-        assert err <= rtol, f"{k}: relative error {err:.2e}"
-
-
 def test_a_cut_with_a_batch_size_live_across_it_trains_like_eager():
     torch.manual_seed(0)
     model = BatchSized()
@@ -276,7 +235,7 @@ def test_a_cut_with_a_batch_size_live_across_it_trains_like_eager():
     torch.manual_seed(1)
     batches = [((torch.randn(BATCH, 8),), torch.randint(0, 5, (BATCH,))) for _ in range(3)]
     runner, losses = compiled.run(iter(batches), 3, optimizer=make_opt)
-    ref, ref_losses = eager_train(model, batches, F.cross_entropy, make_opt)
+    ref, ref_losses = eager_train(model, batches, F.cross_entropy, make_opt, microbatches=MICROBATCHES, rows=ROWS)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_same_state(runner.state_dict(), ref.state_dict())
 

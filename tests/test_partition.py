@@ -8,45 +8,25 @@ import dataclasses
 import re
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from asteroid_fx.ir import catalog
 
-from asteroid_fx import models
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, device_memory, in_flight
 from asteroid_fx.ir.layer_graph import LayerGraph
-from asteroid_fx.passes.annotate_costs import annotate_costs
-from asteroid_fx.passes.capture import capture
-from asteroid_fx.passes.linearize import linearize
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.passes.partition import NoPlanError, balanced, partition, split_rows
 from asteroid_fx.ir.plan import Plan
+from tests import zoo
 
 KINDS = tuple(catalog.KINDS)  # static kinds only: host-cpu would be measured on this machine
 
 
-def _layer_graph(name: str) -> LayerGraph:
-    entry = models.get(name)
-    torch.manual_seed(0)
-    captured = capture(entry.build(small=True), entry.example(8, True))
-    return linearize(annotate_costs(captured, KINDS))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (badly so on a loaded runner)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def graphs() -> dict[str, LayerGraph]:
-    return {"mlp": _layer_graph("mlp"), "gpt": _layer_graph("gpt")}
+    return {"mlp": zoo.layer_graph("mlp", KINDS), "gpt": zoo.layer_graph("gpt", KINDS)}
 
 
 @pytest.fixture(scope="module")

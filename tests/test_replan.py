@@ -12,6 +12,8 @@ import torch
 import asteroid_fx as asteroid
 from asteroid_fx import models
 from asteroid_fx.ir.program import Op
+from asteroid_fx.ir.program_text import parse_program
+from asteroid_fx.ir.verify import verify
 from asteroid_fx.passes.replan import ReplanError, replan, switch
 from asteroid_fx.passes.replay import add_backups, split_stages
 from tests.test_local import _named_cluster
@@ -145,3 +147,14 @@ def test_a_failure_in_the_first_iteration_after_a_switch_is_recovered_from_the_h
     got += [runner.step(*b) for b in batches[2:]]
     assert got == pytest.approx(losses, rel=1e-10)
     assert _relative(runner.state_dict(), want) < 1e-10
+
+
+def test_golden_switch_to_one_stage_fewer(golden):
+    """Before and Expected: a leaves, and its stage merges into the group b c; a sends its stage to
+    both, since each needs all of layers 0:2 (tests/golden/replan/one_stage_fewer.txt)."""
+    file = golden("replan/one_stage_fewer.txt")
+    before, after = parse_program(file.section("before")), parse_program(file.section("after"))
+    verify(before)
+    verify(after)
+    assert len(after.stages) == len(before.stages) - 1
+    file.check(str(switch(before, after, reason="a leaves: one stage fewer")))

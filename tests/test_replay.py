@@ -71,6 +71,15 @@ def _relative(got: dict, want: dict) -> float:
     return max(float((got[k] - want[k]).norm() / want[k].norm()) for k in want)
 
 
+def _every_layout(test):
+    """Runs ``test`` for every layout, micro-batch count, row split and schedule: slow."""
+    for mark in (pytest.mark.parametrize("by_speed", [False, True]), pytest.mark.parametrize("microbatches", [2, 3, 4]),
+                 pytest.mark.parametrize("layout", sorted(LAYOUTS)),
+                 pytest.mark.parametrize("schedule", ["1f1b", "gpipe"]), pytest.mark.slow):
+        test = mark(test)
+    return test
+
+
 def _sweep(layout: str, schedule: str, microbatches: int, by_speed: bool) -> int:
     compiled, batches, losses, after_two, after_three = _compiled(layout, schedule, microbatches)
     program = compiled.program
@@ -116,11 +125,7 @@ def test_the_sweeps_take_layers_over_in_a_group():
     assert prologue["d2"] == (Action(Op.RESTORE, 0, peer="d1"), Action(Op.ROLLBACK, 0))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("microbatches", [2, 3, 4])
-@pytest.mark.parametrize("by_speed", [False, True])
+@_every_layout
 def test_every_failure_position_all_layouts(layout, microbatches, by_speed, schedule):
     assert _sweep(layout, schedule, microbatches, by_speed) > 20
 
@@ -189,11 +194,7 @@ def test_two_failures_at_once_give_the_failure_free_update_or_say_the_state_is_l
     assert runs == 2 * (devices * (devices - 1) // 2 - len(lost))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("microbatches", [2, 3, 4])
-@pytest.mark.parametrize("by_speed", [False, True])
+@_every_layout
 def test_two_failures_at_every_position_all_layouts(layout, microbatches, by_speed, schedule):
     runs, lost = _pair_sweep(layout, schedule, microbatches, by_speed, per_pair=None)
     assert lost == LOST_WITH[layout] and (runs > 20 or layout == "2x1")
@@ -223,78 +224,6 @@ def _two_stages() -> Program:
                     for st in table for s in st.slots)
     return add_backups(lower_comm(Program("gpipe", 1, 4, table, compute), [(SPEC, SPEC)]))
 
-
-BACKED_UP = """\
-asteroid-program v1
-schedule gpipe
-microbatches 1
-microbatch_rows 4
-stage 0 layers 0:2 a[0:4]
-stage 1 layers 2:3 b[0:1] c[1:4]
-
-device a
-  F s0 mb0 r0:4
-  SEND act s0 mb0 r0:1 -> b : f32(8)
-  SEND act s0 mb0 r1:4 -> c : f32(8)
-  RECV grad s0 mb0 r0:1 <- b : f32(8)
-  RECV grad s0 mb0 r1:4 <- c : f32(8)
-  B s0 mb0 r0:4
-  STEP s0
-  BACKUP s0 -> b
-  RESTORE s1 <- b
-device b
-  RECV act s0 mb0 r0:1 <- a : f32(8)
-  F s1 mb0 r0:1
-  B s1 mb0 r0:1
-  SEND grad s0 mb0 r0:1 -> a : f32(8)
-  ALLREDUCE s1 [b c]
-  STEP s1
-  BACKUP s1 -> a
-  RESTORE s0 <- a
-device c
-  RECV act s0 mb0 r1:4 <- a : f32(8)
-  F s1 mb0 r1:4
-  B s1 mb0 r1:4
-  SEND grad s0 mb0 r1:4 -> a : f32(8)
-  ALLREDUCE s1 [b c]
-  STEP s1
-"""
-
-# a fails: its layers merge into the stage of b, which holds their backup; c gets them from b
-MERGED = """\
-replay: a failed in iteration 1 after 3 of its actions
-  stage 0 lost its only device a; its layers 0:2 move to stage 1 (b holds the backup), now layers 0:3 on b[0:1] c[1:4]
-  no backups: the program has one stage left
-
---- before
-{before}
-
---- after
-asteroid-program v1
-schedule gpipe
-microbatches 1
-microbatch_rows 4
-stage 0 layers 0:3 b[0:1] c[1:4]
-
-device b
-  F s0 mb0 r0:1
-  B s0 mb0 r0:1
-  ALLREDUCE s0 [b c]
-  STEP s0
-device c
-  F s0 mb0 r1:4
-  B s0 mb0 r1:4
-  ALLREDUCE s0 [b c]
-  STEP s0
-
---- recovery: iteration 1 is redone by 'after' from its start, after this prologue
-device b
-  ROLLBACK s0
-  BACKUP s0 -> c
-device c
-  RESTORE s0 <- b
-  ROLLBACK s0
-"""
 
 # c fails: b runs all rows of stage 1; backups are placed again on the new table
 RESPLIT_AFTER = """\
@@ -331,51 +260,23 @@ def _three_stages(holders: dict[int, str] | None = None) -> Program:
     return add_backups(lower_comm(Program("gpipe", 1, 4, table, compute), [(SPEC, SPEC)] * 2), holders)
 
 
-# d and a fail together: stages 0 and 2 both merge into stage 1, whose b holds both backups; c gets
-# the merged stage from b
-BOTH_SIDES = """\
-replay: d and a failed at the same moment in iteration 1, after 4 and 3 of their actions
-  stage 0 lost its only device a; its layers 0:1 move to stage 1 (b holds the backup)
-  stage 2 lost its only device d; its layers 2:3 move to stage 1 (b holds the backup), now layers 0:3 on b[0:1] c[1:4]
-  no backups: the program has one stage left
-
---- before
-{before}
-
---- after
-asteroid-program v1
-schedule gpipe
-microbatches 1
-microbatch_rows 4
-stage 0 layers 0:3 b[0:1] c[1:4]
-
-device b
-  F s0 mb0 r0:1
-  B s0 mb0 r0:1
-  ALLREDUCE s0 [b c]
-  STEP s0
-device c
-  F s0 mb0 r1:4
-  B s0 mb0 r1:4
-  ALLREDUCE s0 [b c]
-  STEP s0
-
---- recovery: iteration 1 is redone by 'after' from its start, after this prologue
-device b
-  ROLLBACK s0
-  BACKUP s0 -> c
-device c
-  RESTORE s0 <- b
-  ROLLBACK s0
-"""
+def _case(golden, name: str, program: Program):
+    """The golden case file ``name``, whose "before" section is ``program`` printed (add_backups'
+    output) and parses back to it: the input its other sections were made from."""
+    file = golden(name)
+    file.check(format_program(program), "before")
+    assert parse_program(file.section("before")) == program
+    return file
 
 
-def test_two_failures_print_both_and_merge_from_both_sides():
+def test_two_failures_print_both_and_merge_from_both_sides(golden):
     program = _three_stages()
     assert backup_holders(program) == {0: "b", 1: "d", 2: "b"}
     failure = Failure.at(program, "d", 4, iteration=1, also=("a",))
     assert failure.devices == ("d", "a") and dict(failure.progress)["a"] == 3
-    assert str(replay(program, failure)) == BOTH_SIDES.format(before=format_program(program).rstrip("\n"))
+    # d and a fail together: stages 0 and 2 both merge into stage 1, whose b holds both backups; c
+    # gets the merged stage from b
+    _case(golden, "replay/three_stages.txt", program).check(str(replay(program, failure)), "d and a die")
 
 
 def test_two_failures_merge_a_stage_and_resplit_another():
@@ -434,19 +335,31 @@ def test_two_failures_that_lose_a_stage_say_what_to_do():
         replay(split, Failure("a", also=("d",)))
 
 
-def test_add_backups_places_a_ring_of_neighbours():
+def test_add_backups_places_a_ring_of_neighbours(golden):
     program = _two_stages()
-    assert format_program(program) == BACKED_UP
+    _case(golden, "replay/two_stages.txt", program)
     assert backup_holders(program) == {0: "b", 1: "a"}
     with pytest.raises(ReplayError, match="already has backups"):
         add_backups(program)
 
 
-def test_rewrite_prints_before_and_after():
+def test_rewrite_prints_before_and_after(golden):
+    # a fails: its layers merge into the stage of b, which holds their backup; c gets them from b
     program = _two_stages()
     rewrite = replay(program, Failure.at(program, "a", 3, iteration=1))
-    assert str(rewrite) == MERGED.format(before=format_program(program).rstrip("\n"))
+    _case(golden, "replay/two_stages.txt", program).check(str(rewrite), "a dies")
     assert "-device a\n" in rewrite.diff()
+
+
+def test_a_group_member_dying_re_splits_its_rows(golden):
+    """Before and Expected: c, a member of stage 1's group, dies; b takes all of stage 1's rows,
+    the stages stay, and the backups are placed again on the new table."""
+    file = golden("replay/two_stages.txt")
+    program = parse_program(file.section("before"))
+    rewrite = replay(program, Failure.at(program, "c", 3, iteration=1))
+    verify(rewrite.after)
+    verify(rewrite.recovery)
+    file.check(str(rewrite), "c dies")
 
 
 def test_resplit_keeps_the_stages():

@@ -317,14 +317,6 @@ def test_deadlocks_are_the_dry_runs(S, M, schedule, wide, data):
 # the planner's prediction is the simulation of the compiled program
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("cluster_name", ["edge-4-1g", "edge-8-100m"])
 @pytest.mark.parametrize("model", sorted(models.ZOO))
 def test_prediction_is_the_simulated_time_of_the_compiled_program(model, cluster_name):

@@ -5,8 +5,6 @@ compute what the captured module computes. A tied weight stays in one stage and 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -15,6 +13,8 @@ from asteroid_fx import models
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.passes.partition import NoPlanError, balanced
 from asteroid_fx.passes.split import split, tensor_spec
+from tests import zoo
+from tests.eager import assert_same_state, eager_train
 
 NAMES = ("a", "b", "c", "d")
 
@@ -24,20 +24,8 @@ def _cluster() -> Cluster:
     return Cluster.uniform([Device(n, k) for n, k in zip(NAMES, kinds)], bandwidth=125e6, latency=1e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (badly so on a loaded runner)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _compile(name: str, **kw):
-    entry = models.get(name)
-    torch.manual_seed(0)
-    return asteroid.compile(entry.build(small=True), _cluster(), example=entry.example(8, True), loss=entry.loss,
-                            microbatches=2, **kw)
+    return zoo.compiled(name, _cluster(), microbatches=2, **kw)
 
 
 def _inside_block_cut(lg) -> int:
@@ -156,33 +144,6 @@ MICROBATCHES, ROWS = 2, 4
 BATCH = MICROBATCHES * ROWS
 
 
-def eager_train(model, batches, loss_fn, make_opt):
-    """Eager reference: the same micro-batches, each loss weighted by rows / batch, one step."""
-    model = copy.deepcopy(model)
-    opt = make_opt(model.parameters())
-    losses = []
-    for inputs, labels in batches:
-        total = 0.0
-        for m in range(MICROBATCHES):
-            sl = slice(m * ROWS, (m + 1) * ROWS)
-            loss = loss_fn(model(*(t[sl] for t in inputs)), labels[sl]) * (ROWS / BATCH)
-            loss.backward()
-            total += float(loss.detach())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(total)
-    return model, losses
-
-
-def assert_same_state(got: dict, ref: dict, rtol: float = 1e-5) -> None:
-    """Same keys; every tensor within ``rtol`` relative error in norm (float rounding differs
-    between summation orders, so not bit for bit)."""
-    assert got.keys() == ref.keys(), sorted(got.keys() ^ ref.keys())
-    for k, v in ref.items():
-        err = float((got[k] - v).norm() / (v.norm() + 1e-7 * v.numel() ** 0.5))
-        assert err <= rtol, f"{k}: relative error {err:.2e}"
-
-
 @pytest.fixture(scope="module")
 def tied():
     entry = models.get("gpt")
@@ -214,7 +175,7 @@ def test_a_tied_model_trains_like_eager(tied):
     torch.manual_seed(1)
     batches = [(entry.example(BATCH, True), entry.labels(BATCH, True)) for _ in range(3)]
     runner, losses = compiled.run(iter(batches), 3, optimizer=make_opt)
-    ref, ref_losses = eager_train(model, batches, entry.loss, make_opt)
+    ref, ref_losses = eager_train(model, batches, entry.loss, make_opt, microbatches=MICROBATCHES, rows=ROWS)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     got = runner.state_dict()
     assert_same_state(got, ref.state_dict())  # both names of the tie included

@@ -1,0 +1,54 @@
+"""Eager training with a program's micro-batches: the reference a compiled run must equal
+(docs/semantics.md)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+
+
+class Call(NamedTuple):
+    """The inputs of a model that takes keyword inputs too; a plain tuple is positional only."""
+
+    args: tuple
+    kwargs: dict
+
+
+def _slice(x: Any, sl: slice) -> Any:
+    return x[sl] if isinstance(x, torch.Tensor) else x
+
+
+def eager_train(model: torch.nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], loss: Callable,
+                make_opt: Callable, *, microbatches: int, rows: int) -> tuple[torch.nn.Module, list[float]]:
+    """A trained copy of ``model`` and its losses: per batch (inputs, labels), each micro-batch's
+    loss weighted by rows / batch, gradients accumulated, one optimizer step."""
+    model = copy.deepcopy(model)
+    model.train()
+    opt = make_opt(model.parameters())
+    batch = microbatches * rows
+    losses = []
+    for inputs, labels in batches:
+        args, kwargs = (inputs.args, inputs.kwargs) if isinstance(inputs, Call) else (inputs, {})
+        total = 0.0
+        for m in range(microbatches):
+            sl = slice(m * rows, (m + 1) * rows)
+            out = model(*(_slice(a, sl) for a in args), **{k: _slice(v, sl) for k, v in kwargs.items()})
+            value = loss(out, labels[sl]) * (rows / batch)
+            value.backward()
+            total += float(value.detach())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return model, losses
+
+
+def assert_same_state(got: dict, ref: dict, rtol: float = 1e-5) -> None:
+    """Same keys; every tensor within ``rtol`` relative error in norm (float rounding differs
+    between summation orders, so not bit for bit)."""
+    assert got.keys() == ref.keys(), sorted(got.keys() ^ ref.keys())
+    for k, v in ref.items():
+        err = float((got[k] - v).norm() / (v.norm() + 1e-7 * v.numel() ** 0.5))
+        assert err <= rtol, f"{k}: relative error {err:.2e}"
