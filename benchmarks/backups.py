@@ -46,7 +46,8 @@ from recovery import PLANS as RECOVERY_PLANS  # noqa: E402
 from recovery import cluster_of  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
-from asteroid_fx.runtime.launch import RunSpec, launch  # noqa: E402
+from asteroid_fx.runtime.launcher import launch  # noqa: E402
+from asteroid_fx.runtime.spec import RunSpec  # noqa: E402
 
 HYBRID = dict(batch=48, microbatches=2, optimizer="adam", lr=1e-3, groups=(("host0",), ("host1", "host2")),
               rows=((24,), (12, 12)))

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine, write_section  # noqa: E402
 
 from asteroid_fx.ir import catalog  # noqa: E402
-from asteroid_fx.runtime.launch import RunSpec, compile_spec, launch, pinned  # noqa: E402
+from asteroid_fx.runtime.launcher import launch  # noqa: E402
+from asteroid_fx.runtime.spec import RunSpec, compile_spec, pinned  # noqa: E402
 
 # (model, preset, batch): small models on slow devices and links, where the emulated device's time,
 # not this machine's, sets the pace (the emulation can only slow a worker down)

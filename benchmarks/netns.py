@@ -29,7 +29,8 @@ from asteroid_fx.ir import catalog  # noqa: E402
 
 from asteroid_fx.runtime import netns
 from asteroid_fx.ir.cluster import Cluster, Device  # noqa: E402
-from asteroid_fx.runtime.launch import RunSpec, compile_spec, launch, pinned  # noqa: E402
+from asteroid_fx.runtime.launcher import launch  # noqa: E402
+from asteroid_fx.runtime.spec import RunSpec, compile_spec, pinned  # noqa: E402
 from asteroid_fx.sim import simulate  # noqa: E402
 
 MODEL, PRESET, BATCH = "digits", "edge-4-pi-1g", 64

@@ -43,7 +43,8 @@ from results import machine, write_section  # noqa: E402
 import torch  # noqa: E402
 
 from asteroid_fx.ir.cluster import Cluster, Device  # noqa: E402
-from asteroid_fx.runtime.launch import RunSpec, batches, compile_spec, launch, load_weights  # noqa: E402
+from asteroid_fx.runtime.launcher import launch, load_weights  # noqa: E402
+from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec  # noqa: E402
 
 BASE = dict(model="mlp:small", batch=48, microbatches=2, optimizer="adam", lr=1e-3, recovery=True)
 PLANS = {

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine, write_section  # noqa: E402
 
 from asteroid_fx.ir.cluster import Cluster, Device  # noqa: E402
-from asteroid_fx.runtime.launch import RunSpec, batches, compile_spec, zoo_entry  # noqa: E402
+from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, zoo_entry  # noqa: E402
 
 # two equal devices: the benchmark measures the runtimes, not the planner (the split is pinned)
 CLUSTER = Cluster.uniform([Device("a", "jetson-agx-orin"), Device("b", "jetson-agx-orin")], bandwidth=1e9,

@@ -22,7 +22,9 @@ import torch
 
 import asteroid_fx as asteroid
 from asteroid_fx import models
-from asteroid_fx.runtime.launch import RunSpec, launch, load_weights, pinned
+from asteroid_fx.cli import configure_logging
+from asteroid_fx.runtime.launcher import launch, load_weights
+from asteroid_fx.runtime.spec import RunSpec, pinned
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
                              "emulated second)")
     parser.add_argument("--out", default="asteroid-demo", help="folder for the plan, IR, trace and worker logs")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a worker run is stopped")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="the launcher's messages too (-vv: debug); the progress bar is shown either way")
     args = parser.parse_args(argv)
+    # as `asteroid` does: the project's warnings on stderr; the launcher's progress lines (INFO) only
+    # with -v, since the bar below, drawn from the first worker's log, already shows the progress
+    configure_logging(args.verbose)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -126,7 +133,7 @@ def _run_with_progress(spec: RunSpec, cluster, out: Path, timeout: float, watch:
 
     def run() -> None:
         try:
-            box["result"] = launch(spec, cluster, out, timeout_s=timeout, log=lambda msg: None)
+            box["result"] = launch(spec, cluster, out, timeout_s=timeout)
         except BaseException as e:  # shown by the caller's thread
             box["error"] = e
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.runtime.heartbeat import DEAD, Heartbeat, agreed_failure, agreed_failures, beat_key
+from asteroid_fx.runtime.heartbeat import Heartbeat
+from asteroid_fx.runtime.store import DEAD, agreed_failure, agreed_failures, beat_key
 
 INTERVAL, TIMEOUT = 0.05, 1.0
 BOUND = TIMEOUT + 3 * INTERVAL  # silent()'s documented bound

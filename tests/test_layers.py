@@ -108,11 +108,11 @@ def test_every_import_runs_down_the_layers():
 def test_the_checker_sees_lazy_imports_and_skips_type_checking_only(tmp_path):
     """The test above can fail: a lazy import of a higher layer is found, a TYPE_CHECKING one is not."""
     source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from asteroid_fx.cli import main\n"
-              "def f():\n    from asteroid_fx.runtime import launch\n")
+              "def f():\n    from asteroid_fx.runtime import launcher\n")
     probe = tmp_path / "probe.py"
     probe.write_text(source)
     found = imports(probe, "asteroid_fx.ir.probe")
-    assert found == [(5, "asteroid_fx.runtime.launch")]
+    assert found == [(5, "asteroid_fx.runtime.launcher")]
     assert layer_of(found[0][1]) > layer_of("asteroid_fx.ir.probe")
 
 

@@ -96,10 +96,11 @@ def test_without_root_or_tools_the_error_says_what_is_missing_and_what_needs_non
 
 
 def test_launch_with_shaped_links_stops_with_that_error_before_compiling(monkeypatch, tmp_path):
-    from asteroid_fx.runtime.launch import RunSpec, launch
+    from asteroid_fx.runtime.launcher import launch
+    from asteroid_fx.runtime.spec import RunSpec
 
     monkeypatch.setattr(netns, "missing", lambda: ["CAP_NET_ADMIN to create links and qdiscs (run as root)"])
-    monkeypatch.setattr("asteroid_fx.runtime.launch.compile_spec", lambda *a: pytest.fail("compiled before the check"))
+    monkeypatch.setattr("asteroid_fx.runtime.launcher.compile_spec", lambda *a: pytest.fail("compiled before the check"))
     with pytest.raises(netns.Unavailable, match="--emulate"):
         launch(RunSpec(model="mlp:small", batch=8, microbatches=1), THREE, tmp_path, shape_links=True)
 
@@ -178,7 +179,8 @@ def test_two_networks_side_by_side_get_their_own_subnets():
 
 @needs_root
 def test_launch_through_shaped_links_trains_like_without_and_takes_the_links_time(tmp_path):
-    from asteroid_fx.runtime.launch import RunSpec, batches, compile_spec, launch
+    from asteroid_fx.runtime.launcher import launch
+    from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec
     from asteroid_fx.sim import simulate
 
     # a slow link (8 Mbit/s) and 64 KiB messages: the transfers, shaped by the kernel, set the

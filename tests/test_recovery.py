@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 
 from asteroid_fx.ir.cluster import Cluster, Device, resolve_cluster
-from asteroid_fx.runtime.heartbeat import Heartbeat, agreed_failure
-from asteroid_fx.runtime.launch import RunSpec, batches, compile_spec, launch, load_weights
+from asteroid_fx.runtime.heartbeat import Heartbeat
+from asteroid_fx.runtime.launcher import launch, load_weights
+from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec
+from asteroid_fx.runtime.store import agreed_failure
 
 HOST3 = resolve_cluster("host-3")
 HOST4 = resolve_cluster("host-4")
@@ -98,7 +100,7 @@ def test_paced_backups_agree_on_every_device_and_a_kill_redoes_from_the_last(tmp
 
 
 def test_the_backup_pace_keeps_the_measured_cost_within_the_budget():
-    from asteroid_fx.runtime.launch import BackupPace
+    from asteroid_fx.runtime.backups import BackupPace
 
     pace = BackupPace(0.02, first=10, least=3, most=50)
     assert pace.every() == 10  # nothing measured yet

@@ -9,7 +9,8 @@ import torch
 
 import asteroid_fx as asteroid
 from asteroid_fx.ir.cluster import Cluster, Device
-from asteroid_fx.runtime.launch import RunSpec, batches, compile_spec, launch, load_weights
+from asteroid_fx.runtime.launcher import launch, load_weights
+from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec
 
 CLUSTER = Cluster.uniform([Device("a", "jetson-nano"), Device("b", "jetson-tx2"), Device("c", "jetson-xavier-nx")],
                           bandwidth=125e6, latency=1e-3)
@@ -41,7 +42,7 @@ def test_workers_match_local_backend(case, tmp_path):
 def test_a_worker_whose_program_differs_fails_the_run_with_its_error(tmp_path, monkeypatch):
     spec = CASES["mlp-hybrid-1f1b"]
     # a worker that cannot compile the launcher's program: it must fail fast, not hang the others
-    import asteroid_fx.runtime.launch as launch_mod
+    import asteroid_fx.runtime.launcher as launch_mod
 
     original = launch_mod.format_program
     monkeypatch.setattr(launch_mod, "format_program", lambda p: original(p) + "# launcher differs\n")
@@ -352,7 +353,7 @@ def test_a_flat_copy_is_the_exact_state_through_steps_rollbacks_and_tied_weights
 def test_the_store_listens_only_on_the_address_it_is_given():
     import socket
 
-    from asteroid_fx.runtime.launch import serve_store
+    from asteroid_fx.runtime.store import serve_store
 
     store = serve_store("127.0.0.2", 0)  # another loopback address: the test needs no network
     port = store.port
@@ -374,7 +375,7 @@ def test_building_an_epochs_groups_waits_for_every_member_and_an_agreed_failure_
     import time
 
     from asteroid_fx.backends.torch_dist import Comm, Interrupted
-    from asteroid_fx.runtime.launch import serve_store
+    from asteroid_fx.runtime.store import serve_store
 
     program = compile_spec(RunSpec(model="mlp:small", batch=8, microbatches=2, groups=(("a",), ("b",)),
                                    rows=((4,), (4,))), CLUSTER).program

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from asteroid_fx.cli.compile import schedule_name
 from asteroid_fx.passes.partition import PLANNER_NAMES
@@ -19,6 +19,14 @@ def _backup_every(text: str) -> int | None:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number of iterations (1 or more)")
     return n
+
+
+def show_progress(args: argparse.Namespace) -> None:
+    """A run's progress (its workers, iterations, failures and switches: the runtime's INFO
+    messages) is what `launch` and `worker` show as they go, so it is on by default; -q hides it,
+    -v and -vv set the level themselves."""
+    if not getattr(args, "quiet", False) and not getattr(args, "verbose", 0):
+        logging.getLogger("asteroid_fx.runtime").setLevel(logging.INFO)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_launch(args: argparse.Namespace) -> int:
     from asteroid_fx.ir.cluster import resolve_cluster
-    from asteroid_fx.runtime.launch import RunSpec, launch, load_weights
+    from asteroid_fx.runtime.launcher import launch, load_weights
+    from asteroid_fx.runtime.spec import RunSpec
 
     spec = RunSpec(model=args.model, batch=args.batch, microbatches=args.microbatches, planner=args.planner,
                    schedule=args.schedule,
@@ -117,8 +126,8 @@ def run_launch(args: argparse.Namespace) -> int:
                 into.append((device, float(seconds)))
             except ValueError:
                 raise SystemExit(f"bad {flag} {k!r}: write DEVICE@SECONDS, e.g. host1@0.5") from None
-    result = launch(spec, cluster, args.out, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr),
-                    shape_links=args.shape_links,
+    show_progress(args)
+    result = launch(spec, cluster, args.out, timeout_s=args.timeout, shape_links=args.shape_links,
                     host=host, port=int(port), remote=remote, kills=kills, joins=joins)
     print(f"trained {spec.model} on {len(result['workers'])} workers:")
     for i, loss in enumerate(result["losses"]):
@@ -143,6 +152,7 @@ def run_launch(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from asteroid_fx.runtime.launch import run_worker as worker
+    from asteroid_fx.runtime.worker import run_worker as worker
 
+    show_progress(args)
     return worker(args.coordinator, args.device, args.out, connect_timeout_s=args.connect_timeout, join=args.join)

@@ -4,6 +4,7 @@ calibrate the catalog from one measured profile."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,9 +85,7 @@ def _progress_printer(stream=sys.stderr):
 def run(args: argparse.Namespace) -> int:
     """`asteroid profile`: measure and write a profile (or links, or a calibrated profile)."""
     if args.links:
-        from asteroid_fx.runtime import linkprobe
-
-        return linkprobe.cmd_links(args)
+        return _links(args)
     if not args.model or not args.out:
         raise SystemExit("asteroid profile needs --model and --out (or --links to probe links)")
     import torch
@@ -142,4 +141,62 @@ def run(args: argparse.Namespace) -> int:
     print(profile)
     print(f"wrote {out} ({len(profile.layers)} layers x {len(profile.rows)} row counts, "
           f"{time.perf_counter() - started:.1f}s)", file=sys.stderr)
+    return 0
+
+
+def _links(args: argparse.Namespace) -> int:
+    """`asteroid profile --links`: probe, then write the links into the cluster file."""
+    from asteroid_fx.runtime import linkprobe
+
+    sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else linkprobe.DEFAULT_SIZES
+    cluster = None
+    if args.cluster:
+        from asteroid_fx.ir.cluster import resolve_cluster
+
+        cluster = resolve_cluster(args.cluster)
+    out = args.out or (args.cluster if args.cluster and os.path.exists(args.cluster) else None)
+    if args.master:
+        return _links_as_rank(args, cluster, out, sizes)
+    workers = args.workers or (len(cluster) if cluster else None)
+    if not workers:
+        raise SystemExit("asteroid profile --links needs --workers N (local workers) or --cluster, or "
+                         "--master HOST:PORT --rank R on each real device")
+    print(f"probing links between {workers} local workers (gloo on loopback) ...", file=sys.stderr)
+    links = linkprobe.probe_local(workers, sizes=sizes, timeout_s=args.timeout)
+    print(links)
+    return _write_links(cluster, links, out, workers)
+
+
+def _links_as_rank(args: argparse.Namespace, cluster, out: str | None, sizes) -> int:
+    import datetime
+
+    import torch.distributed as dist
+
+    from asteroid_fx.runtime import linkprobe
+
+    if cluster is None or args.rank is None:
+        raise SystemExit("--master needs --cluster (rank i is its device i) and --rank")
+    dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=len(cluster),
+                            timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        links = linkprobe.probe(sizes)
+    finally:
+        dist.destroy_process_group()
+    if links is None:
+        return 0
+    print(links)
+    return _write_links(cluster, links, out, len(cluster))
+
+
+def _write_links(cluster, links, out: str | None, workers: int) -> int:
+    from asteroid_fx.ir.cluster import Cluster
+    from asteroid_fx.runtime import linkprobe
+
+    if cluster is None:
+        cluster = Cluster.from_kinds(["host-cpu"] * workers, 1.0, 0.0, name=f"host-{workers}-probed")
+    if not out:
+        print("(no --out: cluster not written)", file=sys.stderr)
+        return 0
+    linkprobe.apply_links(cluster, links).save(Path(out))
+    print(f"wrote measured links into {out}", file=sys.stderr)
     return 0

@@ -29,23 +29,12 @@ from typing import Callable, Sequence
 
 import torch.distributed as dist
 
-DEAD, LEFT = "dead", "left"
+from asteroid_fx.ir.errors import InputError
+from asteroid_fx.runtime.errors import RunFailed, RunTimedOut
+from asteroid_fx.runtime.store import DEAD, LEFT, agreed_failure, beat_key, failure_key, failures_key
+
 REPORT_POLL_S = 0.002  # how often recovery looks for the survivors' reports
 SUSPECT_POLL_S = 0.005  # how often peers are read after a connection to one broke
-
-
-def beat_key(device: str) -> str:
-    return f"ft/hb/{device}"
-
-
-def failure_key(epoch: int) -> str:
-    """The first failure declared in ``epoch`` (one record)."""
-    return f"ft/fail/{epoch}"
-
-
-def failures_key(epoch: int) -> str:
-    """Every device that failed in ``epoch``, as the survivors agreed (a list of records)."""
-    return f"ft/failed/{epoch}"
 
 
 class Heartbeat:
@@ -54,7 +43,7 @@ class Heartbeat:
 
     def __init__(self, store: dist.Store, device: str, *, interval_s: float = 0.1, timeout_s: float = 1.5):
         if not 0 < interval_s < timeout_s:
-            raise ValueError(f"the heartbeat interval ({interval_s}s) must be positive and below its timeout "
+            raise InputError(f"the heartbeat interval ({interval_s}s) must be positive and below its timeout "
                              f"({timeout_s}s)")
         self.store, self.device = store, device
         self.interval_s, self.timeout_s = interval_s, timeout_s
@@ -104,7 +93,7 @@ class Heartbeat:
         with self._observed:
             unknown = [p for p in peers if p not in self._seen]
             if unknown:
-                raise ValueError(f"{', '.join(unknown)} not watched in epoch {self._epoch} (watching "
+                raise InputError(f"{', '.join(unknown)} not watched in epoch {self._epoch} (watching "
                                  f"{', '.join(self._peers) or 'nobody'}); watch() the devices to ask about")
             # the next round's reads may predate the call, so a change seen by the round after it may
             # be a beat from before the call; one seen by the third round is a beat during the call
@@ -112,7 +101,7 @@ class Heartbeat:
             deadline = time.monotonic() + bound
             while True:
                 if not self._thread.is_alive():
-                    raise RuntimeError(f"{self.device}'s heartbeat has stopped (stop() was called or the store is "
+                    raise RunFailed(f"{self.device}'s heartbeat has stopped (stop() was called or the store is "
                                        "gone), so it cannot tell whether its peers are alive")
                 # silence is measured up to this device's last read: were its own thread held up, the
                 # peers would only look silent
@@ -142,7 +131,7 @@ class Heartbeat:
             if not missing:
                 break
             if time.monotonic() > end:
-                raise TimeoutError(f"{', '.join(missing)} neither reported for recovery nor failed within "
+                raise RunTimedOut(f"{', '.join(missing)} neither reported for recovery nor failed within "
                                    f"{deadline_s:.0f}s of epoch {epoch}'s failure; their logs say why")
             # what the heartbeat thread already knows, without waiting for proof of life: a live
             # survivor's report usually comes within milliseconds, and recovery waits for it
@@ -231,16 +220,3 @@ class Heartbeat:
         if value and now - since > self.timeout_s:
             return f"no heartbeat for {now - since:.1f}s"
         return None
-
-
-def agreed_failure(store: dist.Store, epoch: int) -> dict:
-    """The failure every survivor agreed on in ``epoch``: {"device", "reason", "by", "at"}."""
-    return json.loads(store.get(failure_key(epoch)).decode())
-
-
-def agreed_failures(store: dist.Store, epoch: int) -> list[dict]:
-    """Every failure the survivors agreed on in ``epoch`` (``Heartbeat.agree_failed``), the declared
-    one first; only that one while the survivors have not agreed on the rest yet."""
-    if store.check([failures_key(epoch)]):
-        return json.loads(store.get(failures_key(epoch)).decode())
-    return [agreed_failure(store, epoch)]

@@ -10,7 +10,7 @@ can only be delayed by what else runs (the scheduler, other traffic), never sped
 
 ``probe`` runs inside an initialised process group (every rank calls it; rank 0 gets the result);
 ``probe_local`` spawns N workers on loopback for an emulated cluster, with bounded timeouts, and
-always reaps them. ``asteroid profile --links`` is the command line (see ``cmd_links``).
+always reaps them. ``asteroid profile --links`` is the command line (cli/profile.py).
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import dataclasses
 import datetime
 import math
 import multiprocessing as mp
-import os
 import socket
-import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.ir.errors import InputError
+from asteroid_fx.runtime.errors import RunFailed, RunTimedOut
 
 DEFAULT_SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)  # 1 KiB .. 4 MiB
 DEFAULT_REPEATS = 7
@@ -59,7 +58,7 @@ def fit_link(sizes: Sequence[int], round_trips: Sequence[float]) -> tuple[float,
     by one byte: least squares of t = 2 latency + size / bandwidth, both kept positive."""
     n = len(sizes)
     if n < 2:
-        raise ValueError("fitting a link needs round trips at two or more message sizes")
+        raise InputError("fitting a link needs round trips at two or more message sizes")
     mx, my = sum(sizes) / n, sum(round_trips) / n
     var = sum((s - mx) ** 2 for s in sizes)
     slope = sum((s - mx) * (t - my) for s, t in zip(sizes, round_trips)) / var
@@ -154,7 +153,7 @@ def probe_local(workers: int, *, sizes: Sequence[int] = DEFAULT_SIZES, repeats: 
     """Spawn ``workers`` processes on loopback, probe every pair, reap them; raises TimeoutError
     (after ``timeout_s``) or RuntimeError (a worker failed) with what happened."""
     if workers < 2:
-        raise ValueError(f"probing links needs at least 2 workers, got {workers}")
+        raise InputError(f"probing links needs at least 2 workers, got {workers}")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     init = f"tcp://127.0.0.1:{_free_port()}"
@@ -167,18 +166,18 @@ def probe_local(workers: int, *, sizes: Sequence[int] = DEFAULT_SIZES, repeats: 
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"link probe of {workers} local workers did not finish in {timeout_s:g}s; "
-                                   "raise --timeout on a loaded machine")
+                raise RunTimedOut(f"link probe of {workers} local workers did not finish in {timeout_s:g}s; "
+                                  "raise --timeout on a loaded machine")
             try:
                 status, payload = queue.get(timeout=min(left, 0.5))
             except Exception:  # queue.Empty: check the workers are alive and wait on
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"link probe worker(s) exited with code "
-                                       f"{', '.join(str(p.exitcode) for p in dead)} before reporting") from None
+                    raise RunFailed(f"link probe worker(s) exited with code "
+                                    f"{', '.join(str(p.exitcode) for p in dead)} before reporting") from None
                 continue
             if status == "error":
-                raise RuntimeError(f"link probe failed: {payload}")
+                raise RunFailed(f"link probe failed: {payload}")
             return Links(tuple(map(tuple, payload["bandwidth"])), tuple(map(tuple, payload["latency"])),
                          tuple(map(tuple, payload["samples"])))
     finally:
@@ -198,55 +197,6 @@ def apply_links(cluster: Cluster, links: Links) -> Cluster:
     """``cluster`` with its bandwidth and latency matrices replaced by the measured ones (rank i is
     ``cluster.devices[i]``)."""
     if len(links) != len(cluster):
-        raise ValueError(f"measured {len(links)} workers but the cluster has {len(cluster)} devices; "
+        raise InputError(f"measured {len(links)} workers but the cluster has {len(cluster)} devices; "
                          "start one worker per device, rank i for devices[i]")
     return dataclasses.replace(cluster, bandwidth=links.bandwidth, latency=links.latency)
-
-
-def cmd_links(args: Any) -> int:
-    """`asteroid profile --links`: probe, then write the links into the cluster file."""
-    sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else DEFAULT_SIZES
-    cluster = None
-    if args.cluster:
-        from asteroid_fx.ir.cluster import resolve_cluster
-
-        cluster = resolve_cluster(args.cluster)
-    out = args.out or (args.cluster if args.cluster and os.path.exists(args.cluster) else None)
-    if args.master:
-        return _links_as_rank(args, cluster, out, sizes)
-    workers = args.workers or (len(cluster) if cluster else None)
-    if not workers:
-        raise SystemExit("asteroid profile --links needs --workers N (local workers) or --cluster, or "
-                         "--master HOST:PORT --rank R on each real device")
-    print(f"probing links between {workers} local workers (gloo on loopback) ...", file=sys.stderr)
-    links = probe_local(workers, sizes=sizes, timeout_s=args.timeout)
-    print(links)
-    return _write(cluster, links, out, workers)
-
-
-def _links_as_rank(args: Any, cluster: Cluster | None, out: str | None, sizes: Sequence[int]) -> int:
-    import torch.distributed as dist
-
-    if cluster is None or args.rank is None:
-        raise SystemExit("--master needs --cluster (rank i is its device i) and --rank")
-    dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=len(cluster),
-                            timeout=datetime.timedelta(seconds=args.timeout))
-    try:
-        links = probe(sizes)
-    finally:
-        dist.destroy_process_group()
-    if links is None:
-        return 0
-    print(links)
-    return _write(cluster, links, out, len(cluster))
-
-
-def _write(cluster: Cluster | None, links: Links, out: str | None, workers: int) -> int:
-    if cluster is None:
-        cluster = Cluster.from_kinds(["host-cpu"] * workers, 1.0, 0.0, name=f"host-{workers}-probed")
-    if not out:
-        print("(no --out: cluster not written)", file=sys.stderr)
-        return 0
-    apply_links(cluster, links).save(Path(out))
-    print(f"wrote measured links into {out}", file=sys.stderr)
-    return 0

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Sequence
 
 from asteroid_fx.backends.torch_dist import SHAPED_LINKS_ENV  # the emulation then leaves links to the kernel
+from asteroid_fx.ir.errors import AsteroidError, InputError
 
 INTERFACE = "nic0"  # the device side of its veth, the same name in every device namespace
 INGRESS = "ifb0"
@@ -62,8 +63,12 @@ LATENCY_NOT_SHAPED = ("latency is not shaped: delaying packets takes the netem q
                       "times), which this module does not use")
 
 
-class Unavailable(RuntimeError):
+class Unavailable(AsteroidError, RuntimeError):
     """Shaped links cannot be set up on this machine; the message says what is missing."""
+
+
+class ShapingFailed(AsteroidError, RuntimeError):
+    """An `ip` or `tc` command failed, or no subnet is free; the message shows the command's error."""
 
 
 def _tool(name: str) -> str | None:
@@ -162,7 +167,7 @@ def tc_rules(dev: str, rates: Rates, address: dict[str, str], match: str, discip
 def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(list(argv), capture_output=True, text=True)
     if check and done.returncode != 0:
-        raise RuntimeError(f"`{' '.join(argv)}` failed: {done.stderr.strip() or done.stdout.strip()}")
+        raise ShapingFailed(f"`{' '.join(argv)}` failed: {done.stderr.strip() or done.stdout.strip()}")
     return done
 
 
@@ -205,7 +210,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
     for subnet in SUBNETS.subnets(new_prefix=24):
         if not any(subnet.overlaps(t) for t in taken):
             return subnet
-    raise RuntimeError(f"every /24 of {SUBNETS} is in use in this namespace; remove stale links (`ip link`)")
+    raise ShapingFailed(f"every /24 of {SUBNETS} is in use in this namespace; remove stale links (`ip link`)")
 
 
 class ShapedNetwork:
@@ -216,7 +221,7 @@ class ShapedNetwork:
 
     def __init__(self, cluster, devices: Sequence[str], *, dilation: float = 1.0, discipline: str | None = None):
         if len(devices) > 250:
-            raise ValueError(f"a shaped network holds at most 250 devices, got {len(devices)}")
+            raise InputError(f"a shaped network holds at most 250 devices, got {len(devices)}")
         self.cluster, self.devices, self.dilation = cluster, tuple(devices), dilation
         self.discipline = discipline  # "htb" or "tbf"; None: htb where the kernel has it
         self.tag = secrets.token_hex(3)
@@ -312,7 +317,7 @@ class ShapedNetwork:
         left = set(self._made) & set(namespaces())
         self._made = []
         if left:
-            raise RuntimeError(f"could not remove network namespaces {', '.join(sorted(left))}; "
+            raise ShapingFailed(f"could not remove network namespaces {', '.join(sorted(left))}; "
                                f"remove them with `ip netns del NAME`")
 
     def command(self, device: str, argv: Sequence[str]) -> list[str]:

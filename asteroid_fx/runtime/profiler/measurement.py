@@ -28,26 +28,23 @@ Expects the ``Captured`` graph and the ``LayerGraph`` that ``linearize`` made of
 from __future__ import annotations
 
 import dataclasses
-import gc
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.utils._pytree as pytree
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from asteroid_fx.ir import catalog
 from asteroid_fx.ir.layer_graph import LayerGraph
-from asteroid_fx.ir.plan import Plan, StagePlan
 from asteroid_fx.ir.profile import (CACHE_COLD_FROM, Block, Cell, DeviceInfo, DeviceProfile, LayerProfile, Method, Overhead,
                                  ProfileError, Timing, graph_key)
 from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import Captured, capture
 from asteroid_fx.passes.linearize import linearize
-from asteroid_fx.passes.split import Stage, split
+from asteroid_fx.runtime.profiler.memory import MemoryProbe, optimizer_bytes, unique_bytes
+from asteroid_fx.runtime.profiler.timing import (BlockRunner, CacheFlush, example_rows, resolve_clock, restore_state,
+                                                 round_quota, snapshot_state, stages_for)
 
 CHECKPOINT_EVERY_S = 2.0
 GAP_ROW_COUNTS = 2  # coarse blocks are timed at this many of the smallest row counts
@@ -75,254 +72,6 @@ def prepare(model: torch.nn.Module, example: Any, kind: str | None, max_layers: 
     annotate_costs(captured, [kind] if kind else [])
     return captured, linearize(captured, max_layers=max_layers)
 
-
-# ----------------------------------------------------------------------------------------------
-# Memory: bytes saved for backward, and the peak during a run
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the storages ops create while active (CPU has no allocator statistics):
-    a storage counts from the op that made it until nothing refers to it any more."""
-
-    def __init__(self, exclude: set[int]):
-        super().__init__()
-        self.exclude = exclude
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.now = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.now -= self.live.pop(key)[1]
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                st = t.untyped_storage()
-                key = st._cdata
-                if key not in self.live and key not in self.exclude:
-                    self.live[key] = (StorageWeakRef(st), st.nbytes())
-                    self.now += st.nbytes()
-        self.peak = max(self.peak, self.now)
-        return out
-
-
-class _MemoryProbe:
-    """Saved-for-backward bytes (every device) and peak bytes (CUDA: the allocator's statistics;
-    CPU: ``_LiveBytes``) of what runs inside it, beyond the tensors in ``exclude``."""
-
-    def __init__(self, device: torch.device, weights: Iterable[torch.Tensor], inputs: Iterable[torch.Tensor]):
-        self.device = device
-        # saved bytes leave out weights (resident anyway) but count saved inputs: a stage's layers
-        # save each other's outputs; peak bytes leave out both, which exist before the run
-        self.weights = {_storage_key(t) for t in weights}
-        self.exclude = self.weights | {_storage_key(t) for t in inputs}
-        self.saved_keys: set[int] = set()
-        self.saved_bytes = 0
-        self.peak_bytes = 0
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key not in self.weights and key not in self.saved_keys:
-            self.saved_keys.add(key)
-            self.saved_bytes += t.untyped_storage().nbytes()
-        return t
-
-    def __enter__(self) -> "_MemoryProbe":
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._live = _LiveBytes(self.exclude)
-            self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
-        else:
-            self._live.__exit__(*exc)
-            self.peak_bytes = self._live.peak
-        self._hooks.__exit__(*exc)
-
-
-# ----------------------------------------------------------------------------------------------
-# Running a block of layers
-
-
-def _sync(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def resolve_clock(method: Method, device: torch.device) -> Method:
-    """``method`` with clock "auto" resolved: this thread's CPU time when it alone computes (CPU,
-    one intra-op thread), else wall time."""
-    clock = method.clock
-    if clock == "auto":
-        clock = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
-    if clock == "cpu" and device.type != "cpu":
-        raise ProfileError(f"clock 'cpu' cannot time work on {device} (it runs asynchronously); use 'wall'")
-    if clock not in ("cpu", "wall"):
-        raise ProfileError(f"unknown clock {clock!r}; use 'auto', 'wall' or 'cpu'")
-    return dataclasses.replace(method, clock=clock)
-
-
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
-
-
-class BlockRunner:
-    """Runs one stage module forward and backward the way the local backend does, and times it."""
-
-    def __init__(self, stage: Stage, device: torch.device, clock: str = "wall"):
-        self.stage = stage
-        self.device = device
-        self.sync = _sync(device)
-        self.clock = CLOCKS[clock]
-        self.params = [p for p in stage.module.parameters() if p.requires_grad]
-
-    def _inputs(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return tuple(t.detach().requires_grad_(g and t.is_floating_point())
-                     for t, g in zip(inputs, self.stage.input_grads))
-
-    def _seeded(self, outputs: Sequence[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        outs = [o for o, g in zip(outputs, self.stage.output_grads)
-                if g and isinstance(o, torch.Tensor) and o.requires_grad]
-        return outs, [torch.ones_like(o) for o in outs]
-
-    def run(self, inputs: Sequence[torch.Tensor],
-            before: Callable[[], Any] | None = None) -> tuple[float, float, tuple[Any, ...]]:
-        """One forward + backward: (forward s, backward s, detached outputs); ``before`` runs,
-        untimed, before each of the two."""
-        x = self._inputs(inputs)
-        for p in self.params:
-            p.grad = None  # every run starts like an iteration's first micro-batch
-        clock = self.clock
-        if before is not None:
-            before()
-        self.sync()
-        t0 = clock()
-        out = self.stage.module(*x)
-        self.sync()
-        t1 = clock()
-        outs, seeds = self._seeded(out)
-        if before is not None:
-            before()
-        self.sync()
-        t2 = clock()
-        if outs:
-            torch.autograd.backward(outs, seeds)
-        self.sync()
-        t3 = clock()
-        return t1 - t0, t3 - t2, tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
-
-    def forward_only(self, inputs: Sequence[torch.Tensor]) -> tuple[Any, ...]:
-        with torch.no_grad():
-            return tuple(self.stage.module(*[t.detach() for t in inputs]))
-
-    def warm(self, inputs: Sequence[torch.Tensor], method: Method, probe: _MemoryProbe | None = None) -> None:
-        """Untimed runs (the first inside ``probe``, if given): allocator, kernel choice and caches
-        settle before anything is timed."""
-        for i in range(max(1, method.warmup)):
-            if i == 0 and probe is not None:
-                with probe:
-                    self.run(inputs)
-            else:
-                self.run(inputs)
-
-    def samples(self, inputs: Sequence[torch.Tensor], min_repeats: int, max_repeats: int, budget_s: float,
-                before: Callable[[], Any] | None = None) -> tuple[list[float], list[float], tuple[Any, ...]]:
-        """Timed runs, at least ``min_repeats`` and then more until ``budget_s`` was timed or
-        ``max_repeats`` ran; (forward samples, backward samples, outputs of the last run)."""
-        fwd: list[float] = []
-        bwd: list[float] = []
-        spent = 0.0
-        out: tuple[Any, ...] = ()
-        gc.disable()  # a collection inside a timed run is noise, not the device
-        try:
-            while len(fwd) < max(1, max_repeats) and (len(fwd) < min_repeats or spent < budget_s):
-                f, b, out = self.run(inputs, before)
-                fwd.append(f)
-                bwd.append(b)
-                spent += f + b
-        finally:
-            gc.enable()
-        return fwd, bwd, out
-
-    def time(self, inputs: Sequence[torch.Tensor], method: Method) -> tuple[Timing, Timing, tuple[Any, ...]]:
-        """Warm-up, then ``method.rounds`` rounds of timed runs back to back: the Timings of all
-        samples and the last outputs (``measure`` spreads a layer's rounds over passes instead)."""
-        self.warm(inputs, method)
-        fwd: list[float] = []
-        bwd: list[float] = []
-        out: tuple[Any, ...] = ()
-        for _ in range(method.rounds):
-            f, b, out = self.samples(inputs, *round_quota(method))
-            fwd += f
-            bwd += b
-        return Timing.of(fwd, method.outlier_mads), Timing.of(bwd, method.outlier_mads), out
-
-
-class CacheFlush:
-    """Writes a buffer twice the size of the cache, so what a layer kept there is gone: as inside
-    a stage whose other layers ran since (see ``DeviceProfile.cold_share``)."""
-
-    def __init__(self, device: torch.device, cache_bytes: int):
-        self.buffer = torch.empty(max(2 * cache_bytes, 1 << 20), dtype=torch.uint8, device=device)
-        self.value = 0
-
-    def __call__(self) -> None:
-        self.value = (self.value + 1) % 251
-        self.buffer.fill_(self.value)
-
-
-def round_quota(method: Method) -> tuple[int, int, float]:
-    """(min repeats, max repeats, seconds) of one round: the method's totals spread over its rounds."""
-    rounds = max(1, method.rounds)
-    return -(-method.min_repeats // rounds), -(-method.max_repeats // rounds), method.budget_s / rounds
-
-
-def stages_for(captured: Captured, lg: LayerGraph, bounds: Sequence[int]) -> tuple[Stage, ...]:
-    """Stage modules for the layer ranges between consecutive ``bounds`` (0 ... len(lg))."""
-    plan = Plan(tuple(StagePlan((lo, hi), (f"s{i}",), (1,)) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))),
-                microbatches=1, microbatch_rows=1, schedule="1f1b", planner="measure")
-    return split(captured, lg, plan)
-
-
-def example_rows(captured: Captured, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The model's batch-first inputs for ``rows`` rows, by placeholder name: the example's rows,
-    repeated as often as needed."""
-    out = {}
-    placeholders = [n for n in captured.module.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, captured.example_inputs):
-        if isinstance(value, torch.Tensor) and captured.is_batched(node.meta.get("val")):
-            reps = -(-rows // value.shape[0])
-            out[node.name] = torch.cat([value] * reps)[:rows].to(device).clone()
-    return out
-
-
-def stage_inputs(captured: Captured, lg: LayerGraph, lo: int, rows: int,
-                 device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The tensors live across cut ``lo`` for ``rows`` rows, computed by running layers [0, lo)."""
-    first = stages_for(captured, lg, [0, lo, len(lg)] if 0 < lo < len(lg) else [0, len(lg)])[0]
-    x = example_rows(captured, rows, device)
-    inputs = tuple(x[name] for name in first.inputs)
-    if lo == 0:
-        return inputs
-    with torch.no_grad():
-        return tuple(t.detach() for t in first.module(*inputs))
-
-
-# ----------------------------------------------------------------------------------------------
-# The measurement
 
 
 # GPU names (as torch reports them) that say which catalog kind they are; others need --kind.
@@ -372,27 +121,6 @@ def _cpu_cache_bytes(level: int = 2) -> int:
     return 0
 
 
-def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        seen[_storage_key(t)] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def _optimizer_bytes(params: list[torch.nn.Parameter], optimizer: str) -> int:
-    """Bytes of optimizer state after one step on the gradients the run left (then undone by the
-    caller's restore)."""
-    from asteroid_fx.backends.local import make_optimizer
-
-    with_grad = [p for p in params if p.grad is not None]
-    opt = make_optimizer(optimizer, with_grad, lr=0.0) if with_grad else None
-    if opt is None:
-        return 0
-    opt.step()
-    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    return _unique_bytes(state)
-
-
 NO_WORK_S = 1e-6  # a direction faster than this ran nothing (a layer with nothing to differentiate)
 CHEAP_BLOCK = 20.0  # a block estimates a layer's overhead when it takes less than this many overheads
 PAIR_LIMIT_S = 2e-3  # pairs slower than this are not timed: 1% noise there is more than any overhead
@@ -436,18 +164,6 @@ def fit_overhead(layers: Sequence[LayerProfile], blocks: Sequence[Block]) -> tup
     return (Overhead(typical["fwd"], typical["bwd"]),
             tuple(Overhead(f, b) for f, b in zip(per_layer["fwd"], per_layer["bwd"])))
 
-
-def _snapshot(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
-
-
-def _restore(gm: torch.nn.Module, saved: dict[str, torch.Tensor], device: torch.device) -> None:
-    gm.to(device)
-    with torch.no_grad():
-        for k, v in gm.state_dict(keep_vars=True).items():
-            v.copy_(saved[k])
-    for p in gm.parameters():
-        p.grad = None
 
 
 def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: str | torch.device = "cpu",
@@ -493,7 +209,7 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
 
     gm = captured.module
     home = next(iter(gm.parameters()), torch.empty(0)).device
-    saved = _snapshot(gm)
+    saved = snapshot_state(gm)
     gm.to(dev)
     last_save = time.monotonic()
     rounds = max(1, method.rounds)
@@ -537,13 +253,13 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
                 t0 = time.perf_counter()
                 try:
                     if k == 0:
-                        probe = _MemoryProbe(dev, [*gm.parameters(), *gm.buffers()],
+                        probe = MemoryProbe(dev, [*gm.parameters(), *gm.buffers()],
                                              [t for t in inputs if isinstance(t, torch.Tensor)])
                         runner.warm(inputs, method, probe)
                         memory[i] = (probe.saved_bytes, probe.peak_bytes)
                         if i not in static:  # the warm-up left this layer's gradients
-                            grads = _unique_bytes(p.grad for p in runner.params if p.grad is not None)
-                            static[i] = (grads, _optimizer_bytes(runner.params, method.optimizer))
+                            grads = unique_bytes(p.grad for p in runner.params if p.grad is not None)
+                            static[i] = (grads, optimizer_bytes(runner.params, method.optimizer))
                     f, b, outputs = runner.samples(inputs, *quota)
                     working_set = 2 * lg.layers[i].param_bytes + memory[i][0]
                     if working_set < CACHE_COLD_FROM * info.cache_bytes:  # warm and cold can differ
@@ -624,7 +340,7 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
             checkpoint(snapshot(False))
         raise
     finally:
-        _restore(gm, saved, home)
+        restore_state(gm, saved, home)
     return snapshot(True)
 
 
@@ -676,27 +392,3 @@ def _check_resumable(resume: DeviceProfile, key: Any, info: DeviceInfo, method: 
     if resume.method.clock != method.clock:
         raise ProfileError(f"cannot resume: the unfinished profile was timed with the {resume.method.clock!r} "
                            f"clock, this run uses {method.clock!r}; pass the same --clock or start afresh")
-
-
-def time_stage(captured: Captured, lg: LayerGraph, lo: int, hi: int, rows: int, *, device: str = "cpu",
-               method: Method = Method()) -> tuple[Timing, Timing]:
-    """Forward and backward Timing of layers [lo, hi) run as one stage (what a profile predicts);
-    leaves the captured module's weights and buffers as they were."""
-    dev = torch.device(device)
-    method = resolve_clock(method, dev)
-    gm = captured.module
-    home = next(iter(gm.parameters()), torch.empty(0)).device
-    saved = _snapshot(gm)
-    gm.to(dev)
-    try:
-        bounds = sorted({0, lo, hi, len(lg)})
-        stage = next(s for s in stages_for(captured, lg, bounds) if s.layers == (lo, hi))
-        inputs = stage_inputs(captured, lg, lo, rows, dev)
-        fwd, bwd, _ = BlockRunner(stage, dev, method.clock).time(inputs, method)
-        return fwd, bwd
-    finally:
-        _restore(gm, saved, home)
-
-
-__all__ = ["BlockRunner", "Progress", "fit_overhead", "measure", "prepare", "stage_inputs", "stages_for",
-           "time_stage", "example_rows"]

@@ -1,0 +1,48 @@
+"""Fault injection (``RunSpec.faults``): a device kills itself, or leaves announced, just before a
+given action of a given iteration or of a switch's hand-over. For tests and benchmarks of recovery:
+a failure at an exact point of the program, which a kill from outside (``launch(kills=...)``)
+cannot aim at."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Callable
+
+from asteroid_fx.backends.torch_dist import Interrupted
+from asteroid_fx.runtime.store import killed_at_key
+
+log = logging.getLogger(__name__)
+
+
+class Faults:
+    """The faults of ``faults`` (RunSpec.faults) that strike ``device``; ``leave`` announces its
+    departure (the heartbeat's) before a "leave" fault interrupts the iteration."""
+
+    def __init__(self, faults, device: str, store, leave: Callable[[], None]):
+        self.faults, self.device, self.store, self.leave = tuple(faults), device, store, leave
+
+    def before_action(self, iteration: int, k: int) -> None:
+        """Called by the worker before its k-th action of ``iteration`` (DistWorker's ``fault``)."""
+        for device, at, action, kind in self.faults:
+            if (device, at, action) != (self.device, iteration, k) or kind == "kill-handover":
+                continue
+            if kind == "leave":
+                log.info("[%s] leaving in iteration %d before action %d", self.device, iteration, k)
+                self.leave()
+                raise Interrupted()
+            self._die()
+
+    def before_handover_action(self, iteration: int, k: int) -> None:
+        """A "kill-handover" fault: the device dies before its k-th hand-over action (k = its
+        number of actions: before the commit) at the switch before ``iteration`` (-1: any switch)."""
+        for device, at, action, kind in self.faults:
+            if kind == "kill-handover" and device == self.device and at in (iteration, -1) and action == k:
+                self._die()
+
+    def _die(self) -> None:
+        # when it died, for the launcher's report: nothing else sees a SIGKILL's moment
+        self.store.set(killed_at_key(self.device), repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)

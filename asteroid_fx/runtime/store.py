@@ -1,0 +1,151 @@
+"""The run's store (a TCPStore the launcher serves) and every key the runtime reads or writes in it.
+
+Keys are named here and nowhere else, so the protocol between launcher, workers and heartbeats can
+be read in one place. Values are small strings: JSON for records, ``repr`` of a float for numbers.
+
+  spec, cluster, program          the run's RunSpec, Cluster and first program (launcher, once)
+  result/<device>                 a worker's result record: it is done (worker)
+  loss/<device>/<i>               iteration i's loss on that device; marks the iteration done
+  seconds/<device>/<i>            iteration i's step time on that device
+  ft/epoch                        the newest membership epoch (recovery, switch)
+  ft/hb/<device>                  heartbeat counter, or DEAD / LEFT (heartbeat, launcher)
+  ft/fail/<epoch>                 the epoch's first declared failure, compare-and-set (heartbeat)
+  ft/failed/<epoch>               every device that failed in it, as agreed (heartbeat)
+  ft/<epoch>/done/<device>        how far a survivor got when the epoch failed (recovery)
+  ft/killed_at/<device>           when a fault or the launcher killed that device (faults, launcher)
+  join/n, join/<k>                the count of join requests, and the k-th one's device (switch)
+  admit/<device>                  the answer to a device that asked to join (switch, launcher)
+  switch/<epoch>                  the switch from epoch to epoch + 1, published by the leader (switch)
+  switch/<epoch>/outcome          "committed" or "abandoned", first come first served (switch)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import torch.distributed as dist
+
+from asteroid_fx.ir.errors import InputError
+from asteroid_fx.runtime.errors import CannotListen, CoordinatorUnreachable
+
+STORE_TIMEOUT_S = 60.0
+
+SPEC, CLUSTER, PROGRAM = "spec", "cluster", "program"
+EPOCH = "ft/epoch"
+JOIN_COUNT = "join/n"
+DEAD, LEFT = "dead", "left"  # heartbeat values: the launcher saw the process end; the device left
+
+
+def result_key(device: str) -> str:
+    return f"result/{device}"
+
+
+def loss_key(device: str, iteration: int) -> str:
+    return f"loss/{device}/{iteration}"
+
+
+def seconds_key(device: str, iteration: int) -> str:
+    return f"seconds/{device}/{iteration}"
+
+
+def beat_key(device: str) -> str:
+    return f"ft/hb/{device}"
+
+
+def failure_key(epoch: int) -> str:
+    """The first failure declared in ``epoch`` (one record)."""
+    return f"ft/fail/{epoch}"
+
+
+def failures_key(epoch: int) -> str:
+    """Every device that failed in ``epoch``, as the survivors agreed (a list of records)."""
+    return f"ft/failed/{epoch}"
+
+
+def done_key(epoch: int, device: str) -> str:
+    """[iterations completed, actions done in the next] of a survivor of ``epoch``'s failure."""
+    return f"ft/{epoch}/done/{device}"
+
+
+def killed_at_key(device: str) -> str:
+    return f"ft/killed_at/{device}"
+
+
+def join_key(k: int) -> str:
+    return f"join/{k}"
+
+
+def admit_key(device: str) -> str:
+    return f"admit/{device}"
+
+
+def switch_key(epoch: int) -> str:
+    return f"switch/{epoch}"
+
+
+def switch_outcome_key(epoch: int) -> str:
+    return f"switch/{epoch}/outcome"
+
+
+def has(store: dist.Store, key: str) -> bool:
+    return store.check([key])
+
+
+def get_json(store: dist.Store, key: str):
+    return json.loads(store.get(key).decode())
+
+
+def get_float(store: dist.Store, key: str) -> float:
+    return float(store.get(key))
+
+
+def epoch_of(store: dist.Store) -> int:
+    """The newest membership epoch (0 before any failure or switch)."""
+    return int(store.get(EPOCH)) if has(store, EPOCH) else 0
+
+
+def agreed_failure(store: dist.Store, epoch: int) -> dict:
+    """The failure every survivor agreed on in ``epoch``: {"device", "reason", "by", "at"}."""
+    return get_json(store, failure_key(epoch))
+
+
+def agreed_failures(store: dist.Store, epoch: int) -> list[dict]:
+    """Every failure the survivors agreed on in ``epoch`` (``Heartbeat.agree_failed``), the declared
+    one first; only that one while the survivors have not agreed on the rest yet."""
+    if has(store, failures_key(epoch)):
+        return get_json(store, failures_key(epoch))
+    return [agreed_failure(store, epoch)]
+
+
+def serve_store(host: str, port: int = 0, timeout_s: float = STORE_TIMEOUT_S) -> dist.TCPStore:
+    """The run's store (a TCPStore server) listening on ``host``:``port`` only (0: a free port).
+    Given a host, torch's TCPStore listens on every interface of the machine; it is handed a
+    socket bound to ``host`` instead, so a run told to listen on the loopback is not reachable
+    from the network."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as e:
+        raise CannotListen(f"cannot listen on {host}:{port} ({e.strerror or e}): name an address of this machine "
+                           "and a free port (--listen HOST:PORT; port 0 picks one)") from None
+    with listener:  # the store takes a duplicate of the socket and closes it when it goes
+        return dist.TCPStore(host, listener.getsockname()[1], world_size=None, is_master=True,
+                             timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                             master_listen_fd=os.dup(listener.fileno()))
+
+
+def connect(coordinator: str, timeout_s: float = STORE_TIMEOUT_S) -> dist.TCPStore:
+    """A client of the run's store, or a clear error within ``timeout_s``."""
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"coordinator {coordinator!r} is not HOST:PORT")
+    try:
+        return dist.TCPStore(host, int(port), world_size=None, is_master=False,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, OSError) as e:  # c10d raises DistNetworkError (a RuntimeError) on timeout
+        raise CoordinatorUnreachable(f"cannot reach the coordinator at {coordinator} within {timeout_s:.0f}s: is "
+                                     "`asteroid launch` running there, and is the port open from this machine?") from e

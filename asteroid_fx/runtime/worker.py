@@ -1,0 +1,181 @@
+"""`asteroid worker`: one device of a run. It connects to the run's store, re-runs the compiler
+with the launcher's plan pinned, checks that its program is byte-for-byte the launcher's, trains
+its device's share with the torch_dist backend (``Training``) and writes its losses into the store
+and its weights into the run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from asteroid_fx.backends.torch_dist import CAN_CUT, Interrupted, cut_connections
+from asteroid_fx.ir.atomic import torch_save
+from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.ir.errors import InputError
+from asteroid_fx.ir.program_text import format_program, parse_program
+from asteroid_fx.runtime import switch
+from asteroid_fx.runtime.errors import RunFailed
+from asteroid_fx.runtime.heartbeat import Heartbeat
+from asteroid_fx.runtime.member import Member
+from asteroid_fx.runtime.recovery import recover
+from asteroid_fx.runtime.spec import RunSpec, batch_at, compile_spec, weights_path
+from asteroid_fx.runtime.store import (CLUSTER, PROGRAM, SPEC, STORE_TIMEOUT_S, connect, loss_key, result_key,
+                                       seconds_key)
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLike, *,
+               connect_timeout_s: float = STORE_TIMEOUT_S, join: bool = False) -> int:
+    """One worker: join, rebuild the program with the launcher's plan, check it, train, report.
+    Without --coordinator/--device, torchrun's MASTER_ADDR, MASTER_PORT and RANK are used (the
+    rank picks the program's device in order). With ``join`` the device is one of the cluster's
+    that the running program does not use: it asks to be taken in, and starts training at the
+    iteration boundary where the run switches to a plan that includes it (passes/replan.py)."""
+    torch.set_num_threads(1)
+    if coordinator is None:
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise InputError("give --coordinator HOST:PORT (or set MASTER_ADDR and MASTER_PORT, as torchrun does)")
+        coordinator = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    store = connect(coordinator, connect_timeout_s)
+    program_text = store.get(PROGRAM).decode()
+    devices = parse_program(program_text).devices
+    if device is None:
+        if "RANK" not in os.environ:
+            raise InputError("give --device NAME (or set RANK, as torchrun does)")
+        device = devices[int(os.environ["RANK"])]
+    spec = RunSpec.from_json(store.get(SPEC).decode())
+    cluster = Cluster.from_json(json.loads(store.get(CLUSTER).decode()))
+    if join:
+        if device in devices:
+            raise InputError(f"device {device!r} already runs in this program; --join is for a device that does not")
+        if device not in cluster.names:
+            raise InputError(f"device {device!r} is not in the run's cluster (devices: {', '.join(cluster.names)}); "
+                             "a device that joins must be described in the cluster the run was launched with")
+        if not (spec.recovery and spec.replan):
+            raise InputError("this run does not take devices in: launch it with --recover (and re-planning on)")
+    elif device not in devices:
+        raise InputError(f"device {device!r} is not in this run's program (devices: {', '.join(devices)})")
+    heartbeat = None
+    if spec.recovery:
+        heartbeat = Heartbeat(connect(coordinator, connect_timeout_s), device, interval_s=spec.heartbeat_s,
+                              timeout_s=spec.heartbeat_timeout_s)
+        if CAN_CUT:  # waits blocked on the failed epoch's connections fail at once (Comm.wait_all)
+            heartbeat.on_interrupt = lambda: cut_connections(keep_port=store.port)
+        heartbeat.start()
+    compiled = compile_spec(spec, cluster)
+    if format_program(compiled.program) != program_text:
+        raise RunFailed(f"device {device}: the program compiled here differs from the launcher's; "
+                        "every process must run the same torch and asteroid_fx versions")
+    try:
+        training = Training(spec, compiled, store, device, heartbeat, join=join)
+        training.run()
+        keys = set(compiled.captured.module.state_dict().keys())
+        Path(out).mkdir(parents=True, exist_ok=True)
+        result = {"device": device, "left": training.left,
+                  "lag_s": training.worker.lag_s if training.worker is not None else 0.0,
+                  "program": format_program(training.full), "epochs": training.epochs,
+                  "recoveries": training.recoveries, "switches": training.switches,
+                  "backups": training.points.count, "backed_up": training.points.history}
+        if not training.left:
+            torch_save(training.worker.state_dict(keys), weights_path(out, device))
+        store.set(result_key(device), json.dumps(result))
+        if not training.left:
+            try:
+                training.comm.barrier()  # nobody leaves while a peer may still wait on its messages
+            except Interrupted:
+                pass  # a device failed after the last iteration: nothing is left to recover
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+    if spec.recovery:
+        # waits abandoned in a failure stay blocked in gloo, and tearing down groups with a dead
+        # member can abort the interpreter at exit; the results are written, so leave at once
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+class Training(Member):
+    """One device's training loop. With ``spec.recovery`` it runs the program with backups (every
+    ``backup_every`` iterations, or as the leader's ``BackupPace`` decides), and after an agreed
+    failure it rewrites the program for the survivors, regroups and redoes the lost iterations
+    (runtime/recovery.py; docs/replay.md). With ``spec.replan`` too, the first device of the
+    program (the "leader") runs the planner in the background after a recovery and when a device
+    asks to join, and the run switches to the new plan at an iteration boundary
+    (runtime/switch.py; passes/replan.py). ``join``: this device is not in the program yet and
+    waits to be taken in."""
+
+    def __init__(self, spec: RunSpec, compiled, store, device: str, heartbeat=None, join: bool = False):
+        super().__init__(spec, compiled, store, device, heartbeat)
+        if join:
+            switch.join(self)
+            return
+        self.comm = self.new_comm(self.full, 0)
+        if heartbeat is not None:
+            heartbeat.watch(0, self.full.devices)
+        self.worker = self.new_worker(self.full, compiled.stages, {})
+        self.hold_initial_state()
+
+    def run(self) -> None:
+        points = self.points
+        i, self.completed = self.start, self.start
+        while i < self.spec.iterations and not self.left:
+            try:
+                if self.admitted is not None:  # a device that joins: the switch that takes it in
+                    record, self.admitted = self.admitted, None
+                    switch.hand_over(self, i, record)
+                    continue
+                redoing = self.redo is not None and i == points.base
+                # the point is taken before the barrier: a failure agreed in the barrier rolls back here
+                if self.spec.recovery and points.is_tag(i) and not redoing:
+                    self.worker.take_point(i)  # a redone iteration keeps the point it rolls back to
+                # iterations start together, so their times compare; the leader's flag says that a
+                # switch to a new plan is published: every device makes it here, before iteration i
+                flags = self.comm.barrier(switch.offer(self, i) + points.flag(i, self.leader and self.has_backups))
+                if flags % 2 >= 1:
+                    switch.hand_over(self, i)
+                    continue
+                if self.spec.recovery:
+                    points.decide(i, flags, self.has_backups)
+                    # past the barrier every survivor has finished iteration i - 1
+                    self.worker.drop_copies_before(points.tag_at_or_before(i))
+                actions = self.redo if redoing else (self.full if points.backs_up(i) else self.plain).of(self.device)
+                inputs, labels = batch_at(self.spec, i)
+                started = time.perf_counter()
+                loss = self.worker.step(inputs, labels, actions=actions, iteration=i)
+                took = time.perf_counter() - started
+            except Interrupted:
+                if self.left:
+                    return
+                while True:  # another failure while regrouping is recovered from the new program
+                    try:
+                        i = recover(self)
+                        break
+                    except Interrupted:
+                        continue
+                if self.left:
+                    return
+                continue
+            # the loss last: it marks the iteration done (a recovery counts it), and a device killed
+            # between the two must not leave a done iteration without its time
+            self.store.set(seconds_key(self.device, i), repr(took))
+            self.store.set(loss_key(self.device, i), repr(loss))
+            log.info("[%s] iteration %d/%d: %.1f ms", self.device, i + 1, self.spec.iterations, took * 1e3)
+            i += 1
+            self.completed = i
+            if self.recoveries and "resumed_at" not in self.recoveries[-1] and i > self.recoveries[-1]["iteration"]:
+                self.recoveries[-1]["resumed_at"] = time.time()
+            if self.replan_after is not None and i > self.replan_after[0]:
+                reason, self.replan_after = self.replan_after[1], None
+                if self.leader:
+                    switch.plan_in_background(self, list(self.full.devices), reason)
+            if i == self.points.base + 1:
+                self.redo = None
