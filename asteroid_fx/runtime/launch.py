@@ -645,7 +645,7 @@ class Training:
                     (self.full if self.backs_up(i) else self.plain).of(self.device)
                 inputs, labels = batch_at(self.spec, i)
                 started = time.perf_counter()
-                loss = self.worker.step(inputs, labels, actions=actions, iteration=i)
+                loss = self.worker.step(inputs, labels, actions={self.device: actions}, iteration=i)
                 took = time.perf_counter() - started
             except Interrupted:
                 if self.left:
@@ -811,7 +811,7 @@ class Training:
                 sender = self._worker(after, stages, {})
             sender.comm, sender.fault = handover, self._handover_fault if self.spec.faults else None
             actions = sw.of(self.device)
-            sender.step((), None, actions=actions, iteration=i)
+            sender.step((), None, actions={self.device: actions}, iteration=i)
             if sender.fault is not None:
                 sender.fault(i, len(actions))
             handover.barrier()  # completes only once every device of the hand-over has done its part
