@@ -10,33 +10,8 @@ import torch
 import asteroid_fx as asteroid
 from asteroid_fx.backends.torch_dist import TaggedMessages
 from asteroid_fx.ir.cluster import Cluster, Device
-from asteroid_fx.runtime.launch import RunSpec, batches, compile_spec, launch, load_weights
-
-CLUSTER = Cluster.uniform([Device("a", "jetson-nano"), Device("b", "jetson-tx2"), Device("c", "jetson-xavier-nx")],
-                          bandwidth=125e6, latency=1e-3)
-
-CASES = {
-    "mlp-hybrid-1f1b": RunSpec(model="mlp:small", batch=16, microbatches=2, groups=(("a", "b"), ("c",)),
-                               rows=((5, 3), (8,)), iterations=3, optimizer="adam", lr=1e-3),
-    "resnet18-hybrid-1f1b": RunSpec(model="resnet18:small", batch=16, microbatches=2, groups=(("a",), ("b", "c")),
-                                    rows=((8,), (3, 5)), iterations=2),
-    "gpt-pipeline-gpipe": RunSpec(model="gpt:small", batch=12, microbatches=3, schedule="gpipe",
-                                  groups=(("a",), ("b", "c")), rows=((4,), (1, 3)), iterations=2),
-}
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_workers_match_local_backend(case, tmp_path):
-    spec = CASES[case]
-    result = launch(spec, CLUSTER, tmp_path, timeout_s=240, log=lambda m: None)
-    local = compile_spec(spec, CLUSTER)
-    runner, losses = local.run(batches(spec), spec.iterations, optimizer=spec.optimizer, lr=spec.lr)
-    assert result["losses"] == pytest.approx(losses, rel=1e-6)
-    got = load_weights(tmp_path, result["program"].devices)
-    want = runner.state_dict()
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+from asteroid_fx.runtime.launch import RunSpec, batches, compile_spec, launch
+from tests.test_backends import CASES, CLUSTER  # the parity with the local backend is tested there
 
 
 def test_a_worker_whose_program_differs_fails_the_run_with_its_error(tmp_path, monkeypatch):
