@@ -15,7 +15,13 @@ from asteroid_fx.backends.local import LocalRunner
 from asteroid_fx.backends.torch_dist import Comm, DistWorker
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.ir.errors import AsteroidError
-from asteroid_fx.runtime.launch import RunSpec, batches, compile_spec, launch, load_weights
+from asteroid_fx.runtime.launch import (
+    RunSpec,
+    batches,
+    compile_spec,
+    launch,
+    load_weights,
+)
 
 CLUSTER = Cluster.uniform([Device("a", "jetson-nano"), Device("b", "jetson-tx2"), Device("c", "jetson-xavier-nx")],
                           bandwidth=125e6, latency=1e-3)

@@ -36,11 +36,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from asteroid_fx.backends.stage import StageReplica
+
 # re-exported: the state copy and the optimizers were first defined here
-from asteroid_fx.backends.state import OPTIMIZERS, OptimizerSpec, StateCopy, make_optimizer  # noqa: F401
+from asteroid_fx.backends.state import (  # noqa: F401
+    OPTIMIZERS,
+    OptimizerSpec,
+    StateCopy,
+    make_optimizer,
+)
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program import Action, Op, Program
 from asteroid_fx.ir.verify import execution_order
+
 
 class LocalRunner:
     """Runs ``program`` iteration after iteration; ``stages`` are the split stage modules. A

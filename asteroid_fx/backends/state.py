@@ -49,13 +49,13 @@ class StateCopy:
         self._later: list[Callable[[], StateCopy]] = []  # merged over the entries above, in order
 
     @classmethod
-    def later(cls, make: Callable[[], "StateCopy"]) -> "StateCopy":
+    def later(cls, make: Callable[[], StateCopy]) -> StateCopy:
         out = cls()
         out._later.append(make)
         return out
 
     @classmethod
-    def of(cls, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> "StateCopy":
+    def of(cls, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> StateCopy:
         named = list(replica.named_parameters(remove_duplicate=False))
         state = optimizer.state if optimizer is not None else {}
         return cls(
@@ -86,7 +86,7 @@ class StateCopy:
         self._settle()
         return self._optim
 
-    def update(self, other: "StateCopy") -> None:
+    def update(self, other: StateCopy) -> None:
         """Entries of ``other`` replace those of the same name."""
         self._later.append(lambda: other)
 

@@ -55,17 +55,6 @@ import torch
 import torch.utils._pytree as pytree
 
 # the package's names as they were when it was one module
-from asteroid_fx.backends.onnxruntime.forward import (  # noqa: F401
-    Agreement,
-    Forward,
-    StageRunner,
-    _ort_runner,
-    _torch_runner,
-    _wide_forward,
-    compare,
-    float_error,
-    run_forward,
-)
 from asteroid_fx.backends.onnxruntime.export import (  # noqa: F401
     EXPORTERS,
     FX_NODE,
@@ -81,6 +70,17 @@ from asteroid_fx.backends.onnxruntime.export import (  # noqa: F401
     check_stages,
     export_stage,
     session,
+)
+from asteroid_fx.backends.onnxruntime.forward import (  # noqa: F401
+    Agreement,
+    Forward,
+    StageRunner,
+    _ort_runner,
+    _torch_runner,
+    _wide_forward,
+    compare,
+    float_error,
+    run_forward,
 )
 from asteroid_fx.backends.onnxruntime.report import CheckFailed, CheckReport, StageCheck  # noqa: F401
 from asteroid_fx.ir.atomic import write_bytes

@@ -18,7 +18,6 @@ from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program import Action, Op, Program
 from asteroid_fx.ir.verify import execution_order
 
-
 StageRunner = Callable[[int, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]  # (stage, inputs) -> outputs
 
 

@@ -17,7 +17,12 @@ One concern per module:
 
 from asteroid_fx.backends.base import Interrupted
 from asteroid_fx.backends.torch_dist.emulation import PACED, SHAPED_LINKS_ENV, Emulation
-from asteroid_fx.backends.torch_dist.flat_state import FlatState, live_state, state_from_message, state_message
+from asteroid_fx.backends.torch_dist.flat_state import (
+    FlatState,
+    live_state,
+    state_from_message,
+    state_message,
+)
 from asteroid_fx.backends.torch_dist.gloo import (
     CAN_CUT,
     CHECK_IN_POLL_S,

@@ -54,7 +54,7 @@ class FlatState:
                             values.append(v)
         return tensors, values
 
-    def copy(self) -> tuple["StateLayout", torch.Tensor]:
+    def copy(self) -> tuple[StateLayout, torch.Tensor]:
         """The layout and a copy of the buffer (its header bytes are the caller's to write)."""
         tensors, values = self.live()
         if self.layout is None or values != self.values or [t.data_ptr() for t in tensors] != self.where:

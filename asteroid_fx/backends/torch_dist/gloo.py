@@ -94,7 +94,7 @@ class Comm(TaggedMessages):
             count = store.add(key, 0)
 
     @classmethod
-    def default_group(cls, program: Program, device: str) -> "Comm":
+    def default_group(cls, program: Program, device: str) -> Comm:
         """The groups of torch.distributed's default group (``init_process_group``): its world, and
         a sub-group per multi-device stage, created on every rank in stage order (new_group is
         collective over the world)."""

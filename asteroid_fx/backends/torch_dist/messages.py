@@ -67,7 +67,7 @@ class StateLayout:
     nbytes: int
 
     @classmethod
-    def of(cls, meta: Sequence[Sequence]) -> "StateLayout":
+    def of(cls, meta: Sequence[Sequence]) -> StateLayout:
         meta = tuple((kind, name, key, dtype, tuple(shape) if kind != "v" else shape)
                      for kind, name, key, dtype, shape in meta)
         shapes = tuple(e[4] for e in meta if e[0] != "v")

@@ -45,8 +45,16 @@ from asteroid_fx.backends.state import OptimizerSpec, StateCopy, make_optimizer
 from asteroid_fx.backends.torch_dist.emulation import PACED, Emulation
 from asteroid_fx.backends.torch_dist.flat_state import FlatState, state_from_message
 from asteroid_fx.backends.torch_dist.gloo import Comm as GlooComm
-from asteroid_fx.backends.torch_dist.messages import (COPY, DTYPES, HEADER_BYTES, LAYOUT, StateLayout,
-                                                       message_bytes, read_header, write_header)
+from asteroid_fx.backends.torch_dist.messages import (
+    COPY,
+    DTYPES,
+    HEADER_BYTES,
+    LAYOUT,
+    StateLayout,
+    message_bytes,
+    read_header,
+    write_header,
+)
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program import Action, Op, Program
 from asteroid_fx.passes.direct_calls import direct_calls
