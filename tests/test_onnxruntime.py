@@ -20,6 +20,7 @@ pytest.importorskip("onnxscript")  # torch.onnx's torch.export-based exporter ne
 import asteroid_fx as asteroid  # noqa: E402
 from asteroid_fx import models  # noqa: E402
 from asteroid_fx.backends import onnxruntime as backend  # noqa: E402
+from asteroid_fx.backends.onnxruntime import export as exporting  # noqa: E402
 from asteroid_fx.cli import check as check_cli  # noqa: E402
 from tests.test_local import BATCH, LAYOUTS, MICROBATCHES, _named_cluster  # noqa: E402
 
@@ -38,8 +39,9 @@ def _compile(name: str, n_stages: int):
 
 
 def test_the_real_onnxruntime_package_is_imported():
-    """backends/onnxruntime.py is asteroid_fx.backends.onnxruntime: `import onnxruntime` in it is the package."""
+    """backends/onnxruntime/ is asteroid_fx.backends.onnxruntime: `import onnxruntime` in it is the package."""
     assert backend.__name__ == "asteroid_fx.backends.onnxruntime"
+    assert exporting.__name__ == "asteroid_fx.backends.onnxruntime.export"
     assert hasattr(ort, "InferenceSession") and ort.__name__ == "onnxruntime"
 
 
@@ -221,7 +223,7 @@ def test_fallback_to_torchscript_says_so(mlp, monkeypatch):
     def refuse(module, example):
         raise RuntimeError("the torch.export-based exporter cannot do this")
 
-    monkeypatch.setattr(backend, "_export_torch", refuse)
+    monkeypatch.setattr(exporting, "_export_torch", refuse)
     _, compiled = mlp
     with pytest.warns(UserWarning, match=r"stage \d: exported with the TorchScript exporter, because"):
         report = compiled.check(repeats=0)

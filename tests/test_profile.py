@@ -413,10 +413,18 @@ def test_calibrated_profile_for_a_kind_not_measured(tiny):
         cost = nano.layer_cost(i)
         values = [cost.fwd(r) + cost.bwd(r) for r in (1, 2, 4, 8, 16)]
         assert values == sorted(values) and values[-1] > 0
-    # the calibrated host-cpu model reproduces what it was fitted on, roughly
-    host = calibrate.calibrated_profile(captured, lg, calib, "host-cpu", rows=ROWS, max_layers=48)
+    # fitted on what a calibration predicts, a calibration predicts the same again: exactly, so a
+    # fit that loses evidence or an application that drops a factor shows here, whatever the load
+    host = calibrate.calibrated_profile(captured, lg, calib, "host-cpu", rows=ROWS, max_layers=48,
+                                        memory_from=profile)
+    refit = calibrate.calibrated_profile(captured, lg, calibrate.fit([(captured, lg, host)]), "host-cpu",
+                                         rows=ROWS, max_layers=48, memory_from=profile)
+    for r in ROWS:
+        assert refit.stage_time(0, len(lg), r) == pytest.approx(host.stage_time(0, len(lg), r), rel=1e-9)
+    # against the measurement it was fitted on, the same order of magnitude: this model's layers
+    # take a fraction of a millisecond, where the host's load moves a measurement by several times
     measured, modelled = profile.stage_time(0, len(lg), 4), host.stage_time(0, len(lg), 4)
-    assert 0.3 < modelled / measured < 3.0
+    assert 0.1 < modelled / measured < 10.0
 
 
 def test_nnls_matches_a_known_solution():

@@ -8,35 +8,11 @@ import pytest
 import torch
 
 import asteroid_fx as asteroid
+from asteroid_fx.backends.torch_dist import TaggedMessages
 from asteroid_fx.ir.cluster import Cluster, Device
-from asteroid_fx.runtime.launcher import launch, load_weights
+from asteroid_fx.runtime.launcher import launch
 from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec
-
-CLUSTER = Cluster.uniform([Device("a", "jetson-nano"), Device("b", "jetson-tx2"), Device("c", "jetson-xavier-nx")],
-                          bandwidth=125e6, latency=1e-3)
-
-CASES = {
-    "mlp-hybrid-1f1b": RunSpec(model="mlp:small", batch=16, microbatches=2, groups=(("a", "b"), ("c",)),
-                               rows=((5, 3), (8,)), iterations=3, optimizer="adam", lr=1e-3),
-    "resnet18-hybrid-1f1b": RunSpec(model="resnet18:small", batch=16, microbatches=2, groups=(("a",), ("b", "c")),
-                                    rows=((8,), (3, 5)), iterations=2),
-    "gpt-pipeline-gpipe": RunSpec(model="gpt:small", batch=12, microbatches=3, schedule="gpipe",
-                                  groups=(("a",), ("b", "c")), rows=((4,), (1, 3)), iterations=2),
-}
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_workers_match_local_backend(case, tmp_path):
-    spec = CASES[case]
-    result = launch(spec, CLUSTER, tmp_path, timeout_s=240, log=lambda m: None)
-    local = compile_spec(spec, CLUSTER)
-    runner, losses = local.run(batches(spec), spec.iterations, optimizer=spec.optimizer, lr=spec.lr)
-    assert result["losses"] == pytest.approx(losses, rel=1e-6)
-    got = load_weights(tmp_path, result["program"].devices)
-    want = runner.state_dict()
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+from tests.test_backends import CASES, CLUSTER  # the parity with the local backend is tested there
 
 
 def test_a_worker_whose_program_differs_fails_the_run_with_its_error(tmp_path, monkeypatch):
@@ -160,10 +136,11 @@ def test_a_state_layout_packs_every_dtype_and_shape_and_travels_as_json():
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-class _Loopback:
+class _Loopback(TaggedMessages):
     """Comm's send, recv and wait between workers of one process: a send is delivered at once, a
     receive takes the oldest message on its (peer, tag) when waited on, which must have its size
-    (gloo's rule). ``cut`` makes every wait on a receive fail as a dead peer's does."""
+    (gloo's rule). ``cut`` makes every wait on a receive fail as a dead peer's does. The message
+    methods of the Comm protocol (send_state, recv_state, ...) come from TaggedMessages, as gloo's."""
 
     def __init__(self, device: str, wires: dict):
         self.device, self.wires, self.sent, self.cut = device, wires, [], False
@@ -222,8 +199,8 @@ def test_a_backup_is_one_message_once_its_layout_is_known_and_files_the_exact_st
             _adam_step(a)  # the first step creates Adam's state: the layout changes once, at iteration 1
         sent = len(a.comm.sent)
         b.drop_copies_before(i)  # as every iteration starts: the receive of a known layout is posted here
-        a.step((), None, actions=backup, iteration=i)
-        b.step((), None, actions=restore, iteration=i)
+        a.step((), None, actions={"a": backup}, iteration=i)
+        b.step((), None, actions={"b": restore}, iteration=i)
         assert len(a.comm.sent) - sent == (3 if i < 2 else 1)  # notice, layout, copy; then the copy alone
         want, got = StateCopy.of(a.module, a.optimizer), b.copies[i]
         assert got.params.keys() == want.params.keys() and got.optim.keys() == want.optim.keys()
@@ -240,14 +217,14 @@ def test_a_backup_cut_off_by_a_failure_is_never_filed():
 
     a, b = _two_workers()
     backup, restore = [Action(Op.BACKUP, 0, peer="b")], [Action(Op.RESTORE, 0, peer="a")]
-    a.step((), None, actions=backup, iteration=0)
-    b.step((), None, actions=restore, iteration=0)
+    a.step((), None, actions={"a": backup}, iteration=0)
+    b.step((), None, actions={"b": restore}, iteration=0)
     _adam_step(a)
     b.drop_copies_before(0)
-    a.step((), None, actions=backup, iteration=1)
+    a.step((), None, actions={"a": backup}, iteration=1)
     b.comm.cut = True  # the sender dies while its copy is on the way
     with pytest.raises(Interrupted):
-        b.step((), None, actions=restore, iteration=1)
+        b.step((), None, actions={"b": restore}, iteration=1)
     assert set(b.copies) == {0}
 
 
@@ -258,7 +235,7 @@ def test_the_copy_sent_after_the_step_is_the_senders_next_rollback_point():
     a, b = _two_workers()
     for p in a.module.parameters():
         p.grad = torch.randn_like(p)
-    a.step((), None, actions=[Action(Op.STEP, 0), Action(Op.BACKUP, 0, peer="b")], iteration=0)
+    a.step((), None, actions={"a": [Action(Op.STEP, 0), Action(Op.BACKUP, 0, peer="b")]}, iteration=0)
     want = StateCopy.of(a.module, a.optimizer)
     a.take_point(1)
     got = a.copies[1]

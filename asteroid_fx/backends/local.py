@@ -35,132 +35,29 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from asteroid_fx.backends.stage import StageReplica
+
+# re-exported: the state copy and the optimizers were first defined here
+from asteroid_fx.backends.state import (  # noqa: F401
+    OPTIMIZERS,
+    OptimizerSpec,
+    StateCopy,
+    make_optimizer,
+)
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program import Action, Op, Program
 from asteroid_fx.ir.verify import execution_order
 
-OptimizerSpec = str | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-
-OPTIMIZERS = {
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
-    "momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
-    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
-    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
-}
-
-
-def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter], lr: float = 1e-3) -> torch.optim.Optimizer | None:
-    if not params:
-        return None
-    if callable(spec):
-        return spec(params)
-    name = spec.lower()
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {spec!r}; use one of {', '.join(OPTIMIZERS)} or pass a callable "
-                         "params -> torch.optim.Optimizer")
-    return OPTIMIZERS[name](params, lr)
-
-
-class StateCopy:
-    """A stage's state by model name: parameters, buffers and per-parameter optimizer state.
-
-    ``StateCopy.later(make)`` is a copy whose entries ``make()`` builds when one is first read:
-    a packed backup (backends/torch_dist.py) is kept as the buffer it arrived in, and only a
-    rollback or a hand-over, which read it, pays for unpacking it by name. ``update`` merges in
-    order, and keeps what it merges deferred until then too."""
-
-    def __init__(self, params: dict[str, torch.Tensor] | None = None, buffers: dict[str, torch.Tensor] | None = None,
-                 optim: dict[str, dict[str, Any]] | None = None):
-        self._params = {} if params is None else params
-        self._buffers = {} if buffers is None else buffers
-        self._optim = {} if optim is None else optim
-        self._later: list[Callable[[], StateCopy]] = []  # merged over the entries above, in order
-
-    @classmethod
-    def later(cls, make: Callable[[], "StateCopy"]) -> "StateCopy":
-        out = cls()
-        out._later.append(make)
-        return out
-
-    @classmethod
-    def of(cls, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> "StateCopy":
-        named = list(replica.named_parameters(remove_duplicate=False))
-        state = optimizer.state if optimizer is not None else {}
-        return cls(
-            {n: p.detach().clone() for n, p in named},
-            {n: b.detach().clone() for n, b in replica.named_buffers(remove_duplicate=False)},
-            {n: _clone_state(state[p]) for n, p in named if state.get(p)},
-        )
-
-    def _settle(self) -> None:
-        while self._later:
-            other = self._later.pop(0)()
-            self._params.update(other.params)
-            self._buffers.update(other.buffers)
-            self._optim.update(other.optim)
-
-    @property
-    def params(self) -> dict[str, torch.Tensor]:
-        self._settle()
-        return self._params
-
-    @property
-    def buffers(self) -> dict[str, torch.Tensor]:
-        self._settle()
-        return self._buffers
-
-    @property
-    def optim(self) -> dict[str, dict[str, Any]]:
-        self._settle()
-        return self._optim
-
-    def update(self, other: "StateCopy") -> None:
-        """Entries of ``other`` replace those of the same name."""
-        self._later.append(lambda: other)
-
-    def load_into(self, replica: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
-        """Copy every name ``replica`` has from this copy; returns the names it lacks."""
-        missing = []
-        with torch.no_grad():
-            for n, p in replica.named_parameters(remove_duplicate=False):
-                if n not in self.params:
-                    missing.append(n)
-                    continue
-                p.copy_(self.params[n])
-                p.grad = None
-                if optimizer is not None:
-                    optimizer.state.pop(p, None)
-                    if n in self.optim:
-                        optimizer.state[p] = _clone_state(self.optim[n])
-            for n, b in replica.named_buffers(remove_duplicate=False):
-                if n not in self.buffers:
-                    missing.append(n)
-                else:
-                    b.copy_(self.buffers[n])
-        return missing
-
-
-def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state.items()}
-
-
-@dataclasses.dataclass
-class _MicroBatchState:
-    received: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
-    grads_in: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
-    inputs: tuple[torch.Tensor, ...] = ()
-    outputs: tuple[Any, ...] = ()
-    loss: torch.Tensor | None = None
-    input_grads: tuple[torch.Tensor, ...] = ()
-
 
 class LocalRunner:
-    """Runs ``program`` iteration after iteration; ``stages`` are the split stage modules."""
+    """Runs ``program`` iteration after iteration; ``stages`` are the split stage modules. A
+    ``backends.base.Runner``."""
 
     def __init__(self, program: Program, stages: Sequence, *, loss: Callable, unflatten: Callable,
                  input_names: Sequence[str], optimizer: OptimizerSpec = "sgd", lr: float = 1e-3,
                  loss_reduction: str = "mean", state_keys: Iterable[str] | None = None):
         if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+            raise InputError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.program = program
         self.stages = tuple(stages)
         self.loss = loss
@@ -184,15 +81,20 @@ class LocalRunner:
         """Run ``program`` from now on, with a fresh replica of its stage on every device."""
         self.program = program
         self.order = execution_order(program)
+        self.held: dict[str, StageReplica] = {}
         self.replicas: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer | None] = {}
         for device in program.devices:
-            stage = self.stages[program.stage_of(device).index]
+            index = program.stage_of(device).index
+            stage = self.stages[index]
             replica = copy.deepcopy(stage.module)
             replica.train()
             self.replicas[device] = replica
             self.optimizers[device] = make_optimizer(self.optimizer_spec,
                                                      [p for p in replica.parameters() if p.requires_grad], self.lr)
+            self.held[device] = StageReplica(stage, replica, self.optimizers[device],
+                                             last=index == len(self.stages) - 1, loss=self.loss,
+                                             unflatten=self.unflatten, loss_reduction=self.loss_reduction)
 
     def replay(self, rewrite: Any, stages: Sequence | None = None) -> None:
         """Continue after ``rewrite`` (a passes.replay.Rewrite): the failed devices' state is gone,
@@ -204,7 +106,7 @@ class LocalRunner:
             missing = [st for st in rewrite.after.stages if st.layers not in by_layers]
             if missing:
                 st = missing[0]
-                raise ValueError(f"stage {st.index} of the rewritten program runs layers {st.layers[0]}:{st.layers[1]}, "
+                raise InputError(f"stage {st.index} of the rewritten program runs layers {st.layers[0]}:{st.layers[1]}, "
                                  "which no stage ran before; pass stages= (passes.replay.split_stages builds them)")
             stages = [dataclasses.replace(by_layers[st.layers], index=st.index) for st in rewrite.after.stages]
         for device in rewrite.failure.devices:
@@ -219,7 +121,7 @@ class LocalRunner:
         of ``sw.before``'s stages, then RESTOREs), and every device of ``sw.after`` loads its new
         stage (``stages``: the stage modules of ``sw.after``) from what it holds (ROLLBACK)."""
         if self._then is not None:
-            raise ValueError("a recovery iteration is pending; switch after it has run")
+            raise InputError("a recovery iteration is pending; switch after it has run")
         i = self.iteration
         for device, replica in self.replicas.items():
             self.copies.setdefault(device, {}).setdefault(i, StateCopy()).update(
@@ -240,19 +142,29 @@ class LocalRunner:
 
     # --- one iteration -------------------------------------------------------------------------
 
-    def step(self, inputs: Sequence[torch.Tensor], labels: Any, *, stop: Mapping[str, int] | None = None) -> float:
-        """One training iteration on a global batch; returns its mean loss. With ``stop`` (device ->
-        actions it completes) only that prefix runs, as a failure leaves it: the iteration stays
-        unfinished and the loss returned is what the last stage had computed."""
+    def step(self, inputs: Sequence[torch.Tensor], labels: Any, *, iteration: int | None = None,
+             actions: Mapping[str, Sequence[Action]] | None = None,
+             stop: Mapping[str, int] | None = None) -> float:
+        """One training iteration on a global batch; returns its mean loss (``base.Runner.step``).
+        With ``stop`` (device -> actions it completes) only that prefix runs, as a failure leaves
+        it: the iteration stays unfinished and the loss returned is what the last stage had
+        computed. ``actions`` replace some devices' action lists for this iteration."""
+        if iteration is not None:
+            self.iteration = iteration
         p = self.program
+        order = self.order
+        if actions is not None:  # the same stage table, other action lists: their own interleaving
+            p = dataclasses.replace(p, actions=tuple((d, tuple(actions.get(d, acts))) for d, acts in p.actions))
+            order = execution_order(p)
         batch = p.microbatches * p.microbatch_rows
         for t in inputs:
             if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] != batch:
-                raise ValueError(f"the program trains on batches of {batch} rows "
+                raise InputError(f"the program trains on batches of {batch} rows "
                                  f"({p.microbatches} micro-batches x {p.microbatch_rows}); got an input with "
                                  f"{t.shape[0]} rows")
         self._inputs, self._labels, self._batch = tuple(inputs), labels, batch
-        self._state: dict[tuple[str, int], _MicroBatchState] = {}
+        for replica in self.held.values():
+            replica.begin(batch)
         self._mailbox: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._arrived: dict[tuple[int, int], list[str]] = {}
         self._in_flight: dict[tuple[str, str, int], list[tuple[int, StateCopy]]] = {}  # BACKUP -> RESTORE
@@ -266,11 +178,11 @@ class LocalRunner:
                 held = self.copies.setdefault(device, {}).setdefault(self.iteration, StateCopy())
                 held.update(StateCopy.of(replica, self.optimizers[device]))
             self._rollback_taken = self.iteration
-        actions = {d: acts for d, acts in p.actions}
-        for device, index in self.order:
+        lists = {d: acts for d, acts in p.actions}
+        for device, index in order:
             if stop is not None and index >= stop.get(device, 0):
                 continue
-            a = actions[device][index]
+            a = lists[device][index]
             RULES[a.op](self, device, a)
         if stop is None:
             self.iteration += 1
@@ -278,66 +190,31 @@ class LocalRunner:
                 self.program, self.order, self._then = self._then, execution_order(self._then), None
         return self._loss
 
-    def _mb(self, device: str, mb: int) -> _MicroBatchState:
-        return self._state.setdefault((device, mb), _MicroBatchState())
-
     def _rows(self, mb: int, rows: tuple[int, int]) -> slice:
         base = mb * self.program.microbatch_rows
         return slice(base + rows[0], base + rows[1])
 
     def _forward(self, device: str, a: Action) -> None:
-        stage = self.stages[a.stage]
-        st = self._mb(device, a.mb)
+        replica = self.held[device]
+        inputs = labels = None
         if a.stage == 0:
             sl = self._rows(a.mb, a.rows)
-            inputs = tuple(self._inputs[self.input_index[name]][sl] for name in stage.inputs)
-        else:
-            pieces = [st.received[r] for r in sorted(st.received)]
-            inputs = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(stage.inputs)))
-            st.received.clear()
-        inputs = tuple(t.detach().requires_grad_(g) for t, g in zip(inputs, stage.input_grads))
-        outputs = self.replicas[device](*inputs)
-        st.inputs, st.outputs = inputs, tuple(outputs)
-        if a.stage == len(self.stages) - 1:
-            sl = self._rows(a.mb, a.rows)
-            labels = self._labels[sl]
-            value = self.loss(self.unflatten(list(outputs)), labels)
-            scale = (a.rows[1] - a.rows[0]) / self._batch if self.loss_reduction == "mean" else 1.0
-            st.loss = value * scale
-            self._loss += float(st.loss.detach())
+            inputs = tuple(self._inputs[self.input_index[name]][sl] for name in replica.stage.inputs)
+        if replica.last:
+            labels = self._labels[self._rows(a.mb, a.rows)]
+        self._loss += replica.forward(a.mb, a.rows, inputs, labels)
 
     def _backward(self, device: str, a: Action) -> None:
-        stage = self.stages[a.stage]
-        st = self._mb(device, a.mb)
-        if st.loss is not None:
-            st.loss.backward()
-        else:
-            pieces = [st.grads_in[r] for r in sorted(st.grads_in)]
-            needing = [i for i, g in enumerate(stage.output_grads) if g]
-            tensors, grads = [], []
-            for j, i in enumerate(needing):
-                out = st.outputs[i]
-                if out.requires_grad:
-                    tensors.append(out)
-                    grads.append(torch.cat([piece[j] for piece in pieces]))
-            if tensors:
-                torch.autograd.backward(tensors, grads)
-        st.input_grads = tuple(
-            t.grad if t.grad is not None else torch.zeros_like(t)
-            for t, g in zip(st.inputs, stage.input_grads) if g)
-        st.outputs, st.loss, st.grads_in = (), None, {}
+        self.held[device].backward(a.mb)
 
     def _send(self, device: str, a: Action) -> None:
-        st = self._mb(device, a.mb)
         lo = self.program.slot_of(device).lo
-        sl = slice(a.rows[0] - lo, a.rows[1] - lo)
-        source = st.outputs if a.payload == "act" else st.input_grads
-        self._mailbox[(device, a.peer, a.payload, a.stage, a.mb, a.rows)] = tuple(t[sl].detach() for t in source)
+        data = self.held[device].outgoing(a.mb, a.payload, slice(a.rows[0] - lo, a.rows[1] - lo))
+        self._mailbox[(device, a.peer, a.payload, a.stage, a.mb, a.rows)] = data
 
     def _recv(self, device: str, a: Action) -> None:
         data = self._mailbox.pop((a.peer, device, a.payload, a.stage, a.mb, a.rows))
-        st = self._mb(device, a.mb)
-        (st.received if a.payload == "act" else st.grads_in)[a.rows] = data
+        self.held[device].receive(a.mb, a.payload, a.rows, data)
 
     def _allreduce(self, device: str, a: Action) -> None:
         key = (a.stage, 0)
@@ -364,10 +241,7 @@ class LocalRunner:
         self._arrived.pop(key)
 
     def _step(self, device: str, a: Action) -> None:
-        opt = self.optimizers[device]
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        self.held[device].step()
         self._stepped.add(device)
 
     def _backup(self, device: str, a: Action) -> None:
@@ -380,23 +254,26 @@ class LocalRunner:
         self.copies.setdefault(device, {}).setdefault(tag, StateCopy()).update(copy_)
 
     def _rollback(self, device: str, a: Action) -> None:
-        held = self.copies.get(device, {}).get(self.iteration, StateCopy())
-        missing = held.load_into(self.replicas[device], self.optimizers[device])
-        if missing:
-            raise RuntimeError(f"{device} cannot roll back stage {a.stage} to the start of iteration {self.iteration}: "
-                               f"it holds no copy of {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; "
-                               "a RESTORE of that state must come before its ROLLBACK")
+        self.held[device].rollback(self.copies.get(device, {}).get(self.iteration, StateCopy()), device, self.iteration)
 
     # --- results -------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers of the whole model (each stage's first replica), by model name."""
+    def state_dict(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the whole model (each stage's first replica), by model name;
+        ``keys`` (default: the model's, given as ``state_keys``) keeps only those names."""
+        keys = self.state_keys if keys is None else set(keys)
         out: dict[str, torch.Tensor] = {}
         for info in self.program.stages:
-            replica = self.replicas[info.slots[0].device]
-            out.update({k: v.detach().clone() for k, v in replica.state_dict().items()
-                        if self.state_keys is None or k in self.state_keys})
+            out.update(self.held[info.slots[0].device].state_dict(keys))
         return out
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Every replica's parameters and buffers from ``state``, by model name (``base.Runner.load``)."""
+        for device, replica in self.held.items():
+            missing = replica.load(state)
+            if missing:
+                raise InputError(f"the state to load has no {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                                 f"(stage {replica.stage.index} on {device}); give the model's whole state_dict")
 
 
 RULES: dict[Op, Callable[[LocalRunner, str, Action], None]] = {

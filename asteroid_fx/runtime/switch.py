@@ -153,7 +153,7 @@ def hand_over(m: Member, i: int, record: dict | None = None) -> None:
         sender.comm = handover
         sender.fault = m.faults.before_handover_action if m.faults else None
         actions = sw.of(m.device)
-        sender.step((), None, actions=actions, iteration=i)
+        sender.step((), None, actions={m.device: actions}, iteration=i)
         if sender.fault is not None:
             sender.fault(i, len(actions))
         handover.barrier()  # completes only once every device of the hand-over has done its part

@@ -150,7 +150,7 @@ class Training(Member):
                 actions = self.redo if redoing else (self.full if points.backs_up(i) else self.plain).of(self.device)
                 inputs, labels = batch_at(self.spec, i)
                 started = time.perf_counter()
-                loss = self.worker.step(inputs, labels, actions=actions, iteration=i)
+                loss = self.worker.step(inputs, labels, actions={self.device: actions}, iteration=i)
                 took = time.perf_counter() - started
             except Interrupted:
                 if self.left:

@@ -1,0 +1,160 @@
+"""One device's replica of a stage and what F and B mean for it, shared by every backend.
+
+A replica holds the stage's module and optimizer and, per micro-batch of the running iteration,
+what its F saved for its B: the inputs (its rows; a later stage's are the row slices it received,
+joined in row order), the outputs, the loss on the last stage (scaled by rows / batch for a mean
+loss, so the summed loss is the full-batch mean and gradients match full-batch training), and the
+gradients B leaves for the inputs. Gradients of successive B accumulate in the parameters until
+the device's STEP. How row slices reach a replica and leave it (SEND/RECV), and how a group's
+gradients are summed (ALLREDUCE), is the backend's: see backends/local.py for the meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import torch
+
+from asteroid_fx.backends.base import BackendError
+from asteroid_fx.backends.state import StateCopy
+from asteroid_fx.ir.errors import InputError
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """What a replica keeps of one micro-batch between its F and its B."""
+
+    received: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    grads_in: dict[tuple[int, int], tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)
+    inputs: tuple[torch.Tensor, ...] = ()
+    outputs: tuple[Any, ...] = ()
+    loss: torch.Tensor | None = None
+    input_grads: tuple[torch.Tensor, ...] = ()
+
+
+def joined(pieces: list[tuple[torch.Tensor, ...]], i: int) -> torch.Tensor:
+    """Tensor i of a micro-batch received as row slices, in row order. One slice (every stage fed
+    by one device) is used as received: concatenating it would only copy a buffer nobody else holds."""
+    return pieces[0][i] if len(pieces) == 1 else torch.cat([piece[i] for piece in pieces])
+
+
+class StageReplica:
+    """``stage`` (a split Stage: inputs, input_grads, output_grads) run by ``module`` (the device's
+    copy of ``stage.module``) and trained by ``optimizer``. ``call`` computes the module's outputs
+    from the stage's inputs (default: the module itself; torch_dist calls it through
+    passes/direct_calls). ``last``: the stage computes the loss, ``loss(unflatten(outputs), labels)``."""
+
+    def __init__(self, stage: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                 last: bool, loss: Callable, unflatten: Callable, loss_reduction: str = "mean",
+                 call: Callable | None = None):
+        if loss_reduction not in ("mean", "sum"):
+            raise InputError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.stage, self.module, self.optimizer, self.last = stage, module, optimizer, last
+        self.loss, self.unflatten, self.loss_reduction = loss, unflatten, loss_reduction
+        self.call = module if call is None else call
+        self.batch = 0
+        self.microbatches: dict[int, MicroBatch] = {}
+        # what every micro-batch would otherwise look up again
+        self._inputs = len(stage.inputs)
+        self._grad_inputs = tuple(i for i, g in enumerate(stage.input_grads) if g)
+        self._grad_outputs = tuple(i for i, g in enumerate(stage.output_grads) if g)
+
+    def begin(self, batch: int) -> None:
+        """A new iteration on a global batch of ``batch`` rows: nothing of the last one is kept."""
+        self.batch, self.microbatches = batch, {}
+
+    def mb(self, mb: int) -> MicroBatch:
+        st = self.microbatches.get(mb)
+        if st is None:
+            st = self.microbatches[mb] = MicroBatch()
+        return st
+
+    def forward(self, mb: int, rows: tuple[int, int], inputs: tuple[torch.Tensor, ...] | None = None,
+                labels: Any = None) -> float:
+        """F of micro-batch ``mb`` on ``rows``: ``inputs`` (stage 0: its rows of the batch's) or,
+        when None, the row slices received for it; ``labels`` (its rows) on the last stage.
+        Returns the loss it adds (0.0 off the last stage)."""
+        st = self.mb(mb)
+        if inputs is None:
+            pieces = [st.received[r] for r in sorted(st.received)]
+            inputs = tuple(joined(pieces, i) for i in range(self._inputs))
+            st.received.clear()
+        # a data input that needs no gradient is used as is: detaching it would only cost time
+        if self._grad_inputs or any(t.requires_grad for t in inputs):
+            inputs = tuple(t.detach().requires_grad_(g) if g or t.requires_grad else t
+                           for t, g in zip(inputs, self.stage.input_grads))
+        outputs = self.call(*inputs)
+        st.inputs, st.outputs = inputs, tuple(outputs)
+        if not self.last:
+            return 0.0
+        value = self.loss(self.unflatten(list(outputs)), labels)
+        scale = (rows[1] - rows[0]) / self.batch if self.loss_reduction == "mean" else 1.0
+        st.loss = value * scale
+        return st.loss.item()
+
+    def backward(self, mb: int) -> None:
+        """B of micro-batch ``mb``: from its loss (last stage) or from the output gradients received."""
+        st = self.mb(mb)
+        if st.loss is not None:
+            st.loss.backward()
+        else:
+            pieces = [st.grads_in[r] for r in sorted(st.grads_in)]
+            tensors, grads = [], []
+            for j, i in enumerate(self._grad_outputs):
+                if st.outputs[i].requires_grad:
+                    tensors.append(st.outputs[i])
+                    grads.append(joined(pieces, j))
+            if tensors:
+                torch.autograd.backward(tensors, grads)
+        if self._grad_inputs:
+            st.input_grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
+                                   for t in (st.inputs[i] for i in self._grad_inputs))
+        st.outputs, st.loss, st.grads_in = (), None, {}
+
+    def receive(self, mb: int, payload: str, rows: tuple[int, int], tensors: tuple[torch.Tensor, ...]) -> None:
+        """File a RECV's row slice: activations for F ("act") or output gradients for B ("grad")."""
+        st = self.mb(mb)
+        (st.received if payload == "act" else st.grads_in)[rows] = tensors
+
+    def outgoing(self, mb: int, payload: str, rows: slice) -> tuple[torch.Tensor, ...]:
+        """A SEND's rows (``rows`` counted from this device's first) of the outputs ("act") or of
+        the input gradients ("grad"), detached."""
+        st = self.mb(mb)
+        source = st.outputs if payload == "act" else st.input_grads
+        return tuple(t[rows].detach() for t in source)
+
+    def step(self) -> None:
+        """STEP: the optimizer steps and the gradients are cleared."""
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def rollback(self, held: StateCopy, device: str, iteration: int) -> None:
+        """ROLLBACK: every name of the replica from ``held``, the copies of the iteration's start."""
+        missing = held.load_into(self.module, self.optimizer)
+        if missing:
+            raise BackendError(f"{device} cannot roll back stage {self.stage.index} to the start of iteration "
+                               f"{iteration}: it holds no copy of {', '.join(missing[:4])}"
+                               f"{' ...' if len(missing) > 4 else ''}; a RESTORE of that state must come before "
+                               "its ROLLBACK")
+
+    def state_dict(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
+                if keys is None or k in keys}
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Copy the replica's parameters and buffers from ``state`` in place (their storage stays:
+        the optimizer's references and torch_dist's flat state stay valid); returns the names it
+        lacks, loading nothing then."""
+        named = [*self.module.named_parameters(remove_duplicate=False),
+                 *self.module.named_buffers(remove_duplicate=False)]
+        missing = [n for n, _ in named if n not in state]
+        if missing:
+            return missing
+        with torch.no_grad():
+            for n, t in named:
+                t.copy_(state[n])
+        for p in self.module.parameters():
+            p.grad = None
+        return []
