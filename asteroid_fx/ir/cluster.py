@@ -15,6 +15,9 @@ On disk a cluster is JSON (``Cluster.save`` / ``Cluster.load``)::
 Hand-written files may instead give memory as "4GiB" / "512MiB" / "8GB", matrix entries with
 units ("1Gbps", "0.5ms"), and, for a uniform cluster, ``"links": {"bandwidth": "1Gbps",
 "latency": "0.5ms"}`` in place of the matrices. ``save`` always writes the explicit form.
+
+One module past 500 lines on purpose: the value, its constructors, its JSON form and the resolution
+of a user's cluster argument all go through the same private matrix normalisation and checks.
 """
 
 from __future__ import annotations
