@@ -108,8 +108,11 @@ def compile_spec(spec: RunSpec, cluster):
     model = entry.build(small=small)
     torch.manual_seed(spec.seed)
     example = entry.example(spec.batch, small)
+    # a spec the launcher pinned (``pinned``) names the plan it chose: every process rebuilds that
+    # plan by hand; ``spec.planner`` stays the one a re-plan uses
+    planner = spec.planner if spec.groups is None and spec.rows is None and spec.layers is None else "balanced"
     return asteroid.compile(model, cluster, example=example, loss=entry.loss, microbatches=spec.microbatches,
-                            planner=spec.planner, schedule_kind=spec.schedule, stages=spec.stages, groups=spec.groups, rows=spec.rows,
+                            planner=planner, schedule_kind=spec.schedule, stages=spec.stages, groups=spec.groups, rows=spec.rows,
                             layers=spec.layers, recovery=spec.recovery)
 
 
