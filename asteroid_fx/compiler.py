@@ -12,6 +12,7 @@ import torch
 
 from asteroid_fx.ir.atomic import write_text
 from asteroid_fx.ir.cluster import Cluster, resolve_cluster
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph, write_costs
 from asteroid_fx.ir.plan import Plan
 from asteroid_fx.ir.program import Program
@@ -53,7 +54,7 @@ class Compiled:
 
         loss = loss or self.loss
         if loss is None:
-            raise ValueError("no loss function: pass loss= to compile() or to run()")
+            raise InputError("no loss function: pass loss= to compile() or to run()")
         names = [n.name for n in self.captured.module.graph.nodes if n.op == "placeholder"]
         return LocalRunner(self.program, self.stages, loss=loss, unflatten=self.captured.unflatten_outputs,
                            input_names=names, optimizer=optimizer, lr=lr, loss_reduction=loss_reduction,
@@ -71,7 +72,7 @@ class Compiled:
             try:
                 inputs, labels = next(it)
             except StopIteration:
-                raise ValueError(f"the data ran out after {i} of {iterations} iterations") from None
+                raise InputError(f"the data ran out after {i} of {iterations} iterations") from None
             if isinstance(inputs, torch.Tensor):
                 inputs = (inputs,)
             elif isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
@@ -91,7 +92,7 @@ class Compiled:
         own float32 error on each output (0: off). Returns the report (print it for the table);
         raises CheckFailed on a mismatch when ``strict``. See backends/onnxruntime.py."""
         if backend != "onnxruntime":
-            raise ValueError(f"unknown check backend {backend!r}; there is one: 'onnxruntime'")
+            raise InputError(f"unknown check backend {backend!r}; there is one: 'onnxruntime'")
         from asteroid_fx.backends.onnxruntime import check
 
         return check(self, inputs=inputs, kwargs=kwargs, model=model, rtol=rtol, atol=atol, rounding=rounding,
@@ -159,7 +160,7 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
     batch = captured.example_batch
     for name, value in (("microbatches", microbatches), ("microbatch_rows", microbatch_rows)):
         if value is not None and (value < 1 or batch % value):
-            raise ValueError(f"{name}={value} does not divide the example batch of {batch} rows; "
+            raise InputError(f"{name}={value} does not divide the example batch of {batch} rows; "
                              f"pass a divisor of {batch}, or leave both out and the planner chooses")
     annotate_costs(captured, {d.kind for d in cluster.devices})
     lg = linearize(captured, max_layers=max_layers)
