@@ -397,7 +397,7 @@ def test_backups_are_simulated_and_held_by_the_neighbour():
     runner.step(*batches[0])
     held = runner.copies["d1"][1]  # d1 holds stage 0's state for iteration 1, optimizer state included
     stage0 = compiled.stages[0].module
-    for name, p in runner.replicas["d0"].named_parameters():
+    for name, p in runner.replicas[("d0", 0)].named_parameters():
         assert torch.equal(held.params[name], p.detach())
         assert name in held.optim
     assert set(held.params) >= {n for n, _ in stage0.named_parameters()}

@@ -1,7 +1,9 @@
 """local backend: execute a Program in one process with real tensors. This is what the IR means.
 
-Every device holds its own replica of its stage (parameters, buffers, optimizer), exactly as on a
-real cluster; actions run in ``verify.execution_order`` (a deterministic interleaving that respects
+Every device holds its own replica of each stage it runs (parameters, buffers, optimizer), exactly
+as on a real cluster: a device holding several stages (virtual stages) holds one replica per stage,
+and every action works on the replica of the stage it names (a SEND/RECV of a cut: the side of the
+cut its device is on, ``ops.own_stage``). Actions run in ``verify.execution_order`` (a deterministic interleaving that respects
 every SEND -> RECV and collective). Semantics of one iteration over a global batch of
 ``microbatches x microbatch_rows`` rows (micro-batch m = rows [m*b, (m+1)*b)):
   F     stage 0 reads its rows of the inputs; later stages concatenate the row slices they
@@ -44,8 +46,11 @@ from asteroid_fx.backends.state import (  # noqa: F401
     StateCopy,
     make_optimizer,
 )
+from asteroid_fx.ir import ops
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program import Action, Op, Program
+
+Key = tuple[str, int]  # (device, stage): one replica
 from asteroid_fx.ir.verify import execution_order
 
 
@@ -67,7 +72,7 @@ class LocalRunner:
         self.state_keys = set(state_keys) if state_keys is not None else None
         self.optimizer_spec, self.lr = optimizer, lr
         self.iteration = 0  # iterations completed
-        self.copies: dict[str, dict[int, StateCopy]] = {}  # device -> iteration tag -> copies it holds
+        self.copies: dict[str, dict[int, StateCopy]] = {}  # device -> iteration tag -> copies it holds (by name)
         self._rollback_taken: int | None = None  # the iteration whose rollback points are taken
         self._then: Program | None = None  # the program that follows a recovery iteration
         self._use(program)
@@ -75,26 +80,42 @@ class LocalRunner:
             held = self.copies.setdefault(device, {}).setdefault(0, StateCopy())
             for a in acts:
                 if a.op == Op.RESTORE:
-                    held.update(StateCopy.of(self.replicas[a.peer], None))
+                    held.update(StateCopy.of(self.replicas[self._key(a.peer, a.stage)], None))
 
     def _use(self, program: Program) -> None:
-        """Run ``program`` from now on, with a fresh replica of its stage on every device."""
+        """Run ``program`` from now on, with a fresh replica of every stage on each device holding it."""
         self.program = program
         self.order = execution_order(program)
-        self.held: dict[str, StageReplica] = {}
-        self.replicas: dict[str, torch.nn.Module] = {}
-        self.optimizers: dict[str, torch.optim.Optimizer | None] = {}
+        self.held: dict[Key, StageReplica] = {}
+        self.replicas: dict[Key, torch.nn.Module] = {}
+        self.optimizers: dict[Key, torch.optim.Optimizer | None] = {}
+        self._only: dict[str, Key] = {}  # a device holding one stage: its replica, whatever stage an action names
         for device in program.devices:
-            index = program.stage_of(device).index
-            stage = self.stages[index]
-            replica = copy.deepcopy(stage.module)
-            replica.train()
-            self.replicas[device] = replica
-            self.optimizers[device] = make_optimizer(self.optimizer_spec,
-                                                     [p for p in replica.parameters() if p.requires_grad], self.lr)
-            self.held[device] = StageReplica(stage, replica, self.optimizers[device],
-                                             last=index == len(self.stages) - 1, loss=self.loss,
-                                             unflatten=self.unflatten, loss_reduction=self.loss_reduction)
+            for info in program.stages_of(device):
+                key = (device, info.index)
+                stage = self.stages[info.index]
+                replica = copy.deepcopy(stage.module)
+                replica.train()
+                self.replicas[key] = replica
+                self.optimizers[key] = make_optimizer(self.optimizer_spec,
+                                                      [p for p in replica.parameters() if p.requires_grad], self.lr)
+                self.held[key] = StageReplica(stage, replica, self.optimizers[key],
+                                              last=info.index == len(self.stages) - 1, loss=self.loss,
+                                              unflatten=self.unflatten, loss_reduction=self.loss_reduction)
+            held = program.stages_of(device)
+            if len(held) == 1:
+                self._only[device] = (device, held[0].index)
+
+    def _key(self, device: str, stage: int | None) -> Key:
+        """The replica an action of ``device`` naming ``stage`` works on. A device of one stage has
+        one replica, which every action of it uses (as before virtual stages)."""
+        only = self._only.get(device)
+        if only is not None:
+            return only
+        if (device, stage) not in self.held:
+            raise InputError(f"device {device} holds no stage {stage} "
+                             f"(it holds {', '.join(str(s) for d, s in self.held if d == device)}); verify the program")
+        return (device, stage)
 
     def replay(self, rewrite: Any, stages: Sequence | None = None) -> None:
         """Continue after ``rewrite`` (a passes.replay.Rewrite): the failed devices' state is gone,
@@ -123,9 +144,9 @@ class LocalRunner:
         if self._then is not None:
             raise InputError("a recovery iteration is pending; switch after it has run")
         i = self.iteration
-        for device, replica in self.replicas.items():
+        for (device, stage), replica in self.replicas.items():
             self.copies.setdefault(device, {}).setdefault(i, StateCopy()).update(
-                StateCopy.of(replica, self.optimizers[device]))
+                StateCopy.of(replica, self.optimizers[(device, stage)]))
         self._in_flight, self._stepped = {}, set()
         for op in (Op.BACKUP, Op.RESTORE):  # the order every device runs them in: sends first
             for device, acts in sw.handover:
@@ -137,7 +158,8 @@ class LocalRunner:
         self.stages = tuple(stages)
         self._use(sw.after)
         for device in sw.after.devices:
-            self._rollback(device, Action(Op.ROLLBACK, sw.after.stage_of(device).index))
+            for info in sw.after.stages_of(device):
+                self._rollback(device, Action(Op.ROLLBACK, info.index))
         self._rollback_taken = None
 
     # --- one iteration -------------------------------------------------------------------------
@@ -169,14 +191,14 @@ class LocalRunner:
         self._arrived: dict[tuple[int, int], list[str]] = {}
         self._in_flight: dict[tuple[str, str, int], list[tuple[int, StateCopy]]] = {}  # BACKUP -> RESTORE
         self._loss = 0.0
-        self._stepped: set[str] = set()
+        self._stepped: set[Key] = set()
         if self._rollback_taken != self.iteration:  # a redone iteration keeps the points it started with
             for held in self.copies.values():  # copies of earlier iterations serve no rollback any more
                 for tag in [t for t in held if t < self.iteration]:
                     del held[tag]
-            for device, replica in self.replicas.items():
+            for (device, stage), replica in self.replicas.items():
                 held = self.copies.setdefault(device, {}).setdefault(self.iteration, StateCopy())
-                held.update(StateCopy.of(replica, self.optimizers[device]))
+                held.update(StateCopy.of(replica, self.optimizers[(device, stage)]))
             self._rollback_taken = self.iteration
         lists = {d: acts for d, acts in p.actions}
         for device, index in order:
@@ -195,7 +217,7 @@ class LocalRunner:
         return slice(base + rows[0], base + rows[1])
 
     def _forward(self, device: str, a: Action) -> None:
-        replica = self.held[device]
+        replica = self.held[self._key(device, a.stage)]
         inputs = labels = None
         if a.stage == 0:
             sl = self._rows(a.mb, a.rows)
@@ -205,16 +227,17 @@ class LocalRunner:
         self._loss += replica.forward(a.mb, a.rows, inputs, labels)
 
     def _backward(self, device: str, a: Action) -> None:
-        self.held[device].backward(a.mb)
+        self.held[self._key(device, a.stage)].backward(a.mb)
 
     def _send(self, device: str, a: Action) -> None:
-        lo = self.program.slot_of(device).lo
-        data = self.held[device].outgoing(a.mb, a.payload, slice(a.rows[0] - lo, a.rows[1] - lo))
+        key = self._key(device, ops.own_stage(a))
+        lo = self.program.slot_of(device, key[1]).lo
+        data = self.held[key].outgoing(a.mb, a.payload, slice(a.rows[0] - lo, a.rows[1] - lo))
         self._mailbox[(device, a.peer, a.payload, a.stage, a.mb, a.rows)] = data
 
     def _recv(self, device: str, a: Action) -> None:
         data = self._mailbox.pop((a.peer, device, a.payload, a.stage, a.mb, a.rows))
-        self.held[device].receive(a.mb, a.payload, a.rows, data)
+        self.held[self._key(device, ops.own_stage(a))].receive(a.mb, a.payload, a.rows, data)
 
     def _allreduce(self, device: str, a: Action) -> None:
         key = (a.stage, 0)
@@ -222,7 +245,7 @@ class LocalRunner:
         arrived.append(device)
         if len(arrived) < len(a.group):
             return
-        replicas = [self.replicas[d] for d in a.group]
+        replicas = [self.replicas[self._key(d, a.stage)] for d in a.group]
         with torch.no_grad():
             for params in zip(*(r.parameters() for r in replicas)):
                 grads = [q.grad for q in params if q.grad is not None]
@@ -241,12 +264,14 @@ class LocalRunner:
         self._arrived.pop(key)
 
     def _step(self, device: str, a: Action) -> None:
-        self.held[device].step()
-        self._stepped.add(device)
+        key = self._key(device, a.stage)
+        self.held[key].step()
+        self._stepped.add(key)
 
     def _backup(self, device: str, a: Action) -> None:
-        tag = self.iteration + (device in self._stepped)
-        copy_ = StateCopy.of(self.replicas[device], self.optimizers[device])
+        key = self._key(device, a.stage)
+        tag = self.iteration + (key in self._stepped)
+        copy_ = StateCopy.of(self.replicas[key], self.optimizers[key])
         self._in_flight.setdefault((device, a.peer, a.stage), []).append((tag, copy_))
 
     def _restore(self, device: str, a: Action) -> None:
@@ -254,7 +279,7 @@ class LocalRunner:
         self.copies.setdefault(device, {}).setdefault(tag, StateCopy()).update(copy_)
 
     def _rollback(self, device: str, a: Action) -> None:
-        self.held[device].rollback(self.copies.get(device, {}).get(self.iteration, StateCopy()), device, self.iteration)
+        self.held[self._key(device, a.stage)].rollback(self.copies.get(device, {}).get(self.iteration, StateCopy()), device, self.iteration)
 
     # --- results -------------------------------------------------------------------------------
 
@@ -264,12 +289,12 @@ class LocalRunner:
         keys = self.state_keys if keys is None else set(keys)
         out: dict[str, torch.Tensor] = {}
         for info in self.program.stages:
-            out.update(self.held[info.slots[0].device].state_dict(keys))
+            out.update(self.held[self._key(info.slots[0].device, info.index)].state_dict(keys))
         return out
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         """Every replica's parameters and buffers from ``state``, by model name (``base.Runner.load``)."""
-        for device, replica in self.held.items():
+        for (device, _), replica in self.held.items():
             missing = replica.load(state)
             if missing:
                 raise InputError(f"the state to load has no {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "

@@ -35,3 +35,13 @@ class DeadlockError(VerifyError):
         super().__init__(message)
         self.steps = [list(s) for s in steps]
         self.blocked = dict(blocked)
+
+
+class SeveralStagesError(AsteroidError):
+    """A question about "the" stage of a device that holds several (virtual stages)."""
+
+    def __init__(self, device: str, stages: tuple[int, ...]) -> None:
+        listed = ", ".join(str(s) for s in stages[:-1]) + f" and {stages[-1]}"
+        super().__init__(f"device {device} holds stages {listed}; use stages_of (or slot_of with a stage) "
+                         "to ask about one of them")
+        self.device, self.stages = device, stages

@@ -120,6 +120,19 @@ def named_stage(a: Action, own: int) -> int | None:
     return own
 
 
+def own_stage(a: Action) -> int | None:
+    """The stage, of those its device holds, that an action works on: the one it names, or for a
+    transfer of a cut's data the side of the cut its device is on (None: any stage, as a
+    backup's). The inverse of ``named_stage``; a device holding several stages needs it to tell
+    which of them a RECV feeds or a SEND reads."""
+    rule = info(a.op).stage
+    if rule == "any":
+        return None
+    if rule == "cut" and a.payload in PAYLOAD_INFO:
+        return a.stage + 1 if peer_is_lower(a) else a.stage
+    return a.stage
+
+
 class Channel(NamedTuple):
     """A transfer pairs with the same-ordinal action of its counterpart on the same ``key``."""
 

@@ -1,5 +1,7 @@
 """Plan: the planner's answer. Stages in pipeline order, each a layer range run data-parallel by a
-group of devices that split every micro-batch's rows unevenly, plus what the planner predicts."""
+group of devices that split every micro-batch's rows unevenly, plus what the planner predicts. A
+device may hold several stages, never two adjacent ones (virtual stages; the planners make one
+stage per device)."""
 
 from __future__ import annotations
 
@@ -9,26 +11,30 @@ import os
 import re
 from typing import Any
 
-from asteroid_fx.ir.errors import AsteroidError, InputError
+from asteroid_fx.ir.errors import AsteroidError, InputError, SeveralStagesError
 from asteroid_fx.ir.json_fields import Fields, read_json
 
 PLAN_FORMAT = "asteroid-plan"
 PLAN_VERSION = 1
 
 
+INTERLEAVED = "interleaved"  # 1F1B over the stages a device holds (passes/schedule.py)
+
+
 def warmup_depth(schedule: str) -> int | None:
     """The extra warm-up of a 1F1B-family schedule ("1f1b" = 0, "1f1b+N" = N), None for GPipe;
     InputError for any other name. Under "1f1b+N" stage p of S holds up to (S - p - 1)(1 + N) + 1
     micro-batches in flight: N more per later stage than plain 1F1B, which lets it run ahead of a
-    slow link (and costs their activations' memory)."""
+    slow link (and costs their activations' memory). "interleaved" is 1F1B over the stages a
+    device holds; with one stage per device (every plan a planner makes) it is "1f1b", so 0."""
     if schedule == "gpipe":
         return None
-    if schedule == "1f1b":
+    if schedule in ("1f1b", INTERLEAVED):
         return 0
     m = re.fullmatch(r"1f1b\+([0-9]+)", schedule)
     if m is None:
-        raise InputError(f"unknown schedule {schedule!r}; use 'gpipe', '1f1b' or '1f1b+N' (N extra warm-up "
-                         "micro-batches per later stage)")
+        raise InputError(f"unknown schedule {schedule!r}; use 'gpipe', '1f1b', '1f1b+N' (N extra warm-up "
+                         f"micro-batches per later stage) or '{INTERLEAVED}' (1F1B over virtual stages)")
     return int(m.group(1))
 
 
@@ -88,7 +94,7 @@ class Plan:
     stages: tuple[StagePlan, ...]
     microbatches: int
     microbatch_rows: int
-    schedule: str  # "gpipe" | "1f1b" | "1f1b+N" (see warmup_depth)
+    schedule: str  # "gpipe" | "1f1b" | "1f1b+N" | "interleaved" (see warmup_depth)
     planner: str
     prediction: Prediction | None = None
     # made for a run with recovery: every device's memory holds its rollback point, and the first
@@ -103,7 +109,6 @@ class Plan:
         warmup_depth(self.schedule)  # a known schedule name, else InputError
         if self.microbatches < 1 or self.microbatch_rows < 1:
             raise InputError("a plan needs at least one micro-batch of at least one row")
-        seen: set[str] = set()
         expect = 0
         for i, st in enumerate(self.stages):
             if st.layers[0] != expect or st.layers[1] <= st.layers[0]:
@@ -112,23 +117,37 @@ class Plan:
             if sum(st.rows) != self.microbatch_rows or min(st.rows) < 1:
                 raise InputError(f"stage {i}: rows {list(st.rows)} must be >= 1 each and add up to "
                                  f"the micro-batch size {self.microbatch_rows}")
-            for d in st.devices:
-                if d in seen:
-                    raise InputError(f"device {d!r} appears in two stages; a device runs one stage")
-                seen.add(d)
+            twice = sorted({d for d in st.devices if st.devices.count(d) > 1})
+            if twice:
+                raise InputError(f"stage {i}: device {twice[0]!r} has two slots; give it one slot of the rows")
+            # a device may hold several stages (virtual stages), but two adjacent ones would put a
+            # cut inside one device, which is no cut at all
+            if i > 0:
+                both = [d for d in st.devices if d in self.stages[i - 1].devices]
+                if both:
+                    raise InputError(f"device {both[0]!r} holds stages {i - 1} and {i}, which are adjacent: a cut "
+                                     f"inside one device is no cut; merge stages {i - 1} and {i} into one stage")
+
+    def stages_of(self, device: str) -> tuple[int, ...]:
+        """The indices of the stages ``device`` holds, in order (empty for a device of no stage)."""
+        return tuple(i for i, st in enumerate(self.stages) if device in st.devices)
 
     def stage_of(self, device: str) -> int:
-        for i, st in enumerate(self.stages):
-            if device in st.devices:
-                return i
-        raise KeyError(device)
+        """The one stage ``device`` holds; SeveralStagesError when it holds several, KeyError when none."""
+        held = self.stages_of(device)
+        if not held:
+            raise KeyError(device)
+        if len(held) > 1:
+            raise SeveralStagesError(device, held)
+        return held[0]
 
     def backups_held(self, device: str) -> tuple[int, ...]:
-        """The stages whose backups ``device`` holds when the plan runs with recovery."""
+        """The stages whose backups ``device`` holds when the plan runs with recovery: those whose
+        holder stage (``backup_holder_stage``) has ``device`` first."""
         S = len(self.stages)
-        if S < 2 or self.stages[self.stage_of(device)].devices[0] != device:
+        if S < 2:
             return ()
-        return tuple(p for p in range(S) if backup_holder_stage(p, S) == self.stage_of(device))
+        return tuple(p for p in range(S) if self.stages[backup_holder_stage(p, S)].devices[0] == device)
 
     def __str__(self) -> str:
         lines = [f"Plan ({self.planner}): {len(self.stages)} stages, {self.microbatches} micro-batches x "

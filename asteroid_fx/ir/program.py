@@ -2,7 +2,9 @@
 
 A Program is self-contained: besides the per-device action lists it carries the stage table (which
 layers each stage runs, which devices run it and which rows of every micro-batch each device owns),
-so a backend needs nothing else to execute it.
+so a backend needs nothing else to execute it. A device may hold several stages ("virtual stages",
+as in interleaved 1F1B), never two adjacent ones: each of its actions names the stage it works on
+(docs/semantics.md, "Virtual stages").
 
 Vocabulary (``Op``; what each op carries, computes and moves is in ``ops.OPS``):
   F / B           forward / backward of ``stage`` on rows ``rows`` of micro-batch ``mb``
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+from asteroid_fx.ir.errors import SeveralStagesError
 from asteroid_fx.ir.ops import Op  # the vocabulary lives beside its facts; importable from here too
 from asteroid_fx.ir.plan import backup_holder_stage
 
@@ -86,17 +89,36 @@ class Program:
                 return acts
         raise KeyError(f"device {device!r} is not in this program (devices: {', '.join(self.devices)})")
 
-    def stage_of(self, device: str) -> StageInfo:
-        for st in self.stages:
-            if device in st.devices:
-                return st
-        raise KeyError(f"device {device!r} runs no stage of this program")
+    def stages_of(self, device: str) -> tuple[StageInfo, ...]:
+        """The stages ``device`` holds, in pipeline order (empty for a device of no stage)."""
+        return tuple(st for st in self.stages if device in st.devices)
 
-    def slot_of(self, device: str) -> StageSlot:
-        for slot in self.stage_of(device).slots:
+    @property
+    def virtual_stages(self) -> bool:
+        """Whether some device holds more than one stage."""
+        seen: set[str] = set()
+        for st in self.stages:
+            if seen & set(st.devices):
+                return True
+            seen |= set(st.devices)
+        return False
+
+    def stage_of(self, device: str) -> StageInfo:
+        """The one stage ``device`` holds; SeveralStagesError when it holds several, KeyError when none."""
+        held = self.stages_of(device)
+        if not held:
+            raise KeyError(f"device {device!r} runs no stage of this program")
+        if len(held) > 1:
+            raise SeveralStagesError(device, tuple(st.index for st in held))
+        return held[0]
+
+    def slot_of(self, device: str, stage: int | None = None) -> StageSlot:
+        """``device``'s rows of ``stage`` (default: of the one stage it holds, as ``stage_of``)."""
+        info = self.stage_of(device) if stage is None else self.stages[stage]
+        for slot in info.slots:
             if slot.device == device:
                 return slot
-        raise AssertionError("unreachable")
+        raise KeyError(f"device {device!r} holds no slot of stage {info.index}")
 
     def __str__(self) -> str:
         from asteroid_fx.ir.program_text import format_program

@@ -6,15 +6,17 @@ VerifyError listing every problem found, each naming the device, the 1-based lin
 later phase only runs when the earlier ones passed, since it relies on them):
 
   1. the stage table: stages 0..S-1, layers contiguous from 0, slots tiling [0, microbatch_rows),
-     every device in exactly one stage and with one action list;
+     every device with one action list and in at least one stage, never twice in one stage nor in
+     two adjacent stages (a device may hold several stages: virtual stages);
   2. every action's fields: what its op needs is there, nothing else is, indices are in range,
-     it names its own stage (or the cut it sends or receives across), peers exist;
-  3. compute, dependencies and pairing: F and B once per micro-batch on the device's rows, F before
-     B; received rows tile the device's rows before they are used (gradients only across a cut with
-     gradient traffic: a cut whose tensors need no gradient carries none); a SEND after the compute
-     that produces it; one ALLREDUCE per device of a group of two or more, after every backward;
-     exactly one STEP, after every backward and the ALLREDUCE; every SEND/BACKUP matched by exactly
-     one RECV/RESTORE with the same rows and specs; at most one ROLLBACK, before any compute;
+     it names a stage its device holds (or the cut it sends or receives across), peers exist;
+  3. compute, dependencies and pairing, per stage a device holds: F and B once per micro-batch on
+     the device's rows of that stage, F before B; received rows tile those rows before they are
+     used (gradients only across a cut with gradient traffic: a cut whose tensors need no gradient
+     carries none); a SEND after the compute that produces it; one ALLREDUCE per device of a group
+     of two or more, after every backward of the stage; exactly one STEP, after every backward and
+     the ALLREDUCE; every SEND/BACKUP matched by exactly one RECV/RESTORE with the same rows and
+     specs; at most one ROLLBACK, before any compute;
   4. deadlock freedom, by ``dry_run``.
 
 ``dry_run`` (in ``dry_run.py``, with the channel matching it shares with phase 3) is
@@ -29,6 +31,7 @@ rules here are the checks per op (a table with a default, ``_WALK_RULES``).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
@@ -43,6 +46,9 @@ from asteroid_fx.ir.program_format import ProgramLayout, format_action, format_s
 __all__ = ["DeadlockError", "Step", "VerifyError", "dry_run", "execution_order", "format_grid", "verify"]
 
 _MAX_PROBLEMS_SHOWN = 25
+
+Held = Mapping[str, tuple[int, ...]]  # device -> the stages it holds, in order
+Slots = Mapping[tuple[str, int], StageSlot]  # (device, stage) -> its rows of the stage
 
 
 def _fail(problems: list[str]) -> None:
@@ -111,7 +117,10 @@ def _check_stage_table(p: Program, where: _Where) -> list[str]:
             problems.append(f"{at}: stage {st.index} has no devices; give it at least one DEVICE[LO:HI] slot")
         row = 0
         for slot in st.slots:
-            owner[slot.device].append(st.index)
+            if k in owner[slot.device]:
+                problems.append(f"{at}: device {slot.device} has two slots; a device runs one slot of a stage")
+            else:
+                owner[slot.device].append(k)
             if slot.lo != row:
                 gap = "leaves rows " + _r(row, slot.lo) + " to no device" if slot.lo > row else "overlaps the slot before"
                 problems.append(f"{at}: slot {slot.device}[{_r(slot.lo, slot.hi)}] {gap}; slots must tile the rows in order")
@@ -125,9 +134,12 @@ def _check_stage_table(p: Program, where: _Where) -> list[str]:
             )
 
     for device, stages in owner.items():
-        if len(stages) > 1:
+        adjacent = [(s, t) for s, t in itertools.pairwise(stages) if t == s + 1]
+        if adjacent:
             listed = ", ".join(str(s) for s in stages)
-            problems.append(f"device {device} has slots in stages {listed}; a device runs exactly one slot of one stage")
+            s, t = adjacent[0]
+            problems.append(f"device {device} has slots in stages {listed}, of which {s} and {t} are adjacent: "
+                            f"a cut inside one device is no cut; merge stages {s} and {t} into one stage")
     blocks = Counter(p.devices)
     for device, n in blocks.items():
         if n > 1:
@@ -143,11 +155,15 @@ def _check_stage_table(p: Program, where: _Where) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # 2. fields of every action
 
-def _check_fields(p: Program, where: _Where, stage_of: Mapping[str, int]) -> list[str]:
+def _stages_text(stages: Sequence[int]) -> str:
+    return f"stage {stages[0]}" if len(stages) == 1 else "stages " + ", ".join(str(s) for s in stages)
+
+
+def _check_fields(p: Program, where: _Where, held: Held) -> list[str]:
     problems: list[str] = []
     S, M, R = len(p.stages), p.microbatches, p.microbatch_rows
     for device, acts in p.actions:
-        own = stage_of[device]
+        mine = held[device]
         for i, a in enumerate(acts):
             at = where.action(device, i)
             info = ops.info(a.op)
@@ -159,27 +175,30 @@ def _check_fields(p: Program, where: _Where, stage_of: Mapping[str, int]) -> lis
                         problems.append(f"{at}: {a.op.value} needs a {f}")
                     elif f not in fields and present:
                         problems.append(f"{at}: {a.op.value} takes no {f}; remove it")
-            expected = ops.named_stage(a, own)
+            owner = ops.own_stage(a)
             if not 0 <= a.stage < S:
                 problems.append(f"{at}: stage {a.stage} does not exist (the program has stages 0..{S - 1})")
-            elif expected is not None and a.stage != expected:
-                problems.append(
-                    f"{at}: names stage {a.stage}, but this device runs stage {own}, so it must name stage {expected}"
-                )
+            elif owner is not None and owner not in mine:
+                names = sorted({ops.named_stage(a, h) for h in mine})
+                which = f"stage {names[0]}" if len(names) == 1 else "one of stages " + ", ".join(map(str, names))
+                problems.append(f"{at}: names stage {a.stage}, but this device runs {_stages_text(mine)}, "
+                                f"so it must name {which}")
             if a.mb is not None and not 0 <= a.mb < M:
                 problems.append(f"{at}: micro-batch {a.mb} does not exist (the program has micro-batches 0..{M - 1})")
             if a.rows is not None and not 0 <= a.rows[0] < a.rows[1] <= R:
                 problems.append(f"{at}: rows {_r(*a.rows)} are not a non-empty range inside [0:{R}] of the micro-batch")
             if a.payload is not None and info.moves == ops.DATA and a.payload not in PAYLOADS:
                 problems.append(f"{at}: unknown payload {a.payload!r} (expected {' or '.join(PAYLOADS)})")
-            if a.peer is not None and (a.peer == device or a.peer not in stage_of):
+            if a.peer is not None and (a.peer == device or a.peer not in held):
                 what = "is this device itself" if a.peer == device else "is not a device of this program"
                 problems.append(f"{at}: peer {a.peer} {what}")
-            if a.group:
-                stage_devices = p.stages[own].devices
+            # a device of one stage: its group is that stage's, whatever the action names
+            group_stage = mine[0] if len(mine) == 1 else owner if owner in mine else None
+            if a.group and group_stage is not None:
+                stage_devices = p.stages[group_stage].devices
                 if a.group != stage_devices:
                     problems.append(
-                        f"{at}: the group must be stage {own}'s devices in slot order, [{' '.join(stage_devices)}]"
+                        f"{at}: the group must be stage {group_stage}'s devices in slot order, [{' '.join(stage_devices)}]"
                     )
     return problems
 
@@ -188,22 +207,23 @@ def _check_fields(p: Program, where: _Where, stage_of: Mapping[str, int]) -> lis
 # 3. compute, dependencies, pairing
 
 
-def _check_compute(p: Program, where: _Where, stage_of: Mapping[str, int], slot_of: Mapping[str, StageSlot]) -> list[str]:
+def _check_compute(p: Program, where: _Where, held: Held, slots: Slots) -> list[str]:
     problems: list[str] = []
     for device, acts in p.actions:
-        own, slot = stage_of[device], slot_of[device]
-        seen: dict[tuple[Op, int], list[int]] = defaultdict(list)
+        seen: dict[tuple[Op, int, int], list[int]] = defaultdict(list)
         for i, a in enumerate(acts):
             if ops.info(a.op).compute:
-                seen[(a.op, a.mb)].append(i)
+                seen[(a.op, a.stage, a.mb)].append(i)
+                slot = slots[(device, a.stage)]
                 if a.rows != (slot.lo, slot.hi):
                     problems.append(
                         f"{where.action(device, i)}: runs rows {_r(*a.rows)} but this device's slot is "
                         f"[{_r(slot.lo, slot.hi)}]; a device computes exactly its slot's rows"
                     )
-        for mb in range(p.microbatches):
+        for own, mb in ((own, mb) for own in held[device] for mb in range(p.microbatches)):
+            slot = slots[(device, own)]
             for op in COMPUTE_OPS:
-                found = seen[(op, mb)]
+                found = seen[(op, own, mb)]
                 if not found:
                     problems.append(
                         f"{where.device(device)}: never runs {op.value} s{own} mb{mb}; "
@@ -214,7 +234,7 @@ def _check_compute(p: Program, where: _Where, stage_of: Mapping[str, int], slot_
                         f"{where.action(device, dup)}: runs a second time (first on line {where.line(device, found[0])}); "
                         "each micro-batch runs once per device"
                     )
-            fwd, bwd = seen[(Op.F, mb)], seen[(Op.B, mb)]
+            fwd, bwd = seen[(Op.F, own, mb)], seen[(Op.B, own, mb)]
             if fwd and bwd and bwd[0] < fwd[0]:
                 problems.append(
                     f"{where.action(device, bwd[0])}: runs before its forward (line {where.line(device, fwd[0])}); "
@@ -357,35 +377,45 @@ _WALK_RULES: Mapping[Op, Callable[[_DeviceWalk, int, Action], None]] = {
 }
 
 
-def _check_dependencies(p: Program, where: _Where, stage_of: Mapping[str, int], slot_of: Mapping[str, StageSlot]) -> list[str]:
+def _check_dependencies(p: Program, where: _Where, held: Held, slots: Slots) -> list[str]:
     problems: list[str] = []
     # A cut whose tensors need no gradient carries no gradient messages at all (lower_comm leaves
     # them out); the backward of its lower stage then waits for nothing. Any gradient traffic
     # across a cut means every backward below it needs its rows' gradients.
     grad_cuts = {a.stage for _, acts in p.actions for a in acts if ops.info(a.op).moves == ops.DATA and a.payload == "grad"}
     for device, acts in p.actions:
-        own = stage_of[device]
-        w = _DeviceWalk(p, where, device, own, slot_of[device], grad_cuts)
+        # one walk per stage the device holds; an action goes to the walk of the stage it works on
+        # (one of any stage, a backup's, checks nothing here and goes to the first)
+        walks = {own: _DeviceWalk(p, where, device, own, slots[(device, own)], grad_cuts) for own in held[device]}
+        first = walks[held[device][0]]
         for i, a in enumerate(acts):
-            _WALK_RULES.get(a.op, _walk_nothing)(w, i, a)
-        problems += w.problems
-        group = p.stages[own].devices
-        if len(group) > 1 and not w.allreduces:
-            problems.append(
-                f"{where.device(device)}: stage {own} runs on {len(group)} devices but {device} never sums their "
-                f"gradients; add 'ALLREDUCE s{own} [{' '.join(group)}]' after its last B and before STEP"
-            )
-        for extra in w.allreduces[1:]:
-            problems.append(f"{w.at(extra)}: a second ALLREDUCE of stage {own}; a group sums its gradients once")
-        if w.allreduces and w.steps and w.steps[0] < w.allreduces[0]:
-            problems.append(
-                f"{w.at(w.steps[0])}: runs before ALLREDUCE (line {w.line(w.allreduces[0])}); "
-                "the optimizer must see the group's summed gradients"
-            )
-        if not w.steps:
-            problems.append(f"{where.device(device)}: never runs STEP s{own}; add it at the end of its actions")
-        for extra in w.steps[1:]:
-            problems.append(f"{w.at(extra)}: a second STEP; the optimizer steps once per iteration")
+            owner = ops.own_stage(a)
+            _WALK_RULES.get(a.op, _walk_nothing)(walks.get(owner, first) if owner is not None else first, i, a)
+        for own, w in walks.items():
+            problems += _check_stage_walk(p, where, device, own, w)
+    return problems
+
+
+def _check_stage_walk(p: Program, where: _Where, device: str, own: int, w: _DeviceWalk) -> list[str]:
+    """What one stage of a device must have done by the end of its actions."""
+    problems = list(w.problems)
+    group = p.stages[own].devices
+    if len(group) > 1 and not w.allreduces:
+        problems.append(
+            f"{where.device(device)}: stage {own} runs on {len(group)} devices but {device} never sums their "
+            f"gradients; add 'ALLREDUCE s{own} [{' '.join(group)}]' after its last B and before STEP"
+        )
+    for extra in w.allreduces[1:]:
+        problems.append(f"{w.at(extra)}: a second ALLREDUCE of stage {own}; a group sums its gradients once")
+    if w.allreduces and w.steps and w.steps[0] < w.allreduces[0]:
+        problems.append(
+            f"{w.at(w.steps[0])}: runs before ALLREDUCE (line {w.line(w.allreduces[0])}); "
+            "the optimizer must see the group's summed gradients"
+        )
+    if not w.steps:
+        problems.append(f"{where.device(device)}: never runs STEP s{own}; add it at the end of its actions")
+    for extra in w.steps[1:]:
+        problems.append(f"{w.at(extra)}: a second STEP; the optimizer steps once per iteration")
     return problems
 
 
@@ -394,7 +424,7 @@ def _near(a: Action, b: Action) -> bool:
     return a.payload == b.payload and a.stage == b.stage and a.mb == b.mb
 
 
-def _check_pairing(p: Program, where: _Where, stage_of: Mapping[str, int], slot_of: Mapping[str, StageSlot]) -> list[str]:
+def _check_pairing(p: Program, where: _Where, held: Held, slots: Slots) -> list[str]:
     problems: list[str] = []
     acts = where.acts
     for device, items in p.actions:
@@ -403,14 +433,16 @@ def _check_pairing(p: Program, where: _Where, stage_of: Mapping[str, int], slot_
                 continue
             # activations go up across the cut (a.stage -> a.stage+1), gradients come back down
             peer_stage = a.stage if ops.peer_is_lower(a) else a.stage + 1
-            if stage_of[a.peer] != peer_stage:
+            theirs = held[a.peer]
+            if peer_stage not in theirs:
                 problems.append(
-                    f"{where.action(device, i)}: {a.peer} runs stage {stage_of[a.peer]}, but this {a.payload} crosses "
+                    f"{where.action(device, i)}: {a.peer} runs {_stages_text(theirs)}, but this {a.payload} crosses "
                     f"the cut between stages {a.stage} and {a.stage + 1}, so its peer must run stage {peer_stage}"
                 )
-            for who in (device, a.peer):
-                slot = slot_of[who]
-                if not slot.lo <= a.rows[0] < a.rows[1] <= slot.hi:
+            # a peer of one stage is held to that stage's rows even when it runs the wrong stage
+            peer_slot = slots.get((a.peer, peer_stage if peer_stage in theirs or len(theirs) > 1 else theirs[0]))
+            for who, slot in ((device, slots[(device, ops.own_stage(a))]), (a.peer, peer_slot)):
+                if slot is not None and not slot.lo <= a.rows[0] < a.rows[1] <= slot.hi:
                     problems.append(
                         f"{where.action(device, i)}: rows {_r(*a.rows)} lie outside {who}'s slot [{_r(slot.lo, slot.hi)}]"
                     )
@@ -458,12 +490,15 @@ def verify(p: Program) -> None:
     layout = layout_program(p)
     where = _Where(p, layout)
     _fail(_check_stage_table(p, where))
-    stage_of = {slot.device: st.index for st in p.stages for slot in st.slots}
-    slot_of = {slot.device: slot for st in p.stages for slot in st.slots}
-    _fail(_check_fields(p, where, stage_of))
+    held: dict[str, tuple[int, ...]] = {}
+    for st in p.stages:
+        for slot in st.slots:
+            held[slot.device] = (*held.get(slot.device, ()), st.index)
+    slots = {(slot.device, st.index): slot for st in p.stages for slot in st.slots}
+    _fail(_check_fields(p, where, held))
     _fail(
-        _check_compute(p, where, stage_of, slot_of)
-        + _check_dependencies(p, where, stage_of, slot_of)
-        + _check_pairing(p, where, stage_of, slot_of)
+        _check_compute(p, where, held, slots)
+        + _check_dependencies(p, where, held, slots)
+        + _check_pairing(p, where, held, slots)
     )
     dry_run(p)

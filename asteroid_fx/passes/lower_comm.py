@@ -4,7 +4,9 @@ Between stages p and p+1 the rows of a micro-batch are redistributed: device d o
 each device e of stage p+1 exactly the rows their slots share; gradients go back the same way.
 A RECV sits right before the compute that consumes it and a SEND right after the compute that
 produces it, so sends never wait for later work. After its last backward a device of a group of
-two or more all-reduces the stage's gradients with the group (slot order), then steps.
+two or more all-reduces the stage's gradients with the group (slot order), then steps. A device
+holding several stages does this per stage, after that stage's last backward, and exchanges each
+stage's messages with the devices of the stages next to it, as any device does.
 
 Expects: ``cut_specs[p]`` = (activation specs, gradient specs) of the cut after stage p. A cut
 whose tensors need no gradient gets no gradient messages.
@@ -35,12 +37,13 @@ def lower_comm(program: Program, cut_specs: Sequence[CutSpecs]) -> Program:
         raise InputError(f"{S} stages need specs for {S - 1} cuts, got {len(cut_specs)}")
     lowered = []
     for device, acts in program.actions:
-        info = program.stage_of(device)
-        p = info.index
-        slot = program.slot_of(device)
         out: list[Action] = []
-        last_b = max(i for i, a in enumerate(acts) if a.op == Op.B)
+        # each stage the device holds all-reduces and steps after its own last backward
+        last_b = {a.stage: i for i, a in enumerate(acts) if a.op == Op.B}
         for i, a in enumerate(acts):
+            p = a.stage
+            info = stages[p]
+            slot = program.slot_of(device, p)
             if a.op == Op.F and p > 0:
                 act_specs = cut_specs[p - 1][0]
                 out += [Action(Op.RECV, p - 1, a.mb, rows, src, "act", act_specs)
@@ -55,7 +58,7 @@ def lower_comm(program: Program, cut_specs: Sequence[CutSpecs]) -> Program:
             if a.op == Op.B and p > 0 and cut_specs[p - 1][1]:
                 out += [Action(Op.SEND, p - 1, a.mb, rows, dst, "grad", cut_specs[p - 1][1])
                         for dst, rows in _overlaps(slot.lo, slot.hi, stages[p - 1])]
-            if i == last_b:
+            if last_b.get(p) == i:
                 if len(info.slots) > 1:
                     out.append(Action(Op.ALLREDUCE, p, group=info.devices))
                 out.append(Action(Op.STEP, p))

@@ -3,7 +3,8 @@
 ``simulate(program, lg, cluster)`` is a discrete-event simulation of one training iteration. It
 models exactly this, and nothing else:
 
-  compute     F and B run one at a time per device, in the device's order, for the stage model's
+  compute     F and B run one at a time per device, in the device's order (a device holding several
+              stages runs them all through one queue), for the stage model's
               ``cost.stage.compute_s(lg, kind, op, layers, rows)`` seconds (kind: the device's
               kind).
   SEND        asynchronous, as torch_dist's isend: the transfer starts when the SEND is posted (the
@@ -36,7 +37,8 @@ models exactly this, and nothing else:
               stage's input and output slices) from the start of its F to the end of its B. With
               ``recovery`` also, all iteration, the copies torch_dist keeps for a rollback: every
               device's rollback point (its stage's state, what a BACKUP carries) and a holder's two
-              copies (this iteration's and the next's) of each stage it backs up.
+              copies (this iteration's and the next's) of each stage it backs up. A device holding
+              several stages holds the sum of theirs.
 
 Not modelled: optimizer-step time, the first stage's input loading and the last stage's loss,
 kernel-launch jitter, CPU cost of sending, memory fragmentation and the allocator's caching,
@@ -121,9 +123,12 @@ class _Engine:
         self.opt = opt_state_factor
         self.names = [d for d, _ in program.actions]
         self.acts = {d: acts for d, acts in reversed(program.actions)}
-        self.slot = {s.device: (st.index, s) for st in program.stages for s in st.slots}
+        self.held: dict[str, tuple[int, ...]] = {}  # device -> its stages, in order
+        for st in program.stages:
+            for s in st.slots:
+                self.held[s.device] = (*self.held.get(s.device, ()), st.index)
         for d in self.names:
-            if d not in self.slot:
+            if d not in self.held:
                 raise InputError(f"device {d} has actions but no slot in the stage table; verify(program) says more")
         self.nic = {d: 2 * cluster.index(d) for d in self.names}  # out channel id; in = +1
         self.kind = {d: cluster.device(d).kind for d in self.names}
@@ -148,8 +153,10 @@ class _Engine:
         self.memory: dict[str, list[tuple[float, int]]] = {}
         self.peak: dict[str, int] = {}
         held = backups_held(program) if recovery else {}
-        self.static = {d: static_memory(lg, program.stages[self.slot[d][0]].layers, opt_state_factor,
-                                        recovery=recovery, held=held.get(d, ())) for d in self.names}
+        # backups held count once per device, with its first stage
+        self.static = {d: sum(static_memory(lg, program.stages[s].layers, opt_state_factor, recovery=recovery,
+                                            held=held.get(d, ()) if k == 0 else ())
+                              for k, s in enumerate(self.held[d])) for d in self.names}
         self.costs = StageCosts(lg, cluster, opt_state_factor)
         self._act_cache: dict[tuple[int, int], float] = {}
         self._keys = self._channel_keys()
@@ -464,14 +471,15 @@ def simulate(program: Program, lg: LayerGraph, cluster: Cluster, *, shared_mediu
     iteration = max(engine.finish.values(), default=0.0)
     reports = []
     for d in engine.names:
-        stage, _ = engine.slot[d]
-        lo, hi = program.stages[stage].layers
-        weights = lg.param_bytes(lo, hi)
-        copies = int(engine.static[d] - static_memory(lg, (lo, hi), opt_state_factor))
-        memory = MemoryTimeline(weights, weights, int(weights * opt_state_factor), lg.buffer_bytes(lo, hi),
+        held = engine.held[d]
+        ranges = [program.stages[s].layers for s in held]
+        weights = sum(lg.param_bytes(lo, hi) for lo, hi in ranges)
+        buffers = sum(lg.buffer_bytes(lo, hi) for lo, hi in ranges)
+        copies = int(engine.static[d] - sum(static_memory(lg, r, opt_state_factor) for r in ranges))
+        memory = MemoryTimeline(weights, weights, int(weights * opt_state_factor), buffers,
                                 tuple(engine.memory[d]), engine.peak[d], cluster.device(d).memory_bytes, copies)
         compute = engine.compute_s[d]
-        reports.append(DeviceReport(d, stage, engine.kind[d], compute, engine.wait_s[d], engine.allreduce_s[d],
-                                    engine.finish[d], compute / iteration if iteration > 0 else 0.0, memory))
+        reports.append(DeviceReport(d, held[0], engine.kind[d], compute, engine.wait_s[d], engine.allreduce_s[d],
+                                    engine.finish[d], compute / iteration if iteration > 0 else 0.0, memory, held))
     spans = tuple(sorted(engine.spans, key=lambda s: (s.start, s.device, s.index)))
     return Simulation(program, cluster, shared_medium, iteration, tuple(reports), spans, tuple(engine.transfers))

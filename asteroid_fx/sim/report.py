@@ -72,14 +72,20 @@ class MemoryTimeline(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class DeviceReport:
     device: str
-    stage: int
+    stage: int  # the first stage it holds
     kind: str
     compute_s: float  # F and B
     wait_s: float  # blocked in RECV / RESTORE, or for the group of an ALLREDUCE
     allreduce_s: float  # inside the ALLREDUCE ring
     finish_s: float  # end of the device's last action
     busy: float  # compute_s / iteration time
-    memory: MemoryTimeline
+    memory: MemoryTimeline  # of every stage it holds together
+    stages: tuple[int, ...] = ()  # every stage it holds (several: virtual stages); () reads as (stage,)
+
+    @property
+    def stage_label(self) -> str:
+        """Its stages as a table cell: "2", or "0,2" for a device holding stages 0 and 2."""
+        return ",".join(str(s) for s in (self.stages or (self.stage,)))
 
     @property
     def bubble(self) -> float:
@@ -134,7 +140,6 @@ class Simulation:
         for items in spans.values():
             items.sort(key=lambda sp: (sp.start, sp.index, sp.end))
         ends = {d: [sp.end for sp in items] for d, items in spans.items()}
-        stage_of = {r.device: r.stage for r in self.devices}
 
         def last_ending(device: str, t: float) -> int:
             """Position of the device's last span ending at or before ``t`` (-1: none)."""
@@ -156,7 +161,7 @@ class Simulation:
                 device = t.src
                 k = last_ending(device, t.posted)
             elif sp.what == "allreduce":
-                path.append(PathStep("allreduce", f"stage {stage_of[device]}", sp.start, sp.end))
+                path.append(PathStep("allreduce", f"stage {self.program.of(device)[sp.index].stage}", sp.start, sp.end))
                 group = self.program.of(device)[sp.index].group or (device,)
                 # the member that came last waited for nobody: its span before the ring ends at its start
                 late = [m for m in group if m in spans and not any(
@@ -189,7 +194,7 @@ class Simulation:
         where, most = max(parts[what].items(), key=lambda kv: kv[1])
         share = f"{totals[what] / self.iteration_s:.0%} of the critical path"
         if what == "compute":
-            return f"compute ({share}; most: {where} of stage {self.device(where).stage}, {most / self.iteration_s:.0%})"
+            return f"compute ({share}; most: {where} of stage {self.device(where).stage_label}, {most / self.iteration_s:.0%})"
         if what == "link":
             medium = ", one shared medium" if self.shared_medium else ""
             return f"communication ({share}{medium}; most: {where}, {most / self.iteration_s:.0%})"
@@ -232,7 +237,7 @@ class Simulation:
                  f"{'allreduce':>10} {'peak memory':>21}"]
         for r in self.devices:
             mem = f"{_mib(r.memory.peak_bytes)} / {_mib(r.memory.budget_bytes)}"
-            lines.append(f"  {r.device:<16} {r.stage:>5} {r.compute_s * 1e3:>8.2f}ms {r.busy:>5.0%} {r.bubble:>6.0%} "
+            lines.append(f"  {r.device:<16} {r.stage_label:>5} {r.compute_s * 1e3:>8.2f}ms {r.busy:>5.0%} {r.bubble:>6.0%} "
                          f"{r.wait_s * 1e3:>8.2f}ms {r.allreduce_s * 1e3:>8.2f}ms {mem:>21}")
         copies = [f"{r.device} {_mib(r.memory.copies)}" for r in self.devices if r.memory.copies]
         if copies:

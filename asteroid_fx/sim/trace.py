@@ -76,7 +76,7 @@ def chrome_trace(sim: "Simulation") -> dict[str, Any]:
     for r in sim.devices:
         p = pid[r.device]
         events.append({"name": "process_name", "ph": "M", "pid": p, "tid": 0,
-                       "args": {"name": f"{r.device} (stage {r.stage}, {r.kind})"}})
+                       "args": {"name": f"{r.device} (stage {r.stage_label}, {r.kind})"}})
         events.append({"name": "process_sort_index", "ph": "M", "pid": p, "tid": 0, "args": {"sort_index": p}})
         for tid, name in _TRACKS:
             events.append({"name": "thread_name", "ph": "M", "pid": p, "tid": tid, "args": {"name": name}})
@@ -176,7 +176,7 @@ def gantt(sim: "Simulation", path: str | os.PathLike, *, title: str | None = Non
     for x, y, text in labels:
         ax.text(x, y, text, ha="center", va="center", fontsize=7, color="white")
     ax.set_yticks([row[d] + 0.2 for d in devices])
-    ax.set_yticklabels([f"{r.device}\nstage {r.stage}" for r in sim.devices], fontsize=8)
+    ax.set_yticklabels([f"{r.device}\nstage {r.stage_label}" for r in sim.devices], fontsize=8)
     ax.set_ylim(-0.35, n)
     ax.set_xlim(0, total_ms * 1.01)
     ax.set_xlabel("time (ms)")

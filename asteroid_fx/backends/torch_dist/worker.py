@@ -75,6 +75,9 @@ class DistWorker:
                  emulation: Emulation | None = None, copies: dict[int, StateCopy] | None = None,
                  comm: Comm | None = None, fault: Callable[[int, int], None] | None = None,
                  post_ahead_bytes: int = 64 << 20):
+        if program.virtual_stages:  # one replica per worker; the local backend holds one per stage
+            raise BackendError("this program has a device holding several stages (virtual stages), which run on "
+                               "the local backend only for now; give every device one stage to run it on torch_dist")
         self.program = program
         self.post_ahead_bytes = post_ahead_bytes
         self.device = device
