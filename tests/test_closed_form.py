@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from asteroid_fx.cost import stage
 from asteroid_fx.cost.estimate import (CostTable, activation_memory, device_memory, in_flight, ring_allreduce_s,
                                        state_memory, static_memory)
 from asteroid_fx.ir.cluster import Cluster, Device
@@ -76,7 +77,7 @@ def test_the_cost_table_gives_the_functions_numbers():
         table = CostTable(lg, cl, 8, recovery=recovery)
         for lo, hi in [(0, 1), (0, 3), (1, 3), (2, 3)]:
             for rows in (1, 5, 8):
-                assert table.stage_time("a", lo, hi, rows) == pytest.approx(lg.stage_time(KIND, lo, hi, rows))
+                assert table.stage_time("a", lo, hi, rows) == pytest.approx(stage.step_s(lg, KIND, (lo, hi), rows))
                 assert table.memory(lo, hi, rows, 2) == device_memory(lg, (lo, hi), rows, 2, recovery=recovery)
             assert table.state_bytes(lo, hi) == pytest.approx(state_memory(lg, (lo, hi)))
             assert table.allreduce_s(["a", "b"], lo, hi) == pytest.approx(

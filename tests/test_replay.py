@@ -20,6 +20,7 @@ import torch
 
 import asteroid_fx as asteroid
 from asteroid_fx import models
+from asteroid_fx.cost.stage import step_s
 from asteroid_fx.ir.program import Action, Op, Program, StageInfo, StageSlot, TensorSpec
 from asteroid_fx.ir.program_text import format_program, parse_program, program_from_json, program_to_json
 from asteroid_fx.sim import simulate
@@ -407,9 +408,9 @@ def test_speed_split_gives_fast_devices_more_rows():
     compiled = _compiled("1-3-1", "1f1b", 2)[0]
     lg, cluster = compiled.layer_graph, compiled.cluster
     slots = split_rows(["d1", "d2", "d3"], 60, (2, 4), lg=lg, cluster=cluster)
-    times = {s.device: lg.stage_time(cluster.device(s.device).kind, 2, 4, s.hi - s.lo) for s in slots}
+    times = {s.device: step_s(lg, cluster.device(s.device).kind, (2, 4), s.hi - s.lo) for s in slots}
     assert sum(s.hi - s.lo for s in slots) == 60
-    one_more = {d: lg.stage_time(cluster.device(d).kind, 2, 4, dict((s.device, s.hi - s.lo) for s in slots).get(d, 0) + 1)
+    one_more = {d: step_s(lg, cluster.device(d).kind, (2, 4), dict((s.device, s.hi - s.lo) for s in slots).get(d, 0) + 1)
                 for d in ["d1", "d2", "d3"]}
     assert max(times.values()) <= min(one_more.values()) + 1e-12  # no row could move to finish sooner
     assert split_rows(["x", "y"], 7, (0, 1), current={"x": 2, "y": 1}) == (StageSlot("x", 0, 5), StageSlot("y", 5, 7))

@@ -56,22 +56,6 @@ class LayerGraph:
     def kinds(self) -> tuple[str, ...]:
         return tuple(k for k, _ in self.layers[0].costs) if self.layers else ()
 
-    def fwd(self, kind: str, lo: int, hi: int) -> TimeFit:
-        out = TimeFit.zero()
-        for layer in self.layers[lo:hi]:
-            out = out + layer.cost(kind).fwd
-        return out
-
-    def bwd(self, kind: str, lo: int, hi: int) -> TimeFit:
-        out = TimeFit.zero()
-        for layer in self.layers[lo:hi]:
-            out = out + layer.cost(kind).bwd
-        return out
-
-    def stage_time(self, kind: str, lo: int, hi: int, rows: float) -> float:
-        """Forward + backward seconds of layers [lo, hi) for ``rows`` rows on ``kind``."""
-        return sum(layer.cost(kind).fwd(rows) + layer.cost(kind).bwd(rows) for layer in self.layers[lo:hi])
-
     def param_bytes(self, lo: int, hi: int) -> int:
         return sum(layer.param_bytes for layer in self.layers[lo:hi])
 

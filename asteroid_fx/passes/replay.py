@@ -28,6 +28,7 @@ import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from asteroid_fx.cost.stage import step_s
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import AsteroidError
 from asteroid_fx.ir.layer_graph import LayerGraph
@@ -178,7 +179,7 @@ def split_rows(devices: Sequence[str], rows: int, layers: tuple[int, int], *, lg
         if keep is not None:
             share[keep] = 1
         for _ in range(rows - sum(share.values())):
-            best = min(devices, key=lambda d: lg.stage_time(kinds[d], *layers, share[d] + 1))
+            best = min(devices, key=lambda d: step_s(lg, kinds[d], layers, share[d] + 1))
             share[best] += 1
     else:
         weights = {d: max((current or {}).get(d, 0), 0) for d in devices} if current else {}
