@@ -16,7 +16,9 @@ later phase only runs when the earlier ones passed, since it relies on them):
      carries none); a SEND after the compute that produces it; one ALLREDUCE per device of a group
      of two or more, after every backward of the stage; exactly one STEP, after every backward and
      the ALLREDUCE; every SEND/BACKUP matched by exactly one RECV/RESTORE with the same rows and
-     specs; at most one ROLLBACK, before any compute;
+     specs; at most one ROLLBACK, before any compute; a TIE after the stage's last B and its
+     ALLREDUCE and before its STEP, run by every holder of its weights (whole stages, in stage and
+     slot order), in one order on all of them;
   4. deadlock freedom, by ``dry_run``.
 
 ``dry_run`` (in ``dry_run.py``, with the channel matching it shares with phase 3) is
@@ -194,7 +196,7 @@ def _check_fields(p: Program, where: _Where, held: Held) -> list[str]:
                 problems.append(f"{at}: peer {a.peer} {what}")
             # a device of one stage: its group is that stage's, whatever the action names
             group_stage = mine[0] if len(mine) == 1 else owner if owner in mine else None
-            if a.group and group_stage is not None:
+            if a.group and group_stage is not None and info.group == "stage":
                 stage_devices = p.stages[group_stage].devices
                 if a.group != stage_devices:
                     problems.append(
@@ -274,6 +276,7 @@ class _DeviceWalk:
         self.received: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)  # (payload, mb) -> rows
         self.allreduces: list[int] = []
         self.steps: list[int] = []
+        self.ties: list[int] = []
         self.rollbacks: list[int] = []
         self.problems: list[str] = []
 
@@ -350,6 +353,13 @@ def _walk_step(w: _DeviceWalk, i: int, a: Action) -> None:
     w.steps.append(i)
 
 
+def _walk_tie(w: _DeviceWalk, i: int, a: Action) -> None:
+    pending = _pending_backward(w)
+    if pending:
+        w.problems.append(f"{w.at(i)}: runs before the backward of {pending}; a tie sums the gradients once all are done")
+    w.ties.append(i)
+
+
 def _walk_rollback(w: _DeviceWalk, i: int, a: Action) -> None:
     done = [i for by_mb in w.computed.values() for i in by_mb.values()]
     if done:
@@ -373,6 +383,7 @@ _WALK_RULES: Mapping[Op, Callable[[_DeviceWalk, int, Action], None]] = {
     Op.RECV: _walk_recv,
     Op.ALLREDUCE: _walk_allreduce,
     Op.STEP: _walk_step,
+    Op.TIE: _walk_tie,
     Op.ROLLBACK: _walk_rollback,
 }
 
@@ -412,6 +423,13 @@ def _check_stage_walk(p: Program, where: _Where, device: str, own: int, w: _Devi
             f"{w.at(w.steps[0])}: runs before ALLREDUCE (line {w.line(w.allreduces[0])}); "
             "the optimizer must see the group's summed gradients"
         )
+    for t in w.ties:
+        if w.allreduces and t < w.allreduces[0]:
+            problems.append(f"{w.at(t)}: runs before ALLREDUCE (line {w.line(w.allreduces[0])}); a tie sums the "
+                            "stages' sums, so it comes after the stage's own")
+        if w.steps and w.steps[0] < t:
+            problems.append(f"{w.at(w.steps[0])}: runs before TIE (line {w.line(t)}); the optimizer must see the "
+                            "tied weights' summed gradients")
     if not w.steps:
         problems.append(f"{where.device(device)}: never runs STEP s{own}; add it at the end of its actions")
     for extra in w.steps[1:]:
@@ -482,6 +500,63 @@ def _check_pairing(p: Program, where: _Where, held: Held, slots: Slots) -> list[
     return problems
 
 
+def _check_ties(p: Program, where: _Where, held: Held) -> list[str]:
+    """TIEs: a group of whole stages (two or more, each device of them once, in stage and slot
+    order) that includes the device; one spec per weight; a weight tied once per stage; and every
+    holder runs the same TIE, in the same order relative to the other TIEs it shares."""
+    problems: list[str] = []
+    ties: dict[str, list[tuple[int, Action]]] = {d: [] for d, _ in p.actions}
+    for device, acts in p.actions:
+        seen: dict[tuple[int, str], int] = {}
+        for i, a in enumerate(acts):
+            if a.op != Op.TIE:
+                continue
+            ties[device].append((i, a))
+            at = where.action(device, i)
+            stages = sorted({s for d in a.group for s in held.get(d, ())})
+            canonical = tuple(d for s in stages for d in p.stages[s].devices if d in a.group)
+            whole = tuple(d for s in stages for d in p.stages[s].devices)
+            if device not in a.group:
+                problems.append(f"{at}: {device} is not in its group; a holder ties its own copy")
+            if len(set(a.group)) != len(a.group) or any(held.get(d, ()) and sum(s in stages for s in held[d]) > 1
+                                                      for d in a.group):
+                problems.append(f"{at}: a device is in its group twice (or holds two of its stages); each copy of "
+                                "the weights is one member")
+            elif len(stages) < 2:
+                problems.append(f"{at}: its group holds one stage; a stage's own copies are summed by its ALLREDUCE")
+            elif a.group != whole:
+                fix = " ".join(whole)
+                how = "in stage and slot order" if canonical == whole else "every device of those stages"
+                problems.append(f"{at}: the group must be {how}, [{fix}]")
+            if len(a.specs) != len(a.params):
+                problems.append(f"{at}: {len(a.params)} weights but {len(a.specs)} specs; give each weight its shape")
+            for n in a.params:
+                if (a.stage, n) in seen:
+                    problems.append(f"{at}: ties {n} a second time (first on line {where.line(device, seen[(a.stage, n)])})")
+                seen[(a.stage, n)] = i
+    for device, mine in ties.items():
+        for i, a in mine:
+            for m in a.group:
+                if m == device or m not in ties:
+                    continue
+                if not any(b.group == a.group and b.params == a.params for _, b in ties[m]):
+                    problems.append(f"{where.action(device, i)}: has no matching TIE on {m}, which holds a copy; "
+                                    f"add '{format_action(a._replace(stage=held[m][0]))}' to {m}'s actions")
+                elif b_specs := [b.specs for _, b in ties[m] if b.group == a.group and b.params == a.params
+                                 and b.specs != a.specs]:
+                    problems.append(f"{where.action(device, i)}: specs differ from the TIE on {m} "
+                                    f"({' '.join(map(format_spec, b_specs[0]))}); every copy has the same shape")
+        for m in ties:
+            if m <= device:
+                continue
+            ours = [ops.collective_key(a) for _, a in mine if m in a.group]
+            theirs = [ops.collective_key(b) for _, b in ties[m] if device in b.group]
+            if sorted(ours) == sorted(theirs) and ours != theirs:
+                problems.append(f"{where.device(device)} and {where.device(m)}: run the TIEs they share in different "
+                                "orders; every holder runs them in one order")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -500,5 +575,6 @@ def verify(p: Program) -> None:
         _check_compute(p, where, held, slots)
         + _check_dependencies(p, where, held, slots)
         + _check_pairing(p, where, held, slots)
+        + _check_ties(p, where, held)
     )
     dry_run(p)

@@ -1,14 +1,16 @@
 """split: Plan + captured graph -> one fx GraphModule per stage.
 
-Expects a plan whose stage bounds are allowed cuts of the LayerGraph (so every parameter, buffer
-and submodule has users in one stage only). Guarantees, for stage p over layers [lo, hi):
+Expects a plan whose stage bounds are allowed cuts of the LayerGraph (so a weight read by several
+stages is one they may share: ``LayerGraph.ties``). Guarantees, for stage p over layers [lo, hi):
   - its placeholders are the batch-first tensors live across cut lo, in the cut's order;
   - SymInts live across cut lo (functions of the batch size, e.g. a view's leading size) are not
     received but recomputed from the rows of the first input, so any row slice runs;
   - it returns the tensors live across cut hi in the cut's order (the last stage: the model's flat
     outputs); values a later stage needs pass through;
-  - parameters and buffers live in the stage that uses them (shared with the captured module; a
-    backend copies the stage per device), a tied weight under every name the model gives it.
+  - parameters and buffers live in every stage that uses them (shared with the captured module; a
+    backend copies the stage per device), a tied weight under every name the model gives it; a
+    weight several stages read is in each of them (each device's copy trains alike: the program's
+    TIE sums their gradients), so every stage's state_dict has every name of it.
 """
 
 from __future__ import annotations
