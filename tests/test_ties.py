@@ -258,3 +258,27 @@ def test_torch_dist_trains_like_the_local_backend(case, request, tmp_path):
         if "tok_emb.weight" in results[d]["state"]:
             torch.testing.assert_close(results[d]["state"]["tok_emb.weight"], want["tok_emb.weight"],
                                        rtol=1e-6, atol=1e-7)
+
+
+class _SharedNorm(torch.nn.Module):
+    """One BatchNorm applied twice: its running statistics are written in place by both uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(self.norm(x))))
+
+
+def test_a_buffer_written_in_place_still_cannot_be_shared():
+    from asteroid_fx.passes.annotate_costs import annotate_costs
+    from asteroid_fx.passes.capture import capture
+    from asteroid_fx.passes.linearize import linearize
+
+    torch.manual_seed(0)
+    captured = annotate_costs(capture(_SharedNorm(), (torch.randn(8, 8),)), ["jetson-nano"])
+    lg = linearize(captured)
+    assert any({"batch_norm", "batch_norm_1"} <= set(layer.nodes) for layer in lg.layers)
+    assert any("norm.running_mean" in why and "used on both sides" in why for why in lg.blocked)

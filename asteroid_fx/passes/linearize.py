@@ -65,6 +65,7 @@ def _written(order: list[fx.Node], gm: fx.GraphModule) -> set[int]:
     """Tensors (by identity) that some node may write in place: a copy on every side of a cut
     would drift apart, so their users stay in one stage."""
     out: set[int] = set()
+    buffers = {id(b) for b in gm.buffers()}
     for node in order:
         schema = getattr(node.target, "_schema", None)
         name = getattr(node.target, "__name__", str(node.target))
@@ -75,12 +76,13 @@ def _written(order: list[fx.Node], gm: fx.GraphModule) -> set[int]:
                 continue
             writes = schema is not None and i < len(schema.arguments) and schema.arguments[i].alias_info is not None \
                 and schema.arguments[i].alias_info.is_write
-            if writes or updates:
-                out.add(id(operator.attrgetter(a.target)(gm)))
+            t = id(operator.attrgetter(a.target)(gm))
+            if writes or (updates and t in buffers):
+                out.add(t)
     return out
 
 
-def _may_be_shared(key: Any, gm: fx.GraphModule, written: set[int], tensors: dict[int, Any]) -> bool:
+def _may_be_shared(key: Any, written: set[int], tensors: dict[int, Any]) -> bool:
     """Whether a weight may be read on both sides of a cut: each stage then holds a copy, a trained
     parameter's copies summing their gradients (a TIE), a frozen one or a buffer that nothing writes
     staying equal on their own. A buffer written in place, or a module holding buffers, may not."""
@@ -95,7 +97,7 @@ def _forbidden_cuts(order: list[fx.Node], gm: fx.GraphModule) -> dict[int, str]:
     tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
     forbidden: dict[int, str] = {}
     for key, positions in users.items():
-        if _may_be_shared(key, gm, written, tensors):
+        if _may_be_shared(key, written, tensors):
             continue
         name = " = ".join(repr(n) for n in names[key])
         for k in range(min(positions) + 1, max(positions) + 1):
