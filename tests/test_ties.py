@@ -282,3 +282,43 @@ def test_a_buffer_written_in_place_still_cannot_be_shared():
     lg = linearize(captured)
     assert any({"batch_norm", "batch_norm_1"} <= set(layer.nodes) for layer in lg.layers)
     assert any("norm.running_mean" in why and "used on both sides" in why for why in lg.blocked)
+
+
+# --- a transformers model: GPT2LMHeadModel ties its head to its token embedding by default -------
+
+
+def test_gpt2_lm_head_model_is_cut_across_its_tie_and_trains_like_eager():
+    transformers = pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = transformers.GPT2Config(use_cache=False, n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+    def loss(out, labels):
+        return F.cross_entropy(out.logits.flatten(0, 1), labels.flatten())
+
+    compiled = asteroid.compile(model, _cluster(), example=(torch.randint(0, 64, (BATCH, 8)),), loss=loss,
+                                microbatches=MICROBATCHES, groups=[["a"], ["b"], ["c"]],
+                                rows=[[ROWS], [ROWS], [ROWS]])
+    lg = compiled.layer_graph
+    assert not any("wte.weight" in why or "lm_head.weight" in why for why in lg.blocked)  # values may still block
+    ties = [a for _, acts in compiled.program.actions for a in acts if a.op == Op.TIE]
+    assert [a.group for a in ties] == [("a", "c")] * 2 and ties[0].params == ("transformer.wte.weight",)
+    torch.manual_seed(1)
+    batches = [((torch.randint(0, 64, (BATCH, 8)),), torch.randint(0, 64, (BATCH, 8))) for _ in range(3)]
+    make_opt = lambda ps: torch.optim.Adam(ps, lr=1e-2)  # noqa: E731
+    runner, losses = compiled.run(iter(batches), 3, optimizer=make_opt)
+    ref, ref_losses = eager_train(model, batches, loss, make_opt, microbatches=MICROBATCHES, rows=ROWS)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    got, want = runner.state_dict(), ref.state_dict()
+    # c_attn's bias holds the key bias, whose gradient is zero up to rounding (softmax cancels it):
+    # Adam normalizes that rounding noise into steps of lr, so it is left out of the comparison
+    d = cfg.n_embd
+    for k in [k for k in want if k.endswith("attn.c_attn.bias")]:
+        got[k], want[k] = torch.cat([got[k][:d], got[k][2 * d:]]), torch.cat([want[k][:d], want[k][2 * d:]])
+    assert_same_state(got, want)
+    assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
