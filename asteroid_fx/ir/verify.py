@@ -29,6 +29,9 @@ ALLREDUCE). ``execution_order`` flattens it; the local backend runs actions in t
 
 What each op carries, which stage it names and what it pairs with come from ``ops.OPS``; the
 rules here are the checks per op (a table with a default, ``_WALK_RULES``).
+
+One module a little past 500 lines on purpose: its phases share the line index (``_Where``) and the
+tables of who holds what; the dry run (dry_run.py) and the tie rules (verify_ties.py) live apart.
 """
 
 from __future__ import annotations
