@@ -23,7 +23,7 @@ from asteroid_fx.ir.costs import Cost, NodeStats
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph
 from asteroid_fx.passes.capture import Captured
-from asteroid_fx.passes.recompute import RECOMPUTE_SHARE, Recompute, analyse, batch_coeffs
+from asteroid_fx.passes.recompute import RECOMPUTE_FLOOR, RECOMPUTE_SHARE, Recompute, analyse, batch_coeffs
 
 __all__ = ["batch_coeffs", "linearize", "node_cuts"]  # batch_coeffs: split reads it from here
 
@@ -146,8 +146,8 @@ def _crossing(v: fx.Node, captured: Captured, recompute: Recompute) -> str:
     if why:
         return f"value {v.name!r} is not a batch-first tensor and {why}"
     return (f"value {v.name!r} is not a batch-first tensor; it does not depend on the batch, but recomputing "
-            f"it ({recompute.work[v]:.3g} FLOPs) costs over {RECOMPUTE_SHARE:.0%} of one row's forward "
-            f"through the model ({recompute.limit / RECOMPUTE_SHARE:.3g} FLOPs)")
+            f"it in the next stage ({recompute.work[v]:.3g} FLOPs) costs over {recompute.limit:.3g} FLOPs "
+            f"(the larger of {RECOMPUTE_SHARE:.0%} of one row's forward and {RECOMPUTE_FLOOR:.0e})")
 
 
 def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:

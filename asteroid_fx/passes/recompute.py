@@ -38,6 +38,9 @@ COMPUTE_OPS = ("call_function", "call_method", "call_module")
 # on the deepest pipelines the planner builds. Above it a batch-first value is sent instead, and
 # any other forbids the cuts it crosses (the reason says so).
 RECOMPUTE_SHARE = 0.01
+# ... or at most this many operations, whatever the model: microseconds on any device, less than
+# the launch overhead of the stage's own ops (tiny models would otherwise recompute nothing)
+RECOMPUTE_FLOOR = 1e5
 
 _ATEN = torch.ops.aten
 _SIZE_OPS = {_ATEN.sym_size.int, _ATEN.sym_numel.default, _ATEN.sym_stride.int,
@@ -147,7 +150,8 @@ class Recompute:
     """What ``analyse`` found: ``why`` maps every value to the reason it depends on the batch's
     data ("" when it does not); ``work`` maps every batch-independent value to what recomputing
     it costs (FLOPs per the stats, plus one per element each op writes, a batch size counted as
-    one row); ``limit`` is ``RECOMPUTE_SHARE`` of one row's forward through the whole model."""
+    one row); ``limit`` is ``RECOMPUTE_SHARE`` of one row's forward through the whole model, or
+    ``RECOMPUTE_FLOOR`` if more."""
 
     captured: Captured
     why: dict[fx.Node, str]
@@ -247,4 +251,4 @@ def analyse(captured: Captured) -> Recompute:
             work[n] = sum(_node_work(m, captured) for m in nodes
                           if m.op in COMPUTE_OPS and not is_literal(m.meta.get("val"), captured))
     total = sum(_node_work(n, captured) for n in gm.graph.nodes if n.op in COMPUTE_OPS)
-    return Recompute(captured, why, work, RECOMPUTE_SHARE * total)
+    return Recompute(captured, why, work, max(RECOMPUTE_FLOOR, RECOMPUTE_SHARE * total))
