@@ -354,7 +354,22 @@ class Random(torch.nn.Module):
         return self.c(h) + noise
 
 
+class Written(torch.nn.Module):
+    """A tensor made from a size and later written in place: recomputed, it would miss the write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.ones(5)
+        h = torch.tanh(self.b(torch.relu(self.a(x))))
+        scale.add_(h.mean())
+        return self.c(h) * scale
+
+
 @pytest.mark.parametrize("model, value, reason", [
+    (Written, "ones", "is written in place (by 'add_')"),
     (Transposed, "t", "is not a batch-first tensor and depends on the batch's data"),
     (Expensive, "sum_1", "does not depend on the batch, but recomputing it"),
     (Random, "rand", "is random"),

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-import asteroid_fx as asteroid  # noqa: E402
-from asteroid_fx.passes.linearize import linearize, node_cuts  # noqa: E402
-from tests.eager import Call, assert_same_state, eager_train  # noqa: E402
+import asteroid_fx as asteroid
+from asteroid_fx.passes.linearize import linearize, node_cuts
+from tests.eager import Call, assert_same_state, eager_train
 
 BATCH, SEQ, VOCAB, BLOCKS = 8, 16, 64, 4
 MICROBATCHES = 4

@@ -25,8 +25,6 @@ from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph
 from asteroid_fx.passes.capture import Captured
 from asteroid_fx.passes.recompute import RECOMPUTE_FLOOR, RECOMPUTE_SHARE, Recompute, analyse, batch_coeffs
 
-__all__ = ["batch_coeffs", "linearize", "node_cuts"]  # batch_coeffs: split reads it from here
-
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
 

@@ -134,14 +134,19 @@ def _written(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _aliases(node: fx.Node) -> set[fx.Node]:
-    """``node`` and every tensor it may be a view of (tensor-valued ancestors through tensors)."""
+    """``node`` and every tensor it may be a view of: back through ops whose output may alias an
+    input (every op outside aten, to be safe)."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        stack.extend(a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor))
+        t = n.target
+        if isinstance(t, torch._ops.OpOverload) and all(r.alias_info is None for r in t._schema.returns):
+            continue  # a fresh tensor: writing it changes none of its inputs
+        if n.op in COMPUTE_OPS:
+            stack.extend(a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor))
     return seen
 
 
