@@ -240,14 +240,17 @@ def analyse(captured: Captured) -> Recompute:
             why[n] = ""
         elif isinstance(val, torch.SymInt) and captured.is_batch_sym(val) and not literal:
             why[n] = f"is the size {val.node.expr}, not a polynomial in the batch size"
-        elif n.op == "call_module":
-            why[n] = f"comes from module {n.target!r}"
-        elif _is_random(n):
-            why[n] = f"is random ({_op_name(n)!r}: another stage would draw other numbers)"
         else:
-            # the reason of the first input that has one: the batch's data before parameters
+            # the batch's data first, then what the op is, then the first reason an input has
             reasons = [r for r in (why.get(a, _DATA) for a in n.all_input_nodes) if r]
-            why[n] = _DATA if _DATA in reasons else (reasons or [""])[0]
+            if _DATA in reasons:
+                why[n] = _DATA
+            elif n.op == "call_module":
+                why[n] = f"comes from module {n.target!r}"
+            elif _is_random(n):
+                why[n] = f"is random ({_op_name(n)!r}: another stage would draw other numbers)"
+            else:
+                why[n] = (reasons or [""])[0]
 
     work: dict[fx.Node, float] = {}
     for n in gm.graph.nodes:
