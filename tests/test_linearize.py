@@ -273,3 +273,117 @@ def test_a_size_that_is_not_a_polynomial_of_the_batch_forbids_the_cut():
     for k in _node_position_of_cuts(lg)[1:-1]:
         assert half not in cuts[k].values
     assert [name for layer in lg.layers for name in layer.nodes] == order
+
+
+# ------------------------------------------------------------------------------------------------
+# Values that do not depend on the batch's data
+
+
+class Positional(torch.nn.Module):
+    """Adds a table built from positions (an arange over the sequence) and a constant buffer to the
+    input of every linear layer: the table does not depend on the batch and is live across every
+    cut between the layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("freq", torch.linspace(0.1, 1.0, 8), persistent=False)
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 6, 8)
+        pos = torch.arange(x.shape[1], dtype=x.dtype)
+        table = torch.sin(pos[:, None] * self.freq)
+        h = torch.relu(self.a(x + table))
+        h = torch.tanh(self.b(h + table))
+        return self.c(h + table).sum(1)
+
+
+def _values_across(captured, name: str):
+    return [c for c in node_cuts(captured)[1:-1] if name in c.values]
+
+
+def _table(captured) -> str:
+    return next(n.name for n in captured.module.graph.nodes if n.op == "call_function" and "sin" in n.name)
+
+
+def test_a_value_that_does_not_depend_on_the_batch_is_recomputed_not_sent():
+    torch.manual_seed(0)
+    captured = _prepare(Positional(), (torch.randn(4, 6, 8),))
+    table = _table(captured)
+    across = _values_across(captured, table)
+    assert len(across) >= 4
+    for c in across:
+        assert c.allowed, c.why_not
+        assert table in c.recomputed
+        sent = [v for v in c.values if v not in c.recomputed]
+        assert c.bytes_per_row == sum(_row_bytes(captured, v) for v in sent)
+
+
+class Transposed(torch.nn.Module):
+    """Keeps the batch transposed (dim 0 is not the batch) across the linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.t()
+        h = torch.tanh(self.b(torch.relu(self.a(x))))
+        return self.c(h) + t.mean(0)[:, None]
+
+
+class Expensive(torch.nn.Module):
+    """A batch-independent value that costs far more than a row's forward: it is not recomputed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("m", torch.randn(64, 64) / 8)
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.m @ self.m @ self.m)[:5, :5].sum()
+        h = torch.tanh(self.b(torch.relu(self.a(x))))
+        return self.c(h) * w
+
+
+class Random(torch.nn.Module):
+    """Noise drawn once per forward: another stage would draw other numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = torch.rand(5)
+        h = torch.tanh(self.b(torch.relu(self.a(x))))
+        return self.c(h) + noise
+
+
+class Written(torch.nn.Module):
+    """A tensor made from a size and later written in place: recomputed, it would miss the write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.ones(5)
+        h = torch.tanh(self.b(torch.relu(self.a(x))))
+        scale.add_(h.mean())
+        return self.c(h) * scale
+
+
+@pytest.mark.parametrize("model, value, reason", [
+    (Written, "ones", "is written in place (by 'add_')"),
+    (Transposed, "t", "is not a batch-first tensor and depends on the batch's data"),
+    (Expensive, "sum_1", "does not depend on the batch, but recomputing it"),
+    (Random, "rand", "is random"),
+])
+def test_a_value_that_cannot_be_recomputed_or_sent_blocks_with_its_reason(model, value, reason):
+    torch.manual_seed(0)
+    captured = _prepare(model(), (torch.randn(4, 8),))
+    names = {n.name for n in captured.module.graph.nodes}
+    assert value in names, sorted(names)
+    across = _values_across(captured, value)
+    assert len(across) >= 3
+    for c in across:
+        assert not c.allowed and repr(value) in c.why_not and reason in c.why_not, c.why_not

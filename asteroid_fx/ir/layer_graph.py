@@ -41,6 +41,9 @@ class Cut:
     bytes_per_row: float  # bytes of those values per row (what a stage boundary here transfers)
     allowed: bool
     why_not: str = ""  # when not allowed: the value or parameter that forbids it
+    # values of ``values`` that do not depend on the batch's data: a stage that starts here
+    # recomputes them (docs/semantics.md) instead of receiving them, so they add no bytes
+    recomputed: tuple[str, ...] = ()
 
 
 # what a shared tensor is: a trained parameter (its copies' gradients are summed, a TIE), one that
@@ -136,7 +139,8 @@ def costs_to_json(lg: LayerGraph) -> dict[str, Any]:
                     "costs": {k: {"fwd": fit(c.fwd), "bwd": fit(c.bwd), "source": c.source} for k, c in l.costs}}
                    for l in lg.layers],
         "cuts": [{"index": c.index, "values": list(c.values), "bytes_per_row": c.bytes_per_row,
-                  "allowed": c.allowed, "why_not": c.why_not} for c in lg.cuts],
+                  "allowed": c.allowed, "why_not": c.why_not, "recomputed": list(c.recomputed)}
+                 for c in lg.cuts],
         "blocked": list(lg.blocked),
         "ties": [{"names": list(t.names), "dtype": t.dtype, "shape": list(t.shape), "layers": list(t.layers),
                   "nbytes": t.nbytes, "kind": t.kind} for t in lg.ties],
@@ -164,7 +168,7 @@ def costs_from_json(data: Any, *, origin: str = "cost file") -> LayerGraph:
                          l.integer("buffer_bytes"), l.number("saved_bytes_per_row"), l.strings("params", []))
                    for l in top.objs("layers"))
     cuts = tuple(Cut(c.integer("index"), c.strings("values"), c.number("bytes_per_row"), c.boolean("allowed"),
-                     c.string("why_not", ""))
+                     c.string("why_not", ""), c.strings("recomputed", []))
                  for c in top.objs("cuts"))
     ties = tuple(Tie(t.strings("names"), t.string("dtype"), t.integers("shape"), t.integers("layers"),
                      t.integer("nbytes"), t.string("kind", "param"))

@@ -2,12 +2,14 @@
 
 Expects a Captured graph whose compute nodes carry "asteroid.stats" and "asteroid.cost"
 (annotate_costs). Guarantees: the layers partition the compute nodes in graph order; a cut is
-allowed only if everything live across it can be sent as row slices (batch-first tensors, plus
-SymInts that are integer polynomials in the batch size, which the receiving stage recomputes) and no
-buffer written in place, nor module holding buffers, is used on both sides of it; a parameter or an
-unwritten buffer read on both sides is a tie (``LayerGraph.ties``): every stage reading it holds a
-copy, and a trained one's copies sum their gradients (a TIE action, docs/semantics.md); with ``max_layers`` the layers are merged until at most that many
-remain, dropping the most expensive cuts first while keeping layers balanced.
+allowed only if everything live across it either is recomputed by the receiving stage (SymInts
+that are integer polynomials in the batch size, and values that do not depend on the batch's data
+and are cheap to recompute, listed in ``Cut.recomputed``: passes/recompute.py) or can be sent as
+row slices (batch-first tensors), and no buffer written in place, nor module holding buffers, is
+used on both sides of it; a parameter or an unwritten buffer read on both sides is a tie
+(``LayerGraph.ties``): every stage reading it holds a copy, and a trained one's copies sum their
+gradients (a TIE action, docs/semantics.md); with ``max_layers`` the layers are merged until at
+most that many remain, dropping the most expensive cuts first while keeping layers balanced.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import sympy
 import torch
 import torch.fx as fx
 
@@ -23,6 +24,7 @@ from asteroid_fx.ir.costs import Cost, NodeStats
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph, Tie
 from asteroid_fx.passes.capture import Captured
+from asteroid_fx.passes.recompute import RECOMPUTE_FLOOR, RECOMPUTE_SHARE, Recompute, analyse, batch_coeffs
 
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
@@ -147,20 +149,6 @@ def _ties(order: list[fx.Node], gm: fx.GraphModule, bounds: list[int]) -> tuple[
     return tuple(sorted(out, key=lambda tie: (tie.layers, tie.names)))
 
 
-def batch_coeffs(val: Any, captured: Captured) -> tuple[int, ...] | None:
-    """A SymInt's integer polynomial in the batch size (highest power first), or None when it is
-    not one (e.g. ``batch // 2``): only such sizes can be recomputed from a row slice's batch."""
-    if not captured.is_batch_sym(val):
-        return None
-    try:
-        coeffs = sympy.Poly(val.node.expr, captured.batch_symbol).all_coeffs()
-    except sympy.PolynomialError:
-        return None
-    if not all(getattr(c, "is_integer", False) for c in coeffs):
-        return None
-    return tuple(int(c) for c in coeffs)
-
-
 def node_cuts(captured: Captured) -> tuple[Cut, ...]:
     """Cut k before the k-th compute node (k = 0..n): what is live across it, and whether a stage
     boundary may go there (``why_not`` says what forbids it). ``linearize`` builds layers on these."""
@@ -189,26 +177,48 @@ def node_cuts(captured: Captured) -> tuple[Cut, ...]:
         for k in range(d, last_use.get(v, -1) + 1):
             live[k].append(v)
     forbidden = _forbidden_cuts(order, gm)
+    recompute = analyse(captured)
 
     cuts: list[Cut] = []
     for k in range(n_nodes + 1):
         vals = sorted(live[k], key=lambda v: (first_def[v], v.name))
         why = forbidden.get(k, "") if 0 < k < n_nodes else ""
-        has_tensor = False
+        sent, recomputed = [], []
         for v in vals:
-            val = v.meta.get("val")
-            if captured.is_batched(val):
-                has_tensor = True
-            elif captured.is_batch_sym(val) and batch_coeffs(val, captured) is None and not why:
-                why = f"size {v.name!r} = {val.node.expr} is not a polynomial in the batch size"
-            elif not captured.is_batch_sym(val) and not why:
-                why = f"value {v.name!r} is not a batch-first tensor"
-        if not has_tensor and 0 < k < n_nodes and not why:
+            why_v = _crossing(v, captured, recompute)
+            if why_v == "recompute":
+                recomputed.append(v)
+            elif why_v == "send":
+                sent.append(v)
+            elif not why:
+                why = why_v
+        if not sent and 0 < k < n_nodes and not why:
             why = "no tensor crosses it"
         cuts.append(Cut(k, tuple(v.name for v in vals),
-                        sum(_value_bytes_per_row(v.meta.get("val"), captured) for v in vals),
-                        allowed=not why, why_not=why))
+                        sum(_value_bytes_per_row(v.meta.get("val"), captured) for v in sent),
+                        allowed=not why, why_not=why, recomputed=tuple(v.name for v in recomputed)))
     return tuple(cuts)
+
+
+def _crossing(v: fx.Node, captured: Captured, recompute: Recompute) -> str:
+    """How value ``v`` crosses a cut: "recompute" (the receiving stage computes it again: a size
+    polynomial in the batch, or a cheap value that does not depend on the batch's data), "send"
+    (a batch-first tensor, as row slices), or else why it cannot."""
+    val = v.meta.get("val")
+    if captured.is_batch_sym(val):
+        if batch_coeffs(val, captured) is None:
+            return f"size {v.name!r} = {val.node.expr} is not a polynomial in the batch size"
+        return "recompute"
+    if recompute.recomputable(v):
+        return "recompute"
+    if captured.is_batched(val):
+        return "send"
+    why = recompute.why.get(v, "depends on the batch's data")
+    if why:
+        return f"value {v.name!r} is not a batch-first tensor and {why}"
+    return (f"value {v.name!r} is not a batch-first tensor; it does not depend on the batch, but recomputing "
+            f"it in the next stage ({recompute.work[v]:.3g} FLOPs) costs over {recompute.limit:.3g} FLOPs "
+            f"(the larger of {RECOMPUTE_SHARE:.0%} of one row's forward and {RECOMPUTE_FLOOR:.0e})")
 
 
 def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
