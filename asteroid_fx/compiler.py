@@ -121,10 +121,13 @@ class Compiled:
         _write(out / "layers.txt", str(self.layer_graph) + "\n")
         self.cluster.save(out / "cluster.json")
         write_costs(self.layer_graph, out / "costs.json")  # what `asteroid simulate` times the program with
+        # the model's own keys: every name of a tied weight in each stage holding it, and no
+        # buffer the model keeps out of its state_dict, so the stages' files load strict into it
+        keys = self.captured.module.state_dict().keys()
         for st in self.stages:
             _write(out / f"stage_{st.index}.py", st.module.code)
             tmp = out / f".stage_{st.index}.pt.tmp"
-            torch.save(st.module.state_dict(), tmp)
+            torch.save({k: v for k, v in st.module.state_dict().items() if k in keys}, tmp)
             os.replace(tmp, out / f"stage_{st.index}.pt")
         from asteroid_fx.backends.onnxruntime import save_check_files
 
@@ -172,8 +175,8 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
                      microbatch_rows=microbatch_rows, schedule=schedule_kind, stages=stages, groups=groups,
                      rows=rows, layers=layers, opt_state_factor=opt_state_factor, recovery=recovery)
     stage_modules = split(captured, lg, plan)
-    # the schedule's F/B order per device, then the row-slice messages, all-reduces and steps
-    program = lower_plan(plan, stage_cut_specs(stage_modules))
+    # the schedule's F/B order per device, then the row-slice messages, all-reduces, ties and steps
+    program = lower_plan(plan, stage_cut_specs(stage_modules), lg.ties)
     if check:
         verify(program)  # cheap, and a wrong program must never reach a backend
     return Compiled(captured, cluster, lg, plan, stage_modules, program, loss)

@@ -234,6 +234,7 @@ actions = st.builds(
     payload=st.none() | st.sampled_from(["act", "grad"]) | st.text(max_size=5),
     specs=st.lists(specs, max_size=3).map(tuple),
     group=st.lists(names, max_size=3).map(tuple),
+    params=st.lists(names, max_size=3).map(tuple),
 )
 stage_infos = st.builds(
     StageInfo,

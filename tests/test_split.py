@@ -11,7 +11,7 @@ import torch
 import asteroid_fx as asteroid
 from asteroid_fx import models
 from asteroid_fx.ir.cluster import Cluster, Device
-from asteroid_fx.passes.partition import NoPlanError, balanced
+from asteroid_fx.passes.partition import balanced
 from asteroid_fx.passes.split import split, tensor_spec
 from tests import zoo
 from tests.eager import assert_same_state, eager_train
@@ -183,18 +183,57 @@ def test_a_tied_model_trains_like_eager(tied):
     assert not torch.equal(got["lm_head.weight"], model.lm_head.weight)  # it did train
 
 
-def test_a_tied_model_cannot_be_cut_between_the_uses(tied):
-    entry, model, compiled = tied
+def test_a_tied_model_can_be_cut_between_the_uses(tied):
+    """The tie is recorded (each stage reading it holds a copy: tests/test_ties.py) instead of
+    forbidding every cut between its users."""
+    _, _, compiled = tied
     lg = compiled.layer_graph
-    assert len(lg) == 1
-    with pytest.raises(NoPlanError, match=r"weight '(lm_head|tok_emb)\.weight' is used on both sides"):
-        balanced(lg, compiled.cluster, microbatches=MICROBATCHES, microbatch_rows=ROWS, stages=2)
+    assert len(lg) > 1
+    assert not any("lm_head.weight" in why or "tok_emb.weight" in why for why in lg.blocked)
+    assert [set(t.names) for t in lg.ties if t.kind == "param"] == [{"tok_emb.weight", "lm_head.weight"}]
 
 
-@pytest.mark.xfail(strict=True, raises=NoPlanError,
-                   reason="a weight used by two stages (GPT-2's tied embedding and head) is not supported: "
-                          "linearize forbids every cut between its users, so the tied GPT is one layer. "
-                          "Supporting it needs a replica per stage and a cross-stage gradient sum in the IR.")
 def test_a_tied_model_splits_into_two_stages(tied):
     _, _, compiled = tied
-    balanced(compiled.layer_graph, compiled.cluster, microbatches=MICROBATCHES, microbatch_rows=ROWS, stages=2)
+    plan = balanced(compiled.layer_graph, compiled.cluster, microbatches=MICROBATCHES, microbatch_rows=ROWS,
+                    stages=2)
+    assert len(plan.stages) == 2
+    stages = split(compiled.captured, compiled.layer_graph, plan)
+    assert all({"tok_emb.weight", "lm_head.weight"} <= set(st.owned) for st in stages)
+
+
+def test_a_stage_recomputes_a_batch_independent_value_and_trains_like_eager():
+    """The table Positional builds from positions and a buffer is not received: the second stage
+    copies its ops and holds the buffer as a copy its owner saves; training equals eager with
+    the second stage's rows split 3 + 1 over two devices."""
+    from asteroid_fx.passes.linearize import node_cuts
+    from tests.test_linearize import Positional
+
+    torch.manual_seed(0)
+    model = Positional()
+    cluster = Cluster.uniform([Device("d0", "jetson-tx2"), Device("d1", "jetson-nano"),
+                               Device("d2", "jetson-xavier-nx")], bandwidth=125e6, latency=1e-3)
+    example = (torch.randn(8, 6, 8),)
+    probe = asteroid.compile(model, cluster, example=example, loss=torch.nn.functional.cross_entropy,
+                             max_layers=None, stages=1)
+    cuts = node_cuts(probe.captured)
+    table = next(n.name for n in probe.captured.module.graph.nodes if "sin" in n.name)
+    cut = next(c.index for c in cuts[1:-1] if table in c.recomputed and c.allowed
+               and any("linear" in v for v in c.values))
+    compiled = asteroid.compile(model, cluster, example=example, loss=torch.nn.functional.cross_entropy,
+                                microbatches=2, max_layers=None, layers=[0, cut, len(cuts) - 1],
+                                groups=[["d0"], ["d1", "d2"]], rows=[[4], [3, 1]])
+    second = compiled.stages[1]
+    assert table not in second.inputs and len(second.inputs) == 1
+    assert any(n.name == table for n in second.module.graph.nodes)  # its ops are copied in
+    assert second.copies == ("freq",)
+    assert "freq" not in second.module.state_dict() and "freq" not in second.owned
+    assert "freq" in compiled.stages[0].owned
+
+    make_opt = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    torch.manual_seed(1)
+    batches = [((torch.randn(8, 6, 8),), torch.randint(0, 5, (8,))) for _ in range(3)]
+    runner, losses = compiled.run(iter(batches), 3, optimizer=make_opt)
+    ref, ref_losses = eager_train(model, batches, torch.nn.functional.cross_entropy, make_opt, microbatches=2, rows=4)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(runner.state_dict(), ref.state_dict())

@@ -95,6 +95,10 @@ class Comm(Protocol):
         """Sum ``tensors`` in place over the devices of this device's stage (blocking)."""
         ...
 
+    def allreduce_tie(self, group: Sequence[str], tensors: list[torch.Tensor]) -> None:
+        """Sum ``tensors`` in place over ``group``, the holders of a TIE's weights (blocking)."""
+        ...
+
     def send_state(self, peer: str, stage: int, buf: torch.Tensor, part: int = 0) -> Any:
         """Post part ``part`` of a backup of ``stage`` (a uint8 buffer) to its holder ``peer``."""
         ...

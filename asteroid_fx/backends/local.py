@@ -13,6 +13,10 @@ every SEND -> RECV and collective). Semantics of one iteration over a global bat
   SEND  a detached row slice of the outputs (act) or of the input gradients (grad).
   ALLREDUCE  sums the group's gradients (slot order) and averages its floating buffers, so the
         replicas stay identical; BatchNorm running statistics become the mean over the group.
+  TIE   every holder of the tied weights ``params`` (the devices of the stages holding a copy)
+        gets the sum over those stages of the stage's gradient (the first device's of each stage:
+        after the stage's ALLREDUCE they all hold it), so the copies step alike and the update
+        is eager training's.
   STEP  the device's optimizer steps and clears its gradients.
 
 Fault tolerance (docs/replay.md). A state copy is a stage's parameters, buffers and optimizer
@@ -263,6 +267,29 @@ class LocalRunner:
                         b.copy_(mean)
         self._arrived.pop(key)
 
+    def _tie(self, device: str, a: Action) -> None:
+        key = ops.collective_key(a)
+        arrived = self._arrived.setdefault(key, [])
+        arrived.append((device, a.stage))
+        if len(arrived) < len(a.group):
+            return
+        self._arrived.pop(key)
+        stage_of = dict(arrived)
+        replicas = {d: dict(self.replicas[self._key(d, stage)].named_parameters(remove_duplicate=False))
+                    for d, stage in arrived}
+        # each stage counts once: its first device's gradient (after its ALLREDUCE, the stage's sum)
+        firsts = [d for d in a.group if self.program.stages[stage_of[d]].slots[0].device == d]
+        with torch.no_grad():
+            for name in a.params:
+                grads = [replicas[d][name].grad for d in firsts if replicas[d][name].grad is not None]
+                if not grads:
+                    continue
+                total = grads[0].clone()
+                for g in grads[1:]:
+                    total += g
+                for d in a.group:
+                    replicas[d][name].grad = total.clone()
+
     def _step(self, device: str, a: Action) -> None:
         key = self._key(device, a.stage)
         self.held[key].step()
@@ -308,6 +335,7 @@ RULES: dict[Op, Callable[[LocalRunner, str, Action], None]] = {
     Op.RECV: LocalRunner._recv,
     Op.ALLREDUCE: LocalRunner._allreduce,
     Op.STEP: LocalRunner._step,
+    Op.TIE: LocalRunner._tie,
     Op.BACKUP: LocalRunner._backup,
     Op.RESTORE: LocalRunner._restore,
     Op.ROLLBACK: LocalRunner._rollback,

@@ -13,7 +13,8 @@ That term depends on the neighbouring stage, so ``CostTable.stages_for`` adds it
 and lets a group put first the member that holds the copies at the least cost in time.
 Iteration time (``CostTable.iteration_s``): one micro-batch's trip through the pipeline, then
 M - 1 periods (the slowest stage, the busiest network interface, or a 1F1B cycle over adjacent
-stages), then the slowest group all-reduce (a ring bounded by the group's slowest link). This
+stages), then the slowest group all-reduce (a ring bounded by the group's slowest link), then the
+ties' all-reduces over their holders (``stage.ties_s``: tied weights that several stages hold). This
 closed form is for searching many candidates quickly; a plan's reported prediction is the
 simulation of the program it lowers to (``sim.predict``).
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, activation_memory, device_memory, in_flight,
-                                    ring_allreduce_s, state_memory, static_memory, step_table, wire_s)
+                                    ring_allreduce_s, state_memory, static_memory, step_table, ties_s, wire_s)
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.plan import StagePlan, backup_holder_stage, warmup_depth
@@ -74,12 +75,22 @@ class CostTable:
 
     def state_bytes(self, lo: int, hi: int) -> float:
         """One copy of the stage's state (``state_memory``); elementwise for index arrays too."""
-        return (self.params[hi] - self.params[lo]) * (1.0 + self.opt_state_factor) + self.buffers[hi] - self.buffers[lo]
+        return self.param_span(lo, hi) * (1.0 + self.opt_state_factor) + self.buffer_span(lo, hi)
+
+    def param_span(self, lo, hi):
+        """``lg.param_bytes`` of [lo, hi) (a tied weight once); elementwise for index arrays too."""
+        over = sum((t.overcount(lo, hi) for t in self.lg.ties if t.kind != "buffer"), 0)
+        return self.params[hi] - self.params[lo] - over
+
+    def buffer_span(self, lo, hi):
+        """``lg.buffer_bytes`` of [lo, hi); elementwise for index arrays too."""
+        over = sum((t.overcount(lo, hi) for t in self.lg.ties if t.kind == "buffer"), 0)
+        return self.buffers[hi] - self.buffers[lo] - over
 
     def static_bytes(self, lo: int, hi: int) -> float:
         """What a device of the stage holds all iteration (``static_memory``), its rollback point
         included under recovery, not the backups it holds; elementwise for index arrays too."""
-        own = (self.params[hi] - self.params[lo]) * (2.0 + self.opt_state_factor) + self.buffers[hi] - self.buffers[lo]
+        own = self.param_span(lo, hi) * (2.0 + self.opt_state_factor) + self.buffer_span(lo, hi)
         return own + self.state_bytes(lo, hi) if self.recovery else own
 
     def held_bytes(self, bounds: Sequence[int]) -> list[float]:
@@ -101,7 +112,7 @@ class CostTable:
 
     def allreduce_bytes(self, lo, hi):
         """``stage.allreduce_bytes``; elementwise for index arrays too."""
-        return self.params[hi] - self.params[lo] + self.buffers[hi] - self.buffers[lo]
+        return self.param_span(lo, hi) + self.buffer_span(lo, hi)
 
     def memory(self, lo: int, hi: int, rows: int, k_in_flight: int, held: float = 0.0) -> int:
         """A device's peak in stage [lo, hi) with ``rows`` rows, holding ``held`` bytes of backups."""
@@ -201,7 +212,7 @@ class CostTable:
                 for q in range(p + 1, S):
                     cycle = sum(step[p:q + 1]) + 2 * sum(link[p:q])
                     period = max(period, cycle / min((q - p) * (1 + depth) + 1, M))
-        return sum(step) + 2 * sum(link) + (M - 1) * period + allreduce
+        return sum(step) + 2 * sum(link) + (M - 1) * period + allreduce + ties_s(self.lg, self.cluster, stages)
 
     def group_rows(self, devices: Sequence[str], lo: int, hi: int, rows: int, k_in_flight: int,
                    held: float = 0.0) -> tuple[tuple[str, ...], tuple[int, ...]] | None:

@@ -12,12 +12,13 @@ all-reduce  the stage's gradients and buffers (``allreduce_bytes``) go round a r
             in its order: every member sends 2 (g - 1) / g of them to the next, all edges in
             lockstep at the slowest edge's bandwidth, plus 2 (g - 1) x the largest latency on the
             ring (``Ring.seconds``); a group of one, or a stage with nothing to reduce, takes no
-            time (``allreduce_s``).
+            time (``allreduce_s``). A TIE (a weight several stages hold) is the same ring over
+            every device of those stages, of the weight's bytes (``tie_s``; ``ties_s`` for a plan).
 transfer    a message of ``nbytes`` from a to b alone on its link takes latency(a, b) +
             nbytes / bandwidth(a, b) (``message_s``); ``wire_s`` is its part that occupies the
             link. A cut's message carries ``cut_bytes`` (its bytes per row x rows).
 memory      weights + gradients + optimizer state (``opt_state_factor`` x weights) + buffers all
-            iteration (``static_memory``; with recovery also a rollback point and the backups the
+            iteration (``static_memory``; a tied weight on every stage holding a copy; with recovery also a rollback point and the backups the
             device holds, ``state_memory`` each), plus, per micro-batch in flight (``in_flight``),
             the activations kept for backward and the stage's input and output slices
             (``activation_memory``); the peak is ``device_memory``.
@@ -149,6 +150,35 @@ def allreduce_s(lg: LayerGraph, cluster: Cluster, group: Sequence[str], layers: 
     return ring_allreduce_s(cluster, group, allreduce_bytes(lg, layers))
 
 
+def tensor_bytes(dtype: str, shape: Sequence[int]) -> int:
+    """Bytes of one tensor of ``dtype`` (torch's name) and ``shape``: a TIE's weight."""
+    import torch
+
+    dt = getattr(torch, dtype, None)
+    if not isinstance(dt, torch.dtype):
+        raise InputError(f"unknown dtype {dtype!r}; use a torch dtype name such as 'float32'")
+    return torch.empty((), dtype=dt).element_size() * math.prod(shape)
+
+
+def tie_s(cluster: Cluster, group: Sequence[str], nbytes: float) -> float:
+    """Seconds of a TIE: the ring all-reduce of its weights' ``nbytes`` over the holders ``group``."""
+    return ring_allreduce_s(cluster, group, nbytes)
+
+
+def ties_s(lg: LayerGraph, cluster: Cluster, stages: Sequence) -> float:
+    """Seconds of a plan's TIEs, one after another (``stages``: StagePlans, or anything with
+    ``layers`` and ``devices``): per set of holder stages, the ring over their devices of the
+    trained weights they share (what lower_comm emits one TIE for)."""
+    bounds = tuple(st.layers for st in stages)
+    by_holders: dict[tuple[int, ...], int] = {}
+    for tie in lg.ties:
+        held = tie.stages(bounds)
+        if tie.kind == "param" and len(held) > 1:
+            by_holders[held] = by_holders.get(held, 0) + tie.nbytes
+    return sum(tie_s(cluster, [d for p in held for d in stages[p].devices], nbytes)
+               for held, nbytes in by_holders.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # transfer
 
@@ -258,4 +288,5 @@ class StageCosts:
 
 __all__ = ["ADAM_STATE_FACTOR", "Ring", "StageCosts", "activation_memory", "allreduce_bytes", "allreduce_s",
            "compute_s", "cut_bytes", "device_memory", "fit_at", "in_flight", "link_message_s", "message_s",
-           "ring", "ring_allreduce_s", "state_memory", "static_memory", "step_s", "step_table", "wire_s"]
+           "ring", "ring_allreduce_s", "state_memory", "static_memory", "step_s", "step_table", "tensor_bytes", "tie_s",
+           "ties_s", "wire_s"]

@@ -51,13 +51,13 @@ class _Sim:
         self.pos = dict.fromkeys(self.order, 0)
         self.start = dict(self.pos)  # positions when the current step began
         self.sent: Counter[tuple[object, ...]] = Counter()
-        self.ordinal: dict[tuple[str, int], int] = {}  # k-th of its channel (or of its stage's ALLREDUCEs)
+        self.ordinal: dict[tuple[str, int], int] = {}  # k-th of its channel (or of its collective's key)
         self.senders: dict[tuple[object, ...], list[tuple[str, int]]] = defaultdict(list)
         for device, acts in self.acts.items():
             seen: Counter[tuple[object, ...]] = Counter()
             for i, a in enumerate(acts):
                 ch = ops.channel(device, a)
-                key = ch.key if ch is not None else (a.op, a.stage)
+                key = ch.key if ch is not None else ops.collective_key(a)
                 if ch is not None and ch.sends:
                     self.senders[key].append((device, i))
                 self.ordinal[(device, i)] = seen[key]
@@ -108,11 +108,12 @@ def _members(device: str, a: Action) -> tuple[str, ...]:
 
 def _at_collective(sim: _Sim, member: str, a: Action, k: int, positions: Mapping[str, int]) -> bool:
     b = sim.next_of(member, positions)
-    return b is not None and b.op == a.op and b.stage == a.stage and sim.ordinal[(member, positions[member])] == k
+    return (b is not None and ops.info(b.op).collective and ops.collective_key(b) == ops.collective_key(a)
+            and sim.ordinal[(member, positions[member])] == k)
 
 
 def _ready_collective(sim: _Sim, device: str, i: int, a: Action) -> bool:
-    # every member starts this step at the same (k-th of the stage) ALLREDUCE; then they all run it
+    # every member starts this step at the same (k-th of its key) collective; then they all run it
     k = sim.ordinal[(device, i)]
     return all(_at_collective(sim, m, a, k, sim.start) for m in _members(device, a))
 
@@ -120,7 +121,7 @@ def _ready_collective(sim: _Sim, device: str, i: int, a: Action) -> bool:
 def _waits_collective(sim: _Sim, device: str, i: int, a: Action, layout: ProgramLayout) -> str:
     k = sim.ordinal[(device, i)]
     late = [m for m in _members(device, a) if not _at_collective(sim, m, a, k, sim.pos)]
-    return "waits for its group to reach this ALLREDUCE together, but " + "; ".join(sim.where_is(m, layout) for m in late)
+    return f"waits for its group to reach this {a.op.value} together, but " + "; ".join(sim.where_is(m, layout) for m in late)
 
 
 def _waits_nothing(sim: _Sim, device: str, i: int, a: Action, layout: ProgramLayout) -> str:

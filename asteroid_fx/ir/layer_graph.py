@@ -41,6 +41,39 @@ class Cut:
     bytes_per_row: float  # bytes of those values per row (what a stage boundary here transfers)
     allowed: bool
     why_not: str = ""  # when not allowed: the value or parameter that forbids it
+    # values of ``values`` that do not depend on the batch's data: a stage that starts here
+    # recomputes them (docs/semantics.md) instead of receiving them, so they add no bytes
+    recomputed: tuple[str, ...] = ()
+
+
+# what a shared tensor is: a trained parameter (its copies' gradients are summed, a TIE), one that
+# is not trained, or a buffer nothing writes (its copies stay equal on their own)
+TIE_KINDS = ("param", "frozen", "buffer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tie:
+    """One tensor read by several layers (a tied weight: GPT-2's embedding and head), under every
+    name the model gives it; a stage holding any of ``layers`` holds a copy of it."""
+
+    names: tuple[str, ...]  # the model's names of it, the first as ``named_parameters`` gives it
+    dtype: str
+    shape: tuple[int, ...]
+    layers: tuple[int, ...]  # ascending, two or more
+    nbytes: int
+    kind: str = "param"  # one of TIE_KINDS
+
+    def stages(self, bounds: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
+        """Which of the stages with layer ranges ``bounds`` hold a copy."""
+        return tuple(p for p, (lo, hi) in enumerate(bounds) if any(lo <= k < hi for k in self.layers))
+
+    def overcount(self, lo, hi):
+        """Bytes the sum over layers [lo, hi) counts beyond one copy (elementwise for index arrays)."""
+        import numpy as np
+
+        at = np.asarray(self.layers)
+        held = np.searchsorted(at, hi, "left") - np.searchsorted(at, lo, "left")
+        return np.maximum(held - 1, 0) * self.nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +81,7 @@ class LayerGraph:
     layers: tuple[Layer, ...]
     cuts: tuple[Cut, ...]  # len(layers) + 1
     blocked: tuple[str, ...] = ()  # distinct reasons why cuts inside layers were not allowed
+    ties: tuple[Tie, ...] = ()  # tensors read by several layers (each layer's bytes count them)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -57,10 +91,14 @@ class LayerGraph:
         return tuple(k for k, _ in self.layers[0].costs) if self.layers else ()
 
     def param_bytes(self, lo: int, hi: int) -> int:
-        return sum(layer.param_bytes for layer in self.layers[lo:hi])
+        """Parameters of layers [lo, hi), a tied one once (a stage holds one copy of it)."""
+        return (sum(layer.param_bytes for layer in self.layers[lo:hi])
+                - int(sum(t.overcount(lo, hi) for t in self.ties if t.kind != "buffer")))
 
     def buffer_bytes(self, lo: int, hi: int) -> int:
-        return sum(layer.buffer_bytes for layer in self.layers[lo:hi])
+        """Buffers of layers [lo, hi), a shared one once."""
+        return (sum(layer.buffer_bytes for layer in self.layers[lo:hi])
+                - int(sum(t.overcount(lo, hi) for t in self.ties if t.kind == "buffer")))
 
     def saved_bytes_per_row(self, lo: int, hi: int) -> float:
         return sum(layer.saved_bytes_per_row for layer in self.layers[lo:hi])
@@ -101,8 +139,11 @@ def costs_to_json(lg: LayerGraph) -> dict[str, Any]:
                     "costs": {k: {"fwd": fit(c.fwd), "bwd": fit(c.bwd), "source": c.source} for k, c in l.costs}}
                    for l in lg.layers],
         "cuts": [{"index": c.index, "values": list(c.values), "bytes_per_row": c.bytes_per_row,
-                  "allowed": c.allowed, "why_not": c.why_not} for c in lg.cuts],
+                  "allowed": c.allowed, "why_not": c.why_not, "recomputed": list(c.recomputed)}
+                 for c in lg.cuts],
         "blocked": list(lg.blocked),
+        "ties": [{"names": list(t.names), "dtype": t.dtype, "shape": list(t.shape), "layers": list(t.layers),
+                  "nbytes": t.nbytes, "kind": t.kind} for t in lg.ties],
     }
 
 
@@ -127,9 +168,12 @@ def costs_from_json(data: Any, *, origin: str = "cost file") -> LayerGraph:
                          l.integer("buffer_bytes"), l.number("saved_bytes_per_row"), l.strings("params", []))
                    for l in top.objs("layers"))
     cuts = tuple(Cut(c.integer("index"), c.strings("values"), c.number("bytes_per_row"), c.boolean("allowed"),
-                     c.string("why_not", ""))
+                     c.string("why_not", ""), c.strings("recomputed", []))
                  for c in top.objs("cuts"))
-    return LayerGraph(layers, cuts, top.strings("blocked", []))
+    ties = tuple(Tie(t.strings("names"), t.string("dtype"), t.integers("shape"), t.integers("layers"),
+                     t.integer("nbytes"), t.string("kind", "param"))
+                 for t in (top.objs("ties") if top.has("ties") else ()))
+    return LayerGraph(layers, cuts, top.strings("blocked", []), ties)
 
 
 def write_costs(lg: LayerGraph, path: str | Path) -> Path:

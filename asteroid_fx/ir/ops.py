@@ -28,6 +28,7 @@ class Op(str, enum.Enum):
     RECV = "RECV"
     ALLREDUCE = "ALLREDUCE"
     STEP = "STEP"
+    TIE = "TIE"
     BACKUP = "BACKUP"
     RESTORE = "RESTORE"
     ROLLBACK = "ROLLBACK"
@@ -38,7 +39,7 @@ class Op(str, enum.Enum):
 
 # Action fields past op and stage, in Action's order; every op leaves the ones it does not use at
 # their default, and the text and JSON forms leave those out.
-OPTIONAL_FIELDS = ("mb", "rows", "peer", "payload", "specs", "group")
+OPTIONAL_FIELDS = ("mb", "rows", "peer", "payload", "specs", "group", "params")
 
 # What a transfer moves: a cut's tensors (row slices of a micro-batch) or a stage's whole state.
 DATA = "data"
@@ -56,6 +57,12 @@ class OpInfo:
     sends: bool = False  # the sending side of its transfer (buffered: it never waits)
     counterpart: Op | None = None  # the op ``peer`` runs to pair with it
     collective: bool = False  # every member of ``group`` runs it together
+    # a collective's members run the same one when these fields agree (its key, ``collective_key``):
+    # an ALLREDUCE's members hold one stage, a TIE's hold different stages of one weight
+    joins_by: tuple[str, ...] = ("stage", "group")
+    # what ``group`` must be: "stage" (the stage's devices in slot order), "holders" (every device
+    # of every stage holding ``params``, in stage and slot order); None: no group
+    group: str | None = None
     # which stage it names: "own" (its device's), "cut" (the lower stage of the cut it crosses),
     # "any" (a stage of any device, as a backup's)
     stage: str = "own"
@@ -72,8 +79,11 @@ OPS: Mapping[Op, OpInfo] = {
     Op.B: OpInfo(fields=_ROWS, compute="bwd"),
     Op.SEND: OpInfo(fields=_TRANSFER, moves=DATA, sends=True, counterpart=Op.RECV, stage="cut", arrow="->"),
     Op.RECV: OpInfo(fields=_TRANSFER, moves=DATA, counterpart=Op.SEND, stage="cut", arrow="<-"),
-    Op.ALLREDUCE: OpInfo(fields=frozenset({"group"}), collective=True),
+    Op.ALLREDUCE: OpInfo(fields=frozenset({"group"}), collective=True, group="stage"),
     Op.STEP: OpInfo(fields=frozenset()),
+    # ``specs`` are the whole shapes of ``params`` (not per row): what the all-reduce moves
+    Op.TIE: OpInfo(fields=frozenset({"group", "params", "specs"}), collective=True, joins_by=("group", "params"),
+                   group="holders"),
     Op.BACKUP: OpInfo(fields=frozenset({"peer"}), moves=WEIGHTS, sends=True, counterpart=Op.RESTORE, stage="any",
                       arrow="->"),
     Op.RESTORE: OpInfo(fields=frozenset({"peer"}), moves=WEIGHTS, counterpart=Op.BACKUP, stage="any", arrow="<-"),
@@ -131,6 +141,12 @@ def own_stage(a: Action) -> int | None:
     if rule == "cut" and a.payload in PAYLOAD_INFO:
         return a.stage + 1 if peer_is_lower(a) else a.stage
     return a.stage
+
+
+def collective_key(a: Action) -> tuple[object, ...]:
+    """What the members of one collective agree on (``OpInfo.joins_by``): the k-th action of a
+    device with this key runs together with the k-th of every other member's."""
+    return (a.op, *(getattr(a, f) for f in info(a.op).joins_by))
 
 
 class Channel(NamedTuple):

@@ -14,6 +14,11 @@ Vocabulary (``Op``; what each op carries, computes and moves is in ``ops.OPS``):
                   per-row dtype and shape of each tensor crossing the cut
   ALLREDUCE       sum the gradients of ``stage`` over ``group`` (all members run it, same order)
   STEP            optimizer step of ``stage`` on this device
+  TIE             sum the gradients of the tied weights ``params`` (one name each, ``specs`` their
+                  whole shapes) over ``group``, every device of every stage holding a copy of them
+                  (each holder stage counted once: after its ALLREDUCE every device of a stage has
+                  the stage's sum), so every copy takes the same step; after ``stage``'s last B and
+                  ALLREDUCE, before its STEP (docs/semantics.md, "Tied weights")
   BACKUP/RESTORE  a copy of ``stage``'s state (weights, buffers, optimizer state) to / from ``peer``
                   (fault tolerance; the copy is the state at the start of an iteration, see
                   docs/replay.md)
@@ -48,7 +53,8 @@ class Action(NamedTuple):
     peer: str | None = None  # SEND: destination, RECV: source, BACKUP/RESTORE: the other device
     payload: str | None = None  # "act" | "grad" for SEND/RECV
     specs: tuple[TensorSpec, ...] = ()
-    group: tuple[str, ...] = ()  # ALLREDUCE members, in reduction order
+    group: tuple[str, ...] = ()  # ALLREDUCE members, in reduction order; TIE: the weights' holders
+    params: tuple[str, ...] = ()  # TIE: the tied weights, by the model's first name of each
 
 
 class StageSlot(NamedTuple):

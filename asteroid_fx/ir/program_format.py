@@ -91,6 +91,8 @@ def format_action(a: Action, *, short: bool = False) -> str:
         parts += [ops.info(op).arrow, _name(a.peer)]
     if a.group and not short:
         parts.append("[" + " ".join(_name(d) for d in a.group) + "]")
+    if a.params and not short:
+        parts.append("{" + " ".join(_name(n) for n in a.params) + "}")
     if a.specs and not short:
         parts += [":", *(format_spec(s) for s in a.specs)]
     return " ".join(parts)

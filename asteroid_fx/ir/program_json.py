@@ -28,6 +28,8 @@ def _action_to_json(a: Action) -> dict[str, Any]:
         out["specs"] = [{"dtype": s.dtype, "shape": list(s.shape)} for s in a.specs]
     if a.group:
         out["group"] = list(a.group)
+    if a.params:
+        out["params"] = list(a.params)
     return out
 
 
@@ -110,6 +112,7 @@ def _action_from_json(v: Any, path: str) -> Action:
         for i, s in enumerate(opt("specs", _list) or ())
     )
     group = tuple(_str(g, f"{path}.group[{i}]") for i, g in enumerate(opt("group", _list) or ()))
+    params = tuple(_str(n, f"{path}.params[{i}]") for i, n in enumerate(opt("params", _list) or ()))
     return Action(
         op=op,
         stage=_int(d["stage"], f"{path}.stage"),
@@ -119,6 +122,7 @@ def _action_from_json(v: Any, path: str) -> Action:
         payload=opt("payload", _str),
         specs=specs,
         group=group,
+        params=params,
     )
 
 

@@ -40,8 +40,8 @@ _TOKEN = re.compile(
       (?P<space>\s+)
     | (?P<comment>\#.*)
     | (?P<string>"(?:[^"\\]|\\.)*")
-    | (?P<punct>[\[\](),])
-    | (?P<word>[^\s"\#\[\](),]+)
+    | (?P<punct>[\[\](),{}])
+    | (?P<word>[^\s"\#\[\](),{}]+)
     | (?P<bad>")
     """,
     re.VERBOSE,
@@ -210,6 +210,11 @@ def _parse_action_tokens(cur: _Cursor) -> Action:
         while not cur.peek_punct("]"):
             group.append(cur.name("a device name or ']' to close the group"))
 
+    params: list[str] = []  # a TIE's tied weights
+    if cur.peek_punct("{"):
+        while not cur.peek_punct("}"):
+            params.append(cur.name("a weight name or '}' to close the weights"))
+
     specs: list[TensorSpec] = []
     tok = cur.peek()
     if tok is not None and tok.kind == "word" and tok.text == ":":
@@ -218,7 +223,7 @@ def _parse_action_tokens(cur: _Cursor) -> Action:
         while cur.peek() is not None:
             specs.append(_parse_spec(cur))
     cur.end()
-    return Action(op, stage, mb, rows, peer, payload, tuple(specs), tuple(group))
+    return Action(op, stage, mb, rows, peer, payload, tuple(specs), tuple(group), tuple(params))
 
 
 def parse_action(text: str) -> Action:

@@ -16,7 +16,9 @@ later phase only runs when the earlier ones passed, since it relies on them):
      carries none); a SEND after the compute that produces it; one ALLREDUCE per device of a group
      of two or more, after every backward of the stage; exactly one STEP, after every backward and
      the ALLREDUCE; every SEND/BACKUP matched by exactly one RECV/RESTORE with the same rows and
-     specs; at most one ROLLBACK, before any compute;
+     specs; at most one ROLLBACK, before any compute; a TIE after the stage's last B and its
+     ALLREDUCE and before its STEP, run by every holder of its weights (whole stages, in stage and
+     slot order), in one order on all of them;
   4. deadlock freedom, by ``dry_run``.
 
 ``dry_run`` (in ``dry_run.py``, with the channel matching it shares with phase 3) is
@@ -27,6 +29,9 @@ ALLREDUCE). ``execution_order`` flattens it; the local backend runs actions in t
 
 What each op carries, which stage it names and what it pairs with come from ``ops.OPS``; the
 rules here are the checks per op (a table with a default, ``_WALK_RULES``).
+
+One module a little past 500 lines on purpose: its phases share the line index (``_Where``) and the
+tables of who holds what; the dry run (dry_run.py) and the tie rules (verify_ties.py) live apart.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from asteroid_fx.ir.errors import DeadlockError, VerifyError
 from asteroid_fx.ir.ops import COMPUTE_OPS, OPTIONAL_FIELDS, PAYLOAD_INFO, PAYLOADS, Op
 from asteroid_fx.ir.program import FORMAT_VERSION, Action, Program, StageSlot
 from asteroid_fx.ir.program_format import ProgramLayout, format_action, format_spec, layout_program
+from asteroid_fx.ir.verify_ties import check_ties
 
 # verify is where these are looked up; they live beside the dry run and with the other errors
 __all__ = ["DeadlockError", "Step", "VerifyError", "dry_run", "execution_order", "format_grid", "verify"]
@@ -194,7 +200,7 @@ def _check_fields(p: Program, where: _Where, held: Held) -> list[str]:
                 problems.append(f"{at}: peer {a.peer} {what}")
             # a device of one stage: its group is that stage's, whatever the action names
             group_stage = mine[0] if len(mine) == 1 else owner if owner in mine else None
-            if a.group and group_stage is not None:
+            if a.group and group_stage is not None and info.group == "stage":
                 stage_devices = p.stages[group_stage].devices
                 if a.group != stage_devices:
                     problems.append(
@@ -274,6 +280,7 @@ class _DeviceWalk:
         self.received: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)  # (payload, mb) -> rows
         self.allreduces: list[int] = []
         self.steps: list[int] = []
+        self.ties: list[int] = []
         self.rollbacks: list[int] = []
         self.problems: list[str] = []
 
@@ -350,6 +357,13 @@ def _walk_step(w: _DeviceWalk, i: int, a: Action) -> None:
     w.steps.append(i)
 
 
+def _walk_tie(w: _DeviceWalk, i: int, a: Action) -> None:
+    pending = _pending_backward(w)
+    if pending:
+        w.problems.append(f"{w.at(i)}: runs before the backward of {pending}; a tie sums the gradients once all are done")
+    w.ties.append(i)
+
+
 def _walk_rollback(w: _DeviceWalk, i: int, a: Action) -> None:
     done = [i for by_mb in w.computed.values() for i in by_mb.values()]
     if done:
@@ -373,6 +387,7 @@ _WALK_RULES: Mapping[Op, Callable[[_DeviceWalk, int, Action], None]] = {
     Op.RECV: _walk_recv,
     Op.ALLREDUCE: _walk_allreduce,
     Op.STEP: _walk_step,
+    Op.TIE: _walk_tie,
     Op.ROLLBACK: _walk_rollback,
 }
 
@@ -412,6 +427,13 @@ def _check_stage_walk(p: Program, where: _Where, device: str, own: int, w: _Devi
             f"{w.at(w.steps[0])}: runs before ALLREDUCE (line {w.line(w.allreduces[0])}); "
             "the optimizer must see the group's summed gradients"
         )
+    for t in w.ties:
+        if w.allreduces and t < w.allreduces[0]:
+            problems.append(f"{w.at(t)}: runs before ALLREDUCE (line {w.line(w.allreduces[0])}); a tie sums the "
+                            "stages' sums, so it comes after the stage's own")
+        if w.steps and w.steps[0] < t:
+            problems.append(f"{w.at(w.steps[0])}: runs before TIE (line {w.line(t)}); the optimizer must see the "
+                            "tied weights' summed gradients")
     if not w.steps:
         problems.append(f"{where.device(device)}: never runs STEP s{own}; add it at the end of its actions")
     for extra in w.steps[1:]:
@@ -500,5 +522,6 @@ def verify(p: Program) -> None:
         _check_compute(p, where, held, slots)
         + _check_dependencies(p, where, held, slots)
         + _check_pairing(p, where, held, slots)
+        + check_ties(p, where, held)
     )
     dry_run(p)

@@ -2,11 +2,14 @@
 
 Expects a Captured graph whose compute nodes carry "asteroid.stats" and "asteroid.cost"
 (annotate_costs). Guarantees: the layers partition the compute nodes in graph order; a cut is
-allowed only if everything live across it can be sent as row slices (batch-first tensors, plus
-SymInts that are integer polynomials in the batch size, which the receiving stage recomputes) and no
-parameter, buffer or module is used on both sides of it (so every weight has one owner stage and
-tied weights stay together); with ``max_layers`` the layers are merged until at most that many
-remain, dropping the most expensive cuts first while keeping layers balanced.
+allowed only if everything live across it either is recomputed by the receiving stage (SymInts
+that are integer polynomials in the batch size, and values that do not depend on the batch's data
+and are cheap to recompute, listed in ``Cut.recomputed``: passes/recompute.py) or can be sent as
+row slices (batch-first tensors), and no buffer written in place, nor module holding buffers, is
+used on both sides of it; a parameter or an unwritten buffer read on both sides is a tie
+(``LayerGraph.ties``): every stage reading it holds a copy, and a trained one's copies sum their
+gradients (a TIE action, docs/semantics.md); with ``max_layers`` the layers are merged until at
+most that many remain, dropping the most expensive cuts first while keeping layers balanced.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import sympy
 import torch
 import torch.fx as fx
 
 from asteroid_fx.ir.costs import Cost, NodeStats
 from asteroid_fx.ir.errors import InputError
-from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph
+from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph, Tie
 from asteroid_fx.passes.capture import Captured
+from asteroid_fx.passes.recompute import RECOMPUTE_FLOOR, RECOMPUTE_SHARE, Recompute, analyse, batch_coeffs
 
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
@@ -44,20 +47,68 @@ def _owned_attrs(node: fx.Node) -> list[str]:
 
 
 def _weight_keys(attr: str, gm: fx.GraphModule) -> list[tuple[Any, str]]:
-    """(key, name) pairs that identify what an attribute holds: the attribute itself and every
-    tensor under it by identity, so a weight tied between two modules (symbolic_trace keeps both
-    modules) is one weight."""
-    keys: list[tuple[Any, str]] = [(attr, attr)]
+    """(key, name) pairs that identify what an attribute holds: every tensor under it by identity,
+    so a weight tied between two modules (symbolic_trace keeps both modules) is one weight, and a
+    submodule that holds buffers by its name (its call may update them)."""
     held = operator.attrgetter(attr)(gm)
     if isinstance(held, torch.nn.Module):
-        keys += [(id(t), f"{attr}.{n}") for n, t in (*held.named_parameters(), *held.named_buffers())]
-    elif isinstance(held, torch.Tensor):
-        keys.append((id(held), attr))
-    return keys
+        keys: list[tuple[Any, str]] = [(attr, attr)] if any(True for _ in held.buffers()) else []
+        return keys + [(id(t), f"{attr}.{n}") for n, t in (*held.named_parameters(), *held.named_buffers())]
+    if isinstance(held, torch.Tensor):
+        return [(id(held), attr)]
+    return [(attr, attr)]
+
+
+# Ops that update a buffer they read though their schema does not say so (batch statistics).
+_UPDATES_BUFFERS = ("batch_norm", "instance_norm")
+
+
+def _written(order: list[fx.Node], gm: fx.GraphModule) -> set[int]:
+    """Tensors (by identity) that some node may write in place: a copy on every side of a cut
+    would drift apart, so their users stay in one stage."""
+    out: set[int] = set()
+    buffers = {id(b) for b in gm.buffers()}
+    for node in order:
+        schema = getattr(node.target, "_schema", None)
+        name = getattr(node.target, "__name__", str(node.target))
+        updates = any(word in name for word in _UPDATES_BUFFERS) or (
+            node.op == "call_method" and name.endswith("_") and not name.startswith("__"))
+        for i, a in enumerate(node.args):
+            if not isinstance(a, fx.Node) or a.op != "get_attr":
+                continue
+            writes = schema is not None and i < len(schema.arguments) and schema.arguments[i].alias_info is not None \
+                and schema.arguments[i].alias_info.is_write
+            t = id(operator.attrgetter(a.target)(gm))
+            if writes or (updates and t in buffers):
+                out.add(t)
+    return out
+
+
+def _may_be_shared(key: Any, written: set[int], tensors: dict[int, Any]) -> bool:
+    """Whether a weight may be read on both sides of a cut: each stage then holds a copy, a trained
+    parameter's copies summing their gradients (a TIE), a frozen one or a buffer that nothing writes
+    staying equal on their own. A buffer written in place, or a module holding buffers, may not."""
+    t = tensors.get(key) if isinstance(key, int) else None
+    return t is not None and key not in written
 
 
 def _forbidden_cuts(order: list[fx.Node], gm: fx.GraphModule) -> dict[int, str]:
-    """Cuts that would separate two users of one weight: position -> reason."""
+    """Cuts that would separate two users of one weight that may not be shared: position -> reason."""
+    users, names = _weight_users(order, gm)
+    written = _written(order, gm)
+    tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    forbidden: dict[int, str] = {}
+    for key, positions in users.items():
+        if _may_be_shared(key, written, tensors):
+            continue
+        name = " = ".join(repr(n) for n in names[key])
+        for k in range(min(positions) + 1, max(positions) + 1):
+            forbidden.setdefault(k, f"weight {name} is used on both sides")
+    return forbidden
+
+
+def _weight_users(order: list[fx.Node], gm: fx.GraphModule) -> tuple[dict[Any, list[int]], dict[Any, list[str]]]:
+    """Per weight key, the positions of the nodes that read it and the names they read it by."""
     users: dict[Any, list[int]] = {}
     names: dict[Any, list[str]] = {}
     for pos, node in enumerate(order):
@@ -66,26 +117,36 @@ def _forbidden_cuts(order: list[fx.Node], gm: fx.GraphModule) -> dict[int, str]:
                 users.setdefault(key, []).append(pos)
                 if name not in names.setdefault(key, []):
                     names[key].append(name)
-    forbidden: dict[int, str] = {}
+    return users, names
+
+
+def _ties(order: list[fx.Node], gm: fx.GraphModule, bounds: list[int]) -> tuple[Tie, ...]:
+    """The tensors that layers with node bounds ``bounds`` share: read by two layers or more."""
+    import bisect
+
+    users, _ = _weight_users(order, gm)
+    first_name: dict[int, str] = {}
+    every_name: dict[int, list[str]] = {}
+    for kind, named in (("param", gm.named_parameters(remove_duplicate=False)),
+                        ("buffer", gm.named_buffers(remove_duplicate=False))):
+        for n, t in named:
+            first_name.setdefault(id(t), n)
+            every_name.setdefault(id(t), []).append(n)
+    tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    params = {id(t) for t in gm.parameters()}
+    out = []
     for key, positions in users.items():
-        name = " = ".join(repr(n) for n in names[key])
-        for k in range(min(positions) + 1, max(positions) + 1):
-            forbidden.setdefault(k, f"weight {name} is used on both sides")
-    return forbidden
-
-
-def batch_coeffs(val: Any, captured: Captured) -> tuple[int, ...] | None:
-    """A SymInt's integer polynomial in the batch size (highest power first), or None when it is
-    not one (e.g. ``batch // 2``): only such sizes can be recomputed from a row slice's batch."""
-    if not captured.is_batch_sym(val):
-        return None
-    try:
-        coeffs = sympy.Poly(val.node.expr, captured.batch_symbol).all_coeffs()
-    except sympy.PolynomialError:
-        return None
-    if not all(getattr(c, "is_integer", False) for c in coeffs):
-        return None
-    return tuple(int(c) for c in coeffs)
+        t = tensors.get(key) if isinstance(key, int) else None
+        if t is None:
+            continue
+        layers = sorted({bisect.bisect_right(bounds, pos) - 1 for pos in positions})
+        if len(layers) < 2:
+            continue
+        kind = ("param" if t.requires_grad else "frozen") if key in params else "buffer"
+        names = (first_name[key], *(n for n in every_name[key] if n != first_name[key]))
+        out.append(Tie(names, str(t.dtype).removeprefix("torch."), tuple(int(d) for d in t.shape), tuple(layers),
+                       t.numel() * t.element_size(), kind))
+    return tuple(sorted(out, key=lambda tie: (tie.layers, tie.names)))
 
 
 def node_cuts(captured: Captured) -> tuple[Cut, ...]:
@@ -116,26 +177,48 @@ def node_cuts(captured: Captured) -> tuple[Cut, ...]:
         for k in range(d, last_use.get(v, -1) + 1):
             live[k].append(v)
     forbidden = _forbidden_cuts(order, gm)
+    recompute = analyse(captured)
 
     cuts: list[Cut] = []
     for k in range(n_nodes + 1):
         vals = sorted(live[k], key=lambda v: (first_def[v], v.name))
         why = forbidden.get(k, "") if 0 < k < n_nodes else ""
-        has_tensor = False
+        sent, recomputed = [], []
         for v in vals:
-            val = v.meta.get("val")
-            if captured.is_batched(val):
-                has_tensor = True
-            elif captured.is_batch_sym(val) and batch_coeffs(val, captured) is None and not why:
-                why = f"size {v.name!r} = {val.node.expr} is not a polynomial in the batch size"
-            elif not captured.is_batch_sym(val) and not why:
-                why = f"value {v.name!r} is not a batch-first tensor"
-        if not has_tensor and 0 < k < n_nodes and not why:
+            why_v = _crossing(v, captured, recompute)
+            if why_v == "recompute":
+                recomputed.append(v)
+            elif why_v == "send":
+                sent.append(v)
+            elif not why:
+                why = why_v
+        if not sent and 0 < k < n_nodes and not why:
             why = "no tensor crosses it"
         cuts.append(Cut(k, tuple(v.name for v in vals),
-                        sum(_value_bytes_per_row(v.meta.get("val"), captured) for v in vals),
-                        allowed=not why, why_not=why))
+                        sum(_value_bytes_per_row(v.meta.get("val"), captured) for v in sent),
+                        allowed=not why, why_not=why, recomputed=tuple(v.name for v in recomputed)))
     return tuple(cuts)
+
+
+def _crossing(v: fx.Node, captured: Captured, recompute: Recompute) -> str:
+    """How value ``v`` crosses a cut: "recompute" (the receiving stage computes it again: a size
+    polynomial in the batch, or a cheap value that does not depend on the batch's data), "send"
+    (a batch-first tensor, as row slices), or else why it cannot."""
+    val = v.meta.get("val")
+    if captured.is_batch_sym(val):
+        if batch_coeffs(val, captured) is None:
+            return f"size {v.name!r} = {val.node.expr} is not a polynomial in the batch size"
+        return "recompute"
+    if recompute.recomputable(v):
+        return "recompute"
+    if captured.is_batched(val):
+        return "send"
+    why = recompute.why.get(v, "depends on the batch's data")
+    if why:
+        return f"value {v.name!r} is not a batch-first tensor and {why}"
+    return (f"value {v.name!r} is not a batch-first tensor; it does not depend on the batch, but recomputing "
+            f"it in the next stage ({recompute.work[v]:.3g} FLOPs) costs over {recompute.limit:.3g} FLOPs "
+            f"(the larger of {RECOMPUTE_SHARE:.0%} of one row's forward and {RECOMPUTE_FLOOR:.0e})")
 
 
 def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
@@ -174,7 +257,7 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
         ))
     layer_cuts = tuple(dataclasses_replace_index(cuts[b], i) for i, b in enumerate(bounds))
     blocked = tuple(dict.fromkeys(c.why_not for c in cuts[1:-1] if not c.allowed))
-    return LayerGraph(tuple(layers), layer_cuts, blocked)
+    return LayerGraph(tuple(layers), layer_cuts, blocked, _ties(order, gm, bounds))
 
 
 def _unique_bytes(tensors) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from asteroid_fx.ir.layer_graph import LayerGraph
+from asteroid_fx.ir.layer_graph import LayerGraph, Tie
 from asteroid_fx.ir.plan import Plan
 from asteroid_fx.ir.program import Program, StageInfo, TensorSpec
 from asteroid_fx.passes.lower_comm import CutSpecs, lower_comm
@@ -19,15 +19,16 @@ from asteroid_fx.passes.split import Stage
 
 
 def lower(schedule_kind: str, microbatches: int, microbatch_rows: int, table: Sequence[StageInfo],
-          cut_specs: Sequence[CutSpecs]) -> Program:
+          cut_specs: Sequence[CutSpecs], ties: Sequence[Tie] = ()) -> Program:
     """The program of ``table`` under ``schedule_kind``: every device's F/B order, then the
-    row-slice SEND/RECV between stages, each group's ALLREDUCE and the STEP."""
-    return lower_comm(schedule_table(schedule_kind, microbatches, microbatch_rows, tuple(table)), cut_specs)
+    row-slice SEND/RECV between stages, each group's ALLREDUCE, the TIEs of weights that several
+    stages hold (``ties``: the LayerGraph's) and the STEP."""
+    return lower_comm(schedule_table(schedule_kind, microbatches, microbatch_rows, tuple(table)), cut_specs, ties)
 
 
-def lower_plan(plan: Plan, cut_specs: Sequence[CutSpecs]) -> Program:
+def lower_plan(plan: Plan, cut_specs: Sequence[CutSpecs], ties: Sequence[Tie] = ()) -> Program:
     """``lower`` of the plan's stages and micro-batching."""
-    return lower_comm(schedule(plan), cut_specs)
+    return lower_comm(schedule(plan), cut_specs, ties)
 
 
 def stage_cut_specs(stages: Sequence[Stage]) -> list[CutSpecs]:
@@ -45,4 +46,4 @@ def planned_program(plan: Plan, lg: LayerGraph) -> Program:
     for st in plan.stages[:-1]:
         one = (TensorSpec("uint8", (int(round(lg.cuts[st.layers[1]].bytes_per_row)),)),)
         specs.append((one, one))
-    return lower_plan(plan, specs)
+    return lower_plan(plan, specs, lg.ties)

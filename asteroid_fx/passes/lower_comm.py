@@ -8,6 +8,12 @@ two or more all-reduces the stage's gradients with the group (slot order), then 
 holding several stages does this per stage, after that stage's last backward, and exchanges each
 stage's messages with the devices of the stages next to it, as any device does.
 
+A trained weight that two stages or more read (``ties``: a LayerGraph's, e.g. GPT-2's embedding and
+head) is held by each of them; every device of those stages runs one TIE of it after the stage's
+ALLREDUCE and before its STEP, so the copies sum their gradients and step alike. Weights tied
+over the same stages share one TIE; a device with several runs them in one order (by stages,
+then names), the same on every holder.
+
 Expects: ``cut_specs[p]`` = (activation specs, gradient specs) of the cut after stage p. A cut
 whose tensors need no gradient gets no gradient messages.
 """
@@ -18,6 +24,7 @@ import dataclasses
 from typing import Sequence
 
 from asteroid_fx.ir.errors import InputError
+from asteroid_fx.ir.layer_graph import Tie
 from asteroid_fx.ir.program import Action, Op, Program, StageInfo, TensorSpec
 
 CutSpecs = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
@@ -30,11 +37,36 @@ def _overlaps(lo: int, hi: int, other: StageInfo):
             yield slot.device, (a, b)
 
 
-def lower_comm(program: Program, cut_specs: Sequence[CutSpecs]) -> Program:
+def tie_actions(stages: Sequence[StageInfo], ties: Sequence[Tie]) -> dict[int, tuple[Action, ...]]:
+    """Stage -> the TIEs each of its devices runs (in that order): one per set of holder stages,
+    naming the trained weights those stages share, by the model's first name of each."""
+    by_holders: dict[tuple[int, ...], list[Tie]] = {}
+    for tie in ties:
+        held = tie.stages(tuple(st.layers for st in stages))
+        if tie.kind == "param" and len(held) > 1:
+            by_holders.setdefault(held, []).append(tie)
+    out: dict[int, list[Action]] = {}
+    for held, tied in sorted(by_holders.items()):
+        tied.sort(key=lambda t: t.names[0])
+        group = tuple(d for p in held for d in stages[p].devices)
+        twice = sorted({d for d in group if group.count(d) > 1})
+        if twice:
+            raise InputError(f"{', '.join(twice)} would hold two stages ({', '.join(map(str, held))}) of the tied "
+                             f"weight {tied[0].names[0]}; a device holds one copy of a tie: place those stages "
+                             "on different devices")
+        params = tuple(t.names[0] for t in tied)
+        specs = tuple(TensorSpec(t.dtype, t.shape) for t in tied)
+        for p in held:
+            out.setdefault(p, []).append(Action(Op.TIE, p, group=group, params=params, specs=specs))
+    return {p: tuple(acts) for p, acts in out.items()}
+
+
+def lower_comm(program: Program, cut_specs: Sequence[CutSpecs], ties: Sequence[Tie] = ()) -> Program:
     stages = program.stages
     S = len(stages)
     if len(cut_specs) != S - 1:
         raise InputError(f"{S} stages need specs for {S - 1} cuts, got {len(cut_specs)}")
+    tied = tie_actions(stages, ties)
     lowered = []
     for device, acts in program.actions:
         out: list[Action] = []
@@ -61,6 +93,7 @@ def lower_comm(program: Program, cut_specs: Sequence[CutSpecs]) -> Program:
             if last_b.get(p) == i:
                 if len(info.slots) > 1:
                     out.append(Action(Op.ALLREDUCE, p, group=info.devices))
+                out += tied.get(p, ())
                 out.append(Action(Op.STEP, p))
         lowered.append((device, tuple(out)))
     return dataclasses.replace(program, actions=tuple(lowered))

@@ -97,6 +97,12 @@ def switch(before: Program, after: Program, *, reason: str = "") -> Switch:
     before any backup of the new plan, is recovered like any other): a device keeps what its old
     stage holds, and gets each missing old stage from that stage's device with the fewest sends so
     far (ties: program order), so a stage of a group spreads its sends over the group."""
+    for program in (before, after):
+        tie = next((a for _, acts in program.actions for a in acts if a.op == Op.TIE), None)
+        if tie is not None:
+            raise ReplanError(f"switching plans with weights tied across stages is not supported yet "
+                              f"({format_action(tie)}: {', '.join(tie.params)} held by {' '.join(tie.group)}); "
+                              "run it without re-planning, or untie the weights")
     n_layers = before.stages[-1].layers[1]
     if after.stages[-1].layers[1] != n_layers or after.stages[0].layers[0] != 0:
         raise ReplanError(f"the new program covers layers {after.stages[0].layers[0]}:{after.stages[-1].layers[1]}, the "
@@ -148,6 +154,6 @@ def replan(compiled: Any, devices: Sequence[str], *, planner: str = "asteroid", 
                      microbatches=microbatches, schedule=schedule, opt_state_factor=opt_state_factor,
                      recovery=recovery)
     stages = split(compiled.captured, compiled.layer_graph, plan)
-    program = lower_plan(plan, stage_cut_specs(stages))
+    program = lower_plan(plan, stage_cut_specs(stages), compiled.layer_graph.ties)
     verify(program)
     return plan, program

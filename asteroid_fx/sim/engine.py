@@ -27,12 +27,15 @@ models exactly this, and nothing else:
               at the pace of the slowest (bounded by the slowest link, and sharing the links as
               above), plus 2 (g-1) x the largest latency on the ring (``cost.stage.Ring``: the
               same time as ``Ring.seconds`` when the links are otherwise idle).
+  TIE         the same ring over its holders (every device of the stages holding the tied weights,
+              which meet at it whatever stage each names), of the tied weights' bytes (its specs).
   BACKUP      like SEND (in the background), RESTORE like RECV, of the stage's state: weights,
               optimizer state (weights x opt_state_factor) and buffers (torch_dist sends these
               bytes as one message, after a 64-byte header, with the holder's receive posted when
               the iteration starts).
   STEP        ROLLBACK (a local copy) and any op without a rule: no time.
-  memory      cost.stage.device_memory's model, as a timeline: weights x (2 + opt_state_factor) +
+  memory      cost.stage.device_memory's model (a tied weight counted on every stage holding a copy),
+              as a timeline: weights x (2 + opt_state_factor) +
               buffers all iteration, plus one micro-batch's activations (kept for backward, with the
               stage's input and output slices) from the start of its F to the end of its B. With
               ``recovery`` also, all iteration, the copies torch_dist keeps for a rollback: every
@@ -64,7 +67,7 @@ from collections import Counter, defaultdict
 from typing import Callable, Mapping, Sequence
 
 from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, StageCosts, activation_memory, allreduce_bytes, ring,
-                                    state_memory, static_memory)
+                                    state_memory, static_memory, tensor_bytes)
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
@@ -355,7 +358,7 @@ class _Engine:
         # the stage model's ring (cost/stage.py), run as one flow whose edges move in lockstep at
         # the slowest edge's pace and share the NICs with the other transfers
         r = ring(self.cluster, members)
-        per_edge = r.edge_bytes(allreduce_bytes(self.lg, self.p.stages[a.stage].layers))
+        per_edge = r.edge_bytes(_COLLECTIVE_BYTES[a.op](self, a))
         slowest = r.bandwidth
         uses = tuple(u for (x, y), (bw, _) in zip(r.edges, r.links)
                      for u in ((self.nic[x], slowest / bw), (self.nic[y] + 1, slowest / bw)))
@@ -434,13 +437,25 @@ def _channel_key(d: str, a: Action) -> tuple | None:
     ch = ops.channel(d, a)
     if ch is not None:
         return ch.key
-    return ("allreduce", a.stage, a.group) if ops.info(a.op).collective else None
+    return ops.collective_key(a) if ops.info(a.op).collective else None
 
 
 # What a posted transfer carries, by what it moves (``OpInfo.moves``).
 _PAYLOAD_BYTES: Mapping[str, Callable[[_Engine, Action], int]] = {
     ops.DATA: lambda e, a: transfer_bytes(a),
     ops.WEIGHTS: _state_bytes,
+}
+
+
+def _tie_bytes(e: _Engine, a: Action) -> int:
+    """What a TIE reduces: the tied weights' gradients, their whole shapes in its specs."""
+    return sum(tensor_bytes(s.dtype, s.shape) for s in a.specs)
+
+
+# What a collective reduces, by op.
+_COLLECTIVE_BYTES: Mapping[Op, Callable[[_Engine, Action], int]] = {
+    Op.ALLREDUCE: lambda e, a: allreduce_bytes(e.lg, e.p.stages[a.stage].layers),
+    Op.TIE: _tie_bytes,
 }
 
 

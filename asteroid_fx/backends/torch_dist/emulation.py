@@ -18,14 +18,14 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
-from asteroid_fx.cost.stage import allreduce_s, compute_s
+from asteroid_fx.cost.stage import allreduce_s, compute_s, tensor_bytes, tie_s
 from asteroid_fx.ir.program import Action, Op
 
 # Set (to "1") in the environment of a worker whose links the kernel shapes (runtime/netns.py):
 # the emulation then paces compute only, since pacing messages too would count the links twice.
 SHAPED_LINKS_ENV = "ASTEROID_SHAPED_LINKS"
 
-PACED = (Op.F, Op.B, Op.ALLREDUCE)  # the actions an emulated device pads to the cost model's time
+PACED = (Op.F, Op.B, Op.ALLREDUCE, Op.TIE)  # the actions an emulated device pads to the cost model's time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,10 @@ class Emulation:
         # parameters and floating buffers, as the worker reduces them (and the planner and the
         # simulator count them)
         return self.dilation * allreduce_s(self.layer_graph, self.cluster, group, layers)
+
+    def tie_s(self, a: Action) -> float:
+        """A TIE's ring over its holders, of its weights' bytes (its specs' whole shapes)."""
+        return self.dilation * tie_s(self.cluster, a.group, sum(tensor_bytes(s.dtype, s.shape) for s in a.specs))
 
     def link(self, a: str, b: str) -> tuple[float, float]:
         """(bandwidth, latency) of the emulated link, dilated."""

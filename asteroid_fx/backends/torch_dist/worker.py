@@ -16,6 +16,8 @@ Same meaning as the local backend (backends/local.py), action by action; F and B
              of its sends (see ``gloo.Comm`` for why that matters);
   ALLREDUCE  one flat all-reduce of the stage's gradients over the stage's group, then the group's
              floating buffers are averaged;
+  TIE        one flat all-reduce of the tied weights' gradients over their holders' group, the
+             stage's first device bringing its gradients and the others zeros (local rule);
   STEP       the device's optimizer;
   BACKUP     a copy of the stage (parameters, buffers, optimizer state, by model name) to the
              holder, as one message: a small header (iteration tag), then the tensors packed into
@@ -193,10 +195,11 @@ class DistWorker:
         return self._loss
 
     def _pace(self, a: Action, took: float) -> None:
-        if a.op == Op.ALLREDUCE:
+        if a.op in (Op.ALLREDUCE, Op.TIE):
             if not self.emulation.links:
                 return
-            target = self.emulation.allreduce_s(a.group, self.info.layers)
+            target = (self.emulation.allreduce_s(a.group, self.info.layers) if a.op == Op.ALLREDUCE
+                      else self.emulation.tie_s(a))
         else:
             target = self.emulation.compute_s(self.device, a, self.info.layers)
         if took < target:
@@ -294,6 +297,20 @@ class DistWorker:
                 for b in buffers:
                     b.copy_(flat[offset:offset + b.numel()].view_as(b))
                     offset += b.numel()
+
+    def _tie(self, a: Action) -> None:
+        # the stage's first device brings the stage's sum (after its ALLREDUCE every device of the
+        # stage holds it), the others zeros: the sum over the holders counts each stage once
+        named = dict(self.module.named_parameters(remove_duplicate=False))
+        params = [named[n] for n in a.params]
+        first = self.slot.device == self.info.slots[0].device
+        grads = [p.grad if first and p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.comm.allreduce_tie(a.group, [flat])
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
 
     def _step(self, a: Action) -> None:
         self.replica.step()
@@ -419,6 +436,7 @@ ACTIONS: dict[Op, Callable[[DistWorker, Action], None]] = {
     Op.RECV: DistWorker._recv,
     Op.ALLREDUCE: DistWorker._allreduce,
     Op.STEP: DistWorker._step,
+    Op.TIE: DistWorker._tie,
     Op.BACKUP: DistWorker._backup,
     Op.RESTORE: DistWorker._restore,
     Op.ROLLBACK: DistWorker._rollback,
