@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import asteroid_fx as asteroid
 from asteroid_fx.cost import calibrate
+from asteroid_fx.cost.stage import step_s
 from asteroid_fx.runtime import linkprobe
 from asteroid_fx.ir import device_profile as DP
 from asteroid_fx.ir import profile as P
@@ -344,7 +345,7 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
                                 microbatches=2, profiles=[out])
     lg = compiled.layer_graph
     assert all(layer.cost("host-cpu").source == "measured" for layer in lg.layers)
-    assert lg.stage_time("host-cpu", 0, len(lg), 4) > 0
+    assert step_s(lg, "host-cpu", (0, len(lg)), 4) > 0
     with pytest.raises(P.ProfileError, match="max_layers"):
         asteroid.compile(entry.build(small=True), "host-2", example=entry.example(8, True), max_layers=2,
                          microbatches=2, profiles=[out])
