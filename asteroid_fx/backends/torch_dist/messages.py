@@ -14,6 +14,7 @@ of the size the holder expects, then the layout as JSON. The layout thus travels
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import struct
@@ -105,16 +106,19 @@ class StateLayout:
         return out
 
 
-class TaggedMessages:
+class TaggedMessages(abc.ABC):
     """The message methods of ``backends.base.Comm`` over a transport that sends and receives
     single tensors by peer and tag (``send``/``recv``, with the channel flags ``grads`` and
-    ``backups``): what ``gloo.Comm`` and a test's loopback share."""
+    ``backups``): what ``gloo.Comm`` and a test's loopback share. A transport implements the two
+    abstract methods; a class that forgets one cannot be instantiated."""
 
+    @abc.abstractmethod
     def send(self, t: torch.Tensor, peer: str, tag: int, *, grads: bool = False, backups: bool = False) -> Any:
-        raise NotImplementedError
+        """Start sending ``t`` to ``peer`` under ``tag``; returns a work handle to wait on."""
 
+    @abc.abstractmethod
     def recv(self, t: torch.Tensor, peer: str, tag: int, *, grads: bool = False, backups: bool = False) -> Any:
-        raise NotImplementedError
+        """Start receiving into ``t`` from ``peer`` under ``tag``; returns a work handle to wait on."""
 
     def send_rows(self, a: Action, tensors: Sequence[torch.Tensor], arrive: torch.Tensor | None = None) -> list[Any]:
         grads = a.payload == "grad"
