@@ -18,17 +18,26 @@ from typing import Any
 from asteroid_fx.ir.errors import InputError
 
 
+def read_text(path: str | os.PathLike[str], what: str, error: type[InputError] = InputError, *,
+              hint: str = "") -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable or binary file raises ``error`` saying it
+    should hold a ``what``, followed by ``hint`` (what to do) when given."""
+    path = Path(path)
+    then = f"; {hint}" if hint else ""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}{then}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text, so not a {what}{then}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+
+
 def read_json(path: str | os.PathLike[str], what: str, error: type[InputError] = InputError) -> Any:
     """The JSON document in ``path``; ``what`` ("plan", "cost file") says what it should hold."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{path}: no such {what}") from None
-    except UnicodeDecodeError:
-        raise error(f"{path}: not UTF-8 text, so not a {what}") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    text = read_text(path, what, error)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

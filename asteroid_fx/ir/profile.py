@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from asteroid_fx.ir.atomic import write_text
+from asteroid_fx.ir.json_fields import read_text
 from asteroid_fx.ir.device_profile import (
     CACHE_COLD_FROM,
     CACHE_WARM_UP_TO,
@@ -357,14 +358,8 @@ def load(path: str | os.PathLike[str], *, lg: "LayerGraph | None" = None, max_la
          model: str | None = None, allow_partial: bool = False) -> DeviceProfile:
     """Read and validate a profile; with ``lg`` also check it belongs to that graph."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: no such profile; measure one with `asteroid profile --model M --out {path}`") from None
-    except UnicodeDecodeError:
-        raise ProfileError(f"{path}: corrupt: not UTF-8 text; re-run `asteroid profile`") from None
-    except OSError as e:
-        raise ProfileError(f"{path}: cannot read the profile: {e.strerror or e}") from None
+    text = read_text(path, "profile", ProfileError,
+                     hint=f"measure one with `asteroid profile --model M --out {path}`")
     profile = loads(text, origin=str(path))
     if not profile.complete and not allow_partial:
         raise ProfileError(f"{path}: partial profile ({len(profile.missing())} of "
