@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from asteroid_fx.ir.cluster import Cluster, Device  # noqa: E402
 from asteroid_fx.runtime.launcher import launch, load_weights  # noqa: E402
-from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec  # noqa: E402
+from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of  # noqa: E402
 
 BASE = dict(model="mlp:small", batch=48, microbatches=2, optimizer="adam", lr=1e-3, recovery=True)
 PLANS = {
@@ -81,8 +81,7 @@ def trial(name: str, rng: random.Random, work: Path, reference: dict) -> dict:
     out = work / f"trial{len(list(work.iterdir()))}"
     result = launch(spec, cluster, out, timeout_s=300, log=quiet, kills=[(victim, moment)])
     if name not in reference:
-        runner, losses = compile_spec(spec, cluster).run(batches(spec), spec.iterations, optimizer=spec.optimizer,
-                                                         lr=spec.lr)
+        runner, losses = compile_spec(spec, cluster).run(batches(spec), iterations_of(spec), optimizer=optimizer_of(spec))
         reference[name] = (runner.state_dict(), losses)
     want, losses = reference[name]
     gap = relative_gap(load_weights(out, result["program"].devices), want)

@@ -16,7 +16,7 @@ from asteroid_fx.backends.torch_dist import Comm, DistWorker
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.ir.errors import AsteroidError
 from asteroid_fx.runtime.launcher import launch, load_weights
-from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec
+from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of
 
 CLUSTER = Cluster.uniform([Device("a", "jetson-nano"), Device("b", "jetson-tx2"), Device("c", "jetson-xavier-nx")],
                           bandwidth=125e6, latency=1e-3)
@@ -34,7 +34,7 @@ CASES = {
 def _local(spec: RunSpec, out) -> tuple[list[float], dict[str, torch.Tensor]]:
     """A fresh compile of the spec (as every worker compiles it) run through the Runner protocol."""
     compiled = compile_spec(spec, CLUSTER)
-    runner = compiled.runner(optimizer=spec.optimizer, lr=spec.lr)
+    runner = compiled.runner(optimizer=optimizer_of(spec))
     assert isinstance(runner, base.Runner)
     losses = [runner.step(inputs, labels) for inputs, labels in batches(spec)]
     return losses, runner.state_dict()
@@ -57,7 +57,7 @@ def test_a_backend_trains_like_the_local_backend(backend, case, tmp_path):
     spec = CASES[case]
     got_losses, got = BACKENDS[backend](spec, tmp_path)
     local = compile_spec(spec, CLUSTER)
-    runner, losses = local.run(batches(spec), spec.iterations, optimizer=spec.optimizer, lr=spec.lr)
+    runner, losses = local.run(batches(spec), iterations_of(spec), optimizer=optimizer_of(spec))
     assert got_losses == pytest.approx(losses, rel=1e-6)
     want = runner.state_dict()
     assert got.keys() == want.keys()

@@ -180,7 +180,7 @@ def test_two_networks_side_by_side_get_their_own_subnets():
 @needs_root
 def test_launch_through_shaped_links_trains_like_without_and_takes_the_links_time(tmp_path):
     from asteroid_fx.runtime.launcher import launch
-    from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec
+    from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of
     from asteroid_fx.sim import simulate
 
     # a slow link (8 Mbit/s) and 64 KiB messages: the transfers, shaped by the kernel, set the
@@ -194,7 +194,7 @@ def test_launch_through_shaped_links_trains_like_without_and_takes_the_links_tim
     assert not [n for n in netns.namespaces() if n.startswith(ours)]
     # the same numbers as the local backend, which unshaped workers equal (tests/test_torch_dist.py)
     compiled = compile_spec(spec, slow)
-    _, losses = compiled.run(batches(spec), spec.iterations, optimizer=spec.optimizer, lr=spec.lr)
+    _, losses = compiled.run(batches(spec), iterations_of(spec), optimizer=optimizer_of(spec))
     assert shaped["losses"] == pytest.approx(losses, rel=1e-6)
     # latency is not shaped: compare with the simulator on links without it
     no_latency = dataclasses.replace(slow, latency=tuple(tuple(0.0 for _ in row) for row in slow.latency))

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from asteroid_fx.ir.cluster import Cluster, Device, resolve_cluster
 from asteroid_fx.runtime.heartbeat import Heartbeat
 from asteroid_fx.runtime.launcher import launch, load_weights
-from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec
+from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of
 from asteroid_fx.runtime.store import agreed_failure
 
 HOST3 = resolve_cluster("host-3")
@@ -29,8 +29,7 @@ HYBRID = RunSpec(model="mlp:small", batch=12, microbatches=2, groups=(("host0",)
 
 def check_exact(result: dict, spec: RunSpec, cluster, out) -> None:
     """Weights and losses equal the failure-free local run of the same iterations."""
-    runner, losses = compile_spec(spec, cluster).run(batches(spec), spec.iterations, optimizer=spec.optimizer,
-                                                     lr=spec.lr)
+    runner, losses = compile_spec(spec, cluster).run(batches(spec), iterations_of(spec), optimizer=optimizer_of(spec))
     assert result["losses"] == pytest.approx(losses, rel=1e-6)
     got, want = load_weights(out, result["program"].devices), runner.state_dict()
     assert got.keys() == want.keys()

@@ -11,7 +11,7 @@ import asteroid_fx as asteroid
 from asteroid_fx.backends.torch_dist import TaggedMessages
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.runtime.launcher import launch
-from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec
+from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of
 from tests.test_backends import CASES, CLUSTER  # the parity with the local backend is tested there
 
 
@@ -90,7 +90,7 @@ def test_remote_workers_join_by_device_name_and_by_torchrun_rank(tmp_path):
                 p.kill()
     assert result["program"].devices == ("a", "b", "c")
     local = compile_spec(spec, CLUSTER)
-    _, losses = local.run(batches(spec), spec.iterations, optimizer=spec.optimizer, lr=spec.lr)
+    _, losses = local.run(batches(spec), iterations_of(spec), optimizer=optimizer_of(spec))
     assert result["losses"] == pytest.approx(losses, rel=1e-6)
 
 

@@ -46,9 +46,11 @@ from asteroid_fx.backends.stage import StageReplica
 # re-exported: the state copy and the optimizers were first defined here
 from asteroid_fx.backends.state import (  # noqa: F401
     OPTIMIZERS,
+    OptimizerSettings,
     OptimizerSpec,
     StateCopy,
     make_optimizer,
+    trained_parameters,
 )
 from asteroid_fx.ir import ops
 from asteroid_fx.ir.errors import InputError
@@ -101,11 +103,12 @@ class LocalRunner:
                 replica = copy.deepcopy(stage.module)
                 replica.train()
                 self.replicas[key] = replica
-                self.optimizers[key] = make_optimizer(self.optimizer_spec,
-                                                      [p for p in replica.parameters() if p.requires_grad], self.lr)
+                self.optimizers[key] = make_optimizer(self.optimizer_spec, trained_parameters(replica), self.lr)
+                settings = self.optimizer_spec if isinstance(self.optimizer_spec, OptimizerSettings) else None
                 self.held[key] = StageReplica(stage, replica, self.optimizers[key],
                                               last=info.index == len(self.stages) - 1, loss=self.loss,
-                                              unflatten=self.unflatten, loss_reduction=self.loss_reduction)
+                                              unflatten=self.unflatten, loss_reduction=self.loss_reduction,
+                                              set_lr=settings.set_lr if settings is not None else None)
             held = program.stages_of(device)
             if len(held) == 1:
                 self._only[device] = (device, held[0].index)
@@ -292,7 +295,7 @@ class LocalRunner:
 
     def _step(self, device: str, a: Action) -> None:
         key = self._key(device, a.stage)
-        self.held[key].step()
+        self.held[key].step(self.iteration)
         self._stepped.add(key)
 
     def _backup(self, device: str, a: Action) -> None:

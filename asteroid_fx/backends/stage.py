@@ -47,12 +47,13 @@ class StageReplica:
 
     def __init__(self, stage: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
                  last: bool, loss: Callable, unflatten: Callable, loss_reduction: str = "mean",
-                 call: Callable | None = None):
+                 call: Callable | None = None, set_lr: Callable[[Any, int], None] | None = None):
         if loss_reduction not in ("mean", "sum"):
             raise InputError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.stage, self.module, self.optimizer, self.last = stage, module, optimizer, last
         self.loss, self.unflatten, self.loss_reduction = loss, unflatten, loss_reduction
         self.call = module if call is None else call
+        self.set_lr = set_lr  # (optimizer, iteration): the learning rates of that iteration (a scheduler's)
         self.batch = 0
         self.microbatches: dict[int, MicroBatch] = {}
         # what every micro-batch would otherwise look up again
@@ -124,9 +125,12 @@ class StageReplica:
         source = st.outputs if payload == "act" else st.input_grads
         return tuple(t[rows].detach() for t in source)
 
-    def step(self) -> None:
-        """STEP: the optimizer steps and the gradients are cleared."""
+    def step(self, iteration: int = 0) -> None:
+        """STEP of ``iteration``: the optimizer steps at that iteration's learning rates and the
+        gradients are cleared."""
         if self.optimizer is not None:
+            if self.set_lr is not None:
+                self.set_lr(self.optimizer, iteration)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 

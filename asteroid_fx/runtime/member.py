@@ -13,7 +13,7 @@ from asteroid_fx.ir.program import Op
 from asteroid_fx.passes.replay import add_backups
 from asteroid_fx.runtime.backups import BackupPoints
 from asteroid_fx.runtime.faults import Faults
-from asteroid_fx.runtime.spec import RunSpec
+from asteroid_fx.runtime.spec import RunSpec, optimizer_of
 from asteroid_fx.runtime.store import STORE_TIMEOUT_S
 
 
@@ -68,7 +68,7 @@ class Member:
         c = self.compiled
         return DistWorker(program, stages, self.device, loss=c.loss, unflatten=c.captured.unflatten_outputs,
                           input_names=[n.name for n in c.captured.module.graph.nodes if n.op == "placeholder"],
-                          optimizer=self.spec.optimizer, lr=self.spec.lr, comm=self.comm, copies=copies,
+                          optimizer=optimizer_of(self.spec), comm=self.comm, copies=copies,
                           emulation=Emulation(c.layer_graph, c.cluster, self.spec.dilation) if self.spec.emulate else None,
                           fault=self.faults.before_action if self.faults else None)
 

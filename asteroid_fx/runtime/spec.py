@@ -1,30 +1,38 @@
-"""The run's configuration (``RunSpec``) and what every process derives from it alike: the model,
-the iteration batches and the compiled program. It travels to the workers as JSON, never a pickle."""
+"""The run's configuration (``RunSpec``) and what every process derives from it alike: the job
+(runtime/job.py: model, data, loss, optimizer), the iteration batches and the compiled program.
+It travels to the workers as JSON, never a pickle: each process imports the job's entry itself."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
+from asteroid_fx.backends.state import OptimizerSettings
 from asteroid_fx.ir.errors import InputError
+from asteroid_fx.runtime.data import Batches
+from asteroid_fx.runtime.job import Job, load_job
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """What every process needs to build the same program: travels as JSON."""
 
-    model: str  # zoo name, with ":small" for the test configuration
-    batch: int
-    microbatches: int | None  # None: the planner chooses
+    # the job: "package.module:attribute" (a runtime.job.Job, or a callable returning one), or a
+    # zoo name, with ":small" for the test configuration
+    model: str
+    batch: int | None = None  # rows per iteration; None: the job's (a zoo job: 32)
+    microbatches: int | None = None  # None: the planner chooses
     schedule: str = "1f1b"
-    iterations: int = 3
-    optimizer: str = "sgd"
-    lr: float = 0.05
+    # None: the job's epochs over its dataset (a zoo job: 3 iterations of generated samples)
+    iterations: int | None = None
+    optimizer: str | None = None  # None: the job's (a zoo job: SGD at lr 0.05)
+    lr: float | None = None
     seed: int = 0
     stages: int | None = None
     groups: tuple[tuple[str, ...], ...] | None = None
@@ -48,11 +56,18 @@ class RunSpec:
     # a switch's hand-over before that iteration (-1: the first switch), the count of its actions
     # meaning just before the hand-over commits (for tests and benchmarks; runtime/faults.py)
     faults: tuple[tuple[str, int, int, str], ...] = ()
+    start: int = 0  # the first iteration to run (a resumed run: the checkpoint's)
+    checkpoint_every: int = 0  # iterations between checkpoints in the run folder (0: only at the end)
 
     def __post_init__(self):
         if self.backup_every is not None and self.backup_every < 1:
             raise InputError(f"backup_every={self.backup_every}: give a number of iterations (1 or more), or None "
                              "to pace backups by their measured cost")
+        for name in ("batch", "iterations", "checkpoint_every", "start"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < (0 if name in ("start", "checkpoint_every") else 1)):
+                raise InputError(f"{name}={value!r}: give a {'non-negative' if name in ('start', 'checkpoint_every') else 'positive'} "
+                                 "number of " + ("rows" if name == "batch" else "iterations"))
         if not 0 < self.backup_budget < 1:
             raise InputError(f"backup_budget={self.backup_budget} is not a fraction of the run's time; give one "
                              "in (0, 1), for example 0.02")
@@ -87,38 +102,97 @@ def zoo_entry(model: str):
     return models.get(name), variant == "small"
 
 
-def batches(spec: RunSpec) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-    """The run's synthetic data: the same on every process, iteration by iteration."""
-    for i in range(spec.iterations):
-        yield batch_at(spec, i)
+ZOO_ITERATIONS = 3  # a zoo job's length when the spec gives none
+
+
+@functools.lru_cache(maxsize=8)
+def _job(model: str, batch: int | None, iterations: int | None, seed: int, optimizer: str | None,
+         lr: float | None) -> Job:
+    return load_job(model, batch=batch, iterations=iterations or ZOO_ITERATIONS, seed=seed).with_optimizer(optimizer, lr)
+
+
+def job_of(spec: RunSpec) -> Job:
+    """The spec's job (imported once per process), with the spec's batch and optimizer choices."""
+    return _job(spec.model, spec.batch, spec.iterations, spec.seed, spec.optimizer, spec.lr)
+
+
+def iterations_of(spec: RunSpec) -> int:
+    """How many iterations the run trains: the spec's, or the job's epochs over its data."""
+    return spec.iterations if spec.iterations is not None else job_of(spec).iterations
+
+
+def optimizer_of(spec: RunSpec) -> OptimizerSettings:
+    """The optimizer every replica builds (the job's, with the spec's name and lr where given)."""
+    return job_of(spec).settings
+
+
+def batches_of(spec: RunSpec, compiled=None, validation: bool = False) -> Batches:
+    """The run's batches, iteration by iteration, the same on every process; ``compiled`` orders
+    keyword inputs as its captured graph takes them."""
+    flatten = None if compiled is None else functools.partial(call_inputs, compiled.captured)
+    return Batches(job_of(spec), seed=spec.seed, flatten=flatten, validation=validation)
+
+
+def call_inputs(captured, inputs: Any) -> tuple[torch.Tensor, ...]:
+    """A batch of inputs as the job gives them (a tensor, a tuple of positional inputs or a dict
+    of keyword inputs) -> the captured graph's flat inputs."""
+    if isinstance(inputs, dict):
+        return captured.flatten_inputs((), inputs)
+    return captured.flatten_inputs(tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {})
+
+
+def batches(spec: RunSpec, compiled=None) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """The run's whole batches (inputs, labels), as eager training or the local backend takes them."""
+    data = batches_of(spec, compiled)
+    for i in range(spec.start, iterations_of(spec)):
+        yield data.whole(i)
 
 
 def batch_at(spec: RunSpec, i: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """Iteration ``i``'s batch (a recovery redoes iterations from the same batches)."""
-    entry, small = zoo_entry(spec.model)
-    torch.manual_seed(spec.seed * 100_003 + i + 1)
-    return entry.example(spec.batch, small), entry.labels(spec.batch, small)
+    """Iteration ``i``'s whole batch (a recovery redoes iterations from the same batches)."""
+    return batches_of(spec).whole(i)
+
+
+def example_of(job: Job) -> tuple[tuple, dict]:
+    """The job's capture example as (positional inputs, keyword inputs): its own, or ``batch``
+    copies of sample 0's inputs."""
+    example = job.example
+    if example is None:
+        sample = job.dataset[0]
+        if job.labels is None:
+            if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+                raise InputError("sample 0 of the job's dataset is not an (inputs, label) pair; return (inputs, "
+                                 "label), or give the labels apart as Job.labels")
+            sample = sample[0]
+        example = (job.collate or torch.utils.data.default_collate)([sample] * job.batch)
+    if isinstance(example, dict):
+        return (), example
+    return (tuple(example) if isinstance(example, (tuple, list)) else (example,)), {}
 
 
 def compile_spec(spec: RunSpec, cluster):
+    """The spec's job compiled for ``cluster``: every process gets the same program from it."""
     import asteroid_fx as asteroid
 
-    entry, small = zoo_entry(spec.model)
+    job = job_of(spec)
     torch.manual_seed(spec.seed)
-    model = entry.build(small=small)
-    torch.manual_seed(spec.seed)
-    example = entry.example(spec.batch, small)
+    model = job.model()
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"the job's model factory returned a {type(model).__name__}, not a torch.nn.Module")
+    args, kwargs = example_of(job)
     # a spec the launcher pinned (``pinned``) names the plan it chose: every process rebuilds that
     # plan by hand; ``spec.planner`` stays the one a re-plan uses
     planner = spec.planner if spec.groups is None and spec.rows is None and spec.layers is None else "balanced"
-    return asteroid.compile(model, cluster, example=example, loss=entry.loss, microbatches=spec.microbatches,
-                            planner=planner, schedule_kind=spec.schedule, stages=spec.stages, groups=spec.groups, rows=spec.rows,
-                            layers=spec.layers, recovery=spec.recovery)
+    return asteroid.compile(model, cluster, example=args, kwargs=kwargs or None, loss=job.loss,
+                            microbatches=spec.microbatches, planner=planner, schedule_kind=spec.schedule,
+                            stages=spec.stages, groups=spec.groups, rows=spec.rows, layers=spec.layers,
+                            recovery=spec.recovery, opt_state_factor=job.settings.state_factor())
 
 
 def pinned(spec: RunSpec, plan) -> RunSpec:
     """The spec with the plan's micro-batching, stages, groups, rows and layer bounds fixed."""
     return dataclasses.replace(spec, microbatches=plan.microbatches, schedule=plan.schedule,
+                               iterations=iterations_of(spec),
                                groups=tuple(st.devices for st in plan.stages),
                                rows=tuple(st.rows for st in plan.stages),
                                layers=tuple([st.layers[0] for st in plan.stages] + [plan.stages[-1].layers[1]]))

@@ -24,7 +24,8 @@ from asteroid_fx.runtime.errors import RunFailed
 from asteroid_fx.runtime.heartbeat import Heartbeat
 from asteroid_fx.runtime.member import Member
 from asteroid_fx.runtime.recovery import recover
-from asteroid_fx.runtime.spec import RunSpec, batch_at, compile_spec, weights_path
+from asteroid_fx.runtime.data import Loader, needed_rows
+from asteroid_fx.runtime.spec import RunSpec, batches_of, compile_spec, iterations_of, weights_path
 from asteroid_fx.runtime.store import (CLUSTER, PROGRAM, SPEC, STORE_TIMEOUT_S, connect, loss_key, result_key,
                                        seconds_key)
 
@@ -115,6 +116,9 @@ class Training(Member):
 
     def __init__(self, spec: RunSpec, compiled, store, device: str, heartbeat=None, join: bool = False):
         super().__init__(spec, compiled, store, device, heartbeat)
+        # only this device's rows, the next iteration's loaded while this one trains
+        self.data = Loader(batches_of(spec, compiled), iterations=iterations_of(spec))
+        self.start = spec.start
         if join:
             switch.join(self)
             return
@@ -125,9 +129,21 @@ class Training(Member):
         self.hold_initial_state()
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.data.close()
+
+    def _rows_of(self, actions) -> tuple:
+        """The batch rows this device's ``actions`` read inputs and labels of."""
+        program = self.worker.program
+        return needed_rows(actions, program.microbatch_rows, len(program.stages) - 1)
+
+    def _run(self) -> None:
         points = self.points
         i, self.completed = self.start, self.start
-        while i < self.spec.iterations and not self.left:
+        iterations = iterations_of(self.spec)
+        while i < iterations and not self.left:
             try:
                 if self.admitted is not None:  # a device that joins: the switch that takes it in
                     record, self.admitted = self.admitted, None
@@ -148,7 +164,7 @@ class Training(Member):
                     # past the barrier every survivor has finished iteration i - 1
                     self.worker.drop_copies_before(points.tag_at_or_before(i))
                 actions = self.redo if redoing else (self.full if points.backs_up(i) else self.plain).of(self.device)
-                inputs, labels = batch_at(self.spec, i)
+                inputs, labels = self.data.get(i, *self._rows_of(actions))
                 started = time.perf_counter()
                 loss = self.worker.step(inputs, labels, actions={self.device: actions}, iteration=i)
                 took = time.perf_counter() - started
@@ -168,7 +184,7 @@ class Training(Member):
             # between the two must not leave a done iteration without its time
             self.store.set(seconds_key(self.device, i), repr(took))
             self.store.set(loss_key(self.device, i), repr(loss))
-            log.info("[%s] iteration %d/%d: %.1f ms", self.device, i + 1, self.spec.iterations, took * 1e3)
+            log.info("[%s] iteration %d/%d: %.1f ms", self.device, i + 1, iterations, took * 1e3)
             i += 1
             self.completed = i
             if self.recoveries and "resumed_at" not in self.recoveries[-1] and i > self.recoveries[-1]["iteration"]:

@@ -43,7 +43,7 @@ import torch
 
 from asteroid_fx.backends.base import BackendError, Comm
 from asteroid_fx.backends.stage import StageReplica
-from asteroid_fx.backends.state import OptimizerSpec, StateCopy, make_optimizer
+from asteroid_fx.backends.state import OptimizerSettings, OptimizerSpec, StateCopy, make_optimizer, trained_parameters
 from asteroid_fx.backends.torch_dist.emulation import PACED, Emulation
 from asteroid_fx.backends.torch_dist.flat_state import FlatState, state_from_message
 from asteroid_fx.backends.torch_dist.gloo import Comm as GlooComm
@@ -95,7 +95,7 @@ class DistWorker:
         self.lag_s = 0.0  # compute time beyond what the emulated device would take
         self.module = copy.deepcopy(self.stage.module).to(self.torch_device)
         self.module.train()
-        self.optimizer = make_optimizer(optimizer, [p for p in self.module.parameters() if p.requires_grad], lr)
+        self.optimizer = make_optimizer(optimizer, trained_parameters(self.module), lr)
         self.flat = FlatState(self.module, self.optimizer)  # what a rollback point or a backup copies
         # what F runs: the replica's graph with its tensors bound once (they are the optimizer's,
         # updated in place for the worker's life) and ops called through torch's own bindings
@@ -103,7 +103,8 @@ class DistWorker:
         self._bound = self._direct.bind(self.module)
         self.replica = StageReplica(self.stage, self.module, self.optimizer, last=self.last, loss=loss,
                                     unflatten=unflatten, loss_reduction=loss_reduction,
-                                    call=functools.partial(self._direct.module, *self._bound))
+                                    call=functools.partial(self._direct.module, *self._bound),
+                                    set_lr=optimizer.set_lr if isinstance(optimizer, OptimizerSettings) else None)
         self.iteration = 0
         self.copies: dict[int, StateCopy] = {} if copies is None else copies
         self.fault = fault
@@ -313,7 +314,7 @@ class DistWorker:
             offset += g.numel()
 
     def _step(self, a: Action) -> None:
-        self.replica.step()
+        self.replica.step(self.iteration)
         self._stepped = True
 
     def _backup(self, a: Action) -> None:
