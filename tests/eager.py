@@ -52,3 +52,34 @@ def assert_same_state(got: dict, ref: dict, rtol: float = 1e-5) -> None:
     for k, v in ref.items():
         err = float((got[k] - v).norm() / (v.norm() + 1e-7 * v.numel() ** 0.5))
         assert err <= rtol, f"{k}: relative error {err:.2e}"
+
+
+def eager_train_job(job, batches: Iterable[tuple[Any, torch.Tensor]], *, microbatches: int,
+                    seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
+    """A job trained eagerly with the program's micro-batching: its model built under ``seed``,
+    its optimizer (parameter groups by name), gradients clipped by the global norm if the job
+    says so, its scheduler stepped after every step."""
+    torch.manual_seed(seed)
+    model = job.model()
+    model.train()
+    opt = job.settings.build([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    sched = job.scheduler(opt) if job.scheduler is not None else None
+    losses = []
+    for inputs, labels in batches:
+        batch = len(labels)
+        rows = batch // microbatches
+        total = 0.0
+        for m in range(microbatches):
+            sl = slice(m * rows, (m + 1) * rows)
+            out = model(*(a[sl] for a in inputs))
+            value = job.loss(out, labels[sl]) * (rows / batch)
+            value.backward()
+            total += float(value.detach())
+        if job.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), job.clip_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sched is not None:
+            sched.step()
+        losses.append(total)
+    return model, losses

@@ -1,0 +1,87 @@
+"""Jobs as a user writes them, outside the zoo: the runtime imports them by entry
+("tests.jobs:build") in every worker process. The datasets count their reads per device (the
+worker's --device from its command line) into files under $ASTEROID_TEST_READS when it is set."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asteroid_fx.runtime.job import Job
+
+FEATURES, CLASSES, SAMPLES, BATCH = 12, 5, 48, 16
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(FEATURES, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, CLASSES)
+
+    def forward(self, x):
+        x = torch.relu(self.norm(self.fc1(x)))
+        return self.head(torch.relu(self.fc2(x)))
+
+
+def _device() -> str:
+    argv = sys.argv
+    return argv[argv.index("--device") + 1] if "--device" in argv else "main"
+
+
+def _count(what: str) -> None:
+    folder = os.environ.get("ASTEROID_TEST_READS")
+    if folder:
+        with open(os.path.join(folder, f"{_device()}.{what}"), "a") as f:
+            f.write("1")
+
+
+class Inputs(torch.utils.data.Dataset):
+    """Sample i's features, drawn from a generator of its own."""
+
+    def __len__(self):
+        return SAMPLES
+
+    def __getitem__(self, i):
+        _count("inputs")
+        return torch.randn(FEATURES, generator=torch.Generator().manual_seed(1000 + i))
+
+
+class Labels(torch.utils.data.Dataset):
+    def __len__(self):
+        return SAMPLES
+
+    def __getitem__(self, i):
+        _count("labels")
+        return torch.tensor(i % CLASSES)
+
+
+def cosine(opt):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2 * (SAMPLES // BATCH))
+
+
+def build() -> Job:
+    """Two epochs of AdamW with weight decay off for norms and biases, a cosine schedule."""
+    return Job(model=Net, dataset=Inputs(), labels=Labels(), loss=F.cross_entropy, batch=BATCH,
+               example=torch.zeros(BATCH, FEATURES), optimizer="AdamW", lr=1e-2,
+               optimizer_kwargs={"weight_decay": 0.1}, no_decay=("*.bias", "norm.*"), scheduler=cosine, epochs=2)
+
+
+class Pairs(torch.utils.data.Dataset):
+    """(inputs, label) pairs, the common form."""
+
+    def __len__(self):
+        return SAMPLES
+
+    def __getitem__(self, i):
+        return Inputs()[i], Labels()[i]
+
+
+def pairs() -> Job:
+    return Job(model=Net, dataset=Pairs(), loss=F.cross_entropy, batch=BATCH, optimizer="SGD", lr=0.1,
+               optimizer_kwargs={"momentum": 0.9, "nesterov": True}, epochs=1)

@@ -1,0 +1,139 @@
+"""A user's job (tests/jobs.py, not the zoo) trained by the runtime: the same rows, the same
+optimizer and schedule as eager training with the program's micro-batching, on the local backend
+and on worker processes, and every device reading only what its actions use."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from asteroid_fx.backends.state import OptimizerSettings
+from asteroid_fx.ir.cluster import Cluster, Device
+from asteroid_fx.ir.errors import InputError
+from asteroid_fx.runtime.data import Batches, needed_rows
+from asteroid_fx.runtime.job import Job, load_job
+from asteroid_fx.runtime.launcher import launch, load_weights
+from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, job_of, optimizer_of
+from tests import jobs
+from tests.eager import assert_same_state, eager_train_job
+
+CLUSTER = Cluster.uniform([Device("a", "jetson-nano"), Device("b", "jetson-tx2"), Device("c", "jetson-xavier-nx")],
+                          bandwidth=125e6, latency=1e-3)
+# two stages, the second a group of two with an uneven split of each micro-batch's 8 rows
+SPEC = RunSpec(model="tests.jobs:build", microbatches=2, groups=(("a",), ("b", "c")), rows=((8,), (3, 5)))
+
+
+def _eager(spec: RunSpec):
+    job = job_of(spec)
+    return eager_train_job(job, batches(spec), microbatches=spec.microbatches, seed=spec.seed)
+
+
+def test_the_job_spans_two_epochs_of_its_dataset_in_a_seeded_shuffle():
+    job = job_of(SPEC)
+    assert iterations_of(SPEC) == 2 * jobs.SAMPLES // jobs.BATCH == job.iterations
+    data = Batches(job, seed=0)
+    first = torch.cat([data.indices(i) for i in range(3)])
+    second = torch.cat([data.indices(i) for i in range(3, 6)])
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(jobs.SAMPLES))  # each sample once an epoch
+    assert first.tolist() != second.tolist()  # reshuffled
+    assert Batches(job, seed=0).indices(4).tolist() == data.indices(4).tolist()  # every process alike
+    assert Batches(job, seed=1).indices(0).tolist() != data.indices(0).tolist()
+
+
+def test_the_local_backend_trains_the_job_like_eager_training():
+    compiled = compile_spec(SPEC, CLUSTER)
+    runner, losses = compiled.run(batches(SPEC), iterations_of(SPEC), optimizer=optimizer_of(SPEC))
+    ref, ref_losses = _eager(SPEC)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(runner.state_dict(), ref.state_dict())
+    # the schedule moved the rate: the last iterations ran at cosine's small rates
+    assert optimizer_of(SPEC).lr_at(5)[0] < 0.2 * optimizer_of(SPEC).lr_at(0)[0]
+
+
+def test_worker_processes_train_the_job_like_eager_and_read_only_their_rows(tmp_path, monkeypatch):
+    reads = tmp_path / "reads"
+    reads.mkdir()
+    monkeypatch.setenv("ASTEROID_TEST_READS", str(reads))
+    result = launch(SPEC, CLUSTER, tmp_path / "run", timeout_s=240, log=lambda m: None)
+    counts = {p.name: len(p.read_text()) for p in reads.iterdir()}
+    ref, ref_losses = _eager(SPEC)
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    got = load_weights(tmp_path / "run", result["program"].devices)
+    assert_same_state(got, ref.state_dict())
+    n = iterations_of(SPEC)
+    # a (stage 0) reads every row's inputs and no label; b and c (the last stage) only the labels
+    # of their rows (3 and 5 of each micro-batch's 8); the launcher reads nothing (the job gives
+    # its example)
+    assert counts == {"a.inputs": n * jobs.BATCH, "b.labels": n * 2 * 3, "c.labels": n * 2 * 5}
+
+
+def test_a_device_needs_the_inputs_of_its_first_stage_rows_and_the_labels_of_its_last():
+    compiled = compile_spec(SPEC, CLUSTER)
+    program = compiled.program
+    last = len(program.stages) - 1
+    assert needed_rows(program.of("a"), program.microbatch_rows, last) == (((0, 16),), ())
+    assert needed_rows(program.of("b"), program.microbatch_rows, last) == ((), ((0, 3), (8, 11)))
+    assert needed_rows(program.of("c"), program.microbatch_rows, last) == ((), ((3, 8), (11, 16)))
+
+
+def test_pairs_jobs_and_sgd_with_nesterov_train_like_eager():
+    spec = RunSpec(model="tests.jobs:pairs", microbatches=2, groups=(("a", "b"), ("c",)), rows=((3, 5), (8,)))
+    compiled = compile_spec(spec, CLUSTER)
+    runner, losses = compiled.run(batches(spec), iterations_of(spec), optimizer=optimizer_of(spec))
+    ref, ref_losses = _eager(spec)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(runner.state_dict(), ref.state_dict())
+
+
+def test_the_optimizer_state_factor_comes_from_the_optimizer():
+    assert OptimizerSettings("AdamW").state_factor() == 2.0
+    assert OptimizerSettings("SGD").state_factor() == 0.0
+    assert OptimizerSettings("SGD", kwargs={"momentum": 0.9}).state_factor() == 1.0
+    adam = compile_spec(SPEC, CLUSTER)
+    sgd = compile_spec(dataclasses.replace(SPEC, optimizer="sgd"), CLUSTER)
+    # the same plan, AdamW's two states per weight beside plain SGD's none
+    memory = {name: [u.memory_bytes for u in c.plan.prediction.devices] for name, c in (("adam", adam), ("sgd", sgd))}
+    weights = [sum(st.module.get_parameter(n).numel() * 4 for n, _ in st.module.named_parameters())
+               for st in adam.stages]
+    assert [a - s for a, s in zip(memory["adam"], memory["sgd"])] == [2 * weights[0], 2 * weights[1], 2 * weights[1]]
+
+
+def test_no_decay_patterns_make_a_group_without_weight_decay():
+    model = jobs.Net()
+    opt = job_of(SPEC).settings.build(list(model.named_parameters()))
+    decayed, free = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in free["params"]) == ["fc1.bias", "fc2.bias", "head.bias", "norm.bias",
+                                                            "norm.weight"]
+    assert free["weight_decay"] == 0.0 and decayed["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("tests.no_such_module:build", "cannot import the job's module 'tests.no_such_module'"),
+    ("tests.jobs:nothing", "module 'tests.jobs' has no 'nothing'"),
+    ("tests.jobs:FEATURES", "gave a int, not an asteroid_fx Job"),
+    ("nonsense", "neither a zoo model"),
+])
+def test_a_job_entry_that_does_not_load_says_why(entry, message):
+    with pytest.raises(InputError, match=message):
+        load_job(entry)
+
+
+def test_bad_jobs_are_refused_with_what_to_do():
+    with pytest.raises(InputError, match="not a module instance"):
+        Job(model=jobs.Net(), dataset=jobs.Inputs(), loss=torch.nn.functional.cross_entropy, batch=4)
+    with pytest.raises(InputError, match="fewer than one batch"):
+        Job(model=jobs.Net, dataset=jobs.Pairs(), loss=torch.nn.functional.cross_entropy, batch=1000)
+    with pytest.raises(InputError, match="unknown optimizer 'Adamm'"):
+        Job(model=jobs.Net, dataset=jobs.Pairs(), loss=torch.nn.functional.cross_entropy, batch=4, optimizer="Adamm")
+    with pytest.raises(InputError, match="one per sample"):
+        Job(model=jobs.Net, dataset=jobs.Inputs(), labels=[0, 1], loss=torch.nn.functional.cross_entropy, batch=4)
+
+
+def test_a_dataset_of_single_values_is_not_taken_for_pairs():
+    job = Job(model=jobs.Net, dataset=jobs.Inputs(), loss=torch.nn.functional.cross_entropy, batch=4)
+    with pytest.raises(InputError, match=r"not an \(inputs, label\) pair"):
+        Batches(job, seed=0).whole(0)
