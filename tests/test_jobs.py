@@ -137,3 +137,51 @@ def test_a_dataset_of_single_values_is_not_taken_for_pairs():
     job = Job(model=jobs.Net, dataset=jobs.Inputs(), loss=torch.nn.functional.cross_entropy, batch=4)
     with pytest.raises(InputError, match=r"not an \(inputs, label\) pair"):
         Batches(job, seed=0).whole(0)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def test_a_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    first = launch(dataclasses.replace(SPEC, iterations=3, checkpoint_every=2), CLUSTER, tmp_path / "one",
+                   timeout_s=240, log=lambda m: None)
+    assert (tmp_path / "one/checkpoints/latest").read_text().strip() == "it_3"
+    assert sorted(p.name for p in (tmp_path / "one/checkpoints").iterdir()) == ["it_2", "it_3", "latest"]
+    # resumed on another plan of the same devices: the first stage a group now
+    replanned = dataclasses.replace(SPEC, groups=(("a", "b"), ("c",)), rows=((3, 5), (8,)))
+    second = launch(replanned, CLUSTER, tmp_path / "two", timeout_s=240, log=lambda m: None, resume=tmp_path / "one")
+    ref, ref_losses = _eager(SPEC)
+    assert first["losses"] + second["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(load_weights(tmp_path / "two", second["program"].devices), ref.state_dict())
+
+    # the export loads strictly into the original model and evaluates like the eager one
+    from asteroid_fx.runtime.checkpoint import export_state
+
+    path = export_state(tmp_path / "two", tmp_path / "model.pt")
+    model = jobs.Net()
+    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x, y = batches(SPEC).__next__()
+    with torch.no_grad():
+        assert float(job_of(SPEC).loss(model(*x), y)) == pytest.approx(float(job_of(SPEC).loss(ref(*x), y)), rel=1e-5)
+
+
+def test_a_resume_refuses_a_checkpoint_of_another_model_or_cluster_or_a_finished_run(tmp_path):
+    launch(dataclasses.replace(SPEC, iterations=2), CLUSTER, tmp_path / "one", timeout_s=240, log=lambda m: None)
+    other = RunSpec(model="tests.jobs:pairs", microbatches=2, groups=SPEC.groups, rows=SPEC.rows)
+    with pytest.raises(InputError, match="is of job 'tests.jobs:build', not 'tests.jobs:pairs'"):
+        launch(other, CLUSTER, tmp_path / "two", resume=tmp_path / "one", log=lambda m: None)
+    two = Cluster.uniform([Device("a", "jetson-nano"), Device("b", "jetson-tx2")], bandwidth=125e6, latency=1e-3)
+    with pytest.raises(InputError, match="was made on devices a, b, c"):
+        launch(dataclasses.replace(SPEC, groups=None, rows=None), two, tmp_path / "two", resume=tmp_path / "one",
+               log=lambda m: None)
+    with pytest.raises(InputError, match="the run of 2 is done"):
+        launch(dataclasses.replace(SPEC, iterations=2), CLUSTER, tmp_path / "two", resume=tmp_path / "one",
+               log=lambda m: None)
+    with pytest.raises(InputError, match="holds no checkpoint"):
+        launch(SPEC, CLUSTER, tmp_path / "two", resume=tmp_path, log=lambda m: None)
+    damaged = tmp_path / "one/checkpoints/it_2/stage_1.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    from asteroid_fx.runtime.checkpoint import export_state
+
+    with pytest.raises(InputError, match="does not match its digest"):
+        export_state(tmp_path / "one", tmp_path / "model.pt")

@@ -14,6 +14,7 @@ failed, when the failure was agreed and when training was back where it had been
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,9 +29,9 @@ import torch
 
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program_text import format_program, parse_program
-from asteroid_fx.runtime import netns
+from asteroid_fx.runtime import checkpoint, netns
 from asteroid_fx.runtime.errors import RunFailed, RunTimedOut
-from asteroid_fx.runtime.spec import RunSpec, compile_spec, log_path, pinned, weights_path
+from asteroid_fx.runtime.spec import RunSpec, compile_spec, iterations_of, log_path, pinned, weights_path
 from asteroid_fx.runtime.store import (CLUSTER, DEAD, PROGRAM, SPEC, admit_key, beat_key, epoch_of, failure_key,
                                        failures_key, get_float, get_json, has, killed_at_key, loss_key, result_key,
                                        seconds_key, serve_store)
@@ -55,7 +56,8 @@ class _Report:
 def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float = 300.0,
            log: Callable[[str], None] | None = None, shape_links: bool = False,
            host: str = "127.0.0.1", port: int = 0, remote: Sequence[str] = (),
-           kills: Sequence[tuple] = (), joins: Sequence[tuple[str, float]] = ()) -> dict:
+           kills: Sequence[tuple] = (), joins: Sequence[tuple[str, float]] = (),
+           resume: str | os.PathLike | None = None, new_cluster: bool = False) -> dict:
     """Run ``spec`` with one process per device: local processes for every device not in
     ``remote``; the ``remote`` ones join with `asteroid worker --coordinator HOST:PORT --device D`
     from their own machines. The store listens on ``host`` only (``serve_store``).
@@ -74,7 +76,12 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     Returns {"losses", "seconds", "workers", "program" (the one that ran last), "plan",
     "failures" (with ``spec.recovery``: device, reason, iteration, rollback_to, failed_at,
     detected_s, recovery_s), "switches" (plans switched to), "backups" (how many iterations backed
-    up, as the device that ran longest counted them) and "backed_up" (which, the last 10000)}."""
+    up, as the device that ran longest counted them) and "backed_up" (which, the last 10000)}.
+    ``resume``: a run folder (or one of its checkpoint folders) to continue from its newest
+    checkpoint: the run starts at that iteration with its weights and optimizer state, on this
+    cluster's plan; a checkpoint made on other devices needs ``new_cluster`` (a re-plan onto
+    these). ``losses`` and ``seconds`` are then those of the iterations run here. Every run
+    writes a checkpoint into ``out`` at its end (and every ``spec.checkpoint_every`` iterations)."""
     report = _Report(log)
     if shape_links:
         netns.require()  # before compiling: say at once what this machine lacks
@@ -89,6 +96,8 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         raise InputError("devices can join only a run with recovery and re-planning on (RunSpec.recovery, .replan)")
     compiled = compile_spec(spec, cluster.subset([d for d in cluster.names if d not in joining]) if joining else cluster)
     spec = pinned(spec, compiled.plan)
+    if resume is not None:
+        spec = _resumed(spec, compiled, cluster, resume, new_cluster, report)
     devices = compiled.program.devices
     unknown = sorted(set(remote) - set(devices))
     if unknown:
@@ -217,7 +226,7 @@ def _supervise(spec: RunSpec, store, workers: _Workers, devices: Sequence[str], 
             if p.returncode < 0:  # killed: a failed device, which the survivors replace
                 store.set(beat_key(d), DEAD)
                 report.warning(f"worker {d} ended by signal {-p.returncode}; the survivors recover")
-        if started_at is None and has(store, loss_key(devices[0], 0)):
+        if started_at is None and has(store, loss_key(devices[0], spec.start)):
             started_at = time.monotonic()
         while pending_kills and started_at is not None and time.monotonic() - started_at >= pending_kills[0][1]:
             victim, _, *how = pending_kills.pop(0)
@@ -248,7 +257,7 @@ def _results(spec: RunSpec, store, compiled, everyone: Sequence[str], ended: dic
     history = ref["epochs"]
     final = parse_program(ref["program"])
     losses, seconds = [], []
-    for i in range(spec.iterations):
+    for i in range(spec.start, spec.iterations):
         members = [ds for first, ds in history if first <= i][-1]
         losses.append(sum(get_float(store, loss_key(d, i)) for d in members))
         seconds.append(max(get_float(store, seconds_key(d, i)) for d in members))
@@ -277,6 +286,23 @@ def _results(spec: RunSpec, store, compiled, everyone: Sequence[str], ended: dic
                     + (f" in {switches[-1]['switch_s'] * 1e3:.0f} ms" if done else ""))
     return {"losses": losses, "seconds": seconds, "workers": results, "program": final, "plan": compiled.plan,
             "failures": failures, "switches": switches, "backups": ref["backups"], "backed_up": ref["backed_up"]}
+
+
+def _resumed(spec: RunSpec, compiled, cluster, resume: str | os.PathLike, new_cluster: bool, report: _Report) -> RunSpec:
+    """``spec`` starting from ``resume``'s newest checkpoint, once it is known to be of this model."""
+    given = Path(resume)
+    manifest = checkpoint.read_manifest(given) if (given / "manifest.json").is_file() else checkpoint.latest(given)
+    checkpoint.check_model(manifest, spec.model, compiled.captured.module.state_dict())
+    if sorted(manifest["devices"]) != sorted(cluster.names) and not new_cluster:
+        raise InputError(f"checkpoint {manifest['folder']} was made on devices {', '.join(manifest['devices'])}, and "
+                         f"this cluster has {', '.join(cluster.names)}; to continue on these devices with a new plan, "
+                         "say so (launch(new_cluster=True), `asteroid launch --resume RUN --new-cluster`)")
+    iterations = iterations_of(spec)
+    if manifest["iteration"] >= iterations:
+        raise InputError(f"checkpoint {manifest['folder']} is after {manifest['iteration']} iterations: the run of "
+                         f"{iterations} is done; give more iterations (or epochs) to train on")
+    report.info(f"resuming from {manifest['folder']} at iteration {manifest['iteration'] + 1}")
+    return dataclasses.replace(spec, start=manifest["iteration"], resume=str(Path(manifest["folder"]).resolve()))
 
 
 def load_weights(out: str | os.PathLike, devices: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -72,12 +72,13 @@ class Member:
                           emulation=Emulation(c.layer_graph, c.cluster, self.spec.dilation) if self.spec.emulate else None,
                           fault=self.faults.before_action if self.faults else None)
 
-    def hold_initial_state(self) -> None:
-        """A holder starts out holding the initial state of what it backs up."""
+    def hold_initial_state(self, resumed: StateCopy | None = None, start: int = 0) -> None:
+        """A holder starts out holding the state of what it backs up at the first iteration:
+        the initial weights, or a resumed run's checkpoint (every name of it)."""
         for a in self.full.of(self.device):
             if a.op == Op.RESTORE:
-                stage = self.compiled.stages[a.stage].module
-                self.worker.copies.setdefault(0, StateCopy()).update(StateCopy.of(stage, None))
+                held = self.worker.copies.setdefault(start, StateCopy())
+                held.update(resumed if resumed is not None else StateCopy.of(self.compiled.stages[a.stage].module, None))
 
     def enter(self, program, base: int) -> None:
         """``program`` runs from iteration ``base`` on (after a recovery's rollback, or a switch)."""

@@ -58,6 +58,7 @@ class RunSpec:
     faults: tuple[tuple[str, int, int, str], ...] = ()
     start: int = 0  # the first iteration to run (a resumed run: the checkpoint's)
     checkpoint_every: int = 0  # iterations between checkpoints in the run folder (0: only at the end)
+    resume: str | None = None  # a checkpoint folder (runtime/checkpoint.py) whose state the run starts from
 
     def __post_init__(self):
         if self.backup_every is not None and self.backup_every < 1:

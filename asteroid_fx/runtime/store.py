@@ -17,6 +17,7 @@ be read in one place. Values are small strings: JSON for records, ``repr`` of a 
   admit/<device>                  the answer to a device that asked to join (switch, launcher)
   switch/<epoch>                  the switch from epoch to epoch + 1, published by the leader (switch)
   switch/<epoch>/outcome          "committed" or "abandoned", first come first served (switch)
+  ckpt/<i>/<stage>                a stage's file of the checkpoint after i iterations is written (worker)
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def loss_key(device: str, iteration: int) -> str:
 
 def seconds_key(device: str, iteration: int) -> str:
     return f"seconds/{device}/{iteration}"
+
+
+def checkpoint_key(done: int, stage: int) -> str:
+    return f"ckpt/{done}/{stage}"
 
 
 def beat_key(device: str) -> str:

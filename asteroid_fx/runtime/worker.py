@@ -19,15 +19,16 @@ from asteroid_fx.ir.atomic import torch_save
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program_text import format_program, parse_program
-from asteroid_fx.runtime import switch
+from asteroid_fx.backends.state import StateCopy
+from asteroid_fx.runtime import checkpoint, switch
 from asteroid_fx.runtime.errors import RunFailed
 from asteroid_fx.runtime.heartbeat import Heartbeat
 from asteroid_fx.runtime.member import Member
 from asteroid_fx.runtime.recovery import recover
 from asteroid_fx.runtime.data import Loader, needed_rows
 from asteroid_fx.runtime.spec import RunSpec, batches_of, compile_spec, iterations_of, weights_path
-from asteroid_fx.runtime.store import (CLUSTER, PROGRAM, SPEC, STORE_TIMEOUT_S, connect, loss_key, result_key,
-                                       seconds_key)
+from asteroid_fx.runtime.store import (CLUSTER, PROGRAM, SPEC, STORE_TIMEOUT_S, checkpoint_key, connect, loss_key,
+                                       result_key, seconds_key)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
         raise RunFailed(f"device {device}: the program compiled here differs from the launcher's; "
                         "every process must run the same torch and asteroid_fx versions")
     try:
-        training = Training(spec, compiled, store, device, heartbeat, join=join)
+        training = Training(spec, compiled, store, device, heartbeat, join=join, out=out)
         training.run()
         keys = set(compiled.captured.module.state_dict().keys())
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -90,6 +91,7 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
         if not training.left:
             try:
                 training.comm.barrier()  # nobody leaves while a peer may still wait on its messages
+                training.write_manifest()  # every stage's last file is written: the barrier says so
             except Interrupted:
                 pass  # a device failed after the last iteration: nothing is left to recover
     finally:
@@ -114,11 +116,18 @@ class Training(Member):
     (runtime/switch.py; passes/replan.py). ``join``: this device is not in the program yet and
     waits to be taken in."""
 
-    def __init__(self, spec: RunSpec, compiled, store, device: str, heartbeat=None, join: bool = False):
+    def __init__(self, spec: RunSpec, compiled, store, device: str, heartbeat=None, join: bool = False,
+                 out: str | os.PathLike | None = None):
         super().__init__(spec, compiled, store, device, heartbeat)
         # only this device's rows, the next iteration's loaded while this one trains
         self.data = Loader(batches_of(spec, compiled), iterations=iterations_of(spec))
+        self.out = out  # the run folder: checkpoints go there
+        self.manifest_due: int | None = None  # the checkpoint whose manifest the leader writes next
         self.start = spec.start
+        resumed = None
+        if spec.resume is not None:  # the state after spec.start iterations, by name
+            resumed = checkpoint.read_state(checkpoint.read_manifest(spec.resume))
+            self.points.restart(spec.start)
         if join:
             switch.join(self)
             return
@@ -126,7 +135,45 @@ class Training(Member):
         if heartbeat is not None:
             heartbeat.watch(0, self.full.devices)
         self.worker = self.new_worker(self.full, compiled.stages, {})
-        self.hold_initial_state()
+        if resumed is not None:
+            missing = resumed.load_into(self.worker.module, self.worker.optimizer)
+            if missing:
+                raise RunFailed(f"{device}: the checkpoint {spec.resume} holds no {', '.join(missing[:4])}; it is "
+                                "not a checkpoint of this model")
+        self.hold_initial_state(resumed, spec.start)
+
+    def due(self, done: int) -> bool:
+        """Whether a checkpoint is taken once ``done`` iterations are: every ``checkpoint_every``
+        and at the end."""
+        every = self.spec.checkpoint_every
+        return self.out is not None and (done == iterations_of(self.spec) or bool(every and done % every == 0))
+
+    def checkpoint(self, done: int) -> None:
+        """Write this device's stage file of the checkpoint after ``done`` iterations if it is the
+        stage's first device (the others hold the same state); the leader writes the manifest
+        once every stage's file is written (``write_manifest``, after the next barrier)."""
+        info = self.worker.info
+        if self.worker.slot.device == info.slots[0].device:
+            entry = checkpoint.write_stage(self.out, done, info.index,
+                                           StateCopy.of(self.worker.module, self.worker.optimizer))
+            self.store.set(checkpoint_key(done, info.index), json.dumps({**entry, "layers": list(info.layers)}))
+        if self.leader:
+            self.manifest_due = done
+
+    def write_manifest(self) -> None:
+        done, self.manifest_due = self.manifest_due, None
+        if done is None:
+            return
+        keys = [checkpoint_key(done, p) for p in range(len(self.worker.program.stages))]
+        if not self.store.check(keys):  # a stage's device failed before writing: the last checkpoint stays
+            log.warning("[%s] checkpoint after %d iterations incomplete (a stage file is missing); not published",
+                        self.device, done)
+            return
+        stages = [json.loads(self.store.get(k).decode()) for k in keys]
+        folder = checkpoint.write_manifest(self.out, done, model=self.spec.model, seed=self.spec.seed,
+                                           keys=self.compiled.captured.module.state_dict(),
+                                           devices=list(self.compiled.cluster.names), stages=stages)
+        log.info("[%s] checkpoint after %d iterations: %s", self.device, done, folder)
 
     def run(self) -> None:
         try:
@@ -156,6 +203,7 @@ class Training(Member):
                 # iterations start together, so their times compare; the leader's flag says that a
                 # switch to a new plan is published: every device makes it here, before iteration i
                 flags = self.comm.barrier(switch.offer(self, i) + points.flag(i, self.leader and self.has_backups))
+                self.write_manifest()  # past the barrier every stage has written the last checkpoint's files
                 if flags % 2 >= 1:
                     switch.hand_over(self, i)
                     continue
@@ -187,6 +235,8 @@ class Training(Member):
             log.info("[%s] iteration %d/%d: %.1f ms", self.device, i + 1, iterations, took * 1e3)
             i += 1
             self.completed = i
+            if self.due(i):
+                self.checkpoint(i)
             if self.recoveries and "resumed_at" not in self.recoveries[-1] and i > self.recoveries[-1]["iteration"]:
                 self.recoveries[-1]["resumed_at"] = time.time()
             if self.replan_after is not None and i > self.replan_after[0]:
