@@ -31,11 +31,12 @@ def show_progress(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     la = sub.add_parser("launch", help="train on N local worker processes (gloo) emulating a cluster")
-    la.add_argument("model", help="zoo model, e.g. resnet18:small")
+    la.add_argument("model", help="the job: package.module:attribute (a Job, or a callable returning one; every "
+                    "worker imports it), or a zoo model, e.g. resnet18:small")
     la.add_argument("--cluster", required=True)
     la.add_argument("-n", type=int, default=None, help="number of workers (must match the cluster)")
     la.add_argument("--out", default="asteroid-run", help="folder for worker logs, losses and weights")
-    la.add_argument("--batch", type=int, default=32)
+    la.add_argument("--batch", type=int, default=None, help="rows per iteration (default: the job's; a zoo model: 32)")
     la.add_argument("--microbatches", type=int, default=None,
                     help="micro-batches per iteration (default: the planner chooses)")
     la.add_argument("--planner", choices=PLANNER_NAMES, default="asteroid")
@@ -44,9 +45,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="with --emulate: run every emulated duration this many times slower, for a host slower "
                          "than the devices it emulates (divide the measured times by it)")
     la.add_argument("--stages", type=int, default=None)
-    la.add_argument("--iterations", type=int, default=3)
-    la.add_argument("--optimizer", default="sgd")
-    la.add_argument("--lr", type=float, default=0.05)
+    la.add_argument("--iterations", type=int, default=None,
+                    help="iterations to train (default: the job's epochs over its dataset; a zoo model: 3)")
+    la.add_argument("--optimizer", default=None, help="a torch.optim class name (default: the job's; a zoo model: sgd)")
+    la.add_argument("--lr", type=float, default=None, help="learning rate (default: the job's; a zoo model: 0.05)")
+    la.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                    help="write a checkpoint into --out every N iterations (one is always written at the end)")
+    la.add_argument("--resume", default=None, metavar="RUN",
+                    help="continue the run in folder RUN from its newest checkpoint (same job; --out may be RUN)")
+    la.add_argument("--new-cluster", action="store_true",
+                    help="with --resume: the checkpoint was made on other devices; plan anew for these")
     la.add_argument("--seed", type=int, default=0)
     la.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is stopped")
     la.add_argument("--listen", default="127.0.0.1:0",
@@ -99,7 +107,11 @@ def run_launch(args: argparse.Namespace) -> int:
                    iterations=args.iterations, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
                    stages=args.stages, emulate=args.emulate, dilation=args.dilation, recovery=args.recover,
                    backup_every=args.backup_every, backup_budget=args.backup_budget, replan=not args.no_replan,
-                   heartbeat_timeout_s=args.heartbeat_timeout)
+                   heartbeat_timeout_s=args.heartbeat_timeout, checkpoint_every=args.checkpoint_every)
+    if args.checkpoint_every < 0:
+        raise SystemExit(f"--checkpoint-every must be 0 or more iterations, got {args.checkpoint_every}")
+    if args.new_cluster and args.resume is None:
+        raise SystemExit("--new-cluster goes with --resume RUN")
     if args.dilation <= 0:
         raise SystemExit(f"--dilation must be positive, got {args.dilation:g}")
     if args.shape_links:
@@ -128,10 +140,16 @@ def run_launch(args: argparse.Namespace) -> int:
                 raise SystemExit(f"bad {flag} {k!r}: write DEVICE@SECONDS, e.g. host1@0.5") from None
     show_progress(args)
     result = launch(spec, cluster, args.out, timeout_s=args.timeout, shape_links=args.shape_links,
-                    host=host, port=int(port), remote=remote, kills=kills, joins=joins)
+                    host=host, port=int(port), remote=remote, kills=kills, joins=joins, resume=args.resume,
+                    new_cluster=args.new_cluster)
     print(f"trained {spec.model} on {len(result['workers'])} workers:")
-    for i, loss in enumerate(result["losses"]):
-        print(f"  iteration {i + 1}: loss {loss:.4f}  {result['seconds'][i] * 1e3:.1f} ms")
+    first = result["start"]
+    shown = list(enumerate(result["losses"], start=first + 1))
+    for i, loss in (shown if len(shown) <= 12 else shown[:5] + [None] + shown[-5:]):
+        if i is None:
+            print("  ...")
+        else:
+            print(f"  iteration {i}: loss {loss:.4f}  {result['seconds'][i - 1 - first] * 1e3:.1f} ms")
     if args.emulate:
         lag = max(r["lag_s"] for r in result["workers"].values())
         predicted = result["plan"].prediction.iteration_s * args.dilation
@@ -147,7 +165,8 @@ def run_launch(args: argparse.Namespace) -> int:
               f"{f['detected_s']:.2f}s, training back after {f['recovery_s']:.2f}s")
     for s in result["switches"]:
         print(f"  iteration {s['iteration'] + 1}: switched to a new plan on {', '.join(s['devices'])} ({s['reason']})")
-    print(f"worker logs, losses and weights in {args.out}/")
+    print(f"worker logs, losses, weights and checkpoints in {args.out}/ (`asteroid export {args.out} model.pt` writes "
+          "the model's state_dict)")
     return 0
 
 

@@ -26,7 +26,8 @@ def parse_input_spec(spec: str) -> torch.Tensor:
 
 
 def load_model(name: str, batch: int, inputs: Sequence[str]) -> tuple[torch.nn.Module, tuple, Any]:
-    """A zoo name (small config with ':small'), or 'module:callable' returning a module or (module, example)."""
+    """A zoo name (small config with ':small'), or 'module:attribute': a Job (runtime/job.py), or a
+    callable returning a Job, a module or (module, example)."""
     from asteroid_fx import models
 
     base, _, variant = name.partition(":")
@@ -39,9 +40,21 @@ def load_model(name: str, batch: int, inputs: Sequence[str]) -> tuple[torch.nn.M
                          "for the test config) or 'package.module:callable'")
     module_name, attr = name.split(":", 1)
     try:
-        made = getattr(importlib.import_module(module_name), attr)()
+        made = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise SystemExit(f"cannot load {name!r}: {e}") from e
+    from asteroid_fx.runtime.job import Job
+
+    if not isinstance(made, Job):
+        made = made()
+    if isinstance(made, Job):  # a job: its model, its example (at its own batch) and loss
+        from asteroid_fx.runtime.spec import example_of
+
+        args, kwargs = example_of(made)
+        if kwargs:
+            raise SystemExit(f"{name!r} is a job with keyword inputs; compile it from Python "
+                             "(asteroid.compile(model, cluster, example=..., kwargs=...))")
+        return made.model(), args, made.loss
     if isinstance(made, tuple):
         model, example = made[0], made[1]
         example = example if isinstance(example, tuple) else (example,)

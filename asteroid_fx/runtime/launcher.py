@@ -284,7 +284,8 @@ def _results(spec: RunSpec, store, compiled, everyone: Sequence[str], ended: dic
         switches.append({**event, "switch_s": max(done) - event["started_at"] if done else None})
         report.info(f"switched to a new plan at iteration {event['iteration'] + 1} ({event['reason']})"
                     + (f" in {switches[-1]['switch_s'] * 1e3:.0f} ms" if done else ""))
-    return {"losses": losses, "seconds": seconds, "workers": results, "program": final, "plan": compiled.plan,
+    return {"losses": losses, "seconds": seconds, "start": spec.start, "workers": results, "program": final,
+            "plan": compiled.plan,
             "failures": failures, "switches": switches, "backups": ref["backups"], "backed_up": ref["backed_up"]}
 
 

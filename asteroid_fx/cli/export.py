@@ -1,0 +1,25 @@
+"""asteroid export: a run's newest checkpoint as the model's state_dict."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("export", help="write a run's newest checkpoint as the model's state_dict (torch.save)")
+    e.add_argument("run", help="the run folder (launch --out), or one of its checkpoints/it_<k> folders")
+    e.add_argument("out", help="the file to write, e.g. model.pt; model.load_state_dict(torch.load(out, "
+                   "weights_only=True), strict=True) loads it")
+    e.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from asteroid_fx.runtime.checkpoint import export_state, latest, read_manifest
+    from pathlib import Path
+
+    given = Path(args.run)
+    manifest = read_manifest(given) if (given / "manifest.json").is_file() else latest(given)
+    path = export_state(given, args.out)
+    print(f"wrote the state_dict of {manifest['model']} after {manifest['iteration']} iterations "
+          f"({len(manifest['keys'])} tensors) to {path}")
+    return 0
