@@ -185,3 +185,50 @@ def test_a_resume_refuses_a_checkpoint_of_another_model_or_cluster_or_a_finished
 
     with pytest.raises(InputError, match="does not match its digest"):
         export_state(tmp_path / "one", tmp_path / "model.pt")
+
+
+# --- the Python API -------------------------------------------------------------------------------
+
+
+def test_train_on_the_local_backend_takes_a_job_object_and_resumes(tmp_path):
+    import asteroid_fx as asteroid
+
+    job = jobs.build()
+    pin = dict(microbatches=2, groups=SPEC.groups, rows=SPEC.rows)
+    first = asteroid.train(job, CLUSTER, out=tmp_path / "one", iterations=4, **pin)
+    rest = asteroid.train(job, CLUSTER, out=tmp_path / "two", resume=tmp_path / "one", **pin)
+    ref, ref_losses = _eager(SPEC)
+    assert rest.start == 4 and first.losses + rest.losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(rest.state_dict, ref.state_dict())
+    model = jobs.Net()
+    model.load_state_dict(rest.state_dict, strict=True)
+
+
+def test_train_on_processes_needs_the_jobs_entry(tmp_path):
+    import asteroid_fx as asteroid
+
+    with pytest.raises(InputError, match="give its entry 'package.module:attribute'"):
+        asteroid.train(jobs.build(), CLUSTER, out=tmp_path, backend="processes")
+    with pytest.raises(InputError, match="runs inside a torchrun job"):
+        asteroid.train("tests.jobs:build", CLUSTER, out=tmp_path, backend="torchrun")
+
+
+def test_a_torchrun_script_trains_the_job_rank_by_device(tmp_path):
+    import subprocess
+    import sys
+
+    cluster = tmp_path / "cluster.json"
+    CLUSTER.save(cluster)
+    out = tmp_path / "run"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                           "tests/torchrun_job.py", str(out), str(cluster)], capture_output=True, text=True,
+                          timeout=240, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    result = json.loads((out / "result.json").read_text())
+    ref, ref_losses = _eager(SPEC)
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(load_weights(out, result["devices"]), ref.state_dict())
+    assert (out / "checkpoints/latest").read_text().strip() == f"it_{iterations_of(SPEC)}"

@@ -322,6 +322,21 @@ class LocalRunner:
             out.update(self.held[self._key(info.slots[0].device, info.index)].state_dict(keys))
         return out
 
+    def stage_copy(self, stage: int) -> StateCopy:
+        """Stage ``stage``'s state by name, optimizer state included (its first device's replica)."""
+        info = self.program.stages[stage]
+        key = self._key(info.slots[0].device, info.index)
+        return StateCopy.of(self.replicas[key], self.optimizers[key])
+
+    def load_copy(self, state: StateCopy) -> None:
+        """Every replica's parameters, buffers and optimizer state from ``state``, by name (a
+        resumed run's checkpoint)."""
+        for key, replica in self.replicas.items():
+            missing = state.load_into(replica, self.optimizers[key])
+            if missing:
+                raise InputError(f"the state to load has no {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                                 f"(stage {key[1]} on {key[0]}); it is not a state of this model")
+
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         """Every replica's parameters and buffers from ``state``, by model name (``base.Runner.load``)."""
         for (device, _), replica in self.held.items():

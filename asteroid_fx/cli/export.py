@@ -14,12 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from asteroid_fx.runtime.checkpoint import export_state, latest, read_manifest
-    from pathlib import Path
+    from asteroid_fx.runtime.checkpoint import export_state, find
 
-    given = Path(args.run)
-    manifest = read_manifest(given) if (given / "manifest.json").is_file() else latest(given)
-    path = export_state(given, args.out)
+    manifest = find(args.run)
+    path = export_state(args.run, args.out)
     print(f"wrote the state_dict of {manifest['model']} after {manifest['iteration']} iterations "
           f"({len(manifest['keys'])} tensors) to {path}")
     return 0

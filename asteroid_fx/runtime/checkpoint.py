@@ -136,11 +136,25 @@ def check_model(manifest: Mapping[str, Any], model: str, keys: Mapping[str, torc
                          f"{', '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); was the job's code changed?")
 
 
+def check_devices(manifest: Mapping[str, Any], devices: list[str], new_cluster: bool) -> None:
+    """Refuse to resume on other devices than the checkpoint's unless asked to (``new_cluster``:
+    the run is planned anew for these)."""
+    if sorted(manifest["devices"]) != sorted(devices) and not new_cluster:
+        raise InputError(f"checkpoint {manifest['folder']} was made on devices {', '.join(manifest['devices'])}, and "
+                         f"this cluster has {', '.join(devices)}; to continue on these devices with a new plan, say "
+                         "so (new_cluster=True; `asteroid launch --resume RUN --new-cluster`)")
+
+
+def find(run_or_folder: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a checkpoint folder, or of a run folder's newest checkpoint."""
+    given = Path(run_or_folder)
+    return read_manifest(given) if (given / "manifest.json").is_file() else latest(given)
+
+
 def export_state(run_or_folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the newest checkpoint of a run (or the checkpoint folder given) as the model's
     state_dict: its own keys only, loadable with ``model.load_state_dict(..., strict=True)``."""
-    given = Path(run_or_folder)
-    manifest = read_manifest(given) if (given / "manifest.json").is_file() else latest(given)
+    manifest = find(run_or_folder)
     state = read_state(manifest)
     everything = {**state.params, **state.buffers}
     missing = [k for k in manifest["keys"] if k not in everything]

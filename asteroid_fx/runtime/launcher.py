@@ -145,7 +145,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         if network is not None and not finished_run:
             network.close()
     try:  # the results are read while the launcher can still reach the store (a shaped run's address)
-        return _results(spec, store, compiled, (*devices, *joining), ended, out, report)
+        return results_of(spec, store, compiled, (*devices, *joining), ended, out, report)
     finally:
         if network is not None:
             network.close()
@@ -245,8 +245,8 @@ def _supervise(spec: RunSpec, store, workers: _Workers, devices: Sequence[str], 
     return ended, declared
 
 
-def _results(spec: RunSpec, store, compiled, everyone: Sequence[str], ended: dict[str, tuple[float, int]],
-             out: Path, report: _Report) -> dict:
+def results_of(spec: RunSpec, store, compiled, everyone: Sequence[str], ended: dict[str, tuple[float, int]],
+               out: Path, report: _Report) -> dict:
     """The run's losses, times, failures and switches, from the store and the workers' results."""
     results = {d: get_json(store, result_key(d)) for d in everyone if has(store, result_key(d))}
     trained = [r for r in results.values() if not r.get("left")]
@@ -291,13 +291,9 @@ def _results(spec: RunSpec, store, compiled, everyone: Sequence[str], ended: dic
 
 def _resumed(spec: RunSpec, compiled, cluster, resume: str | os.PathLike, new_cluster: bool, report: _Report) -> RunSpec:
     """``spec`` starting from ``resume``'s newest checkpoint, once it is known to be of this model."""
-    given = Path(resume)
-    manifest = checkpoint.read_manifest(given) if (given / "manifest.json").is_file() else checkpoint.latest(given)
+    manifest = checkpoint.find(resume)
     checkpoint.check_model(manifest, spec.model, compiled.captured.module.state_dict())
-    if sorted(manifest["devices"]) != sorted(cluster.names) and not new_cluster:
-        raise InputError(f"checkpoint {manifest['folder']} was made on devices {', '.join(manifest['devices'])}, and "
-                         f"this cluster has {', '.join(cluster.names)}; to continue on these devices with a new plan, "
-                         "say so (launch(new_cluster=True), `asteroid launch --resume RUN --new-cluster`)")
+    checkpoint.check_devices(manifest, list(cluster.names), new_cluster)
     iterations = iterations_of(spec)
     if manifest["iteration"] >= iterations:
         raise InputError(f"checkpoint {manifest['folder']} is after {manifest['iteration']} iterations: the run of "

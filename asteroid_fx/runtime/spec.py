@@ -173,9 +173,14 @@ def example_of(job: Job) -> tuple[tuple, dict]:
 
 def compile_spec(spec: RunSpec, cluster):
     """The spec's job compiled for ``cluster``: every process gets the same program from it."""
+    return compile_job(job_of(spec), cluster, spec)
+
+
+def compile_job(job: Job, cluster, spec: RunSpec):
+    """``job``'s model (built under the spec's seed) compiled for ``cluster`` with the spec's
+    plan choices, and its optimizer's state counted in every device's memory."""
     import asteroid_fx as asteroid
 
-    job = job_of(spec)
     torch.manual_seed(spec.seed)
     model = job.model()
     if not isinstance(model, torch.nn.Module):

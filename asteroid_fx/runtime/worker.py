@@ -34,18 +34,22 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLike, *,
-               connect_timeout_s: float = STORE_TIMEOUT_S, join: bool = False) -> int:
+               connect_timeout_s: float = STORE_TIMEOUT_S, join: bool = False, store=None) -> int:
     """One worker: join, rebuild the program with the launcher's plan, check it, train, report.
     Without --coordinator/--device, torchrun's MASTER_ADDR, MASTER_PORT and RANK are used (the
     rank picks the program's device in order). With ``join`` the device is one of the cluster's
     that the running program does not use: it asks to be taken in, and starts training at the
-    iteration boundary where the run switches to a plan that includes it (passes/replan.py)."""
+    iteration boundary where the run switches to a plan that includes it (passes/replan.py).
+    ``store``: the run's store, already connected (a torchrun rank's, runtime/train.py)."""
     torch.set_num_threads(1)
-    if coordinator is None:
+    if store is not None:
+        pass
+    elif coordinator is None:
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise InputError("give --coordinator HOST:PORT (or set MASTER_ADDR and MASTER_PORT, as torchrun does)")
         coordinator = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-    store = connect(coordinator, connect_timeout_s)
+    if store is None:
+        store = connect(coordinator, connect_timeout_s)
     program_text = store.get(PROGRAM).decode()
     devices = parse_program(program_text).devices
     if device is None:
