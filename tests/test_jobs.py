@@ -232,3 +232,16 @@ def test_a_torchrun_script_trains_the_job_rank_by_device(tmp_path):
     assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
     assert_same_state(load_weights(out, result["devices"]), ref.state_dict())
     assert (out / "checkpoints/latest").read_text().strip() == f"it_{iterations_of(SPEC)}"
+
+
+def test_a_device_killed_in_the_middle_of_an_epoch_is_recovered_from_with_the_same_rows(tmp_path):
+    # c (half of the last stage's group) dies in iteration 4, the second batch of the second epoch:
+    # b redoes it with c's rows as well, read again from the same shuffled samples
+    spec = dataclasses.replace(SPEC, recovery=True, replan=False, backup_every=1, faults=(("c", 4, 3, "kill"),))
+    result = launch(spec, CLUSTER, tmp_path, timeout_s=120, log=lambda m: None)
+    (failure,) = result["failures"]
+    assert failure["device"] == "c" and failure["iteration"] == 4
+    assert result["program"].devices == ("a", "b")
+    ref, ref_losses = _eager(SPEC)
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(load_weights(tmp_path, result["program"].devices), ref.state_dict())
