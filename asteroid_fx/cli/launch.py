@@ -145,11 +145,15 @@ def run_launch(args: argparse.Namespace) -> int:
     print(f"trained {spec.model} on {len(result['workers'])} workers:")
     first = result["start"]
     shown = list(enumerate(result["losses"], start=first + 1))
-    for i, loss in (shown if len(shown) <= 12 else shown[:5] + [None] + shown[-5:]):
-        if i is None:
+    for row in (shown if len(shown) <= 12 else shown[:5] + [None] + shown[-5:]):
+        if row is None:
             print("  ...")
         else:
+            i, loss = row
             print(f"  iteration {i}: loss {loss:.4f}  {result['seconds'][i - 1 - first] * 1e3:.1f} ms")
+    for v in result["validation"]:
+        print(f"  validation after {v['iteration']} iterations: loss {v['val_loss']:.4f}"
+              + (f", accuracy {v['val_accuracy']:.1%}" if v["val_accuracy"] is not None else ""))
     if args.emulate:
         lag = max(r["lag_s"] for r in result["workers"].values())
         predicted = result["plan"].prediction.iteration_s * args.dilation

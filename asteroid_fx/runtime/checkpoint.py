@@ -154,19 +154,24 @@ def find(run_or_folder: str | os.PathLike) -> dict[str, Any]:
 def export_state(run_or_folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the newest checkpoint of a run (or the checkpoint folder given) as the model's
     state_dict: its own keys only, loadable with ``model.load_state_dict(..., strict=True)``."""
-    manifest = find(run_or_folder)
+    state = model_state(find(run_or_folder))
+    out = Path(out)
+    if out.is_dir():
+        raise InputError(f"{out} is a folder; give the file to write, e.g. {out / 'model.pt'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch_save(state, out)
+    return out
+
+
+def model_state(manifest: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as the model's state_dict (its own keys)."""
     state = read_state(manifest)
     everything = {**state.params, **state.buffers}
     missing = [k for k in manifest["keys"] if k not in everything]
     if missing:
         raise InputError(f"checkpoint {manifest['folder']} lacks {', '.join(missing[:4])}: a stage file is missing "
                          "from it")
-    out = Path(out)
-    if out.is_dir():
-        raise InputError(f"{out} is a folder; give the file to write, e.g. {out / 'model.pt'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch_save({k: everything[k].clone() for k in manifest["keys"]}, out)
-    return out
+    return {k: everything[k].clone() for k in manifest["keys"]}
 
 
 def _digest(path: Path) -> str:

@@ -143,6 +143,16 @@ class Batches:
             labels = Rows(label_rows, self._collate([samples[r][1] for r in rows_of(label_rows)]))
         return inputs, labels
 
+    def rows(self, indices) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """Dataset samples ``indices`` (in that order, no shuffle) as one batch: (inputs, labels)."""
+        indices = list(indices)
+        if self.labels is not None:
+            xs = [self._get(self.dataset, i) for i in indices]
+            ys = [self._get(self.labels, i) for i in indices]
+        else:
+            xs, ys = zip(*(self._pair(i) for i in indices)) if indices else ((), ())
+        return tuple(self.flatten(self._collate(list(xs)))), self._collate(list(ys))
+
     def whole(self, iteration: int) -> tuple[tuple[torch.Tensor, ...], Any]:
         """The whole batch of ``iteration`` as plain tensors (the local backend, eager references)."""
         every = ((0, self.batch),)

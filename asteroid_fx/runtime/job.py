@@ -21,7 +21,7 @@ import torch
 from asteroid_fx.backends.state import OptimizerSettings
 from asteroid_fx.ir.errors import InputError
 
-# the generated data of a zoo job: this many iterations' worth of samples per run by default
+# a zoo job's sample i is drawn under seed (run seed x this + i + 1)
 ZOO_SEED_STRIDE = 100_003
 
 
@@ -39,9 +39,10 @@ class Job:
     ``torch.utils.data.default_collate``) stacks them into a batch. ``loss(outputs, labels)`` is
     a scalar mean over the rows it gets. ``batch``: rows per iteration (the global batch).
     ``example``: one global batch of inputs for capture; by default ``batch`` copies of sample 0.
-    ``validation`` (and ``validation_labels``): a dataset evaluated every ``validate_every``
-    iterations; ``accuracy(outputs, labels)`` -> the number of correct rows (default: argmax
-    over the last dimension for integer labels). Optimizer: ``optimizer`` (a torch.optim class
+    ``validation`` (and ``validation_labels``): a dataset evaluated at every checkpoint with the
+    checkpoint's weights in the job's own model, in eval mode (runtime/evaluate.py);
+    ``accuracy(outputs, labels)`` -> the number of correct rows (default: for integer labels,
+    the argmax over the last dimension of tensor outputs). Optimizer: ``optimizer`` (a torch.optim class
     or its name), ``lr``, ``optimizer_kwargs``, ``no_decay`` (name patterns with weight decay 0),
     ``scheduler`` (optimizer -> LRScheduler, stepped per iteration), ``clip_grad_norm`` (the
     global norm over every stage). ``epochs`` over the dataset in a seeded shuffle
@@ -56,7 +57,6 @@ class Job:
     collate: Callable | None = None
     validation: Any = None
     validation_labels: Any = None
-    validate_every: int = 0
     accuracy: Callable | None = None
     optimizer: Any = "sgd"
     lr: float = 1e-3
@@ -92,9 +92,6 @@ class Job:
                              "use a smaller batch")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise InputError(f"Job.clip_grad_norm={self.clip_grad_norm!r}: give a positive norm, or None")
-        if self.validate_every < 0 or (self.validate_every and self.validation is None):
-            raise InputError("Job.validate_every needs a validation dataset (Job.validation), and is a number of "
-                             "iterations (0: no validation)")
         self.settings  # a bad optimizer name fails here
 
     @property

@@ -31,7 +31,8 @@ from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program_text import format_program, parse_program
 from asteroid_fx.runtime import checkpoint, netns
 from asteroid_fx.runtime.errors import RunFailed, RunTimedOut
-from asteroid_fx.runtime.spec import RunSpec, compile_spec, iterations_of, log_path, pinned, weights_path
+from asteroid_fx.runtime.evaluate import Validation
+from asteroid_fx.runtime.spec import RunSpec, compile_spec, iterations_of, job_of, log_path, pinned, weights_path
 from asteroid_fx.runtime.store import (CLUSTER, DEAD, PROGRAM, SPEC, admit_key, beat_key, epoch_of, failure_key,
                                        failures_key, get_float, get_json, has, killed_at_key, loss_key, result_key,
                                        seconds_key, serve_store)
@@ -134,8 +135,10 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
             if device not in remote:
                 workers.start(device)
         deadline = time.monotonic() + timeout_s
+        job = job_of(spec)
+        validation = Validation(job, out, report.warning) if job.validation is not None else None
         ended, declared = _supervise(spec, store, workers, devices, joining, kills, joins, deadline, timeout_s, out,
-                                     report)
+                                     report, validation.poll if validation is not None else None)
         for d, p in workers.procs.items():
             if d not in declared:  # a device declared failed may still hang (frozen): it is killed below
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -145,7 +148,12 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         if network is not None and not finished_run:
             network.close()
     try:  # the results are read while the launcher can still reach the store (a shaped run's address)
-        return results_of(spec, store, compiled, (*devices, *joining), ended, out, report)
+        result = results_of(spec, store, compiled, (*devices, *joining), ended, out, report)
+        result["validation"] = validation.finish() if validation is not None else []
+        for v in result["validation"]:
+            report.info(f"validation after {v['iteration']} iterations: loss {v['val_loss']:.4f}"
+                        + (f", accuracy {v['val_accuracy']:.1%}" if v["val_accuracy"] is not None else ""))
+        return result
     finally:
         if network is not None:
             network.close()
@@ -190,7 +198,8 @@ class _Workers:
 
 def _supervise(spec: RunSpec, store, workers: _Workers, devices: Sequence[str], joining: Sequence[str],
                kills: Sequence[tuple], joins: Sequence[tuple[str, float]], deadline: float, timeout_s: float,
-               out: Path, report: _Report) -> tuple[dict[str, tuple[float, int]], list[str]]:
+               out: Path, report: _Report, watch: Callable[[], None] | None = None
+               ) -> tuple[dict[str, tuple[float, int]], list[str]]:
     """Watch the run until every device has a result, ended or was declared failed; fire the
     ``kills`` and start the ``joins`` on time. Returns {device: (when its process was seen gone,
     its exit code)} and the devices the survivors agreed failed, epoch by epoch."""
@@ -241,6 +250,8 @@ def _supervise(spec: RunSpec, store, workers: _Workers, devices: Sequence[str], 
             missing = [d for d in everyone if d not in finished and d not in ended]
             raise RunTimedOut(f"the run did not finish in {timeout_s:.0f}s (no result from {', '.join(missing)}); "
                               f"worker logs are in {out}/")
+        if watch is not None:
+            watch()
         time.sleep(0.02)
     return ended, declared
 

@@ -32,6 +32,7 @@ from asteroid_fx.ir.cluster import resolve_cluster
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.runtime import checkpoint
 from asteroid_fx.runtime.data import Batches
+from asteroid_fx.runtime.evaluate import evaluate
 from asteroid_fx.runtime.job import Job
 from asteroid_fx.runtime.spec import RunSpec, call_inputs, compile_job, job_of
 
@@ -52,6 +53,7 @@ class Trained:
     out: Path | None
     start: int = 0
     failures: list = dataclasses.field(default_factory=list)
+    validation: list = dataclasses.field(default_factory=list)  # per checkpoint (runtime/evaluate.py)
 
 
 def train(job: Job | str, devices: Any, *, out: str | os.PathLike | None = None, backend: str = "local",
@@ -106,7 +108,7 @@ def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log
             raise InputError(f"checkpoint {manifest['folder']} is after {start} iterations: the run of {total} is done")
         runner.load_copy(checkpoint.read_state(manifest))
         runner.iteration = start
-    losses, seconds = [], []
+    losses, seconds, validation = [], [], []
     for i in range(start, total):
         inputs, labels = data.whole(i)
         began = time.perf_counter()
@@ -120,8 +122,10 @@ def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log
                       for p, st in enumerate(compiled.program.stages)]
             checkpoint.write_manifest(out, done, model=spec.model, seed=spec.seed, keys=keys,
                                       devices=list(cluster.names), stages=stages)
+            if job.validation is not None:
+                validation.append({"iteration": done, **evaluate(job, runner.state_dict()), "time": time.time()})
     return Trained(losses, seconds, runner.state_dict(), compiled.plan, compiled.program,
-                   Path(out) if out is not None else None, start)
+                   Path(out) if out is not None else None, start, validation=validation)
 
 
 def _processes(spec: RunSpec, cluster, out, resume, new_cluster: bool, timeout_s: float, log) -> Trained:
@@ -132,7 +136,7 @@ def _processes(spec: RunSpec, cluster, out, resume, new_cluster: bool, timeout_s
                          "checkpoints into)")
     result = launch(spec, cluster, out, timeout_s=timeout_s, log=log, resume=resume, new_cluster=new_cluster)
     return Trained(result["losses"], result["seconds"], load_weights(out, result["program"].devices), result["plan"],
-                   result["program"], Path(out), result["start"], result["failures"])
+                   result["program"], Path(out), result["start"], result["failures"], result["validation"])
 
 
 def _torchrun(spec: RunSpec, cluster, out, resume, new_cluster: bool, log) -> Trained:
