@@ -1,5 +1,6 @@
-"""The README's main command: the generated digits data, its CNN, and a short demo run end to end
-(compile, plan, simulated trace, worker processes, accuracy, data-parallel comparison)."""
+"""The README's main command: the demo's job (real digits from scikit-learn, or the generated ones),
+and a short demo run end to end (compile, plan, simulated trace, worker processes, checkpoints
+and validation, data-parallel comparison)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,23 @@ def test_a_batch_is_a_function_of_the_seed():
 
 def test_the_demo_runs_end_to_end(tmp_path, capsys):
     assert "edge-4-pi-1g" in catalog.PRESETS
-    assert demo.main(["--small", "--iterations", "4", "--compare-iterations", "2", "--out", str(tmp_path)]) == 0
+    assert demo.main(["--iterations", "4", "--checkpoint-every", "2", "--compare-iterations", "2",
+                      "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for expected in ("== plan", "== program", "test accuracy:", "data parallel", "samples/s"):
+    for expected in ("== job examples.digits_job:build", "== plan", "== program", "validation after 2 iterations",
+                     "validation after 4 iterations", "data parallel", "samples/s"):
         assert expected in out, expected
     trace = json.loads((tmp_path / "trace.json").read_text())
     assert trace["traceEvents"]
     assert (tmp_path / "compiled" / "program.txt").exists()
+
+
+def test_the_demos_jobs_hold_real_and_generated_digits():
+    from examples import digits_job
+
+    real = digits_job.build()
+    assert (len(real.dataset), len(real.validation)) == (1500, digits_job.VALIDATION)
+    assert set(real.labels.tolist()) == set(range(10)) and real.dataset[0].shape == (1, 8, 8)
+    generated = digits_job.generated()
+    assert generated.dataset[0].shape == (1, 16, 16)
+    assert not set(generated.dataset.indices.tolist()) & set(generated.validation.indices.tolist())
