@@ -245,3 +245,23 @@ def test_a_device_killed_in_the_middle_of_an_epoch_is_recovered_from_with_the_sa
     ref, ref_losses = _eager(SPEC)
     assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
     assert_same_state(load_weights(tmp_path, result["program"].devices), ref.state_dict())
+
+
+def test_the_command_line_launches_a_job_and_exports_its_weights(tmp_path, capsys):
+    from asteroid_fx.cli import main
+
+    cluster = tmp_path / "cluster.json"
+    CLUSTER.save(cluster)
+    run = tmp_path / "run"
+    assert main(["launch", "tests.jobs:build", "--cluster", str(cluster), "--out", str(run), "--iterations", "2",
+                 "--checkpoint-every", "1"]) == 0
+    assert "iteration 2: loss" in capsys.readouterr().out
+    assert main(["launch", "tests.jobs:build", "--cluster", str(cluster), "--out", str(tmp_path / "more"),
+                 "--iterations", "3", "--resume", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert "iteration 3: loss" in printed and "iteration 1: loss" not in printed
+    assert main(["export", str(tmp_path / "more"), str(tmp_path / "model.pt")]) == 0
+    assert "after 3 iterations" in capsys.readouterr().out
+    jobs.Net().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
+    assert main(["export", str(tmp_path), str(tmp_path / "x.pt")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
