@@ -88,7 +88,8 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
                   "lag_s": training.worker.lag_s if training.worker is not None else 0.0,
                   "program": format_program(training.full), "epochs": training.epochs,
                   "recoveries": training.recoveries, "switches": training.switches,
-                  "backups": training.points.count, "backed_up": training.points.history}
+                  "backups": training.points.count, "backed_up": training.points.history,
+                  "data_s": training.data_s, "train_s": training.train_s}
         if not training.left:
             torch_save(training.worker.state_dict(keys), weights_path(out, device))
         store.set(result_key(device), json.dumps(result))
@@ -127,6 +128,8 @@ class Training(Member):
         self.data = Loader(batches_of(spec, compiled), iterations=iterations_of(spec))
         self.out = out  # the run folder: checkpoints go there
         self.manifest_due: int | None = None  # the checkpoint whose manifest the leader writes next
+        self.data_s = 0.0  # time spent waiting for this device's rows (what prefetch did not hide)
+        self.train_s = 0.0  # wall time of the training loop, barriers and data waits included
         self.start = spec.start
         resumed = None
         if spec.resume is not None:  # the state after spec.start iterations, by name
@@ -180,10 +183,12 @@ class Training(Member):
         log.info("[%s] checkpoint after %d iterations: %s", self.device, done, folder)
 
     def run(self) -> None:
+        began = time.perf_counter()
         try:
             self._run()
         finally:
             self.data.close()
+            self.train_s = time.perf_counter() - began
 
     def _rows_of(self, actions) -> tuple:
         """The batch rows this device's ``actions`` read inputs and labels of."""
@@ -216,7 +221,9 @@ class Training(Member):
                     # past the barrier every survivor has finished iteration i - 1
                     self.worker.drop_copies_before(points.tag_at_or_before(i))
                 actions = self.redo if redoing else (self.full if points.backs_up(i) else self.plain).of(self.device)
+                waited = time.perf_counter()
                 inputs, labels = self.data.get(i, *self._rows_of(actions))
+                self.data_s += time.perf_counter() - waited
                 started = time.perf_counter()
                 loss = self.worker.step(inputs, labels, actions={self.device: actions}, iteration=i)
                 took = time.perf_counter() - started
