@@ -85,3 +85,20 @@ class Pairs(torch.utils.data.Dataset):
 def pairs() -> Job:
     return Job(model=Net, dataset=Pairs(), loss=F.cross_entropy, batch=BATCH, optimizer="SGD", lr=0.1,
                optimizer_kwargs={"momentum": 0.9, "nesterov": True}, epochs=1)
+
+
+class Wider(Inputs):
+    def __getitem__(self, i):
+        return torch.randn(FEATURES + 1)
+
+
+def mismatched() -> Job:
+    """Samples one feature wider than the example the model is captured with."""
+    return Job(model=Net, dataset=Wider(), labels=Labels(), loss=F.cross_entropy, batch=BATCH,
+               example=torch.zeros(BATCH, FEATURES))
+
+
+def vector_loss() -> Job:
+    """A loss that forgets to reduce over the rows."""
+    return Job(model=Net, dataset=Inputs(), labels=Labels(), loss=lambda out, y: F.cross_entropy(out, y, reduction="none"),
+               batch=BATCH, example=torch.zeros(BATCH, FEATURES))

@@ -59,14 +59,15 @@ def test_worker_processes_train_the_job_like_eager_and_read_only_their_rows(tmp_
     monkeypatch.setenv("ASTEROID_TEST_READS", str(reads))
     result = launch(SPEC, CLUSTER, tmp_path / "run", timeout_s=240, log=lambda m: None)
     counts = {p.name: len(p.read_text()) for p in reads.iterdir()}
+    # the launcher, no device, checks samples 0 and 1 against the model before any worker starts
+    assert counts.pop("main.inputs") == counts.pop("main.labels") == 2
     ref, ref_losses = _eager(SPEC)
     assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
     got = load_weights(tmp_path / "run", result["program"].devices)
     assert_same_state(got, ref.state_dict())
     n = iterations_of(SPEC)
     # a (stage 0) reads every row's inputs and no label; b and c (the last stage) only the labels
-    # of their rows (3 and 5 of each micro-batch's 8); the launcher reads nothing (the job gives
-    # its example)
+    # of their rows (3 and 5 of each micro-batch's 8)
     assert counts == {"a.inputs": n * jobs.BATCH, "b.labels": n * 2 * 3, "c.labels": n * 2 * 5}
 
 
@@ -265,3 +266,13 @@ def test_the_command_line_launches_a_job_and_exports_its_weights(tmp_path, capsy
     jobs.Net().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
     assert main(["export", str(tmp_path), str(tmp_path / "x.pt")]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("tests.jobs:mismatched", r"input 'x' as \(13,\) torch.float32 per row, and the example .* has \(12,\)"),
+    ("tests.jobs:vector_loss", r"loss returned a tensor of shape \(2,\); it must return a scalar"),
+])
+def test_a_job_whose_samples_or_loss_do_not_fit_the_model_stops_before_any_worker_starts(entry, message, tmp_path):
+    with pytest.raises(InputError, match=message):
+        launch(RunSpec(model=entry), CLUSTER, tmp_path, timeout_s=60, log=lambda m: None)
+    assert not list(tmp_path.glob("worker_*.log"))

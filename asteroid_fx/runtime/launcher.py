@@ -32,7 +32,8 @@ from asteroid_fx.ir.program_text import format_program, parse_program
 from asteroid_fx.runtime import checkpoint, netns
 from asteroid_fx.runtime.errors import RunFailed, RunTimedOut
 from asteroid_fx.runtime.evaluate import Validation
-from asteroid_fx.runtime.spec import RunSpec, compile_spec, iterations_of, job_of, log_path, pinned, weights_path
+from asteroid_fx.runtime.spec import (RunSpec, check_job, compile_spec, iterations_of, job_of, log_path, pinned,
+                                      weights_path)
 from asteroid_fx.runtime.store import (CLUSTER, DEAD, PROGRAM, SPEC, admit_key, beat_key, epoch_of, failure_key,
                                        failures_key, get_float, get_json, has, killed_at_key, loss_key, result_key,
                                        seconds_key, serve_store)
@@ -96,6 +97,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     if joining and not (spec.recovery and spec.replan):
         raise InputError("devices can join only a run with recovery and re-planning on (RunSpec.recovery, .replan)")
     compiled = compile_spec(spec, cluster.subset([d for d in cluster.names if d not in joining]) if joining else cluster)
+    check_job(job_of(spec), compiled)  # here, where no device runs: a bad job stops before any worker starts
     spec = pinned(spec, compiled.plan)
     if resume is not None:
         spec = _resumed(spec, compiled, cluster, resume, new_cluster, report)

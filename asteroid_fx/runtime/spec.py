@@ -195,6 +195,40 @@ def compile_job(job: Job, cluster, spec: RunSpec):
                             recovery=spec.recovery, opt_state_factor=job.settings.state_factor())
 
 
+def check_job(job: Job, compiled) -> None:
+    """Before a run starts: the job's samples must fit the example the model was captured with
+    (as many inputs, each of the example's shape past the batch dimension and its dtype), and its
+    loss must give a scalar on the model's outputs for two of them (the captured graph in eval
+    mode, so nothing of the model changes). Reads samples 0 and 1: run it where no device runs."""
+    from asteroid_fx.passes.eval_mode import eval_mode
+
+    data = Batches(job, seed=0, flatten=functools.partial(call_inputs, compiled.captured))
+    try:
+        inputs, labels = data.rows(range(min(2, len(job.dataset))))
+    except InputError as e:
+        raise InputError(f"the job's samples do not fit its model's inputs: {e}") from e
+    captured = compiled.captured
+    names = [n.name for n in captured.module.graph.nodes if n.op == "placeholder"]
+    for name, got, want in zip(names, inputs, captured.example_inputs):
+        if isinstance(want, torch.Tensor) and (not isinstance(got, torch.Tensor) or got.shape[1:] != want.shape[1:]
+                                               or got.dtype != want.dtype):
+            shown = f"{tuple(got.shape[1:])} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
+            raise InputError(f"the job's samples give input {name!r} as {shown} per row, and the example the model "
+                             f"was captured with has {tuple(want.shape[1:])} {want.dtype}; make the dataset's samples "
+                             "match Job.example (or leave the example out: it is then made from sample 0)")
+    with torch.no_grad():
+        outputs = captured.unflatten_outputs(list(eval_mode(captured.module)(*inputs)))
+        try:
+            value = job.loss(outputs, labels)
+        except Exception as e:
+            raise InputError(f"the job's loss fails on the model's outputs and two samples' labels "
+                             f"({type(e).__name__}: {e})") from e
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise InputError(f"the job's loss returned {shown}; it must return a scalar float tensor (the mean over "
+                         "the rows it is given)")
+
+
 def pinned(spec: RunSpec, plan) -> RunSpec:
     """The spec with the plan's micro-batching, stages, groups, rows and layer bounds fixed."""
     return dataclasses.replace(spec, microbatches=plan.microbatches, schedule=plan.schedule,

@@ -34,7 +34,7 @@ from asteroid_fx.runtime import checkpoint
 from asteroid_fx.runtime.data import Batches
 from asteroid_fx.runtime.evaluate import evaluate
 from asteroid_fx.runtime.job import Job
-from asteroid_fx.runtime.spec import RunSpec, call_inputs, compile_job, job_of
+from asteroid_fx.runtime.spec import RunSpec, call_inputs, check_job, compile_job, job_of
 
 BACKENDS = ("local", "processes", "torchrun")
 
@@ -94,6 +94,7 @@ def train(job: Job | str, devices: Any, *, out: str | os.PathLike | None = None,
 
 def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log) -> Trained:
     compiled = compile_job(job, cluster, spec)
+    check_job(job, compiled)
     runner = compiled.runner(optimizer=job.settings, loss=job.loss)
     data = Batches(job, seed=spec.seed, flatten=lambda x: call_inputs(compiled.captured, x))
     keys = compiled.captured.module.state_dict()
@@ -160,6 +161,7 @@ def _torchrun(spec: RunSpec, cluster, out, resume, new_cluster: bool, log) -> Tr
     compiled = None
     if rank == 0:
         compiled = compile_job(job_of(spec), cluster, spec)
+        check_job(job_of(spec), compiled)
         spec = pinned(spec, compiled.plan)
         if resume is not None:
             spec = _resumed(spec, compiled, cluster, resume, new_cluster, _Report(log))
