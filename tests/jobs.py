@@ -102,3 +102,10 @@ def vector_loss() -> Job:
     """A loss that forgets to reduce over the rows."""
     return Job(model=Net, dataset=Inputs(), labels=Labels(), loss=lambda out, y: F.cross_entropy(out, y, reduction="none"),
                batch=BATCH, example=torch.zeros(BATCH, FEATURES))
+
+
+def build_with_loader_processes() -> Job:
+    """``build`` with two DataLoader processes loading each device's rows ahead."""
+    import dataclasses
+
+    return dataclasses.replace(build(), loader_workers=2)

@@ -53,11 +53,13 @@ def test_the_local_backend_trains_the_job_like_eager_training():
     assert optimizer_of(SPEC).lr_at(5)[0] < 0.2 * optimizer_of(SPEC).lr_at(0)[0]
 
 
-def test_worker_processes_train_the_job_like_eager_and_read_only_their_rows(tmp_path, monkeypatch):
+@pytest.mark.parametrize("entry", ["tests.jobs:build", "tests.jobs:build_with_loader_processes"])
+def test_worker_processes_train_the_job_like_eager_and_read_only_their_rows(entry, tmp_path, monkeypatch):
     reads = tmp_path / "reads"
     reads.mkdir()
     monkeypatch.setenv("ASTEROID_TEST_READS", str(reads))
-    result = launch(SPEC, CLUSTER, tmp_path / "run", timeout_s=240, log=lambda m: None)
+    result = launch(dataclasses.replace(SPEC, model=entry), CLUSTER, tmp_path / "run", timeout_s=240,
+                    log=lambda m: None)
     counts = {p.name: len(p.read_text()) for p in reads.iterdir()}
     # the launcher, no device, checks samples 0 and 1 against the model before any worker starts
     assert counts.pop("main.inputs") == counts.pop("main.labels") == 2

@@ -193,16 +193,24 @@ def _positional(inputs: Any) -> tuple[torch.Tensor, ...]:
 
 
 class Loader:
-    """Loads iteration i + 1's rows in a background thread while iteration i trains. ``get(i,
-    input_rows, label_rows)`` returns what ``Batches.load`` does; a prefetch made for other rows
-    (the device's actions changed in a recovery or a switch) is dropped and loaded again."""
+    """A device's rows, iteration after iteration, loaded ahead while it trains: ``get(i,
+    input_rows, label_rows)`` returns what ``Batches.load`` does. With ``workers`` = 0 the next
+    iteration's rows load in a background thread; with ``workers`` > 0 a torch DataLoader's worker
+    processes load whole iterations ahead (``prefetch`` each), for datasets whose reads cost CPU
+    (decoding, augmentation). A prefetch made for other rows (the device's actions changed in a
+    recovery or a switch) is dropped and loading starts again from the iteration asked for."""
 
-    def __init__(self, batches: Batches, *, iterations: int | None = None, prefetch: bool = True):
-        self.batches, self.iterations = batches, iterations
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asteroid-data") if prefetch else None
+    def __init__(self, batches: Batches, *, iterations: int | None = None, prefetch: bool = True,
+                 workers: int = 0):
+        self.batches, self.iterations, self.workers = batches, iterations, workers
+        self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asteroid-data")
+                      if prefetch and not workers else None)
         self._ahead: tuple[tuple, concurrent.futures.Future] | None = None
+        self._stream: tuple[tuple, int, Any] | None = None  # (rows, next iteration, DataLoader iterator)
 
     def get(self, iteration: int, input_rows: Spans, label_rows: Spans) -> tuple[tuple[Any, ...], Any]:
+        if self.workers:
+            return self._from_stream(iteration, (input_rows, label_rows))
         key = (iteration, input_rows, label_rows)
         if self._ahead is not None and self._ahead[0] == key:
             got = self._ahead[1].result()
@@ -215,6 +223,34 @@ class Loader:
             self._ahead = (nxt, self._pool.submit(self.batches.load, *nxt))
         return got
 
+    def _from_stream(self, iteration: int, rows: tuple[Spans, Spans]) -> tuple[tuple[Any, ...], Any]:
+        if not (rows[0] or rows[1]):
+            return (), None
+        if self._stream is None or self._stream[0] != rows or self._stream[1] != iteration:
+            end = self.iterations if self.iterations is not None else iteration + 1_000_000
+            loader = torch.utils.data.DataLoader(_Iterations(self.batches, rows), batch_size=None,
+                                                 sampler=range(iteration, end), num_workers=self.workers,
+                                                 collate_fn=_as_is, prefetch_factor=2)
+            self._stream = (rows, iteration, iter(loader))
+        got = next(self._stream[2])
+        self._stream = (rows, iteration + 1, self._stream[2])
+        return got
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stream = None  # the DataLoader's workers stop with their iterator
+
+
+class _Iterations(torch.utils.data.Dataset):
+    """Item i: iteration i's rows of a device, loaded (what a DataLoader worker process computes)."""
+
+    def __init__(self, batches: Batches, rows: tuple[Spans, Spans]):
+        self.batches, self.rows = batches, rows
+
+    def __getitem__(self, iteration: int):
+        return self.batches.load(iteration, *self.rows)
+
+
+def _as_is(x):
+    return x

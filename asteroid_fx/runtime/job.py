@@ -46,7 +46,9 @@ class Job:
     or its name), ``lr``, ``optimizer_kwargs``, ``no_decay`` (name patterns with weight decay 0),
     ``scheduler`` (optimizer -> LRScheduler, stepped per iteration), ``clip_grad_norm`` (the
     global norm over every stage). ``epochs`` over the dataset in a seeded shuffle
-    (``shuffle``); the last partial batch of an epoch is dropped."""
+    (``shuffle``); the last partial batch of an epoch is dropped. ``loader_workers``: processes
+    that load a device's rows ahead (a torch DataLoader's; 0: one background thread), for
+    datasets whose reads cost CPU."""
 
     model: Callable[[], torch.nn.Module]
     dataset: Any
@@ -66,6 +68,7 @@ class Job:
     clip_grad_norm: float | None = None
     epochs: int = 1
     shuffle: bool = True
+    loader_workers: int = 0
     name: str = ""
 
     def __post_init__(self):
@@ -90,6 +93,9 @@ class Job:
         if len(self.dataset) < self.batch:
             raise InputError(f"the dataset has {len(self.dataset)} samples, fewer than one batch of {self.batch}; "
                              "use a smaller batch")
+        if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise InputError(f"Job.loader_workers={self.loader_workers!r}: give 0 (a background thread) or a number of "
+                             "loader processes")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise InputError(f"Job.clip_grad_norm={self.clip_grad_norm!r}: give a positive norm, or None")
         self.settings  # a bad optimizer name fails here

@@ -26,7 +26,7 @@ from asteroid_fx.runtime.heartbeat import Heartbeat
 from asteroid_fx.runtime.member import Member
 from asteroid_fx.runtime.recovery import recover
 from asteroid_fx.runtime.data import Loader, needed_rows
-from asteroid_fx.runtime.spec import RunSpec, batches_of, compile_spec, iterations_of, weights_path
+from asteroid_fx.runtime.spec import RunSpec, batches_of, compile_spec, iterations_of, job_of, weights_path
 from asteroid_fx.runtime.store import (CLUSTER, PROGRAM, SPEC, STORE_TIMEOUT_S, checkpoint_key, connect, loss_key,
                                        result_key, seconds_key)
 
@@ -125,7 +125,8 @@ class Training(Member):
                  out: str | os.PathLike | None = None):
         super().__init__(spec, compiled, store, device, heartbeat)
         # only this device's rows, the next iteration's loaded while this one trains
-        self.data = Loader(batches_of(spec, compiled), iterations=iterations_of(spec))
+        self.data = Loader(batches_of(spec, compiled), iterations=iterations_of(spec),
+                           workers=job_of(spec).loader_workers)
         self.out = out  # the run folder: checkpoints go there
         self.manifest_due: int | None = None  # the checkpoint whose manifest the leader writes next
         self.data_s = 0.0  # time spent waiting for this device's rows (what prefetch did not hide)
