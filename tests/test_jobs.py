@@ -278,3 +278,21 @@ def test_a_job_whose_samples_or_loss_do_not_fit_the_model_stops_before_any_worke
     with pytest.raises(InputError, match=message):
         launch(RunSpec(model=entry), CLUSTER, tmp_path, timeout_s=60, log=lambda m: None)
     assert not list(tmp_path.glob("worker_*.log"))
+
+
+# --- transformers models on worker processes --------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["tests.hf_jobs:gpt2", "tests.hf_jobs:llama"])
+def test_a_transformers_model_trains_on_three_stage_workers_like_eager(entry, tmp_path):
+    pytest.importorskip("transformers")
+    spec = RunSpec(model=entry, stages=3, microbatches=4, iterations=3)
+    result = launch(spec, CLUSTER, tmp_path, timeout_s=240, log=lambda m: None)
+    assert len(result["plan"].stages) == 3
+    ref, ref_losses = _eager(spec)
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    got = load_weights(tmp_path, result["program"].devices)
+    want = ref.state_dict()
+    assert_same_state({k: v for k, v in got.items() if k in want}, want)
+    if entry.endswith("gpt2"):  # the tie: the head is the embedding on every holder, trained alike
+        assert "lm_head.weight" in got and torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
