@@ -1,6 +1,6 @@
 """The `asteroid` command line, one module per subcommand: compile, show, simulate, profile, check,
-launch and worker. ``-v`` shows the project's progress messages at INFO, ``-vv`` at DEBUG, ``-q``
-only errors."""
+launch and worker, and report. ``-v`` shows the project's progress messages at INFO, ``-vv`` at DEBUG,
+``-q`` only errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Sequence
 
-from asteroid_fx.cli import check, export, launch, profile, show, simulate
+from asteroid_fx.cli import check, export, launch, profile, report, show, simulate
 from asteroid_fx.cli import compile as compile_command
 from asteroid_fx.cli.models import load_model, parse_input_spec
 from asteroid_fx.ir.errors import AsteroidError
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log messages (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log errors only")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (compile_command, show, simulate, profile, check, launch, export):
+    for command in (compile_command, show, simulate, profile, check, launch, export, report):
         command.register(sub)
     return parser
 

@@ -14,5 +14,6 @@ running when devices fail, leave or join. Its parts, each importing only those l
   errors.py     how a run fails, as the user sees it
 
 and beside them, used by the CLI: netns.py (links shaped by the kernel), linkprobe.py (measured
-links) and profiler/ (the layer profiler).
+links), metrics.py (a run folder's metrics files and the progress bar) and profiler/ (the layer
+profiler).
 """
