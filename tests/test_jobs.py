@@ -263,6 +263,18 @@ def test_the_command_line_launches_a_job_and_exports_its_weights(tmp_path, capsy
                  "--iterations", "3", "--resume", str(run)]) == 0
     printed = capsys.readouterr().out
     assert "iteration 3: loss" in printed and "iteration 1: loss" not in printed
+    from asteroid_fx.runtime.metrics import read_metrics
+
+    assert [r["iteration"] for r in read_metrics(run)[0]] == [0, 1]
+    assert [r["iteration"] for r in read_metrics(tmp_path / "more")[0]] == [2]
+    # resumed into its own folder, a run keeps the records of the iterations before
+    assert main(["launch", "tests.jobs:build", "--cluster", str(cluster), "--out", str(run), "--iterations", "4",
+                 "--resume", str(run)]) == 0
+    records = read_metrics(run)[0]
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3]
+    assert [r["lr"][0] for r in records] == pytest.approx([job_of(SPEC).settings.lr_at(i)[0] for i in range(4)])
+    assert main(["report", str(run)]) == 0 and (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
     assert main(["export", str(tmp_path / "more"), str(tmp_path / "model.pt")]) == 0
     assert "after 3 iterations" in capsys.readouterr().out
     jobs.Net().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)

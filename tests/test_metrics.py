@@ -226,7 +226,7 @@ def test_report_writes_a_png_and_a_summary(tmp_path, capsys):
     assert "final loss 0.2 (iteration 9)" in out
     assert "throughput 16.0 samples/s over the last half (iterations 5-9)" in out
     assert "best val loss 0.375 at iteration 7, accuracy 57.00% (2 validations)" in out
-    assert f"wrote {png}" in err
+    assert f"wrote {png}" in out
 
 
 def test_report_out_path_and_no_validation(tmp_path, capsys):

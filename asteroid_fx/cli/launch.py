@@ -141,7 +141,7 @@ def run_launch(args: argparse.Namespace) -> int:
     show_progress(args)
     result = launch(spec, cluster, args.out, timeout_s=args.timeout, shape_links=args.shape_links,
                     host=host, port=int(port), remote=remote, kills=kills, joins=joins, resume=args.resume,
-                    new_cluster=args.new_cluster)
+                    new_cluster=args.new_cluster, progress=not getattr(args, "quiet", False))
     print(f"trained {spec.model} on {len(result['workers'])} workers:")
     first = result["start"]
     shown = list(enumerate(result["losses"], start=first + 1))
@@ -169,8 +169,8 @@ def run_launch(args: argparse.Namespace) -> int:
               f"{f['detected_s']:.2f}s, training back after {f['recovery_s']:.2f}s")
     for s in result["switches"]:
         print(f"  iteration {s['iteration'] + 1}: switched to a new plan on {', '.join(s['devices'])} ({s['reason']})")
-    print(f"worker logs, losses, weights and checkpoints in {args.out}/ (`asteroid export {args.out} model.pt` writes "
-          "the model's state_dict)")
+    print(f"worker logs, metrics, weights and checkpoints in {args.out}/ (`asteroid report {args.out}` plots the "
+          f"run; `asteroid export {args.out} model.pt` writes the model's state_dict)")
     return 0
 
 

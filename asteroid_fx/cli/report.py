@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
                          "iteration yet (or stopped before it); run the report again once it has")
     print(summary(iterations, validation, folder))
     plot(iterations, validation, out, title=str(folder))
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {out}")
     return 0
 
 

@@ -32,6 +32,7 @@ from asteroid_fx.ir.program_text import format_program, parse_program
 from asteroid_fx.runtime import checkpoint, netns
 from asteroid_fx.runtime.errors import RunFailed, RunTimedOut
 from asteroid_fx.runtime.evaluate import Validation
+from asteroid_fx.runtime.metrics import Metrics, Progress, read_metrics
 from asteroid_fx.runtime.spec import (RunSpec, check_job, compile_spec, iterations_of, job_of, log_path, pinned,
                                       weights_path)
 from asteroid_fx.runtime.store import (CLUSTER, DEAD, PROGRAM, SPEC, admit_key, beat_key, epoch_of, failure_key,
@@ -59,7 +60,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
            log: Callable[[str], None] | None = None, shape_links: bool = False,
            host: str = "127.0.0.1", port: int = 0, remote: Sequence[str] = (),
            kills: Sequence[tuple] = (), joins: Sequence[tuple[str, float]] = (),
-           resume: str | os.PathLike | None = None, new_cluster: bool = False) -> dict:
+           resume: str | os.PathLike | None = None, new_cluster: bool = False, progress: bool = False) -> dict:
     """Run ``spec`` with one process per device: local processes for every device not in
     ``remote``; the ``remote`` ones join with `asteroid worker --coordinator HOST:PORT --device D`
     from their own machines. The store listens on ``host`` only (``serve_store``).
@@ -83,7 +84,9 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     checkpoint: the run starts at that iteration with its weights and optimizer state, on this
     cluster's plan; a checkpoint made on other devices needs ``new_cluster`` (a re-plan onto
     these). ``losses`` and ``seconds`` are then those of the iterations run here. Every run
-    writes a checkpoint into ``out`` at its end (and every ``spec.checkpoint_every`` iterations)."""
+    writes a checkpoint into ``out`` at its end (and every ``spec.checkpoint_every`` iterations),
+    and ``out/metrics.jsonl`` (runtime/metrics.py) as iterations complete, rewritten from the
+    workers' exact records when the run ends; ``progress`` draws a progress bar on stderr."""
     report = _Report(log)
     if shape_links:
         netns.require()  # before compiling: say at once what this machine lacks
@@ -139,8 +142,15 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         deadline = time.monotonic() + timeout_s
         job = job_of(spec)
         validation = Validation(job, out, report.warning) if job.validation is not None else None
+        live = _Live(spec, job, store, compiled.program, out, progress, resume is not None and _same(out, resume))
+
+        def watch() -> None:
+            live.poll()
+            if validation is not None:
+                validation.poll()
+
         ended, declared = _supervise(spec, store, workers, devices, joining, kills, joins, deadline, timeout_s, out,
-                                     report, validation.poll if validation is not None else None)
+                                     report, watch)
         for d, p in workers.procs.items():
             if d not in declared:  # a device declared failed may still hang (frozen): it is killed below
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -152,6 +162,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     try:  # the results are read while the launcher can still reach the store (a shaped run's address)
         result = results_of(spec, store, compiled, (*devices, *joining), ended, out, report)
         result["validation"] = validation.finish() if validation is not None else []
+        live.finish(result)
         for v in result["validation"]:
             report.info(f"validation after {v['iteration']} iterations: loss {v['val_loss']:.4f}"
                         + (f", accuracy {v['val_accuracy']:.1%}" if v["val_accuracy"] is not None else ""))
@@ -300,6 +311,91 @@ def results_of(spec: RunSpec, store, compiled, everyone: Sequence[str], ended: d
     return {"losses": losses, "seconds": seconds, "start": spec.start, "workers": results, "program": final,
             "plan": compiled.plan,
             "failures": failures, "switches": switches, "backups": ref["backups"], "backed_up": ref["backed_up"]}
+
+
+class _Live:
+    """The run as it goes, from the store: an iteration is complete once every device of the last
+    stage of the first program has written its loss for it (their sum is the loss), or, after a
+    failure or a switch changed who that is, once any device has started a later one (its loss is
+    then known only at the end). Each complete iteration goes to the progress bar and to
+    metrics.jsonl; ``finish`` rewrites metrics.jsonl and validation.jsonl from the exact results."""
+
+    def __init__(self, spec: RunSpec, job, store, program, out: Path, progress: bool, continuing: bool):
+        self.spec, self.job, self.store, self.out = spec, job, store, out
+        self.last = program.stages[-1].devices
+        self.devices = program.devices
+        self.next = spec.start
+        self.total = iterations_of(spec)
+        self.at = time.monotonic()
+        # a resumed run's own folder: its records of the iterations before the resumed one stay
+        self.earlier, self.earlier_validation = self._earlier() if continuing else ([], [])
+        self.metrics = Metrics(out)
+        for record in self.earlier:
+            self.metrics.iteration(record["iteration"], record["epoch"], record["loss"], record["lr"],
+                                   record["seconds"], record["samples"])
+        self.bar = Progress(self.total - spec.start) if progress and self.total > spec.start else None
+
+    def _earlier(self) -> tuple[list[dict], list[dict]]:
+        try:
+            iterations, validation = read_metrics(self.out)
+        except InputError:
+            return [], []
+        return ([r for r in iterations if r["iteration"] < self.spec.start],
+                [v for v in validation if v["iteration"] <= self.spec.start])
+
+    def poll(self) -> None:
+        while self.next < self.total:
+            i = self.next
+            keys = [loss_key(d, i) for d in self.last]
+            if self.store.check(keys):
+                loss = sum(get_float(self.store, k) for k in keys)
+            elif self.store.check([loss_key(d, i + 1) for d in self.devices]) or has(self.store, result_key(self.devices[0])):
+                loss = None
+            else:
+                return
+            now = time.monotonic()
+            seconds, self.at = now - self.at, now
+            self.next += 1
+            self.record(i, loss, seconds)
+
+    def record(self, i: int, loss: float | None, seconds: float) -> None:
+        batch = self.job.batch
+        if loss is not None:
+            self.metrics.iteration(i, i // self.job.steps_per_epoch, loss, list(self.job.settings.lr_at(i)[:self._groups()]),
+                                   seconds, batch)
+        if self.bar is not None:
+            self.bar.update(i - self.spec.start, loss, batch / seconds if seconds > 0 else None)
+
+    def _groups(self) -> int:
+        return 2 if self.job.no_decay else 1
+
+    def finish(self, result: dict) -> None:
+        """metrics.jsonl and validation.jsonl from the run's records: every iteration's loss as the
+        workers summed it and its step time (as ``result["seconds"]``)."""
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+        metrics = Metrics(self.out)
+        for record in self.earlier:
+            metrics.iteration(record["iteration"], record["epoch"], record["loss"], record["lr"], record["seconds"],
+                              record["samples"])
+        for k, (loss, seconds) in enumerate(zip(result["losses"], result["seconds"])):
+            i = self.spec.start + k
+            metrics.iteration(i, i // self.job.steps_per_epoch, loss, list(self.job.settings.lr_at(i)[:self._groups()]),
+                              seconds, self.job.batch)
+        for v in self.earlier_validation:
+            metrics.validation(v["iteration"], v["epoch"], v["val_loss"], v["val_accuracy"], v["samples"])
+        for v in result.get("validation", []):
+            metrics.validation(v["iteration"], max(0, v["iteration"] - 1) // self.job.steps_per_epoch, v["val_loss"],
+                               v["val_accuracy"], v["samples"])
+        metrics.close()
+
+
+def _same(out, resume) -> bool:
+    try:
+        return Path(out).resolve() == Path(resume).resolve()
+    except OSError:
+        return False
 
 
 def _resumed(spec: RunSpec, compiled, cluster, resume: str | os.PathLike, new_cluster: bool, report: _Report) -> RunSpec:

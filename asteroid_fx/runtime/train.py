@@ -33,6 +33,7 @@ from asteroid_fx.ir.errors import InputError
 from asteroid_fx.runtime import checkpoint
 from asteroid_fx.runtime.data import Batches
 from asteroid_fx.runtime.evaluate import evaluate
+from asteroid_fx.runtime.metrics import Metrics, Progress
 from asteroid_fx.runtime.job import Job
 from asteroid_fx.runtime.spec import RunSpec, call_inputs, check_job, compile_job, job_of
 
@@ -61,7 +62,8 @@ def train(job: Job | str, devices: Any, *, out: str | os.PathLike | None = None,
           planner: str = "asteroid", schedule: str = "1f1b", groups=None, rows=None, seed: int = 0,
           checkpoint_every: int = 0,
           resume: str | os.PathLike | None = None, new_cluster: bool = False, recovery: bool = False,
-          emulate: bool = False, timeout_s: float = 600.0, log: Callable[[str], None] | None = None) -> Trained:
+          emulate: bool = False, timeout_s: float = 600.0, log: Callable[[str], None] | None = None,
+          progress: bool = False) -> Trained:
     """Train ``job`` (a Job, or its entry "package.module:attribute", or a zoo name) on ``devices``
     (a Cluster, a preset name, a cluster JSON path or a list of devices). ``iterations``: default
     the job's epochs over its dataset; ``microbatches``, ``stages``, ``planner``, ``schedule``,
@@ -81,7 +83,7 @@ def train(job: Job | str, devices: Any, *, out: str | os.PathLike | None = None,
                    rows=None if rows is None else tuple(tuple(r) for r in rows), checkpoint_every=checkpoint_every, recovery=recovery,
                    emulate=emulate)
     if backend == "processes":
-        return _processes(spec, cluster, out, resume, new_cluster, timeout_s, log)
+        return _processes(spec, cluster, out, resume, new_cluster, timeout_s, log, progress)
     if backend == "torchrun":
         if recovery:
             raise InputError("recovery needs the launcher's supervision (backend='processes' or `asteroid launch "
@@ -89,10 +91,11 @@ def train(job: Job | str, devices: Any, *, out: str | os.PathLike | None = None,
         return _torchrun(spec, cluster, out, resume, new_cluster, log)
     if emulate or recovery:
         raise InputError("emulation and recovery run on worker processes: use backend='processes'")
-    return _local(job if isinstance(job, Job) else job_of(spec), spec, cluster, out, resume, new_cluster, log)
+    return _local(job if isinstance(job, Job) else job_of(spec), spec, cluster, out, resume, new_cluster, log,
+                  progress)
 
 
-def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log) -> Trained:
+def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log, progress: bool) -> Trained:
     compiled = compile_job(job, cluster, spec)
     check_job(job, compiled)
     runner = compiled.runner(optimizer=job.settings, loss=job.loss)
@@ -110,6 +113,9 @@ def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log
         runner.load_copy(checkpoint.read_state(manifest))
         runner.iteration = start
     losses, seconds, validation = [], [], []
+    metrics = Metrics(out) if out is not None else None
+    bar = Progress(total - start) if progress and total > start else None
+    groups = 2 if job.no_decay else 1
     for i in range(start, total):
         inputs, labels = data.whole(i)
         began = time.perf_counter()
@@ -117,6 +123,11 @@ def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log
         seconds.append(time.perf_counter() - began)
         if log is not None:
             log(f"iteration {i + 1}/{total}: loss {losses[-1]:.4f}")
+        if metrics is not None:
+            metrics.iteration(i, i // job.steps_per_epoch, losses[-1], list(job.settings.lr_at(i)[:groups]), seconds[-1],
+                              job.batch)
+        if bar is not None:
+            bar.update(i - start, losses[-1], job.batch / seconds[-1])
         done = i + 1
         if out is not None and (done == total or (spec.checkpoint_every and done % spec.checkpoint_every == 0)):
             stages = [{**checkpoint.write_stage(out, done, p, runner.stage_copy(p)), "layers": list(st.layers)}
@@ -125,17 +136,25 @@ def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log
                                       devices=list(cluster.names), stages=stages)
             if job.validation is not None:
                 validation.append({"iteration": done, **evaluate(job, runner.state_dict()), "time": time.time()})
+                v = validation[-1]
+                metrics.validation(done, i // job.steps_per_epoch, v["val_loss"], v["val_accuracy"], v["samples"])
+    if bar is not None:
+        bar.close()
+    if metrics is not None:
+        metrics.close()
     return Trained(losses, seconds, runner.state_dict(), compiled.plan, compiled.program,
                    Path(out) if out is not None else None, start, validation=validation)
 
 
-def _processes(spec: RunSpec, cluster, out, resume, new_cluster: bool, timeout_s: float, log) -> Trained:
+def _processes(spec: RunSpec, cluster, out, resume, new_cluster: bool, timeout_s: float, log,
+               progress: bool) -> Trained:
     from asteroid_fx.runtime.launcher import launch, load_weights
 
     if out is None:
         raise InputError("backend='processes' needs out= (the run folder the workers write their weights, logs and "
                          "checkpoints into)")
-    result = launch(spec, cluster, out, timeout_s=timeout_s, log=log, resume=resume, new_cluster=new_cluster)
+    result = launch(spec, cluster, out, timeout_s=timeout_s, log=log, resume=resume, new_cluster=new_cluster,
+                    progress=progress)
     return Trained(result["losses"], result["seconds"], load_weights(out, result["program"].devices), result["plan"],
                    result["program"], Path(out), result["start"], result["failures"], result["validation"])
 
