@@ -20,9 +20,11 @@ import threading
 import time
 from pathlib import Path
 
-from asteroid_fx.cli import configure_logging
-from asteroid_fx.runtime.launcher import launch
-from asteroid_fx.runtime.spec import RunSpec, compile_spec, iterations_of, job_of, pinned
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's module, examples.digits_job
+
+from asteroid_fx.cli import configure_logging  # noqa: E402
+from asteroid_fx.runtime.launcher import launch  # noqa: E402
+from asteroid_fx.runtime.spec import RunSpec, compile_spec, iterations_of, job_of, pinned  # noqa: E402
 
 JOB = "examples.digits_job:build"
 GENERATED = "examples.digits_job:generated"

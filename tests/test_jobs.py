@@ -308,3 +308,12 @@ def test_a_transformers_model_trains_on_three_stage_workers_like_eager(entry, tm
     assert_same_state({k: v for k, v in got.items() if k in want}, want)
     if entry.endswith("gpt2"):  # the tie: the head is the embedding on every holder, trained alike
         assert "lm_head.weight" in got and torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+
+
+def test_local_workers_import_the_job_from_where_the_launcher_does(tmp_path, monkeypatch):
+    # the launcher runs elsewhere than the job's source tree: its workers still find tests.jobs
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    result = launch(dataclasses.replace(SPEC, iterations=1), CLUSTER, tmp_path / "run", timeout_s=120,
+                    log=lambda m: None)
+    assert len(result["losses"]) == 1

@@ -156,6 +156,26 @@ def load_job(entry: str, *, batch: int | None = None, iterations: int | None = N
     return made
 
 
+def import_root(entry: str) -> str | None:
+    """The folder a job entry's module is imported from (what a worker started elsewhere needs on
+    its path), or None for a zoo name or a module without a file."""
+    from pathlib import Path
+
+    from asteroid_fx import models
+
+    base = entry.partition(":")[0]
+    if base in models.ZOO:
+        return None
+    module = importlib.import_module(base)
+    path = getattr(module, "__file__", None)
+    if path is None:
+        return None
+    root = Path(path).resolve().parent
+    for _ in range(base.count(".") + (Path(path).name == "__init__.py")):
+        root = root.parent
+    return str(root)
+
+
 class GeneratedSamples(torch.utils.data.Dataset):
     """A zoo model's generated samples: item i is drawn from the model's example and label
     generators under a seed of its own (the global random state is left as it was)."""

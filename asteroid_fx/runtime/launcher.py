@@ -32,6 +32,7 @@ from asteroid_fx.ir.program_text import format_program, parse_program
 from asteroid_fx.runtime import checkpoint, netns
 from asteroid_fx.runtime.errors import RunFailed, RunTimedOut
 from asteroid_fx.runtime.evaluate import Validation
+from asteroid_fx.runtime.job import import_root
 from asteroid_fx.runtime.metrics import Metrics, Progress, read_metrics
 from asteroid_fx.runtime.spec import (RunSpec, check_job, compile_spec, iterations_of, job_of, log_path, pinned,
                                       weights_path)
@@ -133,7 +134,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
                        f"--listen 0.0.0.0:{store.port}, or an address of this machine they can reach, lets them)")
     for d in remote:
         report.info(f"  waiting for {d}: asteroid worker --coordinator {host}:{store.port} --device {d} --out DIR")
-    workers = _Workers(f"{host}:{store.port}", out, network)
+    workers = _Workers(f"{host}:{store.port}", out, network, import_root(spec.model))
     finished_run = False
     try:
         for device in devices:
@@ -176,8 +177,9 @@ class _Workers:
     """The local worker processes, each in a session of its own (a kill takes its children too),
     its output in ``worker_<device>.log``."""
 
-    def __init__(self, coordinator: str, out: Path, network):
+    def __init__(self, coordinator: str, out: Path, network, root: str | None = None):
         self.coordinator, self.out, self.network = coordinator, out, network
+        self.root = root  # where the job's module is imported from: on every local worker's path
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
 
@@ -186,9 +188,11 @@ class _Workers:
                "--device", device, "--out", str(self.out), *extra]
         err = open(log_path(self.out, device), "w")
         self._logs.append(err)
-        env = None
+        env = dict(os.environ)
+        if self.root is not None:
+            env["PYTHONPATH"] = os.pathsep.join([self.root, *filter(None, [env.get("PYTHONPATH")])])
         if self.network is not None:  # in the device's namespace, gloo on its interface
-            cmd, env = self.network.command(device, cmd), {**os.environ, **self.network.env(device)}
+            cmd, env = self.network.command(device, cmd), {**env, **self.network.env(device)}
         self.procs[device] = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, start_new_session=True,
                                               env=env)
 
