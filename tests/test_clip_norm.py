@@ -98,6 +98,15 @@ def test_no_clipping_lowers_the_program_as_before():
     assert without == plain.program
 
 
+def test_the_text_reads_max_norm_as_a_float_and_names_a_bad_one():
+    from asteroid_fx.ir.program_text import ProgramParseError
+
+    assert parse_action("NORM s0 [a b] max_norm=1").max_norm == 1.0
+    assert parse_action("NORM s0 [a b] max_norm=2.5e-05").max_norm == 2.5e-05
+    with pytest.raises(ProgramParseError, match=r"expected max_norm=<a number>, e.g. max_norm=1.0, found 'max_norm=x'"):
+        parse_action("NORM s0 [a b] max_norm=x")
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "1.0", True])
 def test_a_clip_that_is_not_a_positive_number_is_refused(bad):
     with pytest.raises(InputError, match="clip_grad_norm=.*positive finite number"):
