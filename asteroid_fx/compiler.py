@@ -22,6 +22,7 @@ from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import Captured, capture
 from asteroid_fx.passes.linearize import linearize
 from asteroid_fx.passes.lower import lower_plan, stage_cut_specs
+from asteroid_fx.passes.lower_comm import check_clip
 from asteroid_fx.passes.partition import partition
 from asteroid_fx.passes.profile_costs import profile_costs
 from asteroid_fx.passes.split import Stage, split
@@ -146,7 +147,7 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
             groups: Sequence[Sequence[str]] | None = None, rows: Sequence[Sequence[int]] | None = None,
             layers: Sequence[int] | None = None, max_layers: int | None = DEFAULT_MAX_LAYERS,
             opt_state_factor: float = 2.0, check: bool = True, profiles: Sequence[Any] = (),
-            recovery: bool = False) -> Compiled:
+            recovery: bool = False, clip_grad_norm: float | None = None) -> Compiled:
     """Compile ``model`` for ``devices`` (a Cluster, a list of Devices or kind names, a preset name
     or a cluster JSON path). ``example`` is one global batch of inputs (a tensor or a tuple);
     ``planner`` is one of passes.partition.PLANNER_NAMES ("asteroid" by default; the others are
@@ -155,7 +156,11 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
     paths, one per device kind, from `asteroid profile`) replace those kinds' analytic costs. With
     ``recovery`` the plan is for a run with pipeline replay (`asteroid launch --recover`): every
     device's memory must also hold its rollback point and, on the first device of a stage, two
-    copies of each stage it backs up (docs/planner.md, "Memory")."""
+    copies of each stage it backs up (docs/planner.md, "Memory"). With ``clip_grad_norm`` every
+    iteration clips the gradients by their global norm before the step, as
+    ``torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)`` does in eager training
+    (a NORM on every device; docs/semantics.md, "Gradient clipping")."""
+    max_norm = check_clip(clip_grad_norm)  # a bad value fails before the capture and the planner
     cluster = resolve_cluster(devices)
     args = example if isinstance(example, tuple) else (example,)
     # capture with a dynamic batch so stages run on row slices of any size
@@ -175,8 +180,9 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
                      microbatch_rows=microbatch_rows, schedule=schedule_kind, stages=stages, groups=groups,
                      rows=rows, layers=layers, opt_state_factor=opt_state_factor, recovery=recovery)
     stage_modules = split(captured, lg, plan)
-    # the schedule's F/B order per device, then the row-slice messages, all-reduces, ties and steps
-    program = lower_plan(plan, stage_cut_specs(stage_modules), lg.ties)
+    # the schedule's F/B order per device, then the row-slice messages, all-reduces, ties, the
+    # clipping and steps
+    program = lower_plan(plan, stage_cut_specs(stage_modules), lg.ties, max_norm)
     if check:
         verify(program)  # cheap, and a wrong program must never reach a backend
     return Compiled(captured, cluster, lg, plan, stage_modules, program, loss)

@@ -22,9 +22,11 @@ def _slice(x: Any, sl: slice) -> Any:
 
 
 def eager_train(model: torch.nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], loss: Callable,
-                make_opt: Callable, *, microbatches: int, rows: int) -> tuple[torch.nn.Module, list[float]]:
+                make_opt: Callable, *, microbatches: int, rows: int,
+                clip_grad_norm: float | None = None) -> tuple[torch.nn.Module, list[float]]:
     """A trained copy of ``model`` and its losses: per batch (inputs, labels), each micro-batch's
-    loss weighted by rows / batch, gradients accumulated, one optimizer step."""
+    loss weighted by rows / batch, gradients accumulated, with ``clip_grad_norm`` clipped by
+    ``torch.nn.utils.clip_grad_norm_``, one optimizer step."""
     model = copy.deepcopy(model)
     model.train()
     opt = make_opt(model.parameters())
@@ -39,6 +41,8 @@ def eager_train(model: torch.nn.Module, batches: Iterable[tuple[Any, torch.Tenso
             value = loss(out, labels[sl]) * (rows / batch)
             value.backward()
             total += float(value.detach())
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)

@@ -66,6 +66,7 @@ device a
   SEND act s0 mb0 r0:2 -> b : f32(4)
   RECV grad s0 mb0 r0:2 <- b : f32(4)
   B s0 mb0 r0:2
+  NORM s0 [a b] max_norm=1.0
   STEP s0
   BACKUP s0 -> b
 device b
@@ -73,6 +74,7 @@ device b
   F s1 mb0 r0:2
   B s1 mb0 r0:2
   SEND grad s0 mb0 r0:2 -> a : f32(4)
+  NORM s1 [a b] max_norm=1.0
   STEP s1
   RESTORE s0 <- a
 """
@@ -101,7 +103,7 @@ READERS = {
     "profile": Reader(_profile, P.from_json, P.load, frozenset()),
     "cluster": Reader(_cluster, Cluster.from_json, Cluster.load, frozenset({"name", "latency", "memory_bytes"})),
     "program": Reader(_program, program_from_json, read_program_json,
-                      frozenset({"mb", "rows", "peer", "payload", "specs", "group", "params"})),
+                      frozenset({"mb", "rows", "peer", "payload", "specs", "group", "params", "max_norm"})),
 }
 
 

@@ -363,3 +363,65 @@ def test_building_an_epochs_groups_waits_for_every_member_and_an_agreed_failure_
     with pytest.raises(Interrupted):
         Comm(store, program, "a", epoch=1, timeout_s=30, interrupt=interrupt)
     assert 0.25 < time.monotonic() - started < 5  # not gloo's rendezvous timeout (30 s here)
+
+
+# --- clipping by the global norm: one gloo process per device clips like the local backend --------
+
+
+def _clip_worker(rank: int, world: int, port: int, devices: list[str], case: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from asteroid_fx.backends.torch_dist import DistWorker
+    from asteroid_fx.backends.torch_dist.gloo import Comm as GlooComm
+    from tests.test_clip_norm import _batches, _gpt, _mlp, sgd
+
+    torch.set_num_threads(1)
+    entry, _, compiled = _mlp() if case == "mlp" else _gpt("three")
+    device = devices[rank]
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=120))
+    if case == "mlp":  # the groups of a membership epoch, as the runtime builds them
+        comm = GlooComm(store, compiled.program, device, timeout_s=120)
+    else:  # torch.distributed's default group and its sub-groups
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        comm = None
+    names = [n.name for n in compiled.captured.module.graph.nodes if n.op == "placeholder"]
+    worker = DistWorker(compiled.program, compiled.stages, device, loss=entry.loss,
+                        unflatten=compiled.captured.unflatten_outputs, input_names=names, optimizer=sgd, comm=comm)
+    losses = [worker.step(inputs, labels) for inputs, labels in _batches(entry)]
+    torch.save({"losses": losses, "state": worker.state_dict()}, f"{out}/{device}.pt")
+    worker.comm.barrier()
+    if comm is None:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["mlp", "tied"])
+def test_clip_grad_norm_on_gloo_workers_equals_the_local_backend(case, tmp_path):
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from tests.test_clip_norm import _batches, _gpt, _mlp, sgd
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    entry, _, compiled = _mlp() if case == "mlp" else _gpt("three")
+    assert any(a.op.value == "NORM" for a in compiled.program.of(compiled.program.devices[0]))
+    devices = list(compiled.program.devices)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_clip_worker, args=(len(devices), port, devices, case, str(tmp_path)), nprocs=len(devices),
+                       join=True, start_method="spawn")
+    runner, losses = compiled.run(iter(_batches(entry)), 3, optimizer=sgd)
+    results = {d: torch.load(tmp_path / f"{d}.pt", weights_only=True) for d in devices}
+    last = compiled.program.stages[-1].devices
+    assert [sum(x) for x in zip(*(results[d]["losses"] for d in last))] == pytest.approx(losses, rel=1e-6)
+    want = runner.state_dict()
+    for d in devices:  # every device's copy of what it holds, group members and tied copies included
+        for k, v in results[d]["state"].items():
+            if k in want:
+                torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{d} {k}: {m}")
+    assert {k for d in devices for k in results[d]["state"]} >= want.keys()

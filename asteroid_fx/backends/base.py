@@ -99,6 +99,10 @@ class Comm(Protocol):
         """Sum ``tensors`` in place over ``group``, the holders of a TIE's weights (blocking)."""
         ...
 
+    def allreduce_norm(self, tensors: list[torch.Tensor]) -> None:
+        """Sum ``tensors`` in place over every device of the program, a NORM's group (blocking)."""
+        ...
+
     def send_state(self, peer: str, stage: int, buf: torch.Tensor, part: int = 0) -> Any:
         """Post part ``part`` of a backup of ``stage`` (a uint8 buffer) to its holder ``peer``."""
         ...

@@ -17,6 +17,13 @@ every SEND -> RECV and collective). Semantics of one iteration over a global bat
         gets the sum over those stages of the stage's gradient (the first device's of each stage:
         after the stage's ALLREDUCE they all hold it), so the copies step alike and the update
         is eager training's.
+  NORM  clips the gradients by their global norm, as torch.nn.utils.clip_grad_norm_ before the
+        step: every device of the program (``group``) brings the squared 2-norm of the gradients
+        of the stages it holds, counting a stage only on its first device (after the ALLREDUCE
+        the group's replicas hold the same gradients) and a tied weight only at its first holder
+        stage (after the TIE every holder holds the sum; ``program.tied_elsewhere``); the sum over
+        the devices is the squared global norm, and every device scales every gradient of every
+        stage it holds by min(1, max_norm / (norm + 1e-6)) (``stage.clip_coef``).
   STEP  the device's optimizer steps and clears its gradients.
 
 Fault tolerance (docs/replay.md). A state copy is a stage's parameters, buffers and optimizer
@@ -41,7 +48,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from asteroid_fx.backends.stage import StageReplica
+from asteroid_fx.backends.stage import StageReplica, clip_coef
 
 # re-exported: the state copy and the optimizers were first defined here
 from asteroid_fx.backends.state import (  # noqa: F401
@@ -54,7 +61,7 @@ from asteroid_fx.backends.state import (  # noqa: F401
 )
 from asteroid_fx.ir import ops
 from asteroid_fx.ir.errors import InputError
-from asteroid_fx.ir.program import Action, Op, Program
+from asteroid_fx.ir.program import Action, Op, Program, tied_elsewhere
 
 Key = tuple[str, int]  # (device, stage): one replica
 from asteroid_fx.ir.verify import execution_order
@@ -293,6 +300,24 @@ class LocalRunner:
                 for d in a.group:
                     replicas[d][name].grad = total.clone()
 
+    def _norm(self, device: str, a: Action) -> None:
+        key = ops.collective_key(a)
+        arrived = self._arrived.setdefault(key, [])
+        arrived.append(device)
+        if len(arrived) < len(a.group):
+            return
+        self._arrived.pop(key)
+        skip = tied_elsewhere(self.program)
+        square = 0.0
+        for d in a.group:  # what each device brings: the stages it is the first device of
+            for info in self.program.stages_of(d):
+                if info.slots[0].device == d:
+                    square += float(self.held[self._key(d, info.index)].grad_square_norm(skip.get(info.index, ())))
+        coef = clip_coef(square, a.max_norm)
+        for d in a.group:
+            for info in self.program.stages_of(d):
+                self.held[self._key(d, info.index)].scale_grads(coef)
+
     def _step(self, device: str, a: Action) -> None:
         key = self._key(device, a.stage)
         self.held[key].step(self.iteration)
@@ -354,6 +379,7 @@ RULES: dict[Op, Callable[[LocalRunner, str, Action], None]] = {
     Op.ALLREDUCE: LocalRunner._allreduce,
     Op.STEP: LocalRunner._step,
     Op.TIE: LocalRunner._tie,
+    Op.NORM: LocalRunner._norm,
     Op.BACKUP: LocalRunner._backup,
     Op.RESTORE: LocalRunner._restore,
     Op.ROLLBACK: LocalRunner._rollback,

@@ -6,19 +6,31 @@ joined in row order), the outputs, the loss on the last stage (scaled by rows / 
 loss, so the summed loss is the full-batch mean and gradients match full-batch training), and the
 gradients B leaves for the inputs. Gradients of successive B accumulate in the parameters until
 the device's STEP. How row slices reach a replica and leave it (SEND/RECV), and how a group's
-gradients are summed (ALLREDUCE), is the backend's: see backends/local.py for the meaning.
+gradients are summed (ALLREDUCE), is the backend's: see backends/local.py for the meaning. What a
+NORM computes on a replica (its share of the squared global norm, and the scaling by the clip
+coefficient) is here, so every backend clips alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 
 from asteroid_fx.backends.base import BackendError
 from asteroid_fx.backends.state import StateCopy
 from asteroid_fx.ir.errors import InputError
+
+
+# torch.nn.utils.clip_grad_norm_'s guard against a zero norm: clip_coef = max_norm / (norm + EPS)
+CLIP_EPS = 1e-6
+
+
+def clip_coef(square_norm: float, max_norm: float) -> float:
+    """What a NORM scales every gradient by, from the squared global norm: clip_grad_norm_'s
+    max_norm / (norm + 1e-6), at most 1 (gradients within the norm stay as they are)."""
+    return min(1.0, max_norm / (square_norm ** 0.5 + CLIP_EPS))
 
 
 @dataclasses.dataclass
@@ -133,6 +145,31 @@ class StageReplica:
                 self.set_lr(self.optimizer, iteration)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_square_norm(self, skip: Collection[str] = ()) -> torch.Tensor:
+        """The sum of the squared 2-norms of the replica's gradients (a float64 scalar on their
+        device): each parameter once, however many names it has, leaving out those named in
+        ``skip`` (tied weights another stage counts) and those without a gradient."""
+        named = dict(self.module.named_parameters(remove_duplicate=False))
+        left_out = {id(named[n]) for n in skip if n in named}
+        total = torch.zeros((), dtype=torch.float64, device=self._device())
+        for p in self.module.parameters():
+            if p.grad is not None and id(p) not in left_out:
+                total += torch.linalg.vector_norm(p.grad).double() ** 2
+        return total
+
+    def scale_grads(self, coef: float) -> None:
+        """Multiply every gradient by ``coef`` (a NORM's clip coefficient; 1: nothing to do)."""
+        if coef >= 1.0:
+            return
+        with torch.no_grad():
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+    def _device(self) -> torch.device:
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
 
     def rollback(self, held: StateCopy, device: str, iteration: int) -> None:
         """ROLLBACK: every name of the replica from ``held``, the copies of the iteration's start."""

@@ -14,6 +14,8 @@ all-reduce  the stage's gradients and buffers (``allreduce_bytes``) go round a r
             ring (``Ring.seconds``); a group of one, or a stage with nothing to reduce, takes no
             time (``allreduce_s``). A TIE (a weight several stages hold) is the same ring over
             every device of those stages, of the weight's bytes (``tie_s``; ``ties_s`` for a plan).
+            A NORM (clipping by the global gradient norm) is the same ring over every device of
+            the program, of one float64 (``NORM_BYTES``, ``norm_s``): latency-bound.
 transfer    a message of ``nbytes`` from a to b alone on its link takes latency(a, b) +
             nbytes / bandwidth(a, b) (``message_s``); ``wire_s`` is its part that occupies the
             link. A cut's message carries ``cut_bytes`` (its bytes per row x rows).
@@ -165,6 +167,16 @@ def tie_s(cluster: Cluster, group: Sequence[str], nbytes: float) -> float:
     return ring_allreduce_s(cluster, group, nbytes)
 
 
+# What a NORM all-reduces: one float64, the squared gradient norm each device brings.
+NORM_BYTES = 8
+
+
+def norm_s(cluster: Cluster, group: Sequence[str]) -> float:
+    """Seconds of a NORM: the ring all-reduce of one float64 over ``group``, every device of the
+    program (2 (g - 1) latencies, next to which its bytes are nothing)."""
+    return ring_allreduce_s(cluster, group, NORM_BYTES)
+
+
 def ties_s(lg: LayerGraph, cluster: Cluster, stages: Sequence) -> float:
     """Seconds of a plan's TIEs, one after another (``stages``: StagePlans, or anything with
     ``layers`` and ``devices``): per set of holder stages, the ring over their devices of the
@@ -286,7 +298,7 @@ class StageCosts:
         return state_memory(self.lg, layers, self.opt_state_factor)
 
 
-__all__ = ["ADAM_STATE_FACTOR", "Ring", "StageCosts", "activation_memory", "allreduce_bytes", "allreduce_s",
-           "compute_s", "cut_bytes", "device_memory", "fit_at", "in_flight", "link_message_s", "message_s",
-           "ring", "ring_allreduce_s", "state_memory", "static_memory", "step_s", "step_table", "tensor_bytes", "tie_s",
-           "ties_s", "wire_s"]
+__all__ = ["ADAM_STATE_FACTOR", "NORM_BYTES", "Ring", "StageCosts", "activation_memory", "allreduce_bytes",
+           "allreduce_s", "compute_s", "cut_bytes", "device_memory", "fit_at", "in_flight", "link_message_s",
+           "message_s", "norm_s", "ring", "ring_allreduce_s", "state_memory", "static_memory", "step_s", "step_table",
+           "tensor_bytes", "tie_s", "ties_s", "wire_s"]

@@ -29,6 +29,7 @@ class Op(str, enum.Enum):
     ALLREDUCE = "ALLREDUCE"
     STEP = "STEP"
     TIE = "TIE"
+    NORM = "NORM"
     BACKUP = "BACKUP"
     RESTORE = "RESTORE"
     ROLLBACK = "ROLLBACK"
@@ -39,7 +40,7 @@ class Op(str, enum.Enum):
 
 # Action fields past op and stage, in Action's order; every op leaves the ones it does not use at
 # their default, and the text and JSON forms leave those out.
-OPTIONAL_FIELDS = ("mb", "rows", "peer", "payload", "specs", "group", "params")
+OPTIONAL_FIELDS = ("mb", "rows", "peer", "payload", "specs", "group", "params", "max_norm")
 
 # What a transfer moves: a cut's tensors (row slices of a micro-batch) or a stage's whole state.
 DATA = "data"
@@ -58,10 +59,12 @@ class OpInfo:
     counterpart: Op | None = None  # the op ``peer`` runs to pair with it
     collective: bool = False  # every member of ``group`` runs it together
     # a collective's members run the same one when these fields agree (its key, ``collective_key``):
-    # an ALLREDUCE's members hold one stage, a TIE's hold different stages of one weight
+    # an ALLREDUCE's members hold one stage, a TIE's hold different stages of one weight, a NORM's
+    # are every device, each naming its own first stage
     joins_by: tuple[str, ...] = ("stage", "group")
     # what ``group`` must be: "stage" (the stage's devices in slot order), "holders" (every device
-    # of every stage holding ``params``, in stage and slot order); None: no group
+    # of every stage holding ``params``, in stage and slot order), "program" (every device of the
+    # program, in program order); None: no group
     group: str | None = None
     # which stage it names: "own" (its device's), "cut" (the lower stage of the cut it crosses),
     # "any" (a stage of any device, as a backup's)
@@ -84,6 +87,9 @@ OPS: Mapping[Op, OpInfo] = {
     # ``specs`` are the whole shapes of ``params`` (not per row): what the all-reduce moves
     Op.TIE: OpInfo(fields=frozenset({"group", "params", "specs"}), collective=True, joins_by=("group", "params"),
                    group="holders"),
+    # one per device, covering every stage it holds; ``max_norm`` is the clipping threshold
+    Op.NORM: OpInfo(fields=frozenset({"group", "max_norm"}), collective=True, joins_by=("group",),
+                    group="program"),
     Op.BACKUP: OpInfo(fields=frozenset({"peer"}), moves=WEIGHTS, sends=True, counterpart=Op.RESTORE, stage="any",
                       arrow="->"),
     Op.RESTORE: OpInfo(fields=frozenset({"peer"}), moves=WEIGHTS, counterpart=Op.BACKUP, stage="any", arrow="<-"),

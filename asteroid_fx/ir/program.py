@@ -19,6 +19,12 @@ Vocabulary (``Op``; what each op carries, computes and moves is in ``ops.OPS``):
                   (each holder stage counted once: after its ALLREDUCE every device of a stage has
                   the stage's sum), so every copy takes the same step; after ``stage``'s last B and
                   ALLREDUCE, before its STEP (docs/semantics.md, "Tied weights")
+  NORM            clip the gradients by their global norm: over ``group``, every device of the
+                  program, sum each stage's squared gradient norm once (its first device's; a tied
+                  weight at its first holder stage), and scale every gradient of every stage by
+                  min(1, ``max_norm`` / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does;
+                  one per device, naming its first stage, after every B, ALLREDUCE and TIE of
+                  the device and before any of its STEPs (docs/semantics.md, "Gradient clipping")
   BACKUP/RESTORE  a copy of ``stage``'s state (weights, buffers, optimizer state) to / from ``peer``
                   (fault tolerance; the copy is the state at the start of an iteration, see
                   docs/replay.md)
@@ -55,6 +61,7 @@ class Action(NamedTuple):
     specs: tuple[TensorSpec, ...] = ()
     group: tuple[str, ...] = ()  # ALLREDUCE members, in reduction order; TIE: the weights' holders
     params: tuple[str, ...] = ()  # TIE: the tied weights, by the model's first name of each
+    max_norm: float | None = None  # NORM: the global gradient norm to clip to
 
 
 class StageSlot(NamedTuple):
@@ -135,6 +142,27 @@ class Program:
 def backup_holders(program: Program) -> dict[int, str]:
     """Stage -> the device its BACKUP goes to (empty for a program without backups)."""
     return {a.stage: a.peer for _, acts in program.actions for a in acts if a.op == Op.BACKUP}
+
+
+def max_norm_of(program: Program) -> float | None:
+    """The global gradient norm ``program`` clips to (its NORM's ``max_norm``); None: no clipping."""
+    return next((a.max_norm for _, acts in program.actions for a in acts if a.op == Op.NORM), None)
+
+
+def tied_elsewhere(program: Program) -> dict[int, frozenset[str]]:
+    """Stage -> the tied weights it holds (its TIEs' names) that an earlier stage holds too: a
+    NORM counts a tied weight once, at its first holder stage (after the TIE every holder has the
+    same gradient)."""
+    holders: dict[tuple[tuple[str, ...], tuple[str, ...]], set[int]] = {}
+    for _, acts in program.actions:
+        for a in acts:
+            if a.op == Op.TIE:
+                holders.setdefault((a.group, a.params), set()).add(a.stage)
+    out: dict[int, frozenset[str]] = {}
+    for (_, params), stages in holders.items():
+        for s in stages - {min(stages)}:
+            out[s] = out.get(s, frozenset()) | frozenset(params)
+    return out
 
 
 def default_holders(program: Program) -> dict[int, str]:

@@ -69,6 +69,11 @@ def _format_dtype(dtype: str) -> str:
     return json.dumps(dtype, ensure_ascii=True)  # not a torch dtype: kept, but visibly quoted
 
 
+def format_float(x: float) -> str:
+    """The shortest text that reads back to the same float (``repr``: 0.5, 1e-05, inf)."""
+    return repr(float(x))
+
+
 def format_spec(spec: TensorSpec) -> str:
     return f"{_format_dtype(spec.dtype)}({','.join(str(d) for d in spec.shape)})"
 
@@ -93,6 +98,8 @@ def format_action(a: Action, *, short: bool = False) -> str:
         parts.append("[" + " ".join(_name(d) for d in a.group) + "]")
     if a.params and not short:
         parts.append("{" + " ".join(_name(n) for n in a.params) + "}")
+    if a.max_norm is not None:
+        parts.append(f"max_norm={format_float(a.max_norm)}")
     if a.specs and not short:
         parts += [":", *(format_spec(s) for s in a.specs)]
     return " ".join(parts)

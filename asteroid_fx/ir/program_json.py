@@ -30,6 +30,8 @@ def _action_to_json(a: Action) -> dict[str, Any]:
         out["group"] = list(a.group)
     if a.params:
         out["params"] = list(a.params)
+    if a.max_norm is not None:
+        out["max_norm"] = a.max_norm
     return out
 
 
@@ -73,6 +75,12 @@ def _int(v: Any, path: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise _json_error(path, f"expected an integer, found {v!r}")
     return v
+
+
+def _float(v: Any, path: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise _json_error(path, f"expected a number, found {v!r}")
+    return float(v)
 
 
 def _str(v: Any, path: str) -> str:
@@ -123,6 +131,7 @@ def _action_from_json(v: Any, path: str) -> Action:
         specs=specs,
         group=group,
         params=params,
+        max_norm=opt("max_norm", _float),
     )
 
 

@@ -25,6 +25,7 @@ _ROWS_WORD = re.compile(rf"r({_INT}):({_INT})")
 _RANGE_WORD = re.compile(rf"({_INT}):({_INT})")
 _INT_WORD = re.compile(_INT)
 _VERSION_WORD = re.compile(r"v(\d+)")
+_MAX_NORM_WORD = re.compile(r"max_norm=(.*)")
 
 
 class ProgramParseError(InputError):
@@ -215,6 +216,14 @@ def _parse_action_tokens(cur: _Cursor) -> Action:
         while not cur.peek_punct("}"):
             params.append(cur.name("a weight name or '}' to close the weights"))
 
+    max_norm: float | None = None  # a NORM's threshold
+    m = cur.peek_match(_MAX_NORM_WORD)
+    if m:
+        try:
+            max_norm = float(m.group(1))
+        except ValueError:
+            raise _Bad(f"expected max_norm=<a number>, e.g. max_norm=1.0, found {m.group()!r}") from None
+
     specs: list[TensorSpec] = []
     tok = cur.peek()
     if tok is not None and tok.kind == "word" and tok.text == ":":
@@ -223,7 +232,7 @@ def _parse_action_tokens(cur: _Cursor) -> Action:
         while cur.peek() is not None:
             specs.append(_parse_spec(cur))
     cur.end()
-    return Action(op, stage, mb, rows, peer, payload, tuple(specs), tuple(group), tuple(params))
+    return Action(op, stage, mb, rows, peer, payload, tuple(specs), tuple(group), tuple(params), max_norm)
 
 
 def parse_action(text: str) -> Action:

@@ -18,13 +18,16 @@ line, with every field spelled the same way everywhere::
       SEND act s0 mb0 r0:10 -> xavier0 : f32(64,8,8) i64(16)
       ALLREDUCE s0 [nano0 tx20]
       TIE s0 [nano0 tx20 xavier0] {tok_emb.weight} : f32(64,32)
+      NORM s0 [nano0 tx20 xavier0] max_norm=1.0
       ...
 
-An action line is ``OP [PAYLOAD] sSTAGE [mbMB] [rLO:HI] [ARROW PEER] [[GROUP ...]] [{PARAM ...}] [: SPEC ...]``:
+An action line is
+``OP [PAYLOAD] sSTAGE [mbMB] [rLO:HI] [ARROW PEER] [[GROUP ...]] [{PARAM ...}] [max_norm=X] [: SPEC ...]``:
 a field at its ``Action`` default is left out, so each op prints only what it uses. The arrow says
 which way data flows (``->`` for SEND and BACKUP, ``<-`` for RECV and RESTORE). A SPEC is the
 dtype's short name (or torch's name) and the shape of one row: ``f32(64,8,8)``, ``i64()`` (a
-TIE's specs are its weights' whole shapes).
+TIE's specs are its weights' whole shapes). A NORM's ``max_norm`` is written as Python's ``repr``
+of the float, the shortest text that reads back to it.
 
 Names (devices, the schedule) that are not plain words are written as JSON strings, so
 ``parse_program(format_program(p)) == p`` holds for every Program, whatever its names. The parser

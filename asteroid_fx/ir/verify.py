@@ -18,7 +18,9 @@ later phase only runs when the earlier ones passed, since it relies on them):
      the ALLREDUCE; every SEND/BACKUP matched by exactly one RECV/RESTORE with the same rows and
      specs; at most one ROLLBACK, before any compute; a TIE after the stage's last B and its
      ALLREDUCE and before its STEP, run by every holder of its weights (whole stages, in stage and
-     slot order), in one order on all of them;
+     slot order), in one order on all of them; a NORM on every device or on none, one each, over
+     every device of the program, with one positive max_norm, after the device's last B,
+     ALLREDUCE and TIE and before its STEPs;
   4. deadlock freedom, by ``dry_run``.
 
 ``dry_run`` (in ``dry_run.py``, with the channel matching it shares with phase 3) is
@@ -31,7 +33,8 @@ What each op carries, which stage it names and what it pairs with come from ``op
 rules here are the checks per op (a table with a default, ``_WALK_RULES``).
 
 One module a little past 500 lines on purpose: its phases share the line index (``_Where``) and the
-tables of who holds what; the dry run (dry_run.py) and the tie rules (verify_ties.py) live apart.
+tables of who holds what; the dry run (dry_run.py), the tie rules (verify_ties.py) and the clipping rules (verify_norm.py)
+live apart.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from asteroid_fx.ir.errors import DeadlockError, VerifyError
 from asteroid_fx.ir.ops import COMPUTE_OPS, OPTIONAL_FIELDS, PAYLOAD_INFO, PAYLOADS, Op
 from asteroid_fx.ir.program import FORMAT_VERSION, Action, Program, StageSlot
 from asteroid_fx.ir.program_format import ProgramLayout, format_action, format_spec, layout_program
+from asteroid_fx.ir.verify_norm import check_norms
 from asteroid_fx.ir.verify_ties import check_ties
 
 # verify is where these are looked up; they live beside the dry run and with the other errors
@@ -523,5 +527,6 @@ def verify(p: Program) -> None:
         + _check_dependencies(p, where, held, slots)
         + _check_pairing(p, where, held, slots)
         + check_ties(p, where, held)
+        + check_norms(p, where, held)
     )
     dry_run(p)

@@ -19,16 +19,19 @@ from asteroid_fx.passes.split import Stage
 
 
 def lower(schedule_kind: str, microbatches: int, microbatch_rows: int, table: Sequence[StageInfo],
-          cut_specs: Sequence[CutSpecs], ties: Sequence[Tie] = ()) -> Program:
+          cut_specs: Sequence[CutSpecs], ties: Sequence[Tie] = (), clip_grad_norm: float | None = None) -> Program:
     """The program of ``table`` under ``schedule_kind``: every device's F/B order, then the
     row-slice SEND/RECV between stages, each group's ALLREDUCE, the TIEs of weights that several
-    stages hold (``ties``: the LayerGraph's) and the STEP."""
-    return lower_comm(schedule_table(schedule_kind, microbatches, microbatch_rows, tuple(table)), cut_specs, ties)
+    stages hold (``ties``: the LayerGraph's), with ``clip_grad_norm`` every device's NORM (the
+    gradients clipped by their global norm), and the STEP."""
+    return lower_comm(schedule_table(schedule_kind, microbatches, microbatch_rows, tuple(table)), cut_specs, ties,
+                      clip_grad_norm)
 
 
-def lower_plan(plan: Plan, cut_specs: Sequence[CutSpecs], ties: Sequence[Tie] = ()) -> Program:
+def lower_plan(plan: Plan, cut_specs: Sequence[CutSpecs], ties: Sequence[Tie] = (),
+               clip_grad_norm: float | None = None) -> Program:
     """``lower`` of the plan's stages and micro-batching."""
-    return lower_comm(schedule(plan), cut_specs, ties)
+    return lower_comm(schedule(plan), cut_specs, ties, clip_grad_norm)
 
 
 def stage_cut_specs(stages: Sequence[Stage]) -> list[CutSpecs]:

@@ -1,4 +1,4 @@
-"""lower_comm: compute-only Program -> Program with SEND/RECV, ALLREDUCE and STEP.
+"""lower_comm: compute-only Program -> Program with SEND/RECV, ALLREDUCE, TIE, NORM and STEP.
 
 Between stages p and p+1 the rows of a micro-batch are redistributed: device d of stage p sends
 each device e of stage p+1 exactly the rows their slots share; gradients go back the same way.
@@ -14,6 +14,12 @@ ALLREDUCE and before its STEP, so the copies sum their gradients and step alike.
 over the same stages share one TIE; a device with several runs them in one order (by stages,
 then names), the same on every holder.
 
+With ``clip_grad_norm`` (a positive number; None: no clipping) the gradients are clipped by their
+global norm before any device steps, as ``torch.nn.utils.clip_grad_norm_`` before
+``optimizer.step()``: every device runs one NORM over every device of the program after its last
+backward, ALLREDUCE and TIE, and its STEPs come after it (a device holding several stages steps
+them all there, in the order their last backwards ran, instead of after each stage's own).
+
 Expects: ``cut_specs[p]`` = (activation specs, gradient specs) of the cut after stage p. A cut
 whose tensors need no gradient gets no gradient messages.
 """
@@ -21,6 +27,7 @@ whose tensors need no gradient gets no gradient messages.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 from asteroid_fx.ir.errors import InputError
@@ -61,12 +68,25 @@ def tie_actions(stages: Sequence[StageInfo], ties: Sequence[Tie]) -> dict[int, t
     return {p: tuple(acts) for p, acts in out.items()}
 
 
-def lower_comm(program: Program, cut_specs: Sequence[CutSpecs], ties: Sequence[Tie] = ()) -> Program:
+def check_clip(clip_grad_norm: float | None) -> float | None:
+    """``clip_grad_norm`` as a float, or InputError when it is not a positive finite number."""
+    if clip_grad_norm is None:
+        return None
+    if isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, int | float) \
+            or not (math.isfinite(clip_grad_norm) and clip_grad_norm > 0):
+        raise InputError(f"clip_grad_norm={clip_grad_norm!r} is not a positive finite number; give the global "
+                         "gradient norm to clip to (e.g. 1.0), or None for no clipping")
+    return float(clip_grad_norm)
+
+
+def lower_comm(program: Program, cut_specs: Sequence[CutSpecs], ties: Sequence[Tie] = (),
+               clip_grad_norm: float | None = None) -> Program:
     stages = program.stages
     S = len(stages)
     if len(cut_specs) != S - 1:
         raise InputError(f"{S} stages need specs for {S - 1} cuts, got {len(cut_specs)}")
     tied = tie_actions(stages, ties)
+    max_norm = check_clip(clip_grad_norm)
     lowered = []
     for device, acts in program.actions:
         out: list[Action] = []
@@ -94,6 +114,12 @@ def lower_comm(program: Program, cut_specs: Sequence[CutSpecs], ties: Sequence[T
                 if len(info.slots) > 1:
                     out.append(Action(Op.ALLREDUCE, p, group=info.devices))
                 out += tied.get(p, ())
-                out.append(Action(Op.STEP, p))
+                if max_norm is None:
+                    out.append(Action(Op.STEP, p))
+        if max_norm is not None:
+            # the norm needs every gradient of every device: all its stages step after it
+            first = program.stages_of(device)[0].index
+            out.append(Action(Op.NORM, first, group=program.devices, max_norm=max_norm))
+            out += [Action(Op.STEP, p) for p in sorted(last_b, key=last_b.get)]
         lowered.append((device, tuple(out)))
     return dataclasses.replace(program, actions=tuple(lowered))

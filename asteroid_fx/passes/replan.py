@@ -28,7 +28,7 @@ import dataclasses
 from typing import Any, Sequence
 
 from asteroid_fx.ir.errors import AsteroidError
-from asteroid_fx.ir.program import Action, Op, Program
+from asteroid_fx.ir.program import Action, Op, Program, max_norm_of
 from asteroid_fx.ir.program_text import format_action, format_program
 
 
@@ -103,6 +103,13 @@ def switch(before: Program, after: Program, *, reason: str = "") -> Switch:
             raise ReplanError(f"switching plans with weights tied across stages is not supported yet "
                               f"({format_action(tie)}: {', '.join(tie.params)} held by {' '.join(tie.group)}); "
                               "run it without re-planning, or untie the weights")
+    if max_norm_of(before) != max_norm_of(after):
+        def clip(p: Program) -> str:
+            return "no clipping" if max_norm_of(p) is None else f"clipping at max_norm {max_norm_of(p)}"
+
+        raise ReplanError(f"the new program has {clip(after)}, the running one {clip(before)}: a switch changes "
+                          "where training runs, not what it computes; lower the new plan with the running "
+                          "program's clip_grad_norm")
     n_layers = before.stages[-1].layers[1]
     if after.stages[-1].layers[1] != n_layers or after.stages[0].layers[0] != 0:
         raise ReplanError(f"the new program covers layers {after.stages[0].layers[0]}:{after.stages[-1].layers[1]}, the "
@@ -137,7 +144,8 @@ def replan(compiled: Any, devices: Sequence[str], *, planner: str = "asteroid", 
            recovery: bool = True) -> tuple[Any, Program]:
     """The planner's (plan, program) for ``devices`` of ``compiled.cluster`` on the compiled model:
     the captured graph, layer graph and costs are reused (no capture, no profiling); the batch is
-    the compiled one. ``microbatches`` None lets the planner choose the micro-batching too. A
+    the compiled one, and so is the clipping (the compiled program's NORM). ``microbatches`` None
+    lets the planner choose the micro-batching too. A
     re-plan runs in a run with recovery, whose program carries backups again after the switch, so
     by default the plan leaves room for recovery's state copies on every device (``recovery``)."""
     from asteroid_fx.ir.verify import verify
@@ -154,6 +162,6 @@ def replan(compiled: Any, devices: Sequence[str], *, planner: str = "asteroid", 
                      microbatches=microbatches, schedule=schedule, opt_state_factor=opt_state_factor,
                      recovery=recovery)
     stages = split(compiled.captured, compiled.layer_graph, plan)
-    program = lower_plan(plan, stage_cut_specs(stages), compiled.layer_graph.ties)
+    program = lower_plan(plan, stage_cut_specs(stages), compiled.layer_graph.ties, max_norm_of(compiled.program))
     verify(program)
     return plan, program

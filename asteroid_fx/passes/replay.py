@@ -11,7 +11,8 @@ at the same moment, in which iteration, how far every device got). It returns a 
             group members re-splits the rows among them; a stage that lost every device is merged
             into the stage of a survivor that holds its backup (a neighbour, once the other lost
             stages have merged), whose group re-splits the merged stage's rows; backups are placed
-            again when the program had them;
+            again when the program had them, and a program that clips its gradients (NORM) clips
+            them to the same norm over the devices of the new stage table;
   recovery  ``after`` with a prologue that rolls every survivor back to the start of the
             interrupted iteration (ROLLBACK; a member of a merged stage that holds no copy of the
             layers it takes over first gets one from the holder by BACKUP/RESTORE); running it
@@ -33,7 +34,7 @@ from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import AsteroidError
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.program import (Action, Op, Program, StageInfo, StageSlot, TensorSpec, backup_holders,
-                                    default_holders)
+                                    default_holders, max_norm_of)
 from asteroid_fx.ir.program_text import format_action, format_program
 from asteroid_fx.ir.verify import execution_order, verify
 from asteroid_fx.passes.lower import lower
@@ -213,7 +214,8 @@ def _cut_specs(program: Program) -> dict[int, CutSpecs]:
 
 
 def _program(before: Program, table: tuple[StageInfo, ...]) -> Program:
-    """The lowered program of ``before``'s schedule over a new stage table (cuts are cuts of before)."""
+    """The lowered program of ``before``'s schedule over a new stage table (cuts are cuts of before),
+    clipping as ``before`` does (its NORM, now over the new table's devices)."""
     try:
         order_of(before.schedule)
     except ValueError:
@@ -221,7 +223,7 @@ def _program(before: Program, table: tuple[StageInfo, ...]) -> Program:
                           "1f1b+N") from None
     specs = _cut_specs(before)
     return lower(before.schedule, before.microbatches, before.microbatch_rows, table,
-                 [specs[st.layers[1]] for st in table[:-1]])
+                 [specs[st.layers[1]] for st in table[:-1]], clip_grad_norm=max_norm_of(before))
 
 
 def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,

@@ -29,6 +29,8 @@ models exactly this, and nothing else:
               same time as ``Ring.seconds`` when the links are otherwise idle).
   TIE         the same ring over its holders (every device of the stages holding the tied weights,
               which meet at it whatever stage each names), of the tied weights' bytes (its specs).
+  NORM        the same ring over every device of the program, of one float64
+              (``cost.stage.NORM_BYTES``): in effect 2 (n-1) latencies, and a barrier before the STEPs.
   BACKUP      like SEND (in the background), RESTORE like RECV, of the stage's state: weights,
               optimizer state (weights x opt_state_factor) and buffers (torch_dist sends these
               bytes as one message, after a 64-byte header, with the holder's receive posted when
@@ -66,8 +68,8 @@ import math
 from collections import Counter, defaultdict
 from typing import Callable, Mapping, Sequence
 
-from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, StageCosts, activation_memory, allreduce_bytes, ring,
-                                    state_memory, static_memory, tensor_bytes)
+from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, NORM_BYTES, StageCosts, activation_memory, allreduce_bytes,
+                                    ring, state_memory, static_memory, tensor_bytes)
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
@@ -456,6 +458,7 @@ def _tie_bytes(e: _Engine, a: Action) -> int:
 _COLLECTIVE_BYTES: Mapping[Op, Callable[[_Engine, Action], int]] = {
     Op.ALLREDUCE: lambda e, a: allreduce_bytes(e.lg, e.p.stages[a.stage].layers),
     Op.TIE: _tie_bytes,
+    Op.NORM: lambda e, a: NORM_BYTES,
 }
 
 

@@ -40,7 +40,9 @@ class Comm(TaggedMessages):
     gradients of SEND/RECV (``grads``, where the program sends any), a third for BACKUP/RESTORE
     (``backups``, where the program has any: a backup goes against the activations' direction on
     some links, and on theirs it would stall them as below), the group of its stage
-    when the stage has several devices, and the group of each TIE it runs (``ties``, by members). ``interrupt`` (set when a failure is agreed) makes every
+    when the stage has several devices, the group of each TIE it runs (``ties``, by members), and
+    one more over every device for the NORM's one-number sum (``norm``, where the program clips:
+    apart from the world, whose connections carry the activations). ``interrupt`` (set when a failure is agreed) makes every
     wait raise Interrupted; a wait that fails (a dead peer's connection) raises Interrupted too if
     the failure is agreed within ``grace_s``.
 
@@ -132,6 +134,9 @@ class Comm(TaggedMessages):
     def allreduce_tie(self, group: Sequence[str], tensors: list[torch.Tensor]) -> None:
         self.wait(self.allreduce(self.ties[tuple(group)], tensors))
 
+    def allreduce_norm(self, tensors: list[torch.Tensor]) -> None:
+        self.wait(self.allreduce(self.norm, tensors))
+
     def _post(self, op: Callable, *args) -> dist.Work:
         """Post a gloo operation. On a connection already broken (its peer died, or recovery cut it)
         gloo raises at once rather than in the wait: the same failure, the same Interrupted."""
@@ -195,14 +200,15 @@ def _build_groups(comm: Comm, program: Program, device: str, make: Callable[[str
     of ``members`` (devices, ranks in that order) under ``name`` ("" for the world). Every rank
     calls ``make`` for the same groups in the same order (building a group is collective over the
     world): the world, the gradients' channel where the program sends any, the backups' where it
-    has any, the group of its multi-device stage, and the holders of each TIE it runs (every such
-    group where ``make`` is ``collective``: torch.distributed's new_group must be called by every
-    rank of the world for every group). ``stage_groups`` False (a hand-over between plans) builds the world and the
-    gradients' channel only."""
+    has any, the NORM's where it clips, the group of its multi-device stage, and the holders of
+    each TIE it runs (every such group where ``make`` is ``collective``: torch.distributed's
+    new_group must be called by every rank of the world for every group). ``stage_groups`` False
+    (a hand-over between plans) builds the world and the gradients' channel only."""
     members = tuple(comm.rank_of)
     comm.world = make("", members)
     comm.grads = make("/grads", members) if sends_grads(program) else None
     comm.backups = make("/backups", members) if stage_groups and has_backups(program) else None
+    comm.norm = make("/norm", members) if stage_groups and clips(program) else None
     comm.group = None
     comm.ties = {}
     if not stage_groups:
@@ -224,6 +230,12 @@ def _build_groups(comm: Comm, program: Program, device: str, make: Callable[[str
 def tie_groups(program: Program) -> tuple[tuple[str, ...], ...]:
     """The distinct groups of the program's TIEs, sorted (every rank decides alike)."""
     return tuple(sorted({a.group for _, actions in program.actions for a in actions if a.op == Op.TIE}))
+
+
+def clips(program: Program) -> bool:
+    """Whether ``program`` clips its gradients by their global norm (runs NORM; every rank decides
+    alike)."""
+    return any(a.op == Op.NORM for _, actions in program.actions for a in actions)
 
 
 def has_backups(program: Program) -> bool:

@@ -18,6 +18,10 @@ Same meaning as the local backend (backends/local.py), action by action; F and B
              floating buffers are averaged;
   TIE        one flat all-reduce of the tied weights' gradients over their holders' group, the
              stage's first device bringing its gradients and the others zeros (local rule);
+  NORM       one all-reduce of a float64 over every device of the program: the stage's first
+             device brings its squared gradient norm (a tied weight left out where an earlier
+             stage holds it), the others zero; then every device scales its gradients by the clip
+             coefficient of the sum (local rule, ``stage.clip_coef``);
   STEP       the device's optimizer;
   BACKUP     a copy of the stage (parameters, buffers, optimizer state, by model name) to the
              holder, as one message: a small header (iteration tag), then the tensors packed into
@@ -42,7 +46,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 
 from asteroid_fx.backends.base import BackendError, Comm
-from asteroid_fx.backends.stage import StageReplica
+from asteroid_fx.backends.stage import StageReplica, clip_coef
 from asteroid_fx.backends.state import OptimizerSettings, OptimizerSpec, StateCopy, make_optimizer, trained_parameters
 from asteroid_fx.backends.torch_dist.emulation import PACED, Emulation
 from asteroid_fx.backends.torch_dist.flat_state import FlatState, state_from_message
@@ -58,7 +62,7 @@ from asteroid_fx.backends.torch_dist.messages import (
     write_header,
 )
 from asteroid_fx.ir.errors import InputError
-from asteroid_fx.ir.program import Action, Op, Program
+from asteroid_fx.ir.program import Action, Op, Program, tied_elsewhere
 from asteroid_fx.passes.direct_calls import direct_calls
 
 
@@ -105,6 +109,8 @@ class DistWorker:
                                     unflatten=unflatten, loss_reduction=loss_reduction,
                                     call=functools.partial(self._direct.module, *self._bound),
                                     set_lr=optimizer.set_lr if isinstance(optimizer, OptimizerSettings) else None)
+        # what this device's NORM leaves out: tied weights an earlier stage counts
+        self._norm_skip = tied_elsewhere(program).get(self.info.index, frozenset())
         self.iteration = 0
         self.copies: dict[int, StateCopy] = {} if copies is None else copies
         self.fault = fault
@@ -313,6 +319,13 @@ class DistWorker:
             p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
             offset += g.numel()
 
+    def _norm(self, a: Action) -> None:
+        first = self.slot.device == self.info.slots[0].device  # the stage counts once
+        square = (self.replica.grad_square_norm(self._norm_skip).reshape(1) if first
+                  else torch.zeros(1, dtype=torch.float64, device=self.torch_device))
+        self.comm.allreduce_norm([square])
+        self.replica.scale_grads(clip_coef(float(square), a.max_norm))
+
     def _step(self, a: Action) -> None:
         self.replica.step(self.iteration)
         self._stepped = True
@@ -438,6 +451,7 @@ ACTIONS: dict[Op, Callable[[DistWorker, Action], None]] = {
     Op.ALLREDUCE: DistWorker._allreduce,
     Op.STEP: DistWorker._step,
     Op.TIE: DistWorker._tie,
+    Op.NORM: DistWorker._norm,
     Op.BACKUP: DistWorker._backup,
     Op.RESTORE: DistWorker._restore,
     Op.ROLLBACK: DistWorker._rollback,
