@@ -51,6 +51,12 @@ def test_the_local_backend_trains_the_job_like_eager_training():
     assert_same_state(runner.state_dict(), ref.state_dict())
     # the schedule moved the rate: the last iterations ran at cosine's small rates
     assert optimizer_of(SPEC).lr_at(5)[0] < 0.2 * optimizer_of(SPEC).lr_at(0)[0]
+    # and the clipping mattered: without it the run ends elsewhere
+    unclipped = dataclasses.replace(job_of(SPEC), clip_grad_norm=None)
+    free, _ = eager_train_job(unclipped, batches(SPEC), microbatches=SPEC.microbatches)
+    assert "NORM" in str(compiled.program)
+    with pytest.raises(AssertionError):
+        assert_same_state(free.state_dict(), ref.state_dict(), rtol=1e-3)
 
 
 @pytest.mark.parametrize("entry", ["tests.jobs:build", "tests.jobs:build_with_loader_processes"])

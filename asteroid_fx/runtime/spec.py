@@ -192,7 +192,8 @@ def compile_job(job: Job, cluster, spec: RunSpec):
     return asteroid.compile(model, cluster, example=args, kwargs=kwargs or None, loss=job.loss,
                             microbatches=spec.microbatches, planner=planner, schedule_kind=spec.schedule,
                             stages=spec.stages, groups=spec.groups, rows=spec.rows, layers=spec.layers,
-                            recovery=spec.recovery, opt_state_factor=job.settings.state_factor())
+                            recovery=spec.recovery, opt_state_factor=job.settings.state_factor(),
+                            clip_grad_norm=job.clip_grad_norm)
 
 
 def check_job(job: Job, compiled) -> None:
