@@ -249,8 +249,9 @@ class Training(Member):
             self.completed = i
             if self.due(i):
                 self.checkpoint(i)
-            if self.recoveries and "resumed_at" not in self.recoveries[-1] and i > self.recoveries[-1]["iteration"]:
-                self.recoveries[-1]["resumed_at"] = time.time()
+            for event in self.recoveries:  # a recovery interrupted by another resumes when training does
+                if "resumed_at" not in event and i > event["iteration"]:
+                    event["resumed_at"] = time.time()
             if self.replan_after is not None and i > self.replan_after[0]:
                 reason, self.replan_after = self.replan_after[1], None
                 if self.leader:

@@ -280,8 +280,8 @@ class DistWorker:
         self._post_through(self._prepared.reach[self._receive_of[a] + 1])
         bufs, works, arrive = self._posted.pop(a)
         self.comm.wait_all(works)
-        if arrive is not None and float(arrive) > time.time():
-            time.sleep(float(arrive) - time.time())
+        if arrive is not None:
+            _sleep_until(float(arrive))
         self.replica.receive(a.mb, a.payload, a.rows, bufs)
 
     def _allreduce(self, a: Action) -> None:
@@ -370,8 +370,7 @@ class DistWorker:
         if what != COPY or layout is None:
             raise BackendError(f"{self.device}: the backup of stage {a.stage} from {a.peer} is not a state copy "
                                f"(header {what:g}); both ends must run the same asteroid_fx version")
-        if arrive > time.time():
-            time.sleep(arrive - time.time())
+        _sleep_until(arrive)
         # filed only once every byte is here: a copy cut off by a failure never serves a rollback
         self._file(int(tag), layout, buf)
 
@@ -392,6 +391,14 @@ class DistWorker:
         if missing:
             raise InputError(f"the state to load has no {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
                              f"(stage {self.info.index} on {self.device}); give the model's whole state_dict")
+
+
+def _sleep_until(when: float) -> None:
+    """Wait until wall time ``when`` (now if it is past): the clock is read once, so a busy host
+    between two reads cannot make the wait negative."""
+    delay = when - time.time()
+    if delay > 0:
+        time.sleep(delay)
 
 
 class _Prepared(NamedTuple):
