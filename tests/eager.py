@@ -22,14 +22,16 @@ def _slice(x: Any, sl: slice) -> Any:
 
 
 def eager_train(model: torch.nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], loss: Callable,
-                make_opt: Callable, *, microbatches: int, rows: int,
-                clip_grad_norm: float | None = None) -> tuple[torch.nn.Module, list[float]]:
+                make_opt: Callable, *, microbatches: int, rows: int, clip_grad_norm: float | None = None,
+                after_step: Callable[[], None] | None = None) -> tuple[torch.nn.Module, list[float]]:
     """A trained copy of ``model`` and its losses: per batch (inputs, labels), each micro-batch's
     loss weighted by rows / batch, gradients accumulated, with ``clip_grad_norm`` clipped by
-    ``torch.nn.utils.clip_grad_norm_``, one optimizer step."""
+    ``torch.nn.utils.clip_grad_norm_``, one optimizer step (then ``after_step``, e.g. a
+    scheduler's). ``make_opt`` takes the parameters, or (name, parameter) pairs when it is
+    marked ``named``."""
     model = copy.deepcopy(model)
     model.train()
-    opt = make_opt(model.parameters())
+    opt = make_opt(list(model.named_parameters()) if getattr(make_opt, "named", False) else model.parameters())
     batch = microbatches * rows
     losses = []
     for inputs, labels in batches:
@@ -45,6 +47,8 @@ def eager_train(model: torch.nn.Module, batches: Iterable[tuple[Any, torch.Tenso
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         losses.append(total)
     return model, losses
 
@@ -65,25 +69,15 @@ def eager_train_job(job, batches: Iterable[tuple[Any, torch.Tensor]], *, microba
     says so, its scheduler stepped after every step."""
     torch.manual_seed(seed)
     model = job.model()
-    model.train()
-    opt = job.settings.build([(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    sched = job.scheduler(opt) if job.scheduler is not None else None
-    losses = []
-    for inputs, labels in batches:
-        batch = len(labels)
-        rows = batch // microbatches
-        total = 0.0
-        for m in range(microbatches):
-            sl = slice(m * rows, (m + 1) * rows)
-            out = model(*(a[sl] for a in inputs))
-            value = job.loss(out, labels[sl]) * (rows / batch)
-            value.backward()
-            total += float(value.detach())
-        if job.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), job.clip_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if sched is not None:
-            sched.step()
-        losses.append(total)
-    return model, losses
+    batches = list(batches)
+    made: dict = {}
+
+    def make_opt(named):
+        made["opt"] = job.settings.build([(n, p) for n, p in named if p.requires_grad])
+        made["sched"] = job.scheduler(made["opt"]) if job.scheduler is not None else None
+        return made["opt"]
+
+    make_opt.named = True
+    return eager_train(model, batches, job.loss, make_opt, microbatches=microbatches,
+                       rows=len(batches[0][1]) // microbatches, clip_grad_norm=job.clip_grad_norm,
+                       after_step=lambda: made["sched"] and made["sched"].step())
