@@ -20,6 +20,7 @@ from asteroid_fx.ir.program import Op
 from asteroid_fx.ir.program_text import format_program, parse_program, program_from_json, program_to_json
 from asteroid_fx.ir.verify import verify
 from tests.eager import assert_same_state, eager_train
+from tests.ranks import spawn_ranks
 
 MICROBATCHES, ROWS = 2, 4
 BATCH = MICROBATCHES * ROWS
@@ -224,10 +225,8 @@ def _dist_worker(rank: int, world: int, port: int, devices: list[str], kw: dict,
 
 @pytest.mark.parametrize("case", ["three", "grouped"])
 def test_torch_dist_trains_like_the_local_backend(case, request, tmp_path):
-    import socket
 
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available in this torch build")
@@ -235,11 +234,7 @@ def test_torch_dist_trains_like_the_local_backend(case, request, tmp_path):
     kw = ({"groups": [["a"], ["b"], ["c"]], "rows": [[ROWS], [ROWS], [ROWS]]} if case == "three"
           else {"groups": [["a", "b"], ["c"], ["d"]], "rows": [[3, 1], [ROWS], [ROWS]]})
     devices = list(compiled.program.devices)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_dist_worker, args=(len(devices), port, devices, kw, str(tmp_path)), nprocs=len(devices),
-                       join=True, start_method="spawn")
+    spawn_ranks(_dist_worker, devices, kw, str(tmp_path))
     runner, losses = compiled.run(iter(_batches(entry)), 3, optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2))
     results = {d: torch.load(tmp_path / f"{d}.pt", weights_only=True) for d in devices}
     last = compiled.program.stages[-1].devices

@@ -13,6 +13,7 @@ from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.runtime.launcher import launch
 from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of
 from tests.test_backends import CASES, CLUSTER  # the parity with the local backend is tested there
+from tests.ranks import spawn_ranks
 
 
 def test_a_worker_whose_program_differs_fails_the_run_with_its_error(tmp_path, monkeypatch):
@@ -398,10 +399,8 @@ def _clip_worker(rank: int, world: int, port: int, devices: list[str], case: str
 
 @pytest.mark.parametrize("case", ["mlp", "tied"])
 def test_clip_grad_norm_on_gloo_workers_equals_the_local_backend(case, tmp_path):
-    import socket
 
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     from tests.test_clip_norm import _batches, _gpt, _mlp, sgd
 
@@ -410,11 +409,7 @@ def test_clip_grad_norm_on_gloo_workers_equals_the_local_backend(case, tmp_path)
     entry, _, compiled = _mlp() if case == "mlp" else _gpt("three")
     assert any(a.op.value == "NORM" for a in compiled.program.of(compiled.program.devices[0]))
     devices = list(compiled.program.devices)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_clip_worker, args=(len(devices), port, devices, case, str(tmp_path)), nprocs=len(devices),
-                       join=True, start_method="spawn")
+    spawn_ranks(_clip_worker, devices, case, str(tmp_path))
     runner, losses = compiled.run(iter(_batches(entry)), 3, optimizer=sgd)
     results = {d: torch.load(tmp_path / f"{d}.pt", weights_only=True) for d in devices}
     last = compiled.program.stages[-1].devices
