@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from asteroid_fx.cli import args as args_
 from asteroid_fx.backends.onnxruntime import ATOL, EXPORTERS, ROUNDING, RTOL, check_folder
 
 
@@ -13,12 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             "and compare with PyTorch, stage by stage")
     c.add_argument("folder", help="what `asteroid compile --out` wrote")
     c.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime")
-    c.add_argument("--rtol", type=float, default=RTOL, help=f"relative tolerance (default {RTOL:g})")
-    c.add_argument("--atol", type=float, default=ATOL, help=f"absolute tolerance (default {ATOL:g})")
-    c.add_argument("--rounding", type=float, default=ROUNDING,
+    c.add_argument("--rtol", type=args_.number(),  default=RTOL, help=f"relative tolerance (default {RTOL:g})")
+    c.add_argument("--atol", type=args_.number(),  default=ATOL, help=f"absolute tolerance (default {ATOL:g})")
+    c.add_argument("--rounding", type=args_.number(), default=ROUNDING,
                    help=f"widen atol by this many times PyTorch's own float32 error on each output, measured "
                         f"against a float64 run (default {ROUNDING:g}; 0: atol and rtol alone)")
-    c.add_argument("--repeats", type=int, default=3, help="timed forward passes for the latency columns (0: none)")
+    c.add_argument("--repeats", type=args_.count(0), default=3, help="timed forward passes for the latency columns (0: none)")
     c.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="torch.export-based, TorchScript, or auto: the first, then the second where it fails")
     c.set_defaults(func=run)

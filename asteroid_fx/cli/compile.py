@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from asteroid_fx.cli import args as args_
 from asteroid_fx.cli.models import load_model
 from asteroid_fx.ir.plan import warmup_depth
 from asteroid_fx.passes.partition import PLANNER_NAMES
@@ -23,18 +24,18 @@ def schedule_name(text: str) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compile", help="plan a model on a cluster and write plan, program and stages")
     c.add_argument("model", help="zoo model (resnet18, gpt:small, ...) or package.module:callable")
-    c.add_argument("--cluster", required=True, help="preset name, cluster JSON file, or comma-separated device kinds")
-    c.add_argument("--out", required=True, help="folder to write into")
-    c.add_argument("--batch", type=int, default=32, help="global batch (rows per iteration)")
-    c.add_argument("--microbatches", type=int, default=None,
+    c.add_argument("--cluster", required=True, type=args_.cluster, help="preset name, cluster JSON file, or comma-separated device kinds")
+    c.add_argument("--out", required=True, type=args_.out_folder, help="folder to write into")
+    c.add_argument("--batch", type=args_.count(), default=32, help="global batch (rows per iteration)")
+    c.add_argument("--microbatches", type=args_.count(), default=None,
                    help="micro-batches per iteration (default: the planner chooses)")
     c.add_argument("--planner", choices=PLANNER_NAMES, default="asteroid",
                    help="asteroid (default), or a baseline to compare with")
     c.add_argument("--schedule", type=schedule_name, default="1f1b",
                    help="gpipe, 1f1b (the planner may deepen its warm-up: 1f1b+N) or 1f1b+N pinned")
-    c.add_argument("--stages", type=int, default=None, help="pin the stage count (default: the fastest)")
-    c.add_argument("--max-layers", type=int, default=48, help="coarsen the graph to at most this many layers")
-    c.add_argument("--profile", action="append", default=[], metavar="FILE",
+    c.add_argument("--stages", type=args_.count(), default=None, help="pin the stage count (default: the fastest)")
+    c.add_argument("--max-layers", type=args_.count(), default=48, help="coarsen the graph to at most this many layers")
+    c.add_argument("--profile", action="append", default=[], metavar="FILE", type=args_.in_file,
                    help="a profile from `asteroid profile` (one per device kind; repeat for more)")
     c.add_argument("--recover", action="store_true",
                    help="plan for a run with recovery (`asteroid launch --recover`): every device's memory also "

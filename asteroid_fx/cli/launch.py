@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from asteroid_fx.cli import args as args_
 from asteroid_fx.cli.compile import schedule_name
 from asteroid_fx.passes.partition import PLANNER_NAMES
 
@@ -33,31 +34,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     la = sub.add_parser("launch", help="train on N local worker processes (gloo) emulating a cluster")
     la.add_argument("model", help="the job: package.module:attribute (a Job, or a callable returning one; every "
                     "worker imports it), or a zoo model, e.g. resnet18:small")
-    la.add_argument("--cluster", required=True)
+    la.add_argument("--cluster", required=True, type=args_.cluster)
     la.add_argument("-n", type=int, default=None, help="number of workers (must match the cluster)")
-    la.add_argument("--out", default="asteroid-run", help="folder for worker logs, losses and weights")
-    la.add_argument("--batch", type=int, default=None, help="rows per iteration (default: the job's; a zoo model: 32)")
-    la.add_argument("--microbatches", type=int, default=None,
+    la.add_argument("--out", default="asteroid-run", type=args_.out_folder, help="folder for worker logs, losses and weights")
+    la.add_argument("--batch", type=args_.count(), default=None, help="rows per iteration (default: the job's; a zoo model: 32)")
+    la.add_argument("--microbatches", type=args_.count(), default=None,
                     help="micro-batches per iteration (default: the planner chooses)")
     la.add_argument("--planner", choices=PLANNER_NAMES, default="asteroid")
     la.add_argument("--schedule", type=schedule_name, default="1f1b")
-    la.add_argument("--dilation", type=float, default=1.0,
+    la.add_argument("--dilation", type=args_.number(0.0, above=True), default=1.0,
                     help="with --emulate: run every emulated duration this many times slower, for a host slower "
                          "than the devices it emulates (divide the measured times by it)")
-    la.add_argument("--stages", type=int, default=None)
-    la.add_argument("--iterations", type=int, default=None,
+    la.add_argument("--stages", type=args_.count(), default=None)
+    la.add_argument("--iterations", type=args_.count(), default=None,
                     help="iterations to train (default: the job's epochs over its dataset; a zoo model: 3)")
     la.add_argument("--optimizer", default=None, help="a torch.optim class name (default: the job's; a zoo model: sgd)")
-    la.add_argument("--lr", type=float, default=None, help="learning rate (default: the job's; a zoo model: 0.05)")
-    la.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+    la.add_argument("--lr", type=args_.number(0.0, above=True), default=None, help="learning rate (default: the job's; a zoo model: 0.05)")
+    la.add_argument("--checkpoint-every", type=args_.count(0), default=0, metavar="N",
                     help="write a checkpoint into --out every N iterations (one is always written at the end)")
     la.add_argument("--resume", default=None, metavar="RUN",
                     help="continue the run in folder RUN from its newest checkpoint (same job; --out may be RUN)")
     la.add_argument("--new-cluster", action="store_true",
                     help="with --resume: the checkpoint was made on other devices; plan anew for these")
     la.add_argument("--seed", type=int, default=0)
-    la.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is stopped")
-    la.add_argument("--listen", default="127.0.0.1:0",
+    la.add_argument("--timeout", type=args_.number(0.0, above=True), default=600.0, help="seconds before the run is stopped")
+    la.add_argument("--listen", default="127.0.0.1:0", type=args_.listen,
                     help="HOST:PORT the coordinator's store listens on, and only there (port 0: a free one)")
     la.add_argument("--remote", default="", help="comma-separated devices that join from other machines "
                     "with `asteroid worker` instead of being started here")
@@ -72,9 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     la.add_argument("--backup-every", type=_backup_every, default=None, metavar="N|auto",
                     help="iterations between backups (with --recover; a failure redoes up to N). Default auto: as "
                          "few as keep the backups' measured cost within --backup-budget of the run's time")
-    la.add_argument("--backup-budget", type=float, default=0.02,
+    la.add_argument("--backup-budget", type=args_.number(0.0, above=True, most=0.99), default=0.02,
                     help="with --backup-every auto: the fraction of the run's time backups may cost (default 0.02)")
-    la.add_argument("--heartbeat-timeout", type=float, default=1.5,
+    la.add_argument("--heartbeat-timeout", type=args_.number(0.0, above=True), default=1.5,
                     help="seconds of silence after which a device has failed (with --recover)")
     la.add_argument("--kill", action="append", default=[], metavar="DEVICE@SECONDS",
                     help="SIGKILL that worker so long after the first iteration (a failure drill)")
@@ -108,12 +109,12 @@ def run_launch(args: argparse.Namespace) -> int:
                    stages=args.stages, emulate=args.emulate, dilation=args.dilation, recovery=args.recover,
                    backup_every=args.backup_every, backup_budget=args.backup_budget, replan=not args.no_replan,
                    heartbeat_timeout_s=args.heartbeat_timeout, checkpoint_every=args.checkpoint_every)
-    if args.checkpoint_every < 0:
-        raise SystemExit(f"--checkpoint-every must be 0 or more iterations, got {args.checkpoint_every}")
     if args.new_cluster and args.resume is None:
         raise SystemExit("--new-cluster goes with --resume RUN")
-    if args.dilation <= 0:
-        raise SystemExit(f"--dilation must be positive, got {args.dilation:g}")
+    if args.optimizer is not None:
+        from asteroid_fx.backends.state import OptimizerSettings
+
+        OptimizerSettings(args.optimizer)  # an unknown name fails here, not inside every worker
     if args.shape_links:
         from asteroid_fx.runtime import netns
 
@@ -125,19 +126,22 @@ def run_launch(args: argparse.Namespace) -> int:
     if args.n is not None and args.n != len(cluster.devices):
         raise SystemExit(f"-n {args.n} but cluster {args.cluster!r} has {len(cluster.devices)} devices; "
                          "give a cluster with that many devices, or leave -n out")
-    host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(f"--listen {args.listen!r} is not HOST:PORT (e.g. 127.0.0.1:0, or 0.0.0.0:29500 to accept "
-                         "workers from other machines)")
+    host, _, port = args.listen.rpartition(":")  # checked by its argument type
     remote = [d for d in args.remote.split(",") if d] if args.remote else []
     kills, joins = [], []
     for flag, given, into in (("--kill", args.kill, kills), ("--join", args.join, joins)):
         for k in given:
             device, _, seconds = k.partition("@")
             try:
-                into.append((device, float(seconds)))
+                at = float(seconds)
             except ValueError:
-                raise SystemExit(f"bad {flag} {k!r}: write DEVICE@SECONDS, e.g. host1@0.5") from None
+                at = -1.0
+            if not 0 <= at < float("inf"):
+                raise SystemExit(f"bad {flag} {k!r}: write DEVICE@SECONDS with seconds 0 or more, e.g. host1@0.5")
+            if device not in cluster.names:
+                raise SystemExit(f"bad {flag} {k!r}: {device!r} is not a device of the cluster "
+                                 f"({', '.join(cluster.names)})")
+            into.append((device, at))
     show_progress(args)
     result = launch(spec, cluster, args.out, timeout_s=args.timeout, shape_links=args.shape_links,
                     host=host, port=int(port), remote=remote, kills=kills, joins=joins, resume=args.resume,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asteroid_fx.cli import args as args_
 from asteroid_fx.ir.profile import DEFAULT_ROWS, Method, ProfileError, load, save
 
 
@@ -38,12 +39,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", help="profile (or, with --links, cluster) JSON to write; an unfinished one is resumed")
     p.add_argument("--kind", default=None, help="catalog kind this device stands for (default: host-cpu on CPU)")
     p.add_argument("--device", default=None, help="torch device to run on (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--max-layers", type=int, default=48, help="as for `asteroid compile` (must match it)")
+    p.add_argument("--threads", type=args_.count(), default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--max-layers", type=args_.count(), default=48, help="as for `asteroid compile` (must match it)")
     p.add_argument("--input", action="append", default=[], help="example input for module:callable, e.g. f32[2,3,32,32]")
-    p.add_argument("--budget", type=float, default=Method.budget_s, help="seconds of timed repeats per cell")
-    p.add_argument("--min-repeats", type=int, default=Method.min_repeats)
-    p.add_argument("--max-repeats", type=int, default=Method.max_repeats)
+    p.add_argument("--budget", type=args_.number(), default=Method.budget_s, help="seconds of timed repeats per cell")
+    p.add_argument("--min-repeats", type=args_.count(), default=Method.min_repeats)
+    p.add_argument("--max-repeats", type=args_.count(), default=Method.max_repeats)
     p.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
                    help="wall time, or this thread's CPU time (immune to other processes; exact for "
                         "1 thread on CPU); auto: cpu there, wall elsewhere")
@@ -51,11 +52,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--links", action="store_true", help="probe the links between workers instead")
     p.add_argument("--cluster", help="with --links: the cluster file whose devices the workers are (rank i = device i)")
-    p.add_argument("--workers", type=int, default=None, help="with --links: spawn this many local workers")
+    p.add_argument("--workers", type=args_.count(2), default=None, help="with --links: spawn this many local workers")
     p.add_argument("--master", default=None, help="with --links on real devices: HOST:PORT of rank 0")
     p.add_argument("--rank", type=int, default=None, help="with --links --master: this worker's rank")
     p.add_argument("--sizes", default=None, help="with --links: message sizes in bytes, comma-separated")
-    p.add_argument("--timeout", type=float, default=60.0, help="with --links: seconds before giving up")
+    p.add_argument("--timeout", type=args_.number(0.0, above=True), default=60.0, help="with --links: seconds before giving up")
     p.add_argument("--calibrate-from", default=None, help="a measured profile of --model to calibrate the "
                                                           "catalog's --kind from")
     p.set_defaults(func=run)

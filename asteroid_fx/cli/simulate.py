@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from asteroid_fx.cli import args as args_
 from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.layer_graph import read_costs
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--grid", action="store_true", help="print the steps x devices grid")
     s.add_argument("--shared-medium", action="store_true",
                    help="all transfers share one channel (Wi-Fi) instead of per-device full-duplex links")
-    s.add_argument("--optimizer-state", type=float, default=ADAM_STATE_FACTOR,
+    s.add_argument("--optimizer-state", type=args_.number(), default=ADAM_STATE_FACTOR,
                    help="optimizer state per weight, in weights (2 Adam, 1 SGD with momentum, 0 SGD)")
     s.add_argument("--recover", action="store_true",
                    help="count the state copies recovery keeps (rollback points, backups) in memory; "
