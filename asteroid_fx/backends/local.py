@@ -105,7 +105,8 @@ class LocalRunner:
                                                       [p for p in replica.parameters() if p.requires_grad], self.lr)
                 self.held[key] = StageReplica(stage, replica, self.optimizers[key],
                                               last=info.index == len(self.stages) - 1, loss=self.loss,
-                                              unflatten=self.unflatten, loss_reduction=self.loss_reduction)
+                                              unflatten=self.unflatten, loss_reduction=self.loss_reduction,
+                                              device=device)
             held = program.stages_of(device)
             if len(held) == 1:
                 self._only[device] = (device, held[0].index)

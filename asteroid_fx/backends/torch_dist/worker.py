@@ -103,7 +103,7 @@ class DistWorker:
         self._bound = self._direct.bind(self.module)
         self.replica = StageReplica(self.stage, self.module, self.optimizer, last=self.last, loss=loss,
                                     unflatten=unflatten, loss_reduction=loss_reduction,
-                                    call=functools.partial(self._direct.module, *self._bound))
+                                    call=functools.partial(self._direct.module, *self._bound), device=device)
         self.iteration = 0
         self.copies: dict[int, StateCopy] = {} if copies is None else copies
         self.fault = fault
