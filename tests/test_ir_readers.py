@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import pytest
 
 from asteroid_fx.ir import profile as P
-from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.ir.catalog import DeviceKind
+from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.ir.costs import Cost, TimeFit
 from asteroid_fx.ir.errors import AsteroidError
 from asteroid_fx.ir.layer_graph import BatchStat, Cut, Layer, LayerGraph, costs_from_json, costs_to_json, read_costs
@@ -52,7 +53,9 @@ def _profile() -> dict[str, Any]:
 
 
 def _cluster() -> dict[str, Any]:
-    return Cluster.from_kinds(["jetson-nano", "jetson-tx2"], "1Gbps", "0.5ms", name="lab").to_json()
+    host = DeviceKind("host-cpu", 2e10, 1e10, 1 << 33, 0.7, 2e-6, "measured on this machine", "host")
+    devices = [Device("nano0", "jetson-nano"), Device("tx2-0", "jetson-tx2"), Device("host0", "host-cpu", 1 << 30)]
+    return Cluster.uniform(devices, "1Gbps", "0.5ms", name="lab", measured=[host]).to_json()
 
 
 PROGRAM_TEXT = """asteroid-program v1
@@ -101,7 +104,8 @@ READERS = {
                     frozenset({"source", "params", "why_not", "blocked", "ties", "kind", "recomputed", "batch_stats",
                                "host-cpu"})),  # costs maps kinds
     "profile": Reader(_profile, P.from_json, P.load, frozenset()),
-    "cluster": Reader(_cluster, Cluster.from_json, Cluster.load, frozenset({"name", "latency", "memory_bytes"})),
+    "cluster": Reader(_cluster, Cluster.from_json, Cluster.load,
+                      frozenset({"name", "latency", "memory_bytes", "measured"})),
     "program": Reader(_program, program_from_json, read_program_json,
                       frozenset({"mb", "rows", "peer", "payload", "specs", "group", "params"})),
 }
