@@ -170,7 +170,7 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
         if value is not None and (value < 1 or batch % value):
             raise InputError(f"{name}={value} does not divide the example batch of {batch} rows; "
                              f"pass a divisor of {batch}, or leave both out and the planner chooses")
-    annotate_costs(captured, {d.kind for d in cluster.devices})
+    annotate_costs(captured, cluster.device_kinds())  # a measured kind (host-cpu) as the cluster carries it
     lg = linearize(captured, max_layers=max_layers)
     if profiles:  # measured layer times replace the roofline for the kinds they were measured on
         lg = profile_costs(lg, profiles, max_layers=max_layers)

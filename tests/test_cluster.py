@@ -326,6 +326,86 @@ def test_load_errors_name_file_and_field(tmp_path):
             Cluster.load(path)
 
 
+# -- measured kinds travel with the cluster ---------------------------------------------------
+
+
+def _host(peak_flops: float) -> DeviceKind:
+    return DeviceKind(catalog.HOST_CPU, peak_flops, 10e9, 16 * GiB, 0.7, 2e-6, "measured on this machine", "host")
+
+
+@pytest.fixture
+def measurements(monkeypatch):
+    """``catalog.measure_host_cpu`` replaced by figures the test sets, counting the calls; a new
+    process is a cleared cache (host-cpu is measured once per process)."""
+    calls: list[float] = []
+    figures = {"peak_flops": 20e9}
+
+    def measure() -> DeviceKind:
+        calls.append(figures["peak_flops"])
+        return _host(figures["peak_flops"])
+
+    catalog.host_cpu.cache_clear()
+    monkeypatch.setattr(catalog, "measure_host_cpu", measure)
+    yield calls, figures
+    catalog.host_cpu.cache_clear()  # the next test measures the real machine again
+
+
+def test_host_cpu_is_measured_once_and_shipped_with_the_cluster(measurements):
+    from tests import zoo
+
+    calls, figures = measurements
+    # the launcher's process: the cluster measures host-cpu once and plans with it
+    launcher = Cluster.from_kinds(["host-cpu", "host-cpu", "jetson-nano"], "1Gbps", "0.5ms")
+    assert launcher.measured == (_host(20e9),) and launcher.kind_of("host0") == _host(20e9)
+    planned = zoo.compiled("mlp", launcher)
+    assert calls == [20e9]
+    text = json.dumps(launcher.to_json())  # what the launcher puts in the store
+    # a worker's process: this machine would measure other figures, but the cluster carries its own
+    catalog.host_cpu.cache_clear()
+    figures["peak_flops"] = 80e9
+    worker = Cluster.from_json(json.loads(text))
+    assert worker == launcher
+    again = zoo.compiled("mlp", worker)
+    assert calls == [20e9]  # not measured again
+    assert again.layer_graph == planned.layer_graph
+    assert again.plan.dumps() == planned.plan.dumps()
+    # the same cluster built afresh there measures and plans with that machine's figures
+    fresh = zoo.compiled("mlp", Cluster.from_kinds(["host-cpu", "host-cpu", "jetson-nano"], "1Gbps", "0.5ms"))
+    assert calls == [20e9, 80e9]
+    assert fresh.layer_graph != planned.layer_graph
+
+
+def test_measured_kinds_in_json(measurements, tmp_path):
+    calls, _ = measurements
+    c = Cluster.uniform([Device("h0", "host-cpu", 4 * GiB), Device("n0", "jetson-nano")], "1Gbps", "0.5ms",
+                        measured=[_host(30e9)])
+    assert calls == []  # given figures are not measured
+    c.save(tmp_path / "c.json")
+    assert '"measured": [' in (tmp_path / "c.json").read_text()
+    assert Cluster.load(tmp_path / "c.json") == c and calls == []
+    assert c.subset(["n0"]).measured == () and c.subset(["h0"]).measured == c.measured
+    assert "measured" not in two_nanos().to_json()  # spec-sheet kinds only: the file is as before
+    hand = {"format": "asteroid-cluster", "version": 1, "measured": c.to_json()["measured"],
+            "devices": [{"name": "h0", "kind": "host-cpu"}], "links": {"bandwidth": "1Gbps"}}
+    assert Cluster.from_json(hand).device("h0").memory_bytes == 16 * GiB and calls == []  # the measured memory
+    good = c.to_json()
+    for mutate, pattern in [
+        (lambda d: d.update(measured={}), r"field 'measured' must be a list"),
+        (lambda d: d["measured"][0].pop("peak_flops"), r"measured\[0\]: missing field\(s\) 'peak_flops'"),
+        (lambda d: d["measured"][0].update(colour=1), r"measured\[0\]: unknown field\(s\) 'colour'"),
+        (lambda d: d["measured"][0].update(efficiency="high"), r"measured\[0\]\.efficiency must be a number"),
+        (lambda d: d["measured"][0].update(efficiency=2.0), r"measured\[0\]: device kind 'host-cpu': efficiency"),
+        (lambda d: d["measured"][0].update(name="jetson-nano"),
+         r"measured\[0\]: kind 'jetson-nano' comes from the catalog's spec sheet"),
+        (lambda d: d["measured"].append(dict(d["measured"][0])), r"measured\[1\]: kind 'host-cpu' is given twice"),
+        (lambda d: d["devices"][0].update(kind="jetson-nano"), r"measured gives kind 'host-cpu', but no device is of it"),
+    ]:
+        data = json.loads(json.dumps(good))
+        mutate(data)
+        with pytest.raises(ValueError, match=rf"^cluster JSON: {pattern}"):
+            Cluster.from_json(data)
+
+
 # -- resolve_cluster -------------------------------------------------------------------------
 
 

@@ -14,10 +14,11 @@ from typing import Any, NamedTuple
 import pytest
 
 from asteroid_fx.ir import profile as P
-from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.ir.catalog import DeviceKind
+from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.ir.costs import Cost, TimeFit
 from asteroid_fx.ir.errors import AsteroidError
-from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph, costs_from_json, costs_to_json, read_costs
+from asteroid_fx.ir.layer_graph import BatchStat, Cut, Layer, LayerGraph, costs_from_json, costs_to_json, read_costs
 from asteroid_fx.ir.plan import DeviceUse, Plan, Prediction, StagePlan
 from asteroid_fx.ir.program_text import parse_program, program_from_json, program_to_json, read_program_json
 
@@ -31,7 +32,8 @@ def _plan() -> dict[str, Any]:
 
 def _costs() -> dict[str, Any]:
     fit = TimeFit(((1.0, 1e-3), (4.0, 3e-3)))
-    layers = tuple(Layer(i, (f"n{i}",), (("host-cpu", Cost(fit, fit, "measured")),), 16, 0, 4.0, (f"w{i}",))
+    layers = tuple(Layer(i, (f"n{i}",), (("host-cpu", Cost(fit, fit, "measured")),), 16, 0, 4.0, (f"w{i}",),
+                         (BatchStat(f"n{i}", "bn (BatchNorm1d)", 1),) if i == 0 else ())
                    for i in range(2))
     cuts = tuple(Cut(i, (f"v{i}",), 32.0, i not in (0, 2)) for i in range(3))
     return costs_to_json(LayerGraph(layers, cuts, ("a reason",)))
@@ -51,7 +53,9 @@ def _profile() -> dict[str, Any]:
 
 
 def _cluster() -> dict[str, Any]:
-    return Cluster.from_kinds(["jetson-nano", "jetson-tx2"], "1Gbps", "0.5ms", name="lab").to_json()
+    host = DeviceKind("host-cpu", 2e10, 1e10, 1 << 33, 0.7, 2e-6, "measured on this machine", "host")
+    devices = [Device("nano0", "jetson-nano"), Device("tx2-0", "jetson-tx2"), Device("host0", "host-cpu", 1 << 30)]
+    return Cluster.uniform(devices, "1Gbps", "0.5ms", name="lab", measured=[host]).to_json()
 
 
 PROGRAM_TEXT = """asteroid-program v1
@@ -99,9 +103,11 @@ class Reader(NamedTuple):
 READERS = {
     "plan": Reader(_plan, Plan.from_json, Plan.load, frozenset({"prediction", "recovery", "note"})),
     "costs": Reader(_costs, costs_from_json, read_costs,
-                    frozenset({"source", "params", "why_not", "blocked", "ties", "kind", "recomputed", "host-cpu"})),  # costs maps kinds
+                    frozenset({"source", "params", "why_not", "blocked", "ties", "kind", "recomputed", "batch_stats",
+                               "host-cpu"})),  # costs maps kinds
     "profile": Reader(_profile, P.from_json, P.load, frozenset()),
-    "cluster": Reader(_cluster, Cluster.from_json, Cluster.load, frozenset({"name", "latency", "memory_bytes"})),
+    "cluster": Reader(_cluster, Cluster.from_json, Cluster.load,
+                      frozenset({"name", "latency", "memory_bytes", "measured"})),
     "program": Reader(_program, program_from_json, read_program_json,
                       frozenset({"mb", "rows", "peer", "payload", "specs", "group", "params", "max_norm"})),
 }

@@ -168,8 +168,8 @@ def test_asteroid_launch_recovers_from_a_kill_drill(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # re-planning: a switch to the planner's plan after a failure, and a device taken in when it joins
 
-# the processes described as laptop CPUs: catalog costs plan alike in every process (this machine's
-# "host-cpu" kind is measured per process, and the test compares the leader's plan with its own)
+# the processes described as laptop CPUs: catalog costs, so the plans the test compares with the
+# leader's do not depend on this machine's measured "host-cpu" figures
 LAPTOP3 = Cluster.uniform([Device(f"host{i}", "laptop-i7") for i in range(3)], bandwidth="10Gbps", latency=20e-6)
 
 

@@ -115,7 +115,8 @@ class LocalRunner:
                 self.held[key] = StageReplica(stage, replica, self.optimizers[key],
                                               last=info.index == len(self.stages) - 1, loss=self.loss,
                                               unflatten=self.unflatten, loss_reduction=self.loss_reduction,
-                                              set_lr=settings.set_lr if settings is not None else None)
+                                              set_lr=settings.set_lr if settings is not None else None,
+                                              device=device)
             held = program.stages_of(device)
             if len(held) == 1:
                 self._only[device] = (device, held[0].index)

@@ -14,6 +14,7 @@ coefficient) is here, so every backend clips alike.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Collection, Mapping
 
 import torch
@@ -21,6 +22,10 @@ import torch
 from asteroid_fx.backends.base import BackendError
 from asteroid_fx.backends.state import StateCopy
 from asteroid_fx.ir.errors import InputError
+from asteroid_fx.ir.layer_graph import MIN_BATCH_STAT_ROWS
+from asteroid_fx.passes.batch_stats import batch_stats
+
+log = logging.getLogger(__name__)
 
 
 # torch.nn.utils.clip_grad_norm_'s guard against a zero norm: clip_coef = max_norm / (norm + EPS)
@@ -55,11 +60,18 @@ class StageReplica:
     """``stage`` (a split Stage: inputs, input_grads, output_grads) run by ``module`` (the device's
     copy of ``stage.module``) and trained by ``optimizer``. ``call`` computes the module's outputs
     from the stage's inputs (default: the module itself; torch_dist calls it through
-    passes/direct_calls). ``last``: the stage computes the loss, ``loss(unflatten(outputs), labels)``."""
+    passes/direct_calls). ``last``: the stage computes the loss, ``loss(unflatten(outputs), labels)``.
+    ``device`` names the device in errors.
+
+    An F over fewer rows than a batch-statistics layer of the stage can take (one row for
+    BatchNorm over (N, C): one value per channel, which eager torch refuses and the captured op
+    trains on silently) raises InputError; one below ``MIN_BATCH_STAT_ROWS`` that torch takes
+    (BatchNorm2d on one image) is logged once as a warning (docs/semantics.md)."""
 
     def __init__(self, stage: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
                  last: bool, loss: Callable, unflatten: Callable, loss_reduction: str = "mean",
-                 call: Callable | None = None, set_lr: Callable[[Any, int], None] | None = None):
+                 call: Callable | None = None, set_lr: Callable[[Any, int], None] | None = None,
+                 device: str | None = None):
         if loss_reduction not in ("mean", "sum"):
             raise InputError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.stage, self.module, self.optimizer, self.last = stage, module, optimizer, last
@@ -72,6 +84,11 @@ class StageReplica:
         self._inputs = len(stage.inputs)
         self._grad_inputs = tuple(i for i, g in enumerate(stage.input_grads) if g)
         self._grad_outputs = tuple(i for i, g in enumerate(stage.output_grads) if g)
+        self.device = device
+        # the replica's own graph: in train mode, as it runs (a BatchNorm module's mode decides)
+        self._batch_stats = batch_stats(module if isinstance(module, torch.fx.GraphModule) else stage.module)
+        self._least = MIN_BATCH_STAT_ROWS if self._batch_stats else 0  # fewer rows than this: _few_rows
+        self._warned = False
 
     def begin(self, batch: int) -> None:
         """A new iteration on a global batch of ``batch`` rows: nothing of the last one is kept."""
@@ -88,6 +105,8 @@ class StageReplica:
         """F of micro-batch ``mb`` on ``rows``: ``inputs`` (stage 0: its rows of the batch's) or,
         when None, the row slices received for it; ``labels`` (its rows) on the last stage.
         Returns the loss it adds (0.0 off the last stage)."""
+        if rows[1] - rows[0] < self._least:
+            self._few_rows(mb, rows)
         st = self.mb(mb)
         if inputs is None:
             pieces = [st.received[r] for r in sorted(st.received)]
@@ -105,6 +124,25 @@ class StageReplica:
         scale = (rows[1] - rows[0]) / self.batch if self.loss_reduction == "mean" else 1.0
         st.loss = value * scale
         return st.loss.item()
+
+    def _few_rows(self, mb: int, rows: tuple[int, int]) -> None:
+        """Refuse an F over rows a batch-statistics layer cannot take; warn of one it takes badly."""
+        n = rows[1] - rows[0]
+        where = f"stage {self.stage.index}" + (f" on device {self.device!r}" if self.device else "")
+        plural = "s" if n != 1 else ""
+        for b in self._batch_stats:
+            if not b.takes(n):
+                raise InputError(f"{where}: F of micro-batch {mb} over {n} row{plural} (r{rows[0]}:{rows[1]}), but "
+                                 f"{b.module} normalizes over the rows it is given and {n} row{plural} give it one "
+                                 "value per channel (torch refuses this in training: it would output its bias and "
+                                 f"pass no gradient back); give every device of stage {self.stage.index} at least "
+                                 f"{MIN_BATCH_STAT_ROWS} rows")
+        if not self._warned:
+            self._warned = True
+            b = self._batch_stats[0]
+            log.warning("%s: F over %d row%s: %s normalizes over %d values per channel, and its batch statistics "
+                        "are noisy; give every device of stage %d at least %d rows", where, n, plural, b.module,
+                        n * b.values_per_row, self.stage.index, MIN_BATCH_STAT_ROWS)
 
     def backward(self, mb: int) -> None:
         """B of micro-batch ``mb``: from its loss (last stage) or from the output gradients received."""

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, activation_memory, device_memory, in_flight,
                                     ring_allreduce_s, state_memory, static_memory, step_table, ties_s, wire_s)
 from asteroid_fx.ir.cluster import Cluster
-from asteroid_fx.ir.layer_graph import LayerGraph
+from asteroid_fx.ir.layer_graph import MIN_BATCH_STAT_ROWS, LayerGraph
 from asteroid_fx.ir.plan import StagePlan, backup_holder_stage, warmup_depth
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +62,7 @@ class CostTable:
         self.buffers = prefix([layer.buffer_bytes for layer in lg.layers])
         self.saved = prefix([layer.saved_bytes_per_row for layer in lg.layers])
         self.cut_bytes = np.asarray([c.bytes_per_row for c in lg.cuts], dtype=float)
+        self.batch_stat_layers = prefix([1 if layer.batch_stats else 0 for layer in lg.layers])
         self.kind_of = {d.name: d.kind for d in cluster.devices}
         self.budget = {d.name: d.memory_bytes for d in cluster.devices}
 
@@ -72,6 +73,13 @@ class CostTable:
         """``stage.step_s`` of [lo, hi) on ``rows`` rows on ``kind``; elementwise for index arrays."""
         t = self.time[kind]
         return t[rows, hi] - t[rows, lo]
+
+    def min_rows(self, lo, hi):
+        """``lg.min_rows`` of [lo, hi): the fewest rows a device of the stage gets (more than one
+        with a batch-statistics layer); elementwise for index arrays too."""
+        import numpy as np
+
+        return np.where(self.batch_stat_layers[hi] > self.batch_stat_layers[lo], MIN_BATCH_STAT_ROWS, 1)
 
     def state_bytes(self, lo: int, hi: int) -> float:
         """One copy of the stage's state (``state_memory``); elementwise for index arrays too."""
@@ -135,7 +143,7 @@ class CostTable:
 
     def best_rows(self, devices: Sequence[str], lo: int, hi: int, rows: int,
                   k_in_flight: int, held: Sequence[float] = ()) -> tuple[int, ...] | None:
-        """The split of ``rows`` over ``devices`` (each at least one row, each within its memory,
+        """The split of ``rows`` over ``devices`` (each at least ``min_rows``, each within its memory,
         ``held[i]`` bytes of backups on ``devices[i]``, none past the end of ``held``) that
         minimizes the slowest member's time, or None when no split fits. Giving each next row to
         the device whose time grows least is optimal for a min-max of nondecreasing times."""
@@ -143,12 +151,13 @@ class CostTable:
 
         caps = [self.row_cap(d, lo, hi, k_in_flight, held[i] if i < len(held) else 0.0)
                 for i, d in enumerate(devices)]
-        if min(caps) < 1 or sum(caps) < rows or rows < len(devices):
+        least = int(self.min_rows(lo, hi))
+        if min(caps) < least or sum(caps) < rows or rows < least * len(devices):
             return None
-        split = [1] * len(devices)
-        heap = [(self.stage_time(d, lo, hi, 2), i) for i, d in enumerate(devices) if caps[i] > 1]
+        split = [least] * len(devices)
+        heap = [(self.stage_time(d, lo, hi, least + 1), i) for i, d in enumerate(devices) if caps[i] > least]
         heapq.heapify(heap)
-        for _ in range(rows - len(devices)):
+        for _ in range(rows - least * len(devices)):
             _, i = heapq.heappop(heap)
             split[i] += 1
             if split[i] < caps[i]:

@@ -336,7 +336,19 @@ def _host_memory_bytes() -> int:
 
 @functools.cache
 def host_cpu() -> DeviceKind:
-    """This machine's CPU as a DeviceKind, measured once per process (takes well under a second).
+    """This machine's CPU as a DeviceKind, measured once per process (``measure_host_cpu``). Two
+    processes measure different figures; a Cluster carries the ones it was made with
+    (``Cluster.measured``, in its JSON), so the processes of one run plan with one set."""
+    return measure_host_cpu()
+
+
+def is_measured(name: str) -> bool:
+    """Whether kind ``name`` is measured on the machine that names it ("host-cpu"), not a spec sheet."""
+    return name == HOST_CPU
+
+
+def measure_host_cpu() -> DeviceKind:
+    """Measure this machine's CPU as a DeviceKind (takes well under a second).
 
     peak_flops is the best rate of a 512x512 float32 matmul with torch's current thread count:
     the throughput PyTorch's own GEMM gets here, not a theoretical peak. memory_bandwidth is the

@@ -12,6 +12,13 @@ On disk a cluster is JSON (``Cluster.save`` / ``Cluster.load``)::
      "bandwidth": [[null, 125000000.0], [125000000.0, null]],   # null = infinity
      "latency": [[0.0, 0.0005], [0.0005, 0.0]]}
 
+A cluster with devices of a kind measured on the machine that names it ("host-cpu") carries the
+figures it was made with, measured once in the process that made it (``Cluster.measured``); its
+JSON carries them too, so every process that reads it (the launcher's workers) plans with the
+same figures instead of measuring its own::
+
+     "measured": [{"name": "host-cpu", "short": "host", "peak_flops": 1.2e11, ...}],
+
 Hand-written files may instead give memory as "4GiB" / "512MiB" / "8GB", matrix entries with
 units ("1Gbps", "0.5ms"), and, for a uniform cluster, ``"links": {"bandwidth": "1Gbps",
 "latency": "0.5ms"}`` in place of the matrices. ``save`` always writes the explicit form.
@@ -90,6 +97,53 @@ class Device:
             )
 
 
+def _measured_kinds(given: object, devices: Sequence[Device]) -> tuple[DeviceKind, ...]:
+    """The measured kinds of ``devices``, sorted by name: as ``given``, else this process's."""
+    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+        raise InputError(f"measured must be a sequence of DeviceKind, got {type(given).__name__}")
+    by_name: dict[str, DeviceKind] = {}
+    for i, k in enumerate(given):
+        if not isinstance(k, DeviceKind):
+            raise InputError(f"measured[{i}] must be a DeviceKind, got {k!r}")
+        if not catalog.is_measured(k.name):
+            raise InputError(f"measured[{i}]: kind {k.name!r} comes from the catalog's spec sheet, not a measurement; "
+                             f"only measured kinds ({catalog.HOST_CPU}) travel with a cluster")
+        if k.name in by_name:
+            raise InputError(f"measured[{i}]: kind {k.name!r} is given twice; give each measured kind once")
+        by_name[k.name] = k
+    used = sorted({d.kind for d in devices if catalog.is_measured(d.kind)})
+    unused = sorted(set(by_name) - set(used))
+    if unused:
+        raise InputError(f"measured gives kind {', '.join(map(repr, unused))}, but no device is of it; "
+                         "leave it out")
+    return tuple(by_name[k] if k in by_name else catalog.kind(k) for k in used)
+
+
+_KIND_FIELDS = ("name", "short", "peak_flops", "memory_bandwidth", "memory_bytes", "efficiency", "overhead_s",
+                "source")
+
+
+def _kind_from_json(data: object, where: str) -> DeviceKind:
+    if not isinstance(data, Mapping):
+        raise InputError(f"{where} must be an object with fields {', '.join(_KIND_FIELDS)}, got {data!r}")
+    missing = [f for f in _KIND_FIELDS if f not in data]
+    extra = sorted(set(data) - set(_KIND_FIELDS))
+    if missing or extra:
+        what = "; ".join(x for x in (f"missing field(s) {', '.join(map(repr, missing))}" if missing else "",
+                                     f"unknown field(s) {', '.join(map(repr, extra))}" if extra else "") if x)
+        raise InputError(f"{where}: {what}; a measured kind has the fields {', '.join(_KIND_FIELDS)}")
+    for f in ("name", "short", "source"):
+        if not isinstance(data[f], str):
+            raise InputError(f"{where}.{f} must be a string, got {data[f]!r}")
+    for f in ("peak_flops", "memory_bandwidth", "memory_bytes", "efficiency", "overhead_s"):
+        if not is_number(data[f]):
+            raise InputError(f"{where}.{f} must be a number, got {data[f]!r}")
+    try:
+        return DeviceKind(**{f: data[f] for f in _KIND_FIELDS})
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
 def _matrix_error(field: str, devices: Sequence[Device], i: int, j: int, value: object,
                   want: str) -> InputError:
     return InputError(
@@ -136,6 +190,9 @@ class Cluster:
     bandwidth: tuple[tuple[float, ...], ...]  # bytes/s, [i][j] from devices[i] to devices[j]
     latency: tuple[tuple[float, ...], ...]  # seconds, one way
     name: str = ""
+    # the figures of every measured kind of its devices (host-cpu), by name; those not given are
+    # taken from this process's catalog, which measures a kind once per process
+    measured: tuple[DeviceKind, ...] = ()
 
     def __post_init__(self) -> None:
         # Lists are accepted and frozen into tuples so that clusters compare and hash by value.
@@ -184,12 +241,13 @@ class Cluster:
         object.__setattr__(self, "devices", devices)
         object.__setattr__(self, "bandwidth", bandwidth)
         object.__setattr__(self, "latency", latency)
+        object.__setattr__(self, "measured", _measured_kinds(self.measured, devices))
 
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
     def uniform(cls, devices: Sequence[Device], bandwidth: float | str,
-                latency: float | str = 0.0, name: str = "") -> Cluster:
+                latency: float | str = 0.0, name: str = "", measured: Sequence[DeviceKind] = ()) -> Cluster:
         """Every pair of devices joined by one link (bytes/s or "1Gbps"; seconds or "0.5ms")."""
         bw, lat = parse_bandwidth(bandwidth), parse_latency(latency)
         n = len(devices)
@@ -198,6 +256,7 @@ class Cluster:
             bandwidth=tuple(tuple(math.inf if i == j else bw for j in range(n)) for i in range(n)),
             latency=tuple(tuple(0.0 if i == j else lat for j in range(n)) for i in range(n)),
             name=name,
+            measured=tuple(measured),
         )
 
     @classmethod
@@ -243,8 +302,20 @@ class Cluster:
     def device(self, name: str) -> Device:
         return self.devices[self.index(name)]
 
+    def kind(self, name: str) -> DeviceKind:
+        """The figures of kind ``name`` here: a measured kind's as the cluster carries them, any
+        other the catalog's."""
+        for k in self.measured:
+            if k.name == name:
+                return k
+        return catalog.kind(name)
+
     def kind_of(self, name: str) -> DeviceKind:
-        return catalog.kind(self.device(name).kind)
+        return self.kind(self.device(name).kind)
+
+    def device_kinds(self) -> dict[str, DeviceKind]:
+        """Every kind of its devices, by name, with the figures the cluster plans with."""
+        return {k: self.kind(k) for k in sorted({d.kind for d in self.devices})}
 
     def link(self, a: str, b: str) -> tuple[float, float]:
         """(bandwidth bytes/s, latency s) for sending from device ``a`` to device ``b``."""
@@ -264,6 +335,7 @@ class Cluster:
             bandwidth=tuple(tuple(self.bandwidth[i][j] for j in idx) for i in idx),
             latency=tuple(tuple(self.latency[i][j] for j in idx) for i in idx),
             name=self.name,
+            measured=tuple(k for k in self.measured if any(self.devices[i].kind == k.name for i in idx)),
         )
 
     # -- JSON ----------------------------------------------------------------------------------
@@ -274,10 +346,14 @@ class Cluster:
         def encode(m: tuple[tuple[float, ...], ...]) -> list[list[float | None]]:
             return [[None if math.isinf(x) else x for x in row] for row in m]
 
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "name": self.name,
+        }
+        if self.measured:
+            out["measured"] = [{f: getattr(k, f) for f in _KIND_FIELDS} for k in self.measured]
+        return out | {
             "devices": [
                 {"name": d.name, "kind": d.kind, "memory_bytes": d.memory_bytes}
                 for d in self.devices
@@ -311,7 +387,7 @@ class Cluster:
                 f"field 'version' is {data.get('version')!r}, but this asteroid_fx reads "
                 f"version {FORMAT_VERSION}; write version {FORMAT_VERSION} or upgrade asteroid_fx"
             )
-        allowed = {"format", "version", "name", "devices", "bandwidth", "latency", "links"}
+        allowed = {"format", "version", "name", "measured", "devices", "bandwidth", "latency", "links"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise InputError(
@@ -321,6 +397,12 @@ class Cluster:
         name = data.get("name", "")
         if not isinstance(name, str):
             raise InputError(f"field 'name' must be a string, got {name!r}")
+
+        raw_measured = data.get("measured", [])
+        if not isinstance(raw_measured, list):
+            raise InputError(f"field 'measured' must be a list of measured device kinds, got {raw_measured!r}")
+        measured = tuple(_kind_from_json(k, f"measured[{i}]") for i, k in enumerate(raw_measured))
+        carried = {k.name: k for k in measured}
 
         raw_devices = data.get("devices")
         if not isinstance(raw_devices, list):
@@ -347,6 +429,8 @@ class Cluster:
                 mem = None if mem is None else parse_memory(mem)
             except ValueError as e:
                 raise InputError(f"{where}.memory_bytes: {e}") from None
+            if mem is None and d["kind"] in carried:  # the measured kind's memory, not this machine's
+                mem = carried[d["kind"]].memory_bytes
             try:
                 devices.append(Device(d["name"], d["kind"], mem))
             except ValueError as e:
@@ -378,7 +462,7 @@ class Cluster:
                 lat = parse_latency(links.get("latency", 0.0))
             except ValueError as e:
                 raise InputError(f"links.latency: {e}") from None
-            return cls.uniform(devices, bw, lat, name=name)
+            return cls.uniform(devices, bw, lat, name=name, measured=measured)
 
         if "bandwidth" not in data:
             raise InputError(
@@ -391,7 +475,7 @@ class Cluster:
             latency = _decode_matrix("latency", data["latency"], parse_latency)
         else:
             latency = [[0.0] * n for _ in range(n)]
-        return cls(devices=tuple(devices), bandwidth=bandwidth, latency=latency, name=name)
+        return cls(devices=tuple(devices), bandwidth=bandwidth, latency=latency, name=name, measured=measured)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the canonical JSON atomically: readers see the old file or the new, never half."""
@@ -409,7 +493,7 @@ class Cluster:
         lines = [f"{title}: {len(self.devices)} device(s)"]
         rows = [("device", "kind", "memory GiB", "peak GFLOP/s")]
         for d in self.devices:
-            k = catalog.kind(d.kind)
+            k = self.kind(d.kind)
             rows.append((d.name, d.kind, f"{d.memory_bytes / catalog.GiB:.2f}",
                          f"{k.peak_flops / 1e9:.1f}"))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
@@ -468,6 +552,10 @@ def _canonical_text(data: dict[str, Any]) -> str:
     parts = ["{"]
     for key in ("format", "version", "name"):
         parts.append(f"  {dump(key)}: {dump(data[key])},")
+    if "measured" in data:
+        parts.append('  "measured": [')
+        parts.append(",\n".join(f"    {dump(k)}" for k in data["measured"]))
+        parts.append("  ],")
     parts.append('  "devices": [')
     parts.append(",\n".join(f"    {dump(d)}" for d in data["devices"]))
     parts.append("  ],")

@@ -17,6 +17,26 @@ from asteroid_fx.ir.costs import Cost, TimeFit
 from asteroid_fx.ir.json_fields import Fields, read_json
 
 
+# The fewest rows the planners give a device of a stage that holds a batch-statistics layer: one
+# row gives BatchNorm over (N, C) one value per channel (torch refuses it in training) and
+# BatchNorm2d the noisy statistics of one image (docs/planner.md, docs/semantics.md).
+MIN_BATCH_STAT_ROWS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStat:
+    """A layer that normalizes over the rows it is given in training (BatchNorm): one row gives it
+    ``values_per_row`` values per channel (1 without spatial dims, H x W for BatchNorm2d)."""
+
+    node: str  # the fx node
+    module: str  # the model's name for it and its class, as a user reads it: "bn1 (BatchNorm2d)"
+    values_per_row: int
+
+    def takes(self, rows: int) -> bool:
+        """Whether torch can train it on a chunk of ``rows`` rows (more than one value per channel)."""
+        return rows * self.values_per_row > 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
     index: int
@@ -26,6 +46,7 @@ class Layer:
     buffer_bytes: int  # buffers (BatchNorm statistics, masks) owned by this layer
     saved_bytes_per_row: float  # activations kept for backward, per row
     params: tuple[str, ...] = ()  # qualified names of the parameters and buffers it owns
+    batch_stats: tuple[BatchStat, ...] = ()  # its nodes that take statistics over their rows in training
 
     def cost(self, kind: str) -> Cost:
         for k, c in self.costs:
@@ -103,6 +124,14 @@ class LayerGraph:
     def saved_bytes_per_row(self, lo: int, hi: int) -> float:
         return sum(layer.saved_bytes_per_row for layer in self.layers[lo:hi])
 
+    def batch_stats(self, lo: int, hi: int) -> tuple[BatchStat, ...]:
+        """The batch-statistics layers of layers [lo, hi), in graph order."""
+        return tuple(b for layer in self.layers[lo:hi] for b in layer.batch_stats)
+
+    def min_rows(self, lo: int, hi: int) -> int:
+        """The fewest rows a planner gives a device of a stage running layers [lo, hi)."""
+        return MIN_BATCH_STAT_ROWS if any(layer.batch_stats for layer in self.layers[lo:hi]) else 1
+
     def allowed_cuts(self) -> tuple[int, ...]:
         return tuple(c.index for c in self.cuts[1:-1] if c.allowed)
 
@@ -136,6 +165,8 @@ def costs_to_json(lg: LayerGraph) -> dict[str, Any]:
         "layers": [{"index": l.index, "nodes": list(l.nodes), "param_bytes": l.param_bytes,
                     "buffer_bytes": l.buffer_bytes, "saved_bytes_per_row": l.saved_bytes_per_row,
                     "params": list(l.params),
+                    "batch_stats": [{"node": b.node, "module": b.module, "values_per_row": b.values_per_row}
+                                    for b in l.batch_stats],
                     "costs": {k: {"fwd": fit(c.fwd), "bwd": fit(c.bwd), "source": c.source} for k, c in l.costs}}
                    for l in lg.layers],
         "cuts": [{"index": c.index, "values": list(c.values), "bytes_per_row": c.bytes_per_row,
@@ -164,8 +195,13 @@ def costs_from_json(data: Any, *, origin: str = "cost file") -> LayerGraph:
             out.append((kind, Cost(TimeFit(c.points("fwd")), TimeFit(c.points("bwd")), c.string("source", "analytic"))))
         return tuple(out)
 
+    def batch_stats(layer: Fields) -> tuple[BatchStat, ...]:
+        return tuple(BatchStat(b.string("node"), b.string("module"), b.integer("values_per_row"))
+                     for b in (layer.objs("batch_stats") if layer.has("batch_stats") else ()))
+
     layers = tuple(Layer(l.integer("index"), l.strings("nodes"), costs(l), l.integer("param_bytes"),
-                         l.integer("buffer_bytes"), l.number("saved_bytes_per_row"), l.strings("params", []))
+                         l.integer("buffer_bytes"), l.number("saved_bytes_per_row"), l.strings("params", []),
+                         batch_stats(l))
                    for l in top.objs("layers"))
     cuts = tuple(Cut(c.integer("index"), c.strings("values"), c.number("bytes_per_row"), c.boolean("allowed"),
                      c.string("why_not", ""), c.strings("recomputed", []))

@@ -10,7 +10,7 @@ reads them.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from asteroid_fx.ir import catalog
+from asteroid_fx.ir.catalog import DeviceKind
 from asteroid_fx.cost.roofline import roofline
 from asteroid_fx.ir.costs import NodeStats
 from asteroid_fx.passes.capture import Captured
@@ -78,8 +79,10 @@ class _StatsInterpreter(fx.Interpreter):
         return out
 
 
-def annotate_costs(captured: Captured, kinds: Iterable[str]) -> Captured:
-    """Attach NodeStats and an analytic Cost per device kind to every compute node (in place on meta)."""
+def annotate_costs(captured: Captured, kinds: Iterable[str] | Mapping[str, DeviceKind]) -> Captured:
+    """Attach NodeStats and an analytic Cost per device kind to every compute node (in place on meta).
+    ``kinds``: kind names (their figures from the catalog) or, by name, the figures to use (a
+    cluster's ``device_kinds()``: a measured kind as the cluster carries it)."""
     gm = captured.module
     saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
     # Stats are per row, so two rows give the same numbers as the whole example at a fraction of
@@ -95,7 +98,7 @@ def annotate_costs(captured: Captured, kinds: Iterable[str]) -> Captured:
         with torch.no_grad():
             for name, b in gm.named_buffers():
                 b.copy_(saved[name])
-    specs = {k: catalog.kind(k) for k in set(kinds)}
+    specs = dict(kinds) if isinstance(kinds, Mapping) else {k: catalog.kind(k) for k in set(kinds)}
     for n in gm.graph.nodes:
         stats = n.meta.get("asteroid.stats")
         if stats is None:

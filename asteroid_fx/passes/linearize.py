@@ -8,8 +8,10 @@ and are cheap to recompute, listed in ``Cut.recomputed``: passes/recompute.py) o
 row slices (batch-first tensors), and no buffer written in place, nor module holding buffers, is
 used on both sides of it; a parameter or an unwritten buffer read on both sides is a tie
 (``LayerGraph.ties``): every stage reading it holds a copy, and a trained one's copies sum their
-gradients (a TIE action, docs/semantics.md); with ``max_layers`` the layers are merged until at
-most that many remain, dropping the most expensive cuts first while keeping layers balanced.
+gradients (a TIE action, docs/semantics.md); a layer lists its nodes that normalize over the rows
+they are given in training (``Layer.batch_stats``: BatchNorm, passes/batch_stats.py); with
+``max_layers`` the layers are merged until at most that many remain, dropping the most expensive
+cuts first while keeping layers balanced.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.fx as fx
 from asteroid_fx.ir.costs import Cost, NodeStats
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph, Tie
+from asteroid_fx.passes.batch_stats import batch_stat
 from asteroid_fx.passes.capture import Captured
 from asteroid_fx.passes.recompute import RECOMPUTE_FLOOR, RECOMPUTE_SHARE, Recompute, analyse, batch_coeffs
 
@@ -254,6 +257,7 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
             saved_bytes_per_row=sum(n.meta["asteroid.stats"].saved_bytes_per_row for n in nodes
                                     if "asteroid.stats" in n.meta),
             params=tuple(names),
+            batch_stats=tuple(b for n in nodes if (b := batch_stat(gm, n)) is not None),
         ))
     layer_cuts = tuple(dataclasses_replace_index(cuts[b], i) for i, b in enumerate(bounds))
     blocked = tuple(dict.fromkeys(c.why_not for c in cuts[1:-1] if not c.allowed))

@@ -28,16 +28,18 @@ from asteroid_fx.ir.plan import NoPlanError, Plan, StagePlan
 from asteroid_fx.passes.planners.predict import predict
 
 
-def split_rows(total: int, weights: Sequence[float]) -> tuple[int, ...]:
-    """``total`` rows in proportion to ``weights``, each at least 1 (largest remainder)."""
+def split_rows(total: int, weights: Sequence[float], least: int = 1) -> tuple[int, ...]:
+    """``total`` rows in proportion to ``weights``, each at least ``least`` (largest remainder)."""
     n = len(weights)
-    if total < n:
-        raise NoPlanError(f"a micro-batch of {total} rows cannot be shared by a group of {n} devices; "
+    if total < n * least:
+        why = (f" when each takes at least {least} rows (the stage normalizes over its rows: "
+               "docs/planner.md)" if least > 1 else "")
+        raise NoPlanError(f"a micro-batch of {total} rows cannot be shared by a group of {n} devices{why}; "
                           "use a larger micro-batch or smaller groups")
-    spare = total - n
+    spare = total - n * least
     wsum = sum(weights)
     exact = [spare * w / wsum for w in weights]
-    rows = [1 + math.floor(e) for e in exact]
+    rows = [least + math.floor(e) for e in exact]
     left = total - sum(rows)
     for i in sorted(range(n), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)[:left]:
         rows[i] += 1
@@ -191,8 +193,10 @@ def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, 
         lo, hi = bounds[p], bounds[p + 1]
         if rows is not None:
             r = tuple(rows[p])
+            _check_pinned_rows(lg, p, (lo, hi), g, r)
         else:
-            r = split_rows(microbatch_rows, [_speed(lg, cluster, d, lo, hi, microbatch_rows) for d in g])
+            r = split_rows(microbatch_rows, [_speed(lg, cluster, d, lo, hi, microbatch_rows) for d in g],
+                           lg.min_rows(lo, hi))
         stage_plans.append(StagePlan((lo, hi), tuple(g), r))
     plan = Plan(tuple(stage_plans), microbatches, microbatch_rows, schedule, "balanced", recovery=recovery)
     used = {d for g in grp for d in g}
@@ -200,6 +204,37 @@ def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, 
     import dataclasses
 
     return dataclasses.replace(plan, prediction=predict(plan, lg, cluster, opt_state_factor, left_out))
+
+
+def _check_pinned_rows(lg: LayerGraph, p: int, layers: tuple[int, int], devices, rows) -> None:
+    """Pinned rows below what stage p's batch-statistics layers take: InputError naming them."""
+    least = lg.min_rows(*layers)
+    stats = lg.batch_stats(*layers)
+    for d, r in zip(devices, rows):
+        if r >= least:
+            continue
+        stat = next((b for b in stats if not b.takes(r)), stats[0])
+        why = ("one value per channel, which torch refuses in training" if not stat.takes(r) else
+               f"statistics over {r * stat.values_per_row} values per channel, too noisy to train on")
+        plural = "s" if r != 1 else ""
+        raise InputError(f"rows= gives device {d!r} {r} row{plural} of every micro-batch in stage {p}, but that stage "
+                         f"holds {stat.module}, which normalizes over each device's rows: {r} row{plural} "
+                         f"give{'' if plural else 's'} it {why}; give every device of stage {p} at least {least} rows "
+                         "(docs/planner.md)")
+
+
+def _check_microbatch_rows(lg: LayerGraph, batch: int, microbatches: int | None, microbatch_rows: int | None) -> None:
+    """A micro-batch too small for the stage that holds a batch-statistics layer: InputError."""
+    least = lg.min_rows(0, len(lg))
+    rows = microbatch_rows or (batch // microbatches if microbatches else batch)
+    if rows >= least:
+        return
+    what = f"micro-batches of {rows} row{'s' if rows != 1 else ''}" if microbatch_rows or microbatches else \
+        f"a batch of {batch} row{'s' if batch != 1 else ''}"
+    raise InputError(f"{what} cannot train {lg.batch_stats(0, len(lg))[0].module}, which normalizes over the rows "
+                     f"of each device: the planners give every device of its stage at least {least} rows "
+                     "(docs/planner.md); use larger micro-batches" + ("" if microbatch_rows or microbatches
+                                                                       else " or a larger batch"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +278,7 @@ def partition(lg: LayerGraph, cluster: Cluster, *, planner: str = "asteroid", ba
         raise InputError(f"planner {planner!r} chooses its own stages and groups, but {' and '.join(pinned)} "
                          f"{'is' if len(pinned) == 1 else 'are'} pinned; leave {', '.join(p + '=' for p in pinned)} "
                          "out, or use planner='balanced' for a hand-made plan")
+    _check_microbatch_rows(lg, batch, microbatches, microbatch_rows)
     if planner == "balanced" or pinned:
         if microbatches is None and microbatch_rows is None:
             microbatches = 4

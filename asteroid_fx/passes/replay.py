@@ -171,17 +171,24 @@ def split_rows(devices: Sequence[str], rows: int, layers: tuple[int, int], *, lg
                keep: str | None = None) -> tuple[StageSlot, ...]:
     """``rows`` rows of every micro-batch over ``devices`` for ``layers``: with ``lg`` and ``cluster``
     one row at a time to the device that is then done soonest (a device may get none, and is then
-    left out, but ``keep`` gets at least one: it holds state the others need); otherwise in
+    left out, but ``keep`` gets some: it holds state the others need; a device joins with
+    ``lg.min_rows`` rows, more than one where a layer takes batch statistics); otherwise in
     proportion to ``current`` rows (at least one each, the next row always to the device furthest
     below its share)."""
     if lg is not None and cluster is not None:
         kinds = {d: cluster.device(d).kind for d in devices}
+        least = lg.min_rows(*layers)
         share = dict.fromkeys(devices, 0)
         if keep is not None:
-            share[keep] = 1
-        for _ in range(rows - sum(share.values())):
-            best = min(devices, key=lambda d: step_s(lg, kinds[d], layers, share[d] + 1))
-            share[best] += 1
+            share[keep] = min(least, rows)
+        left = rows - sum(share.values())
+        while left > 0:
+            more = {d: 1 if share[d] else least for d in devices}
+            takers = [d for d in devices if more[d] <= left] or list(devices)
+            best = min(takers, key=lambda d: step_s(lg, kinds[d], layers, share[d] + more[d]))
+            step = min(more[best], left)
+            share[best] += step
+            left -= step
     else:
         weights = {d: max((current or {}).get(d, 0), 0) for d in devices} if current else {}
         if not any(weights.values()):

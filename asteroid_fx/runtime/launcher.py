@@ -1,8 +1,10 @@
 """`asteroid launch`: N local worker processes that emulate a cluster, around one TCPStore.
 
 The launcher compiles once, serves the rendezvous store, and hands every worker the plan and the
-cluster as JSON text through the store (never pickles); each worker (runtime/worker.py) checks
-that it compiles the same program, trains its device's share and reports. A worker that fails
+cluster as JSON text through the store (never pickles; the cluster's JSON carries the figures
+of a measured kind such as host-cpu, so no worker measures its own); each worker
+(runtime/worker.py) checks that it compiles the same program, trains its device's share and
+reports. A worker that fails
 takes the run down: the others are stopped and its error is shown.
 
 With ``RunSpec.recovery`` the run survives devices that die (SIGKILL, a lost machine) or leave

@@ -107,7 +107,7 @@ class DistWorker:
         self._bound = self._direct.bind(self.module)
         self.replica = StageReplica(self.stage, self.module, self.optimizer, last=self.last, loss=loss,
                                     unflatten=unflatten, loss_reduction=loss_reduction,
-                                    call=functools.partial(self._direct.module, *self._bound),
+                                    call=functools.partial(self._direct.module, *self._bound), device=device,
                                     set_lr=optimizer.set_lr if isinstance(optimizer, OptimizerSettings) else None)
         # what this device's NORM leaves out: tied weights an earlier stage counts
         self._norm_skip = tied_elsewhere(program).get(self.info.index, frozenset())

@@ -53,8 +53,10 @@ def _even(total: int, n: int) -> tuple[int, ...]:
 
 def _candidate(table: CostTable, stages: Sequence[StagePlan], M: int, schedule: str) -> Candidate | None:
     """The baseline's stages as a candidate, or None when a device cannot hold its share (under
-    recovery with the state copies: a baseline keeps its own order, so its first device holds)."""
-    if not stages or min(min(st.rows) for st in stages) < 1 or not table.fits(stages, M, schedule):
+    recovery with the state copies: a baseline keeps its own order, so its first device holds) or
+    gets fewer rows than its stage takes (``CostTable.min_rows``)."""
+    if (not stages or any(min(st.rows) < table.min_rows(*st.layers) for st in stages)
+            or not table.fits(stages, M, schedule)):
         return None
     stages = tuple(stages)
     return Candidate(stages, M, table.max_rows, table.iteration_s(stages, M, schedule), schedule)

@@ -19,7 +19,8 @@ CAP_RTOL = 1e-9
 class GroupCosts:
     """Cost matrices over (first boundary a, last boundary b) for a group of devices: its step
     time with an equal-finish, memory-capped row split, its all-reduce, and the transfer across
-    boundary b.
+    boundary b. A group is infeasible for (a, b) when a member cannot get the stage's least rows
+    (``CostTable.min_rows``: more than one where a layer takes batch statistics).
 
     For speed each device's stage time is taken as linear in its rows, t = alpha + beta x rows
     (through its times at 1 and R rows): members finish together at
@@ -40,6 +41,7 @@ class GroupCosts:
         self.state = table.state_bytes(lo, hi)
         self.recovery = table.recovery
         self.act = np.maximum(table.activation_bytes_per_row(lo, hi), 1e-9)
+        self.least = table.min_rows(lo, hi)  # rows every member gets (more with batch statistics)
         self.grad_bytes = table.allreduce_bytes(lo, hi)
         self.alpha, self.beta = {}, {}
         for k in table.kinds:
@@ -80,11 +82,11 @@ class GroupCosts:
         for k in {k for k, _ in members[1:]}:
             one_row = np.maximum(one_row, self.alpha[k] + self.beta[k])
         tau = np.maximum((R + lead) / inv, one_row)
-        ok = self.valid & (R >= len(members))
+        ok = self.valid & (R >= self.least * len(members))
         if binds:
             caps = [np.where(self.static > m, -1.0, np.floor((m - self.static) / (k_in_flight * self.act)))
                     for _, m in members]
-            ok &= np.all(np.stack([c >= 1.0 for c in caps]), axis=0)
+            ok &= np.all(np.stack([c >= self.least for c in caps]), axis=0)
             ok &= np.sum(np.stack([np.minimum(c, R) for c in caps]), axis=0) >= R
             share = [(tau - self.alpha[k]) / self.beta[k] for k, _ in members]
             over = [sh > c + CAP_RTOL * np.abs(c) for sh, c in zip(share, caps)]

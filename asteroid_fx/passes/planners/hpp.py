@@ -198,9 +198,13 @@ def finish(c: Candidate, lg: LayerGraph, cluster: Cluster, opt_state_factor: flo
 
 
 def left_out_reason(table: CostTable, device: str, c: Candidate, schedule: str) -> str:
+    shareable = [st for st in c.stages if c.rows >= table.min_rows(*st.layers) * (len(st.devices) + 1)]
+    if not shareable:
+        return ("no stage has rows to spare for it (a device of a stage takes at least one row of every "
+                "micro-batch, two where the stage holds BatchNorm: docs/planner.md)")
     for p, st in enumerate(c.stages):
         k = in_flight(schedule, p, len(c.stages), c.microbatches)
-        if table.row_cap(device, st.layers[0], st.layers[1], k) >= 1:
+        if st in shareable and table.row_cap(device, st.layers[0], st.layers[1], k) >= 1:
             return "adding it to any stage does not make the iteration faster (too slow or too poor a link)"
     return "too little memory for any stage of this plan"
 
