@@ -254,6 +254,7 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
             saved_bytes_per_row=sum(n.meta["asteroid.stats"].saved_bytes_per_row for n in nodes
                                     if "asteroid.stats" in n.meta),
             params=tuple(names),
+            flops_per_row=sum(n.meta["asteroid.stats"].flops_per_row for n in nodes if "asteroid.stats" in n.meta),
         ))
     layer_cuts = tuple(dataclasses_replace_index(cuts[b], i) for i, b in enumerate(bounds))
     blocked = tuple(dict.fromkeys(c.why_not for c in cuts[1:-1] if not c.allowed))
