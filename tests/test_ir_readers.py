@@ -104,7 +104,7 @@ READERS = {
     "plan": Reader(_plan, Plan.from_json, Plan.load, frozenset({"prediction", "recovery", "note"})),
     "costs": Reader(_costs, costs_from_json, read_costs,
                     frozenset({"source", "params", "why_not", "blocked", "ties", "kind", "recomputed", "batch_stats",
-                               "host-cpu"})),  # costs maps kinds
+                               "host-cpu", "flops_per_row"})),  # costs maps kinds
     "profile": Reader(_profile, P.from_json, P.load, frozenset()),
     "cluster": Reader(_cluster, Cluster.from_json, Cluster.load,
                       frozenset({"name", "latency", "memory_bytes", "measured"})),

@@ -19,6 +19,7 @@ from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.passes.partition import NoPlanError, balanced, partition, split_rows
 from asteroid_fx.ir.plan import Plan
+from asteroid_fx.passes.planners.stage_count import computes, most_stages
 from tests import zoo
 
 KINDS = tuple(catalog.KINDS)  # static kinds only: host-cpu would be measured on this machine
@@ -115,13 +116,18 @@ def test_balanced_plans_are_sound(graphs, model, cluster, microbatches, rows, sc
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cluster=clusters(), stages=st.integers(1, 6), rows=st.integers(6, 24))
 def test_a_pinned_stage_count_is_honoured(mlp, cluster, stages, rows):
+    most = min(len(cluster), most_stages(mlp))
     try:
         plan = balanced(mlp, cluster, microbatches=4, microbatch_rows=rows, stages=stages)
-    except NoPlanError as e:
-        if stages > min(len(cluster), len(mlp.allowed_cuts()) + 1):
-            assert f"{stages} stages asked for" in str(e)
+    except InputError as e:  # an argument error, before planning: the most stages and why
+        assert stages > most, e
+        assert f"{stages} stages asked for" in str(e) and f"at most {most} stage" in str(e), e
+        return
+    except NoPlanError:
+        assert stages <= most
         return
     assert len(plan.stages) == stages
+    assert all(computes(mlp, *st.layers) for st in plan.stages)
     check_plan(plan, mlp, cluster, 4, rows, "1f1b")
 
 
@@ -174,17 +180,52 @@ def test_rows_are_pinned_with_their_groups(mlp):
 def test_pinned_layers_at_a_forbidden_cut_are_refused(mlp):
     lg = _forbid(mlp, {2})
     cluster = _uniform([Device("a", "jetson-tx2"), Device("b", "jetson-tx2")])
-    with pytest.raises(NoPlanError, match="cut 2 is not allowed: test forbids cut 2"):
+    with pytest.raises(InputError, match="cut 2 is not allowed: test forbids cut 2; its allowed cuts are 1, 3,"):
         balanced(lg, cluster, microbatches=2, microbatch_rows=4, groups=[["a"], ["b"]], layers=[0, 2, len(lg)])
-    with pytest.raises(NoPlanError, match="must start at 0"):
+    with pytest.raises(InputError, match=rf"layer bounds \[0, {len(mlp)}\] give 1 stage, but groups pins 2"):
         balanced(mlp, cluster, microbatches=2, microbatch_rows=4, groups=[["a"], ["b"]], layers=[0, len(mlp)])
+
+
+@pytest.mark.parametrize("layers, problem", [
+    ([0, 24], "must end at {L}, the number of layers"),
+    ([1, "L"], "must start at 0, the first layer"),
+    ([0, 3, 2, "L"], "must increase, but 2 follows 3"),
+    ([0, 2, 2, "L"], "must increase, but 2 follows 2"),
+    ([0], "must hold at least 0 and {L}"),
+    ([0, 1.5, "L"], "must be a list of integer layer bounds"),
+    ([0, 1, 2, "L"], r"give 3 stages, but stages=2: give 3 bounds"),
+])
+def test_wrong_layer_bounds_are_an_argument_error_named_once(mlp, layers, problem):
+    """Bounds wrong for the model are refused before planning, with what is wrong, not as "no plan
+    fits this cluster" once per stage count."""
+    L = len(mlp)
+    layers = [L if b == "L" else b for b in layers]
+    cluster = _uniform([Device("a", "jetson-tx2"), Device("b", "jetson-tx2"), Device("c", "jetson-nano")])
+    stages = 2 if "stages=2" in problem else None
+    with pytest.raises(InputError) as e:
+        partition(mlp, cluster, batch=8, layers=layers, stages=stages)
+    message = str(e.value)
+    assert re.search(problem.format(L=L), message), message
+    assert "no plan fits" not in message and message.count("layer bounds") <= 1, message
+
+
+def test_pinned_layers_set_the_stage_count(mlp):
+    cluster = _uniform([Device("a", "jetson-tx2"), Device("b", "jetson-tx2"), Device("c", "jetson-nano")])
+    plan = partition(mlp, cluster, batch=8, layers=[0, 2, len(mlp)])
+    assert [st.layers for st in plan.stages] == [(0, 2), (2, len(mlp))]
+    with pytest.raises(InputError, match="give 4 stages, but the cluster has 3 devices"):
+        partition(mlp, cluster, batch=8, layers=[0, 1, 2, 3, len(mlp)])
+    with pytest.raises(InputError, match="stages=3 but groups pins 2 groups"):
+        partition(mlp, cluster, batch=8, stages=3, groups=[["a"], ["b"]])
 
 
 def test_too_few_allowed_cuts_for_the_stages(mlp):
     lg = _forbid(mlp, set(range(1, len(mlp))))
     cluster = _uniform([Device("a", "jetson-tx2"), Device("b", "jetson-tx2")])
-    with pytest.raises(NoPlanError, match="2 stages asked for, but the model has 0 allowed cuts"):
+    with pytest.raises(InputError, match="2 stages asked for, but the model has 0 allowed cuts: at most 1 stage"):
         balanced(lg, cluster, microbatches=2, microbatch_rows=4, stages=2)
+    with pytest.raises(InputError, match="the model has 0 allowed cuts: at most 1 stage"):
+        balanced(lg, cluster, microbatches=2, microbatch_rows=4, groups=[["a"], ["b"]])
     plan = balanced(lg, cluster, microbatches=2, microbatch_rows=4)
     assert len(plan.stages) == 1
 

@@ -41,6 +41,8 @@ LAYOUTS = {
     "4x1": ([["d0"], ["d1"], ["d2"], ["d3"]], [[6], [6], [6], [6]]),
 }
 ROWS = 6
+# the small mlp has three stages that compute, so four stages need their bounds pinned by hand
+LAYERS = {"4x1": [0, 3, 4, 5, 6]}
 
 
 def adam(params):
@@ -55,7 +57,8 @@ def _compiled(layout: str, schedule: str, microbatches: int):
     groups, rows = LAYOUTS[layout]
     example = tuple(t.double() for t in entry.example(microbatches * ROWS, True))
     compiled = asteroid.compile(model, _named_cluster(), example=example, loss=entry.loss,
-                                microbatches=microbatches, schedule_kind=schedule, groups=groups, rows=rows)
+                                microbatches=microbatches, schedule_kind=schedule, groups=groups, rows=rows,
+                                layers=LAYERS.get(layout))
     fault_tolerant = dataclasses.replace(compiled, program=add_backups(compiled.program))
     torch.manual_seed(1)
     batches = [(tuple(t.double() for t in entry.example(microbatches * ROWS, True)),

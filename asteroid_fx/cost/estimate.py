@@ -42,10 +42,12 @@ class CostTable:
     ``stage.allreduce_s``, ``stage.wire_s``; up to float summation order); planners use it to search, ``sim.predict``
     still gives a plan's reported prediction. With ``recovery`` a stage's static bytes include
     every device's rollback point, and ``held`` arguments (``held_bytes``) the backups a stage's
-    first device holds."""
+    first device holds. ``budgets`` (device -> bytes) replaces the cluster's memory: what-if
+    questions (the smallest memory that would fit) ask it of memory no real device has."""
 
     def __init__(self, lg: LayerGraph, cluster: Cluster, max_rows: int,
-                 opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False):
+                 opt_state_factor: float = ADAM_STATE_FACTOR, recovery: bool = False,
+                 budgets: dict[str, int] | None = None):
         import numpy as np
 
         self.lg, self.cluster, self.max_rows = lg, cluster, max_rows
@@ -65,6 +67,8 @@ class CostTable:
         self.batch_stat_layers = prefix([1 if layer.batch_stats else 0 for layer in lg.layers])
         self.kind_of = {d.name: d.kind for d in cluster.devices}
         self.budget = {d.name: d.memory_bytes for d in cluster.devices}
+        if budgets is not None:
+            self.budget.update(budgets)
 
     def stage_time(self, device: str, lo: int, hi: int, rows: int) -> float:
         return float(self.kind_time(self.kind_of[device], lo, hi, rows))

@@ -8,6 +8,7 @@ and says whether a stage boundary may be placed there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ class Layer:
     saved_bytes_per_row: float  # activations kept for backward, per row
     params: tuple[str, ...] = ()  # qualified names of the parameters and buffers it owns
     batch_stats: tuple[BatchStat, ...] = ()  # its nodes that take statistics over their rows in training
+    # forward FLOPs per row of its nodes (FlopCounterMode: matrix products, convolutions,
+    # attention; lookups, masks and reshapes count none): whether a stage computes
+    flops_per_row: float = 0.0
 
     def cost(self, kind: str) -> Cost:
         for k, c in self.costs:
@@ -132,6 +136,16 @@ class LayerGraph:
         """The fewest rows a planner gives a device of a stage running layers [lo, hi)."""
         return MIN_BATCH_STAT_ROWS if any(layer.batch_stats for layer in self.layers[lo:hi]) else 1
 
+    def flops_per_row(self, lo, hi):
+        """Forward FLOPs per row of layers [lo, hi); elementwise for index arrays too."""
+        return self._flops_prefix[hi] - self._flops_prefix[lo]
+
+    @functools.cached_property
+    def _flops_prefix(self):
+        import numpy as np
+
+        return np.concatenate([[0.0], np.cumsum([layer.flops_per_row for layer in self.layers], dtype=float)])
+
     def allowed_cuts(self) -> tuple[int, ...]:
         return tuple(c.index for c in self.cuts[1:-1] if c.allowed)
 
@@ -164,7 +178,7 @@ def costs_to_json(lg: LayerGraph) -> dict[str, Any]:
         "format": COSTS_FORMAT, "version": COSTS_VERSION,
         "layers": [{"index": l.index, "nodes": list(l.nodes), "param_bytes": l.param_bytes,
                     "buffer_bytes": l.buffer_bytes, "saved_bytes_per_row": l.saved_bytes_per_row,
-                    "params": list(l.params),
+                    "params": list(l.params), "flops_per_row": l.flops_per_row,
                     "batch_stats": [{"node": b.node, "module": b.module, "values_per_row": b.values_per_row}
                                     for b in l.batch_stats],
                     "costs": {k: {"fwd": fit(c.fwd), "bwd": fit(c.bwd), "source": c.source} for k, c in l.costs}}
@@ -201,7 +215,7 @@ def costs_from_json(data: Any, *, origin: str = "cost file") -> LayerGraph:
 
     layers = tuple(Layer(l.integer("index"), l.strings("nodes"), costs(l), l.integer("param_bytes"),
                          l.integer("buffer_bytes"), l.number("saved_bytes_per_row"), l.strings("params", []),
-                         batch_stats(l))
+                         batch_stats(l), l.number("flops_per_row") if l.has("flops_per_row") else 0.0)
                    for l in top.objs("layers"))
     cuts = tuple(Cut(c.integer("index"), c.strings("values"), c.number("bytes_per_row"), c.boolean("allowed"),
                      c.string("why_not", ""), c.strings("recomputed", []))

@@ -38,6 +38,17 @@ def _row_bytes(pairs: Iterable[tuple[Any, Any]], captured: Captured, rows: int) 
                if isinstance(v, torch.Tensor) and captured.is_batched(traced)) / rows
 
 
+def _grows_with_batch(traced: Any, captured: Captured) -> bool:
+    """Whether a traced tensor's size depends on the batch: batch-first, or with the batch folded
+    into a dim (GPT-2's ``x.view(-1, n)`` before its addmm: dim 0 is rows x sequence)."""
+    if captured.is_batched(traced):
+        return True
+    if not isinstance(traced, torch.Tensor) or captured.batch_symbol is None:
+        return False
+    return any(isinstance(d, torch.SymInt) and captured.batch_symbol in d.node.expr.free_symbols
+               for d in traced.shape)
+
+
 class _StatsInterpreter(fx.Interpreter):
     def __init__(self, captured: Captured, rows: int):
         super().__init__(captured.module)
@@ -64,7 +75,9 @@ class _StatsInterpreter(fx.Interpreter):
         acts_in = [(t, m) for t, m in ins if not (isinstance(t, torch.Tensor) and id(t) in self.params)]
         in_row = _row_bytes(acts_in, self.captured, batch)
         out_row = _row_bytes(outs, self.captured, batch)
-        batched = any(isinstance(t, torch.Tensor) and self.captured.is_batched(m) for t, m in outs + acts_in)
+        # the FLOPs scale with the rows when any activation's size does (also one whose batch dim
+        # is folded into another: a matmul over rows x tokens)
+        batched = any(isinstance(t, torch.Tensor) and _grows_with_batch(m, self.captured) for t, m in outs + acts_in)
         flops = float(counter.get_total_flops())
         requires_grad = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in flat_out)
         n.meta["asteroid.stats"] = NodeStats(

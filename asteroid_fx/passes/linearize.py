@@ -258,6 +258,7 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
                                     if "asteroid.stats" in n.meta),
             params=tuple(names),
             batch_stats=tuple(b for n in nodes if (b := batch_stat(gm, n)) is not None),
+            flops_per_row=sum(n.meta["asteroid.stats"].flops_per_row for n in nodes if "asteroid.stats" in n.meta),
         ))
     layer_cuts = tuple(dataclasses_replace_index(cuts[b], i) for i, b in enumerate(bounds))
     blocked = tuple(dict.fromkeys(c.why_not for c in cuts[1:-1] if not c.allowed))

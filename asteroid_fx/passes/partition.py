@@ -26,6 +26,8 @@ from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.plan import NoPlanError, Plan, StagePlan
 from asteroid_fx.passes.planners.predict import predict
+from asteroid_fx.passes.planners.stage_count import (blocked_note, check_layers, check_stages, computes, stage_limit,
+                                                     suffix_stages)
 
 
 def split_rows(total: int, weights: Sequence[float], least: int = 1) -> tuple[int, ...]:
@@ -63,21 +65,23 @@ def _deal_groups(speeds: dict[str, float], n_stages: int) -> list[list[str]]:
 
 
 def _cut_layers(lg: LayerGraph, shares: Sequence[float], kind_weight) -> list[int]:
-    """Stage boundaries at allowed cuts so that stage p gets about shares[p] of the total work."""
+    """Stage boundaries at allowed cuts so that stage p gets about shares[p] of the total work,
+    every stage computing (stage_count.computes) with enough room after it for the stages left;
+    the caller checked the count (stage_count.check_stages)."""
     L = len(lg)
     work = [kind_weight(i) for i in range(L)]
     prefix = [0.0]
     for w in work:
         prefix.append(prefix[-1] + w)
-    allowed = list(lg.allowed_cuts())
+    after = suffix_stages(lg)
     bounds, acc = [0], 0.0
     for p, share in enumerate(shares[:-1]):
         acc += share * prefix[-1]
         remaining_stages = len(shares) - 1 - p
-        candidates = [c for c in allowed if c > bounds[-1]]
-        candidates = candidates[: max(0, len(candidates) - remaining_stages + 1)]
+        candidates = [c for c in lg.allowed_cuts()
+                      if c > bounds[-1] and after[c] >= remaining_stages and computes(lg, bounds[-1], c)]
         if not candidates:
-            raise NoPlanError(f"only {len(allowed)} allowed cuts: the model cannot be split into {len(shares)} stages"
+            raise NoPlanError(f"the model cannot be split into {len(shares)} stages that compute"
                               + _blocked_note(lg))
         bounds.append(min(candidates, key=lambda c: abs(prefix[c] - acc)))
     bounds.append(L)
@@ -95,15 +99,24 @@ def balanced(lg: LayerGraph, cluster: Cluster, *, microbatches: int, microbatch_
     if rows is not None and (groups is None or [len(r) for r in rows] != [len(g) for g in groups]):
         raise InputError(f"rows {[list(r) for r in rows]} must give one count per device of every group in groups "
                          f"{None if groups is None else [list(g) for g in groups]}; pin rows= together with groups=")
+    # the pinned stage count (stages, groups or layers; they must agree) is an argument: check it
+    # before planning, so a wrong one is named once rather than failing every candidate
+    if stages is not None and groups is not None and stages != len(groups):
+        raise InputError(f"stages={stages} but groups pins {len(groups)} groups: pin one of them, or make them agree")
+    if layers is not None:
+        check_layers(lg, layers, stages, groups)  # pinned bounds are the caller's: form, not compute
+        stages = len(layers) - 1
+        if groups is None and stages > len(cluster.devices):
+            raise InputError(f"layer bounds {list(layers)} give {stages} stages, but the cluster has "
+                             f"{len(cluster.devices)} devices (a stage needs one of its own)")
+    elif groups is not None:
+        check_stages(lg, cluster, len(groups))
+    elif stages is not None:
+        check_stages(lg, cluster, stages)
     if groups is not None:
         candidates = [[list(g) for g in groups]]
     else:
-        max_stages = min(len(cluster.devices), len(lg.allowed_cuts()) + 1)
-        counts = [stages] if stages else range(1, max_stages + 1)
-        if stages and stages > max_stages:
-            raise NoPlanError(f"{stages} stages asked for, but the model has {len(lg.allowed_cuts())} allowed cuts "
-                              f"and the cluster {len(cluster.devices)} devices: at most {max_stages} stages"
-                              + _blocked_note(lg))
+        counts = [stages] if stages else range(1, stage_limit(lg, cluster)[0] + 1)
         mid = max(1, microbatch_rows)
         speeds = {d.name: _speed(lg, cluster, d.name, 0, len(lg), mid) for d in cluster.devices}
         candidates = [_deal_groups(speeds, s) for s in counts]
@@ -130,11 +143,8 @@ def balanced(lg: LayerGraph, cluster: Cluster, *, microbatches: int, microbatch_
 
 
 def _blocked_note(lg: LayerGraph) -> str:
-    """Why other cuts are not allowed (a tied weight, a value that is not batch-first)."""
-    if not lg.blocked:
-        return ""
-    more = f" (and {len(lg.blocked) - 3} more)" if len(lg.blocked) > 3 else ""
-    return "; other cuts are not allowed: " + "; ".join(lg.blocked[:3]) + more
+    note = blocked_note(lg)
+    return f"; {note}" if note else ""
 
 
 def _memory_message(over, plan: Plan, lg: LayerGraph, opt_state_factor: float) -> str:
@@ -170,14 +180,8 @@ def _bytes(n: int) -> str:
 
 def _plan_for_groups(lg, cluster, grp, microbatches, microbatch_rows, schedule, rows, layers, opt_state_factor,
                      recovery):
-    n = len(grp)
-    if layers is not None:
+    if layers is not None:  # checked by check_layers
         bounds = list(layers)
-        if bounds[0] != 0 or bounds[-1] != len(lg) or len(bounds) != n + 1:
-            raise NoPlanError(f"layer bounds {bounds} must start at 0, end at {len(lg)} and give {n} stages")
-        bad = [c for c in bounds[1:-1] if not lg.cuts[c].allowed]
-        if bad:
-            raise NoPlanError(f"cut {bad[0]} is not allowed: {lg.cuts[bad[0]].why_not}")
     else:
         L = len(lg)
         group_speed = [sum(_speed(lg, cluster, d, 0, L, microbatch_rows) for d in g) for g in grp]

@@ -12,6 +12,7 @@ from asteroid_fx.cost.estimate import CostTable
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.plan import StagePlan
+from asteroid_fx.passes.planners.stage_count import computes
 
 RANDOM_ORDERS = 6  # for clusters of up to 8 devices; 2 beyond
 ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders
@@ -94,6 +95,10 @@ def _locality_chain(cluster: Cluster, devices: Sequence[str], speed: dict[str, f
 
 def exact(table: CostTable, bounds: Sequence[int], groups: Sequence[Sequence[str]], microbatches: int,
           schedule: str) -> Candidate | None:
+    """The candidate with each group's best rows, or None when a stage does not compute
+    (stage_count.py) or a group cannot hold its stage."""
+    if not all(computes(table.lg, lo, hi) for lo, hi in zip(bounds, bounds[1:])):
+        return None
     stages = table.stages_for(bounds, groups, table.max_rows, microbatches, schedule)
     if stages is None:
         return None

@@ -9,6 +9,7 @@ import numpy as np
 
 from asteroid_fx.cost import stage
 from asteroid_fx.cost.estimate import CostTable
+from asteroid_fx.passes.planners.stage_count import computes
 
 INF = float("inf")
 # a share within this fraction of its cap is at the cap: the equal-finish share is computed in
@@ -33,8 +34,9 @@ class GroupCosts:
         self.t, self.pos, self.R, self.M = table, pos, rows, microbatches
         n = len(pos)
         a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-        self.valid = b > a
         lo, hi = pos[a], pos[b]
+        # a stage is a nonempty run of layers that computes (stage_count.py): no sham stages
+        self.valid = (b > a) & computes(table.lg, lo, hi)
         # rollback points included under recovery; the backups a first member holds depend on the
         # neighbouring stages (``holds_backups``, ``holds_last``; ``exact`` checks the candidate)
         self.static = table.static_bytes(lo, hi)

@@ -49,6 +49,7 @@ from asteroid_fx.passes.planners.dp import DP_BOUNDARIES, dp_boundaries, dp_plan
 from asteroid_fx.passes.planners.group_costs import GroupCosts
 from asteroid_fx.passes.planners.local_search import local_search, polish_cuts
 from asteroid_fx.passes.planners.predict import predict
+from asteroid_fx.passes.planners.stage_count import check_stages
 
 INF = float("inf")
 FULL_SEARCH_MICROBATCHINGS = 3  # micro-batchings that get every order (one fewer beyond 8 devices)
@@ -72,20 +73,31 @@ def _dp_candidates(table: CostTable, costs: GroupCosts, orders, M: int, schedule
 def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
            microbatch_rows: int | None = None, schedule: str = "1f1b", stages: int | None = None,
            opt_state_factor: float = ADAM_STATE_FACTOR, orders: str = "all", local: bool = True,
-           deepen: bool = True, recovery: bool = False) -> list[Candidate]:
-    """All candidates the planner scores, best closed form first (before simulation). With
-    ``recovery`` every candidate fits every device's budget with recovery's state copies."""
+           deepen: bool = True, recovery: bool = False, budgets: dict[str, int] | None = None) -> list[Candidate]:
+    """All candidates the planner scores, best closed form first (before simulation); every
+    stage of every candidate computes (stage_count.py). With ``recovery`` every candidate fits
+    every device's budget with recovery's state copies. ``budgets`` replaces the devices' memory
+    (``no_plan_message`` asks what memory would do)."""
     found: dict[tuple, Candidate] = {}
     choices = microbatch_choices(batch, microbatches, microbatch_rows)
-    tables = {R: CostTable(lg, cluster, R, opt_state_factor, recovery) for _, R in choices}
+    tables = {R: CostTable(lg, cluster, R, opt_state_factor, recovery, budgets) for _, R in choices}
     costs = {}
     # first every micro-batching with the paper's order and the speed order, then the full search
     # (every order, local search) on the micro-batchings that did best
+    first = 1 if orders == "memory" else 2  # the paper's order (and speed order, to rank micro-batchings)
     for M, R in choices:
         limit = DP_BOUNDARIES if len(cluster.devices) <= 8 else 32
         costs[R] = GroupCosts(tables[R], np.asarray(dp_boundaries(tables[R], limit)), R, M)
-        first = 1 if orders == "memory" else 2  # the paper's order (and speed order, to rank micro-batchings)
         _dp_candidates(tables[R], costs[R], orderings(tables[R], cluster.names)[:first], M, schedule, stages, found)
+    if stages is not None and not found:
+        # a pinned count near the most the model allows may need cuts the DP's even spread of
+        # boundaries left out: place them among every allowed cut instead
+        every = np.asarray([0, *lg.allowed_cuts(), len(lg)])
+        for M, R in choices:
+            if len(costs[R].pos) < len(every):
+                costs[R] = GroupCosts(tables[R], every, R, M)
+                _dp_candidates(tables[R], costs[R], orderings(tables[R], cluster.names)[:first], M, schedule, stages,
+                               found)
     if orders == "memory":  # the paper's search: one order, plain schedules
         return sorted(found.values(), key=lambda c: c.estimate_s)
     ranked = sorted(found.values(), key=lambda c: c.estimate_s)
@@ -129,13 +141,16 @@ def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | No
          opt_state_factor: float = ADAM_STATE_FACTOR, orders: str = "all", local: bool = True,
          simulate_top: int = 4, name: str = "asteroid", deepen: bool = True, recovery: bool = False) -> Plan:
     """The Asteroid planner; see the module docstring. ``recovery``: the plan runs with pipeline
-    replay, and every device's memory holds recovery's state copies."""
+    replay, and every device's memory holds recovery's state copies. A pinned ``stages`` the
+    model or the cluster does not allow raises InputError with the most stages and why."""
+    if stages is not None:
+        check_stages(lg, cluster, stages)
     cands = search(lg, cluster, batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows,
                    schedule=schedule, stages=stages, opt_state_factor=opt_state_factor, orders=orders,
                    local=local, deepen=deepen, recovery=recovery)
     if not cands:
         raise NoPlanError(no_plan_message(lg, cluster, batch, microbatches, microbatch_rows, schedule,
-                                          opt_state_factor, recovery))
+                                          opt_state_factor, recovery, stages))
     return best_simulated(to_simulate(cands, simulate_top), lg, cluster, opt_state_factor, name, recovery)
 
 
@@ -211,26 +226,37 @@ def left_out_reason(table: CostTable, device: str, c: Candidate, schedule: str) 
 
 def no_plan_message(lg: LayerGraph, cluster: Cluster, batch: int, microbatches: int | None,
                     microbatch_rows: int | None, schedule: str, opt_state_factor: float,
-                    recovery: bool = False) -> str:
+                    recovery: bool = False, stages: int | None = None) -> str:
     """Why nothing fits, with the smallest memory that would do: found by bisection on a budget
-    given to every device of the cluster (the planner's own search decides whether it fits)."""
-    import dataclasses as dc
-
+    given to every device of the cluster (the planner's own search, with ``stages`` when pinned,
+    decides whether it fits). The budgets are what-ifs, beyond what a device kind may physically
+    have, so they go to the search as budgets, not as a Cluster (which refuses them)."""
     def fits(budget: int) -> bool:
-        bigger = Cluster([dc.replace(d, memory_bytes=max(d.memory_bytes, budget)) for d in cluster.devices],
-                         cluster.bandwidth, cluster.latency, name=cluster.name)
-        return bool(search(lg, bigger, batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows,
-                           schedule=schedule, opt_state_factor=opt_state_factor, recovery=recovery))
+        budgets = {d.name: max(d.memory_bytes, budget) for d in cluster.devices}
+        return bool(search(lg, cluster, batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows,
+                           schedule=schedule, stages=stages, opt_state_factor=opt_state_factor, recovery=recovery,
+                           budgets=budgets))
 
     L = len(lg)
     M, R = microbatch_choices(batch, microbatches, microbatch_rows)[-1]
     table = CostTable(lg, cluster, R, opt_state_factor, recovery)
-    hi = max(table.memory(0, L, R, in_flight(schedule, 0, 1, M)), 1)  # one device holds everything
+    # enough for any device of any plan: every layer, as many micro-batches in flight as the first
+    # of ``stages`` holds (and two copies of every stage's state, as a backup holder, under recovery)
+    k = stages or 1
+    hi = max(table.memory(0, L, R, in_flight(schedule, 0, k, M))
+             + (2 * table.state_bytes(0, L) if recovery and k > 1 else 0), 1)
     lo = max(d.memory_bytes for d in cluster.devices)
     biggest = lo
+    pinned = f" in {stages} stage{'' if stages == 1 else 's'}" if stages is not None else ""
     if fits(lo):  # nothing to add memory to (e.g. too few rows for the groups): say so plainly
-        return (f"no plan fits this cluster with a batch of {batch}" + (f" in {microbatches} micro-batches"
-                if microbatches else "") + "; use a larger batch or fewer micro-batches")
+        return (f"no plan fits this cluster{pinned} with a batch of {batch}" + (f" in {microbatches} micro-batches"
+                if microbatches else "") + "; use a larger batch or fewer micro-batches"
+                + (", or fewer stages" if stages is not None and stages > 1 else ""))
+    hi = int(max(hi, lo))
+    if not fits(hi):  # more memory does not help (a pinned count with too few rows for its groups)
+        return (f"no plan{pinned} fits this cluster with a batch of {batch}, whatever its memory: every stage "
+                "needs a device and a row of each micro-batch; use a larger batch, fewer micro-batches"
+                + (" or fewer stages" if stages is not None and stages > 1 else ""))
     for _ in range(24):
         if hi - lo <= max(hi // 200, 1024):
             break
@@ -241,7 +267,7 @@ def no_plan_message(lg: LayerGraph, cluster: Cluster, batch: int, microbatches: 
             lo = mid
     copies = (", recovery's copies of stage state (its rollback point, and two of each backup it holds)"
               if recovery else "")
-    return (f"no plan fits this cluster: its largest device has {_bytes(biggest)}, and with all "
+    return (f"no plan{pinned} fits this cluster: its largest device has {_bytes(biggest)}, and with all "
             f"{len(cluster.devices)} devices each would need at least {_bytes(hi)} (weights, gradients, "
             f"optimizer state{copies} and activations of its share). Give the devices that much memory, add "
             "devices, use an optimizer with less state (opt_state_factor) or a smaller batch"
