@@ -25,7 +25,8 @@ from asteroid_fx.cli import check as check_cli  # noqa: E402
 from tests.test_local import BATCH, LAYOUTS, MICROBATCHES, _named_cluster  # noqa: E402
 
 # one plan per model in the default run, so that every stage count is covered
-DEFAULT = {"mobilenetv2": 1, "gpt": 2, "resnet50": 2, "bert": 3, "resnet18": 3, "mlp": 4, "vgg16": 4, "digits": 2}
+# (the small MLP has three matrix products: at most three stages that compute)
+DEFAULT = {"mobilenetv2": 1, "gpt": 2, "resnet50": 2, "bert": 3, "resnet18": 3, "mlp": 3, "vgg16": 4, "digits": 2}
 
 
 def _compile(name: str, n_stages: int):
@@ -47,7 +48,7 @@ def test_the_real_onnxruntime_package_is_imported():
 
 @pytest.mark.parametrize("name, n_stages", [
     pytest.param(name, n, marks=() if DEFAULT[name] == n else pytest.mark.slow)
-    for name in sorted(models.ZOO) for n in (1, 2, 3, 4)])
+    for name in sorted(models.ZOO) for n in (1, 2, 3, 4) if not (name == "mlp" and n == 4)])
 def test_zoo_model_passes_the_check(name, n_stages):
     model, compiled = _compile(name, n_stages)
     assert any(len(s.slots) > 1 and len({hi - lo for _, lo, hi in s.slots}) > 1 for s in compiled.program.stages) \
