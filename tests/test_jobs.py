@@ -5,6 +5,7 @@ and on worker processes, and every device reading only what its actions use."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -230,9 +231,13 @@ def test_a_torchrun_script_trains_the_job_rank_by_device(tmp_path):
     CLUSTER.save(cluster)
     out = tmp_path / "run"
     out.mkdir()
+    root = Path(__file__).parent.parent
+    # a script's own folder is on its path, not the project's: the job's package is put there, as a
+    # user's project would be (installed, or on PYTHONPATH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
                            "tests/torchrun_job.py", str(out), str(cluster)], capture_output=True, text=True,
-                          timeout=240, cwd=Path(__file__).parent.parent)
+                          timeout=240, cwd=root, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 
