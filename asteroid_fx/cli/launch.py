@@ -92,7 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--device", default=None, help="this device's name in the cluster (default: the program's "
                    "device number $RANK)")
     w.add_argument("--out", default=".", help="folder for this worker's weights")
-    w.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the coordinator")
+    w.add_argument("--connect-timeout", type=args_.number(above=True, most=86400.0), default=60.0,
+                   help="seconds to wait for the coordinator (the worker gives up after them)")
     w.add_argument("--join", action="store_true", help="join a running job (started with --recover) as a device "
                    "of its cluster it does not use yet: taken in at an iteration boundary by a re-plan")
     w.set_defaults(func=run_worker)

@@ -22,9 +22,16 @@ be read in one place. Values are small strings: JSON for records, ``repr`` of a 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import math
 import os
+import socket
+import sys
+import tempfile
+import threading
+import time
 
 import torch.distributed as dist
 
@@ -129,8 +136,6 @@ def serve_store(host: str, port: int = 0, timeout_s: float = STORE_TIMEOUT_S) ->
     Given a host, torch's TCPStore listens on every interface of the machine; it is handed a
     socket bound to ``host`` instead, so a run told to listen on the loopback is not reachable
     from the network."""
-    import socket
-
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         listener = socket.create_server((host, port), family=family, backlog=1024)
@@ -144,13 +149,77 @@ def serve_store(host: str, port: int = 0, timeout_s: float = STORE_TIMEOUT_S) ->
 
 
 def connect(coordinator: str, timeout_s: float = STORE_TIMEOUT_S) -> dist.TCPStore:
-    """A client of the run's store, or a clear error within ``timeout_s``."""
+    """A client of the run's store, or a clear error within ``timeout_s`` (and a second or two).
+
+    torch's own client retries with a back-off that can take more than twice its timeout, waits
+    forever on a listener that accepts and never answers, and prints a C++ stack per retry. So the
+    port is first reached with a plain socket until the deadline (a refused or unreachable port is
+    retried, every 0.2 s), then the store's handshake runs in a thread that is given up on at the
+    deadline; torch's retry messages go to a scratch file, not the terminal."""
     host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"coordinator {coordinator!r} is not HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:port
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"coordinator {coordinator!r} is not HOST:PORT (a port 1 to 65535)")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise InputError(f"connect timeout {timeout_s!r}: give a number of seconds above 0")
+    deadline = time.monotonic() + timeout_s
+    unreachable = (f"cannot reach the coordinator at {coordinator} within {timeout_s:g}s: is `asteroid launch` "
+                   "running there, and is the port open from this machine?")
+    reason = _reach(host, int(port), deadline)
+    if reason is not None:
+        raise CoordinatorUnreachable(f"{unreachable} ({reason})")
+    done: dict = {}
+
+    def handshake() -> None:
+        try:
+            done["store"] = dist.TCPStore(host, int(port), world_size=None, is_master=False,
+                                          timeout=datetime.timedelta(seconds=max(1.0, deadline - time.monotonic())))
+        except (RuntimeError, OSError) as e:  # c10d raises DistNetworkError (a RuntimeError) on timeout
+            done["error"] = e
+
+    thread = threading.Thread(target=handshake, name="asteroid-connect", daemon=True)
+    with _cpp_log_aside():
+        thread.start()
+        thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+    if "store" in done:
+        return done["store"]
+    if "error" in done:
+        first = str(done["error"]).splitlines()[0] if str(done["error"]) else type(done["error"]).__name__
+        raise CoordinatorUnreachable(f"{unreachable} ({first})")
+    raise CoordinatorUnreachable(f"the coordinator at {coordinator} accepted the connection but did not answer as "
+                                 f"a run's store within {timeout_s:g}s: is HOST:PORT the address `asteroid launch` "
+                                 "printed, and not another service?")
+
+
+def _reach(host: str, port: int, deadline: float) -> str | None:
+    """None once a TCP connection to host:port opens before ``deadline``; else the last reason."""
+    reason = "no answer"
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return reason
+        try:
+            with socket.create_connection((host, port), timeout=min(left, 5.0)):
+                return None
+        except socket.gaierror as e:
+            return f"the host name does not resolve: {e.strerror or e}"
+        except OSError as e:
+            reason = e.strerror or str(e) or type(e).__name__
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
+@contextlib.contextmanager
+def _cpp_log_aside():
+    """File descriptor 2 into a scratch file while torch's store client runs: its C++ retry and
+    timeout messages (a stack each) are not the user's to read; the error raised says what failed."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        return dist.TCPStore(host, int(port), world_size=None, is_master=False,
-                             timeout=datetime.timedelta(seconds=timeout_s))
-    except (RuntimeError, OSError) as e:  # c10d raises DistNetworkError (a RuntimeError) on timeout
-        raise CoordinatorUnreachable(f"cannot reach the coordinator at {coordinator} within {timeout_s:.0f}s: is "
-                                     "`asteroid launch` running there, and is the port open from this machine?") from e
+        with tempfile.TemporaryFile() as scratch:
+            os.dup2(scratch.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
