@@ -4,6 +4,7 @@ the option, what it got and what it takes, no traceback."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from asteroid_fx.cli import main
 
@@ -36,7 +37,11 @@ CASES = [
     ("check DIR --rtol -1", "--rtol: '-1' is out of range"),
     ("simulate DIR --optimizer-state -5", "--optimizer-state: '-5' is out of range"),
     ("profile --threads -2", "--threads: -2 is out of range"),
+    ("profile --model mlp:small --device nosuch --out OUT", "--device: 'nosuch' is not a torch device"),
+    ("worker --coordinator 127.0.0.1:1 --connect-timeout -1", "--connect-timeout: '-1' is out of range"),
 ]
+if not torch.cuda.is_available():
+    CASES.append(("profile --model mlp:small --device cuda --out OUT", "--device: 'cuda': this machine has no CUDA"))
 
 
 @pytest.mark.parametrize("line, message", CASES, ids=[c[0] for c in CASES])

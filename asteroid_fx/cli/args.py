@@ -99,3 +99,25 @@ def listen(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT with a port of 0 to 65535 (e.g. 127.0.0.1:0, or "
                                          "0.0.0.0:29500 to accept workers from other machines)")
     return text
+
+
+def torch_device(text: str) -> str:
+    """A torch device this machine has: cpu, cuda, cuda:N (N below the number of GPUs), mps."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; give cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device that torch can use "
+                                             "(a CPU build of torch, or no GPU); give cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                             f"device(s), numbered from 0")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; give cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: profiling runs on cpu, cuda or mps")
+    return text

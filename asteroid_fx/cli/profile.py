@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--rows", type=parse_rows, default=DEFAULT_ROWS, help="row counts to time (default 1,2,4,8,16,32)")
     p.add_argument("--out", help="profile (or, with --links, cluster) JSON to write; an unfinished one is resumed")
     p.add_argument("--kind", default=None, help="catalog kind this device stands for (default: host-cpu on CPU)")
-    p.add_argument("--device", default=None, help="torch device to run on (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=args_.torch_device, default=None, help="torch device to run on (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=args_.count(), default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--max-layers", type=args_.count(), default=48, help="as for `asteroid compile` (must match it)")
     p.add_argument("--input", action="append", default=[], help="example input for module:callable, e.g. f32[2,3,32,32]")
