@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asteroid_fx.ir import catalog
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.catalog import GiB, DeviceKind
 from asteroid_fx.ir.cluster import (
     Cluster,
@@ -462,3 +463,14 @@ def test_random_clusters_round_trip(tmp_path, c):
     assert c.subset(list(reversed(c.names))).subset(list(c.names)) == c
     str(c)  # renders for any valid cluster
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("name, shown", [("nano\u202e0", "U+202E"), ("a/b", "'/'"), ("../x", "'/'"),
+                                          ("n\x00", "U+0000"), ("x" * 65, "65 characters")])
+def test_a_device_name_that_could_not_be_a_file_name_or_shown_plainly_is_refused(name, shown):
+    with pytest.raises(InputError, match=re.escape(shown)):
+        Device(name, "jetson-nano")
+
+
+def test_device_names_of_letters_digits_and_marks_are_fine():
+    assert [Device(n, "jetson-nano").name for n in ("tx2-0", "pi_5.a", "nœud0")] == ["tx2-0", "pi_5.a", "nœud0"]

@@ -51,6 +51,10 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "Cluster", "Device", "parse_bandwidth", "
 FORMAT = "asteroid-cluster"
 FORMAT_VERSION = 1
 
+NAME_MARKS = "._-"  # what a device name may hold besides letters and digits
+MAX_NAME = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class Device:
     name: str  # unique within a cluster, e.g. "nano0"
@@ -64,6 +68,16 @@ class Device:
             raise InputError(
                 f"device name must be a non-empty string without whitespace, got {self.name!r}; "
                 "use names like 'nano0'"
+            )
+        odd = sorted({c for c in self.name if not (c.isalnum() or c in NAME_MARKS)})
+        if odd or len(self.name) > MAX_NAME:
+            # names become file names (worker_<name>.pt), store keys and terminal text: no path
+            # separators, no control or bidirectional-override characters
+            what = (f"holds {', '.join(f'U+{ord(c):04X}' if not c.isprintable() else repr(c) for c in odd)}"
+                    if odd else f"is {len(self.name)} characters long")
+            raise InputError(
+                f"device name {self.name!r} {what}; a name is at most {MAX_NAME} letters, digits and "
+                f"{' '.join(NAME_MARKS)} (e.g. 'nano0', 'tx2-0')"
             )
         if not isinstance(self.kind, str) or not catalog.is_known(self.kind):
             raise InputError(
