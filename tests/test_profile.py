@@ -101,6 +101,13 @@ def _set_median(data, value):
     data["layers"][1]["cells"][0]["fwd"]["median"] = value
 
 
+def _zero_times(data):
+    for layer in data["layers"]:
+        for cell in layer["cells"]:
+            for t in (cell["fwd"], cell["bwd"]):
+                t.update(median=0.0, mad=0.0, best=0.0)
+
+
 REJECTIONS = {
     "empty": (lambda p: "", "empty"),
     "truncated": (lambda p: P.dumps(p)[: len(P.dumps(p)) // 2], "truncated"),
@@ -119,6 +126,8 @@ REJECTIONS = {
     "layer count": (lambda p: _edit(p, lambda d: d["layers"].pop()), "lists 2 layers but graph.layers is 3"),
     "rows order": (lambda p: _edit(p, lambda d: d.update(rows=[4, 2])), "strictly increasing"),
     "missing cell": (lambda p: _edit(p, lambda d: d["layers"][0]["cells"].pop()), "marked complete but layer 0"),
+    "time of 1e300": (lambda p: _edit(p, lambda d: _set_median(d, 1e300)), "more than a day for one layer"),
+    "every time 0": (lambda p: _edit(p, _zero_times), "every layer's forward and backward time at 2 rows is 0"),
     "bad cold timing": (lambda p: _edit(p, lambda d: d["layers"][0]["cells"][0]["cold"]["bwd"].pop("mad")),
                         "missing field 'layers[0].cells[0].cold.bwd.mad'"),
 }

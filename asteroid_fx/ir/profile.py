@@ -213,10 +213,18 @@ class _Reader:
                                f"allowed: {', '.join(allowed)}")
 
 
+MAX_SECONDS = 1e5  # a day: no layer of a model that trains takes longer for one micro-batch
+
+
 def _timing(r: _Reader) -> Timing:
     r.only(_TIMING)
-    return Timing(r.number("median"), r.number("mad"), r.number("best"),
-                  r.number("repeats", integer=True), r.number("outliers", integer=True))
+    t = Timing(r.number("median"), r.number("mad"), r.number("best"),
+               r.number("repeats", integer=True), r.number("outliers", integer=True))
+    for name in ("median", "mad", "best"):
+        if getattr(t, name) > MAX_SECONDS:
+            raise ProfileError(f"field {r._where(name)!r} is {getattr(t, name):g} s, more than a day for one layer "
+                               "and micro-batch: no measurement gives that; re-run `asteroid profile`")
+    return t
 
 
 def _increasing(rows: list[int], what: str) -> None:
@@ -321,6 +329,11 @@ def _from_json(data: Any) -> DeviceProfile:
     profile = DeviceProfile(model=top.string("model"), graph=graph, device=device, method=method,
                             rows=tuple(rows), layers=tuple(layers), blocks=tuple(blocks), overhead=overhead,
                             complete=top.boolean("complete"), source=source, elapsed_s=top.number("elapsed_s"))
+    for r in profile.rows:  # a model whose every layer takes no time at some row count was not measured
+        total = sum(c.fwd.median + c.bwd.median for la in profile.layers for c in la.cells if c.rows == r)
+        if profile.layers and any(c.rows == r for la in profile.layers for c in la.cells) and total <= 0:
+            raise ProfileError(f"every layer's forward and backward time at {r} rows is 0: no measurement gives "
+                               "that (the file was edited or damaged); re-run `asteroid profile`")
     if profile.complete and profile.missing():
         layer, r = profile.missing()[0]
         raise ProfileError(f"marked complete but layer {layer} has no measurement at {r} rows "
