@@ -170,6 +170,9 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
         if value is not None and (value < 1 or batch % value):
             raise InputError(f"{name}={value} does not divide the example batch of {batch} rows; "
                              f"pass a divisor of {batch}, or leave both out and the planner chooses")
+    if not any(p.requires_grad for p in captured.module.parameters()):
+        raise InputError(f"{type(model).__name__} has no parameter that requires grad: there is nothing to "
+                         f"train; give the model parameters (or unfreeze them) before compiling")
     annotate_costs(captured, cluster.device_kinds())  # a measured kind (host-cpu) as the cluster carries it
     lg = linearize(captured, max_layers=max_layers)
     if profiles:  # measured layer times replace the roofline for the kinds they were measured on

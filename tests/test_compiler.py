@@ -5,7 +5,9 @@ that round trips and verifies, whose transfers carry what split says crosses eac
 from __future__ import annotations
 
 import pytest
+import torch
 
+import asteroid_fx
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program import Op
@@ -47,3 +49,25 @@ def test_golden_mlp_2stage_3dev_1f1b(golden):
     file = golden("compiler/mlp_2stage_3dev_1f1b.txt")
     file.check(format_program(compiled.program), section=None)
     assert parse_program(file.path.read_text()) == compiled.program
+
+
+class _NoParameters(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x) * 2
+
+
+def test_a_model_without_parameters_is_refused_at_compile():
+    # it compiled before and failed at the first backward, deep in autograd
+    with pytest.raises(InputError, match="_NoParameters has no parameter that requires grad"):
+        asteroid_fx.compile(_NoParameters(), "edge-4-1g", example=torch.randn(8, 4))
+    frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+    with pytest.raises(InputError, match="nothing to train"):
+        asteroid_fx.compile(frozen, "edge-4-1g", example=torch.randn(8, 4))
+
+
+def test_an_example_the_model_cannot_run_names_the_node():
+    # integer inputs to a float layer: export's fake tensors let them through, the first real
+    # run (the cost annotation) did not, with a raw traceback
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with pytest.raises(InputError, match=r"fails on the example inputs at node 'linear' .*module '0'.*dtype"):
+        asteroid_fx.compile(model, "edge-4-1g", example=torch.randint(0, 4, (8, 4)))

@@ -21,6 +21,7 @@ from asteroid_fx.ir import catalog
 from asteroid_fx.ir.catalog import DeviceKind
 from asteroid_fx.cost.roofline import roofline
 from asteroid_fx.ir.costs import NodeStats
+from asteroid_fx.ir.errors import InputError
 from asteroid_fx.passes.capture import Captured
 
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
@@ -55,8 +56,10 @@ class _StatsInterpreter(fx.Interpreter):
         self.captured = captured
         self.rows = rows
         self.params = {id(t) for t in captured.module.parameters()} | {id(t) for t in captured.module.buffers()}
+        self.current: fx.Node | None = None  # the node running now, for the error when one fails
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n
         if n.op not in COMPUTE_OPS:
             return super().run_node(n)
         counter = FlopCounterMode(display=False)
@@ -92,6 +95,16 @@ class _StatsInterpreter(fx.Interpreter):
         return out
 
 
+def _where(node: fx.Node | None) -> str:
+    """A node as a user recognises it: its module path and op, else its graph name."""
+    if node is None:
+        return "the graph's inputs"
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else ""
+    op = getattr(node.target, "__name__", str(node.target))
+    return f"node {node.name!r} ({op}{' in module ' + repr(path) if path else ''})"
+
+
 def annotate_costs(captured: Captured, kinds: Iterable[str] | Mapping[str, DeviceKind]) -> Captured:
     """Attach NodeStats and an analytic Cost per device kind to every compute node (in place on meta).
     ``kinds``: kind names (their figures from the catalog) or, by name, the figures to use (a
@@ -104,9 +117,14 @@ def annotate_costs(captured: Captured, kinds: Iterable[str] | Mapping[str, Devic
     rows = min(captured.example_batch, 2) if captured.batch_symbol is not None else captured.example_batch
     inputs = [x[:rows] if isinstance(x, torch.Tensor) and x.dim() > 0 and rows < captured.example_batch else x
               for x in captured.example_inputs]
+    interpreter = _StatsInterpreter(captured, rows)
     try:
         with torch.no_grad():
-            _StatsInterpreter(captured, rows).run(*inputs)
+            interpreter.run(*inputs)
+    except Exception as e:  # the example does not run through its own graph: say where, not how
+        raise InputError(f"the model fails on the example inputs at {_where(interpreter.current)}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0]}; check the example's dtypes and "
+                         f"shapes against what forward expects (model(*example) must run eagerly)") from None
     finally:
         with torch.no_grad():
             for name, b in gm.named_buffers():
