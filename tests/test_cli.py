@@ -54,3 +54,25 @@ def test_unknown_model_names_the_zoo():
 def test_bad_cluster_is_an_error_not_a_traceback(tmp_path, capsys):
     assert cli.main(["compile", "mlp:small", "--cluster", "no-such-preset", "--out", str(tmp_path)]) == 2
     assert "no-such-preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["tests.jobs:build", "tests.jobs:vector_loss"])
+def test_compile_a_job_at_the_batch_asked_for(tmp_path, entry):
+    # --batch was ignored for a job: the plan was always at the job's own batch
+    from tests import jobs
+
+    out = tmp_path / "o"
+    rows = jobs.BATCH // 2
+    assert cli.main(["compile", entry, "--cluster", "host-2", "--batch", str(rows), "--microbatches", "2",
+                     "--out", str(out)]) == 0
+    assert Plan.from_json(json.loads((out / "plan.json").read_text())).batch == rows
+    assert cli.main(["compile", entry, "--cluster", "host-2", "--out", str(out)]) == 0
+    assert Plan.from_json(json.loads((out / "plan.json").read_text())).batch == jobs.BATCH
+
+
+def test_compile_a_job_above_its_own_example_says_so(tmp_path):
+    from tests import jobs
+
+    with pytest.raises(SystemExit, match=f"example has {jobs.BATCH} rows, fewer than --batch {2 * jobs.BATCH}"):
+        cli.main(["compile", "tests.jobs:vector_loss", "--cluster", "host-2", "--batch", str(2 * jobs.BATCH),
+                  "--out", str(tmp_path / "o")])

@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("model", help="zoo model (resnet18, gpt:small, ...) or package.module:callable")
     c.add_argument("--cluster", required=True, type=args_.cluster, help="preset name, cluster JSON file, or comma-separated device kinds")
     c.add_argument("--out", required=True, type=args_.out_folder, help="folder to write into")
-    c.add_argument("--batch", type=args_.count(), default=32, help="global batch (rows per iteration)")
+    c.add_argument("--batch", type=args_.count(), default=None,
+                   help="global batch (rows per iteration; default: a job's own batch, else 32)")
     c.add_argument("--microbatches", type=args_.count(), default=None,
                    help="micro-batches per iteration (default: the planner chooses)")
     c.add_argument("--planner", choices=PLANNER_NAMES, default="asteroid",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 from typing import Any, Sequence
@@ -25,16 +26,17 @@ def parse_input_spec(spec: str) -> torch.Tensor:
     return torch.randint(0, int(m.group(3) or 2), shape, dtype=dtype)
 
 
-def load_model(name: str, batch: int, inputs: Sequence[str]) -> tuple[torch.nn.Module, tuple, Any]:
+def load_model(name: str, batch: int | None, inputs: Sequence[str]) -> tuple[torch.nn.Module, tuple, Any]:
     """A zoo name (small config with ':small'), or 'module:attribute': a Job (runtime/job.py), or a
-    callable returning a Job, a module or (module, example)."""
+    callable returning a Job, a module or (module, example). ``batch``: the example's rows (None:
+    the job's own batch, else 32); a module's --input specs give their own."""
     from asteroid_fx import models
 
     base, _, variant = name.partition(":")
     if base in models.ZOO and variant in ("", "small"):
         entry = models.get(base)
         small = variant == "small"
-        return entry.build(small=small), entry.example(batch, small), entry.loss
+        return entry.build(small=small), entry.example(batch or 32, small), entry.loss
     if ":" not in name:
         raise SystemExit(f"unknown model {name!r}: use a zoo model ({', '.join(models.ZOO)}, add ':small' "
                          "for the test config) or 'package.module:callable'")
@@ -47,9 +49,18 @@ def load_model(name: str, batch: int, inputs: Sequence[str]) -> tuple[torch.nn.M
 
     if not isinstance(made, Job):
         made = made()
-    if isinstance(made, Job):  # a job: its model, its example (at its own batch) and loss
+    if isinstance(made, Job):  # a job: its model, its example (at its own batch unless --batch) and loss
         from asteroid_fx.runtime.spec import example_of
 
+        if batch is not None and batch != made.batch:
+            example = made.example
+            if example is not None:  # the job's own example: its first ``batch`` rows
+                if batch > made.batch:
+                    raise SystemExit(f"{name!r} is a job whose example has {made.batch} rows, fewer than --batch "
+                                     f"{batch}; leave --batch out, or give the job a larger batch and example")
+                example = torch.utils._pytree.tree_map(
+                    lambda t: t[:batch] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, example)
+            made = dataclasses.replace(made, batch=batch, example=example)
         args, kwargs = example_of(made)
         if kwargs:
             raise SystemExit(f"{name!r} is a job with keyword inputs; compile it from Python "
