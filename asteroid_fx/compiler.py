@@ -132,7 +132,7 @@ class Compiled:
             os.replace(tmp, out / f"stage_{st.index}.pt")
         from asteroid_fx.backends.onnxruntime import save_check_files
 
-        save_check_files(self, out)  # stage_<p>.eval.pt2, check_inputs.pt, check.json: what `asteroid check` reads
+        save_check_files(self, out)  # stage_<p>.eval.json/.pt, check_inputs.pt, check.json: what `asteroid check` reads
         return out
 
 

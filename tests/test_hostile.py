@@ -1,0 +1,195 @@
+"""Hostile inputs: a crafted folder or file is refused with one clear error naming the file and the
+field, and nothing in it runs. Every case is seeded and small."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from asteroid_fx.cli import main as cli_main
+from asteroid_fx.ir.errors import InputError
+
+
+class _Touch:
+    """Unpickled, it creates ``path``: the stand-in for any command a crafted file could run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _payload(marker: Path) -> bytes:
+    return pickle.dumps(_Touch(marker), protocol=2)
+
+
+def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        rc = cli_main(argv)
+    except SystemExit as e:  # argparse and the commands' own refusals
+        rc = e.code if isinstance(e.code, int) else 2
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=__import__("sys").stderr)
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+# --- 1. a check folder holds nothing that is unpickled or run -------------------------------------
+
+@pytest.fixture(scope="module")
+def check_folder(tmp_path_factory):
+    """A small compiled plan folder (two stages), as `asteroid compile --out` writes it."""
+    pytest.importorskip("onnxruntime")
+    from tests.test_onnxruntime import _compile
+
+    _, compiled = _compile("mlp", 2)
+    folder = tmp_path_factory.mktemp("plan")
+    compiled.save(folder)
+    return folder
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "crafted"
+    shutil.copytree(folder, out)
+    return out
+
+
+def test_the_payload_is_live(tmp_path):
+    """What the crafted folders below carry does run when unpickled (so their refusal means something)."""
+    marker = tmp_path / "ran"
+    pickle.loads(_payload(marker))
+    assert marker.exists()
+
+
+def test_a_saved_folder_holds_no_torch_export_archive_and_passes(check_folder):
+    from asteroid_fx.backends.onnxruntime import check_folder as run_check
+
+    assert not list(check_folder.glob("*.pt2"))
+    manifest = json.loads((check_folder / "check.json").read_text())
+    assert [e["graph"] for e in manifest["stages"]] == ["stage_0.eval.json", "stage_1.eval.json"]
+    assert run_check(check_folder, repeats=0).ok
+
+
+def _pickled_pt2(path: Path, marker: Path) -> None:
+    """A real torch.export archive whose first weight is marked use_pickle and holds the payload."""
+    ep = torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(2, 2),))
+    plain = path.with_suffix(".plain.pt2")
+    torch.export.save(ep, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("weights_config.json"):
+                config = json.loads(data)
+                first = next(iter(config["config"].values()))
+                first["use_pickle"] = True
+                data = json.dumps(config).encode()
+            elif info.filename.endswith("weights/weight_0"):
+                data = _payload(marker)
+            dst.writestr(info, data)
+
+
+def test_a_folder_with_a_pickled_torch_export_archive_is_refused_unrun(check_folder, tmp_path, capsys):
+    live = tmp_path / "live"
+    _pickled_pt2(tmp_path / "probe.pt2", live)
+    with pytest.raises(Exception):
+        torch.export.load(tmp_path / "probe.pt2")  # the archive is live: torch's loader runs it
+    assert live.exists()
+    folder = _copy(check_folder, tmp_path)
+    marker = tmp_path / "marker"
+    _pickled_pt2(folder / "stage_0.eval.pt2", marker)
+    manifest = json.loads((folder / "check.json").read_text())
+    manifest["version"] = 1
+    manifest["stages"][0] = {**manifest["stages"][0], "torch": "stage_0.eval.pt2"}
+    (folder / "check.json").write_text(json.dumps(manifest))
+    rc, err = _run_cli(["check", str(folder), "--repeats", "0"], capsys)
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "check.json is not a version 2 asteroid check manifest" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("victim", ["stage_0.eval.pt", "stage_1.eval.pt", "check_inputs.pt"])
+@pytest.mark.parametrize("wrapped", [False, True], ids=["raw-pickle", "torch-save"])
+def test_a_pickled_weights_or_inputs_file_is_refused_unrun(check_folder, tmp_path, capsys, victim, wrapped):
+    folder = _copy(check_folder, tmp_path)
+    marker = tmp_path / "marker"
+    if wrapped:
+        torch.save({"w": _Touch(marker)}, folder / victim)
+    else:
+        (folder / victim).write_bytes(_payload(marker))
+    rc, err = _run_cli(["check", str(folder), "--repeats", "0"], capsys)
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{victim}: not a file of plain tensors, refused without running it" in err
+    assert not marker.exists()
+
+
+def _call(graph: dict) -> dict:
+    return next(n for n in graph["nodes"] if n["op"] == "call_function")
+
+
+def _attr(graph: dict) -> dict:
+    return next(n for n in graph["nodes"] if n["op"] == "get_attr")
+
+
+_GRAPH_EDITS = {
+    "target os.system": (lambda g: _call(g).update(target="torch.os.system"), "target 'torch.os.system'"),
+    "target builtins": (lambda g: _call(g).update(target="builtins.eval"), "target 'builtins.eval'"),
+    "target dunder": (lambda g: _call(g).update(target="aten.__class__.__init__"), "is neither an ATen op"),
+    "op call_module": (lambda g: _call(g).update(op="call_module"), "'op' must be one of"),
+    "unknown argument": (lambda g: _call(g).update(args={"pickle": "x"}), "none of the values a graph holds"),
+    "forward reference": (lambda g: _call(g).update(args={"tuple": [{"node": "nosuch"}]}), "names node 'nosuch'"),
+    "weight not named": (lambda g: g["weights"].update({"extra": "buffer"}), "where the graph names"),
+    "weight dunder": (lambda g: _attr(g).update(target="__class__"), "is no weight of this graph"),
+    "no output": (lambda g: g.update(nodes=[n for n in g["nodes"] if n["op"] != "output"]), "has no output node"),
+    "nodes not a list": (lambda g: g.update(nodes={"a": 1}), "'nodes' a list"),
+    "wrong format": (lambda g: g.update(format="pickle"), "not a version 1 asteroid-stage-graph file"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(_GRAPH_EDITS))
+def test_a_crafted_stage_graph_is_refused_naming_the_file_and_field(check_folder, tmp_path, capsys, edit):
+    folder = _copy(check_folder, tmp_path)
+    change, message = _GRAPH_EDITS[edit]
+    graph = json.loads((folder / "stage_0.eval.json").read_text())
+    change(graph)
+    (folder / "stage_0.eval.json").write_text(json.dumps(graph))
+    rc, err = _run_cli(["check", str(folder), "--repeats", "0"], capsys)
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "stage_0.eval.json" in err and message in err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("inputs", "../../etc/passwd", "inputs must be a file name in the folder"),
+    ("inputs", "nosuch.pt", "nosuch.pt (named by check.json inputs) is missing"),
+    ("stages", [], "'stages' must be a non-empty list"),
+    ("stages", [{"index": 3}], "stages[0] must be an object with 'index' 0"),
+])
+def test_a_crafted_manifest_is_refused(check_folder, tmp_path, capsys, field, value, message):
+    folder = _copy(check_folder, tmp_path)
+    manifest = json.loads((folder / "check.json").read_text())
+    manifest[field] = value
+    (folder / "check.json").write_text(json.dumps(manifest))
+    rc, err = _run_cli(["check", str(folder), "--repeats", "0"], capsys)
+    assert rc == 2 and "Traceback" not in err and message in err, err
+
+
+def test_the_graph_reader_rebuilds_what_the_writer_wrote():
+    from asteroid_fx.backends.onnxruntime.graph_file import graph_from_data, graph_to_data
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.GELU()).eval()
+    ep = torch.export.export(model, (torch.zeros(2, 3),), dynamic_shapes=({0: torch.export.Dim("rows", min=1)},))
+    from asteroid_fx.backends.onnxruntime.export import _plain_module
+
+    data, weights = graph_to_data(_plain_module(ep))
+    rebuilt = graph_from_data(json.loads(json.dumps(data)), weights, Path("x.json"))
+    x = torch.randn(5, 3)
+    assert torch.equal(rebuilt(x)[0], model(x))
+    with pytest.raises(InputError, match="x.json: .*the weights file holds"):
+        graph_from_data(data, {}, Path("x.json"))
