@@ -8,6 +8,7 @@ import pickle
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -193,3 +194,119 @@ def test_the_graph_reader_rebuilds_what_the_writer_wrote():
     assert torch.equal(rebuilt(x)[0], model(x))
     with pytest.raises(InputError, match="x.json: .*the weights file holds"):
         graph_from_data(data, {}, Path("x.json"))
+
+
+# --- 2. plan.json and costs.json: a seeded mutation fuzz through the commands that read them -----
+
+@pytest.fixture(scope="module")
+def plan_folder(tmp_path_factory):
+    """The small MLP compiled on two stages (the first a group of two), saved as `asteroid compile` does."""
+    import asteroid_fx as asteroid
+    from asteroid_fx import models
+    from tests.test_local import BATCH, LAYOUTS, MICROBATCHES, _named_cluster
+
+    entry = models.get("mlp")
+    torch.manual_seed(0)
+    groups, rows = LAYOUTS[2]
+    compiled = asteroid.compile(entry.build(small=True), _named_cluster(), example=entry.example(BATCH, True),
+                                loss=entry.loss, microbatches=MICROBATCHES, groups=groups, rows=rows)
+    folder = tmp_path_factory.mktemp("compiled")
+    compiled.save(folder)
+    return folder
+
+
+def _paths(doc: Any, path: tuple = ()) -> list[tuple]:
+    """Every place in ``doc``: object keys and list positions, depth first."""
+    out = []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += [(*path, k), *_paths(v, (*path, k))]
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += [(*path, i), *_paths(v, (*path, i))]
+    return out
+
+
+def _parent(doc: Any, path: tuple) -> Any:
+    for p in path[:-1]:
+        doc = doc[p]
+    return doc
+
+
+_ODD_NUMBERS = (-1, -1e9, 0, 10**30, 1e308, float("nan"), float("inf"), float("-inf"), 0.5, 2**63)
+_ODD_VALUES = (None, True, "x", "", [], {}, [1, 2], {"x": 1}, -3, 1.5)
+
+
+def _mutate(text: str, rng) -> tuple[str, str, Any]:
+    """One seeded mutation of a JSON document: (new text, what was done, the key it touched)."""
+    doc = json.loads(text)
+    kind = rng.choice(["delete", "type", "number", "nest", "truncate", "swap"])
+    if kind == "truncate":
+        cut = rng.randrange(0, len(text) - 1)
+        return text[:cut], f"truncated at {cut}", None
+    places = _paths(doc)
+    if kind == "number":
+        numeric = [p for p in places if isinstance(_parent(doc, p)[p[-1]], (int, float))
+                   and not isinstance(_parent(doc, p)[p[-1]], bool)]
+        places = numeric or places
+    if kind == "swap":
+        lists = [p for p in places if isinstance(_parent(doc, p)[p[-1]], list) and len(_parent(doc, p)[p[-1]]) > 1]
+        if lists:
+            path = rng.choice(lists)
+            items = _parent(doc, path)[path[-1]]
+            i, j = rng.sample(range(len(items)), 2)
+            items[i], items[j] = items[j], items[i]
+            return json.dumps(doc), f"swapped {path}[{i}] and [{j}]", None
+        kind = "type"
+    path = rng.choice(places)
+    parent, key = _parent(doc, path), path[-1]
+    if kind == "delete":
+        del parent[key]
+    elif kind == "type":
+        parent[key] = rng.choice(_ODD_VALUES)
+    elif kind == "number":
+        parent[key] = rng.choice(_ODD_NUMBERS)
+    else:
+        parent[key] = rng.choice([[parent[key]], {"value": parent[key]}, [[parent[key]]]])
+    return json.dumps(doc), f"{kind} {path} -> {parent[key] if kind != 'delete' else '(gone)'!r:.60}", key
+
+
+def _command(argv: list[str]):
+    from asteroid_fx.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return lambda: args.func(args)
+
+
+@pytest.mark.parametrize("name, argv, cases", [
+    ("plan.json", ["show", "{folder}", "plan"], 320),
+    ("plan.json", ["simulate", "{folder}"], 320),
+    ("costs.json", ["simulate", "{folder}"], 400),
+])
+def test_a_mutated_file_is_refused_naming_it_never_a_traceback(plan_folder, tmp_path, capsys, name, argv, cases):
+    import random
+
+    from asteroid_fx.ir.errors import AsteroidError
+
+    folder = _copy(plan_folder, tmp_path)
+    original = (folder / name).read_text()
+    run = _command([a.format(folder=folder) for a in argv])
+    assert run() == 0  # the untouched folder passes
+    rng = random.Random(f"{name} {argv[0]}")
+    refused = 0
+    for case in range(cases):
+        text, what, key = _mutate(original, rng)
+        (folder / name).write_text(text)
+        try:
+            rc = run()
+        except AsteroidError as e:
+            message = str(e)
+            assert str(folder / name) in message, f"case {case} ({what}): the error does not name the file: {message}"
+            if isinstance(key, str):
+                assert key in message or "field" in message, f"case {case} ({what}): no field named: {message}"
+            refused += 1
+        else:
+            assert rc == 0, f"case {case} ({what})"
+            assert key is None or not what.startswith("truncated"), what
+    capsys.readouterr()
+    assert refused > cases // 2  # most mutations break the file, and each was refused, not run

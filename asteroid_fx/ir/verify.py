@@ -100,7 +100,7 @@ class _Where:
 # 1. header and stage table
 
 
-def _check_stage_table(p: Program, where: _Where) -> list[str]:
+def _check_stage_table(p: Program, where: _Where, layers: int | None = None) -> list[str]:
     problems: list[str] = []
     if p.version != FORMAT_VERSION:
         problems.append(f"line 1: version {p.version} is not the version this build runs ({FORMAT_VERSION})")
@@ -143,6 +143,9 @@ def _check_stage_table(p: Program, where: _Where) -> list[str]:
                 f"the last slot must end at {p.microbatch_rows}"
             )
 
+    if layers is not None and p.stages and layer_hi != layers:
+        problems.append(f"{where.stage(len(p.stages) - 1)}: the stages end at layer {layer_hi} but the model has "
+                        f"{layers} layers (0:{layers}); the last stage must end at layer {layers}")
     for device, stages in owner.items():
         adjacent = [(s, t) for s, t in itertools.pairwise(stages) if t == s + 1]
         if adjacent:
@@ -511,11 +514,12 @@ def _check_pairing(p: Program, where: _Where, held: Held, slots: Slots) -> list[
 # ---------------------------------------------------------------------------------------------
 
 
-def verify(p: Program) -> None:
-    """Check ``p`` (see the module docstring); raise VerifyError listing what is wrong, else return."""
+def verify(p: Program, *, layers: int | None = None) -> None:
+    """Check ``p`` (see the module docstring); raise VerifyError listing what is wrong, else return.
+    ``layers``, when given, is the model's layer count: the stages must cover layers 0..layers-1."""
     layout = layout_program(p)
     where = _Where(p, layout)
-    _fail(_check_stage_table(p, where))
+    _fail(_check_stage_table(p, where, layers))
     held: dict[str, tuple[int, ...]] = {}
     for st in p.stages:
         for slot in st.slots:

@@ -339,11 +339,13 @@ def check_folder(folder: str | os.PathLike, *, rtol: float = RTOL, atol: float =
                  repeats: int = 3, exporter: str = "auto", strict: bool = False) -> CheckReport:
     """The check on a plan folder (see ``save_check_files``), on the example batch saved there; the
     eager reference is the stages chained on the whole batch. Writes stage_<p>.onnx into it."""
-    from asteroid_fx.ir.program_text import program_from_json
+    from asteroid_fx.ir.program_text import read_program_json
+    from asteroid_fx.ir.verify import verify
 
     folder = Path(folder)
     manifest = _load_manifest(folder)
-    program = program_from_json(json.loads((folder / "program.json").read_text()))
+    program = read_program_json(folder / "program.json")
+    verify(program)  # the check runs the program's forward actions: they must be a program that runs
     stages = folder_stages(folder)
     if len(stages) != len(program.stages):
         raise InputError(f"{folder}: {MANIFEST} has {len(stages)} stages, program.json {len(program.stages)}; "
@@ -353,6 +355,10 @@ def check_folder(folder: str | os.PathLike, *, rtol: float = RTOL, atol: float =
                                                for k, t in inputs.items()):
         raise InputError(f"{folder / manifest['inputs']}: holds no mapping of input names to tensors; compile again")
     batch_inputs = _batch_inputs(program, list(inputs), list(inputs.values()))
+    absent = [n for n in stages[0].inputs if n not in batch_inputs]
+    if absent:
+        raise InputError(f"{folder / manifest['inputs']}: holds no input {absent[0]!r}, which stage 0 takes "
+                         f"(it holds {', '.join(map(repr, batch_inputs)) or 'none'}); compile again")
     outputs: tuple[torch.Tensor, ...] = tuple(batch_inputs[n] for n in stages[0].inputs)
     for s in stages:
         outputs = _torch_runner(stages)(s.index, outputs)
