@@ -310,3 +310,137 @@ def test_a_mutated_file_is_refused_naming_it_never_a_traceback(plan_folder, tmp_
             assert key is None or not what.startswith("truncated"), what
     capsys.readouterr()
     assert refused > cases // 2  # most mutations break the file, and each was refused, not run
+
+
+# --- 3. verify is bounded, and the commands that run a program verify it first --------------------
+
+TWO_STAGES = """asteroid-program v1
+schedule gpipe
+microbatches {M}
+microbatch_rows 2
+stage 0 layers 0:1 a[0:2]
+stage 1 layers 1:2 b[0:2]
+
+device a
+{a}
+device b
+{b}
+"""
+
+
+def _text(M: int = 1, a: str = "", b: str = "") -> str:
+    return TWO_STAGES.format(M=M, a=a or "  STEP s0", b=b or "  STEP s1")
+
+
+@pytest.mark.parametrize("M", [1_000_000, 10**12])
+def test_an_absurd_microbatch_count_is_refused_at_once(M):
+    import time
+
+    from asteroid_fx.ir.errors import VerifyError
+    from asteroid_fx.ir.program_text import parse_program
+    from asteroid_fx.ir.verify import MAX_MICROBATCHES, verify
+
+    program = parse_program(_text(M))
+    started = time.perf_counter()
+    with pytest.raises(VerifyError, match=f"microbatches is {M}, more than the {MAX_MICROBATCHES}") as info:
+        verify(program)
+    assert time.perf_counter() - started < 1.0 and len(info.value.problems) < 5
+
+
+def test_a_program_that_runs_nothing_lists_a_few_missing_computes_and_counts_the_rest():
+    import time
+
+    from asteroid_fx.ir.errors import VerifyError
+    from asteroid_fx.ir.program_text import parse_program
+    from asteroid_fx.ir.verify import MAX_MICROBATCHES, verify
+
+    program = parse_program(_text(MAX_MICROBATCHES))
+    started = time.perf_counter()
+    with pytest.raises(VerifyError) as info:
+        verify(program)
+    assert time.perf_counter() - started < 5.0
+    problems = info.value.problems
+    # per device: 20 missing computes listed, one line that counts the rest, and its STEP's
+    assert len(problems) == 2 * 22 and max(len(p) for p in problems) < 400
+    assert problems[0].endswith("never runs F s0 mb0; add 'F s0 mb0 r0:2'")
+    assert f"and {2 * MAX_MICROBATCHES - 20} more F or B actions it never runs" in problems[20]
+    assert f"runs before the backward of mb0 mb1 mb2 mb3 mb4 mb5 mb6 mb7 mb8 mb9 mb10 mb11 mb12 mb13 mb14 mb15 mb16 " \
+           f"mb17 mb18 mb19 and {MAX_MICROBATCHES - 20} more" in " ".join(problems)
+
+
+def test_activations_sent_after_their_backward_are_refused():
+    from asteroid_fx.ir.errors import VerifyError
+    from asteroid_fx.ir.program_text import parse_program
+    from asteroid_fx.ir.verify import verify
+
+    send = "  SEND act s0 mb0 r0:2 -> b : f32(4)"
+    b = "  RECV act s0 mb0 r0:2 <- a : f32(4)\n  F s1 mb0 r0:2\n  B s1 mb0 r0:2\n  STEP s1"
+    verify(parse_program(_text(a=f"  F s0 mb0 r0:2\n{send}\n  B s0 mb0 r0:2\n  STEP s0", b=b)))
+    late = parse_program(_text(a=f"  F s0 mb0 r0:2\n  B s0 mb0 r0:2\n{send}\n  STEP s0", b=b))
+    with pytest.raises(VerifyError, match=r"device a, line 11: SEND act .* after B s0 mb0 \(line 10\), which frees"):
+        verify(late)
+
+
+@pytest.fixture(scope="module")
+def compiled_mlp():
+    import asteroid_fx as asteroid
+    from asteroid_fx import models
+    from tests.test_local import BATCH, LAYOUTS, MICROBATCHES, _named_cluster
+
+    entry = models.get("mlp")
+    torch.manual_seed(0)
+    groups, rows = LAYOUTS[2]
+    return asteroid.compile(entry.build(small=True), _named_cluster(), example=entry.example(BATCH, True),
+                            loss=entry.loss, microbatches=MICROBATCHES, groups=groups, rows=rows)
+
+
+def test_transfer_specs_and_layer_ranges_are_checked_against_the_model(compiled_mlp):
+    import dataclasses
+
+    from asteroid_fx.ir.errors import VerifyError
+    from asteroid_fx.ir.program import TensorSpec
+    from asteroid_fx.ir.verify import verify
+    from asteroid_fx.passes.lower import stage_cut_specs
+
+    program, lg = compiled_mlp.program, compiled_mlp.layer_graph
+    cut_specs = stage_cut_specs(compiled_mlp.stages)
+    verify(program, layers=len(lg), cut_specs=cut_specs)
+    # both sides of every transfer agree on a wrong shape: only the stage modules can tell
+    wrong = dataclasses.replace(program, actions=tuple(
+        (d, tuple(a._replace(specs=(TensorSpec("float32", (999,)),)) if a.payload == "act" else a
+                  for a in acts)) for d, acts in program.actions))
+    verify(wrong)
+    with pytest.raises(VerifyError, match=r"carries f32\(999\), but the cut after stage 0 has act tensors"):
+        verify(wrong, cut_specs=cut_specs)
+    with pytest.raises(VerifyError, match=f"the stages end at layer {len(lg)} but the model has {len(lg) + 1} layers"):
+        verify(program, layers=len(lg) + 1)
+
+
+def _drop_compute(program_json: dict) -> dict:
+    for device in program_json["devices"]:
+        device["actions"] = [a for a in device["actions"] if a["op"] not in ("F", "B")]
+    return program_json
+
+
+@pytest.mark.parametrize("command", ["show", "simulate", "check"])
+def test_a_program_without_compute_is_refused_by_every_command_that_reads_it(plan_folder, tmp_path, capsys, command):
+    from asteroid_fx.ir.program_text import format_program, program_from_json
+
+    folder = _copy(plan_folder, tmp_path)
+    program = _drop_compute(json.loads((folder / "program.json").read_text()))
+    (folder / "program.json").write_text(json.dumps(program))
+    (folder / "program.txt").write_text(format_program(program_from_json(program)))
+    rc, err = _run_cli([command, str(folder)] + (["--repeats", "0"] if command == "check" else []), capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert "program failed verification" in err and "never runs F s0 mb0" in err
+    assert "samples/s" not in capsys.readouterr().out
+
+
+def test_simulate_refuses_a_program_whose_stages_do_not_cover_the_costed_layers(plan_folder, tmp_path, capsys):
+    folder = _copy(plan_folder, tmp_path)
+    costs = json.loads((folder / "costs.json").read_text())
+    costs["layers"].append({**costs["layers"][-1], "index": len(costs["layers"])})
+    costs["cuts"].append({**costs["cuts"][-1], "index": len(costs["cuts"])})
+    (folder / "costs.json").write_text(json.dumps(costs))
+    rc, err = _run_cli(["simulate", str(folder)], capsys)
+    assert rc == 2 and f"but the model has {len(costs['layers'])} layers" in err
