@@ -444,3 +444,64 @@ def test_simulate_refuses_a_program_whose_stages_do_not_cover_the_costed_layers(
     (folder / "costs.json").write_text(json.dumps(costs))
     rc, err = _run_cli(["simulate", str(folder)], capsys)
     assert rc == 2 and f"but the model has {len(costs['layers'])} layers" in err
+
+
+# --- 4. command-line mistakes: one line naming the argument, before any work ----------------------
+
+CLI_CASES = [
+    ("compile mlp:small --cluster edge-4-1g --out FILE", "--out", "exists and is not a folder"),
+    ("compile mlp:small --cluster edge-4-1g --out FILE/x", "--out", "which is a file, not a folder"),
+    ("compile mlp:small --cluster DIR --out OUT", "--cluster", "is not a cluster file"),
+    ("compile mlp:small --cluster FIFO --out OUT", "--cluster", "is not a cluster file"),
+    ("compile mlp:small --cluster HUGE --out OUT", "--cluster", "more than the"),
+    ("compile mlp:small --cluster edge-4-1g --out OUT --batch -4", "--batch", "out of range"),
+    ("compile mlp:small --cluster edge-4-1g --out OUT --max-layers 0", "--max-layers", "out of range"),
+    ("compile mlp:small --cluster edge-4-1g --out OUT --profile DIR", "--profile", "is not a regular file"),
+    ("compile mlp:small --cluster edge-4-1g --out OUT --profile /dev/zero", "--profile", "is not a regular file"),
+    ("compile mlp:small --cluster edge-4-1g --out OUT --profile FIFO", "--profile", "is not a regular file"),
+    ("compile mlp:small --cluster edge-4-1g --out OUT --profile HUGE", "--profile", "more than the"),
+    ("launch mlp:small --cluster host-3 --listen 127.0.0.1:99999", "--listen", "port of 0 to 65535"),
+    ("launch mlp:small --cluster host-3 --optimizer nosuch", "--optimizer", "unknown optimizer 'nosuch'"),
+    ("launch mlp:small --cluster host-3 --iterations 0", "--iterations", "out of range"),
+    ("launch mlp:small --cluster host-3 --iterations -1", "--iterations", "out of range"),
+    ("launch mlp:small --cluster host-3 --lr nan", "--lr", "out of range"),
+    ("launch mlp:small --cluster host-3 --kill host9@0.1", "--kill", "'host9' is not a device of the cluster"),
+    ("launch mlp:small --cluster host-3 --remote host9", "--remote", "'host9' is not a device of the cluster"),
+    ("check DIR --rtol -1", "--rtol", "out of range"),
+    ("simulate DIR --optimizer-state -5", "--optimizer-state", "out of range"),
+    ("simulate DIR --trace FILE/t.json", "--trace", "which is a file, not a folder"),
+    ("profile --model mlp:small --out FILE/p.json", "--out", "which is a file, not a folder"),
+    ("export DIR FIFO", "out", "is not a regular file"),
+    ("report DIR --out DIR", "--out", "is a folder"),
+]
+
+
+@pytest.mark.parametrize("line, argument, message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_a_command_line_mistake_is_one_line_naming_the_argument(line, argument, message, tmp_path, capsys,
+                                                                  monkeypatch):
+    import os
+    import signal
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:  # sparse: no disk used
+        f.truncate(300 << 20)
+    paths = {"FILE": str(afile), "DIR": str(tmp_path), "OUT": str(tmp_path / "out"), "FIFO": str(fifo),
+             "HUGE": str(huge)}
+    argv = [next((v + w[len(k):] for k, v in paths.items() if w.startswith(k)), w) for w in line.split()]
+    # nothing may block (a FIFO opened for reading waits for a writer) or start compiling
+    monkeypatch.setattr("asteroid_fx.compile", lambda *a, **k: pytest.fail("compile ran"), raising=False)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail(f"{line} blocked"))
+    signal.alarm(30)
+    try:
+        rc, err = _run_cli(argv, capsys)
+    finally:
+        signal.alarm(0)
+    assert rc not in (0, None), err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert argument in lines[0] and message in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()

@@ -21,9 +21,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``asteroid simulate`` to the CLI's subcommands."""
     s = sub.add_parser("simulate", help="time a compiled program with the cost model; write a trace and a Gantt chart")
     s.add_argument("folder", help="what `asteroid compile --out` wrote (program.json, cluster.json, costs.json)")
-    s.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace (open in ui.perfetto.dev)")
-    s.add_argument("--png", metavar="OUT.png", help="write a Gantt chart as PNG (needs matplotlib)")
-    s.add_argument("--svg", metavar="OUT.svg", help="write a Gantt chart as SVG (needs matplotlib)")
+    s.add_argument("--trace", metavar="OUT.json", type=args_.out_file, help="write a Chrome/Perfetto trace (open in ui.perfetto.dev)")
+    s.add_argument("--png", metavar="OUT.png", type=args_.out_file, help="write a Gantt chart as PNG (needs matplotlib)")
+    s.add_argument("--svg", metavar="OUT.svg", type=args_.out_file, help="write a Gantt chart as SVG (needs matplotlib)")
     s.add_argument("--grid", action="store_true", help="print the steps x devices grid")
     s.add_argument("--shared-medium", action="store_true",
                    help="all transfers share one channel (Wi-Fi) instead of per-device full-duplex links")
