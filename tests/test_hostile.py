@@ -153,6 +153,17 @@ _GRAPH_EDITS = {
 }
 
 
+def test_a_crafted_graph_that_does_not_run_is_refused_naming_its_file(check_folder, tmp_path, capsys):
+    folder = _copy(check_folder, tmp_path)
+    graph = json.loads((folder / "stage_1.eval.json").read_text())
+    linear = next(n for n in graph["nodes"] if n.get("target") == "aten.linear.default")
+    linear["args"]["tuple"] = list(reversed(linear["args"]["tuple"]))  # weights times the activations
+    (folder / "stage_1.eval.json").write_text(json.dumps(graph))
+    rc, err = _run_cli(["check", str(folder), "--repeats", "0"], capsys)
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "stage_1.eval.json: stage 1 does not run on the saved inputs" in err
+
+
 @pytest.mark.parametrize("edit", sorted(_GRAPH_EDITS))
 def test_a_crafted_stage_graph_is_refused_naming_the_file_and_field(check_folder, tmp_path, capsys, edit):
     folder = _copy(check_folder, tmp_path)
@@ -432,7 +443,8 @@ def test_a_program_without_compute_is_refused_by_every_command_that_reads_it(pla
     (folder / "program.txt").write_text(format_program(program_from_json(program)))
     rc, err = _run_cli([command, str(folder)] + (["--repeats", "0"] if command == "check" else []), capsys)
     assert rc == 2 and "Traceback" not in err
-    assert "program failed verification" in err and "never runs F s0 mb0" in err
+    read = "program.txt" if command == "show" else "program.json"
+    assert f"{folder / read}: program failed verification" in err and "never runs F s0 mb0" in err
     assert "samples/s" not in capsys.readouterr().out
 
 

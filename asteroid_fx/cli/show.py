@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             program = parse_program(read_text(path, "program", ProgramParseError))
         except ProgramParseError as e:
             raise ProgramParseError(e if str(path) in str(e) else f"{path}: {e}") from None
-        verify(program)  # a program that would not run is shown as such, not printed as if it would
+        verify(program, origin=str(path))  # a program that would not run is shown as such, not printed as if it would
         print(program, end="")
     if what == "layers":
         print(read_text(folder / "layers.txt", "layer table"), end="")

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     lg = read_costs(folder / "costs.json")
     compiled_for_recovery = (folder / "plan.json").exists() and Plan.load(folder / "plan.json").recovery
     # a program that would not run has no time: timing one with F or B missing gave a throughput
-    verify(program, layers=len(lg))
+    verify(program, layers=len(lg), origin=str(folder / "program.json"))
     _check_costs_cover(folder, program, cluster, lg)
     result = simulate(program, lg, cluster, shared_medium=args.shared_medium, opt_state_factor=args.optimizer_state,
                       recovery=args.recover or compiled_for_recovery)

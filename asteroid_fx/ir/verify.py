@@ -563,10 +563,20 @@ def _check_cut_specs(p: Program, where: _Where, cut_specs: Sequence[tuple[Sequen
 
 
 def verify(p: Program, *, layers: int | None = None,
-           cut_specs: Sequence[tuple[Sequence, Sequence]] | None = None) -> None:
+           cut_specs: Sequence[tuple[Sequence, Sequence]] | None = None, origin: str | None = None) -> None:
     """Check ``p`` (see the module docstring); raise VerifyError listing what is wrong, else return.
     Where the model is known: ``layers`` is its layer count (the stages must cover layers
-    0..layers-1), ``cut_specs`` its stage modules' cut tensors (what every SEND/RECV must carry)."""
+    0..layers-1), ``cut_specs`` its stage modules' cut tensors (what every SEND/RECV must carry).
+    ``origin`` (the file the program was read from) starts the error's message."""
+    try:
+        _verify(p, layers, cut_specs)
+    except VerifyError as e:
+        if origin is not None:
+            e.args = (f"{origin}: {e.args[0]}", *e.args[1:])
+        raise
+
+
+def _verify(p: Program, layers: int | None, cut_specs: Sequence[tuple[Sequence, Sequence]] | None) -> None:
     layout = layout_program(p)
     where = _Where(p, layout)
     _fail(_check_stage_table(p, where, layers))

@@ -345,7 +345,7 @@ def check_folder(folder: str | os.PathLike, *, rtol: float = RTOL, atol: float =
     folder = Path(folder)
     manifest = _load_manifest(folder)
     program = read_program_json(folder / "program.json")
-    verify(program)  # the check runs the program's forward actions: they must be a program that runs
+    verify(program, origin=str(folder / "program.json"))  # the check runs its forward actions: they must run
     stages = folder_stages(folder)
     if len(stages) != len(program.stages):
         raise InputError(f"{folder}: {MANIFEST} has {len(stages)} stages, program.json {len(program.stages)}; "
@@ -360,8 +360,13 @@ def check_folder(folder: str | os.PathLike, *, rtol: float = RTOL, atol: float =
         raise InputError(f"{folder / manifest['inputs']}: holds no input {absent[0]!r}, which stage 0 takes "
                          f"(it holds {', '.join(map(repr, batch_inputs)) or 'none'}); compile again")
     outputs: tuple[torch.Tensor, ...] = tuple(batch_inputs[n] for n in stages[0].inputs)
+    manifest_stages = manifest["stages"]
     for s in stages:
-        outputs = _torch_runner(stages)(s.index, outputs)
+        try:  # the first run of graphs read from a folder: one that does not run is the folder's fault
+            outputs = _torch_runner(stages)(s.index, outputs)
+        except Exception as e:  # noqa: BLE001 - any op's refusal of what the crafted graph asks
+            raise InputError(f"{folder / manifest_stages[s.index]['graph']}: stage {s.index} does not run on the "
+                             f"saved inputs ({_headline(e)}); compile again") from None
     report = _check(program, stages, batch_inputs, outputs, "the stages chained on the whole batch", rtol=rtol,
                     atol=atol, rounding=rounding, repeats=repeats, exporter=exporter, folder=folder)
     if strict and not report.ok:

@@ -216,7 +216,7 @@ def graph_from_data(data: Any, weights: Any, path: Path) -> fx.GraphModule:
         if op == "placeholder":
             node = graph.placeholder(name)
         elif op == "get_attr":
-            if entry.get("target") not in kinds:
+            if not isinstance(entry.get("target"), str) or entry["target"] not in kinds:
                 raise r.fail(f"'target' {entry.get('target')!r:.60} is no weight of this graph")
             node = graph.get_attr(entry["target"])
         elif op == "call_function":
