@@ -132,7 +132,7 @@ class Compiled:
             os.replace(tmp, out / f"stage_{st.index}.pt")
         from asteroid_fx.backends.onnxruntime import save_check_files
 
-        save_check_files(self, out)  # stage_<p>.eval.pt2, check_inputs.pt, check.json: what `asteroid check` reads
+        save_check_files(self, out)  # stage_<p>.eval.json/.pt, check_inputs.pt, check.json: what `asteroid check` reads
         return out
 
 
@@ -185,7 +185,8 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
     stage_modules = split(captured, lg, plan)
     # the schedule's F/B order per device, then the row-slice messages, all-reduces, ties, the
     # clipping and steps
-    program = lower_plan(plan, stage_cut_specs(stage_modules), lg.ties, max_norm)
+    cut_specs = stage_cut_specs(stage_modules)
+    program = lower_plan(plan, cut_specs, lg.ties, max_norm)
     if check:
-        verify(program)  # cheap, and a wrong program must never reach a backend
+        verify(program, layers=len(lg), cut_specs=cut_specs)  # cheap, and a wrong program must never reach a backend
     return Compiled(captured, cluster, lg, plan, stage_modules, program, loss)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from asteroid_fx.cli import check, export, launch, profile, report, show, simulate
 from asteroid_fx.cli import compile as compile_command
@@ -17,8 +17,16 @@ from asteroid_fx.ir.errors import AsteroidError
 __all__ = ["build_parser", "load_model", "main", "parse_input_spec"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A parser whose refusal is one line, naming the argument: the usage it would print first pushes
+    the error out of a short terminal or log excerpt; ``--help`` still shows it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asteroid", description=__doc__)
+    parser = OneLineParser(prog="asteroid", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log messages (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log errors only")
     sub = parser.add_subparsers(dest="command", required=True)

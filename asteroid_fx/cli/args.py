@@ -47,12 +47,8 @@ def number(least: float = 0.0, *, above: bool = False, most: float = math.inf) -
     return parse
 
 
-def out_folder(text: str) -> str:
-    """A folder to write into: an existing folder, or a path whose nearest existing parent is a
-    folder this process may write in."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder; give a folder to write into")
+def _writable_under(text: str, path: Path) -> None:
+    """``path``'s nearest existing folder (itself or a parent) is a folder this process may write in."""
     parent = path
     while not parent.exists():
         parent = parent.parent
@@ -60,35 +56,69 @@ def out_folder(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} lies under {str(parent)!r}, which is a file, not a folder")
     if not os.access(parent, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot write under {str(parent)!r} (no permission)")
+
+
+def out_folder(text: str) -> str:
+    """A folder to write into: an existing folder, or a path whose nearest existing parent is a
+    folder this process may write in."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder; give a folder to write into")
+    _writable_under(text, path)
     return text
 
 
 def out_file(text: str) -> str:
-    """A file to write: not a folder, under a folder this process may write in."""
+    """A file to write: a new path or a regular file (a FIFO would block the writer, a device
+    swallow the output), under a folder this process may write in."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give the file to write, e.g. {path / 'model.pt'}")
-    out_folder(str(path.parent) if str(path.parent) else ".")
+    if path.exists() and not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular file (a FIFO or a device); give a file to write")
+    _writable_under(text, path.parent if str(path.parent) else Path("."))
     return text
 
 
+MAX_INPUT_BYTES = 256 << 20  # far beyond any profile or cluster file; a bigger one is not one
+
+
 def in_file(text: str) -> str:
-    """A regular file to read (not a folder, a FIFO or a device, which would block or never end)."""
+    """A regular file to read (not a folder, a FIFO or a device, which would block or never end),
+    of at most MAX_INPUT_BYTES."""
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text!r} does not exist")
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text!r} is not a regular file")
+    size = path.stat().st_size
+    if size > MAX_INPUT_BYTES:
+        raise argparse.ArgumentTypeError(f"{text!r} holds {size} bytes, more than the {MAX_INPUT_BYTES} any input "
+                                         "file of asteroid has; give the right file")
     return text
 
 
 def cluster(text: str) -> str:
-    """A preset name, comma-separated kinds, or a cluster JSON file: a path given must be a file."""
+    """A preset name, comma-separated kinds, or a cluster JSON file: a path given must be a regular
+    file (a FIFO would block the reader) of at most MAX_INPUT_BYTES."""
     path = Path(text)
     if os.sep in text or text.endswith(".json") or path.exists():
         if path.exists() and not path.is_file():
             raise argparse.ArgumentTypeError(f"{text!r} is not a cluster file (a folder or a special file); give a "
                                              "preset name, device kinds, or a cluster JSON file")
+        if path.exists():
+            in_file(text)
+    return text
+
+
+def optimizer(text: str) -> str:
+    """A torch.optim class name the workers can build (checked here, not first inside every worker)."""
+    from asteroid_fx.backends.state import OptimizerSettings
+
+    try:
+        OptimizerSettings(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

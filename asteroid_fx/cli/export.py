@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from asteroid_fx.cli import args as args_
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="write a run's newest checkpoint as the model's state_dict (torch.save)")
     e.add_argument("run", help="the run folder (launch --out), or one of its checkpoints/it_<k> folders")
-    e.add_argument("out", help="the file to write, e.g. model.pt; model.load_state_dict(torch.load(out, "
+    e.add_argument("out", type=args_.out_file, help="the file to write, e.g. model.pt; model.load_state_dict(torch.load(out, "
                    "weights_only=True), strict=True) loads it")
     e.set_defaults(func=run)
 

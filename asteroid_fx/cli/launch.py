@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     la.add_argument("--stages", type=args_.count(), default=None)
     la.add_argument("--iterations", type=args_.count(), default=None,
                     help="iterations to train (default: the job's epochs over its dataset; a zoo model: 3)")
-    la.add_argument("--optimizer", default=None, help="a torch.optim class name (default: the job's; a zoo model: sgd)")
+    la.add_argument("--optimizer", type=args_.optimizer, default=None, help="a torch.optim class name (default: the job's; a zoo model: sgd)")
     la.add_argument("--lr", type=args_.number(0.0, above=True), default=None, help="learning rate (default: the job's; a zoo model: 0.05)")
     la.add_argument("--checkpoint-every", type=args_.count(0), default=0, metavar="N",
                     help="write a checkpoint into --out every N iterations (one is always written at the end)")
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "MASTER_ADDR:MASTER_PORT)")
     w.add_argument("--device", default=None, help="this device's name in the cluster (default: the program's "
                    "device number $RANK)")
-    w.add_argument("--out", default=".", help="folder for this worker's weights")
+    w.add_argument("--out", default=".", type=args_.out_folder, help="folder for this worker's weights")
     w.add_argument("--connect-timeout", type=args_.number(above=True, most=86400.0), default=60.0,
                    help="seconds to wait for the coordinator (the worker gives up after them)")
     w.add_argument("--join", action="store_true", help="join a running job (started with --recover) as a device "
@@ -112,10 +112,6 @@ def run_launch(args: argparse.Namespace) -> int:
                    heartbeat_timeout_s=args.heartbeat_timeout, checkpoint_every=args.checkpoint_every)
     if args.new_cluster and args.resume is None:
         raise SystemExit("--new-cluster goes with --resume RUN")
-    if args.optimizer is not None:
-        from asteroid_fx.backends.state import OptimizerSettings
-
-        OptimizerSettings(args.optimizer)  # an unknown name fails here, not inside every worker
     if args.shape_links:
         from asteroid_fx.runtime import netns
 
@@ -129,6 +125,10 @@ def run_launch(args: argparse.Namespace) -> int:
                          "give a cluster with that many devices, or leave -n out")
     host, _, port = args.listen.rpartition(":")  # checked by its argument type
     remote = [d for d in args.remote.split(",") if d] if args.remote else []
+    unknown = [d for d in remote if d not in cluster.names]
+    if unknown:
+        raise SystemExit(f"bad --remote {args.remote!r}: {unknown[0]!r} is not a device of the cluster "
+                         f"({', '.join(cluster.names)})")
     kills, joins = [], []
     for flag, given, into in (("--kill", args.kill, kills), ("--join", args.join, joins)):
         for k in given:

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "have from one measured profile and the catalog.")
     p.add_argument("--model", help="zoo model (resnet50, gpt:small, ...) or package.module:callable")
     p.add_argument("--rows", type=parse_rows, default=DEFAULT_ROWS, help="row counts to time (default 1,2,4,8,16,32)")
-    p.add_argument("--out", help="profile (or, with --links, cluster) JSON to write; an unfinished one is resumed")
+    p.add_argument("--out", type=args_.out_file, help="profile (or, with --links, cluster) JSON to write; an unfinished one is resumed")
     p.add_argument("--kind", default=None, help="catalog kind this device stands for (default: host-cpu on CPU)")
     p.add_argument("--device", type=args_.torch_device, default=None, help="torch device to run on (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=args_.count(), default=None, help="torch intra-op threads (default: torch's)")

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from asteroid_fx.cli import args as args_
 from asteroid_fx.ir.errors import AsteroidError, InputError
 from asteroid_fx.runtime.metrics import ITERATIONS_FILE, read_metrics
 
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``asteroid report`` to the CLI's subcommands."""
     s = sub.add_parser("report", help="summarize a run's metrics; plot loss and throughput per iteration")
     s.add_argument("run", metavar="RUN", help="a run folder (what `asteroid launch --out` wrote: metrics.jsonl)")
-    s.add_argument("--out", metavar="PATH.png", default=None,
+    s.add_argument("--out", metavar="PATH.png", default=None, type=args_.out_file,
                    help="where to write the plot (.png, .svg or .pdf; default RUN/report.png; needs matplotlib)")
     s.set_defaults(func=run)
     return s

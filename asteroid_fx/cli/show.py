@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from asteroid_fx.ir.json_fields import read_text
 from asteroid_fx.ir.plan import Plan
-from asteroid_fx.ir.program_text import parse_program
+from asteroid_fx.ir.program_text import ProgramParseError, parse_program
+from asteroid_fx.ir.verify import verify
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,14 +24,20 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"{folder} holds no compiled plan (plan.json missing); run `asteroid compile ... --out {folder}`")
     what = args.what
     if what in ("plan", "all"):
-        print(Plan.from_json(json.loads((folder / "plan.json").read_text())))
+        print(Plan.load(folder / "plan.json"))
     if what in ("program", "all"):
         if what == "all":
             print()
-        print(parse_program((folder / "program.txt").read_text()), end="")
+        path = folder / "program.txt"
+        try:
+            program = parse_program(read_text(path, "program", ProgramParseError))
+        except ProgramParseError as e:
+            raise ProgramParseError(e if str(path) in str(e) else f"{path}: {e}") from None
+        verify(program, origin=str(path))  # a program that would not run is shown as such, not printed as if it would
+        print(program, end="")
     if what == "layers":
-        print((folder / "layers.txt").read_text(), end="")
+        print(read_text(folder / "layers.txt", "layer table"), end="")
     if what == "stages":
         for path in sorted(folder.glob("stage_*.py")):
-            print(f"# {path.name}\n{path.read_text()}")
+            print(f"# {path.name}\n{read_text(path, 'stage code')}")
     return 0

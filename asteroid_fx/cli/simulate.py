@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -12,7 +11,9 @@ from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.layer_graph import read_costs
 from asteroid_fx.ir.plan import Plan
-from asteroid_fx.ir.program_text import program_from_json
+from asteroid_fx.ir.errors import InputError
+from asteroid_fx.ir.program_text import read_program_json
+from asteroid_fx.ir.verify import verify
 from asteroid_fx.sim import simulate
 
 
@@ -20,9 +21,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``asteroid simulate`` to the CLI's subcommands."""
     s = sub.add_parser("simulate", help="time a compiled program with the cost model; write a trace and a Gantt chart")
     s.add_argument("folder", help="what `asteroid compile --out` wrote (program.json, cluster.json, costs.json)")
-    s.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace (open in ui.perfetto.dev)")
-    s.add_argument("--png", metavar="OUT.png", help="write a Gantt chart as PNG (needs matplotlib)")
-    s.add_argument("--svg", metavar="OUT.svg", help="write a Gantt chart as SVG (needs matplotlib)")
+    s.add_argument("--trace", metavar="OUT.json", type=args_.out_file, help="write a Chrome/Perfetto trace (open in ui.perfetto.dev)")
+    s.add_argument("--png", metavar="OUT.png", type=args_.out_file, help="write a Gantt chart as PNG (needs matplotlib)")
+    s.add_argument("--svg", metavar="OUT.svg", type=args_.out_file, help="write a Gantt chart as SVG (needs matplotlib)")
     s.add_argument("--grid", action="store_true", help="print the steps x devices grid")
     s.add_argument("--shared-medium", action="store_true",
                    help="all transfers share one channel (Wi-Fi) instead of per-device full-duplex links")
@@ -42,11 +43,13 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise SystemExit(f"{folder} lacks {', '.join(missing)}; run `asteroid compile ... --out {folder}` "
                          "(a folder compiled before costs.json was written needs compiling again)")
-    program = program_from_json(json.loads((folder / "program.json").read_text()))
+    program = read_program_json(folder / "program.json")
     cluster = Cluster.load(folder / "cluster.json")
     lg = read_costs(folder / "costs.json")
-    compiled_for_recovery = (folder / "plan.json").exists() and Plan.from_json(
-        json.loads((folder / "plan.json").read_text())).recovery
+    compiled_for_recovery = (folder / "plan.json").exists() and Plan.load(folder / "plan.json").recovery
+    # a program that would not run has no time: timing one with F or B missing gave a throughput
+    verify(program, layers=len(lg), origin=str(folder / "program.json"))
+    _check_costs_cover(folder, program, cluster, lg)
     result = simulate(program, lg, cluster, shared_medium=args.shared_medium, opt_state_factor=args.optimizer_state,
                       recovery=args.recover or compiled_for_recovery)
     print(result.summary())
@@ -61,3 +64,15 @@ def run(args: argparse.Namespace) -> int:
             result.gantt(path)
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _check_costs_cover(folder: Path, program, cluster: Cluster, lg) -> None:
+    """Every device of the program is in cluster.json, with a kind costs.json has costs for."""
+    names = {d.name: d for d in cluster.devices}
+    for device in program.devices:
+        if device not in names:
+            raise InputError(f"{folder / 'program.json'}: device {device!r} is not in {folder / 'cluster.json'}; "
+                             "compile again")
+        if names[device].kind not in lg.kinds:
+            raise InputError(f"{folder / 'costs.json'}: no costs for device kind {names[device].kind!r} of device "
+                             f"{device!r} (it has {', '.join(lg.kinds)}); compile again")

@@ -17,6 +17,10 @@ from typing import Any
 
 from asteroid_fx.ir.errors import InputError
 
+# the largest integer a field holds: far beyond any count or byte size, and what int64 holds (a
+# bigger one would overflow numpy and torch downstream)
+MAX_INTEGER = 2**63 - 1
+
 
 def read_text(path: str | os.PathLike[str], what: str, error: type[InputError] = InputError, *,
               hint: str = "") -> str:
@@ -79,17 +83,22 @@ class Fields:
 
     def integer(self, key: str, *, minimum: int | None = None) -> int:
         v = self.raw(key)
-        if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
-            raise self.bad(key, "an integer" + (f" >= {minimum}" if minimum is not None else ""), v)
+        if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum) \
+                or abs(v) > MAX_INTEGER:
+            huge = isinstance(v, int) and abs(v) > MAX_INTEGER
+            raise self.bad(key, "an integer" + (f" >= {minimum}" if minimum is not None else "")
+                           + f" of at most {MAX_INTEGER}", f"{str(v)[:20]}..." if huge else v)
         return v
 
-    def integer_or_null(self, key: str) -> int | None:
-        return None if self.raw(key) is None else self.integer(key)
+    def integer_or_null(self, key: str, *, minimum: int | None = None) -> int | None:
+        return None if self.raw(key) is None else self.integer(key, minimum=minimum)
 
-    def number(self, key: str) -> float:
+    def number(self, key: str, *, minimum: float | None = None) -> float:
+        """A number (never NaN); with ``minimum``, a finite one at least that."""
         v = self.raw(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-            raise self.bad(key, "a number", v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) \
+                or (minimum is not None and not (math.isfinite(v) and v >= minimum)):
+            raise self.bad(key, "a number" + (f" >= {minimum:g} and finite" if minimum is not None else ""), v)
         return float(v)
 
     def string(self, key: str, default: str | None = None) -> str:
@@ -129,29 +138,35 @@ class Fields:
                 raise self.bad(f"{key}[{i}]", "a string", v)
         return tuple(items)
 
-    def integers(self, key: str) -> tuple[int, ...]:
+    def integers(self, key: str, *, minimum: int | None = None) -> tuple[int, ...]:
         items = self.list(key)
         for i, v in enumerate(items):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise self.bad(f"{key}[{i}]", "an integer", v)
+            if isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_INTEGER \
+                    or (minimum is not None and v < minimum):
+                raise self.bad(f"{key}[{i}]", "an integer" + (f" >= {minimum}" if minimum is not None else ""), v)
         return tuple(items)
 
     def span(self, key: str) -> tuple[int, int]:
-        """A ``[lo, hi]`` pair of integers."""
-        items = self.integers(key)
-        if len(items) != 2:
-            raise self.bad(key, "a pair [lo, hi]", list(items))
+        """A ``[lo, hi]`` pair of integers, 0 <= lo < hi."""
+        items = self.integers(key, minimum=0)
+        if len(items) != 2 or items[0] >= items[1]:
+            raise self.bad(key, "a pair [lo, hi] with 0 <= lo < hi", list(items))
         return items[0], items[1]
 
-    def points(self, key: str) -> tuple[tuple[float, float], ...]:
-        """A list of ``[x, y]`` number pairs (a TimeFit's points)."""
-        out = []
+    def points(self, key: str, most_seconds: float = math.inf) -> tuple[tuple[float, float], ...]:
+        """A non-empty list of ``[rows, seconds]`` pairs (a TimeFit's points): rows above 0 and
+        increasing, seconds finite, >= 0 and at most ``most_seconds``."""
+        out: list[tuple[float, float]] = []
         for i, p in enumerate(self.list(key)):
             ok = isinstance(p, (list, tuple)) and len(p) == 2 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x) for x in p)
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in p) \
+                and p[0] > 0 and 0 <= p[1] <= most_seconds and (not out or p[0] > out[-1][0])
             if not ok:
-                raise self.bad(f"{key}[{i}]", "a pair of numbers [rows, seconds]", p)
+                raise self.bad(f"{key}[{i}]", "a pair [rows, seconds] of finite numbers, rows above 0 and above "
+                                              f"the pair before, seconds >= 0 and at most {most_seconds:g}", p)
             out.append((float(p[0]), float(p[1])))
+        if not out:
+            raise self.bad(key, "a non-empty list of [rows, seconds] pairs", [])
         return tuple(out)
 
     def expect(self, key: str, value: Any, hint: str) -> None:

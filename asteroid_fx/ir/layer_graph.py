@@ -16,6 +16,7 @@ from typing import Any
 from asteroid_fx.ir.atomic import write_text
 from asteroid_fx.ir.costs import Cost, TimeFit
 from asteroid_fx.ir.json_fields import Fields, read_json
+from asteroid_fx.ir.profile import MAX_SECONDS
 
 
 # The fewest rows the planners give a device of a stage that holds a batch-statistics layer: one
@@ -206,24 +207,49 @@ def costs_from_json(data: Any, *, origin: str = "cost file") -> LayerGraph:
         out = []
         for kind in by_kind.data:
             c = by_kind.obj(kind)
-            out.append((kind, Cost(TimeFit(c.points("fwd")), TimeFit(c.points("bwd")), c.string("source", "analytic"))))
+            out.append((kind, Cost(TimeFit(c.points("fwd", MAX_SECONDS)), TimeFit(c.points("bwd", MAX_SECONDS)),
+                                   c.string("source", "analytic"))))
         return tuple(out)
 
     def batch_stats(layer: Fields) -> tuple[BatchStat, ...]:
-        return tuple(BatchStat(b.string("node"), b.string("module"), b.integer("values_per_row"))
+        return tuple(BatchStat(b.string("node"), b.string("module"), b.integer("values_per_row", minimum=1))
                      for b in (layer.objs("batch_stats") if layer.has("batch_stats") else ()))
 
-    layers = tuple(Layer(l.integer("index"), l.strings("nodes"), costs(l), l.integer("param_bytes"),
-                         l.integer("buffer_bytes"), l.number("saved_bytes_per_row"), l.strings("params", []),
-                         batch_stats(l), l.number("flops_per_row") if l.has("flops_per_row") else 0.0)
-                   for l in top.objs("layers"))
-    cuts = tuple(Cut(c.integer("index"), c.strings("values"), c.number("bytes_per_row"), c.boolean("allowed"),
-                     c.string("why_not", ""), c.strings("recomputed", []))
-                 for c in top.objs("cuts"))
-    ties = tuple(Tie(t.strings("names"), t.string("dtype"), t.integers("shape"), t.integers("layers"),
-                     t.integer("nbytes"), t.string("kind", "param"))
-                 for t in (top.objs("ties") if top.has("ties") else ()))
-    return LayerGraph(layers, cuts, top.strings("blocked", []), ties)
+    def indexed(items: list[Fields], what: str) -> list[Fields]:
+        for i, f in enumerate(items):
+            if f.integer("index") != i:
+                raise f.bad("index", f"{i} (the {what} are numbered 0, 1, ... in order)", f.data["index"])
+        return items
+
+    layers = tuple(Layer(l.integer("index"), l.strings("nodes"), costs(l), l.integer("param_bytes", minimum=0),
+                         l.integer("buffer_bytes", minimum=0), l.number("saved_bytes_per_row", minimum=0),
+                         l.strings("params", []), batch_stats(l),
+                         l.number("flops_per_row", minimum=0) if l.has("flops_per_row") else 0.0)
+                   for l in indexed(top.objs("layers"), "layers"))
+    if not layers:
+        raise top.fail("field 'layers' must list at least one layer, got []")
+    kinds = [k for k, _ in layers[0].costs]
+    for layer in layers:
+        if [k for k, _ in layer.costs] != kinds:
+            raise top.fail(f"field 'layers[{layer.index}].costs' has device kinds {[k for k, _ in layer.costs]}, "
+                           f"layer 0 has {kinds}; every layer has a cost for the same kinds")
+    cuts = tuple(Cut(c.integer("index"), c.strings("values"), c.number("bytes_per_row", minimum=0),
+                     c.boolean("allowed"), c.string("why_not", ""), c.strings("recomputed", []))
+                 for c in indexed(top.objs("cuts"), "cuts"))
+    if len(cuts) != len(layers) + 1:
+        raise top.fail(f"field 'cuts' lists {len(cuts)} cuts for {len(layers)} layers; a chain of L layers has "
+                       "L + 1 cuts (0: the inputs, L: the outputs)")
+    ties = []
+    for t in (top.objs("ties") if top.has("ties") else ()):
+        held = t.integers("layers", minimum=0)
+        if len(held) < 2 or list(held) != sorted(set(held)) or held[-1] >= len(layers):
+            raise t.bad("layers", f"two or more ascending layer indices below {len(layers)}", list(held))
+        kind = t.string("kind", "param")
+        if kind not in TIE_KINDS:
+            raise t.bad("kind", f"one of {', '.join(TIE_KINDS)}", kind)
+        ties.append(Tie(t.strings("names"), t.string("dtype"), t.integers("shape", minimum=0), held,
+                        t.integer("nbytes", minimum=0), kind))
+    return LayerGraph(layers, cuts, top.strings("blocked", []), tuple(ties))
 
 
 def write_costs(lg: LayerGraph, path: str | Path) -> Path:

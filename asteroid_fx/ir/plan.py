@@ -194,13 +194,17 @@ class Plan:
         prediction = None
         if top.data.get("prediction") is not None:
             pred = top.obj("prediction")
-            uses = tuple(DeviceUse(u.string("device"), u.integer_or_null("stage"), u.integer("memory_bytes"),
-                                   u.integer("budget_bytes"), u.number("compute_s"), u.string("note", ""))
+            uses = tuple(DeviceUse(u.string("device"), u.integer_or_null("stage", minimum=0),
+                                   u.integer("memory_bytes", minimum=0), u.integer("budget_bytes", minimum=0),
+                                   u.number("compute_s", minimum=0), u.string("note", ""))
                          for u in pred.objs("devices"))
-            prediction = Prediction(pred.number("iteration_s"), pred.number("throughput"), uses, pred.string("binding"))
-        stages = [(s.span("layers"), s.strings("devices"), s.integers("rows")) for s in top.objs("stages")]
-        fields = (top.integer("microbatches"), top.integer("microbatch_rows"), top.string("schedule"),
-                  top.string("planner"))
+            prediction = Prediction(pred.number("iteration_s", minimum=0), pred.number("throughput", minimum=0), uses,
+                                    pred.string("binding"))
+        stages = [(s.span("layers"), s.strings("devices"), s.integers("rows", minimum=1)) for s in top.objs("stages")]
+        if not stages:
+            raise top.fail("field 'stages' must list at least one stage, got []")
+        fields = (top.integer("microbatches", minimum=1), top.integer("microbatch_rows", minimum=1),
+                  top.string("schedule"), top.string("planner"))
         try:  # every field read; what is left is a plan that does not hold together
             return cls(tuple(StagePlan(*st) for st in stages), *fields, prediction, top.boolean("recovery", False))
         except InputError as e:

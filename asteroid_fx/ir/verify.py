@@ -1,11 +1,13 @@
 """verify: the one checker of the schedule IR, and the dry run that fixes its execution order.
 
 ``verify(p)`` expects any Program and either returns (the program is safe to execute) or raises
-VerifyError listing every problem found, each naming the device, the 1-based line of the action in
-``format_program(p)``, the action's text, what is wrong and what to do. It checks, in order (a
+VerifyError listing the problems found (missing computes: the first few per device, then a count,
+so that verify of any parsed program ends fast), each naming the device, the 1-based line of the
+action in ``format_program(p)``, the action's text, what is wrong and what to do. It checks, in order (a
 later phase only runs when the earlier ones passed, since it relies on them):
 
-  1. the stage table: stages 0..S-1, layers contiguous from 0, slots tiling [0, microbatch_rows),
+  1. the stage table: at most MAX_MICROBATCHES micro-batches, stages 0..S-1, layers contiguous
+     from 0 (to the model's layer count, when given), slots tiling [0, microbatch_rows),
      every device with one action list and in at least one stage, never twice in one stage nor in
      two adjacent stages (a device may hold several stages: virtual stages);
   2. every action's fields: what its op needs is there, nothing else is, indices are in range,
@@ -13,7 +15,9 @@ later phase only runs when the earlier ones passed, since it relies on them):
   3. compute, dependencies and pairing, per stage a device holds: F and B once per micro-batch on
      the device's rows of that stage, F before B; received rows tile those rows before they are
      used (gradients only across a cut with gradient traffic: a cut whose tensors need no gradient
-     carries none); a SEND after the compute that produces it; one ALLREDUCE per device of a group
+     carries none); a SEND after the compute that produces it, and activations sent before the B
+     of their micro-batch frees them; SEND/RECV specs the cut's real tensors (when the stage
+     modules' cut specs are given); one ALLREDUCE per device of a group
      of two or more, after every backward of the stage; exactly one STEP, after every backward and
      the ALLREDUCE; every SEND/BACKUP matched by exactly one RECV/RESTORE with the same rows and
      specs; at most one ROLLBACK, before any compute; a TIE after the stage's last B and its
@@ -56,6 +60,12 @@ from asteroid_fx.ir.verify_ties import check_ties
 __all__ = ["DeadlockError", "Step", "VerifyError", "dry_run", "execution_order", "format_grid", "verify"]
 
 _MAX_PROBLEMS_SHOWN = 25
+# Missing computes are listed per device up to this many, then counted: a program that names a
+# million micro-batches and runs none would otherwise collect two million lines.
+_MAX_MISSING_LISTED = 20
+# No pipeline runs this many micro-batches in one iteration; a larger count is a typo or a crafted
+# file, refused before any check walks the micro-batches.
+MAX_MICROBATCHES = 1 << 16
 
 Held = Mapping[str, tuple[int, ...]]  # device -> the stages it holds, in order
 Slots = Mapping[tuple[str, int], StageSlot]  # (device, stage) -> its rows of the stage
@@ -100,12 +110,15 @@ class _Where:
 # 1. header and stage table
 
 
-def _check_stage_table(p: Program, where: _Where) -> list[str]:
+def _check_stage_table(p: Program, where: _Where, layers: int | None = None) -> list[str]:
     problems: list[str] = []
     if p.version != FORMAT_VERSION:
         problems.append(f"line 1: version {p.version} is not the version this build runs ({FORMAT_VERSION})")
     if p.microbatches < 1:
         problems.append(f"line 3: microbatches is {p.microbatches}; an iteration needs at least 1 micro-batch")
+    if p.microbatches > MAX_MICROBATCHES:
+        problems.append(f"line 3: microbatches is {p.microbatches}, more than the {MAX_MICROBATCHES} an iteration "
+                        "may have; split the batch into fewer, larger micro-batches")
     if p.microbatch_rows < 1:
         problems.append(f"line 4: microbatch_rows is {p.microbatch_rows}; a micro-batch needs at least 1 row")
     if not p.stages:
@@ -143,6 +156,9 @@ def _check_stage_table(p: Program, where: _Where) -> list[str]:
                 f"the last slot must end at {p.microbatch_rows}"
             )
 
+    if layers is not None and p.stages and layer_hi != layers:
+        problems.append(f"{where.stage(len(p.stages) - 1)}: the stages end at layer {layer_hi} but the model has "
+                        f"{layers} layers (0:{layers}); the last stage must end at layer {layers}")
     for device, stages in owner.items():
         adjacent = [(s, t) for s, t in itertools.pairwise(stages) if t == s + 1]
         if adjacent:
@@ -230,26 +246,32 @@ def _check_compute(p: Program, where: _Where, held: Held, slots: Slots) -> list[
                         f"{where.action(device, i)}: runs rows {_r(*a.rows)} but this device's slot is "
                         f"[{_r(slot.lo, slot.hi)}]; a device computes exactly its slot's rows"
                     )
+        missing = 0
         for own, mb in ((own, mb) for own in held[device] for mb in range(p.microbatches)):
             slot = slots[(device, own)]
             for op in COMPUTE_OPS:
-                found = seen[(op, own, mb)]
+                found = seen.get((op, own, mb), [])
                 if not found:
-                    problems.append(
-                        f"{where.device(device)}: never runs {op.value} s{own} mb{mb}; "
-                        f"add '{op.value} s{own} mb{mb} r{_r(slot.lo, slot.hi)}'"
-                    )
+                    missing += 1
+                    if missing <= _MAX_MISSING_LISTED:
+                        problems.append(
+                            f"{where.device(device)}: never runs {op.value} s{own} mb{mb}; "
+                            f"add '{op.value} s{own} mb{mb} r{_r(slot.lo, slot.hi)}'"
+                        )
                 for dup in found[1:]:
                     problems.append(
                         f"{where.action(device, dup)}: runs a second time (first on line {where.line(device, found[0])}); "
                         "each micro-batch runs once per device"
                     )
-            fwd, bwd = seen[(Op.F, own, mb)], seen[(Op.B, own, mb)]
+            fwd, bwd = seen.get((Op.F, own, mb)), seen.get((Op.B, own, mb))
             if fwd and bwd and bwd[0] < fwd[0]:
                 problems.append(
                     f"{where.action(device, bwd[0])}: runs before its forward (line {where.line(device, fwd[0])}); "
                     "move the B after the F, which keeps the activations it needs"
                 )
+        if missing > _MAX_MISSING_LISTED:
+            problems.append(f"{where.device(device)}: and {missing - _MAX_MISSING_LISTED} more F or B actions it never "
+                            f"runs ({missing} in all, of {2 * p.microbatches * len(held[device])} it must run)")
     return problems
 
 
@@ -329,6 +351,13 @@ def _walk_send(w: _DeviceWalk, i: int, a: Action) -> None:
             f"{w.at(i)}: sends before this device runs {op.value} s{w.stage} mb{a.mb}, which computes it; "
             "move the SEND after it"
         )
+    # the backward of a micro-batch frees what its forward kept: activations sent after it are gone
+    freed = w.computed[Op.B].get(a.mb) if op == Op.F else None
+    if freed is not None:
+        w.problems.append(
+            f"{w.at(i)}: sends the activations of mb{a.mb} after B s{w.stage} mb{a.mb} (line {w.line(freed)}), "
+            "which frees them; move the SEND between the F and the B"
+        )
 
 
 def _walk_recv(w: _DeviceWalk, i: int, a: Action) -> None:
@@ -344,7 +373,8 @@ def _walk_recv(w: _DeviceWalk, i: int, a: Action) -> None:
 
 def _pending_backward(w: _DeviceWalk) -> str:
     missing = [mb for mb in range(w.p.microbatches) if mb not in w.computed[Op.B]]
-    return " ".join(f"mb{mb}" for mb in missing)
+    listed = " ".join(f"mb{mb}" for mb in missing[:_MAX_MISSING_LISTED])
+    return listed + (f" and {len(missing) - _MAX_MISSING_LISTED} more" if len(missing) > _MAX_MISSING_LISTED else "")
 
 
 def _walk_allreduce(w: _DeviceWalk, i: int, a: Action) -> None:
@@ -511,11 +541,45 @@ def _check_pairing(p: Program, where: _Where, held: Held, slots: Slots) -> list[
 # ---------------------------------------------------------------------------------------------
 
 
-def verify(p: Program) -> None:
-    """Check ``p`` (see the module docstring); raise VerifyError listing what is wrong, else return."""
+def _check_cut_specs(p: Program, where: _Where, cut_specs: Sequence[tuple[Sequence, Sequence]]) -> list[str]:
+    """Every SEND/RECV carries the tensors its cut really has: ``cut_specs[c]`` = (activation specs,
+    gradient specs) of the cut after stage c, from the stage modules (passes.lower.stage_cut_specs)."""
+    problems: list[str] = []
+    if len(cut_specs) != len(p.stages) - 1:
+        return [f"the program has {len(p.stages)} stages, so {max(len(p.stages) - 1, 0)} cuts, but the stage modules "
+                f"have {len(cut_specs)}; compile the program and the stages together"]
+    for device, acts in p.actions:
+        for i, a in enumerate(acts):
+            if ops.info(a.op).moves != ops.DATA or a.payload not in PAYLOADS or not 0 <= a.stage < len(cut_specs):
+                continue
+            want = tuple(cut_specs[a.stage][0 if a.payload == "act" else 1])
+            if tuple(a.specs) != want:
+                problems.append(
+                    f"{where.action(device, i)}: carries {' '.join(map(format_spec, a.specs)) or 'nothing'}, but the "
+                    f"cut after stage {a.stage} has {a.payload} tensors {' '.join(map(format_spec, want)) or 'none'}; "
+                    "the specs must be the stage's real tensors (compile again)"
+                )
+    return problems
+
+
+def verify(p: Program, *, layers: int | None = None,
+           cut_specs: Sequence[tuple[Sequence, Sequence]] | None = None, origin: str | None = None) -> None:
+    """Check ``p`` (see the module docstring); raise VerifyError listing what is wrong, else return.
+    Where the model is known: ``layers`` is its layer count (the stages must cover layers
+    0..layers-1), ``cut_specs`` its stage modules' cut tensors (what every SEND/RECV must carry).
+    ``origin`` (the file the program was read from) starts the error's message."""
+    try:
+        _verify(p, layers, cut_specs)
+    except VerifyError as e:
+        if origin is not None:
+            e.args = (f"{origin}: {e.args[0]}", *e.args[1:])
+        raise
+
+
+def _verify(p: Program, layers: int | None, cut_specs: Sequence[tuple[Sequence, Sequence]] | None) -> None:
     layout = layout_program(p)
     where = _Where(p, layout)
-    _fail(_check_stage_table(p, where))
+    _fail(_check_stage_table(p, where, layers))
     held: dict[str, tuple[int, ...]] = {}
     for st in p.stages:
         for slot in st.slots:
@@ -528,5 +592,6 @@ def verify(p: Program) -> None:
         + _check_pairing(p, where, held, slots)
         + check_ties(p, where, held)
         + check_norms(p, where, held)
+        + (_check_cut_specs(p, where, cut_specs) if cut_specs is not None else [])
     )
     dry_run(p)

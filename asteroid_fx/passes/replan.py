@@ -162,6 +162,7 @@ def replan(compiled: Any, devices: Sequence[str], *, planner: str = "asteroid", 
                      microbatches=microbatches, schedule=schedule, opt_state_factor=opt_state_factor,
                      recovery=recovery)
     stages = split(compiled.captured, compiled.layer_graph, plan)
-    program = lower_plan(plan, stage_cut_specs(stages), compiled.layer_graph.ties, max_norm_of(compiled.program))
-    verify(program)
+    cut_specs = stage_cut_specs(stages)
+    program = lower_plan(plan, cut_specs, compiled.layer_graph.ties, max_norm_of(compiled.program))
+    verify(program, layers=len(compiled.layer_graph), cut_specs=cut_specs)
     return plan, program

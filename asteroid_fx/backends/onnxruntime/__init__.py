@@ -35,9 +35,11 @@ devices of its group, one after another on this machine), median of ``repeats`` 
 after a warm-up one; ORT gets as many intra-op threads as torch has.
 
 A plan folder (``asteroid check PLAN_DIR``) needs, beside program.json: each stage in eval mode
-as a torch.export program with dynamic rows (stage_<p>.eval.pt2), the example batch
-(check_inputs.pt) and check.json naming them, all written by ``save_check_files`` (torch only);
-the check writes stage_<p>.onnx there.
+as exported by torch.export with dynamic rows, kept as plain data (graph_file: the ATen graph in
+stage_<p>.eval.json, its weights in stage_<p>.eval.pt), the example batch (check_inputs.pt) and
+check.json naming them, all written by ``save_check_files`` (torch only); the check writes
+stage_<p>.onnx there. Nothing in such a folder is unpickled or run as code: a folder may come from
+anyone, and a crafted one is refused with the file and the field.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ from asteroid_fx.backends.onnxruntime.forward import (  # noqa: F401
     float_error,
     run_forward,
 )
+from asteroid_fx.backends.onnxruntime.graph_file import UnsavableGraph, graph_from_data, graph_to_data, load_weights
 from asteroid_fx.backends.onnxruntime.report import CheckFailed, CheckReport, StageCheck  # noqa: F401
 from asteroid_fx.ir.atomic import write_bytes
 from asteroid_fx.ir.errors import InputError
@@ -98,7 +101,7 @@ RTOL, ATOL = 1e-4, 1e-5
 # wrong weight) is orders of magnitude larger on any model that is not all rounding.
 ROUNDING = 4.0
 MANIFEST = "check.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 1 held torch.export archives, whose loader unpickles
 INPUTS_FILE = "check_inputs.pt"
 
 
@@ -220,18 +223,13 @@ def _atomic(path: Path, data: bytes) -> None:
     write_bytes(path, data)
 
 
-def _pt2_bytes(program: torch.export.ExportedProgram) -> bytes:
-    f = io.BytesIO()
-    torch.export.save(program, f)
-    return f.getvalue()
-
-
 def save_check_files(compiled: Compiled, folder: str | os.PathLike) -> None:
-    """Write what ``asteroid check PLAN_DIR`` needs beside program.json: stage_<p>.eval.pt2 (the
-    stage in eval mode, exported with dynamic rows; a graph and weights, no code to run),
-    check_inputs.pt (stage 0's tensors of the example batch) and check.json naming them. Needs
-    torch only. A stage that torch.export cannot export is recorded in check.json with the reason
-    (the check then reports it) instead of failing the save."""
+    """Write what ``asteroid check PLAN_DIR`` needs beside program.json: per stage, the stage in eval
+    mode exported with dynamic rows, as plain data (stage_<p>.eval.json: its ATen graph; stage_<p>.eval.pt:
+    its weights, plain tensors; see graph_file: nothing that runs code), check_inputs.pt (stage 0's
+    tensors of the example batch, plain tensors) and check.json naming them. Needs torch only. A
+    stage that torch.export cannot export, or whose graph the format cannot carry, is recorded in
+    check.json with the reason (the check then reports it) instead of failing the save."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     captured = compiled.captured
@@ -248,16 +246,40 @@ def save_check_files(compiled: Compiled, folder: str | os.PathLike) -> None:
             with _quiet():
                 program = torch.export.export(s.module, example, dynamic_shapes=tuple({0: rows} for _ in example),
                                               strict=False)
-            entry["torch"] = f"stage_{s.index}.eval.pt2"
-            _atomic(out / entry["torch"], _pt2_bytes(program))
+            data, weights = graph_to_data(_plain_module(program))
+        except UnsavableGraph as e:
+            entry["error"] = f"the exported graph {e}"
         except Exception as e:  # noqa: BLE001 - the save goes on; the check reports this stage
             entry["error"] = f"torch.export failed: {_headline(e)}"
+        else:
+            entry["graph"], entry["weights"] = f"stage_{s.index}.eval.json", f"stage_{s.index}.eval.pt"
+            _atomic(out / entry["graph"], (json.dumps(data, indent=None) + "\n").encode())
+            _atomic(out / entry["weights"], _tensor_bytes(weights))
         entries.append(entry)
-    buffer = io.BytesIO()
-    torch.save({n: inputs[n] for n in stages[0].inputs}, buffer)
-    _atomic(out / INPUTS_FILE, buffer.getvalue())
+    _atomic(out / INPUTS_FILE, _tensor_bytes({n: inputs[n] for n in stages[0].inputs}))
     manifest = {"format": "asteroid-check", "version": MANIFEST_VERSION, "inputs": INPUTS_FILE, "stages": entries}
     _atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def _tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().contiguous().clone() for k, v in tensors.items()}, buffer)
+    return buffer.getvalue()
+
+
+def _manifest_error(path: Path, what: str) -> InputError:
+    return InputError(f"{path}: {what}; this is not the check.json `asteroid compile` writes: compile again")
+
+
+def _file_field(folder: Path, path: Path, where: str, value: Any) -> Path:
+    """A file named in check.json: a bare file name in the folder (no path elsewhere), a regular file."""
+    if not isinstance(value, str) or not value or value != Path(value).name or value in (".", ".."):
+        raise _manifest_error(path, f"{where} must be a file name in the folder, not {value!r:.80}")
+    file = folder / value
+    if not file.is_file():
+        raise InputError(f"{folder}: {value} (named by {MANIFEST} {where}) is missing or not a regular file; "
+                         "compile again")
+    return file
 
 
 def _load_manifest(folder: Path) -> dict[str, Any]:
@@ -269,23 +291,47 @@ def _load_manifest(folder: Path) -> dict[str, Any]:
         raise InputError(f"{folder} has no {MANIFEST}: the stages in eval mode are saved by Compiled.save in this "
                          f"version, or by compiled.check(folder={str(folder)!r}) / "
                          "asteroid_fx.backends.onnxruntime.save_check_files(compiled, folder); compile again")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "asteroid-check" or manifest.get("version") != MANIFEST_VERSION:
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _manifest_error(path, f"not JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "asteroid-check" \
+            or manifest.get("version") != MANIFEST_VERSION:
         raise InputError(f"{path} is not a version {MANIFEST_VERSION} asteroid check manifest; compile again with "
                          "this version")
+    entries = manifest.get("stages")
+    if not isinstance(entries, list) or not entries:
+        raise _manifest_error(path, "'stages' must be a non-empty list")
+    for i, entry in enumerate(entries):
+        where = f"stages[{i}]"
+        if not isinstance(entry, dict) or entry.get("index") != i or isinstance(entry.get("index"), bool):
+            raise _manifest_error(path, f"{where} must be an object with 'index' {i}")
+        for key in ("inputs", "outputs"):
+            if not isinstance(entry.get(key), list) or not all(isinstance(n, str) for n in entry[key]):
+                raise _manifest_error(path, f"{where}.{key} must be a list of names")
+        if "error" in entry and not isinstance(entry["error"], str):
+            raise _manifest_error(path, f"{where}.error must be text")
     return manifest
 
 
 def folder_stages(folder: str | os.PathLike) -> tuple[CheckStage, ...]:
-    """The eval-mode stages a plan folder holds (stage_<p>.eval.pt2), as the check runs them."""
+    """The eval-mode stages a plan folder holds (stage_<p>.eval.json and .pt), as the check runs them;
+    read as plain data (graph_file), every field checked: InputError naming the file and the field."""
     folder = Path(folder)
+    path = folder / MANIFEST
     stages = []
     for entry in _load_manifest(folder)["stages"]:
         if "error" in entry:
             raise InputError(f"stage {entry['index']} could not be saved for the check: {entry['error']}")
-        with _quiet():
-            program = torch.export.load(folder / entry["torch"])
-        stages.append(CheckStage(entry["index"], _plain_module(program), tuple(entry["inputs"]), tuple(entry["outputs"])))
+        where = f"stages[{entry['index']}]"
+        graph_path = _file_field(folder, path, f"{where}.graph", entry.get("graph"))
+        weights_path = _file_field(folder, path, f"{where}.weights", entry.get("weights"))
+        try:
+            data = json.loads(graph_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{graph_path}: not JSON ({e}); compile again") from None
+        module = graph_from_data(data, load_weights(weights_path), graph_path)
+        stages.append(CheckStage(entry["index"], module, tuple(entry["inputs"]), tuple(entry["outputs"])))
     return tuple(stages)
 
 
@@ -293,20 +339,34 @@ def check_folder(folder: str | os.PathLike, *, rtol: float = RTOL, atol: float =
                  repeats: int = 3, exporter: str = "auto", strict: bool = False) -> CheckReport:
     """The check on a plan folder (see ``save_check_files``), on the example batch saved there; the
     eager reference is the stages chained on the whole batch. Writes stage_<p>.onnx into it."""
-    from asteroid_fx.ir.program_text import program_from_json
+    from asteroid_fx.ir.program_text import read_program_json
+    from asteroid_fx.ir.verify import verify
 
     folder = Path(folder)
     manifest = _load_manifest(folder)
-    program = program_from_json(json.loads((folder / "program.json").read_text()))
+    program = read_program_json(folder / "program.json")
+    verify(program, origin=str(folder / "program.json"))  # the check runs its forward actions: they must run
     stages = folder_stages(folder)
     if len(stages) != len(program.stages):
         raise InputError(f"{folder}: {MANIFEST} has {len(stages)} stages, program.json {len(program.stages)}; "
                          "compile again")
-    inputs = torch.load(folder / manifest["inputs"], weights_only=True)
+    inputs = load_weights(_file_field(folder, folder / MANIFEST, "inputs", manifest.get("inputs")))
+    if not isinstance(inputs, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                               for k, t in inputs.items()):
+        raise InputError(f"{folder / manifest['inputs']}: holds no mapping of input names to tensors; compile again")
     batch_inputs = _batch_inputs(program, list(inputs), list(inputs.values()))
+    absent = [n for n in stages[0].inputs if n not in batch_inputs]
+    if absent:
+        raise InputError(f"{folder / manifest['inputs']}: holds no input {absent[0]!r}, which stage 0 takes "
+                         f"(it holds {', '.join(map(repr, batch_inputs)) or 'none'}); compile again")
     outputs: tuple[torch.Tensor, ...] = tuple(batch_inputs[n] for n in stages[0].inputs)
+    manifest_stages = manifest["stages"]
     for s in stages:
-        outputs = _torch_runner(stages)(s.index, outputs)
+        try:  # the first run of graphs read from a folder: one that does not run is the folder's fault
+            outputs = _torch_runner(stages)(s.index, outputs)
+        except Exception as e:  # noqa: BLE001 - any op's refusal of what the crafted graph asks
+            raise InputError(f"{folder / manifest_stages[s.index]['graph']}: stage {s.index} does not run on the "
+                             f"saved inputs ({_headline(e)}); compile again") from None
     report = _check(program, stages, batch_inputs, outputs, "the stages chained on the whole batch", rtol=rtol,
                     atol=atol, rounding=rounding, repeats=repeats, exporter=exporter, folder=folder)
     if strict and not report.ok:
