@@ -238,3 +238,14 @@ def test_no_false_alarm_on_transformers_with_dropout(name):
         verify_capture(captured, model, args, kwargs)
     for k, v in model.state_dict().items():
         assert torch.equal(before[k], v), k
+
+
+def test_a_model_returning_its_cache_is_told_to_pass_use_cache_false():
+    from asteroid_fx.passes.capture import CaptureError
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_cache=True)
+    with pytest.raises(CaptureError, match=r"returns a DynamicCache .* Pass use_cache=False"):
+        capture(transformers.LlamaForCausalLM(cfg), (torch.randint(0, V, (4, S)),))
