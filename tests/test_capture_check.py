@@ -249,3 +249,28 @@ def test_a_model_returning_its_cache_is_told_to_pass_use_cache_false():
                                    use_cache=True)
     with pytest.raises(CaptureError, match=r"returns a DynamicCache .* Pass use_cache=False"):
         capture(transformers.LlamaForCausalLM(cfg), (torch.randint(0, V, (4, S)),))
+
+
+class NumpyNoise(nn.Module):
+    """Adds noise drawn with NumPy: the graph keeps the draw it saw during capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        return self.inp(x) + torch.from_numpy(np.random.rand(*x.shape[1:]).astype("float32"))
+
+
+def test_randomness_outside_torch_is_named_as_such():
+    torch.manual_seed(0)
+    model = NumpyNoise()
+    captured = capture(model, (_x(),))
+    with pytest.raises(InputError) as e:
+        verify_capture(captured, model, (_x(),))
+    text = str(e.value)
+    assert "on the example, output 0 differs" in text
+    assert "graph node 'add', an output of the model itself (NumpyNoise)" in text
+    assert "Eager forward itself gives other outputs on two runs from the same torch seed" in text

@@ -18,6 +18,8 @@ Guarantees:
   - a difference that vanishes in eval mode in a graph that draws random numbers is randomness,
     not a wrong capture: it is reported with a warning, not an error. Both sides are seeded alike
     before every run (inside ``torch.random.fork_rng``, so the caller's RNG state is untouched);
+    an eager forward that differs from itself from the same seed (NumPy or Python random numbers,
+    which the graph froze) is named as such in the error;
   - ``model`` is untouched: eager runs use a copy that shares its parameters (never written by a
     forward) and holds copies of its buffers and Python state; the captured module's buffers are
     restored after its runs.
@@ -289,6 +291,16 @@ def _locate(captured: Captured, model: torch.nn.Module, calls: list[_Call], k: i
     return None
 
 
+def _eager_repeats(model: torch.nn.Module, calls: list[_Call], k: int) -> bool:
+    """Whether two fresh eager copies, run through calls[:k + 1] from the same seeds, agree on call k."""
+    def outputs() -> list:
+        eager = _eager_copy(model, True)
+        for call in calls[:k + 1]:
+            out = pytree.tree_leaves(_seeded(lambda: eager(*call.args, **call.kwargs), call))
+        return out
+    return _compare(outputs(), outputs()) is None
+
+
 def _tensors(tree: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
@@ -339,7 +351,12 @@ def _message(captured: Captured, model: torch.nn.Module, calls: list[_Call], k: 
         module = f"the model itself ({where.kind})" if not where.module else f"{where.module} ({where.kind})"
         role = f"computed in {module} and fed to {where.fed_to}" if where.fed_to else f"an output of {module}"
         lines.append(f"The first value that diverges is graph node '{where.node}', {role}: it {where.detail}.")
-    if k == 0:
+    if not _eager_repeats(model, calls, k):
+        lines.append("Eager forward itself gives other outputs on two runs from the same torch seed: it draws "
+                     "random numbers outside torch (numpy.random, Python's random) or reads the clock, and the "
+                     "graph froze the one draw it saw. Draw them with torch (torch.rand, torch.bernoulli) so that "
+                     "the graph draws them afresh on every call.")
+    elif k == 0:
         lines.append("Capture recorded another computation than forward runs. Look there for a Python value "
                      "read during forward that is not a tensor input (an attribute or global set during forward, "
                      "Python's random, the clock), a buffer or input written in place and read again, or one "
