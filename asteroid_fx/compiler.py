@@ -20,6 +20,7 @@ from asteroid_fx.ir.program_text import format_program, program_to_json
 from asteroid_fx.ir.verify import verify
 from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import Captured, capture
+from asteroid_fx.passes.capture_check import verify_capture
 from asteroid_fx.passes.linearize import linearize
 from asteroid_fx.passes.lower import lower_plan, stage_cut_specs
 from asteroid_fx.passes.lower_comm import check_clip
@@ -147,7 +148,7 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
             groups: Sequence[Sequence[str]] | None = None, rows: Sequence[Sequence[int]] | None = None,
             layers: Sequence[int] | None = None, max_layers: int | None = DEFAULT_MAX_LAYERS,
             opt_state_factor: float = 2.0, check: bool = True, profiles: Sequence[Any] = (),
-            recovery: bool = False, clip_grad_norm: float | None = None) -> Compiled:
+            recovery: bool = False, clip_grad_norm: float | None = None, check_capture: bool = True) -> Compiled:
     """Compile ``model`` for ``devices`` (a Cluster, a list of Devices or kind names, a preset name
     or a cluster JSON path). ``example`` is one global batch of inputs (a tensor or a tuple);
     ``planner`` is one of passes.partition.PLANNER_NAMES ("asteroid" by default; the others are
@@ -159,12 +160,16 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
     copies of each stage it backs up (docs/planner.md, "Memory"). With ``clip_grad_norm`` every
     iteration clips the gradients by their global norm before the step, as
     ``torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)`` does in eager training
-    (a NORM on every device; docs/semantics.md, "Gradient clipping")."""
+    (a NORM on every device; docs/semantics.md, "Gradient clipping"). With ``check_capture`` (the
+    default) the captured graph must compute what the model's forward does, in train mode, on the
+    example and on a second batch drawn like it (docs/semantics.md, "Capture self-check")."""
     max_norm = check_clip(clip_grad_norm)  # a bad value fails before the capture and the planner
     cluster = resolve_cluster(devices)
     args = example if isinstance(example, tuple) else (example,)
     # capture with a dynamic batch so stages run on row slices of any size
     captured = capture(model, args, kwargs)
+    if check_capture:  # a graph that computes something else would train another model, silently
+        verify_capture(captured, model, args, kwargs)
     batch = captured.example_batch
     for name, value in (("microbatches", microbatches), ("microbatch_rows", microbatch_rows)):
         if value is not None and (value < 1 or batch % value):

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="plan for a run with recovery (`asteroid launch --recover`): every device's memory also "
                         "holds its rollback point and the backups it holds")
     c.add_argument("--input", action="append", default=[], help="example input for module:callable, e.g. f32[32,3,32,32]")
+    c.add_argument("--no-capture-check", dest="capture_check", action="store_false",
+                   help="skip checking that the captured graph computes what the model's forward does "
+                        "(on the example and on a second batch drawn like it)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=run)
 
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"compiling {args.model} for {args.cluster} ...", file=sys.stderr)
     compiled = asteroid.compile(model, args.cluster, example=example, loss=loss, microbatches=args.microbatches,
                                 planner=args.planner, schedule_kind=args.schedule, stages=args.stages,
-                                max_layers=args.max_layers, profiles=args.profile, recovery=args.recover)
+                                max_layers=args.max_layers, profiles=args.profile, recovery=args.recover,
+                                check_capture=args.capture_check)
     out = compiled.save(args.out)
     print(compiled.plan)
     print(f"\nwrote plan, program (text and JSON), layers and {len(compiled.stages)} stage modules to {out}/")

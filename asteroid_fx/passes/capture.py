@@ -427,10 +427,22 @@ def _headline(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+_UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
+
+
 def _explain(model: torch.nn.Module, export_error: Exception, trace_error: Exception) -> str:
     name = type(model).__name__
     where = _user_line(trace_error) or _user_line(export_error)
     at = f", at {where}" if where else ""
+    unknown = _UNKNOWN_OUTPUT.search(str(export_error))
+    if unknown and unknown.group(1).endswith("Cache"):  # transformers' key/value cache, for generation
+        return (f"cannot capture {name}: forward returns a {unknown.group(1).rsplit('.', 1)[-1]} (the key/value "
+                "cache of generation), which training does not use and a graph cannot return. Pass "
+                "use_cache=False, in the model's config or as a keyword input.")
+    if unknown:
+        return (f"cannot capture {name}: forward returns a {unknown.group(1)}, which torch.export cannot look "
+                "into. Return tensors (in tuples, lists or dicts), or register the type with "
+                "torch.utils._pytree.register_pytree_node.")
     if any(marker in str(e) for e in (export_error, trace_error) for marker in _DATA_DEPENDENT):
         return (
             f"cannot capture {name}: forward makes a Python decision on a tensor's value{at}\n"
