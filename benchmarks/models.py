@@ -186,6 +186,8 @@ def main() -> int:
         "Most stages: the most stages the model splits into at allowed cuts, each computing at least 1% of the "
         "model's FLOPs. Blocks: the model's transformer or residual block modules. Throughput: simulated "
         "samples/s of the plan's program (`plan.prediction.throughput`); dp is the data-parallel planner. "
+        "Asteroid plan: its stages, the devices of each stage, micro-batches x rows (`1 stages 1`: the whole "
+        "model on the one device the planner found fastest alone). "
         f"Compile time: median of {args.repeats} `asteroid.compile` calls on {PRESETS[0]} (capture, annotate, "
         f"linearize, plan, split, schedule, lower, verify); goal {TINY_GOAL_S:.0f} s at the small configs, "
         f"{FULL_GOAL_S:.0f} s at full size.",
