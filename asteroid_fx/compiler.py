@@ -92,7 +92,7 @@ class Compiled:
         (``model`` in eval mode if given, else the captured graph in eval mode). ``inputs`` is one
         global batch (default: the compile example); atol is widened by ``rounding`` times PyTorch's
         own float32 error on each output (0: off). Returns the report (print it for the table);
-        raises CheckFailed on a mismatch when ``strict``. See backends/onnxruntime.py."""
+        raises CheckFailed on a mismatch when ``strict``. See backends/onnxruntime/."""
         if backend != "onnxruntime":
             raise InputError(f"unknown check backend {backend!r}; there is one: 'onnxruntime'")
         from asteroid_fx.backends.onnxruntime import check
@@ -168,8 +168,6 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
     args = example if isinstance(example, tuple) else (example,)
     # capture with a dynamic batch so stages run on row slices of any size
     captured = capture(model, args, kwargs)
-    if check_capture:  # a graph that computes something else would train another model, silently
-        verify_capture(captured, model, args, kwargs)
     batch = captured.example_batch
     for name, value in (("microbatches", microbatches), ("microbatch_rows", microbatch_rows)):
         if value is not None and (value < 1 or batch % value):
@@ -178,7 +176,10 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
     if not any(p.requires_grad for p in captured.module.parameters()):
         raise InputError(f"{type(model).__name__} has no parameter that requires grad: there is nothing to "
                          f"train; give the model parameters (or unfreeze them) before compiling")
+    # the first real run of the graph: an example the model cannot take fails here, naming the node
     annotate_costs(captured, cluster.device_kinds())  # a measured kind (host-cpu) as the cluster carries it
+    if check_capture:  # a graph that computes something else would train another model, silently
+        verify_capture(captured, model, args, kwargs)
     lg = linearize(captured, max_layers=max_layers)
     if profiles:  # measured layer times replace the roofline for the kinds they were measured on
         lg = profile_costs(lg, profiles, max_layers=max_layers)

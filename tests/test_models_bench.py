@@ -63,3 +63,19 @@ def test_a_model_that_fails_to_compile_is_a_row_with_its_error():
     assert not r["goal_met"] and r["plans"] == {}
     line = models.table([r], (PRESET,))[-1]
     assert "failed: InputError" in line and line.count("| - ") >= 4
+
+
+def test_no_benchmark_script_shadows_an_installed_package():
+    """benchmarks/ is put first on sys.path by its scripts and by these tests: a script named like a
+    package (onnxruntime.py did) replaces that package for every later import in the process."""
+    import importlib.util
+    here = Path(__file__).resolve().parents[1] / "benchmarks"
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    try:
+        shadowing = [f.stem for f in sorted(here.glob("*.py"))
+                     if f.stem not in sys.modules and importlib.util.find_spec(f.stem) is not None
+                     or f.stem in sys.modules and Path(getattr(sys.modules[f.stem], "__file__", "") or "").parent != here]
+    finally:
+        sys.path[:] = saved
+    assert not shadowing, f"rename these benchmarks/ scripts, they shadow packages: {shadowing}"

@@ -2,24 +2,21 @@
 how closely ORT agrees with PyTorch, from ``compiled.check(backend="onnxruntime")``. Writes the
 "onnxruntime" section of RESULTS.md.
 
-    .venv/bin/python benchmarks/onnxruntime.py [--repeats 5] [--batch 8]
+    .venv/bin/python benchmarks/ort_stages.py [--repeats 5] [--batch 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-# This script is named onnxruntime.py and Python puts its folder first on sys.path, where it would
-# shadow the onnxruntime package: import the package with the folder off the path, then add it back.
+# No script in benchmarks/ may be named after a package it imports: the folder goes first on
+# sys.path (here and in the tests that import these scripts) and would shadow that package.
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(os.path.abspath(p or os.curdir)) != HERE]
-import onnxruntime  # noqa: E402, F401
 import torch  # noqa: E402
 
 sys.path.insert(0, str(HERE))
@@ -90,7 +87,7 @@ def _alone(agreement) -> str:
 
 def section(results: list[dict], batch: int, repeats: int) -> str:
     lines = [
-        "## ONNX Runtime vs PyTorch per stage (benchmarks/onnxruntime.py)",
+        "## ONNX Runtime vs PyTorch per stage (benchmarks/ort_stages.py)",
         "",
         f"Machine: {machine()}. Full-size models (ResNet-50 on 224x224 images, BERT-base on 128 tokens), "
         f"random weights, eval mode; cluster preset `{CLUSTER}`, {STAGES} stages (pinned; the planner puts so small a "
