@@ -4,6 +4,8 @@ message is the real minimum."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import capture
 from asteroid_fx.passes.linearize import linearize
 from asteroid_fx.passes.partition import partition
+from asteroid_fx.passes.planners import hpp
 
 
 def _layer_graph(name: str, max_layers: int) -> LayerGraph:
@@ -59,3 +62,24 @@ def test_exact_fit_on_four_devices_with_several_microbatches(bert):
                       opt_state_factor=1.7)
     assert again.prediction.throughput >= first.prediction.throughput * (1 - 1e-6)
 
+
+def _figure(message: str) -> int:
+    m = re.search(r"each would need at least ([\d.]+) (MiB|KiB)", message)
+    assert m, message
+    return int(float(m.group(1)) * {"MiB": 2**20, "KiB": 2**10}[m.group(2)])
+
+
+def _same(kind: str, n: int, memory: int) -> Cluster:
+    return Cluster.uniform([Device(f"d{i}", kind, memory) for i in range(n)], bandwidth=125e6, latency=1e-3)
+
+
+@pytest.mark.parametrize("stages", [None, 2])
+@pytest.mark.parametrize("model", ["bert", "resnet18"])
+def test_the_memory_that_would_do_is_the_real_minimum(bert, model, stages):
+    lg = bert if model == "bert" else _layer_graph("resnet18", 10)
+    with pytest.raises(NoPlanError) as e:
+        hpp.plan(lg, _same("raspberry-pi-5", 3, 2**14), batch=12, stages=stages)
+    need = _figure(str(e.value))
+    hpp.plan(lg, _same("raspberry-pi-5", 3, need), batch=12, stages=stages)  # exactly that much plans
+    with pytest.raises(NoPlanError):
+        hpp.plan(lg, _same("raspberry-pi-5", 3, int(need * 0.99)), batch=12, stages=stages)  # 1% less does not
