@@ -24,7 +24,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, activation_memory, device_memory, in_flight,
-                                    ring_allreduce_s, state_memory, static_memory, step_table, ties_s, wire_s)
+                                    ring_allreduce_s, state_memory, static_memory, step_table, ties_s, wire_s,
+                                    within)
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.layer_graph import MIN_BATCH_STAT_ROWS, LayerGraph
 from asteroid_fx.ir.plan import StagePlan, backup_holder_stage, warmup_depth
@@ -133,16 +134,21 @@ class CostTable:
     def row_cap(self, device: str, lo: int, hi: int, k_in_flight: int, held: float = 0.0) -> int:
         """The most rows ``device`` can hold of stage [lo, hi) with ``k_in_flight`` micro-batches
         and ``held`` bytes of backups."""
-        spare = self.budget[device] - self.static_bytes(lo, hi) - held
-        if spare < 0:
+        budget = self.budget[device]
+        spare = budget - self.static_bytes(lo, hi) - held
+        if not within(self.memory(lo, hi, 0, k_in_flight, held), budget):
             return 0
+        spare = max(spare, 0.0)
         per_row = k_in_flight * self.act_bytes_per_row(lo, hi)
         if per_row <= 0:
             return self.max_rows
         # the same integer rounding as ``memory`` so that a capped count really fits
+        # (the quotient may land an ulp below a row that fits exactly: step both ways)
         r = min(self.max_rows, int(spare // per_row))
-        while r > 0 and self.memory(lo, hi, r, k_in_flight, held) > self.budget[device]:
+        while r > 0 and not within(self.memory(lo, hi, r, k_in_flight, held), budget):
             r -= 1
+        while r < self.max_rows and within(self.memory(lo, hi, r + 1, k_in_flight, held), budget):
+            r += 1
         return r
 
     def best_rows(self, devices: Sequence[str], lo: int, hi: int, rows: int,
@@ -273,7 +279,7 @@ class CostTable:
 
     def fits(self, stages: Sequence[StagePlan], microbatches: int, schedule: str) -> bool:
         """Whether every device of ``stages`` holds its peak (``device_bytes``) within its budget."""
-        return all(m <= self.budget[d] for d, m in self.device_bytes(stages, microbatches, schedule).items())
+        return all(within(m, self.budget[d]) for d, m in self.device_bytes(stages, microbatches, schedule).items())
 
 
 

@@ -45,6 +45,16 @@ if TYPE_CHECKING:
     import numpy as np
 
 ADAM_STATE_FACTOR = 2.0
+# a peak within this fraction of its budget fits: peaks are sums of floats taken in different
+# orders by the planner, its group matrices and the simulator, and a plan that fits exactly must
+# not be refused (or reported over budget) for an ulp of rounding
+MEMORY_RTOL = 1e-9
+
+
+def within(need, budget):
+    """Whether ``need`` bytes fit a ``budget`` of bytes, up to rounding (``MEMORY_RTOL``); the one
+    memory comparison of the planner, its baselines and the simulator. Elementwise for arrays."""
+    return need <= budget * (1.0 + MEMORY_RTOL)
 
 
 # ---------------------------------------------------------------------------------------------

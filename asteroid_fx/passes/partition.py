@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from asteroid_fx.cost.stage import ADAM_STATE_FACTOR, state_memory, step_s
+from asteroid_fx.cost.stage import ADAM_STATE_FACTOR, state_memory, step_s, within
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
@@ -131,7 +131,7 @@ def balanced(lg: LayerGraph, cluster: Cluster, *, microbatches: int, microbatch_
         except NoPlanError as e:
             failures.append(str(e))
             continue
-        over = [u for u in plan.prediction.devices if u.memory_bytes > u.budget_bytes]
+        over = [u for u in plan.prediction.devices if not within(u.memory_bytes, u.budget_bytes)]
         if over:
             failures.append(_memory_message(over, plan, lg, opt_state_factor))
             continue

@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+from asteroid_fx.cost.stage import within
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.plan import DeviceUse, Prediction
@@ -180,7 +181,7 @@ class Simulation:
         biggest part of the critical path (compute, communication or an all-reduce) and where most."""
         if not self.devices or self.iteration_s <= 0:
             return "nothing (an empty iteration)"
-        over = [r.device for r in self.devices if r.memory.peak_bytes > r.memory.budget_bytes]
+        over = [r.device for r in self.devices if not within(r.memory.peak_bytes, r.memory.budget_bytes)]
         if over:
             return "memory of " + ", ".join(over) + " (over budget)"
         totals: dict[str, float] = defaultdict(float)
@@ -221,7 +222,7 @@ class Simulation:
     def prediction(self, left_out: Sequence[tuple[str, str]] = ()) -> Prediction:
         """The simulated iteration as the planner reports it (``Plan.prediction``)."""
         uses = [DeviceUse(r.device, r.stage, r.memory.peak_bytes, r.memory.budget_bytes, r.compute_s,
-                          "over budget" if r.memory.peak_bytes > r.memory.budget_bytes else "")
+                          "" if within(r.memory.peak_bytes, r.memory.budget_bytes) else "over budget")
                 for r in self.devices]
         uses += [DeviceUse(d, None, 0, self.cluster.device(d).memory_bytes, 0.0, why) for d, why in left_out]
         return Prediction(self.iteration_s, self.throughput, tuple(uses), self.binding())

@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, CostTable
+from asteroid_fx.cost.stage import within
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.passes.planners.candidates import Candidate, microbatch_choices
@@ -114,7 +115,7 @@ def dp(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None
         # DDP splits evenly; a device that cannot hold its even share sits out
         while holders and R >= len(holders):
             rows = _even(R, len(holders))
-            over = [d for d, r in zip(holders, rows) if table.memory(0, L, r, 1) > table.budget[d]]
+            over = [d for d, r in zip(holders, rows) if not within(table.memory(0, L, r, 1), table.budget[d])]
             if not over:
                 out.append(_candidate(table, [StagePlan((0, L), tuple(holders), rows)], M, schedule))
                 break

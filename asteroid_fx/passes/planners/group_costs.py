@@ -73,7 +73,7 @@ class GroupCosts:
         if k_in_flight not in self.most_needed:
             need = np.where(self.valid, self.static + k_in_flight * self.act * R, 0.0)
             self.most_needed[k_in_flight] = float(need.max())
-        binds = self.most_needed[k_in_flight] > smallest
+        binds = not stage.within(self.most_needed[k_in_flight], smallest)
         key = (members, k_in_flight if binds else 0)
         hit = self.cache.get(key)
         if hit is not None:
@@ -86,8 +86,13 @@ class GroupCosts:
         tau = np.maximum((R + lead) / inv, one_row)
         ok = self.valid & (R >= self.least * len(members))
         if binds:
-            caps = [np.where(self.static > m, -1.0, np.floor((m - self.static) / (k_in_flight * self.act)))
-                    for _, m in members]
+            per_row = k_in_flight * self.act
+            caps = []
+            for _, m in members:
+                c = np.floor(np.maximum(m - self.static, 0.0) / per_row)
+                # the quotient may land an ulp below a row that fits exactly (``CostTable.row_cap``)
+                c = np.where(stage.within(np.floor(self.static + per_row * (c + 1)), m), c + 1, c)
+                caps.append(np.where(stage.within(self.static, m), c, -1.0))
             ok &= np.all(np.stack([c >= self.least for c in caps]), axis=0)
             ok &= np.sum(np.stack([np.minimum(c, R) for c in caps]), axis=0) >= R
             share = [(tau - self.alpha[k]) / self.beta[k] for k, _ in members]
@@ -116,13 +121,13 @@ class GroupCosts:
         if also_last:
             own = own + 2 * self.state[next_end, -1]
         most = np.broadcast_to(next_most, own.shape)
-        return 2 * self.state + own[..., None, :] <= most[..., None, :]
+        return stage.within(2 * self.state + own[..., None, :], most[..., None, :])
 
     def holds_last(self, k_in_flight: int, most) -> np.ndarray:
         """Under recovery, per (a, b): whether the first device of the first of two stages, with at
         most ``most`` bytes, can hold two copies of the last stage [b, L) beside its own stage
         [a, b) with a row."""
-        return self.static + k_in_flight * self.act + 2 * self.state[:, -1][None, :] <= most
+        return stage.within(self.static + k_in_flight * self.act + 2 * self.state[:, -1][None, :], most)
 
     def allreduce(self, group: tuple[str, ...]) -> np.ndarray:
         g = len(group)

@@ -35,7 +35,9 @@ would do.
 
 from __future__ import annotations
 
+
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
@@ -257,8 +259,10 @@ def no_plan_message(lg: LayerGraph, cluster: Cluster, batch: int, microbatches: 
         return (f"no plan{pinned} fits this cluster with a batch of {batch}, whatever its memory: every stage "
                 "needs a device and a row of each micro-batch; use a larger batch, fewer micro-batches"
                 + (" or fewer stages" if stages is not None and stages > 1 else ""))
-    for _ in range(24):
-        if hi - lo <= max(hi // 200, 1024):
+    # to 1/10000 (or a KiB): the figure is printed rounded up to a MiB, and giving every device
+    # that much must plan while 1% less must not
+    for _ in range(40):
+        if hi - lo <= max(hi // 10000, 1024):
             break
         mid = (lo + hi) // 2
         if fits(mid):
@@ -268,10 +272,20 @@ def no_plan_message(lg: LayerGraph, cluster: Cluster, batch: int, microbatches: 
     copies = (", recovery's copies of stage state (its rollback point, and two of each backup it holds)"
               if recovery else "")
     return (f"no plan{pinned} fits this cluster: its largest device has {_bytes(biggest)}, and with all "
-            f"{len(cluster.devices)} devices each would need at least {_bytes(hi)} (weights, gradients, "
+            f"{len(cluster.devices)} devices each would need at least {_bytes_up(hi)} (weights, gradients, "
             f"optimizer state{copies} and activations of its share). Give the devices that much memory, add "
             "devices, use an optimizer with less state (opt_state_factor) or a smaller batch"
             + (", or train without recovery" if recovery else ""))
+
+
+def _bytes_up(n: float) -> str:
+    """``n`` bytes rounded up to a hundredth of a MiB (a KiB below one): a figure to give a
+    device, so never below what it stands for."""
+    n = int(math.ceil(n))
+    if n >= 2**20:
+        mib = math.ceil(n * 100 / 2**20) / 100
+        return f"{mib:.2f} MiB" + (f" ({mib / 1024:.2f} GiB)" if mib >= 1024 else "")
+    return f"{-(-n // 2**10)} KiB"
 
 
 def _bytes(n: float) -> str:
