@@ -9,8 +9,10 @@ the ratio of asteroid to each. Then the gap to the exhaustive oracle on graphs c
 layers and clusters of up to 5 devices, and the planning time against layers and devices.
 Writes the "planner" section of RESULTS.md; a run of transformers models only (``--models
 hf-gpt2,hf-bert``) writes its own section, "planner-transformers", and leaves the zoo's as it is.
+``--scale-only``: only the planning time of ResNet-50 at every layer (228) on mixed clusters of 16
+to 128 devices, with its slope in devices; writes the "planner-scale" section.
 
-    .venv/bin/python benchmarks/planner.py [--models vgg16,resnet50] [--quick]
+    .venv/bin/python benchmarks/planner.py [--models vgg16,resnet50] [--quick] [--scale-only]
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ ORACLE_LINKS = {"4 Jetsons, 1 Gbit/s": "gigabit-ethernet", "3 Jetsons + laptop, 
 ORACLE_BATCH, ORACLE_MICROBATCHES = 32, 8
 TIMING_LAYERS = (50, 100, 200)
 TIMING_DEVICES = (4, 8, 16)
+SCALE_DEVICES = (16, 32, 64, 128)
+SCALE_BATCHES = (32, 128)
+SCALE_KINDS = ("jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-orin-nano", "raspberry-pi-5", "laptop-i7")
+SCALE_LINKS = {"gigabit-ethernet": SCALE_DEVICES, "fast-ethernet": (16, 64)}  # 100 Mbit/s on a few sizes
 
 
 def log(msg: str) -> None:
@@ -211,13 +217,59 @@ def timing(cap) -> list[str]:
     return lines
 
 
+def scale() -> str:
+    """Whole-search planning time of ResNet-50 with every layer kept, on clusters of mixed kinds."""
+    entry = models.get("resnet50")
+    torch.manual_seed(0)
+    log("  capturing resnet50 (full size) ...")
+    cap = annotate_costs(capture(entry.build(small=False), entry.example(4, False)), set(catalog.KINDS))
+    lg = linearize(cap, max_layers=10_000)
+    load_start = os.getloadavg()[0]
+    lines = ["| link | batch | devices | whole search (s) | plan | simulated samples/s |", "|---|---:|---:|---:|---|---:|"]
+    slopes = []
+    for link_name, sizes in SCALE_LINKS.items():
+        link = catalog.LINKS[link_name]
+        for batch in SCALE_BATCHES:
+            secs = []
+            for D in sizes:
+                cluster = Cluster.from_kinds((SCALE_KINDS * D)[:D], link.bandwidth, link.latency)
+                p, s = run_planner(hpp.plan, lg, cluster, batch=batch)
+                secs.append(s)
+                shape = "OOM" if p is None else (f"{len(p.stages)} stages {'/'.join(str(len(st.devices)) for st in p.stages)}, "
+                                                 f"{p.microbatches}x{p.microbatch_rows}, {p.schedule}")
+                thr = fmt(p and p.prediction.throughput)
+                lines.append(f"| {link_name} | {batch} | {D} | {s:.2f} | {shape} | {thr} |")
+                log(f"  scale {link_name} batch {batch} x {D} devices: {s:.2f}s ({shape})")
+            xs, ys = [math.log(d) for d in sizes], [math.log(t) for t in secs]
+            mx, my = statistics.mean(xs), statistics.mean(ys)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            slopes.append(f"{link_name}, batch {batch}: {slope:.2f}")
+    return "\n".join([
+        "## Planner at scale (benchmarks/planner.py --scale-only)", "",
+        f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/planner.py --scale-only`. ResNet-50 "
+        f"(full size, analytic costs) linearized with every layer kept ({len(lg)} layers); clusters cycle "
+        f"through {', '.join(SCALE_KINDS)}; every device pair on one link kind. Time: the whole search "
+        "(every micro-batching of the batch, every device order, local search, simulation of the best few).",
+        "", *lines, "",
+        "Slope of log time against log devices (1 = linear): " + "; ".join(slopes) + ".", "",
+        f"Load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other jobs share "
+        f"the {os.cpu_count()} cores, so times are upper bounds).",
+    ])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--quick", action="store_true",
                     help="two presets, one batch, no oracle or timing; printed, not written to RESULTS.md")
+    ap.add_argument("--scale-only", action="store_true",
+                    help="only the planning time at 16 to 128 devices; writes the planner-scale section")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.scale_only:
+        write_section("planner-scale", scale())
+        log("wrote the planner-scale section of benchmarks/RESULTS.md")
+        return
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
     names = [m for m in args.models.split(",") if m]

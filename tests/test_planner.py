@@ -249,3 +249,37 @@ def test_compile_takes_every_planner(planner):
 def test_unknown_planner_is_named():
     with pytest.raises(ValueError, match="unknown planner 'fast'.*asteroid"):
         partition(_synthetic(4), catalog.preset("edge-4-1g"), planner="fast", batch=8)
+
+
+MIXED = ("jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-orin-nano", "raspberry-pi-5", "laptop-i7")
+
+
+@pytest.mark.parametrize("layers, cluster, batch, throughput", [
+    (60, "edge-8-100m", 32, 115.31879284048179),
+    (60, ("mixed", 12, 125e6, 5e-4), 32, 154.00814864057978),
+    (90, ("mixed", 16, 12.5e6, 1e-3), 16, 91.87697886267408),
+])
+def test_plans_are_no_worse_than_before_the_dp_was_pruned(layers, cluster, batch, throughput):
+    """Simulated throughput of the whole search's plan on fixed cases, as the planner found them
+    before its DP skipped groups too wide for their rows and states on no finite path (both only
+    leave out infinite scores): a faster planner must not plan worse."""
+    if isinstance(cluster, str):
+        cl = catalog.preset(cluster)
+    else:
+        _, D, bw, lat = cluster
+        cl = Cluster.from_kinds((MIXED * D)[:D], bw, lat)
+    plan = hpp.plan(_synthetic(layers), cl, batch=batch)
+    assert plan.prediction.throughput >= throughput * (1 - 1e-9)
+
+
+def test_a_64_device_cluster_plans_within_a_bound():
+    """The whole search (every micro-batching) on 64 mixed devices: its DP grows with the
+    devices times the widest group the rows allow, not with the devices squared."""
+    import time
+
+    lg = _synthetic(200)
+    cluster = Cluster.from_kinds((MIXED * 11)[:64], 125e6, 5e-4)
+    started = time.perf_counter()
+    plan = hpp.plan(lg, cluster, batch=32)
+    assert time.perf_counter() - started < 30  # generous: shared runners; the benchmark measures it
+    check_sound(plan, lg, cluster, 32)

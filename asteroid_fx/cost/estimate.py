@@ -70,6 +70,13 @@ class CostTable:
         self.budget = {d.name: d.memory_bytes for d in cluster.devices}
         if budgets is not None:
             self.budget.update(budgets)
+        # a search asks the same questions of many candidates (a moved cut leaves the other stages
+        # as they were): answers by value, so the same candidate gets the same numbers
+        self._caps: dict[tuple, int] = {}
+        self._rows: dict[tuple, tuple | None] = {}
+        self._allreduce: dict[tuple, float] = {}
+        self._step: dict[StagePlan, float] = {}
+        self._pair: dict[tuple[StagePlan, StagePlan], tuple[float, dict]] = {}  # transfer_s, NIC loads
 
     def stage_time(self, device: str, lo: int, hi: int, rows: int) -> float:
         return float(self.kind_time(self.kind_of[device], lo, hi, rows))
@@ -134,6 +141,13 @@ class CostTable:
     def row_cap(self, device: str, lo: int, hi: int, k_in_flight: int, held: float = 0.0) -> int:
         """The most rows ``device`` can hold of stage [lo, hi) with ``k_in_flight`` micro-batches
         and ``held`` bytes of backups."""
+        key = (self.budget[device], lo, hi, k_in_flight, held)  # devices of one budget share it
+        cap = self._caps.get(key)
+        if cap is None:
+            cap = self._caps[key] = self._row_cap(device, lo, hi, k_in_flight, held)
+        return cap
+
+    def _row_cap(self, device: str, lo: int, hi: int, k_in_flight: int, held: float) -> int:
         budget = self.budget[device]
         spare = budget - self.static_bytes(lo, hi) - held
         if not within(self.memory(lo, hi, 0, k_in_flight, held), budget):
@@ -175,7 +189,11 @@ class CostTable:
         return tuple(split)
 
     def allreduce_s(self, devices: Sequence[str], lo: int, hi: int) -> float:
-        return ring_allreduce_s(self.cluster, devices, self.allreduce_bytes(lo, hi))
+        key = (tuple(devices), lo, hi)
+        out = self._allreduce.get(key)
+        if out is None:
+            out = self._allreduce[key] = ring_allreduce_s(self.cluster, devices, self.allreduce_bytes(lo, hi))
+        return out
 
     def transfer_s(self, cut: int, src: StagePlan, dst: StagePlan) -> float:
         """Seconds to move one micro-batch across ``cut``: row slices of different pairs travel
@@ -183,15 +201,12 @@ class CostTable:
         another (its outgoing channel as a sender, its incoming one as a receiver)."""
         load: dict[tuple[str, str], float] = {}
         latency = 0.0
-        for a, alo, ahi in src.slots:
-            for b, blo, bhi in dst.slots:
-                overlap = min(ahi, bhi) - max(alo, blo)
-                if overlap > 0:
-                    bw, lat = self.cluster.link(a, b)
-                    t = wire_s(self.cut_bytes[cut] * overlap, bw)
-                    load[a, "out"] = load.get((a, "out"), 0.0) + t
-                    load[b, "in"] = load.get((b, "in"), 0.0) + t
-                    latency = max(latency, lat)
+        for a, b, overlap in _overlaps(src.slots, dst.slots):
+            bw, lat = self.cluster.link(a, b)
+            t = wire_s(self.cut_bytes[cut] * overlap, bw)
+            load[a, "out"] = load.get((a, "out"), 0.0) + t
+            load[b, "in"] = load.get((b, "in"), 0.0) + t
+            latency = max(latency, lat)
         return latency + max(load.values(), default=0.0)
 
     def nic_load_s(self, stages: Sequence[StagePlan]) -> float:
@@ -200,15 +215,31 @@ class CostTable:
         incoming channel the reverse, each message at its pair's bandwidth (the simulator's NIC)."""
         load: dict[tuple[str, str], float] = {}
         for p in range(len(stages) - 1):
-            per_row = self.cut_bytes[stages[p].layers[1]]
-            for a, alo, ahi in stages[p].slots:
-                for b, blo, bhi in stages[p + 1].slots:
-                    overlap = min(ahi, bhi) - max(alo, blo)
-                    if overlap > 0:
-                        t = wire_s(per_row * overlap, self.cluster.link(a, b)[0])
-                        for key in ((a, "out"), (b, "in"), (b, "out"), (a, "in")):  # act a->b, grad b->a
-                            load[key] = load.get(key, 0.0) + t
+            for key, t in self._pair_costs(stages[p], stages[p + 1])[1].items():
+                load[key] = load.get(key, 0.0) + t
         return max(load.values(), default=0.0)
+
+    def _pair_costs(self, src: StagePlan, dst: StagePlan) -> tuple[float, dict]:
+        """``transfer_s`` across the cut between two adjacent stages, and the seconds per micro-batch
+        it puts on each network interface (``nic_load_s``), asked once per pair."""
+        got = self._pair.get((src, dst))
+        if got is None:
+            load: dict[tuple[str, str], float] = {}
+            per_row = self.cut_bytes[src.layers[1]]
+            for a, b, overlap in _overlaps(src.slots, dst.slots):
+                t = wire_s(per_row * overlap, self.cluster.link(a, b)[0])
+                for key in ((a, "out"), (b, "in"), (b, "out"), (a, "in")):  # act a->b, grad b->a
+                    load[key] = load.get(key, 0.0) + t
+            got = self._pair[src, dst] = (self.transfer_s(src.layers[1], src, dst), load)
+        return got
+
+    def step_s(self, st: StagePlan) -> float:
+        """A stage's step: its slowest member's time on its rows."""
+        out = self._step.get(st)
+        if out is None:
+            out = self._step[st] = max(self.stage_time(d, st.layers[0], st.layers[1], r)
+                                       for d, r in zip(st.devices, st.rows))
+        return out
 
     def iteration_s(self, stages: Sequence[StagePlan], microbatches: int, schedule: str) -> float:
         """The iteration time: one micro-batch's round trip through the pipeline (fill and
@@ -220,16 +251,17 @@ class CostTable:
         between them both ways, which (q - p)(1 + N) + 1 periods must cover (what makes plain
         1F1B slow on slow links, and a deeper warm-up faster there)."""
         S, M = len(stages), microbatches
-        step = [max(self.stage_time(d, st.layers[0], st.layers[1], r) for d, r in zip(st.devices, st.rows))
-                for st in stages]
-        link = [self.transfer_s(stages[p].layers[1], stages[p], stages[p + 1]) for p in range(S - 1)]
+        step = [self.step_s(st) for st in stages]
+        link = [self._pair_costs(stages[p], stages[p + 1])[0] for p in range(S - 1)]
         allreduce = max(self.allreduce_s(st.devices, *st.layers) for st in stages)
         period = max(step + [self.nic_load_s(stages)])
         depth = warmup_depth(schedule)
         if depth is not None:
             for p in range(S):
+                steps, links = step[p], 0  # running sums: sum(step[p:q + 1]) and sum(link[p:q])
                 for q in range(p + 1, S):
-                    cycle = sum(step[p:q + 1]) + 2 * sum(link[p:q])
+                    steps, links = steps + step[q], links + link[q - 1]
+                    cycle = steps + 2 * links
                     period = max(period, cycle / min((q - p) * (1 + depth) + 1, M))
         return sum(step) + 2 * sum(link) + (M - 1) * period + allreduce + ties_s(self.lg, self.cluster, stages)
 
@@ -238,6 +270,13 @@ class CostTable:
         """The group's order and best rows when its first device holds ``held`` bytes of backups:
         ``devices`` as given, unless another member first makes the group's step faster (its
         share of rows shrinks less under the copies); None when no member can hold them."""
+        key = (tuple(devices), lo, hi, rows, k_in_flight, held)
+        if key not in self._rows:
+            self._rows[key] = self._group_rows(devices, lo, hi, rows, k_in_flight, held)
+        return self._rows[key]
+
+    def _group_rows(self, devices: Sequence[str], lo: int, hi: int, rows: int, k_in_flight: int,
+                    held: float) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
         if not held:
             split = self.best_rows(devices, lo, hi, rows, k_in_flight)
             return None if split is None else (tuple(devices), split)
@@ -281,6 +320,22 @@ class CostTable:
         """Whether every device of ``stages`` holds its peak (``device_bytes``) within its budget."""
         return all(within(m, self.budget[d]) for d, m in self.device_bytes(stages, microbatches, schedule).items())
 
+
+
+def _overlaps(src: Sequence[tuple[str, int, int]], dst: Sequence[tuple[str, int, int]]):
+    """(a, b, rows) for every pair of slots of ``src`` and ``dst`` (consecutive row ranges) that
+    share rows, in the order of a nested loop over both: one walk along the rows, not every pair."""
+    i = j = 0
+    while i < len(src) and j < len(dst):
+        a, alo, ahi = src[i]
+        b, blo, bhi = dst[j]
+        overlap = min(ahi, bhi) - max(alo, blo)
+        if overlap > 0:
+            yield a, b, overlap
+        if ahi <= bhi:
+            i += 1
+        else:
+            j += 1
 
 
 # the stage model's pieces that callers have long imported from here

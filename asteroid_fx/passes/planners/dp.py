@@ -15,6 +15,7 @@ from asteroid_fx.passes.planners.group_costs import GroupCosts
 INF = float("inf")
 DP_BOUNDARIES = 48  # the DP places cuts among at most this many (32 beyond 8 devices); local
                     # search refines them
+BLOCK_ELEMENTS = 1 << 21  # per numpy temporary of the DP (16 MiB of floats)
 
 
 def dp_boundaries(table: CostTable, limit: int = DP_BOUNDARIES) -> list[int]:
@@ -48,19 +49,29 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
     S_max = min(D, n - 1, max_stages or D)
     gc = costs if costs is not None else GroupCosts(table, pos, R, M)
     depth = warmup_depth(schedule)
-    # per contiguous group [j, j2): steady cost per (a, b), without the memory term (added per K)
-    # per first device j: the all-reduce and outgoing transfer of every group [j, j2), stacked
-    # over j2 so that one numpy expression covers them all
-    allred, link = {}, {}
+    # a group of g members needs g x (its stage's least rows) rows of a micro-batch: larger groups
+    # are infeasible at every (a, b), so the DP looks at groups [j, j2) with j2 - j <= widest only
+    # (exact, and what keeps its cost linear in devices at a fixed micro-batch size)
+    widest = gc.widest
+    W = min(widest, D)
+    # group [j, j2) sits at (j, g) with j2 = j + 1 + g; past the order's end (j2 > D) a pad whose
+    # step is inf (cheaper than ragged rows: every first device j is one numpy expression).
+    # Matrices are (first device j, first boundary a, group g, last boundary b), so that the pick
+    # over (g, b) for every (j, a) is a reshape, not a copy
+    ends = np.minimum(np.arange(D)[:, None] + 1 + np.arange(W)[None, :], D)  # (D, W)
+    # per group: the all-reduce and the outgoing transfer, (D, n, W, n) and (D, 1, W, n)
+    allred = np.zeros((D, n, W, n))
+    link = np.zeros((D, 1, W, n))
+    for j in range(D):
+        for g in range(min(W, D - j)):
+            grp = tuple(order[j:j + 1 + g])
+            allred[j, :, g] = gc.allreduce(grp)
+            link[j, 0, g] = gc.transfer(grp, order[:j] + order[j + 1 + g:])
     # under recovery a stage's first device holds its neighbours' backups: the largest budget of
     # every contiguous group [j, j2) bounds what its first device (the member exact picks) holds
     most = np.full((D + 1, D + 1), -INF)
     for j in range(D):
         most[j, j + 1:] = np.maximum.accumulate([table.budget[d] for d in order[j:]])
-    for j in range(D):
-        grps = [tuple(order[j:j2]) for j2 in range(j + 1, D + 1)]
-        allred[j] = np.stack([gc.allreduce(g) for g in grps])  # (D - j, n, n)
-        link[j] = np.stack([gc.transfer(g, [d for d in order if d not in g]) for g in grps])[:, None, :]
     # The value of a state is the closed form's shape, (M - 1) x the largest per-micro-batch
     # stage time + their sum + the largest all-reduce; the DP keeps, per state, the transition
     # that scores best with what the rest of the pipeline already holds (exact for the
@@ -72,47 +83,61 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
     choice: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     results: dict[int, tuple[list[int], list[tuple[str, ...]]]] = {}
     layers = [mx]
-    rows_n = np.arange(n)
-    steps: dict[tuple[int, int], np.ndarray] = {}
+    steps: dict[int, np.ndarray] = {}
+    # first devices in blocks, so that a block's (block, n, W, n) temporaries stay small
+    block = max(1, BLOCK_ELEMENTS // (W * n * n))
     for s in range(1, S_max + 1):
         k = in_flight(schedule, 0, s, M)  # the first of s stages left holds the most
+        if k not in steps:
+            st = np.full((D, n, W, n), INF)
+            for j in range(D):
+                for g in range(min(W, D - j)):
+                    st[j, :, g] = gc.step(tuple(order[j:j + 1 + g]), k)
+            # under 1F1B a stage's step and its outgoing transfer bound a period together
+            # (the cycle of two adjacent stages is at most the larger step + the transfer)
+            steps[k] = st + link / (1 + depth) if depth is not None else np.maximum(st, link)
         pmx, psm, par = mx, sm, ar
         best = np.full((n, D + 1), INF)
         mx, sm, ar = np.full((n, D + 1), INF), np.full((n, D + 1), INF), np.full((n, D + 1), INF)
         arg_b = np.zeros((n, D + 1), dtype=int)
         arg_j = np.zeros((n, D + 1), dtype=int)
-        for j in range(D):
-            if (j, k) not in steps:
-                st = np.stack([gc.step(tuple(order[j:j2]), k) for j2 in range(j + 1, D + 1)])
-                # under 1F1B a stage's step and its outgoing transfer bound a period together
-                # (the cycle of two adjacent stages is at most the larger step + the transfer)
-                steps[j, k] = st + link[j] / (1 + depth) if depth is not None else np.maximum(st, link[j])
-            x = steps[j, k]  # (D - j, n, n): group [j, j2), first boundary a, last boundary b
+        # s stages left need s devices and s runs of boundaries: only first devices j <= D - s,
+        # first boundaries a < n - s and last boundaries b <= n - s can be on a finite path (the
+        # rest is inf, and leaving it out changes no pick)
+        A, Bn = n - s, n - s + 1
+        for j0 in range(0, D - s + 1, block):
+            js = slice(j0, min(D - s + 1, j0 + block))
+            e = ends[js]  # (B, W): j2 of every group of the block
+            x = steps[k][js, :A, :, :Bn]  # (B, A, W, Bn): group [j, j2), first boundary a, last boundary b
             if gc.recovery and s > 1:
                 # the next stage (the one the DP chose for state (b, j2)) holds this stage's
                 # backup, and the last stage's too when it is the second to last
                 nxt_b, nxt_j = choice[s - 1]
-                firsts = np.arange(j + 1, D + 1)[:, None]
-                ok = gc.holds_backups(in_flight(schedule, 0, s - 1, M), nxt_b[:, j + 1:].T,
-                                      most[firsts, nxt_j[:, j + 1:].T], s - 1 == 2)
-                x = np.where(ok, x, INF)
+                nb, nj = nxt_b[:, e].transpose(1, 2, 0), nxt_j[:, e].transpose(1, 2, 0)  # (B, W, n)
+                ok = gc.holds_backups(in_flight(schedule, 0, s - 1, M), nb, most[e[:, :, None], nj], s - 1 == 2)
+                x = np.where(ok.transpose(0, 2, 1, 3)[:, :A, :, :Bn], x, INF)
             if gc.recovery and s == 2:
                 # in a plan of two stages the first stage's first device holds the last one's backup
-                first = np.arange(n)[None, :, None] == 0
-                x = np.where(first & ~gc.holds_last(k, most[j, j + 1:, None, None]), INF, x)
-            cmx = np.maximum(x, pmx[:, j + 1:].T[:, None, :])
-            csm = x + psm[:, j + 1:].T[:, None, :]
-            car = np.maximum(allred[j], par[:, j + 1:].T[:, None, :])
+                first = np.arange(n)[None, :, None, None] == 0
+                firsts = np.arange(D)[js, None]
+                holds = gc.holds_last(k, most[firsts, e][:, :, None, None]).transpose(0, 2, 1, 3)
+                x = np.where((first & ~holds)[:, :A, :, :Bn], INF, x)
+            later = lambda v: v[:Bn, e].transpose(1, 2, 0)[:, None]  # noqa: E731  (B, 1, W, Bn) at (b, j2)
+            cmx = np.maximum(x, later(pmx))
+            csm = x + later(psm)
+            car = np.maximum(allred[js, :A, :, :Bn], later(par))
             score = csm + car + ((M - 1) * cmx if M > 1 else 0.0)
-            flat = score.transpose(1, 0, 2).reshape(n, -1)  # a -> (j2, b)
-            pick = np.argmin(flat, axis=1)
-            g, b = np.divmod(pick, n)
-            best[:, j] = flat[rows_n, pick]
-            mx[:, j] = cmx[g, rows_n, b]
-            sm[:, j] = csm[g, rows_n, b]
-            ar[:, j] = car[g, rows_n, b]
-            arg_b[:, j] = b
-            arg_j[:, j] = j + 1 + g
+            B = score.shape[0]
+            flat = score.reshape(B, A, -1)  # (j, a) -> (g, b)
+            pick = np.argmin(flat, axis=2)  # (B, A)
+            g, b = np.divmod(pick, Bn)
+            jj, aa = np.arange(B)[:, None], np.arange(A)[None, :]
+            best[:A, js] = flat[jj, aa, pick].T
+            mx[:A, js] = cmx[jj, aa, g, b].T
+            sm[:A, js] = csm[jj, aa, g, b].T
+            ar[:A, js] = car[jj, aa, g, b].T
+            arg_b[:A, js] = b.T
+            arg_j[:A, js] = (np.arange(D)[js, None] + 1 + g).T
         layers.append(best)
         choice[s] = (arg_b, arg_j)
     for S in range(1, S_max + 1):

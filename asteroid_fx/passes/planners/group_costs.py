@@ -44,6 +44,8 @@ class GroupCosts:
         self.recovery = table.recovery
         self.act = np.maximum(table.activation_bytes_per_row(lo, hi), 1e-9)
         self.least = table.min_rows(lo, hi)  # rows every member gets (more with batch statistics)
+        # the most members a group can have at some (a, b): each takes at least ``least`` rows
+        self.widest = max(1, rows // int(self.least[self.valid].min())) if self.valid.any() else 1
         self.grad_bytes = table.allreduce_bytes(lo, hi)
         self.alpha, self.beta = {}, {}
         for k in table.kinds:
