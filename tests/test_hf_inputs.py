@@ -173,3 +173,80 @@ def test_a_forward_that_takes_one_dict_reads_a_dict_batch_positionally():
                                    labels[m * rows:(m + 1) * rows])) * rows / BATCH for m in range(MICROBATCHES))
     assert losses == pytest.approx([ref], rel=1e-5)
 
+
+# --- 2. outputs whose rows are not the input rows ----------------------------------------------------
+
+class KeepsSomeRows(nn.Module):
+    """Classifies only the rows a mask keeps: a boolean-mask selection, or ``nonzero`` indexing."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        keep = h.sum(1) > 1.0
+        if self.how == "mask":
+            return {"logits": self.head(h[keep])}
+        return {"logits": self.head(h[torch.nonzero(keep).squeeze(1)])}
+
+
+@pytest.mark.parametrize("how, chosen", [("mask", "index"), ("nonzero", "nonzero")])
+def test_an_output_whose_rows_depend_on_the_data_is_refused_at_compile_time(how, chosen):
+    with pytest.raises(InputError) as e:
+        asteroid.compile(KeepsSomeRows(how), "laptop-i7,laptop-i7", example=torch.randn(BATCH, 4), loss=_classify)
+    message = str(e.value)
+    assert "the row count of output['logits'] depends on the values in the batch" in message, message
+    assert f"rows chosen by {chosen}" in message and "test_hf_inputs.py" in message, message
+    assert "reduction='none') * keep).mean()" in message, message
+
+
+class MasksRows(nn.Module):
+    """What the refusal advises: every row kept, and the mask returned for the loss to weight by."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return {"logits": self.head(h), "keep": (h.sum(1) > 1.0).float()}
+
+
+def _masked_loss(out, labels):
+    return (F.cross_entropy(out["logits"], labels, reduction="none") * out["keep"]).mean()
+
+
+def test_the_advised_rewrite_trains_like_eager_on_a_group():
+    torch.manual_seed(0)
+    model = MasksRows()
+    compiled = asteroid.compile(model, "laptop-i7,laptop-i7,laptop-i7", example=torch.randn(BATCH, 4),
+                                loss=_masked_loss, microbatches=MICROBATCHES, groups=[["i7-0", "i7-1"], ["i7-2"]],
+                                rows=[[1, 3], [4]])
+    batches = [((torch.randn(BATCH, 4),), torch.randint(0, 3, (BATCH,))) for _ in range(2)]
+    kept = model(batches[0][0][0])["keep"]
+    assert 0 < kept.sum() < BATCH  # some rows dropped, some kept
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    runner, losses = compiled.run(batches, 2, optimizer=sgd)
+    ref, ref_losses = eager_train(model, batches, _masked_loss, sgd, microbatches=MICROBATCHES,
+                                  rows=BATCH // MICROBATCHES)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(runner.state_dict(), ref.state_dict())
+
+
+def test_outputs_that_reduce_or_reshape_the_rows_still_compile():
+    class Reshapes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+
+        def forward(self, x):  # (B, 4) -> (B * 3, 2) rows, and a mean over the rows
+            h = self.a(x)
+            return h.reshape(-1, 2), h.mean(0)
+
+    compiled = asteroid.compile(Reshapes(), "laptop-i7", example=torch.randn(BATCH, 4),
+                                loss=lambda out, y: out[0].pow(2).mean())
+    out = next(n for n in compiled.captured.module.graph.nodes if n.op == "output")
+    shapes = [a.meta["val"].shape for a in out.args[0]]
+    assert str(shapes[0][0]) == f"3*{compiled.captured.batch_symbol}" and tuple(shapes[1]) == (6,)

@@ -149,6 +149,7 @@ def capture(model: torch.nn.Module, args: Any, kwargs: dict | None = None) -> Ca
     model = copy.deepcopy(model)
     model.train()
     captured = _capture(model, args, kwargs, batch)
+    _check_output_rows(captured, type(model).__name__)
     return captured
 
 
@@ -222,6 +223,73 @@ def _keywords_note(model: torch.nn.Module, kwargs: dict) -> str:
 def _input_name(path: tuple) -> str:
     """``args[0]`` / ``kwargs['mask']`` for a leaf of (args, kwargs)."""
     return ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+class RowsError(CaptureError, InputError):
+    """An output whose rows are not the inputs' rows: a row count that depends on the batch's values."""
+
+
+def _check_output_rows(captured: Captured, name: str) -> None:
+    """Every tensor output keeps its rows in step with the input rows, or has none of its own.
+
+    A stage runs on a device's rows of a micro-batch and the loss takes that device's outputs with
+    the labels of the same rows, so an output whose row count depends on the batch's values (a
+    boolean-mask selection ``x[x.sum(1) > 0]``, indexing by ``nonzero``) has no rows to pair with
+    the labels: the run would fail in the loss with a shape error. A size made from the batch size
+    (``B * S`` rows after a reshape) and an output without the batch (a reduction, a scalar loss)
+    are fine. export gives a size learnt from the data a symbol of its own; the symbolic_trace
+    fallback, which sees two runs with concrete sizes, cannot tell it apart and lets it through."""
+    gm = captured.module
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = out.args[0]
+    paths = [pytree.keystr(p) for p, _ in
+             pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(len(leaves))), captured.out_spec))[0]]
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, fx.Node) or not _data_dependent_rows(leaf.meta.get("val"), captured):
+            continue
+        origin = _first_data_dependent(leaf, captured)
+        at = _stack_line(origin)
+        made = f" (rows chosen by {origin.name}, {origin.target}{at})" if origin is not None else ""
+        raise RowsError(
+            f"cannot compile {name}: the row count of output{paths[i]} depends on the values in the batch, not on "
+            f"its size{made}, so its rows are not the input rows. Every "
+            "device computes the outputs of its own rows of each micro-batch and the loss pairs them with the "
+            "labels of those rows, so an output must keep one row per input row (or reduce the rows away). Keep "
+            "every row and mask in the loss: return the whole tensor and the mask (return logits, keep) and weight "
+            "the rows' losses by it, (F.cross_entropy(logits, labels, reduction='none') * keep).mean(), a mean "
+            "over every row that splits across devices exactly; or zero the rows instead of dropping them, "
+            "torch.where(keep[:, None], x, 0).")
+
+
+def _data_dependent_rows(val: Any, captured: Captured) -> bool:
+    """Whether ``val`` is a tensor whose dim 0 is a size export could only learn from the data."""
+    if not isinstance(val, torch.Tensor) or val.dim() == 0 or not isinstance(val.shape[0], torch.SymInt):
+        return False
+    return bool(val.shape[0].node.expr.free_symbols - {captured.batch_symbol})
+
+
+def _first_data_dependent(node: fx.Node, captured: Captured) -> fx.Node | None:
+    """The first node, in graph order, of ``node`` and what it depends on, whose rows depend on the data."""
+    seen, stack = {node}, [node]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return next((n for n in node.graph.nodes if n in seen and _data_dependent_rows(n.meta.get("val"), captured)),
+                None)
+
+
+def _stack_line(node: fx.Node | None) -> str:
+    """``, at file:line`` and the code there, from the node's recorded stack ("" when none)."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', (node.meta.get("stack_trace") or "")
+                        if node is not None else "")
+    if not frames:
+        return ""
+    path, line, code = frames[-1]
+    return f", at {path}:{line}: {code.strip()}"
 
 
 # --- torch.export ------------------------------------------------------------------------------
