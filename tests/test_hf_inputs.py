@@ -250,3 +250,54 @@ def test_outputs_that_reduce_or_reshape_the_rows_still_compile():
     out = next(n for n in compiled.captured.module.graph.nodes if n.op == "output")
     shapes = [a.meta["val"].shape for a in out.args[0]]
     assert str(shapes[0][0]) == f"3*{compiled.captured.batch_symbol}" and tuple(shapes[1]) == (6,)
+
+
+# --- stage counts and layer bounds the model or the cluster cannot take ------------------------------
+
+def _five_layer_mlp():
+    from asteroid_fx.models.mlp import MLP, MLPConfig
+
+    return MLP(MLPConfig(in_features=32, hidden=(64,) * 4, num_classes=10, dropout=0.0))
+
+
+def test_more_stages_than_the_cluster_has_devices_says_the_most_and_why():
+    with pytest.raises(InputError) as e:
+        asteroid.compile(_five_layer_mlp(), PRESET, example=torch.randn(16, 32), loss=F.cross_entropy, stages=5)
+    message = str(e.value)
+    assert message.startswith("5 stages asked for, but the cluster has 4 devices (a stage needs one of its own): "
+                              "at most 4 stages"), message
+    assert "no plan fits" not in message
+
+
+def test_layer_bounds_past_the_model_are_an_argument_error():
+    model = _five_layer_mlp()
+    with pytest.raises(InputError) as e:
+        asteroid.compile(model, PRESET, example=torch.randn(16, 32), loss=F.cross_entropy, layers=[0, 24])
+    message = str(e.value)
+    n_layers = len(asteroid.compile(model, PRESET, example=torch.randn(16, 32), loss=F.cross_entropy).layer_graph)
+    assert f"layer bounds [0, 24] must end at {n_layers}, the number of layers" in message, message
+    assert "its allowed cuts are 1, 2," in message and "no plan fits" not in message, message
+
+
+# --- saved stages load strict into the original model ------------------------------------------------
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_saved_stage_files_load_strict_into_the_original_model(name, tmp_path):
+    torch.manual_seed(0)
+    if name == "bert":
+        model, loss, example = _bert(), _classify, _tokens()
+    else:
+        model, loss, example = _gpt2(), _next_token, (torch.randint(0, VOCAB, (BATCH, SEQ)),)
+    compiled = asteroid.compile(model, PRESET, example=example, loss=loss, stages=2, microbatches=MICROBATCHES)
+    assert len(compiled.stages) == 2
+    folder = compiled.save(tmp_path / "out")
+    merged = {}
+    for st in compiled.stages:
+        merged.update(torch.load(folder / f"stage_{st.index}.pt", weights_only=True))
+    torch.manual_seed(1)
+    fresh = _bert() if name == "bert" else _gpt2()
+    fresh.load_state_dict(merged, strict=True)
+    assert_same_state(fresh.state_dict(), model.state_dict(), rtol=0.0)
+    if name == "gpt2":  # the tied head is one weight again after loading
+        assert fresh.lm_head.weight is fresh.transformer.wte.weight
+        assert {"lm_head.weight", "transformer.wte.weight"} <= merged.keys()
