@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -65,8 +65,8 @@ class Compiled:
     def run(self, data: Iterable, iterations: int, *, optimizer="sgd", lr: float = 1e-3,
             loss: Callable | None = None, log: Callable[[str], None] | None = None):
         """Train ``iterations`` steps on the local backend; ``data`` yields (inputs, labels) of one
-        global batch, inputs a tensor, a tuple of positional tensors, or (args tuple, kwargs dict)
-        for a model compiled with keyword inputs. Returns (runner, losses)."""
+        global batch, inputs a tensor, a tuple of positional tensors, a dict of keyword inputs, or
+        (args tuple, kwargs dict) (``Captured.call_inputs``). Returns (runner, losses)."""
         runner = self.runner(optimizer=optimizer, lr=lr, loss=loss)
         losses = []
         it = iter(data)
@@ -75,11 +75,8 @@ class Compiled:
                 inputs, labels = next(it)
             except StopIteration:
                 raise InputError(f"the data ran out after {i} of {iterations} iterations") from None
-            if isinstance(inputs, torch.Tensor):
-                inputs = (inputs,)
-            elif isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
-                inputs = self.captured.flatten_inputs(inputs[0], inputs[1])  # (args, kwargs)
-            losses.append(runner.step(tuple(inputs), labels))
+            inputs = self.captured.call_inputs(inputs)
+            losses.append(runner.step(inputs, labels))
             if log:
                 log(f"iteration {i + 1}/{iterations}: loss {losses[-1]:.4f}")
         return runner, losses
@@ -141,6 +138,17 @@ def _write(path: Path, text: str) -> None:
     write_text(path, text)
 
 
+def _example_call(example: Any, kwargs: Mapping | None) -> tuple[tuple, dict | None]:
+    """compile's ``example`` and ``kwargs`` -> the example call's (args, kwargs): a Mapping example
+    is the keyword inputs, as a job's dict of inputs is (runtime/job.py)."""
+    if isinstance(example, Mapping):
+        if kwargs:
+            raise InputError("example= is a dict of keyword inputs and kwargs= gives keyword inputs too; give "
+                             "them once: example={...} alone, or example=(positional inputs) with kwargs={...}")
+        return (), dict(example)
+    return (example if isinstance(example, tuple) else (example,)), kwargs
+
+
 def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict | None = None,
             loss: Callable | None = None, microbatches: int | None = None, microbatch_rows: int | None = None,
             planner: str = "asteroid",
@@ -150,7 +158,9 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
             opt_state_factor: float = 2.0, check: bool = True, profiles: Sequence[Any] = (),
             recovery: bool = False, clip_grad_norm: float | None = None, check_capture: bool = True) -> Compiled:
     """Compile ``model`` for ``devices`` (a Cluster, a list of Devices or kind names, a preset name
-    or a cluster JSON path). ``example`` is one global batch of inputs (a tensor or a tuple);
+    or a cluster JSON path). ``example`` is one global batch of inputs: a tensor, a tuple of
+    positional inputs, or a dict (any Mapping, a tokenizer's output) of keyword inputs, the same as
+    ``example=()`` with ``kwargs=`` that dict (a forward that takes one dict gets ``example=(d,)``);
     ``planner`` is one of passes.partition.PLANNER_NAMES ("asteroid" by default; the others are
     the baselines it is compared with). Unless ``microbatches`` or ``microbatch_rows`` pins it,
     the planner also chooses the micro-batching of the batch. ``profiles`` (DeviceProfiles or profile
@@ -165,7 +175,7 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
     example and on a second batch drawn like it (docs/semantics.md, "Capture self-check")."""
     max_norm = check_clip(clip_grad_norm)  # a bad value fails before the capture and the planner
     cluster = resolve_cluster(devices)
-    args = example if isinstance(example, tuple) else (example,)
+    args, kwargs = _example_call(example, kwargs)
     # capture with a dynamic batch so stages run on row slices of any size
     captured = capture(model, args, kwargs)
     batch = captured.example_batch

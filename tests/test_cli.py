@@ -29,6 +29,39 @@ def test_compile_then_show(tmp_path, capsys):
     assert "Plan (asteroid): 2 stages" in capsys.readouterr().out
 
 
+def test_compile_says_how_many_cuts_the_model_allows_and_what_forbids_the_others(tmp_path, capsys):
+    from collections import Counter
+
+    import torch
+
+    from asteroid_fx.passes.capture import capture
+    from asteroid_fx.passes.linearize import node_cuts
+    from tests.cli_model import Centred
+
+    out = tmp_path / "o"
+    assert cli.main(["compile", "tests.cli_model:centred", "--input", "f32[8,6]", "--cluster", "edge-4-1g",
+                     "--batch", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    layers = (out / "layers.txt").read_text().splitlines()[0]  # "LayerGraph: 3 layers, 2 allowed cuts"
+    n_layers, n_cuts = (int(w) for w in layers.replace(",", "").split() if w.isdigit())
+    assert n_cuts < 4
+    assert f"cuts: the model allows {n_cuts} between its {n_layers} layers; at most {n_cuts + 1} stages" in printed
+    # the reasons, the one that forbids the most cuts first
+    counts = Counter(c.why_not for c in node_cuts(capture(Centred(), (torch.randn(8, 6),)))[1:-1] if not c.allowed)
+    assert len(counts) == 2 and len(set(counts.values())) == 2, counts
+    listed = [line[4:] for line in printed.splitlines() if line.startswith("  - ")]
+    assert listed == sorted(counts, key=lambda why: -counts[why])
+    assert "value 'mean' is not a batch-first tensor" in listed[0]
+
+
+def test_compile_lists_no_reasons_when_the_model_allows_enough_cuts(tmp_path, capsys):
+    assert cli.main(["compile", "mlp:small", "--cluster", "edge-4-1g", "--batch", "16", "--stages", "2",
+                     "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "cuts: the model allows 5 between its 6 layers; at most 3 stages on this cluster" in printed
+    assert "not allowed" not in printed
+
+
 def test_compile_module_callable(tmp_path, capsys):
     out = tmp_path / "o"
     assert cli.main(["compile", "tests.cli_model:build", "--input", "f32[8,6]", "--cluster", "host-2",

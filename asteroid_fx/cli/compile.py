@@ -9,8 +9,11 @@ import torch
 
 from asteroid_fx.cli import args as args_
 from asteroid_fx.cli.models import load_model
+from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.plan import warmup_depth
 from asteroid_fx.passes.partition import PLANNER_NAMES
+from asteroid_fx.passes.planners.stage_count import BLOCKED_SHOWN, stage_limit
 
 
 def schedule_name(text: str) -> str:
@@ -19,6 +22,28 @@ def schedule_name(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+# Fewer allowed cuts than this (or than the stages asked for) and `asteroid compile` says what
+# forbids the others: a model that allows three cuts pipelines over four devices at most.
+FEW_CUTS = 4
+
+
+def cuts_summary(lg: LayerGraph, cluster: Cluster, asked: int | None = None) -> str:
+    """How many cuts the model allows and the most stages they give on ``cluster``; when they are
+    few, the reasons that forbid the most other cuts (LayerGraph.blocked, first BLOCKED_SHOWN)."""
+    cuts = len(lg.allowed_cuts())
+    most, why = stage_limit(lg, cluster)
+    lines = [f"cuts: the model allows {cuts} between its {len(lg)} layers; at most {most} stage"
+             f"{'' if most == 1 else 's'} on this cluster" + (f" ({' and '.join(why)})" if why else "")]
+    if lg.blocked and (cuts < FEW_CUTS or (asked is not None and cuts < asked)):
+        shown = lg.blocked[:BLOCKED_SHOWN]
+        lines.append(f"other cuts are not allowed; the reason{'s' if len(shown) > 1 else ''} that forbid"
+                     f"{'' if len(shown) > 1 else 's'} the most of them:")
+        lines += [f"  - {reason}" for reason in shown]
+        if len(lg.blocked) > len(shown):
+            lines.append(f"  (and {len(lg.blocked) - len(shown)} more)")
+    return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
                                 max_layers=args.max_layers, profiles=args.profile, recovery=args.recover,
                                 check_capture=args.capture_check)
     out = compiled.save(args.out)
+    print(cuts_summary(compiled.layer_graph, compiled.cluster, args.stages))
     print(compiled.plan)
     print(f"\nwrote plan, program (text and JSON), layers and {len(compiled.stages)} stage modules to {out}/")
     return 0

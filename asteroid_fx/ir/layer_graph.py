@@ -106,7 +106,7 @@ class Tie:
 class LayerGraph:
     layers: tuple[Layer, ...]
     cuts: tuple[Cut, ...]  # len(layers) + 1
-    blocked: tuple[str, ...] = ()  # distinct reasons why cuts inside layers were not allowed
+    blocked: tuple[str, ...] = ()  # distinct reasons why cuts inside layers were not allowed, most cuts first
     ties: tuple[Tie, ...] = ()  # tensors read by several layers (each layer's bytes count them)
 
     def __len__(self) -> int:

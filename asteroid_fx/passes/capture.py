@@ -43,6 +43,7 @@ import re
 import sys
 import sysconfig
 import traceback
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
@@ -70,22 +71,55 @@ class Captured:
     example_batch: int
     example_inputs: tuple[Any, ...]  # flattened, as the placeholders take them
 
-    def flatten_inputs(self, args: Any, kwargs: dict | None = None) -> tuple[Any, ...]:
+    def flatten_inputs(self, args: Any, kwargs: Mapping | None = None) -> tuple[Any, ...]:
         """The flat inputs, in placeholder order, of the call ``model(*args, **kwargs)``; keyword
-        inputs may come in any order. This is what ``Compiled.run`` and the runners take."""
+        inputs may come in any order. Without ``kwargs``, ``args`` is one batch as ``call_inputs``
+        reads it (a dict: keyword inputs). This is what ``Compiled.run`` and the runners take."""
+        if kwargs is None:
+            return self.call_inputs(args)
         args = args if isinstance(args, tuple) else (args,)
-        kwargs = dict(kwargs or {})
+        flat = self._flat(args, kwargs)
+        if flat is None:
+            raise self._structure_error(args, kwargs)
+        return flat
+
+    def call_inputs(self, inputs: Any) -> tuple[Any, ...]:
+        """The flat inputs of one batch as a user writes it: a tensor (the one positional input), a
+        tuple or list of positional inputs, a dict (or any Mapping, a tokenizer's output) of keyword
+        inputs, a pair (positional tuple, keyword dict), or the flat inputs themselves. Where a
+        value reads two ways (a model that takes a dict positionally), the reading that has the
+        example's structure wins."""
+        readings = []
+        if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], Mapping):
+            readings.append((inputs[0] if isinstance(inputs[0], tuple) else (inputs[0],), inputs[1]))
+        if isinstance(inputs, Mapping):
+            readings.append(((), inputs))
+        readings.append((tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {}))
+        for args, kwargs in readings:
+            flat = self._flat(args, kwargs)
+            if flat is not None:
+                return flat
+        if isinstance(inputs, tuple) and len(inputs) == self.in_spec.num_leaves:
+            return inputs  # already flat: what this method returns, passed again
+        raise self._structure_error(*readings[0])
+
+    def _flat(self, args: tuple, kwargs: Mapping) -> tuple[Any, ...] | None:
+        """The leaves of (args, kwargs) if they have the example's structure, dict keys in any
+        order (taken in the example's), else None."""
+        try:
+            leaves = self.in_spec.flatten_up_to((args, dict(kwargs)))
+        except (TypeError, ValueError):
+            return None
+        # flatten_up_to takes a container where the example had a leaf: the round trip tells
+        flat, spec = pytree.tree_flatten(pytree.tree_unflatten(leaves, self.in_spec))
+        return tuple(flat) if spec == self.in_spec else None
+
+    def _structure_error(self, args: tuple, kwargs: Mapping) -> InputError:
         expected_args, expected_kwargs = self.in_spec.child(0), self.in_spec.child(1)
-        keys = list(expected_kwargs.context)
-        if set(kwargs) == set(keys):
-            kwargs = {k: kwargs[k] for k in keys}
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if spec != self.in_spec:
-            raise InputError(
-                f"the inputs do not have the structure of the example given at capture: expected "
-                f"{expected_args.num_leaves} positional leaves and keywords {keys}, got "
-                f"{len(pytree.tree_leaves(args))} positional leaves and keywords {list(kwargs)}")
-        return tuple(flat)
+        return InputError(
+            f"the inputs do not have the structure of the example given at capture: expected "
+            f"{expected_args.num_leaves} positional leaves and keywords {list(expected_kwargs.context)}, got "
+            f"{len(pytree.tree_leaves(args))} positional leaves and keywords {list(kwargs)}")
 
     def unflatten_outputs(self, flat: list[Any]) -> Any:
         return pytree.tree_unflatten(flat, self.out_spec)
@@ -114,6 +148,13 @@ def capture(model: torch.nn.Module, args: Any, kwargs: dict | None = None) -> Ca
     batch = _check_inputs(model, args, kwargs)
     model = copy.deepcopy(model)
     model.train()
+    captured = _capture(model, args, kwargs, batch)
+    _check_output_rows(captured, type(model).__name__)
+    return captured
+
+
+def _capture(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int) -> Captured:
+    """torch.export, else the symbolic_trace fallback, else a CaptureError saying why neither."""
     try:
         return _export(model, args, kwargs)
     except CaptureError:
@@ -128,7 +169,8 @@ def capture(model: torch.nn.Module, args: Any, kwargs: dict | None = None) -> Ca
         except _BatchSizeError:
             raise
         except Exception as trace_error:  # noqa: BLE001
-            raise CaptureError(_explain(model, export_error, trace_error)) from export_error
+            raise CaptureError(_explain(model, export_error, trace_error) + _keywords_note(model, kwargs)) \
+                from export_error
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -139,7 +181,9 @@ def _check_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> int:
     try:
         inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError as e:
-        raise CaptureError(f"the example inputs do not fit {name}.forward: {e}") from None
+        keywords = (f"; the keyword inputs {list(kwargs)} go to forward's parameters of those names (a forward "
+                    "that takes one dict gets example=(d,))") if kwargs else ""
+        raise CaptureError(f"the example inputs do not fit {name}.forward: {e}{keywords}") from None
     leaves = pytree.tree_flatten_with_path((args, kwargs))[0]
     tensors = [(_input_name(path), x) for path, x in leaves if isinstance(x, torch.Tensor)]
     if not tensors:
@@ -161,9 +205,91 @@ def _check_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> int:
     return batch
 
 
+def _keywords_note(model: torch.nn.Module, kwargs: dict) -> str:
+    """For a failed capture: the keyword inputs that reach forward only through its ``**kwargs``
+    (a misspelt input name passes the signature there and fails deep inside forward)."""
+    params = inspect.signature(model.forward).parameters
+    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return ""
+    named = [n for n, p in params.items() if p.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                            inspect.Parameter.VAR_KEYWORD)]
+    unnamed = [k for k in kwargs if k not in named]
+    if not unnamed:
+        return ""
+    return (f"\nnote: the keyword inputs {unnamed} are not parameters of {type(model).__name__}.forward, which "
+            f"takes them in **kwargs; its parameters are {', '.join(named)}")
+
+
 def _input_name(path: tuple) -> str:
     """``args[0]`` / ``kwargs['mask']`` for a leaf of (args, kwargs)."""
     return ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+class RowsError(CaptureError, InputError):
+    """An output whose rows are not the inputs' rows: a row count that depends on the batch's values."""
+
+
+def _check_output_rows(captured: Captured, name: str) -> None:
+    """Every tensor output keeps its rows in step with the input rows, or has none of its own.
+
+    A stage runs on a device's rows of a micro-batch and the loss takes that device's outputs with
+    the labels of the same rows, so an output whose row count depends on the batch's values (a
+    boolean-mask selection ``x[x.sum(1) > 0]``, indexing by ``nonzero``) has no rows to pair with
+    the labels: the run would fail in the loss with a shape error. A size made from the batch size
+    (``B * S`` rows after a reshape) and an output without the batch (a reduction, a scalar loss)
+    are fine. export gives a size learnt from the data a symbol of its own; the symbolic_trace
+    fallback, which sees two runs with concrete sizes, cannot tell it apart and lets it through."""
+    gm = captured.module
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = out.args[0]
+    paths = [pytree.keystr(p) for p, _ in
+             pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(len(leaves))), captured.out_spec))[0]]
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, fx.Node) or not _data_dependent_rows(leaf.meta.get("val"), captured):
+            continue
+        origin = _first_data_dependent(leaf, captured)
+        at = _stack_line(origin)
+        made = f" (rows chosen by {origin.name}, {origin.target}{at})" if origin is not None else ""
+        raise RowsError(
+            f"cannot compile {name}: the row count of output{paths[i]} depends on the values in the batch, not on "
+            f"its size{made}, so its rows are not the input rows. Every "
+            "device computes the outputs of its own rows of each micro-batch and the loss pairs them with the "
+            "labels of those rows, so an output must keep one row per input row (or reduce the rows away). Keep "
+            "every row and mask in the loss: return the whole tensor and the mask (return logits, keep) and weight "
+            "the rows' losses by it, (F.cross_entropy(logits, labels, reduction='none') * keep).mean(), a mean "
+            "over every row that splits across devices exactly; or zero the rows instead of dropping them, "
+            "torch.where(keep[:, None], x, 0).")
+
+
+def _data_dependent_rows(val: Any, captured: Captured) -> bool:
+    """Whether ``val`` is a tensor whose dim 0 is a size export could only learn from the data."""
+    if not isinstance(val, torch.Tensor) or val.dim() == 0 or not isinstance(val.shape[0], torch.SymInt):
+        return False
+    return bool(val.shape[0].node.expr.free_symbols - {captured.batch_symbol})
+
+
+def _first_data_dependent(node: fx.Node, captured: Captured) -> fx.Node | None:
+    """The first node, in graph order, of ``node`` and what it depends on, whose rows depend on the data."""
+    seen, stack = {node}, [node]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return next((n for n in node.graph.nodes if n in seen and _data_dependent_rows(n.meta.get("val"), captured)),
+                None)
+
+
+def _stack_line(node: fx.Node | None) -> str:
+    """``, at file:line`` and the code there, from the node's recorded stack ("" when none)."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', (node.meta.get("stack_trace") or "")
+                        if node is not None else "")
+    if not frames:
+        return ""
+    path, line, code = frames[-1]
+    return f", at {path}:{line}: {code.strip()}"
 
 
 # --- torch.export ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ cuts first while keeping layers balanced.
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from typing import Any
 
 import torch
@@ -261,7 +262,9 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
             flops_per_row=sum(n.meta["asteroid.stats"].flops_per_row for n in nodes if "asteroid.stats" in n.meta),
         ))
     layer_cuts = tuple(dataclasses_replace_index(cuts[b], i) for i, b in enumerate(bounds))
-    blocked = tuple(dict.fromkeys(c.why_not for c in cuts[1:-1] if not c.allowed))
+    # the reason that forbids the most cuts first: an error or `asteroid compile` names the first few
+    reasons = Counter(c.why_not for c in cuts[1:-1] if not c.allowed)
+    blocked = tuple(sorted(reasons, key=lambda why: -reasons[why]))
     return LayerGraph(tuple(layers), layer_cuts, blocked, _ties(order, gm, bounds))
 
 

@@ -137,9 +137,7 @@ def batches_of(spec: RunSpec, compiled=None, validation: bool = False) -> Batche
 def call_inputs(captured, inputs: Any) -> tuple[torch.Tensor, ...]:
     """A batch of inputs as the job gives them (a tensor, a tuple of positional inputs or a dict
     of keyword inputs) -> the captured graph's flat inputs."""
-    if isinstance(inputs, dict):
-        return captured.flatten_inputs((), inputs)
-    return captured.flatten_inputs(tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {})
+    return captured.call_inputs(inputs)
 
 
 def batches(spec: RunSpec, compiled=None) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:

@@ -59,7 +59,7 @@ def most_stages(lg: LayerGraph) -> int:
 
 def blocked_note(lg: LayerGraph, shown: int = BLOCKED_SHOWN) -> str:
     """Why other cuts are not allowed (a value that is not batch-first, a size not polynomial in the
-    batch), the first ``shown`` distinct reasons."""
+    batch), the first ``shown`` distinct reasons (those that forbid the most cuts)."""
     if not lg.blocked:
         return ""
     more = f" (and {len(lg.blocked) - shown} more)" if len(lg.blocked) > shown else ""
@@ -78,7 +78,7 @@ def stage_limit(lg: LayerGraph, cluster: Cluster, asked: int | None = None) -> t
         if by_model == cuts + 1:
             why.append(f"the model has {cuts} allowed cut{'' if cuts == 1 else 's'}")
         else:
-            why.append(f"the model has {cuts} allowed cuts, but with every stage doing at least "
+            why.append(f"the model has {cuts} allowed cuts, and with every stage doing at least "
                        f"{MIN_STAGE_FLOPS_SHARE:.0%} of its forward FLOPs per row (matrix products, convolutions; "
                        f"not lookups, masks or reshapes alone) they give at most {by_model} stages")
     if devices < below:
