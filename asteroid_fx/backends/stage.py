@@ -158,9 +158,12 @@ class StageReplica:
         with torch.no_grad():
             for p, g in zip(self._params, state.grads if state is not None else [None] * len(self._params)):
                 p.grad = g
-            # in place: the optimizer, torch_dist's flat state and bound calls hold these tensors
+            # in place: the optimizer, torch_dist's flat state and bound calls hold these tensors;
+            # through .data, as BatchNorm's own update of its running statistics leaves the version
+            # counter alone: autograd saved them for the backward of a micro-batch in flight, which
+            # reads them only in eval mode, so a bumped version would refuse a valid backward
             for b, v in zip(self._buffers, state.buffers if state is not None else self._start):
-                b.copy_(v)
+                b.data.copy_(v)
         self._active = k
 
     def chunk_grads(self) -> list[list[torch.Tensor | None]]:
