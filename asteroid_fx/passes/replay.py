@@ -7,19 +7,22 @@ from.
 
 ``replay(program, failure)`` expects the program that was running and a Failure (which devices died
 at the same moment, in which iteration, how far every device got). It returns a Rewrite holding:
-  after     the program for the survivors from the next iteration on, verified: a stage that kept
-            group members re-splits the rows among them; a stage that lost every device is merged
+  after     the program for the survivors from the next iteration on, verified: in a stage that
+            kept group members a survivor next to each lost device takes its rows over as chunks
+            of its own (``take_over``: the same rows per F/B, the same batch statistics, the
+            gradients summed in the failure-free order); a stage that lost every device is merged
             into the stage of a survivor that holds its backup (a neighbour, once the other lost
-            stages have merged), whose group re-splits the merged stage's rows; backups are placed
+            stages have merged), and its layers run over that stage's chunks; backups are placed
             again when the program had them, and a program that clips its gradients (NORM) clips
             them to the same norm over the devices of the new stage table;
   recovery  ``after`` with a prologue that rolls every survivor back to the start of the
             interrupted iteration (ROLLBACK; a member of a merged stage that holds no copy of the
             layers it takes over first gets one from the holder by BACKUP/RESTORE); running it
             redoes the interrupted iteration, so its update equals the failure-free one.
-Rows are split by speed (``lg`` and ``cluster`` give each device's time for the stage's layers)
-or, without them, in proportion to the rows each device ran. docs/replay.md says why it rolls the
-iteration back rather than replaying logged messages, and what every survivor holds.
+Which neighbour takes a lost device's rows goes by speed (``lg`` and ``cluster`` give each
+device's time for the stage's layers) or, without them, by the rows each runs. docs/replay.md says
+why it rolls the iteration back rather than replaying logged messages, what every survivor holds,
+and where the update cannot be the failure-free one ("Chunks").
 """
 
 from __future__ import annotations
@@ -175,7 +178,8 @@ def split_rows(devices: Sequence[str], rows: int, layers: tuple[int, int], *, lg
     left out, but ``keep`` gets some: it holds state the others need; a device joins with
     ``lg.min_rows`` rows, more than one where a layer takes batch statistics); otherwise in
     proportion to ``current`` rows (at least one each, the next row always to the device furthest
-    below its share)."""
+    below its share). ``replay`` itself does not re-split (``take_over`` keeps the failure-free
+    chunks); this is the balanced split by speed, for a caller that trades exactness for it."""
     if lg is not None and cluster is not None:
         kinds = {d: cluster.device(d).kind for d in devices}
         least = lg.min_rows(*layers)
@@ -237,9 +241,10 @@ def _program(before: Program, table: tuple[StageInfo, ...]) -> Program:
 def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
            cluster: Cluster | None = None) -> Rewrite:
     """The Rewrite of ``program`` for the devices that survive ``failure`` (see the module docstring),
-    one device or several at once: every stage that keeps members re-splits its rows among them;
-    every stage that keeps none merges into the stage of a survivor that holds its backup, which
-    must be next to it once the other lost stages have merged. Raises ReplayError when a device is
+    one device or several at once: in every stage that keeps members the survivors take the lost
+    devices' rows over as chunks (``take_over``); every stage that keeps none merges into the stage
+    of a survivor that holds its backup, which must be next to it once the other lost stages have
+    merged. Raises ReplayError when a device is
     not in the program, when no device survives, when a lost stage's state is held by no survivor
     (no backup, or its holder failed too), when its holder is not next to it, and when stages merged
     from both sides have no survivor holding all of them."""
