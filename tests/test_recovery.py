@@ -21,7 +21,7 @@ from asteroid_fx.runtime.store import agreed_failure
 HOST3 = resolve_cluster("host-3")
 HOST4 = resolve_cluster("host-4")
 
-# stage 0 alone on host0 (its loss merges it into stage 1), stage 1 a group of two (a loss re-splits it)
+# stage 0 alone on host0 (its loss merges it into stage 1), stage 1 a group of two (a survivor takes over a lost member's rows)
 HYBRID = RunSpec(model="mlp:small", batch=12, microbatches=2, groups=(("host0",), ("host1", "host2")),
                  rows=((6,), (4, 2)), iterations=6, optimizer="adam", lr=1e-3, recovery=True, replan=False,
                  backup_every=1)
@@ -231,7 +231,7 @@ def test_a_device_that_cannot_help_is_told_so_and_the_run_goes_on(tmp_path):
 
 
 @pytest.mark.parametrize("victims, changes", [
-    (("host1", "host2"), ("re-splits", "re-splits")),  # one member of each group
+    (("host1", "host2"), ("takes over its rows", "takes over its rows")),  # one member of each group
     (("host2", "host3"), ("move to stage 0",)),         # a whole stage: it merges into its backup's holder
 ])
 def test_two_devices_killed_at_the_same_moment(tmp_path, victims, changes):

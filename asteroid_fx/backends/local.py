@@ -11,8 +11,11 @@ every SEND -> RECV and collective). Semantics of one iteration over a global bat
         summed loss is the full-batch mean and gradients match full-batch training.
   B     backward from the loss (last stage) or from the received output gradients.
   SEND  a detached row slice of the outputs (act) or of the input gradients (grad).
-  ALLREDUCE  sums the group's gradients (slot order) and averages its floating buffers, so the
-        replicas stay identical; BatchNorm running statistics become the mean over the group.
+  ALLREDUCE  sums the group's gradients chunk by chunk in row order (a device's slot is one chunk
+        unless the stage has splits; each chunk's gradients are summed over the micro-batches on
+        their own, as a device of its own would) and averages its floating buffers over the
+        chunks, so the replicas stay identical; BatchNorm running statistics become the mean over
+        the chunks, each chunk's updated by its own forwards.
   TIE   every holder of the tied weights ``params`` (the devices of the stages holding a copy)
         gets the sum over those stages of the stage's gradient (the first device's of each stage:
         after the stage's ALLREDUCE they all hold it), so the copies step alike and the update
@@ -114,7 +117,8 @@ class LocalRunner:
                 settings = self.optimizer_spec if isinstance(self.optimizer_spec, OptimizerSettings) else None
                 self.held[key] = StageReplica(stage, replica, self.optimizers[key],
                                               last=info.index == len(self.stages) - 1, loss=self.loss,
-                                              unflatten=self.unflatten, loss_reduction=self.loss_reduction,
+                                              unflatten=self.unflatten, chunks=info.chunks_of(device),
+                                              loss_reduction=self.loss_reduction,
                                               set_lr=settings.set_lr if settings is not None else None,
                                               device=device)
             held = program.stages_of(device)
@@ -242,12 +246,11 @@ class LocalRunner:
         self._loss += replica.forward(a.mb, a.rows, inputs, labels)
 
     def _backward(self, device: str, a: Action) -> None:
-        self.held[self._key(device, a.stage)].backward(a.mb)
+        self.held[self._key(device, a.stage)].backward(a.mb, a.rows)
 
     def _send(self, device: str, a: Action) -> None:
         key = self._key(device, ops.own_stage(a))
-        lo = self.program.slot_of(device, key[1]).lo
-        data = self.held[key].outgoing(a.mb, a.payload, slice(a.rows[0] - lo, a.rows[1] - lo))
+        data = self.held[key].outgoing(a.mb, a.payload, a.rows)
         self._mailbox[(device, a.peer, a.payload, a.stage, a.mb, a.rows)] = data
 
     def _recv(self, device: str, a: Action) -> None:
@@ -260,22 +263,24 @@ class LocalRunner:
         arrived.append(device)
         if len(arrived) < len(a.group):
             return
-        replicas = [self.replicas[self._key(d, a.stage)] for d in a.group]
+        held = [self.held[self._key(d, a.stage)] for d in a.group]
+        # every chunk of the stage in row order (the group's slot order, each slot's chunks in turn):
+        # a survivor running a lost device's chunk brings it where that device's replica stood
+        chunks = [c for r in held for c in r.chunk_grads()]
+        buffers = [c for r in held for c in r.chunk_buffers()]
         with torch.no_grad():
-            for params in zip(*(r.parameters() for r in replicas)):
-                grads = [q.grad for q in params if q.grad is not None]
-                if not grads:
-                    continue
-                total = grads[0].clone()
-                for g in grads[1:]:
-                    total += g
-                for q in params:
-                    q.grad = total.clone()
-            for bufs in zip(*(r.buffers() for r in replicas)):
-                if bufs[0].is_floating_point():
-                    mean = torch.stack(list(bufs)).mean(0)
-                    for b in bufs:
-                        b.copy_(mean)
+            sums: list[torch.Tensor | None] = []
+            for grads in zip(*chunks):
+                present = [g for g in grads if g is not None]
+                total = None
+                if present:
+                    total = present[0].clone()
+                    for g in present[1:]:
+                        total += g
+                sums.append(total)
+            means = [torch.stack(list(bufs)).mean(0) for bufs in zip(*buffers)]
+            for r in held:
+                r.settle([t.clone() if t is not None else None for t in sums], [m.clone() for m in means])
         self._arrived.pop(key)
 
     def _tie(self, device: str, a: Action) -> None:

@@ -9,13 +9,21 @@ the device's STEP. How row slices reach a replica and leave it (SEND/RECV), and 
 gradients are summed (ALLREDUCE), is the backend's: see backends/local.py for the meaning. What a
 NORM computes on a replica (its share of the squared global norm, and the scaling by the clip
 coefficient) is here, so every backend clips alike.
+
+A replica whose slot runs as several chunks (``chunks``: a stage with splits, as replay leaves a
+survivor that took over a lost device's rows) keeps, per chunk, what a device of its own would:
+its gradients summed over the micro-batches and its buffers (BatchNorm running statistics,
+updated by that chunk's forwards only), all starting from the replica's state when the
+iteration's first F runs. The module holds one chunk's at a time and F/B switch it; the ALLREDUCE
+reads every chunk's (``chunk_grads``, ``chunk_buffers``) and ``settle`` leaves the module with the
+sum, as a group's replicas are after theirs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -36,6 +44,15 @@ def clip_coef(square_norm: float, max_norm: float) -> float:
     """What a NORM scales every gradient by, from the squared global norm: clip_grad_norm_'s
     max_norm / (norm + 1e-6), at most 1 (gradients within the norm stay as they are)."""
     return min(1.0, max_norm / (square_norm ** 0.5 + CLIP_EPS))
+
+
+@dataclasses.dataclass
+class ChunkState:
+    """What the module holds for one chunk while another chunk runs: its gradients (one per
+    parameter, None where it has none yet) and its buffers' values."""
+
+    grads: list[torch.Tensor | None]
+    buffers: list[torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -69,9 +86,9 @@ class StageReplica:
     (BatchNorm2d on one image) is logged once as a warning (docs/semantics.md)."""
 
     def __init__(self, stage: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
-                 last: bool, loss: Callable, unflatten: Callable, loss_reduction: str = "mean",
-                 call: Callable | None = None, set_lr: Callable[[Any, int], None] | None = None,
-                 device: str | None = None):
+                 last: bool, loss: Callable, unflatten: Callable, chunks: Sequence[tuple[int, int]],
+                 loss_reduction: str = "mean", call: Callable | None = None,
+                 set_lr: Callable[[Any, int], None] | None = None, device: str | None = None):
         if loss_reduction not in ("mean", "sum"):
             raise InputError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.stage, self.module, self.optimizer, self.last = stage, module, optimizer, last
@@ -85,6 +102,12 @@ class StageReplica:
         self._grad_inputs = tuple(i for i, g in enumerate(stage.input_grads) if g)
         self._grad_outputs = tuple(i for i, g in enumerate(stage.output_grads) if g)
         self.device = device
+        self.chunks = tuple(tuple(c) for c in chunks)  # the rows [lo, hi) of each chunk, in row order
+        if not self.chunks:
+            raise InputError(f"stage {stage.index}: a replica runs at least one chunk of rows; give its slot's rows")
+        self._active = 0  # the chunk whose gradients and buffers the module holds
+        self._held: dict[int, ChunkState] = {}  # the other chunks' (this iteration)
+        self._start: list[torch.Tensor] | None = None  # the buffers when the iteration's first F ran
         # the replica's own graph: in train mode, as it runs (a BatchNorm module's mode decides)
         self._batch_stats = batch_stats(module if isinstance(module, torch.fx.GraphModule) else stage.module)
         self._least = MIN_BATCH_STAT_ROWS if self._batch_stats else 0  # fewer rows than this: _few_rows
@@ -93,12 +116,93 @@ class StageReplica:
     def begin(self, batch: int) -> None:
         """A new iteration on a global batch of ``batch`` rows: nothing of the last one is kept."""
         self.batch, self.microbatches = batch, {}
+        self._active, self._held, self._start = 0, {}, None
 
-    def mb(self, mb: int) -> MicroBatch:
-        st = self.microbatches.get(mb)
+    def mb(self, mb: int, chunk: int = 0) -> MicroBatch:
+        key = (mb, chunk)
+        st = self.microbatches.get(key)
         if st is None:
-            st = self.microbatches[mb] = MicroBatch()
+            st = self.microbatches[key] = MicroBatch()
         return st
+
+    def chunk_of(self, rows: tuple[int, int]) -> int:
+        """The index of the chunk holding ``rows`` (an F's or B's rows, or a message's)."""
+        if len(self.chunks) == 1:
+            return 0
+        for k, (lo, hi) in enumerate(self.chunks):
+            if lo <= rows[0] and rows[1] <= hi:
+                return k
+        raise BackendError(f"stage {self.stage.index}{f' on {self.device}' if self.device else ''}: rows "
+                           f"{rows[0]}:{rows[1]} lie in no chunk of {' '.join(f'{lo}:{hi}' for lo, hi in self.chunks)}; "
+                           "verify the program")
+
+    @property
+    def _params(self) -> list[torch.nn.Parameter]:
+        return list(self.module.parameters())
+
+    @property
+    def _buffers(self) -> list[torch.Tensor]:
+        # looked up each time: a rollback may load new buffer tensors into the module
+        return list(self.module.buffers())
+
+    def _switch(self, k: int) -> None:
+        """Make the module hold chunk ``k``'s gradients and buffers, keeping the active chunk's."""
+        if self._start is None:
+            # the first F of the iteration: every chunk's buffers start from here (after any ROLLBACK)
+            self._start = [b.detach().clone() for b in self._buffers] if len(self.chunks) > 1 else []
+        if k == self._active:
+            return
+        self._held[self._active] = ChunkState([p.grad for p in self._params],
+                                              [b.detach().clone() for b in self._buffers])
+        state = self._held.pop(k, None)
+        with torch.no_grad():
+            for p, g in zip(self._params, state.grads if state is not None else [None] * len(self._params)):
+                p.grad = g
+            # in place: the optimizer, torch_dist's flat state and bound calls hold these tensors;
+            # through .data, as BatchNorm's own update of its running statistics leaves the version
+            # counter alone: autograd saved them for the backward of a micro-batch in flight, which
+            # reads them only in eval mode, so a bumped version would refuse a valid backward
+            for b, v in zip(self._buffers, state.buffers if state is not None else self._start):
+                b.data.copy_(v)
+        self._active = k
+
+    def chunk_grads(self) -> list[list[torch.Tensor | None]]:
+        """Per chunk in row order, the gradient of every parameter (``module.parameters()``
+        order; None where it has none): what an ALLREDUCE sums, chunk after chunk."""
+        out = []
+        for k in range(len(self.chunks)):
+            if k == self._active:
+                out.append([p.grad for p in self._params])
+            else:
+                state = self._held.get(k)
+                out.append(list(state.grads) if state is not None else [None] * len(self._params))
+        return out
+
+    def chunk_buffers(self) -> list[list[torch.Tensor]]:
+        """Per chunk in row order, the value of every floating buffer (``module.buffers()`` order)."""
+        out = []
+        for k in range(len(self.chunks)):
+            state = self._held.get(k)
+            values = (self._buffers if k == self._active else state.buffers if state is not None
+                      else self._start if self._start else self._buffers)
+            out.append([v for b, v in zip(self._buffers, values) if b.is_floating_point()])
+        return out
+
+    def settle(self, grads: Sequence[torch.Tensor | None], buffers: Sequence[torch.Tensor] | None = None) -> None:
+        """After an ALLREDUCE: the module holds ``grads`` (one per parameter) and, when given, the
+        floating buffers' new values (the rest from the first chunk; every chunk counted its
+        forwards alike); the chunks are one again."""
+        first = self._held.get(0) if self._active != 0 else None
+        with torch.no_grad():
+            for p, g in zip(self._params, grads):
+                p.grad = g
+            if first is not None:
+                for b, v in zip(self._buffers, first.buffers):
+                    b.copy_(v)
+            if buffers is not None:
+                for b, v in zip((b for b in self._buffers if b.is_floating_point()), buffers):
+                    b.copy_(v)
+        self._active, self._held = 0, {}
 
     def forward(self, mb: int, rows: tuple[int, int], inputs: tuple[torch.Tensor, ...] | None = None,
                 labels: Any = None) -> float:
@@ -107,7 +211,9 @@ class StageReplica:
         Returns the loss it adds (0.0 off the last stage)."""
         if rows[1] - rows[0] < self._least:
             self._few_rows(mb, rows)
-        st = self.mb(mb)
+        k = self.chunk_of(rows)
+        self._switch(k)
+        st = self.mb(mb, k)
         if inputs is None:
             pieces = [st.received[r] for r in sorted(st.received)]
             inputs = tuple(joined(pieces, i) for i in range(self._inputs))
@@ -144,9 +250,12 @@ class StageReplica:
                         "are noisy; give every device of stage %d at least %d rows", where, n, plural, b.module,
                         n * b.values_per_row, self.stage.index, MIN_BATCH_STAT_ROWS)
 
-    def backward(self, mb: int) -> None:
-        """B of micro-batch ``mb``: from its loss (last stage) or from the output gradients received."""
-        st = self.mb(mb)
+    def backward(self, mb: int, rows: tuple[int, int] | None = None) -> None:
+        """B of micro-batch ``mb`` on ``rows`` (a chunk; default: the first): from its loss (last
+        stage) or from the output gradients received."""
+        k = self.chunk_of(rows) if rows is not None else 0
+        self._switch(k)
+        st = self.mb(mb, k)
         if st.loss is not None:
             st.loss.backward()
         else:
@@ -165,15 +274,17 @@ class StageReplica:
 
     def receive(self, mb: int, payload: str, rows: tuple[int, int], tensors: tuple[torch.Tensor, ...]) -> None:
         """File a RECV's row slice: activations for F ("act") or output gradients for B ("grad")."""
-        st = self.mb(mb)
+        st = self.mb(mb, self.chunk_of(rows))
         (st.received if payload == "act" else st.grads_in)[rows] = tensors
 
-    def outgoing(self, mb: int, payload: str, rows: slice) -> tuple[torch.Tensor, ...]:
-        """A SEND's rows (``rows`` counted from this device's first) of the outputs ("act") or of
+    def outgoing(self, mb: int, payload: str, rows: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """A SEND's ``rows`` (of the micro-batch, inside one chunk) of the outputs ("act") or of
         the input gradients ("grad"), detached."""
-        st = self.mb(mb)
+        k = self.chunk_of(rows)
+        st = self.mb(mb, k)
         source = st.outputs if payload == "act" else st.input_grads
-        return tuple(t[rows].detach() for t in source)
+        sl = slice(rows[0] - self.chunks[k][0], rows[1] - self.chunks[k][0])
+        return tuple(t[sl].detach() for t in source)
 
     def step(self, iteration: int = 0) -> None:
         """STEP of ``iteration``: the optimizer steps at that iteration's learning rates and the

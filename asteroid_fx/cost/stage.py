@@ -259,6 +259,17 @@ def static_memory(lg: LayerGraph, layers: tuple[int, int], opt_state_factor: flo
             + 2 * sum(state_memory(lg, h, opt_state_factor) for h in held))
 
 
+def chunk_memory(lg: LayerGraph, layers: tuple[int, int], chunks: int) -> tuple[float, float]:
+    """(gradient bytes, buffer bytes) a device running its slot of the stage as ``chunks`` chunks
+    holds beyond one chunk's: each further chunk's own gradient sum and buffers, and the buffers
+    the iteration started from (what a chunk that has not run yet starts with). Its activations
+    need nothing more: the chunks' rows add up to the slot's."""
+    if chunks <= 1:
+        return 0.0, 0.0
+    lo, hi = layers
+    return (chunks - 1) * lg.param_bytes(lo, hi), chunks * lg.buffer_bytes(lo, hi)
+
+
 def activation_memory(lg: LayerGraph, layers: tuple[int, int], rows: int) -> float:
     """Bytes one micro-batch in flight holds on a device with ``rows`` rows: the activations kept
     for backward plus the stage's input and output slices."""

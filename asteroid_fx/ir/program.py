@@ -74,13 +74,41 @@ class StageSlot(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class StageInfo:
+    """A stage: its layers, its slots and, where a device runs its slot as several chunks, the rows
+    ``splits`` where one chunk ends and the next begins (each strictly inside a slot).
+
+    A chunk is what one F or B computes: a forward over exactly those rows (a batch-statistics
+    layer normalizes over them), its own gradient sum over the micro-batches, summed with the
+    other chunks in row order by the stage's ALLREDUCE. A slot without a split is one chunk. Replay
+    keeps a lost device's rows as a chunk of the survivor that takes them over, so that the
+    survivor computes what the failure-free group computed (docs/replay.md, "Chunks")."""
+
     index: int
     layers: tuple[int, int]  # [lo, hi) of the LayerGraph
     slots: tuple[StageSlot, ...]  # row ranges tile [0, microbatch_rows) in order
+    splits: tuple[int, ...] = ()  # chunk boundaries inside slots, ascending
 
     @property
     def devices(self) -> tuple[str, ...]:
         return tuple(s.device for s in self.slots)
+
+    def chunks_of(self, device: str) -> tuple[tuple[int, int], ...]:
+        """``device``'s chunks of this stage in row order: its slot cut at the splits inside it."""
+        for slot in self.slots:
+            if slot.device == device:
+                return slot_chunks(slot, self.splits)
+        raise KeyError(f"device {device!r} holds no slot of stage {self.index}")
+
+    @property
+    def chunks(self) -> tuple[tuple[str, int, int], ...]:
+        """Every chunk of the stage, (device, lo, hi) in row order: the ALLREDUCE's summation order."""
+        return tuple((s.device, lo, hi) for s in self.slots for lo, hi in slot_chunks(s, self.splits))
+
+
+def slot_chunks(slot: StageSlot, splits: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """``slot``'s rows cut at the ``splits`` that lie strictly inside it."""
+    edges = [slot.lo, *(x for x in splits if slot.lo < x < slot.hi), slot.hi]
+    return tuple(zip(edges, edges[1:]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from asteroid_fx.ir import ops
 from asteroid_fx.ir.ops import PAYLOADS, Op
-from asteroid_fx.ir.program import Action, Program, StageInfo, TensorSpec
+from asteroid_fx.ir.program import Action, Program, StageInfo, TensorSpec, slot_chunks
 
 FORMAT_NAME = "asteroid-program"
 
@@ -106,7 +106,9 @@ def format_action(a: Action, *, short: bool = False) -> str:
 
 
 def _format_stage(st: StageInfo) -> str:
-    slots = "".join(f" {_name(s.device)}[{s.lo}:{s.hi}]" for s in st.slots)
+    # a slot run as several chunks shows its chunk boundaries: b[0:3:5] is rows 0:3 and 3:5
+    slots = "".join(f" {_name(s.device)}[{':'.join(str(x) for x in [s.lo, *(hi for _, hi in slot_chunks(s, st.splits))])}]"
+                    for s in st.slots)
     return f"stage {st.index} layers {st.layers[0]}:{st.layers[1]}{slots}"
 
 

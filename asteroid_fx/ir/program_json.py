@@ -48,6 +48,7 @@ def program_to_json(p: Program) -> dict[str, Any]:
                 "index": st.index,
                 "layers": list(st.layers),
                 "slots": [{"device": s.device, "lo": s.lo, "hi": s.hi} for s in st.slots],
+                **({"splits": list(st.splits)} if st.splits else {}),
             }
             for st in p.stages
         ],
@@ -150,7 +151,7 @@ def program_from_json(d: Mapping[str, Any]) -> Program:
     stages = []
     for i, sv in enumerate(_list(top["stages"], "$.stages")):
         path = f"$.stages[{i}]"
-        s = _obj(sv, path, ("index", "layers", "slots"))
+        s = _obj(sv, path, ("index", "layers", "slots"), ("splits",))
         slots = tuple(
             StageSlot(
                 _str(slot["device"], f"{path}.slots[{j}].device"),
@@ -161,7 +162,8 @@ def program_from_json(d: Mapping[str, Any]) -> Program:
                 _obj(x, f"{path}.slots[{k}]", ("device", "lo", "hi")) for k, x in enumerate(_list(s["slots"], f"{path}.slots"))
             )
         )
-        stages.append(StageInfo(_int(s["index"], f"{path}.index"), _pair(s["layers"], f"{path}.layers"), slots))
+        splits = tuple(_int(x, f"{path}.splits[{j}]") for j, x in enumerate(_list(s.get("splits", []), f"{path}.splits")))
+        stages.append(StageInfo(_int(s["index"], f"{path}.index"), _pair(s["layers"], f"{path}.layers"), slots, splits))
     actions = []
     for i, dv in enumerate(_list(top["devices"], "$.devices")):
         path = f"$.devices[{i}]"

@@ -23,6 +23,7 @@ _STAGE_WORD = re.compile(rf"s({_INT})")
 _MB_WORD = re.compile(rf"mb({_INT})")
 _ROWS_WORD = re.compile(rf"r({_INT}):({_INT})")
 _RANGE_WORD = re.compile(rf"({_INT}):({_INT})")
+_EDGES_WORD = re.compile(rf"{_INT}(?::{_INT})+")  # a slot's rows, with its chunk boundaries between
 _INT_WORD = re.compile(_INT)
 _VERSION_WORD = re.compile(r"v(\d+)")
 _MAX_NORM_WORD = re.compile(r"max_norm=(.*)")
@@ -291,13 +292,16 @@ class _Reader:
             raise _Bad("expected 'layers LO:HI' after the stage index")
         layers = cur.span(_RANGE_WORD, "the layer range LO:HI")
         slots: list[StageSlot] = []
+        splits: list[int] = []
         while cur.peek() is not None:
             device = cur.name("a device slot NAME[LO:HI]")
             cur.punct("[", f"after {device!r} to give its rows, e.g. {device}[0:8]")
-            lo, hi = cur.span(_RANGE_WORD, "the row range LO:HI")
+            edges = [int(x) for x in cur.match(_EDGES_WORD, "the row range LO:HI")
+                     .group(0).split(":")]
             cur.punct("]", "to close the row range")
-            slots.append(StageSlot(device, lo, hi))
-        self.stages.append(StageInfo(index, layers, tuple(slots)))
+            slots.append(StageSlot(device, edges[0], edges[-1]))
+            splits += edges[1:-1]
+        self.stages.append(StageInfo(index, layers, tuple(slots), tuple(splits)))
 
     def device(self, cur: _Cursor, n: int) -> None:
         self.require_fields()

@@ -13,12 +13,13 @@ later phase only runs when the earlier ones passed, since it relies on them):
   2. every action's fields: what its op needs is there, nothing else is, indices are in range,
      it names a stage its device holds (or the cut it sends or receives across), peers exist;
   3. compute, dependencies and pairing, per stage a device holds: F and B once per micro-batch on
-     the device's rows of that stage, F before B; received rows tile those rows before they are
+     each chunk of the device's rows of that stage (its slot, cut at the stage's splits), F before
+     B; a SEND's or RECV's rows inside one chunk of its device; received rows tile a chunk before they are
      used (gradients only across a cut with gradient traffic: a cut whose tensors need no gradient
      carries none); a SEND after the compute that produces it, and activations sent before the B
      of their micro-batch frees them; SEND/RECV specs the cut's real tensors (when the stage
-     modules' cut specs are given); one ALLREDUCE per device of a group
-     of two or more, after every backward of the stage; exactly one STEP, after every backward and
+     modules' cut specs are given); one ALLREDUCE per device of a stage of two chunks or more (a
+     group, or one device running several), after every backward of the stage; exactly one STEP, after every backward and
      the ALLREDUCE; every SEND/BACKUP matched by exactly one RECV/RESTORE with the same rows and
      specs; at most one ROLLBACK, before any compute; a TIE after the stage's last B and its
      ALLREDUCE and before its STEP, run by every holder of its weights (whole stages, in stage and
@@ -155,6 +156,12 @@ def _check_stage_table(p: Program, where: _Where, layers: int | None = None) -> 
                 f"{at}: the slots end at row {row} but a micro-batch has {p.microbatch_rows} rows; "
                 f"the last slot must end at {p.microbatch_rows}"
             )
+        if list(st.splits) != sorted(set(st.splits)):
+            problems.append(f"{at}: chunk splits {list(st.splits)} are not ascending and distinct; list each row once, in order")
+        for x in st.splits:
+            if not any(s.lo < x < s.hi for s in st.slots):
+                problems.append(f"{at}: chunk split at row {x} lies inside no slot (a split cuts one device's slot "
+                                "into chunks); drop it")
 
     if layers is not None and p.stages and layer_hi != layers:
         problems.append(f"{where.stage(len(p.stages) - 1)}: the stages end at layer {layer_hi} but the model has "
@@ -236,34 +243,41 @@ def _check_fields(p: Program, where: _Where, held: Held) -> list[str]:
 def _check_compute(p: Program, where: _Where, held: Held, slots: Slots) -> list[str]:
     problems: list[str] = []
     for device, acts in p.actions:
-        seen: dict[tuple[Op, int, int], list[int]] = defaultdict(list)
+        seen: dict[tuple[Op, int, int, tuple[int, int]], list[int]] = defaultdict(list)
         for i, a in enumerate(acts):
             if ops.info(a.op).compute:
-                seen[(a.op, a.stage, a.mb)].append(i)
+                seen[(a.op, a.stage, a.mb, a.rows)].append(i)
                 slot = slots[(device, a.stage)]
-                if a.rows != (slot.lo, slot.hi):
+                chunks = p.stages[a.stage].chunks_of(device)
+                if a.rows not in chunks:
+                    which = ("a device computes exactly its slot's rows" if len(chunks) == 1 else
+                             "it runs its slot as the chunks " + " ".join(f"r{_r(*c)}" for c in chunks)
+                             + ", each F and B exactly one of them")
                     problems.append(
                         f"{where.action(device, i)}: runs rows {_r(*a.rows)} but this device's slot is "
-                        f"[{_r(slot.lo, slot.hi)}]; a device computes exactly its slot's rows"
+                        f"[{_r(slot.lo, slot.hi)}]; {which}"
                     )
         missing = 0
-        for own, mb in ((own, mb) for own in held[device] for mb in range(p.microbatches)):
+        runs = ((own, mb, chunk) for own in held[device] for mb in range(p.microbatches)
+                for chunk in p.stages[own].chunks_of(device))
+        for own, mb, chunk in runs:
             slot = slots[(device, own)]
+            on = "" if chunk == (slot.lo, slot.hi) else f" on chunk r{_r(*chunk)}"
             for op in COMPUTE_OPS:
-                found = seen.get((op, own, mb), [])
+                found = seen.get((op, own, mb, chunk), [])
                 if not found:
                     missing += 1
                     if missing <= _MAX_MISSING_LISTED:
                         problems.append(
-                            f"{where.device(device)}: never runs {op.value} s{own} mb{mb}; "
-                            f"add '{op.value} s{own} mb{mb} r{_r(slot.lo, slot.hi)}'"
+                            f"{where.device(device)}: never runs {op.value} s{own} mb{mb}{on}; "
+                            f"add '{op.value} s{own} mb{mb} r{_r(*chunk)}'"
                         )
                 for dup in found[1:]:
                     problems.append(
                         f"{where.action(device, dup)}: runs a second time (first on line {where.line(device, found[0])}); "
-                        "each micro-batch runs once per device"
+                        "each micro-batch runs once per chunk"
                     )
-            fwd, bwd = seen.get((Op.F, own, mb)), seen.get((Op.B, own, mb))
+            fwd, bwd = seen.get((Op.F, own, mb, chunk)), seen.get((Op.B, own, mb, chunk))
             if fwd and bwd and bwd[0] < fwd[0]:
                 problems.append(
                     f"{where.action(device, bwd[0])}: runs before its forward (line {where.line(device, fwd[0])}); "
@@ -271,7 +285,7 @@ def _check_compute(p: Program, where: _Where, held: Held, slots: Slots) -> list[
                 )
         if missing > _MAX_MISSING_LISTED:
             problems.append(f"{where.device(device)}: and {missing - _MAX_MISSING_LISTED} more F or B actions it never "
-                            f"runs ({missing} in all, of {2 * p.microbatches * len(held[device])} it must run)")
+                            f"runs ({missing} in all, of {2 * p.microbatches * sum(len(p.stages[own].chunks_of(device)) for own in held[device])} it must run)")
     return problems
 
 
@@ -302,7 +316,9 @@ class _DeviceWalk:
     def __init__(self, p: Program, where: _Where, device: str, stage: int, slot: StageSlot, grad_cuts: set[int]) -> None:
         self.p, self.where, self.device, self.stage, self.slot = p, where, device, stage, slot
         self.grad_cuts = grad_cuts
-        self.computed: dict[Op, dict[int, int]] = {op: {} for op in COMPUTE_OPS}  # F|B -> mb -> index
+        self.chunks = p.stages[stage].chunks_of(device)
+        # F|B -> (mb, chunk) -> index
+        self.computed: dict[Op, dict[tuple[int, tuple[int, int]], int]] = {op: {} for op in COMPUTE_OPS}
         self.received: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)  # (payload, mb) -> rows
         self.allreduces: list[int] = []
         self.steps: list[int] = []
@@ -316,16 +332,26 @@ class _DeviceWalk:
     def line(self, i: int) -> int:
         return self.where.line(self.device, i)
 
+    def chunk_of(self, i: int, a: Action) -> tuple[int, int] | None:
+        """The chunk holding a message's rows; None (a problem noted) when they cross a chunk boundary."""
+        chunk = next((c for c in self.chunks if c[0] <= a.rows[0] and a.rows[1] <= c[1]), None)
+        if chunk is None:
+            cut = next(c[1] for c in self.chunks if a.rows[0] < c[1] < a.rows[1])
+            self.problems.append(f"{self.at(i)}: rows {_r(*a.rows)} cross the boundary at row {cut} between two chunks of "
+                                 f"{self.device}; split the message there (a chunk's rows travel as its own messages)")
+        return chunk
+
     def need_rows(self, i: int, a: Action, payload: str, cut_stage: int, peer_stage: int) -> None:
         pieces = self.received[(payload, a.mb)]
-        missing, doubled = _holes(pieces, self.slot.lo, self.slot.hi)
+        lo, hi = a.rows
+        missing, doubled = _holes(pieces, lo, hi)
         what = "activations" if payload == "act" else "gradients"
         for lo, hi in missing:
             adds = " and ".join(
                 f"'RECV {payload} s{cut_stage} mb{a.mb} r{_r(l, h)} <- {d}'" for d, l, h in _sources(self.p, peer_stage, lo, hi)
             )
             self.problems.append(
-                f"{self.at(i)}: needs the {what} of rows {_r(self.slot.lo, self.slot.hi)} of mb{a.mb}, but rows "
+                f"{self.at(i)}: needs the {what} of rows {_r(*a.rows)} of mb{a.mb}, but rows "
                 f"{_r(lo, hi)} were not received before it; add {adds} before line {self.line(i)}"
             )
         for lo, hi in doubled:
@@ -335,24 +361,25 @@ class _DeviceWalk:
 def _walk_f(w: _DeviceWalk, i: int, a: Action) -> None:
     if w.stage > 0:
         w.need_rows(i, a, "act", w.stage - 1, w.stage - 1)
-    w.computed[Op.F].setdefault(a.mb, i)
+    w.computed[Op.F].setdefault((a.mb, a.rows), i)
 
 
 def _walk_b(w: _DeviceWalk, i: int, a: Action) -> None:
     if w.stage in w.grad_cuts:
         w.need_rows(i, a, "grad", w.stage, w.stage + 1)
-    w.computed[Op.B].setdefault(a.mb, i)
+    w.computed[Op.B].setdefault((a.mb, a.rows), i)
 
 
 def _walk_send(w: _DeviceWalk, i: int, a: Action) -> None:
     op = PAYLOAD_INFO[a.payload].produced_by
-    if a.mb not in w.computed[op]:
+    chunk = w.chunk_of(i, a)
+    if chunk is not None and (a.mb, chunk) not in w.computed[op]:
         w.problems.append(
             f"{w.at(i)}: sends before this device runs {op.value} s{w.stage} mb{a.mb}, which computes it; "
             "move the SEND after it"
         )
     # the backward of a micro-batch frees what its forward kept: activations sent after it are gone
-    freed = w.computed[Op.B].get(a.mb) if op == Op.F else None
+    freed = w.computed[Op.B].get((a.mb, chunk)) if op == Op.F and chunk is not None else None
     if freed is not None:
         w.problems.append(
             f"{w.at(i)}: sends the activations of mb{a.mb} after B s{w.stage} mb{a.mb} (line {w.line(freed)}), "
@@ -362,7 +389,8 @@ def _walk_send(w: _DeviceWalk, i: int, a: Action) -> None:
 
 def _walk_recv(w: _DeviceWalk, i: int, a: Action) -> None:
     op = PAYLOAD_INFO[a.payload].produced_by
-    used = w.computed[op].get(a.mb)
+    chunk = w.chunk_of(i, a)
+    used = w.computed[op].get((a.mb, chunk)) if chunk is not None else None
     if used is not None:
         w.problems.append(
             f"{w.at(i)}: arrives after {op.value} s{w.stage} mb{a.mb} (line {w.line(used)}) already needed it; "
@@ -372,8 +400,8 @@ def _walk_recv(w: _DeviceWalk, i: int, a: Action) -> None:
 
 
 def _pending_backward(w: _DeviceWalk) -> str:
-    missing = [mb for mb in range(w.p.microbatches) if mb not in w.computed[Op.B]]
-    listed = " ".join(f"mb{mb}" for mb in missing[:_MAX_MISSING_LISTED])
+    missing = [(mb, c) for mb in range(w.p.microbatches) for c in w.chunks if (mb, c) not in w.computed[Op.B]]
+    listed = " ".join(f"mb{mb}" + (f" r{_r(*c)}" if len(w.chunks) > 1 else "") for mb, c in missing[:_MAX_MISSING_LISTED])
     return listed + (f" and {len(missing) - _MAX_MISSING_LISTED} more" if len(missing) > _MAX_MISSING_LISTED else "")
 
 
@@ -453,6 +481,11 @@ def _check_stage_walk(p: Program, where: _Where, device: str, own: int, w: _Devi
         problems.append(
             f"{where.device(device)}: stage {own} runs on {len(group)} devices but {device} never sums their "
             f"gradients; add 'ALLREDUCE s{own} [{' '.join(group)}]' after its last B and before STEP"
+        )
+    elif len(w.chunks) > 1 and not w.allreduces:
+        problems.append(
+            f"{where.device(device)}: runs stage {own} as {len(w.chunks)} chunks but never sums their gradients; "
+            f"add 'ALLREDUCE s{own} [{' '.join(group)}]' after its last B and before STEP"
         )
     for extra in w.allreduces[1:]:
         problems.append(f"{w.at(extra)}: a second ALLREDUCE of stage {own}; a group sums its gradients once")

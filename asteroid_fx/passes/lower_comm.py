@@ -1,10 +1,13 @@
 """lower_comm: compute-only Program -> Program with SEND/RECV, ALLREDUCE, TIE, NORM and STEP.
 
 Between stages p and p+1 the rows of a micro-batch are redistributed: device d of stage p sends
-each device e of stage p+1 exactly the rows their slots share; gradients go back the same way.
+each device e of stage p+1 exactly the rows their slots share, one message per pair of chunks
+(a slot cut by its stage's splits runs each chunk as its own F and B); gradients go back the same
+way.
 A RECV sits right before the compute that consumes it and a SEND right after the compute that
 produces it, so sends never wait for later work. After its last backward a device of a group of
-two or more all-reduces the stage's gradients with the group (slot order), then steps. A device
+two or more (or a device running its slot as several chunks) all-reduces the stage's gradients
+with the group (chunk order), then steps. A device
 holding several stages does this per stage, after that stage's last backward, and exchanges each
 stage's messages with the devices of the stages next to it, as any device does.
 
@@ -38,10 +41,11 @@ CutSpecs = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
 
 
 def _overlaps(lo: int, hi: int, other: StageInfo):
-    for slot in other.slots:
-        a, b = max(lo, slot.lo), min(hi, slot.hi)
+    """The devices of ``other`` owning rows of [lo, hi), one message per chunk of theirs."""
+    for device, clo, chi in other.chunks:
+        a, b = max(lo, clo), min(hi, chi)
         if a < b:
-            yield slot.device, (a, b)
+            yield device, (a, b)
 
 
 def tie_actions(stages: Sequence[StageInfo], ties: Sequence[Tie]) -> dict[int, tuple[Action, ...]]:
@@ -95,23 +99,23 @@ def lower_comm(program: Program, cut_specs: Sequence[CutSpecs], ties: Sequence[T
         for i, a in enumerate(acts):
             p = a.stage
             info = stages[p]
-            slot = program.slot_of(device, p)
+            lo, hi = a.rows  # the chunk the compute runs: its messages carry its rows only
             if a.op == Op.F and p > 0:
                 act_specs = cut_specs[p - 1][0]
                 out += [Action(Op.RECV, p - 1, a.mb, rows, src, "act", act_specs)
-                        for src, rows in _overlaps(slot.lo, slot.hi, stages[p - 1])]
+                        for src, rows in _overlaps(lo, hi, stages[p - 1])]
             if a.op == Op.B and p < S - 1 and cut_specs[p][1]:
                 out += [Action(Op.RECV, p, a.mb, rows, src, "grad", cut_specs[p][1])
-                        for src, rows in _overlaps(slot.lo, slot.hi, stages[p + 1])]
+                        for src, rows in _overlaps(lo, hi, stages[p + 1])]
             out.append(a)
             if a.op == Op.F and p < S - 1:
                 out += [Action(Op.SEND, p, a.mb, rows, dst, "act", cut_specs[p][0])
-                        for dst, rows in _overlaps(slot.lo, slot.hi, stages[p + 1])]
+                        for dst, rows in _overlaps(lo, hi, stages[p + 1])]
             if a.op == Op.B and p > 0 and cut_specs[p - 1][1]:
                 out += [Action(Op.SEND, p - 1, a.mb, rows, dst, "grad", cut_specs[p - 1][1])
-                        for dst, rows in _overlaps(slot.lo, slot.hi, stages[p - 1])]
+                        for dst, rows in _overlaps(lo, hi, stages[p - 1])]
             if last_b.get(p) == i:
-                if len(info.slots) > 1:
+                if len(info.chunks) > 1:  # a group, or one device running several chunks
                     out.append(Action(Op.ALLREDUCE, p, group=info.devices))
                 out += tied.get(p, ())
                 if max_norm is None:

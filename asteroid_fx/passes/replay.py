@@ -7,25 +7,29 @@ from.
 
 ``replay(program, failure)`` expects the program that was running and a Failure (which devices died
 at the same moment, in which iteration, how far every device got). It returns a Rewrite holding:
-  after     the program for the survivors from the next iteration on, verified: a stage that kept
-            group members re-splits the rows among them; a stage that lost every device is merged
+  after     the program for the survivors from the next iteration on, verified: in a stage that
+            kept group members a survivor next to each lost device takes its rows over as chunks
+            of its own (``take_over``: the same rows per F/B, the same batch statistics, the
+            gradients summed in the failure-free order); a stage that lost every device is merged
             into the stage of a survivor that holds its backup (a neighbour, once the other lost
-            stages have merged), whose group re-splits the merged stage's rows; backups are placed
+            stages have merged), and its layers run over that stage's chunks; backups are placed
             again when the program had them, and a program that clips its gradients (NORM) clips
             them to the same norm over the devices of the new stage table;
   recovery  ``after`` with a prologue that rolls every survivor back to the start of the
             interrupted iteration (ROLLBACK; a member of a merged stage that holds no copy of the
             layers it takes over first gets one from the holder by BACKUP/RESTORE); running it
             redoes the interrupted iteration, so its update equals the failure-free one.
-Rows are split by speed (``lg`` and ``cluster`` give each device's time for the stage's layers)
-or, without them, in proportion to the rows each device ran. docs/replay.md says why it rolls the
-iteration back rather than replaying logged messages, and what every survivor holds.
+Which neighbour takes a lost device's rows goes by speed (``lg`` and ``cluster`` give each
+device's time for the stage's layers) or, without them, by the rows each runs. docs/replay.md says
+why it rolls the iteration back rather than replaying logged messages, what every survivor holds,
+and where the update cannot be the failure-free one ("Chunks").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +38,7 @@ from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import AsteroidError
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.program import (Action, Op, Program, StageInfo, StageSlot, TensorSpec, backup_holders,
-                                    default_holders, max_norm_of)
+                                    default_holders, max_norm_of, slot_chunks)
 from asteroid_fx.ir.program_text import format_action, format_program
 from asteroid_fx.ir.verify import execution_order, verify
 from asteroid_fx.passes.lower import lower
@@ -174,7 +178,8 @@ def split_rows(devices: Sequence[str], rows: int, layers: tuple[int, int], *, lg
     left out, but ``keep`` gets some: it holds state the others need; a device joins with
     ``lg.min_rows`` rows, more than one where a layer takes batch statistics); otherwise in
     proportion to ``current`` rows (at least one each, the next row always to the device furthest
-    below its share)."""
+    below its share). ``replay`` itself does not re-split (``take_over`` keeps the failure-free
+    chunks); this is the balanced split by speed, for a caller that trades exactness for it."""
     if lg is not None and cluster is not None:
         kinds = {d: cluster.device(d).kind for d in devices}
         least = lg.min_rows(*layers)
@@ -236,9 +241,10 @@ def _program(before: Program, table: tuple[StageInfo, ...]) -> Program:
 def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
            cluster: Cluster | None = None) -> Rewrite:
     """The Rewrite of ``program`` for the devices that survive ``failure`` (see the module docstring),
-    one device or several at once: every stage that keeps members re-splits its rows among them;
-    every stage that keeps none merges into the stage of a survivor that holds its backup, which
-    must be next to it once the other lost stages have merged. Raises ReplayError when a device is
+    one device or several at once: in every stage that keeps members the survivors take the lost
+    devices' rows over as chunks (``take_over``); every stage that keeps none merges into the stage
+    of a survivor that holds its backup, which must be next to it once the other lost stages have
+    merged. Raises ReplayError when a device is
     not in the program, when no device survives, when a lost stage's state is held by no survivor
     (no backup, or its holder failed too), when its holder is not next to it, and when stages merged
     from both sides have no survivor holding all of them."""
@@ -254,13 +260,7 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
     holds = _held_stages(program, survivors)
     into = _merge_targets(program, failed)
     changes: list[str] = []
-    R = program.microbatch_rows
-
-    def rows_for(devices: Sequence[str], layers: tuple[int, int], current: Mapping[str, int],
-                 keep: str | None = None) -> tuple[StageSlot, ...]:
-        return split_rows(devices, R, layers, lg=lg, cluster=cluster, current=current, keep=keep)
-
-    new: list[tuple[tuple[int, int], tuple[StageSlot, ...]]] = []
+    new: list[tuple[tuple[int, int], tuple[StageSlot, ...], tuple[int, ...]]] = []
     for st in program.stages:
         if st.index in into:
             continue
@@ -268,15 +268,16 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
         merged = sorted(p for p, (target, _) in into.items() if target == q)
         gone = [d for d in st.devices if d in failed]
         rest = [d for d in st.devices if d not in failed]
-        current = {s.device: s.hi - s.lo for s in st.slots}
+        layers = (program.stages[min([q, *merged])].layers[0], program.stages[max([q, *merged])].layers[1])
+        # a survivor takes a lost device's rows over as chunks of their own: the same rows per F/B,
+        # the same batch statistics and the same gradient sums as the failure-free group's
+        slots, splits = take_over(st, failed, layers, lg=lg, cluster=cluster) if gone else (st.slots, st.splits)
         if not merged:
-            slots = rows_for(rest, st.layers, current) if gone else st.slots
-            new.append((st.layers, slots))
+            new.append((st.layers, slots, splits))
             if gone:
-                changes.append(f"stage {q} lost {_and(gone)}; its group re-splits the rows: {_slots(slots)}")
+                changes.append(f"{_taken(st, slots, gone)}: {_slots(slots, splits)}")
             continue
         group = [program.stages[i] for i in sorted([q, *merged])]
-        layers = (group[0].layers[0], group[-1].layers[1])
         # the prologue hands the merged stage to the other members from one device that holds it whole
         whole = [d for d in rest if {g.index for g in group} <= holds[d]]
         if not whole:
@@ -285,16 +286,18 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
                               f"stage {q} holds all of them ({held_by}), so the merged stage cannot be handed to its "
                               "members; place the backups of stages that may merge into one stage on one device "
                               "(passes.replay.default_holders does), or give those stages a second device")
-        slots = rows_for(rest, layers, current, keep=whole[0])
-        new.append((layers, slots))
+        new.append((layers, slots, splits))
         if gone:
-            changes.append(f"stage {q} lost {_and(gone)}")
+            changes.append(_taken(st, slots, gone))
+        chunks = _edges(slots, splits)
         for i, p in enumerate(merged):
             lost = program.stages[p]
-            now = f", now layers {layers[0]}:{layers[1]} on {_slots(slots)}" if i == len(merged) - 1 else ""
+            now = f", now layers {layers[0]}:{layers[1]} on {_slots(slots, splits)}" if i == len(merged) - 1 else ""
             changes.append(f"stage {p} lost {_only(lost.devices)}; its layers {lost.layers[0]}:{lost.layers[1]} move "
                            f"to stage {q} ({into[p][1]} holds the backup){now}")
-    table = tuple(StageInfo(i, layers, slots) for i, (layers, slots) in enumerate(new))
+            if _edges(lost.slots, lost.splits) != chunks:
+                changes.append(_inexact(lost, chunks, lg))
+    table = tuple(StageInfo(i, layers, slots, splits) for i, (layers, slots, splits) in enumerate(new))
     idle = [d for d in survivors if not any(d in st.devices for st in table)]
     if idle:
         changes.append(f"left out (slower than giving their rows to others): {', '.join(idle)}")
@@ -368,8 +371,76 @@ def _only(devices: Sequence[str]) -> str:
     return f"its only device {devices[0]}" if len(devices) == 1 else f"all its devices ({_and(devices)})"
 
 
-def _slots(slots: Sequence[StageSlot]) -> str:
-    return " ".join(f"{s.device}[{s.lo}:{s.hi}]" for s in slots)
+def _slots(slots: Sequence[StageSlot], splits: Sequence[int] = ()) -> str:
+    return " ".join(f"{s.device}[{':'.join(str(x) for x in [s.lo, *(hi for _, hi in slot_chunks(s, tuple(splits)))])}]"
+                    for s in slots)
+
+
+def _edges(slots: Sequence[StageSlot], splits: Sequence[int]) -> tuple[int, ...]:
+    """Where a stage's chunks begin and end: its slot boundaries and its splits."""
+    return tuple(sorted({0, *splits, *(s.hi for s in slots)}))
+
+
+def _taken(before: StageInfo, slots: Sequence[StageSlot], gone: Sequence[str]) -> str:
+    """The change line of a stage whose survivors took over the rows of ``gone``."""
+    old = {s.device: (s.lo, s.hi) for s in before.slots}
+    takers = [s.device for s in slots if old[s.device] != (s.lo, s.hi)]
+    one = len(takers) == 1
+    return (f"stage {before.index} lost {_and(gone)}; {_and(takers)} take{'s' if one else ''} over "
+            f"{'its' if len(gone) == 1 else 'their'} rows as chunks of {'its' if one else 'their'} own")
+
+
+def _inexact(lost: StageInfo, chunks: Sequence[int], lg: LayerGraph | None) -> str:
+    """The change line of a lost stage whose layers now run over another stage's chunks."""
+    spans = " ".join(f"r{a}:{b}" for a, b in zip(chunks, chunks[1:]))
+    before = " ".join(f"r{a}:{b}" for a, b in itertools.pairwise(_edges(lost.slots, lost.splits)))
+    stats = lg is not None and lg.min_rows(*lost.layers) > 1
+    effect = ("its batch statistics are over other rows: the update is not the failure-free one" if stats else
+              "batch-statistics layers (BatchNorm) among them would not give the failure-free update, "
+              "others differ by rounding only" if lg is None else
+              "gradients summed in another order (rounding only)")
+    return f"stage {lost.index}'s layers run over the chunks {spans}, not its own {before}: {effect}"
+
+
+def take_over(st: StageInfo, failed: Sequence[str], layers: tuple[int, int], *, lg: LayerGraph | None = None,
+              cluster: Cluster | None = None) -> tuple[tuple[StageSlot, ...], tuple[int, ...]]:
+    """The slots and splits of stage ``st`` once ``failed`` devices are gone, their rows taken over
+    by survivors: expects a stage that keeps a device. Every run of consecutive lost slots goes
+    whole to the survivor next to it (before or after) that then finishes ``layers`` sooner
+    (``lg`` and ``cluster``: by the cost model; otherwise the one with fewer rows, the one before
+    on a tie). Guarantees: every chunk of ``st`` (its slots cut at its splits) is a chunk of the
+    result, so every F/B runs the rows it ran before, on one survivor."""
+    slots = list(st.slots)
+    alive = [i for i, s in enumerate(slots) if s.device not in failed]
+    if not alive:
+        raise ReplayError(f"stage {st.index} lost every device; it merges into a neighbour instead of re-splitting")
+    rows = {i: slots[i].hi - slots[i].lo for i in alive}
+
+    def cost(i: int, extra: int) -> float:
+        if lg is not None and cluster is not None:
+            return step_s(lg, cluster.device(slots[i].device).kind, layers, rows[i] + extra)
+        return float(rows[i] + extra)
+
+    owner = {i: i for i in alive}
+    k = 0
+    while k < len(slots):
+        if k in owner:
+            k += 1
+            continue
+        j = k
+        while j < len(slots) and j not in owner:
+            j += 1
+        run = sum(slots[x].hi - slots[x].lo for x in range(k, j))
+        sides = [i for i in (k - 1, j) if i in owner and 0 <= i < len(slots)]
+        taker = min(sides, key=lambda i: cost(i, run))  # the one before first on a tie
+        rows[taker] += run
+        for x in range(k, j):
+            owner[x] = taker
+        k = j
+    out = [StageSlot(slots[i].device, min(slots[x].lo for x in owner if owner[x] == i),
+                     max(slots[x].hi for x in owner if owner[x] == i)) for i in alive]
+    inside = {x for x in (*st.splits, *(s.hi for s in slots)) if any(o.lo < x < o.hi for o in out)}
+    return tuple(out), tuple(sorted(inside))
 
 
 def _with_prologue(before: Program, after: Program, holds: Mapping[str, frozenset[int]]) -> Program:

@@ -132,11 +132,14 @@ def stage_table(plan: Plan) -> tuple[StageInfo, ...]:
 def schedule_table(schedule_kind: str, microbatches: int, microbatch_rows: int,
                    table: tuple[StageInfo, ...]) -> Program:
     """The compute-only program of a stage table: every device runs the schedule's order of the
-    stages it holds, each on its own rows of that stage. Raises InputError for an unknown schedule
+    stages it holds, each on its own rows of that stage (each chunk of them in row order, where the
+    stage has splits). Raises InputError for an unknown schedule
     name, or one that cannot order the table's placement."""
     orders = device_orders(schedule_kind, table, microbatches)
-    rows = {(slot.device, info.index): (slot.lo, slot.hi) for info in table for slot in info.slots}
-    actions = tuple((d, tuple(Action(op, s, m, rows[(d, s)]) for op, s, m in order)) for d, order in orders.items())
+    # a slot run as several chunks (a stage with splits) runs each step of its order once per chunk
+    chunks = {(d, info.index): info.chunks_of(d) for info in table for d in info.devices}
+    actions = tuple((d, tuple(Action(op, s, m, rows) for op, s, m in order for rows in chunks[(d, s)]))
+                    for d, order in orders.items())
     return Program(schedule_kind, microbatches, microbatch_rows, table, actions)
 
 

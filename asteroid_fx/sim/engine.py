@@ -43,7 +43,9 @@ models exactly this, and nothing else:
               ``recovery`` also, all iteration, the copies torch_dist keeps for a rollback: every
               device's rollback point (its stage's state, what a BACKUP carries) and a holder's two
               copies (this iteration's and the next's) of each stage it backs up. A device holding
-              several stages holds the sum of theirs.
+              several stages holds the sum of theirs. A device running its slot as several chunks
+              (a stage with splits) also holds each further chunk's gradients and its chunks'
+              buffers (``cost.stage.chunk_memory``); its activations are its chunks' rows.
 
 Not modelled: optimizer-step time, the first stage's input loading and the last stage's loss,
 kernel-launch jitter, CPU cost of sending, memory fragmentation and the allocator's caching,
@@ -69,7 +71,7 @@ from collections import Counter, defaultdict
 from typing import Callable, Mapping, Sequence
 
 from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, NORM_BYTES, StageCosts, activation_memory, allreduce_bytes,
-                                    ring, state_memory, static_memory, tensor_bytes)
+                                    chunk_memory, ring, state_memory, static_memory, tensor_bytes)
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import LayerGraph
@@ -162,6 +164,11 @@ class _Engine:
         self.static = {d: sum(static_memory(lg, program.stages[s].layers, opt_state_factor, recovery=recovery,
                                             held=held.get(d, ()) if k == 0 else ())
                               for k, s in enumerate(self.held[d])) for d in self.names}
+        # a slot run as several chunks keeps each chunk's gradients and buffers apart
+        self.chunked = {d: [chunk_memory(lg, program.stages[s].layers, len(program.stages[s].chunks_of(d)))
+                            for s in self.held[d]] for d in self.names}
+        for d in self.names:
+            self.static[d] += sum(g + b for g, b in self.chunked[d])
         self.costs = StageCosts(lg, cluster, opt_state_factor)
         self._act_cache: dict[tuple[int, int], float] = {}
         self._keys = self._channel_keys()
@@ -493,8 +500,12 @@ def simulate(program: Program, lg: LayerGraph, cluster: Cluster, *, shared_mediu
         ranges = [program.stages[s].layers for s in held]
         weights = sum(lg.param_bytes(lo, hi) for lo, hi in ranges)
         buffers = sum(lg.buffer_bytes(lo, hi) for lo, hi in ranges)
-        copies = int(engine.static[d] - sum(static_memory(lg, r, opt_state_factor) for r in ranges))
-        memory = MemoryTimeline(weights, weights, int(weights * opt_state_factor), buffers,
+        chunk_grads = sum(g for g, _ in engine.chunked[d])
+        chunk_buffers = sum(b for _, b in engine.chunked[d])
+        copies = int(engine.static[d] - chunk_grads - chunk_buffers
+                     - sum(static_memory(lg, r, opt_state_factor) for r in ranges))
+        memory = MemoryTimeline(weights, int(weights + chunk_grads), int(weights * opt_state_factor),
+                                int(buffers + chunk_buffers),
                                 tuple(engine.memory[d]), engine.peak[d], cluster.device(d).memory_bytes, copies)
         compute = engine.compute_s[d]
         reports.append(DeviceReport(d, held[0], engine.kind[d], compute, engine.wait_s[d], engine.allreduce_s[d],

@@ -14,8 +14,9 @@ Same meaning as the local backend (backends/local.py), action by action; F and B
              several peers) counts as one receive. Posted at the start, the peers learn of every
              receive before they send: no notice of a receive then reaches a sender in the middle
              of its sends (see ``gloo.Comm`` for why that matters);
-  ALLREDUCE  one flat all-reduce of the stage's gradients over the stage's group, then the group's
-             floating buffers are averaged;
+  ALLREDUCE  the device's chunks summed in row order (one chunk where the stage has no split), then
+             one flat all-reduce of the stage's gradients over the stage's group (none for a device
+             alone in its stage), then the floating buffers are averaged over the stage's chunks;
   TIE        one flat all-reduce of the tied weights' gradients over their holders' group, the
              stage's first device bringing its gradients and the others zeros (local rule);
   NORM       one all-reduce of a float64 over every device of the program: the stage's first
@@ -106,7 +107,8 @@ class DistWorker:
         self._direct = direct_calls(self.module)
         self._bound = self._direct.bind(self.module)
         self.replica = StageReplica(self.stage, self.module, self.optimizer, last=self.last, loss=loss,
-                                    unflatten=unflatten, loss_reduction=loss_reduction,
+                                    unflatten=unflatten, chunks=self.info.chunks_of(device),
+                                    loss_reduction=loss_reduction,
                                     call=functools.partial(self._direct.module, *self._bound), device=device,
                                     set_lr=optimizer.set_lr if isinstance(optimizer, OptimizerSettings) else None)
         # what this device's NORM leaves out: tied weights an earlier stage counts
@@ -241,7 +243,7 @@ class DistWorker:
         self._loss += self.replica.forward(a.mb, a.rows, inputs, labels)
 
     def _backward(self, a: Action) -> None:
-        self.replica.backward(a.mb)
+        self.replica.backward(a.mb, a.rows)
 
     def _arrival(self, peer: str, nbytes: int) -> float:
         """When a message of ``nbytes`` sent now to ``peer`` arrives over the emulated link (0: when
@@ -254,8 +256,7 @@ class DistWorker:
         return self.link_free_at + latency
 
     def _send(self, a: Action) -> None:
-        sl = slice(a.rows[0] - self.slot.lo, a.rows[1] - self.slot.lo)
-        tensors = [t.contiguous() for t in self.replica.outgoing(a.mb, a.payload, sl)]
+        tensors = [t.contiguous() for t in self.replica.outgoing(a.mb, a.payload, a.rows)]
         arrive = None
         if self.emulation is not None:
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -285,25 +286,42 @@ class DistWorker:
         self.replica.receive(a.mb, a.payload, a.rows, bufs)
 
     def _allreduce(self, a: Action) -> None:
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if grads:
+        # this device's chunks first summed in row order (one chunk: its gradients as they are),
+        # then the group's sum; a device alone in its stage (several chunks) has no group to ask
+        chunks = self.replica.chunk_grads()
+        alone = len(a.group) == 1
+        everything = list(self.module.parameters())
+        trained = [i for i, p in enumerate(everything) if p.requires_grad]
+        sums: list[torch.Tensor | None] = [None] * len(everything)
+        if trained:
+            grads = []
+            for i in trained:
+                present = [c[i] for c in chunks if c[i] is not None]
+                total = present[0].clone() if len(present) > 1 else present[0] if present else torch.zeros_like(everything[i])
+                for g in present[1:]:
+                    total += g
+                grads.append(total)
             flat = torch.cat([g.reshape(-1) for g in grads])
-            self.comm.allreduce_stage([flat])
+            if not alone:
+                self.comm.allreduce_stage([flat])
             offset = 0
-            for p, g in zip(params, grads):
-                p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            for i, g in zip(trained, grads):
+                sums[i] = flat[offset:offset + g.numel()].view_as(g).clone()
                 offset += g.numel()
-        buffers = [b for b in self.module.buffers() if b.is_floating_point()]
-        if buffers:
-            flat = torch.cat([b.reshape(-1) for b in buffers])
-            self.comm.allreduce_stage([flat])
-            flat /= len(a.group)
-            offset = 0
-            with torch.no_grad():
-                for b in buffers:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                    offset += b.numel()
+        buffers = self.replica.chunk_buffers()
+        means = None
+        if buffers and buffers[0]:
+            flat = torch.cat([b.reshape(-1) for b in buffers[0]])
+            for other in buffers[1:]:
+                flat += torch.cat([b.reshape(-1) for b in other])
+            if not alone:
+                self.comm.allreduce_stage([flat])
+            flat /= len(self.info.chunks)
+            means, offset = [], 0
+            for b in buffers[0]:
+                means.append(flat[offset:offset + b.numel()].view_as(b).clone())
+                offset += b.numel()
+        self.replica.settle(sums, means)
 
     def _tie(self, a: Action) -> None:
         # the stage's first device brings the stage's sum (after its ALLREDUCE every device of the
