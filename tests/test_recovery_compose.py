@@ -6,11 +6,16 @@ failure-free run within 1e-6."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
+import torch
 
 from asteroid_fx.backends.torch_dist.emulation import MAX_PAUSE_S, pad, pause_s, wait_until
+from asteroid_fx.ir.cluster import resolve_cluster
+from asteroid_fx.runtime.launcher import launch, load_weights
+from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,3 +51,34 @@ def test_compute_pacing_pads_to_the_target_and_counts_the_lag():
     assert pad(0.002, 0.005, sleep=slept.append) == 0.0 and slept == [pytest.approx(0.003)]
     assert pad(0.007, 0.005, sleep=slept.append) == pytest.approx(0.002) and len(slept) == 1  # late: no sleep
     assert pad(0.001, math.nan, sleep=slept.append) == 0.0 and len(slept) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# a second failure while a recovery redoes its iterations
+
+HOST4 = resolve_cluster("host-4")
+TWO_GROUPS = RunSpec(model="mlp:small", batch=12, microbatches=2, groups=(("host0", "host1"), ("host2", "host3")),
+                     rows=((3, 3), (2, 4)), iterations=10, optimizer="adam", lr=1e-3, recovery=True, replan=False,
+                     backup_every=3)
+
+
+def check_exact(result: dict, spec: RunSpec, cluster, out) -> None:
+    """Weights and losses equal the failure-free local run of the same iterations."""
+    runner, losses = compile_spec(spec, cluster).run(batches(spec), iterations_of(spec), optimizer=optimizer_of(spec))
+    assert result["losses"] == pytest.approx(losses, rel=1e-6)
+    got, want = load_weights(out, result["program"].devices), runner.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+
+def test_a_second_failure_in_the_first_redone_iteration_rolls_back_to_copies_that_exist(tmp_path):
+    # backups after iterations 0, 3, 6: host1 dies in iteration 5, the survivors roll back to the
+    # start of 4 and redo 4 and 5; host3 dies in the redone 4, after its barrier made 5 a backup
+    # point whose copies only the end of 4 makes. The second rollback goes to 4 again.
+    spec = dataclasses.replace(TWO_GROUPS, faults=(("host1", 5, 2, "kill"), ("host3", 4, 2, "kill-redo")))
+    result = launch(spec, HOST4, tmp_path, timeout_s=90, log=lambda m: None)
+    assert [(f["device"], f["iteration"], f["rollback_to"]) for f in result["failures"]] == [
+        ("host1", 5, 4), ("host3", 4, 4)]
+    assert result["program"].devices == ("host0", "host2")
+    check_exact(result, spec, HOST4, tmp_path)

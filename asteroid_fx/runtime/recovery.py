@@ -52,6 +52,9 @@ def recover(m: Member) -> int:
     while r > m.points.base and not m.store.check([loss_key(d, r - 1) for d in failed]):
         r -= 1
     t = m.points.tag_at_or_before(r)  # the last iteration start every copy exists for
+    # the iterations from t on are undone: counted as done, a failure in the first redone one
+    # would agree on an iteration after t, whose copies only that iteration's end makes
+    m.completed = t
     progress = tuple((d, k if done == r else 0) for d, (done, k) in reports.items())
     c = m.compiled
     lost = [d for d in failed if d in m.full.devices]  # the others were joining (a switch's hand-over)
