@@ -82,3 +82,18 @@ def test_a_second_failure_in_the_first_redone_iteration_rolls_back_to_copies_tha
         ("host1", 5, 4), ("host3", 4, 4)]
     assert result["program"].devices == ("host0", "host2")
     check_exact(result, spec, HOST4, tmp_path)
+
+
+def test_failures_in_the_redone_iterations_and_while_regrouping_leave_complete_records(tmp_path):
+    # host1 dies in iteration 6 (the survivors redo 4, 5, 6); host3 dies as they regroup, which
+    # interrupts the first recovery before its groups exist; host2 dies in the redone 5. Every
+    # record says when its survivors regrouped and when training was back past its iteration.
+    spec = dataclasses.replace(TWO_GROUPS, faults=(("host1", 6, 2, "kill"), ("host3", 6, 0, "kill-regroup"),
+                                                   ("host2", 5, 3, "kill-redo")))
+    result = launch(spec, HOST4, tmp_path, timeout_s=90, log=lambda m: None)
+    assert [(f["device"], f["iteration"], f["rollback_to"]) for f in result["failures"]] == [
+        ("host1", 6, 4), ("host3", 4, 4), ("host2", 5, 5)]
+    for f in result["failures"]:
+        assert 0 <= f["regroup_s"] < 10 and 0 < f["recovery_s"] < 20, f
+    assert result["program"].devices == ("host0",)
+    check_exact(result, spec, HOST4, tmp_path)

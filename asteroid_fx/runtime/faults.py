@@ -1,6 +1,6 @@
 """Fault injection (``RunSpec.faults``): a device kills itself, or leaves announced, just before a
 given action of a given iteration (the first time it runs it, or when a recovery redoes it) or of
-a switch's hand-over. For tests and benchmarks of recovery:
+a switch's hand-over, or as the survivors of a failure regroup. For tests and benchmarks of recovery:
 a failure at an exact point of the program, which a kill from outside (``launch(kills=...)``)
 cannot aim at."""
 
@@ -33,7 +33,7 @@ class Faults:
         if k == 0:
             self.runs[iteration] = self.runs.get(iteration, 0) + 1
         for device, at, action, kind in self.faults:
-            if (device, at, action) != (self.device, iteration, k) or kind == "kill-handover":
+            if (device, at, action) != (self.device, iteration, k) or kind in ("kill-handover", "kill-regroup"):
                 continue
             if (kind == "kill-redo") != (self.runs.get(iteration, 0) > 1):
                 continue
@@ -42,6 +42,13 @@ class Faults:
                 self.leave()
                 raise Interrupted()
             self._die()
+
+    def before_regroup(self, iteration: int) -> None:
+        """A "kill-regroup" fault: the device dies as the survivors of a failure in ``iteration``
+        come to build their new process groups (the fault's action index is not read)."""
+        for device, at, _, kind in self.faults:
+            if kind == "kill-regroup" and device == self.device and at == iteration:
+                self._die()
 
     def before_handover_action(self, iteration: int, k: int) -> None:
         """A "kill-handover" fault: the device dies before its k-th hand-over action (k = its

@@ -65,7 +65,7 @@ def recover(m: Member) -> int:
         after = m.full
         redo = (Action(Op.ROLLBACK, after.stage_of(m.device).index), *after.of(m.device))
         changes = [f"{', '.join(failed)} failed while joining; the program is unchanged"]
-    event = {"device": x, "also": also, "reason": record["reason"], "declared_at": record["at"], "iteration": r,
+    event = {"epoch": m.epoch, "device": x, "also": also, "reason": record["reason"], "declared_at": record["at"], "iteration": r,
              "rollback_to": t, "changes": changes}
     m.recoveries.append(event)
     m.epoch += 1
@@ -81,9 +81,13 @@ def recover(m: Member) -> int:
     m.redo = redo
     m.worker.done = 0
     m.retired.append((m.comm, m.worker))  # the broken groups are kept, never destroyed (Member)
+    if m.faults is not None:
+        m.faults.before_regroup(r)
     m.comm = m.new_comm(after, m.epoch)
     m.worker = m.new_worker(after, split_stages(after, c.captured, c.layer_graph), m.worker.copies)
-    event["regrouped_at"] = time.time()
+    regrouped = time.time()
+    for earlier in m.recoveries:  # a recovery interrupted while regrouping is regrouped by this one
+        earlier.setdefault("regrouped_at", regrouped)
     log.info("[%s] epoch %d: %s; redoing from iteration %d", m.device, m.epoch, "; ".join(changes), t)
     # the rewrite is local; the planner may know better. It runs once the interrupted iteration
     # is redone: a planner thread holds the interpreter lock for most of its run, and
