@@ -97,3 +97,27 @@ def test_failures_in_the_redone_iterations_and_while_regrouping_leave_complete_r
         assert 0 <= f["regroup_s"] < 10 and 0 < f["recovery_s"] < 20, f
     assert result["program"].devices == ("host0",)
     check_exact(result, spec, HOST4, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# a device that dies while it joins
+
+JOIN_CLUSTER = resolve_cluster("raspberry-pi-5,raspberry-pi-5,jetson-agx-orin")
+
+
+@pytest.mark.slow  # about 30 s: the newcomer's start, and the reference run of 1500 iterations
+def test_a_device_that_dies_in_its_joins_hand_over_is_as_if_it_never_joined(tmp_path):
+    # the run starts on one board; the fast one asks to join, the planner moves the run there,
+    # and the newcomer dies before its first hand-over action. It never ran an iteration of the
+    # program (nor published a loss): the running device goes on in the program it ran, from the
+    # iteration the switch was to start, not from the run's first.
+    spec = RunSpec(model="gpt:small", batch=12, microbatches=None, iterations=1500, optimizer="adam", lr=1e-3,
+                   recovery=True, faults=(("agx0", -1, 0, "kill-handover"),))
+    result = launch(spec, JOIN_CLUSTER, tmp_path, timeout_s=120, log=lambda m: None, joins=[("agx0", 0.0)])
+    (switch,) = result["switches"]
+    assert switch["joining"] == ["agx0"] and switch.get("abandoned"), "the join never came: the run ended first"
+    (failure,) = result["failures"]
+    assert failure["device"] == "agx0" and "failed while joining" in failure["changes"][0]
+    assert failure["iteration"] == failure["rollback_to"] == switch["iteration"]
+    assert result["program"].devices == ("pi5-0",)
+    check_exact(result, spec, JOIN_CLUSTER, tmp_path)

@@ -47,9 +47,12 @@ def recover(m: Member) -> int:
     survivors = [d for d in m.full.devices if d not in failed]
     reports = {d: json.loads(m.store.get(done_key(m.epoch, d))) for d in survivors}
     r = min(done for done, _ in reports.values())  # the iteration some survivor has not finished
+    # the failed devices of the running program; the others were joining (a switch's hand-over):
+    # they never ran an iteration of it, and are as if they had never asked
+    lost = [d for d in failed if d in m.full.devices]
     # an iteration counts only once every device published its loss (before its next barrier,
     # so nobody has dropped the copies of an iteration a dead device did not publish)
-    while r > m.points.base and not m.store.check([loss_key(d, r - 1) for d in failed]):
+    while r > m.points.base and not m.store.check([loss_key(d, r - 1) for d in lost]):
         r -= 1
     t = m.points.tag_at_or_before(r)  # the last iteration start every copy exists for
     # the iterations from t on are undone: counted as done, a failure in the first redone one
@@ -57,7 +60,6 @@ def recover(m: Member) -> int:
     m.completed = t
     progress = tuple((d, k if done == r else 0) for d, (done, k) in reports.items())
     c = m.compiled
-    lost = [d for d in failed if d in m.full.devices]  # the others were joining (a switch's hand-over)
     if lost:
         rewrite = replay(m.full, Failure(lost[0], r, progress, tuple(lost[1:])), c.layer_graph, c.cluster)
         after, redo, changes = rewrite.after, rewrite.recovery.of(m.device), list(rewrite.changes)
