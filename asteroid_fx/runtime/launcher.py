@@ -258,9 +258,11 @@ def _supervise(spec: RunSpec, store, workers: _Workers, devices: Sequence[str], 
             started_at = time.monotonic()
         while pending_kills and started_at is not None and time.monotonic() - started_at >= pending_kills[0][1]:
             victim, _, *how = pending_kills.pop(0)
+            signum = getattr(signal, how[0] if how else "SIGKILL")
             if victim in workers.procs and workers.procs[victim].poll() is None:
-                store.set(killed_at_key(victim), repr(time.time()))
-                workers.signal(victim, getattr(signal, how[0] if how else "SIGKILL"))
+                if signum != signal.SIGCONT:  # a frozen device resumed: it failed when it froze
+                    store.set(killed_at_key(victim), repr(time.time()))
+                workers.signal(victim, signum)
         while pending_joins and started_at is not None and time.monotonic() - started_at >= pending_joins[0][1]:
             device, _ = pending_joins.pop(0)
             report.info(f"{device} starts and asks to join")
@@ -317,7 +319,7 @@ def results_of(spec: RunSpec, store, compiled, everyone: Sequence[str], ended: d
         report.info(f"switched to a new plan at iteration {event['iteration'] + 1} ({event['reason']})"
                     + (f" in {switches[-1]['switch_s'] * 1e3:.0f} ms" if done else ""))
     return {"losses": losses, "seconds": seconds, "start": spec.start, "workers": results, "program": final,
-            "plan": compiled.plan,
+            "plan": compiled.plan, "ended": {d: {"at": at, "code": code} for d, (at, code) in ended.items()},
             "failures": failures, "switches": switches, "backups": ref["backups"], "backed_up": ref["backed_up"]}
 
 

@@ -9,7 +9,8 @@ emulated duration is d times longer (a host slower than the emulated devices can
 pace). A worker whose links are shaped by the kernel (runtime/netns.py runs it in a network
 namespace and says so in its environment) paces only its compute: its messages and all-reduces
 take the time they take over the shaped links (``Emulation.links`` is False, every arrival time
-sent is 0).
+sent is 0). Every wait goes through ``pause_s``: pacing only imitates a device, and nothing it
+computes (a wait made negative by a busy host, a NaN, a garbled arrival time) may end or hang a run.
 """
 
 from __future__ import annotations
