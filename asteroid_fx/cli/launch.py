@@ -170,10 +170,8 @@ def run_launch(args: argparse.Namespace) -> int:
     if not remote:
         load_weights(args.out, result["program"].devices)  # proves the weights are readable
     for f in result["failures"]:
-        back = (f"training back after {f['recovery_s']:.2f}s" if f["recovery_s"] is not None
-                else "another failure came before training was back")
         print(f"  {f['device']} failed in iteration {f['iteration'] + 1} ({f['reason']}): agreed after "
-              f"{f['detected_s']:.2f}s, {back}")
+              f"{f['detected_s']:.2f}s, training back after {f['recovery_s']:.2f}s")
     for s in result["switches"]:
         print(f"  iteration {s['iteration'] + 1}: switched to a new plan on {', '.join(s['devices'])} ({s['reason']})")
     print(f"worker logs, metrics, weights and checkpoints in {args.out}/ (`asteroid report {args.out}` plots the "

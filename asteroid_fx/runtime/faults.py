@@ -1,5 +1,6 @@
 """Fault injection (``RunSpec.faults``): a device kills itself, or leaves announced, just before a
-given action of a given iteration or of a switch's hand-over. For tests and benchmarks of recovery:
+given action of a given iteration (the first time it runs it, or when a recovery redoes it) or of
+a switch's hand-over, or as the survivors of a failure regroup. For tests and benchmarks of recovery:
 a failure at an exact point of the program, which a kill from outside (``launch(kills=...)``)
 cannot aim at."""
 
@@ -23,17 +24,31 @@ class Faults:
 
     def __init__(self, faults, device: str, store, leave: Callable[[], None]):
         self.faults, self.device, self.store, self.leave = tuple(faults), device, store, leave
+        self.runs: dict[int, int] = {}  # iteration -> how many times this device has started it
 
     def before_action(self, iteration: int, k: int) -> None:
-        """Called by the worker before its k-th action of ``iteration`` (DistWorker's ``fault``)."""
+        """Called by the worker before its k-th action of ``iteration`` (DistWorker's ``fault``).
+        "kill" and "leave" strike the first time the device runs the iteration, "kill-redo" only
+        when a recovery has it run the iteration again."""
+        if k == 0:
+            self.runs[iteration] = self.runs.get(iteration, 0) + 1
         for device, at, action, kind in self.faults:
-            if (device, at, action) != (self.device, iteration, k) or kind == "kill-handover":
+            if (device, at, action) != (self.device, iteration, k) or kind in ("kill-handover", "kill-regroup"):
+                continue
+            if (kind == "kill-redo") != (self.runs.get(iteration, 0) > 1):
                 continue
             if kind == "leave":
                 log.info("[%s] leaving in iteration %d before action %d", self.device, iteration, k)
                 self.leave()
                 raise Interrupted()
             self._die()
+
+    def before_regroup(self, iteration: int) -> None:
+        """A "kill-regroup" fault: the device dies as the survivors of a failure in ``iteration``
+        come to build their new process groups (the fault's action index is not read)."""
+        for device, at, _, kind in self.faults:
+            if kind == "kill-regroup" and device == self.device and at == iteration:
+                self._die()
 
     def before_handover_action(self, iteration: int, k: int) -> None:
         """A "kill-handover" fault: the device dies before its k-th hand-over action (k = its

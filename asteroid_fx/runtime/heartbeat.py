@@ -35,6 +35,9 @@ from asteroid_fx.runtime.store import DEAD, LEFT, agreed_failure, beat_key, fail
 
 REPORT_POLL_S = 0.002  # how often recovery looks for the survivors' reports
 SUSPECT_POLL_S = 0.005  # how often peers are read after a connection to one broke
+# how long a device the others gave up gives its training loop to leave (it reads the same record
+# in recovery and leaves in milliseconds) before ``on_given_up`` ends the process
+GIVEN_UP_GRACE_S = 1.0
 
 
 class Heartbeat:
@@ -51,6 +54,13 @@ class Heartbeat:
         # called once per epoch just before ``interrupt`` is set (backends/torch_dist.cut_connections:
         # it wakes waits blocked on the epoch's connections)
         self.on_interrupt: Callable[[], None] | None = None
+        # called once, from the thread and with its store connection, when the others have given
+        # this device up (declared it failed) and its training loop has not left GIVEN_UP_GRACE_S
+        # later: a device frozen past its timeout and then resumed may be blocked in a wait of the
+        # abandoned epoch that nothing wakes; it must leave on its own (runtime/worker.py ends it)
+        self.on_given_up: Callable[[dist.Store], None] | None = None
+        self._fate: tuple[int, bool | None] = (0, None)  # (epoch, given up in it; None: not known yet)
+        self._given_up_at: float | None = None
         self._lock = threading.Lock()
         self._observed = threading.Condition(self._lock)  # notified after every round of reads
         self._epoch, self._peers = 0, ()
@@ -207,8 +217,35 @@ class Heartbeat:
             self._observed.notify_all()
         if declared:
             self._interrupt(epoch)
+            self._leave_if_given_up(epoch, now)
         elif failed:  # one declaration per epoch; the others are found by silent() during recovery
             self._declare(epoch, *failed)
+
+    def _leave_if_given_up(self, epoch: int, now: float) -> None:
+        """After ``epoch``'s failure is declared: whether the others gave this device up (the
+        declared failure, by another, or one of the failures they agreed on), and if its training
+        loop has not left within GIVEN_UP_GRACE_S, ``on_given_up``."""
+        seen, given_up = self._fate
+        if seen != epoch or given_up is None:
+            given_up = self._given_up_in(epoch)
+            self._fate = (epoch, given_up)
+        if not given_up or self.on_given_up is None:
+            return
+        if self._given_up_at is None:
+            self._given_up_at = now
+        elif now - self._given_up_at >= GIVEN_UP_GRACE_S:
+            leave, self.on_given_up = self.on_given_up, None
+            leave(self.store)
+
+    def _given_up_in(self, epoch: int) -> bool | None:
+        """True: the others gave this device up in ``epoch``; False: they did not; None: they have
+        not agreed on every failure yet."""
+        first = agreed_failure(self.store, epoch)
+        if first["device"] == self.device:
+            return first["by"] != self.device  # by itself: it announced its departure, and is leaving
+        if not self.store.check([failures_key(epoch)]):
+            return None
+        return self.device in [r["device"] for r in json.loads(self.store.get(failures_key(epoch)))]
 
     def _failure(self, peer: str, now: float) -> str | None:
         """Why ``peer`` has failed, or None (call with the lock held)."""

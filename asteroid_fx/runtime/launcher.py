@@ -258,9 +258,11 @@ def _supervise(spec: RunSpec, store, workers: _Workers, devices: Sequence[str], 
             started_at = time.monotonic()
         while pending_kills and started_at is not None and time.monotonic() - started_at >= pending_kills[0][1]:
             victim, _, *how = pending_kills.pop(0)
+            signum = getattr(signal, how[0] if how else "SIGKILL")
             if victim in workers.procs and workers.procs[victim].poll() is None:
-                store.set(killed_at_key(victim), repr(time.time()))
-                workers.signal(victim, getattr(signal, how[0] if how else "SIGKILL"))
+                if signum != signal.SIGCONT:  # a frozen device resumed: it failed when it froze
+                    store.set(killed_at_key(victim), repr(time.time()))
+                workers.signal(victim, signum)
         while pending_joins and started_at is not None and time.monotonic() - started_at >= pending_joins[0][1]:
             device, _ = pending_joins.pop(0)
             report.info(f"{device} starts and asks to join")
@@ -292,25 +294,23 @@ def results_of(spec: RunSpec, store, compiled, everyone: Sequence[str], ended: d
         losses.append(sum(get_float(store, loss_key(d, i)) for d in members))
         seconds.append(max(get_float(store, seconds_key(d, i)) for d in members))
     failures = []
-    for k, event in enumerate(ref["recoveries"]):
+    for event in ref["recoveries"]:
         x = event["device"]
         failed_at = (get_float(store, killed_at_key(x)) if has(store, killed_at_key(x))
                      else min(ended[x][0], event["declared_at"]) if x in ended else event["declared_at"])
-        took_part = [r for r in trained if len(r["recoveries"]) > k]
-        # a survivor that failed itself before training was back has no resumption time
-        resumed = max((r["recoveries"][k]["resumed_at"] for r in took_part if "resumed_at" in r["recoveries"][k]),
-                      default=None)
+        # the same recovery on every device that trained to the end, matched by the epoch it ended
+        # (a device that joined later holds fewer records): each one regrouped and trained past it
+        same = [e for r in trained for e in r["recoveries"] if e["epoch"] == event["epoch"]]
+        resumed = max(e["resumed_at"] for e in same)
         failures.append({**{key: event[key] for key in ("device", "reason", "iteration", "rollback_to", "changes")},
                          "also": event.get("also", []),
                          "failed_at": failed_at, "detected_s": event["declared_at"] - failed_at,
-                         "regroup_s": max(r["recoveries"][k]["regrouped_at"] for r in took_part) - event["declared_at"],
-                         "recovery_s": resumed - failed_at if resumed is not None else None})
-        back = (f"done again after {failures[-1]['recovery_s']:.2f}s" if resumed is not None
-                else "not done again before the run ended")
+                         "regroup_s": max(e["regrouped_at"] for e in same) - event["declared_at"],
+                         "recovery_s": resumed - failed_at})
         report.warning(f"{', '.join([x, *event.get('also', [])])} failed in iteration {event['iteration'] + 1} "
                        f"({event['reason']}): agreed after {failures[-1]['detected_s']:.2f}s, iteration "
-                       f"{event['iteration'] + 1} {back} (rolled back to the start of iteration "
-                       f"{event['rollback_to'] + 1})")
+                       f"{event['iteration'] + 1} done again after {failures[-1]['recovery_s']:.2f}s (rolled back "
+                       f"to the start of iteration {event['rollback_to'] + 1})")
     switches = []
     for event in ref["switches"]:
         done = [s["switched_at"] for r in trained for s in r["switches"]
@@ -319,7 +319,7 @@ def results_of(spec: RunSpec, store, compiled, everyone: Sequence[str], ended: d
         report.info(f"switched to a new plan at iteration {event['iteration'] + 1} ({event['reason']})"
                     + (f" in {switches[-1]['switch_s'] * 1e3:.0f} ms" if done else ""))
     return {"losses": losses, "seconds": seconds, "start": spec.start, "workers": results, "program": final,
-            "plan": compiled.plan,
+            "plan": compiled.plan, "ended": {d: {"at": at, "code": code} for d, (at, code) in ended.items()},
             "failures": failures, "switches": switches, "backups": ref["backups"], "backed_up": ref["backed_up"]}
 
 

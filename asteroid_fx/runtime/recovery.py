@@ -47,14 +47,19 @@ def recover(m: Member) -> int:
     survivors = [d for d in m.full.devices if d not in failed]
     reports = {d: json.loads(m.store.get(done_key(m.epoch, d))) for d in survivors}
     r = min(done for done, _ in reports.values())  # the iteration some survivor has not finished
+    # the failed devices of the running program; the others were joining (a switch's hand-over):
+    # they never ran an iteration of it, and are as if they had never asked
+    lost = [d for d in failed if d in m.full.devices]
     # an iteration counts only once every device published its loss (before its next barrier,
     # so nobody has dropped the copies of an iteration a dead device did not publish)
-    while r > m.points.base and not m.store.check([loss_key(d, r - 1) for d in failed]):
+    while r > m.points.base and not m.store.check([loss_key(d, r - 1) for d in lost]):
         r -= 1
     t = m.points.tag_at_or_before(r)  # the last iteration start every copy exists for
+    # the iterations from t on are undone: counted as done, a failure in the first redone one
+    # would agree on an iteration after t, whose copies only that iteration's end makes
+    m.completed = t
     progress = tuple((d, k if done == r else 0) for d, (done, k) in reports.items())
     c = m.compiled
-    lost = [d for d in failed if d in m.full.devices]  # the others were joining (a switch's hand-over)
     if lost:
         rewrite = replay(m.full, Failure(lost[0], r, progress, tuple(lost[1:])), c.layer_graph, c.cluster)
         after, redo, changes = rewrite.after, rewrite.recovery.of(m.device), list(rewrite.changes)
@@ -62,7 +67,7 @@ def recover(m: Member) -> int:
         after = m.full
         redo = (Action(Op.ROLLBACK, after.stage_of(m.device).index), *after.of(m.device))
         changes = [f"{', '.join(failed)} failed while joining; the program is unchanged"]
-    event = {"device": x, "also": also, "reason": record["reason"], "declared_at": record["at"], "iteration": r,
+    event = {"epoch": m.epoch, "device": x, "also": also, "reason": record["reason"], "declared_at": record["at"], "iteration": r,
              "rollback_to": t, "changes": changes}
     m.recoveries.append(event)
     m.epoch += 1
@@ -78,9 +83,13 @@ def recover(m: Member) -> int:
     m.redo = redo
     m.worker.done = 0
     m.retired.append((m.comm, m.worker))  # the broken groups are kept, never destroyed (Member)
+    if m.faults is not None:
+        m.faults.before_regroup(r)
     m.comm = m.new_comm(after, m.epoch)
     m.worker = m.new_worker(after, split_stages(after, c.captured, c.layer_graph), m.worker.copies)
-    event["regrouped_at"] = time.time()
+    regrouped = time.time()
+    for earlier in m.recoveries:  # a recovery interrupted while regrouping is regrouped by this one
+        earlier.setdefault("regrouped_at", regrouped)
     log.info("[%s] epoch %d: %s; redoing from iteration %d", m.device, m.epoch, "; ".join(changes), t)
     # the rewrite is local; the planner may know better. It runs once the interrupted iteration
     # is redone: a planner thread holds the interpreter lock for most of its run, and

@@ -51,8 +51,10 @@ class RunSpec:
     replan: bool = True
     heartbeat_s: float = 0.1  # heartbeat interval
     heartbeat_timeout_s: float = 1.5  # a device silent this long has failed
-    # (device, iteration, action index, "kill" | "leave" | "kill-handover"): the device SIGKILLs
-    # itself, or leaves announced, just before that action; "kill-handover": before that action of
+    # (device, iteration, action index, "kill" | "leave" | "kill-redo" | "kill-regroup" |
+    # "kill-handover"): the device SIGKILLs itself, or leaves announced, just before that action;
+    # "kill-redo": only when a recovery has it run that iteration again; "kill-regroup": as the
+    # survivors of a failure in that iteration build their groups; "kill-handover": before that action of
     # a switch's hand-over before that iteration (-1: the first switch), the count of its actions
     # meaning just before the hand-over commits (for tests and benchmarks; runtime/faults.py)
     faults: tuple[tuple[str, int, int, str], ...] = ()

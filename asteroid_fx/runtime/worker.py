@@ -5,6 +5,7 @@ and its weights into the run folder."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -79,17 +80,16 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
     if format_program(compiled.program) != program_text:
         raise RunFailed(f"device {device}: the program compiled here differs from the launcher's; "
                         "every process must run the same torch and asteroid_fx versions")
+    running: list[Training] = []
+    if heartbeat is not None:
+        heartbeat.on_given_up = lambda own_store: _leave_given_up(own_store, device, running)
     try:
         training = Training(spec, compiled, store, device, heartbeat, join=join, out=out)
+        running.append(training)
         training.run()
         keys = set(compiled.captured.module.state_dict().keys())
         Path(out).mkdir(parents=True, exist_ok=True)
-        result = {"device": device, "left": training.left,
-                  "lag_s": training.worker.lag_s if training.worker is not None else 0.0,
-                  "program": format_program(training.full), "epochs": training.epochs,
-                  "recoveries": training.recoveries, "switches": training.switches,
-                  "backups": training.points.count, "backed_up": training.points.history,
-                  "data_s": training.data_s, "train_s": training.train_s}
+        result = result_of(training)
         if not training.left:
             torch_save(training.worker.state_dict(keys), weights_path(out, device))
         store.set(result_key(device), json.dumps(result))
@@ -109,6 +109,32 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def result_of(training: Training, left: bool | None = None) -> dict:
+    """The worker's result record (``result/<device>``): whether it left, its final program, the
+    membership history, recoveries and switches it took part in, and its times."""
+    return {"device": training.device, "left": training.left if left is None else left,
+            "lag_s": training.worker.lag_s if training.worker is not None else 0.0,
+            "program": format_program(training.full), "epochs": training.epochs,
+            "recoveries": training.recoveries, "switches": training.switches,
+            "backups": training.points.count, "backed_up": training.points.history,
+            "data_s": training.data_s, "train_s": training.train_s}
+
+
+def _leave_given_up(store, device: str, running: list) -> None:
+    """The others declared this device failed and its training loop has not left (it is blocked
+    in a wait of the epoch they abandoned, which nothing wakes): say it left, and end the process."""
+    log.warning("[%s] the others declared this device failed and training is blocked in a wait they abandoned; "
+                "leaving (where each thread was, below)", device)
+    try:
+        faulthandler.dump_traceback(all_threads=True)
+        result = result_of(running[0], left=True) if running else {"device": device, "left": True, "lag_s": 0.0}
+        store.set(result_key(device), json.dumps(result))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 class Training(Member):

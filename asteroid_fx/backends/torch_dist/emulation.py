@@ -9,14 +9,17 @@ emulated duration is d times longer (a host slower than the emulated devices can
 pace). A worker whose links are shaped by the kernel (runtime/netns.py runs it in a network
 namespace and says so in its environment) paces only its compute: its messages and all-reduces
 take the time they take over the shaped links (``Emulation.links`` is False, every arrival time
-sent is 0).
+sent is 0). Every wait goes through ``pause_s``: pacing only imitates a device, and nothing it
+computes (a wait made negative by a busy host, a NaN, a garbled arrival time) may end or hang a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 from asteroid_fx.cost.stage import allreduce_s, compute_s, tensor_bytes, tie_s
 from asteroid_fx.ir.program import Action, Op
@@ -26,6 +29,10 @@ from asteroid_fx.ir.program import Action, Op
 SHAPED_LINKS_ENV = "ASTEROID_SHAPED_LINKS"
 
 PACED = (Op.F, Op.B, Op.ALLREDUCE, Op.TIE)  # the actions an emulated device pads to the cost model's time
+
+# the longest wait pacing takes: a peer waits no longer for a message (the groups' timeout), so a
+# longer one, from a garbled arrival time or a cost off by orders of magnitude, could only hang
+MAX_PAUSE_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,3 +65,31 @@ class Emulation:
         """(bandwidth, latency) of the emulated link, dilated."""
         bandwidth, latency = self.cluster.link(a, b)
         return bandwidth / self.dilation, latency * self.dilation
+
+
+def pause_s(seconds: float) -> float:
+    """The wait pacing takes for ``seconds``: never negative (a busy host is already late), never
+    NaN, at most MAX_PAUSE_S. Pacing only imitates a device: what it computes must never end a run."""
+    if not seconds > 0:  # negative, zero or NaN
+        return 0.0
+    return min(seconds, MAX_PAUSE_S)
+
+
+def wait_until(when: float, *, clock: Callable[[], float] = time.time,
+               sleep: Callable[[float], None] = time.sleep) -> float:
+    """Wait until wall time ``when`` (a message's emulated arrival; at once if it is past) and return
+    the wait. The clock is read once: read again for the sleep, a host busy between the two reads
+    made the wait negative, and ``time.sleep`` raised."""
+    wait = pause_s(when - clock())
+    if wait > 0:
+        sleep(wait)
+    return wait
+
+
+def pad(took: float, target: float, *, sleep: Callable[[float], None] = time.sleep) -> float:
+    """Pad an action that took ``took`` seconds to the emulated device's ``target``; returns the lag,
+    the time it took beyond the target (a host slower than the device it emulates cannot keep up)."""
+    wait = pause_s(target - took)
+    if wait > 0:
+        sleep(wait)
+    return max(took - target, 0.0) if math.isfinite(took - target) else 0.0

@@ -49,7 +49,7 @@ import torch
 from asteroid_fx.backends.base import BackendError, Comm
 from asteroid_fx.backends.stage import StageReplica, clip_coef
 from asteroid_fx.backends.state import OptimizerSettings, OptimizerSpec, StateCopy, make_optimizer, trained_parameters
-from asteroid_fx.backends.torch_dist.emulation import PACED, Emulation
+from asteroid_fx.backends.torch_dist.emulation import PACED, Emulation, pad, wait_until
 from asteroid_fx.backends.torch_dist.flat_state import FlatState, state_from_message
 from asteroid_fx.backends.torch_dist.gloo import Comm as GlooComm
 from asteroid_fx.backends.torch_dist.messages import (
@@ -211,10 +211,7 @@ class DistWorker:
                       else self.emulation.tie_s(a))
         else:
             target = self.emulation.compute_s(self.device, a, self.info.layers)
-        if took < target:
-            time.sleep(target - took)
-        else:
-            self.lag_s += took - target
+        self.lag_s += pad(took, target)
 
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.device == self.torch_device else t.to(self.torch_device)
@@ -282,7 +279,7 @@ class DistWorker:
         bufs, works, arrive = self._posted.pop(a)
         self.comm.wait_all(works)
         if arrive is not None:
-            _sleep_until(float(arrive))
+            wait_until(float(arrive))
         self.replica.receive(a.mb, a.payload, a.rows, bufs)
 
     def _allreduce(self, a: Action) -> None:
@@ -388,7 +385,7 @@ class DistWorker:
         if what != COPY or layout is None:
             raise BackendError(f"{self.device}: the backup of stage {a.stage} from {a.peer} is not a state copy "
                                f"(header {what:g}); both ends must run the same asteroid_fx version")
-        _sleep_until(arrive)
+        wait_until(arrive)
         # filed only once every byte is here: a copy cut off by a failure never serves a rollback
         self._file(int(tag), layout, buf)
 
@@ -409,14 +406,6 @@ class DistWorker:
         if missing:
             raise InputError(f"the state to load has no {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
                              f"(stage {self.info.index} on {self.device}); give the model's whole state_dict")
-
-
-def _sleep_until(when: float) -> None:
-    """Wait until wall time ``when`` (now if it is past): the clock is read once, so a busy host
-    between two reads cannot make the wait negative."""
-    delay = when - time.time()
-    if delay > 0:
-        time.sleep(delay)
 
 
 class _Prepared(NamedTuple):
