@@ -206,3 +206,28 @@ def test_gpt2_tied_head_allows_a_cut_between_every_two_blocks(tied_gpt2):
     order = [n for n in tied_gpt2.captured.module.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     blocks = [_block_of(n) for n in order]
     assert all(cuts[blocks.index(b)].allowed for b in range(1, BLOCKS))
+
+
+def test_onnxruntime_check_passes(case):
+    # every stage exported to ONNX and run by ONNX Runtime agrees with the local backend and eager
+    # forward (recomputed position ids, rotary tables and masks included)
+    pytest.importorskip("onnxruntime")
+    name, model, make_batch, compiled = case
+    inputs, _ = make_batch()
+    run = _run_inputs(inputs)
+    args, kwargs = run if isinstance(inputs, Call) else (run, None)
+    report = compiled.check(inputs=args, kwargs=kwargs, model=model, repeats=0)
+    assert report.ok, report
+    assert report.ort_vs_eager.elements > 0
+
+
+def test_onnxruntime_check_passes_with_the_tied_head_across_stages():
+    # the head's copy of the tied embedding is an initializer of the last stage's ONNX graph
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _gpt2(True)
+    inputs, _ = _lm_batch()
+    compiled = asteroid.compile(model, PRESET, example=inputs, loss=_loss, stages=3, microbatches=MICROBATCHES)
+    assert len(compiled.program.stages) == 3 and compiled.layer_graph.ties
+    report = compiled.check(inputs=inputs, model=model, repeats=0)
+    assert report.ok, report
