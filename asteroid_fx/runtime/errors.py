@@ -22,3 +22,8 @@ class CoordinatorUnreachable(AsteroidError, ConnectionError):
 
 class CannotListen(AsteroidError, OSError):
     """The run's store cannot listen on the address it was given (not this machine's, or taken)."""
+
+
+class StoreValueRejected(AsteroidError, RuntimeError):
+    """A value in the run's store is not signed with the run's secret, or does not have the shape its
+    key promises; the message names the key and the writer it claims."""
