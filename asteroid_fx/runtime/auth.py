@@ -62,6 +62,17 @@ def secret_from_env(environ=os.environ) -> str:
                      "a file that holds it (`asteroid launch` writes it to store.secret in its run folder)")
 
 
+def write_secret(out, secret: str) -> Path:
+    """The secret into ``out``/store.secret, readable by its owner only: what a remote worker's
+    ``SECRET_FILE_ENV`` names once the user has copied it there."""
+    path = Path(out) / "store.secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
+    return path
+
+
 # --- schemas: what each key's payload must be, checked on every read --------------------------------
 
 def _finite_float(text: str) -> float:
@@ -160,6 +171,10 @@ class SignedStore:
         self.raw = raw
         self._key = secret.encode()
         self.writer = writer
+
+    def over(self, raw, writer: str | None = None) -> "SignedStore":
+        """Another connection to the same run (``raw``), signing with the same secret."""
+        return SignedStore(raw, self._key.decode(), writer or self.writer)
 
     def __getattr__(self, name):  # host, port, num_keys, ...: the raw store's
         return getattr(self.raw, name)
