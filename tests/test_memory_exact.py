@@ -7,25 +7,13 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
-from asteroid_fx import models
-from asteroid_fx.ir import catalog
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.ir.plan import NoPlanError
 from asteroid_fx.ir.layer_graph import LayerGraph
-from asteroid_fx.passes.annotate_costs import annotate_costs
-from asteroid_fx.passes.capture import capture
-from asteroid_fx.passes.linearize import linearize
 from asteroid_fx.passes.partition import partition
 from asteroid_fx.passes.planners import hpp
-
-
-def _layer_graph(name: str, max_layers: int) -> LayerGraph:
-    entry = models.get(name)
-    torch.manual_seed(0)
-    captured = capture(entry.build(small=True), entry.example(8, True))
-    return linearize(annotate_costs(captured, set(catalog.KINDS)), max_layers=max_layers)
+from tests.test_planner import _layer_graph  # the zoo model's layer graph at its small config
 
 
 @pytest.fixture(scope="module")
