@@ -4,6 +4,8 @@ copies' gradients so that training equals eager training (docs/semantics.md, "Ti
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 
@@ -191,14 +193,71 @@ def test_the_simulator_and_the_planner_count_the_tie(three):
     assert {s.device for s in spans} == {"a", "c"}
 
 
-def test_replay_refuses_a_program_with_ties(three):
-    from asteroid_fx.passes.replay import Failure, ReplayError, add_backups, replay
+def _replayed(entry, compiled, dead, k, batches):
+    """Iteration 1 cut off by ``dead`` failing after ``k`` actions, redone by replay's rewrite, then
+    iteration 2: the runner and its losses of iterations 1 and 2."""
+    from asteroid_fx.passes.replay import Failure, replay, split_stages
 
-    _, _, compiled = three
-    program = add_backups(compiled.program)
-    verify(program)
-    with pytest.raises(ReplayError, match="tok_emb.weight"):
-        replay(program, Failure.at(program, "b", 0), compiled.layer_graph, compiled.cluster)
+    failure = Failure.at(compiled.program, dead, k, iteration=1)
+    rewrite = replay(compiled.program, failure, compiled.layer_graph, compiled.cluster)
+    runner = compiled.runner(optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2))
+    runner.step(*batches[0])
+    runner.step(*batches[1], stop=dict(failure.progress))
+    runner.replay(rewrite, split_stages(rewrite.after, compiled.captured, compiled.layer_graph))
+    return rewrite, runner, [runner.step(*b) for b in batches[1:]]
+
+
+def _relative(got: dict, want: dict) -> float:
+    assert got.keys() == want.keys()
+    return max(float((got[k] - want[k]).norm() / max(want[k].norm(), 1e-30)) for k in want)
+
+
+@functools.cache
+def _with_backups(case: str):
+    from asteroid_fx.passes.replay import add_backups
+
+    kw = {"three": {"groups": [["a"], ["b"], ["c"]], "rows": [[ROWS], [ROWS], [ROWS]]},
+          "two": {"groups": [["a"], ["b"]], "rows": [[ROWS], [ROWS]]}}[case]
+    entry, _, compiled = _compile(**kw)
+    compiled = dataclasses.replace(compiled, program=add_backups(compiled.program))
+    batches = _batches(entry)
+    ref = compiled.runner(optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2))
+    losses = [ref.step(*b) for b in batches]
+    return entry, compiled, batches, losses, ref.state_dict()
+
+
+@pytest.mark.parametrize("dead, holders", [("a", ("b", "c")), ("b", ("a", "c")), ("c", ("a", "b"))])
+def test_replay_ties_the_new_holders_and_trains_to_the_failure_free_weights(dead, holders):
+    entry, compiled, batches, losses, want = _with_backups("three")
+    k = len(compiled.program.of(dead)) // 2
+    rewrite, runner, got = _replayed(entry, compiled, dead, k, batches)
+    ties = {d: [a for a in acts if a.op == Op.TIE] for d, acts in rewrite.after.actions}
+    for d, acts in rewrite.after.actions:  # the holders tie after their last B, before STEP
+        if d in holders:
+            (tie,) = ties[d]
+            assert tie.group == holders and tie.params == ("tok_emb.weight",)
+            assert acts.index(tie) < [a.op for a in acts].index(Op.STEP)
+        else:
+            assert not ties[d]
+    if dead != "b":
+        assert any(c.startswith("tie tok_emb.weight: held by") for c in rewrite.changes)
+    assert got == pytest.approx(losses[1:], rel=1e-6)
+    assert _relative(runner.state_dict(), want) <= 1e-6
+    copies = [r.get_parameter("tok_emb.weight") for (d, _), r in runner.replicas.items() if d in holders]
+    assert len(copies) == 2 and torch.equal(copies[0], copies[1])
+
+
+def test_a_tie_whose_holder_stages_merge_has_no_tie_and_trains_on():
+    entry, compiled, batches, losses, want = _with_backups("two")
+    rewrite, runner, got = _replayed(entry, compiled, "b", 3, batches)
+    assert len(rewrite.after.stages) == 1
+    assert not any(a.op == Op.TIE for _, acts in rewrite.after.actions for a in acts)
+    assert any("now holds it alone" in c for c in rewrite.changes)
+    # one stage sums the two uses' gradients in its backward: the same sum, rounded otherwise
+    assert got == pytest.approx(losses[1:], rel=1e-6)
+    assert _relative(runner.state_dict(), want) <= 1e-6
+    state = runner.state_dict()
+    assert torch.equal(state["tok_emb.weight"], state["lm_head.weight"])
 
 
 # --- torch_dist: one gloo process per device trains like the local backend -----------------------

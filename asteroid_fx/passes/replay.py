@@ -14,7 +14,10 @@ at the same moment, in which iteration, how far every device got). It returns a 
             into the stage of a survivor that holds its backup (a neighbour, once the other lost
             stages have merged), and its layers run over that stage's chunks; backups are placed
             again when the program had them, and a program that clips its gradients (NORM) clips
-            them to the same norm over the devices of the new stage table;
+            them to the same norm over the devices of the new stage table; a weight tied across
+            stages (TIE) is tied again over every device of the new stages that hold it
+            (``program_ties``, placed by lower_comm as at compile time), and a tie whose holder
+            stages merged into one has no TIE left;
   recovery  ``after`` with a prologue that rolls every survivor back to the start of the
             interrupted iteration (ROLLBACK; a member of a merged stage that holds no copy of the
             layers it takes over first gets one from the holder by BACKUP/RESTORE); running it
@@ -33,10 +36,10 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from asteroid_fx.cost.stage import step_s
+from asteroid_fx.cost.stage import step_s, tensor_bytes
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import AsteroidError
-from asteroid_fx.ir.layer_graph import LayerGraph
+from asteroid_fx.ir.layer_graph import LayerGraph, Tie
 from asteroid_fx.ir.program import (Action, Op, Program, StageInfo, StageSlot, TensorSpec, backup_holders,
                                     default_holders, max_norm_of, slot_chunks)
 from asteroid_fx.ir.program_text import format_action, format_program
@@ -235,7 +238,22 @@ def _program(before: Program, table: tuple[StageInfo, ...]) -> Program:
                           "1f1b+N") from None
     specs = _cut_specs(before)
     return lower(before.schedule, before.microbatches, before.microbatch_rows, table,
-                 [specs[st.layers[1]] for st in table[:-1]], clip_grad_norm=max_norm_of(before))
+                 [specs[st.layers[1]] for st in table[:-1]], program_ties(before), clip_grad_norm=max_norm_of(before))
+
+
+def program_ties(program: Program) -> tuple[Tie, ...]:
+    """The tied weights of ``program``'s TIEs, one Tie per weight, each read (``Tie.layers``) at the
+    first layer of every stage holding it: what ``lower_comm`` needs to place the TIEs of a stage
+    table whose stages are unions of ``program``'s (a rewrite's), since a new stage holds the
+    weight exactly when it holds one of those stages."""
+    holders: dict[tuple[str, TensorSpec], set[int]] = {}
+    for _, acts in program.actions:
+        for a in acts:
+            if a.op == Op.TIE:
+                for name, spec in zip(a.params, a.specs):
+                    holders.setdefault((name, spec), set()).add(a.stage)
+    return tuple(Tie((name, ), spec.dtype, spec.shape, tuple(program.stages[s].layers[0] for s in sorted(stages)),
+                     tensor_bytes(spec.dtype, spec.shape)) for (name, spec), stages in sorted(holders.items()))
 
 
 def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
@@ -251,7 +269,6 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
     failed = failure.devices
     for x in failed:
         _actions_of(program, x)
-    refuse_ties(program, "replay")
     survivors = [d for d in program.devices if d not in failed]
     if not survivors:
         only = "the only device" if len(failed) == 1 else "all the devices"
@@ -302,6 +319,7 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
     if idle:
         changes.append(f"left out (slower than giving their rows to others): {', '.join(idle)}")
     after = _program(program, table)
+    changes += _tie_changes(program, after)
     held = backup_holders(program)
     if held and len(table) > 1:
         after = add_backups(after)
@@ -314,14 +332,21 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
     return Rewrite(failure, program, recovery, after, tuple(changes))
 
 
-def refuse_ties(program: Program, what: str) -> None:
-    """Rewriting a program with TIEs is not supported yet: the rewrite would have to re-derive which
-    new stages hold each tied weight, and a program that lost a TIE would train its copies apart."""
-    tie = next((a for _, acts in program.actions for a in acts if a.op == Op.TIE), None)
-    if tie is not None:
-        raise ReplayError(f"{what} of a program with weights tied across stages is not supported yet "
-                          f"({format_action(tie)}: {', '.join(tie.params)} held by {' '.join(tie.group)}); "
-                          "run it without recovery, or untie the weights")
+def _tie_changes(before: Program, after: Program) -> list[str]:
+    """The change lines of the tied weights whose holders the rewrite changed."""
+    def holders(p: Program) -> dict[str, tuple[str, ...]]:
+        return {n: a.group for _, acts in p.actions for a in acts if a.op == Op.TIE for n in a.params}
+
+    now = holders(after)
+    out = []
+    for name, group in holders(before).items():
+        if name not in now:
+            one = after.stage_of(next(d for d in group if d in after.devices)).index
+            out.append(f"tie {name}: stage {one} now holds it alone (its uses' gradients sum in that stage's "
+                       "backward, no TIE)")
+        elif now[name] != group:
+            out.append(f"tie {name}: held by {' '.join(now[name])} (was {' '.join(group)})")
+    return out
 
 
 def _held_stages(program: Program, survivors: Sequence[str]) -> dict[str, frozenset[int]]:
