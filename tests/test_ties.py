@@ -376,3 +376,27 @@ def test_gpt2_lm_head_model_is_cut_across_its_tie_and_trains_like_eager():
         got[k], want[k] = torch.cat([got[k][:d], got[k][2 * d:]]), torch.cat([want[k][:d], want[k][2 * d:]])
     assert_same_state(got, want)
     assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+
+
+@pytest.mark.parametrize("groups, rows", [
+    ([["b", "a"], ["c"]], [[1, 3], [ROWS]]),       # the embedding's stage grows a group, the head stays on c
+    ([["c"], ["a", "b"]], [[ROWS], [2, 2]]),       # the holders trade places
+])
+def test_training_that_switches_plans_with_a_tie_equals_training_that_never_did(three, groups, rows):
+    from asteroid_fx.passes.replan import switch
+    from asteroid_fx.passes.replay import split_stages
+
+    entry, _, compiled = three
+    _, _, other = _compile(groups=groups, rows=rows)
+    sw = switch(compiled.program, other.program, reason="test")
+    batches = _batches(entry, 4)
+    reference = compiled.runner(optimizer="adam", lr=1e-2)
+    want_losses = [reference.step(*b) for b in batches]
+    runner = compiled.runner(optimizer="adam", lr=1e-2)
+    got = [runner.step(*b) for b in batches[:2]]
+    runner.switch(sw, split_stages(sw.after, compiled.captured, compiled.layer_graph))
+    got += [runner.step(*b) for b in batches[2:]]
+    assert got == pytest.approx(want_losses, rel=1e-5)
+    state, want = runner.state_dict(), reference.state_dict()
+    assert_same_state({k: v for k, v in state.items() if k in want}, want)
+    assert torch.equal(state["lm_head.weight"], state["tok_emb.weight"])

@@ -97,12 +97,6 @@ def switch(before: Program, after: Program, *, reason: str = "") -> Switch:
     before any backup of the new plan, is recovered like any other): a device keeps what its old
     stage holds, and gets each missing old stage from that stage's device with the fewest sends so
     far (ties: program order), so a stage of a group spreads its sends over the group."""
-    for program in (before, after):
-        tie = next((a for _, acts in program.actions for a in acts if a.op == Op.TIE), None)
-        if tie is not None:
-            raise ReplanError(f"switching plans with weights tied across stages is not supported yet "
-                              f"({format_action(tie)}: {', '.join(tie.params)} held by {' '.join(tie.group)}); "
-                              "run it without re-planning, or untie the weights")
     if max_norm_of(before) != max_norm_of(after):
         def clip(p: Program) -> str:
             return "no clipping" if max_norm_of(p) is None else f"clipping at max_norm {max_norm_of(p)}"
