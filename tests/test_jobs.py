@@ -14,6 +14,7 @@ import torch
 from asteroid_fx.backends.state import OptimizerSettings
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.ir.errors import InputError
+from asteroid_fx.ir.program import Op
 from asteroid_fx.runtime.data import Batches, needed_rows
 from asteroid_fx.runtime.job import Job, load_job
 from asteroid_fx.runtime.launcher import launch, load_weights
@@ -328,3 +329,45 @@ def test_local_workers_import_the_job_from_where_the_launcher_does(tmp_path, mon
     result = launch(dataclasses.replace(SPEC, iterations=1), CLUSTER, tmp_path / "run", timeout_s=120,
                     log=lambda m: None)
     assert len(result["losses"]) == 1
+
+
+# the holder of the embedding, and of the tied head (slow: the default run keeps one)
+@pytest.mark.parametrize("victim", ["a", pytest.param("b", marks=pytest.mark.slow)])
+def test_tied_gpt2_on_three_stage_workers_recovers_from_a_kill_like_eager(victim, tmp_path):
+    # the stage of the victim merges into the middle one: the tie's holders change, and the
+    # survivors go on with the update eager training makes, the head still the embedding
+    pytest.importorskip("transformers")
+    spec = RunSpec(model="tests.hf_jobs:gpt2", stages=3, microbatches=4, iterations=5, recovery=True,
+                   replan=False, backup_every=1, faults=((victim, 3, 2, "kill"),))
+    result = launch(spec, CLUSTER, tmp_path, timeout_s=240, log=lambda m: None)
+    (failure,) = result["failures"]
+    assert failure["device"] == victim and failure["iteration"] == 3
+    program = result["program"]
+    assert victim not in program.devices and len(program.stages) == 2
+    # the head and the embedding are on the two survivors' stages, tied again over both
+    ties = {a.group for _, acts in program.actions for a in acts if a.op == Op.TIE}
+    assert ties == {tuple(d for d in ("a", "c", "b") if d != victim)}
+    ref, ref_losses = _eager(spec)
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    got = load_weights(tmp_path, result["program"].devices)
+    want = ref.state_dict()
+    assert_same_state({k: v for k, v in got.items() if k in want}, want)
+    assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+
+
+def test_tied_gpt2_re_planned_after_a_kill_switches_live_and_trains_like_eager(tmp_path):
+    # the rewrite ties the head over the two survivors' stages; the planner's plan for them is one
+    # stage on c, and the hand-over brings the tied copies together without a step lost
+    pytest.importorskip("transformers")
+    spec = RunSpec(model="tests.hf_jobs:gpt2", stages=3, microbatches=4, iterations=9, recovery=True,
+                   replan=True, backup_every=1, faults=(("a", 3, 2, "kill"),))
+    result = launch(spec, CLUSTER, tmp_path, timeout_s=240, log=lambda m: None)
+    (failure,) = result["failures"]
+    (switch,) = result["switches"]
+    assert switch["iteration"] > failure["iteration"] and switch["reason"].startswith("a failed")
+    ref, ref_losses = _eager(spec)
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    got = load_weights(tmp_path, result["program"].devices)
+    want = ref.state_dict()
+    assert_same_state({k: v for k, v in got.items() if k in want}, want)
+    assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
