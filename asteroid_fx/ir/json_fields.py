@@ -93,12 +93,14 @@ class Fields:
     def integer_or_null(self, key: str, *, minimum: int | None = None) -> int | None:
         return None if self.raw(key) is None else self.integer(key, minimum=minimum)
 
-    def number(self, key: str, *, minimum: float | None = None) -> float:
-        """A number (never NaN); with ``minimum``, a finite one at least that."""
+    def number(self, key: str, *, minimum: float | None = None, maximum: float | None = None) -> float:
+        """A number (never NaN); with ``minimum``, a finite one at least that; with ``maximum``, at most that."""
         v = self.raw(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) \
-                or (minimum is not None and not (math.isfinite(v) and v >= minimum)):
-            raise self.bad(key, "a number" + (f" >= {minimum:g} and finite" if minimum is not None else ""), v)
+                or (minimum is not None and not (math.isfinite(v) and v >= minimum)) \
+                or (maximum is not None and not v <= maximum):
+            raise self.bad(key, "a number" + (f" >= {minimum:g} and finite" if minimum is not None else "")
+                           + (f" of at most {maximum:g}" if maximum is not None else ""), v)
         return float(v)
 
     def string(self, key: str, default: str | None = None) -> str:

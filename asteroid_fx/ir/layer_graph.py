@@ -15,7 +15,7 @@ from typing import Any
 
 from asteroid_fx.ir.atomic import write_text
 from asteroid_fx.ir.costs import Cost, TimeFit
-from asteroid_fx.ir.json_fields import Fields, read_json
+from asteroid_fx.ir.json_fields import MAX_INTEGER, Fields, read_json
 from asteroid_fx.ir.profile import MAX_SECONDS
 
 
@@ -222,7 +222,7 @@ def costs_from_json(data: Any, *, origin: str = "cost file") -> LayerGraph:
         return items
 
     layers = tuple(Layer(l.integer("index"), l.strings("nodes"), costs(l), l.integer("param_bytes", minimum=0),
-                         l.integer("buffer_bytes", minimum=0), l.number("saved_bytes_per_row", minimum=0),
+                         l.integer("buffer_bytes", minimum=0), l.number("saved_bytes_per_row", minimum=0, maximum=MAX_INTEGER),
                          l.strings("params", []), batch_stats(l),
                          l.number("flops_per_row", minimum=0) if l.has("flops_per_row") else 0.0)
                    for l in indexed(top.objs("layers"), "layers"))

@@ -336,7 +336,11 @@ class _DeviceWalk:
         """The chunk holding a message's rows; None (a problem noted) when they cross a chunk boundary."""
         chunk = next((c for c in self.chunks if c[0] <= a.rows[0] and a.rows[1] <= c[1]), None)
         if chunk is None:
-            cut = next(c[1] for c in self.chunks if a.rows[0] < c[1] < a.rows[1])
+            cut = next((c[1] for c in self.chunks if a.rows[0] < c[1] < a.rows[1]), None)
+            if cut is None:  # rows that no chunk of this device holds (outside its slot, or empty)
+                self.problems.append(f"{self.at(i)}: rows {_r(*a.rows)} are not rows of {self.device}'s chunks "
+                                     f"({', '.join(_r(*c) for c in self.chunks)}); send only rows this device computes")
+                return None
             self.problems.append(f"{self.at(i)}: rows {_r(*a.rows)} cross the boundary at row {cut} between two chunks of "
                                  f"{self.device}; split the message there (a chunk's rows travel as its own messages)")
         return chunk
