@@ -117,15 +117,15 @@ _ODD_NUMBERS = (-1, -1e9, 0, 10**30, 1e308, float("nan"), float("inf"), float("-
 _ODD_VALUES = (None, True, "x", "", [], {}, [1, 2], {"x": 1}, -3, 1.5, "\u202e")
 
 
-def _places(doc: Any, path: tuple = ()) -> list[tuple]:
+def json_places(doc: Any, path: tuple = ()) -> list[tuple]:
     out = []
     items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
     for k, v in items:
-        out += [(*path, k), *_places(v, (*path, k))]
+        out += [(*path, k), *json_places(v, (*path, k))]
     return out
 
 
-def _at(doc: Any, path: tuple) -> Any:
+def json_parent(doc: Any, path: tuple) -> Any:
     for p in path[:-1]:
         doc = doc[p]
     return doc
@@ -137,24 +137,24 @@ def mutate_json(text: str, rng: random.Random | None) -> tuple[str, str]:
         return text, "unchanged"
     doc = json.loads(text)
     kind = rng.choice(["delete", "type", "number", "number", "nest", "truncate", "swap"])
-    places = _places(doc)
+    places = json_places(doc)
     if kind == "truncate" or not places:
         cut = rng.randrange(0, max(1, len(text) - 1))
         return text[:cut], f"cut at byte {cut}"
     if kind == "number":
-        numeric = [p for p in places if type(_at(doc, p)[p[-1]]) in (int, float)]
+        numeric = [p for p in places if type(json_parent(doc, p)[p[-1]]) in (int, float)]
         places = numeric or places
     if kind == "swap":
-        lists = [p for p in places if isinstance(_at(doc, p)[p[-1]], list) and len(_at(doc, p)[p[-1]]) > 1]
+        lists = [p for p in places if isinstance(json_parent(doc, p)[p[-1]], list) and len(json_parent(doc, p)[p[-1]]) > 1]
         if lists:
             path = rng.choice(lists)
-            items = _at(doc, path)[path[-1]]
+            items = json_parent(doc, path)[path[-1]]
             i, j = rng.sample(range(len(items)), 2)
             items[i], items[j] = items[j], items[i]
             return json.dumps(doc), f"swapped {list(path)}[{i}] and [{j}]"
         kind = "type"
     path = rng.choice(places)
-    parent, key = _at(doc, path), path[-1]
+    parent, key = json_parent(doc, path), path[-1]
     if kind == "delete":
         del parent[key]
         return json.dumps(doc), f"deleted {list(path)}"

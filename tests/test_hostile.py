@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ import torch
 
 from asteroid_fx.cli import main as cli_main
 from asteroid_fx.ir.errors import InputError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from hostile import json_parent, json_places  # noqa: E402  (the fuzz's walk over a JSON document)
 
 
 class _Touch:
@@ -226,24 +230,6 @@ def plan_folder(tmp_path_factory):
     return folder
 
 
-def _paths(doc: Any, path: tuple = ()) -> list[tuple]:
-    """Every place in ``doc``: object keys and list positions, depth first."""
-    out = []
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out += [(*path, k), *_paths(v, (*path, k))]
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            out += [(*path, i), *_paths(v, (*path, i))]
-    return out
-
-
-def _parent(doc: Any, path: tuple) -> Any:
-    for p in path[:-1]:
-        doc = doc[p]
-    return doc
-
-
 _ODD_NUMBERS = (-1, -1e9, 0, 10**30, 1e308, float("nan"), float("inf"), float("-inf"), 0.5, 2**63)
 _ODD_VALUES = (None, True, "x", "", [], {}, [1, 2], {"x": 1}, -3, 1.5)
 
@@ -255,22 +241,23 @@ def _mutate(text: str, rng) -> tuple[str, str, Any]:
     if kind == "truncate":
         cut = rng.randrange(0, len(text) - 1)
         return text[:cut], f"truncated at {cut}", None
-    places = _paths(doc)
+    places = json_places(doc)
     if kind == "number":
-        numeric = [p for p in places if isinstance(_parent(doc, p)[p[-1]], (int, float))
-                   and not isinstance(_parent(doc, p)[p[-1]], bool)]
+        numeric = [p for p in places if isinstance(json_parent(doc, p)[p[-1]], (int, float))
+                   and not isinstance(json_parent(doc, p)[p[-1]], bool)]
         places = numeric or places
     if kind == "swap":
-        lists = [p for p in places if isinstance(_parent(doc, p)[p[-1]], list) and len(_parent(doc, p)[p[-1]]) > 1]
+        lists = [p for p in places
+                 if isinstance(json_parent(doc, p)[p[-1]], list) and len(json_parent(doc, p)[p[-1]]) > 1]
         if lists:
             path = rng.choice(lists)
-            items = _parent(doc, path)[path[-1]]
+            items = json_parent(doc, path)[path[-1]]
             i, j = rng.sample(range(len(items)), 2)
             items[i], items[j] = items[j], items[i]
             return json.dumps(doc), f"swapped {path}[{i}] and [{j}]", None
         kind = "type"
     path = rng.choice(places)
-    parent, key = _parent(doc, path), path[-1]
+    parent, key = json_parent(doc, path), path[-1]
     if kind == "delete":
         del parent[key]
     elif kind == "type":

@@ -331,6 +331,15 @@ def test_local_workers_import_the_job_from_where_the_launcher_does(tmp_path, mon
     assert len(result["losses"]) == 1
 
 
+def _trained_like_eager_with_the_head_tied(result: dict, spec: RunSpec, out: Path) -> None:
+    ref, ref_losses = _eager(spec)
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    got = load_weights(out, result["program"].devices)
+    want = ref.state_dict()
+    assert_same_state({k: v for k, v in got.items() if k in want}, want)
+    assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+
+
 # the holder of the embedding, and of the tied head (slow: the default run keeps one)
 @pytest.mark.parametrize("victim", ["a", pytest.param("b", marks=pytest.mark.slow)])
 def test_tied_gpt2_on_three_stage_workers_recovers_from_a_kill_like_eager(victim, tmp_path):
@@ -347,12 +356,7 @@ def test_tied_gpt2_on_three_stage_workers_recovers_from_a_kill_like_eager(victim
     # the head and the embedding are on the two survivors' stages, tied again over both
     ties = {a.group for _, acts in program.actions for a in acts if a.op == Op.TIE}
     assert ties == {tuple(d for d in ("a", "c", "b") if d != victim)}
-    ref, ref_losses = _eager(spec)
-    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
-    got = load_weights(tmp_path, result["program"].devices)
-    want = ref.state_dict()
-    assert_same_state({k: v for k, v in got.items() if k in want}, want)
-    assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+    _trained_like_eager_with_the_head_tied(result, spec, tmp_path)
 
 
 def test_tied_gpt2_re_planned_after_a_kill_switches_live_and_trains_like_eager(tmp_path):
@@ -365,9 +369,4 @@ def test_tied_gpt2_re_planned_after_a_kill_switches_live_and_trains_like_eager(t
     (failure,) = result["failures"]
     (switch,) = result["switches"]
     assert switch["iteration"] > failure["iteration"] and switch["reason"].startswith("a failed")
-    ref, ref_losses = _eager(spec)
-    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
-    got = load_weights(tmp_path, result["program"].devices)
-    want = ref.state_dict()
-    assert_same_state({k: v for k, v in got.items() if k in want}, want)
-    assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+    _trained_like_eager_with_the_head_tied(result, spec, tmp_path)
