@@ -131,40 +131,42 @@ def json_parent(doc: Any, path: tuple) -> Any:
     return doc
 
 
-def mutate_json(text: str, rng: random.Random | None) -> tuple[str, str]:
-    """One seeded mutation of a JSON document: (new text, what was done); none without ``rng``."""
+def mutate_json(text: str, rng: random.Random | None) -> tuple[str, str, Any]:
+    """One seeded mutation of a JSON document: (new text, what was done, the key it touched, or
+    None when it touched no one key); none without ``rng``."""
     if rng is None:
-        return text, "unchanged"
+        return text, "unchanged", None
     doc = json.loads(text)
     kind = rng.choice(["delete", "type", "number", "number", "nest", "truncate", "swap"])
     places = json_places(doc)
     if kind == "truncate" or not places:
         cut = rng.randrange(0, max(1, len(text) - 1))
-        return text[:cut], f"cut at byte {cut}"
+        return text[:cut], f"cut at byte {cut}", None
     if kind == "number":
         numeric = [p for p in places if type(json_parent(doc, p)[p[-1]]) in (int, float)]
         places = numeric or places
     if kind == "swap":
-        lists = [p for p in places if isinstance(json_parent(doc, p)[p[-1]], list) and len(json_parent(doc, p)[p[-1]]) > 1]
+        lists = [p for p in places
+                 if isinstance(json_parent(doc, p)[p[-1]], list) and len(json_parent(doc, p)[p[-1]]) > 1]
         if lists:
             path = rng.choice(lists)
             items = json_parent(doc, path)[path[-1]]
             i, j = rng.sample(range(len(items)), 2)
             items[i], items[j] = items[j], items[i]
-            return json.dumps(doc), f"swapped {list(path)}[{i}] and [{j}]"
+            return json.dumps(doc), f"swapped {list(path)}[{i}] and [{j}]", None
         kind = "type"
     path = rng.choice(places)
     parent, key = json_parent(doc, path), path[-1]
     if kind == "delete":
         del parent[key]
-        return json.dumps(doc), f"deleted {list(path)}"
+        return json.dumps(doc), f"deleted {list(path)}", key
     if kind == "type":
         parent[key] = rng.choice(_ODD_VALUES)
     elif kind == "number":
         parent[key] = rng.choice(_ODD_NUMBERS)
     else:
         parent[key] = rng.choice([[parent[key]], {"value": parent[key]}])
-    return json.dumps(doc), f"{kind} {list(path)} -> {json.dumps(parent[key])[:50]}"
+    return json.dumps(doc), f"{kind} {list(path)} -> {json.dumps(parent[key])[:50]}", key
 
 
 _WORDS = ("F", "B", "SEND", "RECV", "STEP", "ALLREDUCE", "act", "grad", "s0", "s1", "s9", "mb0", "mb7", "r0:2",
@@ -246,21 +248,21 @@ def _program_text(s: Setup, rng: random.Random | None) -> None:
 def _program_json(s: Setup, rng: random.Random | None) -> None:
     from asteroid_fx.ir.program_text import read_program_json
 
-    text, s.what = mutate_json((s.folder / "program.json").read_text(), rng)
+    text, s.what, _ = mutate_json((s.folder / "program.json").read_text(), rng)
     (s.work / "program.json").write_text(text)
     _cli(["simulate", str(s.work)])
     _check_program(s, read_program_json(s.work / "program.json"))
 
 
 def _plan_json(s: Setup, rng: random.Random | None) -> None:
-    text, s.what = mutate_json((s.folder / "plan.json").read_text(), rng)
+    text, s.what, _ = mutate_json((s.folder / "plan.json").read_text(), rng)
     (s.work / "plan.json").write_text(text)
     _cli(["show", str(s.work), "plan"])
     _cli(["simulate", str(s.work)])
 
 
 def _costs_json(s: Setup, rng: random.Random | None) -> None:
-    text, s.what = mutate_json((s.folder / "costs.json").read_text(), rng)
+    text, s.what, _ = mutate_json((s.folder / "costs.json").read_text(), rng)
     (s.work / "costs.json").write_text(text)
     _cli(["simulate", str(s.work)])
 
@@ -275,7 +277,7 @@ def _cluster(s: Setup, rng: random.Random | None) -> None:
     from asteroid_fx.ir.cluster import Cluster
     from asteroid_fx.passes.planners.hpp import plan
 
-    text, s.what = mutate_json(s.cluster_text, rng)
+    text, s.what, _ = mutate_json(s.cluster_text, rng)
     path = s.work / "cluster.json"
     path.write_text(text)
     cluster = Cluster.load(path)
@@ -301,7 +303,7 @@ def _profile(s: Setup, rng: random.Random | None) -> None:
     doc = json.loads(s.profile_text)
     if rng is None or rng.random() < 0.7:  # as the checksum error invites, an edited file without it is read field by field
         doc.pop("checksum", None)
-    text, s.what = mutate_json(json.dumps(doc), rng)
+    text, s.what, _ = mutate_json(json.dumps(doc), rng)
     path = s.work / "profile.json"
     path.write_text(text)
     profile = P.load(path, lg=s.profile_lg, max_layers=48, model="mlp")

@@ -222,7 +222,8 @@ def costs_from_json(data: Any, *, origin: str = "cost file") -> LayerGraph:
         return items
 
     layers = tuple(Layer(l.integer("index"), l.strings("nodes"), costs(l), l.integer("param_bytes", minimum=0),
-                         l.integer("buffer_bytes", minimum=0), l.number("saved_bytes_per_row", minimum=0, maximum=MAX_INTEGER),
+                         l.integer("buffer_bytes", minimum=0),
+                         l.number("saved_bytes_per_row", minimum=0, maximum=MAX_INTEGER),
                          l.strings("params", []), batch_stats(l),
                          l.number("flops_per_row", minimum=0) if l.has("flops_per_row") else 0.0)
                    for l in indexed(top.objs("layers"), "layers"))
