@@ -60,13 +60,7 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
     # over (g, b) for every (j, a) is a reshape, not a copy
     ends = np.minimum(np.arange(D)[:, None] + 1 + np.arange(W)[None, :], D)  # (D, W)
     # per group: the all-reduce and the outgoing transfer, (D, n, W, n) and (D, 1, W, n)
-    allred = np.zeros((D, n, W, n))
-    link = np.zeros((D, 1, W, n))
-    for j in range(D):
-        for g in range(min(W, D - j)):
-            grp = tuple(order[j:j + 1 + g])
-            allred[j, :, g] = gc.allreduce(grp)
-            link[j, 0, g] = gc.transfer(grp, order[:j] + order[j + 1 + g:])
+    allred, link = gc.windows(order, W)
     # under recovery a stage's first device holds its neighbours' backups: the largest budget of
     # every contiguous group [j, j2) bounds what its first device (the member exact picks) holds
     most = np.full((D + 1, D + 1), -INF)
@@ -123,19 +117,28 @@ def dp_plans(table: CostTable, order: Sequence[str], microbatches: int, schedule
                 holds = gc.holds_last(k, most[firsts, e][:, :, None, None]).transpose(0, 2, 1, 3)
                 x = np.where((first & ~holds)[:, :A, :, :Bn], INF, x)
             later = lambda v: v[:Bn, e].transpose(1, 2, 0)[:, None]  # noqa: E731  (B, 1, W, Bn) at (b, j2)
-            cmx = np.maximum(x, later(pmx))
-            csm = x + later(psm)
-            car = np.maximum(allred[js, :A, :, :Bn], later(par))
-            score = csm + car + ((M - 1) * cmx if M > 1 else 0.0)
+            lmx, lsm, lar = later(pmx), later(psm), later(par)
+            red = allred[js, :A, :, :Bn]
+            # score = (x + sum later) + max(all-reduce, later) + (M - 1) x max(x, max later), in
+            # three temporaries of the block's size; the picked entries' parts are recomputed
+            score = np.add(x, lsm)
+            tmp = np.maximum(red, lar)
+            score += tmp
+            if M > 1:
+                np.maximum(x, lmx, out=tmp)
+                tmp *= M - 1
+                score += tmp
             B = score.shape[0]
             flat = score.reshape(B, A, -1)  # (j, a) -> (g, b)
             pick = np.argmin(flat, axis=2)  # (B, A)
             g, b = np.divmod(pick, Bn)
             jj, aa = np.arange(B)[:, None], np.arange(A)[None, :]
+            xs = x[jj, aa, g, b]
+            at = (jj, 0, g, b)
             best[:A, js] = flat[jj, aa, pick].T
-            mx[:A, js] = cmx[jj, aa, g, b].T
-            sm[:A, js] = csm[jj, aa, g, b].T
-            ar[:A, js] = car[jj, aa, g, b].T
+            mx[:A, js] = np.maximum(xs, lmx[at]).T
+            sm[:A, js] = (xs + lsm[at]).T
+            ar[:A, js] = np.maximum(red[jj, aa, g, b], lar[at]).T
             arg_b[:A, js] = b.T
             arg_j[:A, js] = (np.arange(D)[js, None] + 1 + g).T
         layers.append(best)

@@ -58,7 +58,7 @@ class GroupCosts:
             self.alpha[k] = np.maximum(t1 - beta, 0.0)
             self.beta[k] = beta
         self.cache: dict[tuple, np.ndarray] = {}
-        self.members: dict[tuple[str, ...], tuple[tuple, int]] = {}  # group -> ((kind, memory)...), least memory
+        self.members: dict[tuple[str, ...], tuple[tuple, int]] = {}  # group -> (((kind, memory), n)...), least memory
         self.bw = np.asarray(table.cluster.bandwidth, dtype=float)
         self.lat = np.asarray(table.cluster.latency, dtype=float)
         self.most_needed: dict[int, float] = {}  # K -> the most memory any valid (a, b) needs at R rows
@@ -67,50 +67,64 @@ class GroupCosts:
         """The group's step time per (a, b); inf where it cannot hold the stage."""
         known = self.members.get(group)
         if known is None:
-            members = tuple(sorted((self.t.kind_of[d], self.t.budget[d]) for d in group))
-            known = self.members[group] = (members, min(m for _, m in members))
+            count: dict[tuple, int] = {}
+            for d in group:
+                km = (self.t.kind_of[d], self.t.budget[d])
+                count[km] = count.get(km, 0) + 1
+            members = tuple(sorted(count.items()))  # ((kind, memory), how many) per distinct member
+            known = self.members[group] = (members, min(m for (_, m), _ in members))
         members, smallest = known
-        R = float(self.R)
         # memory cannot bind if every member holds all R rows at every (a, b)
         if k_in_flight not in self.most_needed:
-            need = np.where(self.valid, self.static + k_in_flight * self.act * R, 0.0)
+            need = np.where(self.valid, self.static + k_in_flight * self.act * float(self.R), 0.0)
             self.most_needed[k_in_flight] = float(need.max())
         binds = not stage.within(self.most_needed[k_in_flight], smallest)
         key = (members, k_in_flight if binds else 0)
         hit = self.cache.get(key)
-        if hit is not None:
-            return hit
-        inv = sum(1.0 / self.beta[k] for k, _ in members)
-        lead = sum(self.alpha[k] / self.beta[k] for k, _ in members)
-        one_row = self.alpha[members[0][0]] + self.beta[members[0][0]]
-        for k in {k for k, _ in members[1:]}:
-            one_row = np.maximum(one_row, self.alpha[k] + self.beta[k])
-        tau = np.maximum((R + lead) / inv, one_row)
-        ok = self.valid & (R >= self.least * len(members))
-        if binds:
+        if hit is None:
+            hit = self.cache[key] = self._step(members, k_in_flight, binds)
+        return hit
+
+    def _caps(self, memory: int, k_in_flight: int) -> np.ndarray:
+        """Per (a, b): the most rows a member of ``memory`` bytes holds (-1: not even the stage)."""
+        key = ("cap", memory, k_in_flight)
+        if key not in self.cache:
             per_row = k_in_flight * self.act
-            caps = []
-            for _, m in members:
-                c = np.floor(np.maximum(m - self.static, 0.0) / per_row)
-                # the quotient may land an ulp below a row that fits exactly (``CostTable.row_cap``)
-                c = np.where(stage.within(np.floor(self.static + per_row * (c + 1)), m), c + 1, c)
-                caps.append(np.where(stage.within(self.static, m), c, -1.0))
-            ok &= np.all(np.stack([c >= self.least for c in caps]), axis=0)
-            ok &= np.sum(np.stack([np.minimum(c, R) for c in caps]), axis=0) >= R
-            share = [(tau - self.alpha[k]) / self.beta[k] for k, _ in members]
-            over = [sh > c + CAP_RTOL * np.abs(c) for sh, c in zip(share, caps)]
+            c = np.floor(np.maximum(memory - self.static, 0.0) / per_row)
+            # the quotient may land an ulp below a row that fits exactly (``CostTable.row_cap``)
+            c = np.where(stage.within(np.floor(self.static + per_row * (c + 1)), memory), c + 1, c)
+            self.cache[key] = np.where(stage.within(self.static, memory), c, -1.0)
+        return self.cache[key]
+
+    def _step(self, members: tuple, k_in_flight: int, binds: bool) -> np.ndarray:
+        # members: ((kind, memory), n) with n identical members each; sums weigh by n, so the
+        # cost of a group grows with its distinct members, not its size
+        R = float(self.R)
+        alpha, beta = self.alpha, self.beta
+        inv = sum(n / beta[k] for (k, _), n in members)
+        lead = sum(n * alpha[k] / beta[k] for (k, _), n in members)
+        one_row = None
+        for k in {k for (k, _), _ in members}:
+            one_row = alpha[k] + beta[k] if one_row is None else np.maximum(one_row, alpha[k] + beta[k])
+        tau = np.maximum((R + lead) / inv, one_row)
+        size = sum(n for _, n in members)
+        ok = self.valid & (R >= self.least * size)
+        if binds:
+            caps = [self._caps(m, k_in_flight) for (_, m), _ in members]
+            for c in caps:
+                ok &= c >= self.least
+            ok &= sum(n * np.minimum(c, R) for c, (_, n) in zip(caps, members)) >= R
+            over = [(tau - alpha[k]) / beta[k] > c + CAP_RTOL * np.abs(c) for c, ((k, _), _) in zip(caps, members)]
             if any(np.any(o) for o in over):
-                kept = sum(np.where(o, np.maximum(c, 0.0), 0.0) for o, c in zip(over, caps))
-                free_inv = sum(np.where(o, 0.0, 1.0 / self.beta[k]) for o, (k, _) in zip(over, members))
-                free_lead = sum(np.where(o, 0.0, self.alpha[k] / self.beta[k]) for o, (k, _) in zip(over, members))
-                capped_time = np.max(np.stack([np.where(o, self.alpha[k] + self.beta[k] * np.maximum(c, 0.0), 0.0)
-                                               for o, c, (k, _) in zip(over, caps, members)]), axis=0)
+                kept = sum(np.where(o, n * np.maximum(c, 0.0), 0.0) for o, c, (_, n) in zip(over, caps, members))
+                free_inv = sum(np.where(o, 0.0, n / beta[k]) for o, ((k, _), n) in zip(over, members))
+                free_lead = sum(np.where(o, 0.0, n * alpha[k] / beta[k]) for o, ((k, _), n) in zip(over, members))
+                capped_time = np.max(np.stack([np.where(o, alpha[k] + beta[k] * np.maximum(c, 0.0), 0.0)
+                                               for o, c, ((k, _), _) in zip(over, caps, members)]), axis=0)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     rebalanced = np.where(free_inv > 0, (R - kept + free_lead) / free_inv, INF)
                 tau = np.maximum(np.maximum(tau, rebalanced), capped_time)
-        out = np.where(ok, tau, INF)
-        self.cache[key] = out
-        return out
+        return np.where(ok, tau, INF)
 
     def holds_backups(self, k_next: int, next_end, next_most, also_last: bool) -> np.ndarray:
         """Under recovery, per (a, b): whether the first device of the next stage, which runs
@@ -130,6 +144,46 @@ class GroupCosts:
         most ``most`` bytes, can hold two copies of the last stage [b, L) beside its own stage
         [a, b) with a row."""
         return stage.within(self.static + k_in_flight * self.act + 2 * self.state[:, -1][None, :], most)
+
+    def windows(self, order: Sequence[str], width: int) -> tuple[np.ndarray, np.ndarray]:
+        """``allreduce`` and ``transfer`` of every contiguous group ``order[j:j + 1 + g]`` (g <
+        ``width``) against the rest of ``order`` at once: (D, n, width, n) and (D, 1, width, n)
+        matrices, zero past the order's end; the same values, without a call per group."""
+        idx = [self.t.cluster.index(d) for d in order]
+        D, n = len(order), len(self.pos)
+        bw, lat = self.bw[np.ix_(idx, idx)], self.lat[np.ix_(idx, idx)]
+        allred = np.zeros((D, n, width, n))
+        link = np.zeros((D, 1, width, n))
+        nbytes = self.t.cut_bytes[self.pos] * self.R
+        # a ring's edges are consecutive members and the last back to the first
+        hop_bw, hop_lat = bw[np.arange(D - 1), np.arange(1, D)], lat[np.arange(D - 1), np.arange(1, D)]
+        # the rest of the order lies before j and from the group's end e on
+        inf = np.full((D, 1), np.inf)
+        left_bw = np.concatenate([inf, np.minimum.accumulate(bw, axis=1)], axis=1)  # [i, j]: min bw[i, :j]
+        right_bw = np.concatenate([np.minimum.accumulate(bw[:, ::-1], axis=1)[:, ::-1], inf], axis=1)
+        left_lat = np.concatenate([-inf, np.maximum.accumulate(lat, axis=1)], axis=1)
+        right_lat = np.concatenate([np.maximum.accumulate(lat[:, ::-1], axis=1)[:, ::-1], -inf], axis=1)
+        for j in range(D):
+            G = min(width, D - j)
+            if G > 1:
+                size = np.arange(2, G + 1)
+                ends = np.arange(j + 1, j + G)  # the last member of each group of two or more
+                slowest = np.minimum(np.minimum.accumulate(hop_bw[j:j + G - 1]), bw[ends, j])
+                latency = 2.0 * (size - 1) * np.maximum(np.maximum.accumulate(hop_lat[j:j + G - 1]), lat[ends, j])
+                factor = 2.0 * (size - 1) / size
+                allred[j, :, 1:G] = (factor[None, :, None] * self.grad_bytes[:, None, :]) / slowest[None, :, None] \
+                    + latency[None, :, None]
+            members = np.arange(j, j + G)[:, None]  # (i, g): member i of group g, when i <= j + g
+            e = j + 1 + np.arange(G)[None, :]
+            inside = members < e
+            out_bw = np.where(inside, np.minimum(left_bw[members, j], right_bw[members, e]), np.inf).min(axis=0)
+            out_lat = np.where(inside, np.maximum(left_lat[members, j], right_lat[members, e]), -np.inf).max(axis=0)
+            alone = np.isinf(out_bw)  # nobody else in the order
+            with np.errstate(invalid="ignore"):
+                msg = stage.message_s(nbytes[None, :], out_bw[:, None], out_lat[:, None])
+            msg[:, -1] = 0.0
+            link[j, 0, :G] = np.where(alone[:, None], 0.0, msg)
+        return allred, link
 
     def allreduce(self, group: tuple[str, ...]) -> np.ndarray:
         g = len(group)
