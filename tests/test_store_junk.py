@@ -26,7 +26,7 @@ from asteroid_fx.runtime.errors import RunFailed, StoreValueRejected
 from asteroid_fx.runtime.faults import FAULT_INJECTION_ENV, FAULTS_ENV, injected, worker_env
 from asteroid_fx.runtime.launcher import launch
 from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of
-from asteroid_fx.runtime.store import EPOCH, PROGRAM, SPEC, beat_key, failure_key, loss_key, serve_store
+from asteroid_fx.runtime.store import EPOCH, JOIN_COUNT, PROGRAM, SPEC, beat_key, failure_key, loss_key, serve_store
 
 HOST3 = resolve_cluster("host-3")
 SPEC3 = RunSpec(model="mlp:small", batch=12, microbatches=2, groups=(("host0",), ("host1", "host2")),
@@ -38,7 +38,8 @@ TIMEOUT_S = 120
 class Junk:
     """A writer without the secret: as soon as the launcher says where its store is (before any
     worker starts) it writes ``value`` at ``key``, and with ``every_s`` again and again until the
-    run ends. ``value`` may be a function of the raw value there (a tampered copy)."""
+    run ends. ``value`` may be a function of the raw store (a tampered copy), or a number: added to
+    the counter at ``key``."""
 
     def __init__(self, key: str, value, every_s: float | None = None):
         self.key, self.value, self.every_s = key, value, every_s
@@ -53,14 +54,20 @@ class Junk:
             return
         raw = dist.TCPStore(found[1], int(found[2]), world_size=None, is_master=False,
                             timeout=datetime.timedelta(seconds=10))
-        raw.set(self.key, self.value(raw) if callable(self.value) else self.value)
+        self._write(raw)
 
         def again() -> None:
             while not self._stop.wait(self.every_s):
-                raw.set(self.key, self.value(raw) if callable(self.value) else self.value)
+                self._write(raw)
 
         self._thread = threading.Thread(target=again if self.every_s else lambda: None, daemon=True)
         self._thread.start()
+
+    def _write(self, raw) -> None:
+        if isinstance(self.value, int):
+            raw.add(self.key, self.value)
+        else:
+            raw.set(self.key, self.value(raw) if callable(self.value) else self.value)
 
     def run(self, spec: RunSpec, out) -> dict:
         try:
@@ -162,6 +169,14 @@ def test_a_strangers_dead_heartbeat_is_ignored_with_a_warning_and_the_device_sta
     assert result["losses"] == pytest.approx(reference_losses(spec), rel=1e-6)
     logs = "".join((tmp_path / f"worker_{d}.log").read_text() for d in ("host0", "host2"))
     assert "store key 'ft/hb/host1'" in logs and "ignored" in logs, logs[-3000:]
+
+
+def test_a_join_count_nobody_wrote_a_request_for_is_passed_over(tmp_path):
+    # the counters are the store's unsigned part: the leader reads a request only once it is there
+    spec = dataclasses.replace(RECOVER, replan=True, iterations=12)
+    result = Junk(JOIN_COUNT, 1).run(spec, tmp_path)
+    assert result["switches"] == [] and result["failures"] == []
+    assert result["losses"] == pytest.approx(reference_losses(spec), rel=1e-6)
 
 
 @pytest.mark.parametrize("key", [failure_key(0), EPOCH])
