@@ -116,14 +116,14 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         raise InputError(f"remote devices {unknown} are not in the plan (its devices: {', '.join(devices)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()  # keys the HMAC over every value in the store (runtime/auth.py)
+    secret_file = write_secret(out, secret)
     network = None
     if shape_links:  # workers reach the store through the namespaces' bridge, at its address here
         network = netns.ShapedNetwork(cluster, cluster.names, dilation=spec.dilation if spec.emulate else 1.0)
         network.open()
         host = network.coordinator
         report.info(network.describe())
-    secret = new_secret()  # keys the HMAC over every value in the store (runtime/auth.py)
-    secret_file = write_secret(out, secret)
     try:
         store = SignedStore(serve_store(host, port), secret, "launcher")
     except BaseException:
