@@ -5,11 +5,12 @@ Process groups are plain ``ProcessGroupGloo`` objects over ``PrefixStore(f"epoch
 the run's store (signed, when the run's store is: runtime/auth.py), one world per membership epoch
 and one per multi-device stage (or, without a store, torch.distributed's default group), all built
 by ``_build_groups``: after a failure the survivors build the groups of epoch k+1 in place and
-drop the broken ones. With an ``interrupt`` event a device blocked on a dead peer's message leaves as soon as the failure is agreed: gloo's
-send and receive works report completion only through a blocking wait (a wait with a timeout
-closes the connection it waits on), so the heartbeat shuts the process's gloo connections down
-before it sets the event (``cut_connections``) and the blocked wait fails at once; where /proc is
-missing a helper thread waits on each work while the device watches the event. Building an
+drop the broken ones. With an ``interrupt`` event a device blocked on a dead peer's message leaves
+as soon as the failure is agreed: gloo's send and receive works report completion only through a
+blocking wait (a wait with a timeout closes the connection it waits on), so the heartbeat shuts
+the process's gloo connections down before it sets the event (``cut_connections``) and the
+blocked wait fails at once; where /proc is missing a helper thread waits on each work while the
+device watches the event. Building an
 epoch's groups is interruptible too: the devices check in through the store first
 (``Comm._check_in``).
 """
