@@ -3,6 +3,9 @@
 One intra-op thread: the tests run many tiny kernels, for which a second OpenMP thread costs far
 more than it brings, and on a loaded 2-core machine spinning threads slow small ops by 1000x.
 
+Fault injection (``RunSpec.faults``) is on for the suite: the tests of recovery aim their failures
+with it, and a launcher runs it only when its environment says so (runtime/faults.py).
+
 ``golden`` reads and checks the golden files under tests/golden (format and regeneration:
 tests/golden/README.md)."""
 
@@ -16,6 +19,7 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+os.environ["ASTEROID_FAULT_INJECTION"] = "1"
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDENS = "ASTEROID_UPDATE_GOLDENS"

@@ -15,6 +15,7 @@ from asteroid_fx.backends.state import OptimizerSettings
 from asteroid_fx.ir.cluster import Cluster, Device
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program import Op
+from asteroid_fx.runtime.auth import SECRET_ENV, new_secret
 from asteroid_fx.runtime.data import Batches, needed_rows
 from asteroid_fx.runtime.job import Job, load_job
 from asteroid_fx.runtime.launcher import launch, load_weights
@@ -235,7 +236,8 @@ def test_a_torchrun_script_trains_the_job_rank_by_device(tmp_path):
     root = Path(__file__).parent.parent
     # a script's own folder is on its path, not the project's: the job's package is put there, as a
     # user's project would be (installed, or on PYTHONPATH)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           SECRET_ENV: new_secret()}  # the user's, given to every rank: the ranks sign the store's values with it
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
                            "tests/torchrun_job.py", str(out), str(cluster)], capture_output=True, text=True,
                           timeout=240, cwd=root, env=env)

@@ -106,3 +106,19 @@ def test_the_secret_comes_from_the_environment_or_a_file(tmp_path):
     with pytest.raises(InputError, match="not a file"):
         secret_from_env({auth.SECRET_FILE_ENV: str(tmp_path)})
     assert len(auth.new_secret()) == 64 and auth.new_secret() != auth.new_secret()
+
+
+def test_gloo_records_are_signed_bytes_and_multi_get_checks_every_value():
+    raw, launcher, worker = pair()
+    record = bytes(range(256))  # gloo's address records are not text
+    worker.c10d().set("epoch0/0/1", record)
+    assert launcher.c10d().get("epoch0/0/1") == record
+    assert raw.get("epoch0/0/1") != record
+    raw.set("epoch0/0/2", b"junk")
+    with pytest.raises(StoreValueRejected, match="'epoch0/0/2'"):
+        launcher.c10d().get("epoch0/0/2")
+    worker.set(beat_key("host0"), "3")
+    raw.set(beat_key("host1"), b"dead")
+    assert launcher.multi_get([beat_key("host0")]) == [b"3"]
+    with pytest.raises(StoreValueRejected, match="'ft/hb/host1'"):
+        launcher.multi_get([beat_key("host0"), beat_key("host1")])

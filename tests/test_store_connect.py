@@ -1,5 +1,6 @@
 """Connecting to a run's store: a clear error within the timeout, whatever is (not) at the address."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 import pytest
 
 from asteroid_fx.ir.errors import InputError
+from asteroid_fx.runtime.auth import SECRET_ENV, SECRET_FILE_ENV
 from asteroid_fx.runtime.errors import CoordinatorUnreachable
 from asteroid_fx.runtime.store import connect, serve_store
 
@@ -72,9 +74,19 @@ def test_a_bad_timeout_is_an_input_error(timeout):
         connect("127.0.0.1:80", timeout)
 
 
-def _worker(*extra: str) -> subprocess.CompletedProcess:
+def _worker(*extra: str, secret: str | None = "s" * 64) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in (SECRET_ENV, SECRET_FILE_ENV)}
+    if secret is not None:
+        env[SECRET_ENV] = secret
     return subprocess.run([sys.executable, "-m", "asteroid_fx.cli", "worker", "--device", "d0", *extra],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_the_worker_command_without_the_run_secret_fails_in_one_line_before_connecting():
+    r = _worker("--coordinator", f"127.0.0.1:{_free_port()}", "--connect-timeout", "30", secret=None)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert SECRET_ENV in lines[0] and SECRET_FILE_ENV in lines[0] and "store.secret" in lines[0]
 
 
 def test_the_worker_command_fails_in_one_line_within_its_timeout():

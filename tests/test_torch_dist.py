@@ -10,6 +10,7 @@ import torch
 import asteroid_fx as asteroid
 from asteroid_fx.backends.torch_dist import TaggedMessages
 from asteroid_fx.ir.cluster import Cluster, Device
+from asteroid_fx.runtime.auth import SECRET_ENV, SECRET_FILE_ENV
 from asteroid_fx.runtime.launcher import launch
 from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of
 from tests.test_backends import CASES, CLUSTER  # the parity with the local backend is tested there
@@ -45,6 +46,7 @@ def test_emulated_links_pace_the_run_like_the_cost_model(tmp_path):
 
 
 def test_a_worker_that_cannot_reach_the_coordinator_stops_with_a_message(tmp_path):
+    import os
     import socket
     import subprocess
     import sys
@@ -56,7 +58,7 @@ def test_a_worker_that_cannot_reach_the_coordinator_stops_with_a_message(tmp_pat
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator", f"127.0.0.1:{port}",
                            "--device", "a", "--out", str(tmp_path), "--connect-timeout", "2"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env={**os.environ, SECRET_ENV: "s" * 64})
     assert proc.returncode != 0
     assert "cannot reach the coordinator" in proc.stderr
     assert time.monotonic() - started < 30
@@ -68,6 +70,7 @@ def test_remote_workers_join_by_device_name_and_by_torchrun_rank(tmp_path):
     import subprocess
     import sys
     import threading
+    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,10 +80,18 @@ def test_remote_workers_join_by_device_name_and_by_torchrun_rank(tmp_path):
     thread = threading.Thread(target=lambda: result.update(
         launch(spec, CLUSTER, tmp_path, timeout_s=120, log=lambda m: None, port=port, remote=["b", "c"])))
     thread.start()
+    # the user copies the run's secret to the remote machines: the file the launcher writes
+    secret = tmp_path / "store.secret"
+    deadline = time.monotonic() + 120
+    while not secret.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert secret.stat().st_mode & 0o777 == 0o600
     worker = [sys.executable, "-m", "asteroid_fx.cli", "worker", "--out", str(tmp_path / "remote")]
-    by_name = subprocess.Popen(worker + ["--coordinator", f"127.0.0.1:{port}", "--device", "b"])
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    env[SECRET_FILE_ENV] = str(secret)
+    by_name = subprocess.Popen(worker + ["--coordinator", f"127.0.0.1:{port}", "--device", "b"], env=env)
     # torchrun's variables: rank 2 is the program's third device, c
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="2", WORLD_SIZE="3")
+    env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="2", WORLD_SIZE="3")
     by_rank = subprocess.Popen(worker, env=env)
     try:
         assert by_name.wait(timeout=120) == 0 and by_rank.wait(timeout=120) == 0

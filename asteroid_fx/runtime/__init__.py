@@ -9,6 +9,7 @@ running when devices fail, leave or join. Its parts, each importing only those l
   faults.py     fault injection for tests and benchmarks (``RunSpec.faults``)
   backups.py    which iterations back up, and where a rollback can return to
   heartbeat.py  failure detection and agreement through the store
+  auth.py       the run's secret, and the store that signs every value and checks it when read
   spec.py       ``RunSpec``, the run's configuration, and what every process derives from it
   store.py      the run's TCPStore and every key in it
   errors.py     how a run fails, as the user sees it

@@ -12,6 +12,13 @@ The launcher makes the secret (``new_secret``) and gives it to its own workers i
 
 Wire format of a signed value: ``a1.<hex mac>.<writer>\\n<payload>``; the mac covers the key too,
 so a signed value copied to another key is refused.
+
+gloo's rendezvous goes through the same signing: a process group is built over ``c10d()``, a
+``torch.distributed.Store`` whose ``set``/``get`` sign and check like the runtime's, so the address
+records gloo's C++ side parses (``epoch<k>.../<n>/<rank>``) are never a stranger's. What stays
+unsigned is the ``add`` counters (gloo's and the runtime's check-in and join counts): a stranger can
+move one, which makes a wait end early or time out (a clear error, no other value changes), and can
+list and delete keys (a delete is a wait that times out).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import re
 import secrets
 from pathlib import Path
 from typing import Callable
+
+import torch.distributed as dist
 
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.runtime.errors import StoreValueRejected
@@ -126,7 +135,15 @@ def _text(text: str) -> str:
 
 def _spec(text: str):
     from asteroid_fx.runtime.spec import RunSpec  # spec imports the compiler; only readers of the spec pay
-    return RunSpec.from_json(text)
+    spec = RunSpec.from_json(text)
+    if spec.faults:  # the launcher hands them to its own workers by environment (runtime/faults.py)
+        raise ValueError("it carries RunSpec.faults, and fault injection never travels through the store")
+    return spec
+
+
+def _opaque(payload: bytes) -> bytes:
+    """gloo's rendezvous records: bytes only its C++ side reads; the signature is their check."""
+    return payload
 
 
 # (key pattern, what its payload must be): first match wins; a key no pattern matches is refused.
@@ -147,14 +164,16 @@ SCHEMAS: tuple[tuple[re.Pattern, Callable[[str], object]], ...] = tuple((re.comp
     (r"switch/\d+", _json_of(dict)),
     (r"switch/\d+/outcome", _text),
     (r"ckpt/\d+/\d+", _json_of(dict)),
+    (r"epoch\d+[^/]*(/[^/]+)+", _opaque),  # a process group's rendezvous (backends/torch_dist/gloo.py)
 ))
 
 
-def check_schema(key: str, payload: str) -> None:
+def check_schema(key: str, payload: str | bytes) -> None:
     """Raise ``ValueError`` when ``payload`` is not what ``key`` holds (``SCHEMAS``)."""
     for pattern, check in SCHEMAS:
         if pattern.fullmatch(key):
-            check(payload)
+            if check is not _opaque:
+                check(payload.decode() if isinstance(payload, bytes) else payload)
             return
     raise ValueError("no such key in the run's protocol (runtime/store.py)")
 
@@ -194,15 +213,16 @@ class SignedStore:
         writer = parts[2].decode(errors="replace")[:80] if len(parts) == 3 else None
         from_ = f" (claims to be from {writer!r})" if writer else ""
         if not nl or len(parts) != 3 or not hmac.compare_digest(parts[1], self._mac(key, writer, payload).encode()):
-            raise StoreValueRejected(
+            raise _rejected(
+                key, writer, True,
                 f"store key {key!r}{from_}: the value is not signed with this run's secret ({bytes(blob)[:40]!r}); "
                 "something other than this run's launcher and workers wrote it. Keep the store's port to the "
                 "run's machines, and give every worker the launcher's secret")
         try:
-            check_schema(key, payload.decode())
+            check_schema(key, payload)
         except (ValueError, TypeError, KeyError, UnicodeDecodeError, InputError) as e:
-            raise StoreValueRejected(f"store key {key!r} from {writer!r}: signed, but not what the key holds "
-                                     f"({e}); the writer runs another build of asteroid_fx?") from None
+            raise _rejected(key, writer, False, f"store key {key!r} from {writer!r}: signed, but not what the key "
+                            f"holds ({e}); the writer runs another build of asteroid_fx?") from None
         return payload
 
     def set(self, key: str, value) -> None:
@@ -217,6 +237,9 @@ class SignedStore:
             raise ValueError("SignedStore.compare_set only claims an absent key (expected '')")
         return self.open(key, self.raw.compare_set(key, "", self.seal(key, desired)))
 
+    def multi_get(self, keys) -> list[bytes]:
+        return [self.open(k, blob) for k, blob in zip(keys, self.raw.multi_get(list(keys)))]
+
     def add(self, key: str, n: int) -> int:
         return self.raw.add(key, n)
 
@@ -228,3 +251,56 @@ class SignedStore:
 
     def delete_key(self, key: str) -> bool:
         return self.raw.delete_key(key)
+
+    def c10d(self) -> "C10dStore":
+        """This store as a ``torch.distributed.Store``, for a process group's rendezvous (whose C++
+        side reads its values). The caller keeps the object for as long as the group lives: the
+        group holds the C++ half only."""
+        return C10dStore(self)
+
+
+def _rejected(key: str, writer: str | None, unsigned: bool, message: str) -> StoreValueRejected:
+    e = StoreValueRejected(message)
+    e.key, e.writer, e.unsigned = key, writer, unsigned
+    return e
+
+
+class C10dStore(dist.Store):
+    """A ``SignedStore`` that torch.distributed's C++ side can use (a process group over
+    ``PrefixStore(prefix, this)``): what gloo sets is signed, what it gets is checked, and a value
+    that fails raises ``StoreValueRejected`` out of the group's construction."""
+
+    def __init__(self, signed: SignedStore):
+        super().__init__()
+        self.signed = signed
+
+    def set(self, key, value) -> None:
+        self.signed.set(key, value)
+
+    def get(self, key) -> bytes:
+        return self.signed.get(key)
+
+    def multi_get(self, keys) -> list[bytes]:
+        return self.signed.multi_get(keys)
+
+    def multi_set(self, keys, values) -> None:
+        for k, v in zip(keys, values):
+            self.signed.set(k, v)
+
+    def compare_set(self, key, expected, desired) -> bytes:
+        return self.signed.compare_set(key, expected, desired)
+
+    def add(self, key, n) -> int:
+        return self.signed.add(key, n)
+
+    def check(self, keys) -> bool:
+        return self.signed.check(keys)
+
+    def wait(self, keys, *timeout) -> None:
+        self.signed.wait(keys, *timeout)
+
+    def delete_key(self, key) -> bool:
+        return self.signed.delete_key(key)
+
+    def num_keys(self) -> int:
+        return self.signed.raw.num_keys()

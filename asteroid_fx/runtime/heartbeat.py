@@ -18,11 +18,19 @@ The detection bound is ``timeout_s + interval_s`` for a silent death, one ``inte
 launcher or the device itself reports it. The thread only sleeps, sets and reads small keys, so it
 keeps its pace under a full compute load (torch releases the GIL while it computes); the default
 timeout leaves a wide margin over the interval against false alarms.
+
+A beat that fails the store's check (runtime/auth.py: not signed with the run's secret, or not a
+count, "dead" or "left") is ignored with a warning, as if the peer's key had not changed: the peer
+overwrites its key every interval, so a stranger's "dead" cannot make a live device leave, and
+failing the run instead would let any writer end it. A peer whose key holds only such values for
+``timeout_s`` is silent, as one that stopped beating. Every other value the thread reads (the
+failure records) is a clear error naming its key.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from typing import Callable, Sequence
@@ -30,8 +38,10 @@ from typing import Callable, Sequence
 import torch.distributed as dist
 
 from asteroid_fx.ir.errors import InputError
-from asteroid_fx.runtime.errors import RunFailed, RunTimedOut
+from asteroid_fx.runtime.errors import RunFailed, RunTimedOut, StoreValueRejected
 from asteroid_fx.runtime.store import DEAD, LEFT, agreed_failure, beat_key, failure_key, failures_key
+
+log = logging.getLogger(__name__)
 
 REPORT_POLL_S = 0.002  # how often recovery looks for the survivors' reports
 SUSPECT_POLL_S = 0.005  # how often peers are read after a connection to one broke
@@ -72,6 +82,8 @@ class Heartbeat:
         self._wake = threading.Event()  # stop() and suspect() cut the wait short
         self._hurry_until = 0.0
         self._count = 0
+        self._refused: set[str] = set()  # beat keys whose refused value was warned about
+        self.rejected: StoreValueRejected | None = None  # what stopped the thread, if a value did
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{device}", daemon=True)
 
     def start(self) -> None:
@@ -111,6 +123,8 @@ class Heartbeat:
             deadline = time.monotonic() + bound
             while True:
                 if not self._thread.is_alive():
+                    if self.rejected is not None:
+                        raise StoreValueRejected(str(self.rejected))
                     raise RunFailed(f"{self.device}'s heartbeat has stopped (stop() was called or the store is "
                                        "gone), so it cannot tell whether its peers are alive")
                 # silence is measured up to this device's last read: were its own thread held up, the
@@ -194,6 +208,10 @@ class Heartbeat:
             try:
                 self.store.set(beat_key(self.device), str(self._count))
                 self._check()
+            except StoreValueRejected as e:  # a failure record nobody of the run wrote: say so, stop
+                self.rejected = e
+                log.error("[%s] heartbeat stopped: %s", self.device, e)
+                return
             except (RuntimeError, OSError):  # the coordinator is gone: the run is over
                 return
 
@@ -203,7 +221,7 @@ class Heartbeat:
         if not peers:
             return
         declared = self.store.check([failure_key(epoch)])
-        values = [v.decode() for v in self.store.multi_get([beat_key(p) for p in peers])]
+        values = self._beats(peers)
         now = time.monotonic()
         with self._observed:
             if self._epoch != epoch:  # watch() began another epoch meanwhile
@@ -211,7 +229,7 @@ class Heartbeat:
             self._round, self._read_at = self._round + 1, now
             for peer, value in zip(peers, values):
                 last, since, moved = self._seen[peer]
-                if value != last:  # the first value seen is no change: it may be a dead peer's last beat
+                if value is not None and value != last:  # the first value seen is no change: it may be a dead peer's last beat
                     self._seen[peer] = (value, now, self._round if last else moved)
             failed = next(((p, reason) for p in peers if (reason := self._failure(p, now))), None)
             self._observed.notify_all()
@@ -220,6 +238,22 @@ class Heartbeat:
             self._leave_if_given_up(epoch, now)
         elif failed:  # one declaration per epoch; the others are found by silent() during recovery
             self._declare(epoch, *failed)
+
+    def _beats(self, peers: Sequence[str]) -> list[str | None]:
+        """The peers' beat values; None for one the store's check refuses (warned about once)."""
+        keys = [beat_key(p) for p in peers]
+        if not hasattr(self.store, "open"):  # a bare store (tests of the protocol alone)
+            return [v.decode() for v in self.store.multi_get(keys)]
+        values: list[str | None] = []
+        for key, blob in zip(keys, self.store.raw.multi_get(keys)):
+            try:
+                values.append(self.store.open(key, blob).decode())
+            except StoreValueRejected as e:
+                if key not in self._refused:
+                    self._refused.add(key)
+                    log.warning("[%s] %s; ignored: that device's next beat replaces it", self.device, e)
+                values.append(None)
+        return values
 
     def _leave_if_given_up(self, epoch: int, now: float) -> None:
         """After ``epoch``'s failure is declared: whether the others gave this device up (the

@@ -32,8 +32,10 @@ import torch
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program_text import format_program, parse_program
 from asteroid_fx.runtime import checkpoint, netns
+from asteroid_fx.runtime.auth import SECRET_ENV, SECRET_FILE_ENV, SignedStore, new_secret, write_secret
 from asteroid_fx.runtime.errors import RunFailed, RunTimedOut
 from asteroid_fx.runtime.evaluate import Validation
+from asteroid_fx.runtime.faults import FAULTS_ENV, require_injection, worker_env
 from asteroid_fx.runtime.job import import_root
 from asteroid_fx.runtime.metrics import Metrics, Progress, read_metrics
 from asteroid_fx.runtime.spec import (RunSpec, check_job, compile_spec, iterations_of, job_of, log_path, pinned,
@@ -91,6 +93,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     and ``out/metrics.jsonl`` (runtime/metrics.py) as iterations complete, rewritten from the
     workers' exact records when the run ends; ``progress`` draws a progress bar on stderr."""
     report = _Report(log)
+    require_injection(spec.faults)  # a test's or benchmark's, never a production run's
     if shape_links:
         netns.require()  # before compiling: say at once what this machine lacks
         if remote:
@@ -113,6 +116,8 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         raise InputError(f"remote devices {unknown} are not in the plan (its devices: {', '.join(devices)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()  # keys the HMAC over every value in the store (runtime/auth.py)
+    secret_file = write_secret(out, secret)
     network = None
     if shape_links:  # workers reach the store through the namespaces' bridge, at its address here
         network = netns.ShapedNetwork(cluster, cluster.names, dilation=spec.dilation if spec.emulate else 1.0)
@@ -120,12 +125,12 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         host = network.coordinator
         report.info(network.describe())
     try:
-        store = serve_store(host, port)
+        store = SignedStore(serve_store(host, port), secret, "launcher")
     except BaseException:
         if network is not None:
             network.close()
         raise
-    store.set(SPEC, spec.to_json())
+    store.set(SPEC, dataclasses.replace(spec, faults=()).to_json())  # faults go by environment (runtime/faults.py)
     store.set(CLUSTER, json.dumps(cluster.to_json()))  # the whole cluster: devices that join are in it
     store.set(PROGRAM, format_program(compiled.program))
     report.info(f"coordinator on {host}:{store.port}; {len(devices)} workers ({', '.join(devices)})"
@@ -134,9 +139,13 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
     if remote and _is_loopback(host):
         report.warning(f"  the store listens on {host} only: devices on other machines cannot reach it (launch "
                        f"--listen 0.0.0.0:{store.port}, or an address of this machine they can reach, lets them)")
+    if remote:
+        report.info(f"  the remote workers need the run's secret: copy {secret_file} (mode 0600) to their machines "
+                    f"and set {SECRET_FILE_ENV} to the copy")
     for d in remote:
-        report.info(f"  waiting for {d}: asteroid worker --coordinator {host}:{store.port} --device {d} --out DIR")
-    workers = _Workers(f"{host}:{store.port}", out, network, import_root(spec.model))
+        report.info(f"  waiting for {d}: {SECRET_FILE_ENV}=store.secret asteroid worker --coordinator "
+                    f"{host}:{store.port} --device {d} --out DIR")
+    workers = _Workers(f"{host}:{store.port}", out, network, import_root(spec.model), secret, spec.faults)
     finished_run = False
     try:
         for device in devices:
@@ -177,11 +186,14 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
 
 class _Workers:
     """The local worker processes, each in a session of its own (a kill takes its children too),
-    its output in ``worker_<device>.log``."""
+    its output in ``worker_<device>.log``. Each is given the run's ``secret`` and the spec's
+    ``faults`` in its environment, never on its command line (which ``ps`` shows to everyone)."""
 
-    def __init__(self, coordinator: str, out: Path, network, root: str | None = None):
+    def __init__(self, coordinator: str, out: Path, network, root: str | None = None, secret: str = "",
+                 faults=()):
         self.coordinator, self.out, self.network = coordinator, out, network
         self.root = root  # where the job's module is imported from: on every local worker's path
+        self.secret, self.faults = secret, faults
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
 
@@ -190,7 +202,8 @@ class _Workers:
                "--device", device, "--out", str(self.out), *extra]
         err = open(log_path(self.out, device), "w")
         self._logs.append(err)
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in (SECRET_FILE_ENV, FAULTS_ENV)}
+        env.update({SECRET_ENV: self.secret, **worker_env(self.faults)})
         if self.root is not None:
             env["PYTHONPATH"] = os.pathsep.join([self.root, *filter(None, [env.get("PYTHONPATH")])])
         if self.network is not None:  # in the device's namespace, gloo on its interface

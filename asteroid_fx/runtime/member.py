@@ -12,7 +12,7 @@ from asteroid_fx.backends.torch_dist import Comm, DistWorker, Emulation
 from asteroid_fx.ir.program import Op
 from asteroid_fx.passes.replay import add_backups
 from asteroid_fx.runtime.backups import BackupPoints
-from asteroid_fx.runtime.faults import Faults
+from asteroid_fx.runtime.faults import Faults, injected
 from asteroid_fx.runtime.spec import RunSpec, optimizer_of
 from asteroid_fx.runtime.store import STORE_TIMEOUT_S
 
@@ -45,7 +45,8 @@ class Member:
         self.joins_seen, self.joins_polled = 0, 0.0
         self.admitted: dict | None = None  # the switch record that takes this joining device in
         self.replan_after: tuple[int, str] | None = None  # (iteration, reason): re-plan once it is done
-        self.faults = Faults(spec.faults, device, store, leave=self._leave) if spec.faults else None
+        faults = injected()  # the launcher's, by environment: never the store's (runtime/faults.py)
+        self.faults = Faults(faults, device, store, leave=self._leave) if faults else None
         self.comm, self.worker = None, None
 
     @property

@@ -56,7 +56,8 @@ class RunSpec:
     # "kill-redo": only when a recovery has it run that iteration again; "kill-regroup": as the
     # survivors of a failure in that iteration build their groups; "kill-handover": before that action of
     # a switch's hand-over before that iteration (-1: the first switch), the count of its actions
-    # meaning just before the hand-over commits (for tests and benchmarks; runtime/faults.py)
+    # meaning just before the hand-over commits (for tests and benchmarks: only with
+    # ASTEROID_FAULT_INJECTION=1 in the launcher's environment, never through the store; runtime/faults.py)
     faults: tuple[tuple[str, int, int, str], ...] = ()
     start: int = 0  # the first iteration to run (a resumed run: the checkpoint's)
     checkpoint_every: int = 0  # iterations between checkpoints in the run folder (0: only at the end)

@@ -2,6 +2,9 @@
 
 Keys are named here and nowhere else, so the protocol between launcher, workers and heartbeats can
 be read in one place. Values are small strings: JSON for records, ``repr`` of a float for numbers.
+Each is stored signed with the run's secret and checked against its key's schema when read
+(runtime/auth.py: ``SignedStore``, ``SCHEMAS``); the counters (join/n, the check-ins) are ``add``
+counts, which a store cannot sign, and nothing takes more from them than how many.
 
   spec, cluster, program          the run's RunSpec, Cluster and first program (launcher, once)
   result/<device>                 a worker's result record: it is done (worker)
@@ -18,6 +21,12 @@ be read in one place. Values are small strings: JSON for records, ``repr`` of a 
   switch/<epoch>                  the switch from epoch to epoch + 1, published by the leader (switch)
   switch/<epoch>/outcome          "committed" or "abandoned", first come first served (switch)
   ckpt/<i>/<stage>                a stage's file of the checkpoint after i iterations is written (worker)
+  epoch<k>[name]/check-in         how many devices came to build epoch k's process groups (a count)
+  epoch<k>[name][/group]/...      gloo's rendezvous of those groups, signed like the rest
+                                  (backends/torch_dist/gloo.py builds them over ``SignedStore.c10d``)
+
+The secret itself is never in the store: the launcher writes it to ``store.secret`` in its run
+folder (mode 0600) and gives it to its workers in their environment (runtime/auth.py).
 """
 
 from __future__ import annotations

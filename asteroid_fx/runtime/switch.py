@@ -42,10 +42,15 @@ def offer(m: Member, i: int) -> float:
         m.joins_polled = time.monotonic()
         asked = m.store.add(JOIN_COUNT, 0)
         if asked > m.joins_seen and not m.planning and m.planned is None:
-            joining = [m.store.get(join_key(k)).decode() for k in range(m.joins_seen + 1, asked + 1)]
-            m.joins_seen = asked
-            plan_in_background(m, list(m.full.devices) + joining, f"{', '.join(joining)} asked to join",
-                               tuple(joining))
+            # a request counted but not written is looked at again at the next poll, never waited
+            # on; one missing before a written one is a count nobody wrote a request for (the
+            # store's counters are unsigned: a stranger can move them), and is passed over
+            present = [k for k in range(m.joins_seen + 1, asked + 1) if has(m.store, join_key(k))]
+            joining = [m.store.get(join_key(k)).decode() for k in present]
+            if joining:
+                m.joins_seen = present[-1]
+                plan_in_background(m, list(m.full.devices) + joining, f"{', '.join(joining)} asked to join",
+                                   tuple(joining))
     if m.planned is None or m.planned[0] != m.epoch:
         m.planned = None  # planned for a membership that has changed since
         return 0.0

@@ -11,7 +11,9 @@ Three ways to run the same job, the same rows, the same optimizer and the same c
                        script.py``, the script calling ``asteroid.train(..., backend="torchrun")``):
                        rank r runs the program's r-th device; rank 0 compiles and publishes the
                        plan in torchrun's own store, every rank checks that it compiles the same
-                       program, and rank 0 returns the run's results (the others return theirs)
+                       program, and rank 0 returns the run's results (the others return theirs).
+                       Every rank signs the store's values with the secret in ASTEROID_RUN_SECRET
+                       (or the file ASTEROID_RUN_SECRET_FILE names) that the user gives them all
 
 Every way writes a checkpoint into ``out`` at the end (and every ``checkpoint_every``
 iterations); ``resume`` continues from a run folder's newest one. Returns a ``Trained``.
@@ -162,6 +164,7 @@ def _processes(spec: RunSpec, cluster, out, resume, new_cluster: bool, timeout_s
 def _torchrun(spec: RunSpec, cluster, out, resume, new_cluster: bool, log) -> Trained:
     """One rank of a torchrun job: rank 0 plans and publishes, every rank trains its device."""
     from asteroid_fx.ir.program_text import format_program
+    from asteroid_fx.runtime.auth import SignedStore, secret_from_env
     from asteroid_fx.runtime.launcher import _Report, _resumed, load_weights, results_of
     from asteroid_fx.runtime.spec import pinned
     from asteroid_fx.runtime.store import CLUSTER, PROGRAM, SPEC, connect, result_key
@@ -174,9 +177,12 @@ def _torchrun(spec: RunSpec, cluster, out, resume, new_cluster: bool, log) -> Tr
     if out is None:
         raise InputError("backend='torchrun' needs out= (the run folder)")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # the ranks sign every value with the secret the user gave them all (runtime/auth.py): torchrun's
+    # store is as open as the launcher's
+    secret = secret_from_env()
     # torchrun's own store (its keys are under torchelastic/ and rendezvous prefixes: ours do not meet
     # them); the process groups connect to it again by its host and port, as the launcher's
-    store = connect(f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+    store = SignedStore(connect(f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"), secret, f"rank{rank}")
     compiled = None
     if rank == 0:
         compiled = compile_job(job_of(spec), cluster, spec)

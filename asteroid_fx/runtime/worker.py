@@ -1,7 +1,8 @@
 """`asteroid worker`: one device of a run. It connects to the run's store, re-runs the compiler
 with the launcher's plan pinned, checks that its program is byte-for-byte the launcher's, trains
 its device's share with the torch_dist backend (``Training``) and writes its losses into the store
-and its weights into the run folder."""
+and its weights into the run folder. Every value it reads from the store or writes into it is signed
+with the run's secret (runtime/auth.py), which it is given in its environment."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program_text import format_program, parse_program
 from asteroid_fx.backends.state import StateCopy
 from asteroid_fx.runtime import checkpoint, switch
-from asteroid_fx.runtime.errors import RunFailed
+from asteroid_fx.runtime.auth import SECRET_ENV, SECRET_FILE_ENV, SignedStore, secret_from_env
+from asteroid_fx.runtime.errors import RunFailed, StoreValueRejected
 from asteroid_fx.runtime.heartbeat import Heartbeat
 from asteroid_fx.runtime.member import Member
 from asteroid_fx.runtime.recovery import recover
@@ -41,7 +43,8 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
     rank picks the program's device in order). With ``join`` the device is one of the cluster's
     that the running program does not use: it asks to be taken in, and starts training at the
     iteration boundary where the run switches to a plan that includes it (passes/replan.py).
-    ``store``: the run's store, already connected (a torchrun rank's, runtime/train.py)."""
+    ``store``: the run's store, already connected and signed (a torchrun rank's, runtime/train.py);
+    otherwise the run's secret comes from the environment (``auth.secret_from_env``)."""
     torch.set_num_threads(1)
     if store is not None:
         pass
@@ -50,8 +53,10 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
             raise InputError("give --coordinator HOST:PORT (or set MASTER_ADDR and MASTER_PORT, as torchrun does)")
         coordinator = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     if store is None:
-        store = connect(coordinator, connect_timeout_s)
-    program_text = store.get(PROGRAM).decode()
+        secret = secret_from_env()  # before connecting: without it the run's store is of no use
+        store = SignedStore(connect(coordinator, connect_timeout_s), secret,
+                            device or f"rank{os.environ.get('RANK', '?')}")
+    program_text = _first_read(store, PROGRAM).decode()
     devices = parse_program(program_text).devices
     if device is None:
         if "RANK" not in os.environ:
@@ -71,7 +76,8 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
         raise InputError(f"device {device!r} is not in this run's program (devices: {', '.join(devices)})")
     heartbeat = None
     if spec.recovery:
-        heartbeat = Heartbeat(connect(coordinator, connect_timeout_s), device, interval_s=spec.heartbeat_s,
+        heartbeat = Heartbeat(store.over(connect(coordinator, connect_timeout_s), device), device,
+                              interval_s=spec.heartbeat_s,
                               timeout_s=spec.heartbeat_timeout_s)
         if CAN_CUT:  # waits blocked on the failed epoch's connections fail at once (Comm.wait_all)
             heartbeat.on_interrupt = lambda: cut_connections(keep_port=store.port)
@@ -109,6 +115,18 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _first_read(store, key: str) -> bytes:
+    """The first value this worker reads: where a wrong secret shows, said as such in one line."""
+    try:
+        return store.get(key)
+    except StoreValueRejected as e:
+        if not getattr(e, "unsigned", False):
+            raise
+        raise InputError(f"the run's store does not take this worker's secret (its {key!r} is not signed with it): "
+                         f"give the worker the launcher's secret, in {SECRET_ENV} or in a file named by "
+                         f"{SECRET_FILE_ENV} (`asteroid launch` writes it to store.secret in its run folder)") from None
 
 
 def result_of(training: Training, left: bool | None = None) -> dict:

@@ -2,14 +2,15 @@
 a ``backends.base.Comm``), and how a device blocked on a dead peer gets out.
 
 Process groups are plain ``ProcessGroupGloo`` objects over ``PrefixStore(f"epoch{k}", store)`` of
-the run's store, one world per membership epoch and one per multi-device stage (or, without a
-store, torch.distributed's default group), all built by ``_build_groups``: after a failure the
-survivors build the groups of epoch k+1 in place and drop the broken ones. With an ``interrupt``
-event a device blocked on a dead peer's message leaves as soon as the failure is agreed: gloo's
-send and receive works report completion only through a blocking wait (a wait with a timeout
-closes the connection it waits on), so the heartbeat shuts the process's gloo connections down
-before it sets the event (``cut_connections``) and the blocked wait fails at once; where /proc is
-missing a helper thread waits on each work while the device watches the event. Building an
+the run's store (signed, when the run's store is: runtime/auth.py), one world per membership epoch
+and one per multi-device stage (or, without a store, torch.distributed's default group), all built
+by ``_build_groups``: after a failure the survivors build the groups of epoch k+1 in place and
+drop the broken ones. With an ``interrupt`` event a device blocked on a dead peer's message leaves
+as soon as the failure is agreed: gloo's send and receive works report completion only through a
+blocking wait (a wait with a timeout closes the connection it waits on), so the heartbeat shuts
+the process's gloo connections down before it sets the event (``cut_connections``) and the
+blocked wait fails at once; where /proc is missing a helper thread waits on each work while the
+device watches the event. Building an
 epoch's groups is interruptible too: the devices check in through the store first
 (``Comm._check_in``).
 """
@@ -68,7 +69,12 @@ class Comm(TaggedMessages):
         prefix = f"epoch{epoch}{name}"
         # a connection of the epoch's own: a group whose peer died may block in the store (gloo
         # waits there for the peer to come back) and must not hold up the training loop's store
-        store = dist.TCPStore(store.host, store.port, world_size=None, is_master=False, timeout=timeout)
+        connection = dist.TCPStore(store.host, store.port, world_size=None, is_master=False, timeout=timeout)
+        # a signed run store (runtime/auth.SignedStore) signs and checks gloo's rendezvous records
+        # too: gloo's C++ side parses them, and a stranger's would crash it. The object is kept: the
+        # groups hold only its C++ half
+        over = getattr(store, "over", None)
+        self._store = store = over(connection).c10d() if over is not None else connection
         if interrupt is not None:
             self._check_in(store, prefix, timeout_s)
 
