@@ -119,11 +119,18 @@ UNEVEN = 3 * BATCH + 5  # three whole batches and 5 rows an epoch
 
 
 def uneven() -> Job:
-    """``build`` on a dataset that is no multiple of the batch, its last 5 rows of every epoch
-    trained as a smaller batch."""
+    """``build`` on a dataset that is no multiple of the batch (its last partial batch dropped, as
+    by default)."""
     import dataclasses
 
-    return dataclasses.replace(build(), dataset=Inputs(UNEVEN), labels=Labels(UNEVEN), last_batch="smaller")
+    return dataclasses.replace(build(), dataset=Inputs(UNEVEN), labels=Labels(UNEVEN))
+
+
+def uneven_smaller() -> Job:
+    """``uneven`` with the 5 rows left at the end of every epoch trained as a smaller batch."""
+    import dataclasses
+
+    return dataclasses.replace(uneven(), last_batch="smaller")
 
 
 def build_with_loader_processes() -> Job:

@@ -21,13 +21,13 @@ over its real rows and its update is eager training's on that smaller batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, Sequence
 
 from asteroid_fx.ir.errors import AsteroidError
 from asteroid_fx.ir.layer_graph import LayerGraph
 from asteroid_fx.ir.plan import Plan
 from asteroid_fx.ir.program import Program, max_norm_of
-from asteroid_fx.passes.partition import split_rows
 
 
 class RemainderError(AsteroidError):
@@ -56,10 +56,28 @@ def remainder_plan(plan: Plan, rows: int, lg: LayerGraph) -> Plan:
                              f"at least {need} rows at the end of an epoch (or none)")
     microbatches = counts[0]
     microbatch_rows = rows // microbatches
-    stages = tuple(dataclasses.replace(st, rows=split_rows(microbatch_rows, st.rows, lg.min_rows(*st.layers)))
+    stages = tuple(dataclasses.replace(st, rows=proportional_rows(microbatch_rows, st.rows, lg.min_rows(*st.layers)))
                    for st in plan.stages)
     return dataclasses.replace(plan, stages=stages, microbatches=microbatches, microbatch_rows=microbatch_rows,
                                prediction=None)
+
+
+def proportional_rows(total: int, shares: Sequence[int], least: int = 1) -> tuple[int, ...]:
+    """``total`` rows split in proportion to ``shares`` (a plan's rows of one group), each at
+    least ``least``: every device gets its exact share rounded down (or ``least``), then the rows
+    still to give go one by one to the devices furthest below their exact share, and rows given
+    beyond it are taken back from those furthest above (ties: group order)."""
+    if total < least * len(shares):
+        raise RemainderError(f"{total} rows cannot give {len(shares)} devices {least} each")
+    exact = [total * r / sum(shares) for r in shares]
+    rows = [max(least, math.floor(e)) for e in exact]
+    while sum(rows) > total:
+        i = max((i for i in range(len(rows)) if rows[i] > least), key=lambda i: (rows[i] - exact[i], -i))
+        rows[i] -= 1
+    while sum(rows) < total:
+        i = max(range(len(rows)), key=lambda i: (exact[i] - rows[i], -i))
+        rows[i] += 1
+    return tuple(rows)
 
 
 def remainder_program(compiled: Any, rows: int) -> Program:
