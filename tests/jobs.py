@@ -133,6 +133,13 @@ def uneven_smaller() -> Job:
     return dataclasses.replace(uneven(), last_batch="smaller")
 
 
+def one_left() -> Job:
+    """A smaller last batch of one row: too few for a group of two devices to share."""
+    import dataclasses
+
+    return dataclasses.replace(uneven_smaller(), dataset=Inputs(3 * BATCH + 1), labels=Labels(3 * BATCH + 1))
+
+
 def build_with_loader_processes() -> Job:
     """``build`` with two DataLoader processes loading each device's rows ahead."""
     import dataclasses

@@ -336,12 +336,14 @@ def test_a_smaller_last_batch_ends_every_epoch_and_trains_like_eager_on_the_loca
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_same_state(runner.state_dict(), ref.state_dict())
     assert str(runner.program) == str(compiled.program)  # swapped back after each smaller batch
-    # the Python API, the choice made there for a job that drops by default
-    pin = dict(microbatches=2, groups=SPEC.groups, rows=SPEC.rows)
-    trained = asteroid.train(jobs.uneven(), CLUSTER, out=tmp_path, last_batch="smaller", **pin)
-    assert trained.losses == pytest.approx(ref_losses, rel=1e-5)
-    assert_same_state(trained.state_dict, ref.state_dict())
-    assert [r["samples"] for r in read_metrics(tmp_path)[0]] == [16, 16, 16, 5] * 2
+    # the Python API, the choice made there for a job that drops by default; stopped before the
+    # first smaller batch and resumed from there
+    pin = dict(microbatches=2, groups=SPEC.groups, rows=SPEC.rows, last_batch="smaller")
+    first = asteroid.train(jobs.uneven(), CLUSTER, out=tmp_path / "one", iterations=3, **pin)
+    rest = asteroid.train(jobs.uneven(), CLUSTER, out=tmp_path / "two", resume=tmp_path / "one", **pin)
+    assert rest.start == 3 and first.losses + rest.losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(rest.state_dict, ref.state_dict())
+    assert [r["samples"] for r in read_metrics(tmp_path / "two")[0]] == [5] + [16, 16, 16, 5]
 
 
 def test_the_last_partial_batch_is_dropped_by_default_as_before():
@@ -390,6 +392,13 @@ def test_a_smaller_last_batch_is_refused_with_recovery_and_bad_choices_are_named
     with pytest.raises(SystemExit):
         main(["launch", "tests.jobs:uneven", "--cluster", str(cluster), "--last-batch", "pad"])
     assert "--last-batch: invalid choice: 'pad'" in capsys.readouterr().err
+    # a remainder of one row, which the last stage's group of two cannot share: before any worker starts
+    from asteroid_fx.passes.remainder import RemainderError
+
+    with pytest.raises(RemainderError, match="has 1 row, fewer than the 2 that stage 1's group of 2 devices"):
+        launch(dataclasses.replace(SPEC, model="tests.jobs:one_left"), CLUSTER, tmp_path, timeout_s=60,
+               log=lambda m: None)
+    assert not list(tmp_path.glob("worker_*.log"))
     with pytest.raises(InputError, match=r"Job.last_batch='pad': give 'drop' .* or 'smaller'"):
         dataclasses.replace(jobs.uneven(), last_batch="pad")
     with pytest.raises(InputError, match="last_batch='pad': give 'drop' or 'smaller'"):

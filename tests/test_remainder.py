@@ -56,7 +56,7 @@ def test_rows_are_split_in_proportion_with_the_least_each(total, shares, least, 
 
 
 def test_a_remainder_too_small_for_a_group_says_which_and_what_to_do():
-    with pytest.raises(RemainderError, match=r"has 1 rows, fewer than the 2 that stage 1's group of 2 devices \(b, c\) "
+    with pytest.raises(RemainderError, match=r"has 1 row, fewer than the 2 that stage 1's group of 2 devices \(b, c\) "
                                              r"needs \(1 row each\); use last_batch='drop'"):
         remainder_plan(PLAN, 1, Layers())
     # a stage that normalizes over its rows gives each device two: b and c need four together

@@ -50,8 +50,8 @@ def remainder_plan(plan: Plan, rows: int, lg: LayerGraph) -> Plan:
         p = least.index(need)
         st = plan.stages[p]
         each = lg.min_rows(*st.layers)
-        raise RemainderError(f"the last partial batch of an epoch has {rows} rows, fewer than the {need} that stage {p}'s "
-                             f"group of {len(st.devices)} devices ({', '.join(st.devices)}) needs ({each} row"
+        raise RemainderError(f"the last partial batch of an epoch has {rows} row{'s' if rows != 1 else ''}, fewer than the {need} that "
+                             f"stage {p}'s group of {len(st.devices)} devices ({', '.join(st.devices)}) needs ({each} row"
                              f"{'s' if each > 1 else ''} each); use last_batch='drop', or a batch size that leaves "
                              f"at least {need} rows at the end of an epoch (or none)")
     microbatches = counts[0]
@@ -102,6 +102,6 @@ def same_stages(running: Program, other: Program) -> str | None:
         return f"it has {len(other.stages)} stages, the running program {len(running.stages)}"
     for a, b in zip(running.stages, other.stages):
         if a.layers != b.layers or a.devices != b.devices:
-            return (f"its stage {b.index} runs layers {b.layers[0]}:{b.layers[1]} on {', '.join(b.devices)}, the running "
-                    f"program's layers {a.layers[0]}:{a.layers[1]} on {', '.join(a.devices)}")
+            return (f"its stage {b.index} runs layers {b.layers[0]}:{b.layers[1]} on {', '.join(b.devices)}, the "
+                    f"running program's layers {a.layers[0]}:{a.layers[1]} on {', '.join(a.devices)}")
     return None

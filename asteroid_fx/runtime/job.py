@@ -74,8 +74,8 @@ class Job:
     clip_grad_norm: float | None = None
     epochs: int = 1
     shuffle: bool = True
-    last_batch: str = "drop"
     loader_workers: int = 0
+    last_batch: str = "drop"
     name: str = ""
 
     def __post_init__(self):
@@ -138,7 +138,6 @@ class Job:
         """The job with its optimizer's name or learning rate replaced where given."""
         changes = {k: v for k, v in (("optimizer", optimizer), ("lr", lr)) if v is not None}
         return dataclasses.replace(self, **changes) if changes else self
-
 
     def with_last_batch(self, last_batch: str | None) -> Job:
         """The job with its ``last_batch`` choice replaced where given (checked: "drop" or "smaller")."""

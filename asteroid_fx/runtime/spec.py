@@ -33,7 +33,6 @@ class RunSpec:
     iterations: int | None = None
     optimizer: str | None = None  # None: the job's (a zoo job: SGD at lr 0.05)
     lr: float | None = None
-    last_batch: str | None = None  # "drop" | "smaller" (runtime/job.py); None: the job's (a zoo job: "drop")
     seed: int = 0
     stages: int | None = None
     groups: tuple[tuple[str, ...], ...] | None = None
@@ -62,6 +61,7 @@ class RunSpec:
     start: int = 0  # the first iteration to run (a resumed run: the checkpoint's)
     checkpoint_every: int = 0  # iterations between checkpoints in the run folder (0: only at the end)
     resume: str | None = None  # a checkpoint folder (runtime/checkpoint.py) whose state the run starts from
+    last_batch: str | None = None  # "drop" | "smaller" (runtime/job.py); None: the job's (a zoo job: "drop")
 
     def __post_init__(self):
         if self.backup_every is not None and self.backup_every < 1:

@@ -27,8 +27,8 @@ from asteroid_fx.runtime.heartbeat import Heartbeat
 from asteroid_fx.runtime.member import Member
 from asteroid_fx.runtime.recovery import recover
 from asteroid_fx.runtime.data import Loader, needed_rows
-from asteroid_fx.runtime.spec import (RunSpec, batches_of, compile_spec, iterations_of, job_of, smaller_program,
-                                      weights_path)
+from asteroid_fx.runtime.spec import (RunSpec, batches_of, check_last_batch, compile_spec, iterations_of, job_of,
+                                      smaller_program, weights_path)
 from asteroid_fx.runtime.store import (CLUSTER, PROGRAM, SPEC, STORE_TIMEOUT_S, checkpoint_key, connect, loss_key,
                                        result_key, seconds_key)
 
@@ -155,6 +155,7 @@ class Training(Member):
         self.data = Loader(batches_of(spec, compiled), iterations=iterations_of(spec),
                            workers=job_of(spec).loader_workers)
         # the program of an epoch's smaller last batch (Job.last_batch "smaller"; runs without recovery)
+        check_last_batch(spec, job_of(spec))
         self.smaller = smaller_program(job_of(spec), compiled)
         self.out = out  # the run folder: checkpoints go there
         self.manifest_due: int | None = None  # the checkpoint whose manifest the leader writes next
