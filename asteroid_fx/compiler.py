@@ -66,9 +66,15 @@ class Compiled:
             loss: Callable | None = None, log: Callable[[str], None] | None = None):
         """Train ``iterations`` steps on the local backend; ``data`` yields (inputs, labels) of one
         global batch, inputs a tensor, a tuple of positional tensors, a dict of keyword inputs, or
-        (args tuple, kwargs dict) (``Captured.call_inputs``). Returns (runner, losses)."""
+        (args tuple, kwargs dict) (``Captured.call_inputs``). A batch of fewer rows than the
+        program's (a dataset's last partial batch) trains on the same stages and groups with the
+        smaller program of passes/remainder.py, swapped in for that iteration. Returns (runner,
+        losses)."""
+        from asteroid_fx.passes.remainder import remainder_program
+
         runner = self.runner(optimizer=optimizer, lr=lr, loss=loss)
         losses = []
+        smaller: dict[int, Any] = {}  # rows -> the program of a batch of that many rows
         it = iter(data)
         for i in range(iterations):
             try:
@@ -76,7 +82,17 @@ class Compiled:
             except StopIteration:
                 raise InputError(f"the data ran out after {i} of {iterations} iterations") from None
             inputs = self.captured.call_inputs(inputs)
-            losses.append(runner.step(inputs, labels))
+            rows = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), self.plan.batch)
+            if rows < self.plan.batch:
+                if rows not in smaller:
+                    smaller[rows] = remainder_program(self, rows)
+                runner.swap(smaller[rows])
+                try:
+                    losses.append(runner.step(inputs, labels))
+                finally:
+                    runner.swap(self.program)
+            else:
+                losses.append(runner.step(inputs, labels))
             if log:
                 log(f"iteration {i + 1}/{iterations}: loss {losses[-1]:.4f}")
         return runner, losses

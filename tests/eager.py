@@ -23,24 +23,33 @@ def _slice(x: Any, sl: slice) -> Any:
 
 def eager_train(model: torch.nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], loss: Callable,
                 make_opt: Callable, *, microbatches: int, rows: int, clip_grad_norm: float | None = None,
-                after_step: Callable[[], None] | None = None) -> tuple[torch.nn.Module, list[float]]:
+                after_step: Callable[[], None] | None = None,
+                smaller_microbatches: int | None = None) -> tuple[torch.nn.Module, list[float]]:
     """A trained copy of ``model`` and its losses: per batch (inputs, labels), each micro-batch's
     loss weighted by rows / batch, gradients accumulated, with ``clip_grad_norm`` clipped by
     ``torch.nn.utils.clip_grad_norm_``, one optimizer step (then ``after_step``, e.g. a
     scheduler's). ``make_opt`` takes the parameters, or (name, parameter) pairs when it is
-    marked ``named``."""
+    marked ``named``. A batch of fewer than ``microbatches x rows`` rows (an epoch's smaller
+    last batch) runs as ``smaller_microbatches`` equal micro-batches, its loss the mean over its
+    own rows."""
     model = copy.deepcopy(model)
     model.train()
     opt = make_opt(list(model.named_parameters()) if getattr(make_opt, "named", False) else model.parameters())
-    batch = microbatches * rows
     losses = []
     for inputs, labels in batches:
         args, kwargs = (inputs.args, inputs.kwargs) if isinstance(inputs, Call) else (inputs, {})
+        count, each = microbatches, rows
+        n = labels.shape[0] if isinstance(labels, torch.Tensor) else microbatches * rows
+        if n != microbatches * rows:
+            assert smaller_microbatches is not None, f"a batch of {n} rows and no smaller_microbatches"
+            count, each = smaller_microbatches, n // smaller_microbatches
+            assert count * each == n
+        batch = count * each
         total = 0.0
-        for m in range(microbatches):
-            sl = slice(m * rows, (m + 1) * rows)
+        for m in range(count):
+            sl = slice(m * each, (m + 1) * each)
             out = model(*(_slice(a, sl) for a in args), **{k: _slice(v, sl) for k, v in kwargs.items()})
-            value = loss(out, labels[sl]) * (rows / batch)
+            value = loss(out, labels[sl]) * (each / batch)
             value.backward()
             total += float(value.detach())
         if clip_grad_norm is not None:
@@ -63,10 +72,11 @@ def assert_same_state(got: dict, ref: dict, rtol: float = 1e-5) -> None:
 
 
 def eager_train_job(job, batches: Iterable[tuple[Any, torch.Tensor]], *, microbatches: int,
-                    seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
-    """A job trained eagerly with the program's micro-batching: its model built under ``seed``,
-    its optimizer (parameter groups by name), gradients clipped by the global norm if the job
-    says so, its scheduler stepped after every step."""
+                    seed: int = 0, smaller_microbatches: int | None = None) -> tuple[torch.nn.Module, list[float]]:
+    """A job trained eagerly with the program's micro-batching (``smaller_microbatches``: that of
+    the program of an epoch's smaller last batch): its model built under ``seed``, its optimizer
+    (parameter groups by name), gradients clipped by the global norm if the job says so, its
+    scheduler stepped after every step."""
     torch.manual_seed(seed)
     model = job.model()
     batches = list(batches)
@@ -79,5 +89,6 @@ def eager_train_job(job, batches: Iterable[tuple[Any, torch.Tensor]], *, microba
 
     make_opt.named = True
     return eager_train(model, batches, job.loss, make_opt, microbatches=microbatches,
-                       rows=len(batches[0][1]) // microbatches, clip_grad_norm=job.clip_grad_norm,
-                       after_step=lambda: made["sched"] and made["sched"].step())
+                       rows=job.batch // microbatches, clip_grad_norm=job.clip_grad_norm,
+                       after_step=lambda: made["sched"] and made["sched"].step(),
+                       smaller_microbatches=smaller_microbatches)

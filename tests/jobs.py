@@ -42,10 +42,13 @@ def _count(what: str) -> None:
 
 
 class Inputs(torch.utils.data.Dataset):
-    """Sample i's features, drawn from a generator of its own."""
+    """Sample i's features, drawn from a generator of its own; ``n`` of them."""
+
+    def __init__(self, n: int = SAMPLES):
+        self.n = n
 
     def __len__(self):
-        return SAMPLES
+        return self.n
 
     def __getitem__(self, i):
         _count("inputs")
@@ -53,8 +56,11 @@ class Inputs(torch.utils.data.Dataset):
 
 
 class Labels(torch.utils.data.Dataset):
+    def __init__(self, n: int = SAMPLES):
+        self.n = n
+
     def __len__(self):
-        return SAMPLES
+        return self.n
 
     def __getitem__(self, i):
         _count("labels")
@@ -107,6 +113,31 @@ def vector_loss() -> Job:
     """A loss that forgets to reduce over the rows."""
     return Job(model=Net, dataset=Inputs(), labels=Labels(), loss=lambda out, y: F.cross_entropy(out, y, reduction="none"),
                batch=BATCH, example=torch.zeros(BATCH, FEATURES))
+
+
+UNEVEN = 3 * BATCH + 5  # three whole batches and 5 rows an epoch
+
+
+def uneven() -> Job:
+    """``build`` on a dataset that is no multiple of the batch (its last partial batch dropped, as
+    by default)."""
+    import dataclasses
+
+    return dataclasses.replace(build(), dataset=Inputs(UNEVEN), labels=Labels(UNEVEN))
+
+
+def uneven_smaller() -> Job:
+    """``uneven`` with the 5 rows left at the end of every epoch trained as a smaller batch."""
+    import dataclasses
+
+    return dataclasses.replace(uneven(), last_batch="smaller")
+
+
+def one_left() -> Job:
+    """A smaller last batch of one row: too few for a group of two devices to share."""
+    import dataclasses
+
+    return dataclasses.replace(uneven_smaller(), dataset=Inputs(3 * BATCH + 1), labels=Labels(3 * BATCH + 1))
 
 
 def build_with_loader_processes() -> Job:

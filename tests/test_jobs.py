@@ -19,7 +19,8 @@ from asteroid_fx.runtime.auth import SECRET_ENV, new_secret
 from asteroid_fx.runtime.data import Batches, needed_rows
 from asteroid_fx.runtime.job import Job, load_job
 from asteroid_fx.runtime.launcher import launch, load_weights
-from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, job_of, optimizer_of
+from asteroid_fx.runtime.spec import (RunSpec, batches, compile_spec, iterations_of, job_of, optimizer_of,
+                                      smaller_program)
 from tests import jobs
 from tests.eager import assert_same_state, eager_train_job
 
@@ -304,6 +305,106 @@ def test_a_job_whose_samples_or_loss_do_not_fit_the_model_stops_before_any_worke
     with pytest.raises(InputError, match=message):
         launch(RunSpec(model=entry), CLUSTER, tmp_path, timeout_s=60, log=lambda m: None)
     assert not list(tmp_path.glob("worker_*.log"))
+
+
+# --- an epoch's last partial batch -----------------------------------------------------------------
+
+# 53 samples, batches of 16: the 5 rows left at the end of every epoch trained as a smaller batch
+UNEVEN = dataclasses.replace(SPEC, model="tests.jobs:uneven_smaller")
+
+
+def _eager_smaller(spec: RunSpec):
+    """Eager training on the same batches, the smaller one in its program's micro-batches."""
+    job = job_of(spec)
+    smaller = smaller_program(job, compile_spec(spec, CLUSTER))
+    return eager_train_job(job, batches(spec), microbatches=spec.microbatches, seed=spec.seed,
+                           smaller_microbatches=smaller.microbatches)
+
+
+def test_a_smaller_last_batch_ends_every_epoch_and_trains_like_eager_on_the_local_backend(tmp_path):
+    import asteroid_fx as asteroid
+    from asteroid_fx.runtime.metrics import read_metrics
+
+    job = job_of(UNEVEN)
+    assert iterations_of(UNEVEN) == 8 and [job.rows_at(i) for i in range(8)] == [16, 16, 16, 5] * 2
+    data = Batches(job, seed=0)
+    for epoch in range(2):  # every sample once an epoch, the smaller batch included
+        rows = torch.cat([data.indices(4 * epoch + k) for k in range(4)])
+        assert sorted(rows.tolist()) == list(range(jobs.UNEVEN))
+    assert [len(data.whole(i)[1]) for i in (2, 3, 4)] == [16, 5, 16]
+    ref, ref_losses = _eager_smaller(UNEVEN)
+    compiled = compile_spec(UNEVEN, CLUSTER)
+    runner, losses = compiled.run(batches(UNEVEN), iterations_of(UNEVEN), optimizer=optimizer_of(UNEVEN))
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(runner.state_dict(), ref.state_dict())
+    assert str(runner.program) == str(compiled.program)  # swapped back after each smaller batch
+    # the Python API, the choice made there for a job that drops by default; stopped before the
+    # first smaller batch and resumed from there
+    pin = dict(microbatches=2, groups=SPEC.groups, rows=SPEC.rows, last_batch="smaller")
+    first = asteroid.train(jobs.uneven(), CLUSTER, out=tmp_path / "one", iterations=3, **pin)
+    rest = asteroid.train(jobs.uneven(), CLUSTER, out=tmp_path / "two", resume=tmp_path / "one", **pin)
+    assert rest.start == 3 and first.losses + rest.losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(rest.state_dict, ref.state_dict())
+    assert [r["samples"] for r in read_metrics(tmp_path / "two")[0]] == [5] + [16, 16, 16, 5]
+
+
+def test_the_last_partial_batch_is_dropped_by_default_as_before():
+    spec = dataclasses.replace(SPEC, model="tests.jobs:uneven")
+    job = job_of(spec)
+    assert job.last_batch == "drop" and iterations_of(spec) == 6 and {job.rows_at(i) for i in range(6)} == {16}
+    data = Batches(job, seed=0)
+    for epoch in range(2):  # 48 of the 53 samples an epoch, each once
+        rows = torch.cat([data.indices(3 * epoch + k) for k in range(3)]).tolist()
+        assert len(set(rows)) == 48 and set(rows) <= set(range(jobs.UNEVEN))
+    assert smaller_program(job, compile_spec(spec, CLUSTER)) is None
+    compiled = compile_spec(spec, CLUSTER)
+    runner, losses = compiled.run(batches(spec), iterations_of(spec), optimizer=optimizer_of(spec))
+    ref, ref_losses = _eager(spec)
+    assert len(losses) == 6 and losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(runner.state_dict(), ref.state_dict())
+    # the run's choice overrides the job's, both ways
+    assert iterations_of(dataclasses.replace(UNEVEN, last_batch="drop")) == 6
+    assert iterations_of(dataclasses.replace(spec, last_batch="smaller")) == 8
+
+
+def test_worker_processes_train_a_smaller_last_batch_like_eager(tmp_path):
+    from asteroid_fx.runtime.metrics import read_metrics
+
+    result = launch(UNEVEN, CLUSTER, tmp_path, timeout_s=240, log=lambda m: None)
+    ref, ref_losses = _eager_smaller(UNEVEN)
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    assert_same_state(load_weights(tmp_path, result["program"].devices), ref.state_dict())
+    assert [r["samples"] for r in read_metrics(tmp_path)[0]] == [16, 16, 16, 5] * 2
+
+
+def test_a_smaller_last_batch_is_refused_with_recovery_and_bad_choices_are_named(tmp_path, capsys):
+    from asteroid_fx.cli import main
+
+    with pytest.raises(InputError, match=r"recovery \(--recover\) does not support last_batch='smaller' yet"):
+        launch(dataclasses.replace(UNEVEN, recovery=True), CLUSTER, tmp_path, timeout_s=60, log=lambda m: None)
+    assert not list(tmp_path.glob("worker_*.log"))
+    cluster = tmp_path / "cluster.json"
+    CLUSTER.save(cluster)
+    # the command line's choice reaches the job: a job that drops by default, made to keep its rest
+    assert main(["launch", "tests.jobs:uneven", "--cluster", str(cluster), "--out", str(tmp_path / "run"),
+                 "--last-batch", "smaller", "--recover"]) == 2
+    err = capsys.readouterr().err
+    assert "does not support last_batch='smaller' yet: drop the last partial batch (--last-batch drop)" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["launch", "tests.jobs:uneven", "--cluster", str(cluster), "--last-batch", "pad"])
+    assert "--last-batch: invalid choice: 'pad'" in capsys.readouterr().err
+    # a remainder of one row, which the last stage's group of two cannot share: before any worker starts
+    from asteroid_fx.passes.remainder import RemainderError
+
+    with pytest.raises(RemainderError, match="has 1 row, fewer than the 2 that stage 1's group of 2 devices"):
+        launch(dataclasses.replace(SPEC, model="tests.jobs:one_left"), CLUSTER, tmp_path, timeout_s=60,
+               log=lambda m: None)
+    assert not list(tmp_path.glob("worker_*.log"))
+    with pytest.raises(InputError, match=r"Job.last_batch='pad': give 'drop' .* or 'smaller'"):
+        dataclasses.replace(jobs.uneven(), last_batch="pad")
+    with pytest.raises(InputError, match="last_batch='pad': give 'drop' or 'smaller'"):
+        RunSpec(model="tests.jobs:uneven", last_batch="pad")
 
 
 # --- transformers models on worker processes --------------------------------------------------------

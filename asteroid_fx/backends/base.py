@@ -59,6 +59,13 @@ class Runner(Protocol):
         iteration stays unfinished (``iteration`` does not advance)."""
         ...
 
+    def swap(self, program: Any) -> None:
+        """Run ``program`` from the next iteration on, every replica kept as it is: a program over
+        the same stages on the same devices (its rows and micro-batching may differ: an epoch's
+        smaller last batch, passes/remainder.py). Nothing moves; swapping back is the same call
+        with the running program. Raises on a program whose stages or groups differ."""
+        ...
+
     def state_dict(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
         """Parameters and buffers of the stages this runner holds, by model name (copies, on the
         host); ``keys`` keeps only those names."""

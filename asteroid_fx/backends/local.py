@@ -181,6 +181,23 @@ class LocalRunner:
                 self._rollback(device, Action(Op.ROLLBACK, info.index))
         self._rollback_taken = None
 
+    def swap(self, program: Program) -> None:
+        """Run ``program`` from the next iteration on, with every replica as it is: a program over
+        the same stages on the same devices (passes/remainder.same_stages), whose rows and
+        micro-batching may differ (an epoch's last partial batch, passes/remainder.py). Nothing
+        moves, so nothing is copied: swapping back is the same call with the running program."""
+        from asteroid_fx.passes.remainder import same_stages
+
+        if self._then is not None:
+            raise InputError("a recovery iteration is pending; swap programs after it has run")
+        why = same_stages(self.program, program)
+        if why is not None:
+            raise InputError(f"cannot swap in a program that moves stages: {why}; switch plans instead "
+                             "(passes/replan.py)")
+        self.program, self.order = program, execution_order(program)
+        for (device, stage), replica in self.held.items():
+            replica.rechunk(program.stages[stage].chunks_of(device))
+
     # --- one iteration -------------------------------------------------------------------------
 
     def step(self, inputs: Sequence[torch.Tensor], labels: Any, *, iteration: int | None = None,

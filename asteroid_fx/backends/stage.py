@@ -113,6 +113,15 @@ class StageReplica:
         self._least = MIN_BATCH_STAT_ROWS if self._batch_stats else 0  # fewer rows than this: _few_rows
         self._warned = False
 
+    def rechunk(self, chunks: Sequence[tuple[int, int]]) -> None:
+        """From the next iteration on, the replica's slot runs as ``chunks`` (the rows of another
+        program over the same stage table: a partial batch's, passes/remainder.py); its module,
+        optimizer and their state stay as they are."""
+        if not chunks:
+            raise InputError(f"stage {self.stage.index}: a replica runs at least one chunk of rows; give its slot's rows")
+        self.chunks = tuple(tuple(c) for c in chunks)
+        self.begin(0)
+
     def begin(self, batch: int) -> None:
         """A new iteration on a global batch of ``batch`` rows: nothing of the last one is kept."""
         self.batch, self.microbatches = batch, {}

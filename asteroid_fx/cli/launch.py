@@ -8,6 +8,7 @@ import logging
 from asteroid_fx.cli import args as args_
 from asteroid_fx.cli.compile import schedule_name
 from asteroid_fx.passes.partition import PLANNER_NAMES
+from asteroid_fx.runtime.job import LAST_BATCH
 
 
 def _backup_every(text: str) -> int | None:
@@ -50,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="iterations to train (default: the job's epochs over its dataset; a zoo model: 3)")
     la.add_argument("--optimizer", type=args_.optimizer, default=None, help="a torch.optim class name (default: the job's; a zoo model: sgd)")
     la.add_argument("--lr", type=args_.number(0.0, above=True), default=None, help="learning rate (default: the job's; a zoo model: 0.05)")
+    la.add_argument("--last-batch", choices=LAST_BATCH, default=None,
+                    help="an epoch's last partial batch: 'drop' it, or train it as a 'smaller' batch on the same "
+                    "stages and groups (default: the job's choice; a job's default is drop)")
     la.add_argument("--checkpoint-every", type=args_.count(0), default=0, metavar="N",
                     help="write a checkpoint into --out every N iterations (one is always written at the end)")
     la.add_argument("--resume", default=None, metavar="RUN",
@@ -109,7 +113,8 @@ def run_launch(args: argparse.Namespace) -> int:
                    iterations=args.iterations, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
                    stages=args.stages, emulate=args.emulate, dilation=args.dilation, recovery=args.recover,
                    backup_every=args.backup_every, backup_budget=args.backup_budget, replan=not args.no_replan,
-                   heartbeat_timeout_s=args.heartbeat_timeout, checkpoint_every=args.checkpoint_every)
+                   heartbeat_timeout_s=args.heartbeat_timeout, checkpoint_every=args.checkpoint_every,
+                   last_batch=args.last_batch)
     if args.new_cluster and args.resume is None:
         raise SystemExit("--new-cluster goes with --resume RUN")
     if args.shape_links:

@@ -2,7 +2,8 @@
 
 Iteration i of a run is batch ``i % steps_per_epoch`` of epoch ``i // steps_per_epoch``: the
 dataset's indices in a shuffle seeded by (run seed, epoch), which every process computes alike,
-cut into batches of ``batch`` rows (the last partial one dropped). Row r of the batch is sample
+cut into batches of ``batch`` rows; the last partial one is dropped, or with ``Job.last_batch`` =
+"smaller" is the epoch's last batch, of fewer rows (``Batches.rows_at``). Row r of the batch is sample
 ``order[k * batch + r]``. A device reads the rows its F actions name, and only what they need:
 the inputs where it runs the first stage, the labels where it runs the last (``needed_rows``).
 A recovery that redoes iteration i reads iteration i's rows again, whatever devices run them.
@@ -104,7 +105,8 @@ class Batches:
         self.collate = job.collate or torch.utils.data.default_collate
         self.flatten = flatten or _positional
         self.batch = job.batch
-        self.steps_per_epoch = len(self.dataset) // self.batch
+        # the validation set is read by sample (``rows``), never by iteration
+        self.steps_per_epoch = job.steps_per_epoch if not validation else len(self.dataset) // self.batch
         self._order: tuple[int, torch.Tensor] | None = None
 
     def indices(self, iteration: int) -> torch.Tensor:
@@ -119,6 +121,10 @@ class Batches:
                 order = torch.arange(n)
             self._order = (epoch, order)
         return self._order[1][k * self.batch:(k + 1) * self.batch]
+
+    def rows_at(self, iteration: int) -> int:
+        """Rows of iteration ``iteration``'s batch: ``batch``, or the smaller last batch's (``Job.rows_at``)."""
+        return self.job.rows_at(iteration)
 
     def load(self, iteration: int, input_rows: Spans, label_rows: Spans) -> tuple[tuple[Any, ...], Any]:
         """Iteration ``iteration``'s inputs at ``input_rows`` (a ``Rows`` per positional input) and
@@ -155,7 +161,7 @@ class Batches:
 
     def whole(self, iteration: int) -> tuple[tuple[torch.Tensor, ...], Any]:
         """The whole batch of ``iteration`` as plain tensors (the local backend, eager references)."""
-        every = ((0, self.batch),)
+        every = ((0, self.rows_at(iteration)),)
         inputs, labels = self.load(iteration, every, every)
         return tuple(r.value for r in inputs), labels.value
 

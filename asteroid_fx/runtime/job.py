@@ -24,6 +24,9 @@ from asteroid_fx.ir.errors import InputError
 # a zoo job's sample i is drawn under seed (run seed x this + i + 1)
 ZOO_SEED_STRIDE = 100_003
 
+# what Job.last_batch takes: leave an epoch's last partial batch out, or train it as a smaller batch
+LAST_BATCH = ("drop", "smaller")
+
 
 @dataclasses.dataclass
 class Job:
@@ -46,7 +49,10 @@ class Job:
     or its name), ``lr``, ``optimizer_kwargs``, ``no_decay`` (name patterns with weight decay 0),
     ``scheduler`` (optimizer -> LRScheduler, stepped per iteration), ``clip_grad_norm`` (the
     global norm over every stage). ``epochs`` over the dataset in a seeded shuffle
-    (``shuffle``); the last partial batch of an epoch is dropped. ``loader_workers``: processes
+    (``shuffle``). ``last_batch``: what becomes of the ``len(dataset) mod batch`` rows an epoch
+    leaves over: "drop" (the default) leaves them out, "smaller" trains them as the epoch's last
+    iteration, a batch of those rows only, with the loss their mean (passes/remainder.py: the same
+    stages and groups, fewer rows and maybe fewer micro-batches). ``loader_workers``: processes
     that load a device's rows ahead (a torch DataLoader's; 0: one background thread), for
     datasets whose reads cost CPU."""
 
@@ -69,6 +75,7 @@ class Job:
     epochs: int = 1
     shuffle: bool = True
     loader_workers: int = 0
+    last_batch: str = "drop"
     name: str = ""
 
     def __post_init__(self):
@@ -93,6 +100,9 @@ class Job:
         if len(self.dataset) < self.batch:
             raise InputError(f"the dataset has {len(self.dataset)} samples, fewer than one batch of {self.batch}; "
                              "use a smaller batch")
+        if self.last_batch not in LAST_BATCH:
+            raise InputError(f"Job.last_batch={self.last_batch!r}: give 'drop' (leave an epoch's last partial batch out) "
+                             "or 'smaller' (train it as a smaller batch)")
         if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
             raise InputError(f"Job.loader_workers={self.loader_workers!r}: give 0 (a background thread) or a number of "
                              "loader processes")
@@ -106,8 +116,19 @@ class Job:
                                  self.scheduler)
 
     @property
+    def remainder(self) -> int:
+        """Rows of the smaller batch that ends every epoch (0: none, the last partial batch is
+        dropped or there is none)."""
+        return len(self.dataset) % self.batch if self.last_batch == "smaller" else 0
+
+    @property
     def steps_per_epoch(self) -> int:
-        return len(self.dataset) // self.batch
+        return len(self.dataset) // self.batch + (self.remainder > 0)
+
+    def rows_at(self, iteration: int) -> int:
+        """Rows of iteration ``iteration``'s batch: ``batch``, or ``remainder`` at an epoch's end."""
+        last = iteration % self.steps_per_epoch == self.steps_per_epoch - 1
+        return self.remainder if last and self.remainder else self.batch
 
     @property
     def iterations(self) -> int:
@@ -117,6 +138,10 @@ class Job:
         """The job with its optimizer's name or learning rate replaced where given."""
         changes = {k: v for k, v in (("optimizer", optimizer), ("lr", lr)) if v is not None}
         return dataclasses.replace(self, **changes) if changes else self
+
+    def with_last_batch(self, last_batch: str | None) -> Job:
+        """The job with its ``last_batch`` choice replaced where given (checked: "drop" or "smaller")."""
+        return dataclasses.replace(self, last_batch=last_batch) if last_batch not in (None, self.last_batch) else self
 
 
 def load_job(entry: str, *, batch: int | None = None, iterations: int | None = None, seed: int = 0) -> Job:

@@ -38,8 +38,8 @@ from asteroid_fx.runtime.evaluate import Validation
 from asteroid_fx.runtime.faults import FAULTS_ENV, require_injection, worker_env
 from asteroid_fx.runtime.job import import_root
 from asteroid_fx.runtime.metrics import Metrics, Progress, read_metrics
-from asteroid_fx.runtime.spec import (RunSpec, check_job, compile_spec, iterations_of, job_of, log_path, pinned,
-                                      weights_path)
+from asteroid_fx.runtime.spec import (RunSpec, check_job, check_last_batch, compile_spec, iterations_of, job_of,
+                                      log_path, pinned, smaller_program, weights_path)
 from asteroid_fx.runtime.store import (CLUSTER, DEAD, PROGRAM, SPEC, admit_key, beat_key, epoch_of, failure_key,
                                        failures_key, get_float, get_json, has, killed_at_key, loss_key, result_key,
                                        seconds_key, serve_store)
@@ -105,8 +105,10 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         raise InputError(f"devices {unknown} cannot join: they are not in the cluster ({', '.join(cluster.names)})")
     if joining and not (spec.recovery and spec.replan):
         raise InputError("devices can join only a run with recovery and re-planning on (RunSpec.recovery, .replan)")
+    check_last_batch(spec, job_of(spec))
     compiled = compile_spec(spec, cluster.subset([d for d in cluster.names if d not in joining]) if joining else cluster)
     check_job(job_of(spec), compiled)  # here, where no device runs: a bad job stops before any worker starts
+    smaller_program(job_of(spec), compiled)  # a partial batch the groups cannot share stops here too
     spec = pinned(spec, compiled.plan)
     if resume is not None:
         spec = _resumed(spec, compiled, cluster, resume, new_cluster, report)
@@ -382,7 +384,7 @@ class _Live:
             self.record(i, loss, seconds)
 
     def record(self, i: int, loss: float | None, seconds: float) -> None:
-        batch = self.job.batch
+        batch = self.job.rows_at(i)
         if loss is not None:
             self.metrics.iteration(i, i // self.job.steps_per_epoch, loss, list(self.job.settings.lr_at(i)[:self._groups()]),
                                    seconds, batch)
@@ -405,7 +407,7 @@ class _Live:
         for k, (loss, seconds) in enumerate(zip(result["losses"], result["seconds"])):
             i = self.spec.start + k
             metrics.iteration(i, i // self.job.steps_per_epoch, loss, list(self.job.settings.lr_at(i)[:self._groups()]),
-                              seconds, self.job.batch)
+                              seconds, self.job.rows_at(i))
         for v in self.earlier_validation:
             metrics.validation(v["iteration"], v["epoch"], v["val_loss"], v["val_accuracy"], v["samples"])
         for v in result.get("validation", []):

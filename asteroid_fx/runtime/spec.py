@@ -16,7 +16,7 @@ import torch
 from asteroid_fx.backends.state import OptimizerSettings
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.runtime.data import Batches
-from asteroid_fx.runtime.job import Job, load_job
+from asteroid_fx.runtime.job import LAST_BATCH, Job, load_job
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,7 @@ class RunSpec:
     start: int = 0  # the first iteration to run (a resumed run: the checkpoint's)
     checkpoint_every: int = 0  # iterations between checkpoints in the run folder (0: only at the end)
     resume: str | None = None  # a checkpoint folder (runtime/checkpoint.py) whose state the run starts from
+    last_batch: str | None = None  # "drop" | "smaller" (runtime/job.py); None: the job's (a zoo job: "drop")
 
     def __post_init__(self):
         if self.backup_every is not None and self.backup_every < 1:
@@ -72,6 +73,8 @@ class RunSpec:
             if value is not None and (not isinstance(value, int) or value < (0 if name in ("start", "checkpoint_every") else 1)):
                 raise InputError(f"{name}={value!r}: give a {'non-negative' if name in ('start', 'checkpoint_every') else 'positive'} "
                                  "number of " + ("rows" if name == "batch" else "iterations"))
+        if self.last_batch is not None and self.last_batch not in LAST_BATCH:
+            raise InputError(f"last_batch={self.last_batch!r}: give 'drop' or 'smaller', or None for the job's choice")
         if not 0 < self.backup_budget < 1:
             raise InputError(f"backup_budget={self.backup_budget} is not a fraction of the run's time; give one "
                              "in (0, 1), for example 0.02")
@@ -111,13 +114,23 @@ ZOO_ITERATIONS = 3  # a zoo job's length when the spec gives none
 
 @functools.lru_cache(maxsize=8)
 def _job(model: str, batch: int | None, iterations: int | None, seed: int, optimizer: str | None,
-         lr: float | None) -> Job:
-    return load_job(model, batch=batch, iterations=iterations or ZOO_ITERATIONS, seed=seed).with_optimizer(optimizer, lr)
+         lr: float | None, last_batch: str | None) -> Job:
+    job = load_job(model, batch=batch, iterations=iterations or ZOO_ITERATIONS, seed=seed)
+    return job.with_optimizer(optimizer, lr).with_last_batch(last_batch)
 
 
 def job_of(spec: RunSpec) -> Job:
-    """The spec's job (imported once per process), with the spec's batch and optimizer choices."""
-    return _job(spec.model, spec.batch, spec.iterations, spec.seed, spec.optimizer, spec.lr)
+    """The spec's job (imported once per process), with the spec's batch, optimizer and
+    last-batch choices."""
+    return _job(spec.model, spec.batch, spec.iterations, spec.seed, spec.optimizer, spec.lr, spec.last_batch)
+
+
+def check_last_batch(spec: RunSpec, job: Job) -> None:
+    """Refuse, before any work starts, what a smaller last batch does not go with yet: recovery
+    (a replay or a re-plan would have to rewrite the partial batch's program too)."""
+    if spec.recovery and job.last_batch == "smaller":
+        raise InputError("recovery (--recover) does not support last_batch='smaller' yet: drop the last partial "
+                         "batch (--last-batch drop), or train without --recover")
 
 
 def iterations_of(spec: RunSpec) -> int:
@@ -229,6 +242,14 @@ def check_job(job: Job, compiled) -> None:
         shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
         raise InputError(f"the job's loss returned {shown}; it must return a scalar float tensor (the mean over "
                          "the rows it is given)")
+
+
+def smaller_program(job: Job, compiled):
+    """The program of the job's smaller last batch (passes/remainder.py), or None where every
+    batch is whole (``last_batch`` "drop", or a dataset a multiple of the batch)."""
+    from asteroid_fx.passes.remainder import remainder_program
+
+    return remainder_program(compiled, job.remainder) if job.remainder else None
 
 
 def pinned(spec: RunSpec, plan) -> RunSpec:

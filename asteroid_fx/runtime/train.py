@@ -37,7 +37,7 @@ from asteroid_fx.runtime.data import Batches
 from asteroid_fx.runtime.evaluate import evaluate
 from asteroid_fx.runtime.metrics import Metrics, Progress
 from asteroid_fx.runtime.job import Job
-from asteroid_fx.runtime.spec import RunSpec, call_inputs, check_job, compile_job, job_of
+from asteroid_fx.runtime.spec import RunSpec, call_inputs, check_job, compile_job, job_of, smaller_program
 
 BACKENDS = ("local", "processes", "torchrun")
 
@@ -64,13 +64,14 @@ def train(job: Job | str, devices: Any, *, out: str | os.PathLike | None = None,
           planner: str = "asteroid", schedule: str = "1f1b", groups=None, rows=None, seed: int = 0,
           checkpoint_every: int = 0,
           resume: str | os.PathLike | None = None, new_cluster: bool = False, recovery: bool = False,
-          emulate: bool = False, timeout_s: float = 600.0, log: Callable[[str], None] | None = None,
-          progress: bool = False) -> Trained:
+          emulate: bool = False, last_batch: str | None = None, timeout_s: float = 600.0,
+          log: Callable[[str], None] | None = None, progress: bool = False) -> Trained:
     """Train ``job`` (a Job, or its entry "package.module:attribute", or a zoo name) on ``devices``
     (a Cluster, a preset name, a cluster JSON path or a list of devices). ``iterations``: default
     the job's epochs over its dataset; ``microbatches``, ``stages``, ``planner``, ``schedule``,
-    ``groups`` and ``rows`` as ``asteroid.compile`` takes them. See the module docstring for
-    ``backend``."""
+    ``groups`` and ``rows`` as ``asteroid.compile`` takes them; ``last_batch`` ("drop" or
+    "smaller"; None: the job's) replaces the job's choice for an epoch's last partial batch. See
+    the module docstring for ``backend``."""
     if backend not in BACKENDS:
         raise InputError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
     if checkpoint_every < 0:
@@ -83,7 +84,7 @@ def train(job: Job | str, devices: Any, *, out: str | os.PathLike | None = None,
     spec = RunSpec(model=entry, iterations=iterations, microbatches=microbatches, stages=stages, planner=planner,
                    schedule=schedule, seed=seed, groups=None if groups is None else tuple(tuple(g) for g in groups),
                    rows=None if rows is None else tuple(tuple(r) for r in rows), checkpoint_every=checkpoint_every, recovery=recovery,
-                   emulate=emulate)
+                   emulate=emulate, last_batch=last_batch)
     if backend == "processes":
         return _processes(spec, cluster, out, resume, new_cluster, timeout_s, log, progress)
     if backend == "torchrun":
@@ -93,8 +94,8 @@ def train(job: Job | str, devices: Any, *, out: str | os.PathLike | None = None,
         return _torchrun(spec, cluster, out, resume, new_cluster, log)
     if emulate or recovery:
         raise InputError("emulation and recovery run on worker processes: use backend='processes'")
-    return _local(job if isinstance(job, Job) else job_of(spec), spec, cluster, out, resume, new_cluster, log,
-                  progress)
+    return _local(job.with_last_batch(last_batch) if isinstance(job, Job) else job_of(spec), spec, cluster, out,
+                  resume, new_cluster, log, progress)
 
 
 def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log, progress: bool) -> Trained:
@@ -114,22 +115,31 @@ def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log
             raise InputError(f"checkpoint {manifest['folder']} is after {start} iterations: the run of {total} is done")
         runner.load_copy(checkpoint.read_state(manifest))
         runner.iteration = start
+    smaller = smaller_program(job, compiled)  # the program of an epoch's smaller last batch, if any
     losses, seconds, validation = [], [], []
     metrics = Metrics(out) if out is not None else None
     bar = Progress(total - start) if progress and total > start else None
     groups = 2 if job.no_decay else 1
     for i in range(start, total):
         inputs, labels = data.whole(i)
+        rows = job.rows_at(i)
         began = time.perf_counter()
-        losses.append(runner.step(inputs, labels))
+        if rows < job.batch:  # swapped in for this iteration: the same stages and groups, nothing moves
+            runner.swap(smaller)
+            try:
+                losses.append(runner.step(inputs, labels))
+            finally:
+                runner.swap(compiled.program)
+        else:
+            losses.append(runner.step(inputs, labels))
         seconds.append(time.perf_counter() - began)
         if log is not None:
             log(f"iteration {i + 1}/{total}: loss {losses[-1]:.4f}")
         if metrics is not None:
             metrics.iteration(i, i // job.steps_per_epoch, losses[-1], list(job.settings.lr_at(i)[:groups]), seconds[-1],
-                              job.batch)
+                              rows)
         if bar is not None:
-            bar.update(i - start, losses[-1], job.batch / seconds[-1])
+            bar.update(i - start, losses[-1], rows / seconds[-1])
         done = i + 1
         if out is not None and (done == total or (spec.checkpoint_every and done % spec.checkpoint_every == 0)):
             stages = [{**checkpoint.write_stage(out, done, p, runner.stage_copy(p)), "layers": list(st.layers)}

@@ -29,7 +29,8 @@ from asteroid_fx.runtime.heartbeat import Heartbeat
 from asteroid_fx.runtime.member import Member
 from asteroid_fx.runtime.recovery import recover
 from asteroid_fx.runtime.data import Loader, needed_rows
-from asteroid_fx.runtime.spec import RunSpec, batches_of, compile_spec, iterations_of, job_of, weights_path
+from asteroid_fx.runtime.spec import (RunSpec, batches_of, check_last_batch, compile_spec, iterations_of, job_of,
+                                      smaller_program, weights_path)
 from asteroid_fx.runtime.store import (CLUSTER, PROGRAM, SPEC, STORE_TIMEOUT_S, checkpoint_key, connect, loss_key,
                                        result_key, seconds_key)
 
@@ -171,6 +172,9 @@ class Training(Member):
         # only this device's rows, the next iteration's loaded while this one trains
         self.data = Loader(batches_of(spec, compiled), iterations=iterations_of(spec),
                            workers=job_of(spec).loader_workers)
+        # the program of an epoch's smaller last batch (Job.last_batch "smaller"; runs without recovery)
+        check_last_batch(spec, job_of(spec))
+        self.smaller = smaller_program(job_of(spec), compiled)
         self.out = out  # the run folder: checkpoints go there
         self.manifest_due: int | None = None  # the checkpoint whose manifest the leader writes next
         self.data_s = 0.0  # time spent waiting for this device's rows (what prefetch did not hide)
@@ -266,12 +270,23 @@ class Training(Member):
                     # past the barrier every survivor has finished iteration i - 1
                     self.worker.drop_copies_before(points.tag_at_or_before(i))
                 actions = self.redo if redoing else (self.full if points.backs_up(i) else self.plain).of(self.device)
-                waited = time.perf_counter()
-                inputs, labels = self.data.get(i, *self._rows_of(actions))
-                self.data_s += time.perf_counter() - waited
-                started = time.perf_counter()
-                loss = self.worker.step(inputs, labels, actions={self.device: actions}, iteration=i)
-                took = time.perf_counter() - started
+                # an epoch's smaller last batch: its program swapped in for this iteration, on the
+                # same stages and groups (nothing moves), and the running one back after it
+                running = self.worker.program
+                partial = self.smaller is not None and self.data.batches.rows_at(i) < self.data.batches.batch
+                if partial:
+                    self.worker.swap(self.smaller)
+                    actions = self.smaller.of(self.device)
+                try:
+                    waited = time.perf_counter()
+                    inputs, labels = self.data.get(i, *self._rows_of(actions))
+                    self.data_s += time.perf_counter() - waited
+                    started = time.perf_counter()
+                    loss = self.worker.step(inputs, labels, actions={self.device: actions}, iteration=i)
+                    took = time.perf_counter() - started
+                finally:
+                    if partial:
+                        self.worker.swap(running)
             except Interrupted:
                 if self.left:
                     return

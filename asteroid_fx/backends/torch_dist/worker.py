@@ -117,7 +117,7 @@ class DistWorker:
         self.copies: dict[int, StateCopy] = {} if copies is None else copies
         self.fault = fault
         self.done = 0  # actions completed in the current iteration (a failure's progress)
-        self._runs: dict[tuple[Action, ...], _Prepared] = {}
+        self._runs: dict[tuple[int, tuple[Action, ...]], _Prepared] = {}
         # where stage 0's inputs are among the model's, which every micro-batch would look up again
         self._input_positions = tuple(self.input_index[n] for n in self.stage.inputs) if self.info.index == 0 else ()
         # backups, per link (process group, stage, peer): the layout of the last copy sent or
@@ -126,6 +126,21 @@ class DistWorker:
         self._held_layouts: dict[tuple, StateLayout] = {}
         self._restoring: dict[tuple, tuple[torch.Tensor, Any]] = {}
         self._sent: tuple[int, StateLayout, torch.Tensor] | None = None  # the last copy sent after a STEP
+
+    def swap(self, program: Program) -> None:
+        """Run ``program`` from the next iteration on, over the same process groups and with the
+        stage's module and optimizer as they are: a program over the same stages on the same
+        devices (passes/remainder.same_stages), whose rows and micro-batching may differ (an
+        epoch's last partial batch, passes/remainder.py). Swapping back is the same call with the
+        running program."""
+        from asteroid_fx.passes.remainder import same_stages
+
+        why = same_stages(self.program, program)
+        if why is not None:
+            raise BackendError(f"{self.device}: cannot swap in a program that moves stages: {why}")
+        self.program = program
+        self.info, self.slot = program.stage_of(self.device), program.slot_of(self.device)
+        self.replica.rechunk(self.info.chunks_of(self.device))
 
     def take_point(self, iteration: int) -> None:
         """File the stage's current state as the rollback point of ``iteration`` (its start)."""
@@ -170,9 +185,11 @@ class DistWorker:
         mine = actions.get(self.device) if actions is not None else None
         actions = tuple(p.of(self.device) if mine is None else mine)
         limit = len(actions) if stop is None else min(stop.get(self.device, 0), len(actions))
-        prepared = self._runs.get(actions)
+        # keyed by the micro-batch size too: a swapped-in program's rows are cut from other batches
+        prepared = self._runs.get((p.microbatch_rows, actions))
         if prepared is None:
-            prepared = self._runs[actions] = _Prepared.of(actions, p.microbatch_rows, self.post_ahead_bytes)
+            prepared = self._runs[(p.microbatch_rows, actions)] = _Prepared.of(actions, p.microbatch_rows,
+                                                                               self.post_ahead_bytes)
         self._prepared, self.receives, self._receive_of = prepared, prepared.receives, prepared.receive_of
         self.iteration, self._stepped = iteration, False
         self._inputs, self._labels = tuple(inputs), labels
