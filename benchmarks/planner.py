@@ -5,7 +5,8 @@ GPT-2 small (tied head) and BERT-base (full-size configurations, random weights,
 from the catalog's spec sheets) x every heterogeneous edge preset x two global
 batch sizes: the simulated throughput of the plan of every planner (asteroid, dp, pp, pipedream,
 hetpipe, metis, and "asteroid (paper)": the paper's single memory ordering, no local search), and
-the ratio of asteroid to each. Then the gap to the exhaustive oracle on graphs coarsened to 12
+the ratio of asteroid to each, and how much the best single move (passes/planners/polish.py,
+every one simulated) would still speed up asteroid's plan of each case. Then the gap to the exhaustive oracle on graphs coarsened to 12
 layers and clusters of up to 5 devices, and the planning time against layers and devices.
 Writes the "planner" section of RESULTS.md; a run of transformers models only (``--models
 hf-gpt2,hf-bert``) writes its own section, "planner-transformers", and leaves the zoo's as it is.
@@ -35,7 +36,9 @@ from asteroid_fx.ir import catalog  # noqa: E402
 
 from asteroid_fx import models
 from asteroid_fx.ir.cluster import Cluster  # noqa: E402
-from asteroid_fx.passes.planners import baselines, hpp  # noqa: E402
+from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, CostTable  # noqa: E402
+from asteroid_fx.passes.planners import baselines, hpp, polish  # noqa: E402
+from asteroid_fx.passes.planners.candidates import Candidate  # noqa: E402
 from asteroid_fx.passes.annotate_costs import annotate_costs  # noqa: E402
 from asteroid_fx.passes.capture import capture  # noqa: E402
 from asteroid_fx.passes.linearize import linearize  # noqa: E402
@@ -72,6 +75,7 @@ TIMING_DEVICES = (4, 8, 16)
 SCALE_DEVICES = (16, 32, 64, 128)
 SCALE_BATCHES = (32, 128)
 SCALE_KINDS = ("jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-orin-nano", "raspberry-pi-5", "laptop-i7")
+LOCAL_GOAL = 0.005  # the best single move may speed a plan up by at most this
 SCALE_GOALS = {16: 2, 32: 5, 64: 10}  # seconds for the whole search
 SCALE_LINKS = {"gigabit-ethernet": SCALE_DEVICES, "fast-ethernet": (16, 64)}  # 100 Mbit/s on a few sizes
 
@@ -112,7 +116,8 @@ def fmt(x: float | None) -> str:
 
 
 def grid(captured: dict, presets, batches) -> tuple[list[str], dict]:
-    rows, stats = [], {"ratios": {p: [] for p in PLANNERS if p != "asteroid"}, "best_hybrid": [], "cases": []}
+    rows, stats = [], {"ratios": {p: [] for p in PLANNERS if p != "asteroid"}, "best_hybrid": [], "cases": [],
+                       "moves": []}
     head = ("| model | cluster | batch | " + " | ".join(PLANNERS) + " | asteroid / best hybrid | asteroid plan |")
     rows += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, cap in captured.items():
@@ -143,7 +148,45 @@ def grid(captured: dict, presets, batches) -> tuple[list[str], dict]:
                 log(f"  {name} {preset} {batch}: " + ", ".join(f"{k} {fmt(v)}" for k, v in thr.items())
                     + f"  (asteroid planned in {secs['asteroid']:.2f}s)")
                 stats["cases"].append((name, preset, batch, thr, secs))
+                if p is not None:
+                    gain, what, n = best_single_move(lg, cluster, batch, p)
+                    stats["moves"].append((gain, name, preset, batch, what, n))
     return rows, stats
+
+
+def best_single_move(lg, cluster, batch: int, p) -> tuple[float, str, int]:
+    """The most any single move of polish.moves (every one, simulated) speeds up plan ``p``'s
+    simulated iteration (a fraction; <= 0 when none does), that move, and how many there were."""
+    tables = {}
+
+    def table_for(R):
+        if R not in tables:
+            tables[R] = CostTable(lg, cluster, R, ADAM_STATE_FACTOR, False)
+        return tables[R]
+
+    c = Candidate(p.stages, p.microbatches, p.microbatch_rows, 0.0, p.schedule)
+    base = hpp._simulated_s(c, lg, cluster, ADAM_STATE_FACTOR, "asteroid", False)
+    best, what, n = 0.0, "-", 0
+    for label, m in polish.moves(c, table_for, cluster.names, polish.Pins(batch)):
+        n += 1
+        gain = base / hpp._simulated_s(m, lg, cluster, ADAM_STATE_FACTOR, "asteroid", False) - 1.0
+        if gain > best:
+            best, what = gain, label
+    return best, what, n
+
+
+def local_optimality(moves) -> list[str]:
+    """The distribution of the best single move's gain over the grid's plans."""
+    if not moves:
+        return []
+    gains = sorted(m[0] for m in moves)
+    top = max(moves)
+    within = sum(g <= LOCAL_GOAL for g in gains)
+    q = lambda f: gains[min(len(gains) - 1, int(f * len(gains)))]  # noqa: E731
+    return ["| plans | moves tried per plan (median) | no move faster | best move <= 0.5% | median | p90 | max (where, move) |",
+            "|---:|---:|---:|---:|---:|---:|---|",
+            f"| {len(gains)} | {statistics.median(m[5] for m in moves):.0f} | {sum(g <= 0 for g in gains)} | "
+            f"{within} | {q(0.5):+.2%} | {q(0.9):+.2%} | {top[0]:+.2%} ({top[1]} on {top[2]}, batch {top[3]}: {top[4]}) |"]
 
 
 def geomean(xs) -> float:
@@ -310,6 +353,13 @@ def main() -> None:
         body += ["", f"What the search beyond the paper (more device orders, cut polishing and local search, "
                      f"a deeper 1F1B warm-up where it pays) gains over the paper's single memory order: geometric mean {geomean([r[0] for r in paper]):.3f}x, at most "
                      f"{max(paper)[0]:.2f}x ({max(paper)[1]} on {max(paper)[2]}, batch {max(paper)[3]})."]
+    if stats["moves"]:
+        body += ["", "### Local optimality", "",
+                 "Every single move of `polish.moves` (a cut by 1-3 allowed cuts, a device into the next or "
+                 "previous group, dropped or added, the next micro-batch count either way, 1 row or an eighth "
+                 "of a member's rows to another member, another 1F1B warm-up depth) applied to asteroid's plan "
+                 "of each case above and simulated; gain = how much faster the best of them simulates "
+                 f"(goal: at most {LOCAL_GOAL:.1%} anywhere).", "", *local_optimality(stats["moves"])]
     secs = [c[4]["asteroid"] for c in stats["cases"]]
     if secs:
         body += ["", f"Asteroid planning time over the grid: median {statistics.median(secs):.2f} s, "

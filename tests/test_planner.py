@@ -6,6 +6,7 @@ wiring of the planner option."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 
@@ -32,6 +33,7 @@ KINDS = ("jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-orin-nano", "l
 GiB = 2**30
 
 
+@functools.lru_cache(maxsize=None)  # one capture per model and size for every test module that asks
 def _layer_graph(name: str, max_layers: int) -> LayerGraph:
     entry = models.get(name)
     torch.manual_seed(0)
@@ -279,7 +281,7 @@ def test_a_64_device_cluster_plans_within_a_bound():
 
     lg = _synthetic(200)
     cluster = Cluster.from_kinds((MIXED * 11)[:64], 125e6, 5e-4)
-    started = time.perf_counter()
+    started = time.process_time()  # the planner's own CPU time: wall time on a shared runner is the load's
     plan = hpp.plan(lg, cluster, batch=32)
-    assert time.perf_counter() - started < 30  # generous: shared runners; the benchmark measures it
+    assert time.process_time() - started < 30  # generous; the benchmark measures it
     check_sound(plan, lg, cluster, 32)

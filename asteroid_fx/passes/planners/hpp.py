@@ -20,7 +20,11 @@ The search (after the paper's planner, MobiCom 2024 §4, and extended where note
    a device to another group or out of the plan, swap two devices of different groups; keep a move
    when the closed form improves.
 5. The best few distinct candidates are simulated (``sim.predict`` of the program they lower to)
-   and the fastest simulated one is the plan: its prediction is the simulator's.
+   and the fastest simulated one is kept.
+6. Polish (beyond the paper, polish.py): single moves of that plan (a cut, a device, the
+   micro-batch count, rows between members, the warm-up depth) are simulated, best closed form
+   first, and the first faster one is kept, while one is and a budget of simulations lasts. The
+   result is the plan: its prediction is the simulator's.
 
 With ``recovery`` every device's memory also holds recovery's state copies (estimate.py): its
 rollback point in every stage's static bytes, and the backups a stage's first device holds, which
@@ -50,6 +54,8 @@ from asteroid_fx.passes.planners.candidates import Candidate, exact, microbatch_
 from asteroid_fx.passes.planners.dp import DP_BOUNDARIES, dp_boundaries, dp_plans
 from asteroid_fx.passes.planners.group_costs import GroupCosts
 from asteroid_fx.passes.planners.local_search import local_search, polish_cuts
+from asteroid_fx.passes.planners.polish import Pins, polish
+from asteroid_fx.passes.planners.polish import budget as polish_budget
 from asteroid_fx.passes.planners.predict import predict
 from asteroid_fx.passes.planners.stage_count import check_stages
 
@@ -153,7 +159,20 @@ def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | No
     if not cands:
         raise NoPlanError(no_plan_message(lg, cluster, batch, microbatches, microbatch_rows, schedule,
                                           opt_state_factor, recovery, stages))
-    return best_simulated(to_simulate(cands, simulate_top), lg, cluster, opt_state_factor, name, recovery)
+    best, seconds = fastest(to_simulate(cands, simulate_top), lg, cluster, opt_state_factor, name, recovery)
+    if local and orders != "memory":
+        tables: dict[int, CostTable] = {}
+
+        def table_for(R: int) -> CostTable:
+            if R not in tables:
+                tables[R] = CostTable(lg, cluster, R, opt_state_factor, recovery)
+            return tables[R]
+
+        pins = Pins(batch, microbatches is not None or microbatch_rows is not None, stages,
+                    deepen and schedule == "1f1b")
+        best, seconds = polish(best, seconds, lambda c: _simulated_s(c, lg, cluster, opt_state_factor, name, recovery),
+                               table_for, cluster.names, pins, polish_budget(len(cluster.devices)))
+    return finish(best, lg, cluster, opt_state_factor, name, recovery)
 
 
 def to_simulate(cands: Sequence[Candidate], top: int, most: int = 10) -> list[Candidate]:
@@ -177,16 +196,28 @@ def to_simulate(cands: Sequence[Candidate], top: int, most: int = 10) -> list[Ca
     return chosen
 
 
+def _simulated_s(c: Candidate, lg: LayerGraph, cluster: Cluster, opt_state_factor: float, name: str,
+                 recovery: bool) -> float:
+    return predict(Plan(c.stages, c.microbatches, c.rows, c.schedule, name, recovery=recovery), lg, cluster,
+                   opt_state_factor).iteration_s
+
+
+def fastest(cands: Sequence[Candidate], lg: LayerGraph, cluster: Cluster, opt_state_factor: float,
+            name: str, recovery: bool = False) -> tuple[Candidate, float]:
+    """The fastest of ``cands`` by simulation, and its simulated iteration seconds."""
+    best, best_s = None, INF
+    for c in cands:
+        t = _simulated_s(c, lg, cluster, opt_state_factor, name, recovery)
+        if t < best_s:
+            best, best_s = c, t
+    return best, best_s
+
+
 def best_simulated(cands: Sequence[Candidate], lg: LayerGraph, cluster: Cluster, opt_state_factor: float,
                    name: str, recovery: bool = False) -> Plan:
     """The fastest of ``cands`` by simulation, with its prediction and explanations."""
-    best, best_s = None, INF
-    for c in cands:
-        t = predict(Plan(c.stages, c.microbatches, c.rows, c.schedule, name, recovery=recovery), lg, cluster,
-                    opt_state_factor).iteration_s
-        if t < best_s:
-            best, best_s = c, t
-    return finish(best, lg, cluster, opt_state_factor, name, recovery)
+    return finish(fastest(cands, lg, cluster, opt_state_factor, name, recovery)[0], lg, cluster, opt_state_factor,
+                  name, recovery)
 
 
 def finish(c: Candidate, lg: LayerGraph, cluster: Cluster, opt_state_factor: float, name: str,

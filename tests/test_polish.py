@@ -1,0 +1,97 @@
+"""The planner's polish (passes/planners/polish.py): its moves keep every device within memory and
+keep what the caller pinned; run to the end, its result is a local optimum of the simulated
+iteration under those moves; the planner's plan is never slower than the search's best before it."""
+
+from __future__ import annotations
+
+import pytest
+
+from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, CostTable
+from asteroid_fx.ir import catalog
+from asteroid_fx.ir.cluster import Cluster
+from asteroid_fx.passes.planners import hpp, polish
+from asteroid_fx.passes.planners.candidates import Candidate
+from tests.test_planner import _layer_graph, check_sound
+
+CASES = [  # (model, layers, kinds, bandwidth, batch)
+    ("gpt", 12, ("jetson-nano", "jetson-tx2", "laptop-i7", "raspberry-pi-5"), 12.5e6, 16),
+    ("resnet18", 10, ("jetson-orin-nano", "jetson-nano", "jetson-tx2"), 125e6, 12),
+    ("bert", 12, ("jetson-xavier-nx", "jetson-nano", "raspberry-pi-5", "jetson-tx2", "laptop-i7"), 37.5e6, 32),
+]
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    return {(m, n): _layer_graph(m, n) for m, n, *_ in CASES}
+
+
+def _tools(lg, cluster):
+    tables = {}
+
+    def table_for(R):
+        if R not in tables:
+            tables[R] = CostTable(lg, cluster, R, ADAM_STATE_FACTOR, False)
+        return tables[R]
+
+    def simulated(c):
+        return hpp._simulated_s(c, lg, cluster, ADAM_STATE_FACTOR, "asteroid", False)
+
+    return table_for, simulated
+
+
+def _candidate(plan):
+    return Candidate(plan.stages, plan.microbatches, plan.microbatch_rows, 0.0, plan.schedule)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_every_move_fits_memory_and_keeps_the_pins(graphs, case):
+    model, layers, kinds, bw, batch = case
+    lg = graphs[model, layers]
+    cluster = Cluster.from_kinds(kinds, bw, 1e-3)
+    table_for, _ = _tools(lg, cluster)
+    plan = hpp.plan(lg, cluster, batch=batch)
+    c = _candidate(plan)
+    free = list(polish.moves(c, table_for, cluster.names, polish.Pins(batch)))
+    assert free
+    for what, m in free:
+        assert m.key != c.key, what
+        assert table_for(m.rows).fits(m.stages, m.microbatches, m.schedule), what
+        assert sum(m.stages[0].rows) == m.rows and m.rows * m.microbatches == batch, what
+    pinned = polish.Pins(batch, microbatches=True, stages=len(c.stages), deepen=False)
+    for what, m in polish.moves(c, table_for, cluster.names, pinned):
+        assert (m.microbatches, len(m.stages), m.schedule) == (c.microbatches, len(c.stages), c.schedule), what
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_polish_run_to_the_end_is_a_local_optimum(graphs, case):
+    """From the search's start (the planner's plan with its polish undone is not at hand, so from a
+    plain one: every layer on one stage of its group), the descent with no budget left over ends
+    where no single move simulates faster."""
+    model, layers, kinds, bw, batch = case
+    lg = graphs[model, layers]
+    cluster = Cluster.from_kinds(kinds, bw, 1e-3)
+    table_for, simulated = _tools(lg, cluster)
+    start = _candidate(hpp.plan(lg, cluster, batch=batch, stages=2, local=False))
+    pins = polish.Pins(batch)
+    end, seconds = polish.polish(start, simulated(start), simulated, table_for, cluster.names, pins, 10_000)
+    assert seconds <= simulated(start)
+    assert seconds == pytest.approx(simulated(end), rel=1e-12)
+    for what, m in polish.moves(end, table_for, cluster.names, pins):
+        assert simulated(m) >= seconds * (1 - 1e-9), f"{what} is faster: {simulated(m)} < {seconds}"
+
+
+def test_the_plan_is_no_slower_than_the_search_before_its_polish(graphs):
+    model, layers, kinds, bw, batch = CASES[0]
+    lg = graphs[model, layers]
+    cluster = Cluster.from_kinds(kinds, bw, 1e-3)
+    _, simulated = _tools(lg, cluster)
+    cands = hpp.search(lg, cluster, batch=batch)
+    before, before_s = hpp.fastest(hpp.to_simulate(cands, 4), lg, cluster, ADAM_STATE_FACTOR, "asteroid")
+    plan = hpp.plan(lg, cluster, batch=batch)
+    check_sound(plan, lg, cluster, batch)
+    assert plan.prediction.iteration_s <= before_s * (1 + 1e-12)
+
+
+def test_the_budget_shrinks_with_the_cluster():
+    assert polish.budget(4) == polish.SIMULATIONS
+    assert polish.budget(64) * 64 <= polish.SIMULATED_DEVICES and polish.budget(1000) >= 4
