@@ -298,7 +298,7 @@ def scale() -> str:
         f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/planner.py --scale-only`. ResNet-50 "
         f"(full size, analytic costs) linearized with every layer kept ({len(lg)} layers); clusters cycle "
         f"through {', '.join(SCALE_KINDS)}; every device pair on one link kind. Time: the whole search "
-        "(every micro-batching of the batch, every device order, local search, simulation of the best few).",
+        "(every micro-batching of the batch, every device order, local search, simulation of the best few, the simulated polish).",
         "", *lines, "",
         "Slope of log CPU time against log devices (1 = linear): " + "; ".join(slopes) + ".", "",
         "CPU time is the planner process's own (one thread); wall time is what a user waits and "
