@@ -145,10 +145,14 @@ def _with_rows(captured: Captured, rows: int) -> list[Any]:
     placeholders = [n for n in captured.module.graph.nodes if n.op == "placeholder"]
     out = []
     for node, x in zip(placeholders, captured.example_inputs):
-        if isinstance(x, torch.Tensor) and captured.is_batched(node.meta.get("val")) and rows != x.shape[0]:
+        if isinstance(x, torch.Tensor) and captured.is_batched(node.meta.get("val")):
             x = torch.cat([x] * -(-rows // x.shape[0]))[:rows].clone()
         out.append(x)
     return out
+
+
+def _cuda_devices(gm: fx.GraphModule) -> list[int]:
+    return sorted({t.device.index or 0 for t in (*gm.parameters(), *gm.buffers()) if t.device.type == "cuda"})
 
 
 def _node_stats(gm: fx.GraphModule) -> list[tuple[fx.Node, NodeStats]]:
@@ -184,7 +188,7 @@ def annotate_costs(captured: Captured, kinds: Iterable[str] | Mapping[str, Devic
             # the runs leave the generator where the stats run alone leaves it
             once = interpreter.saved
             interpreter = _SavingInterpreter(captured)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=_cuda_devices(gm)):
                 interpreter.run(*_with_rows(captured, 2 * rows))
             for n, stats in _node_stats(gm):
                 per_row = (interpreter.saved.get(n, 0) - once.get(n, 0)) / rows
