@@ -6,7 +6,7 @@ restored after) and records, per compute node:
                                              and the bytes autograd saves for backward
   node.meta["asteroid.cost"]  = {device kind: Cost}   the roofline of that kind over those stats
 Saved bytes are what autograd's saved-tensor hooks see the node keep, each storage once (at the
-first node that saves it), weights left out, per row: the slope between two row counts, so what
+first node that saves it), weights left out, per row: what a run on one more row adds, so what
 does not grow with the batch drops out. Measured profiles replace the Cost entries later; the stats
 stay, since the planner's memory model reads them.
 """
@@ -183,15 +183,15 @@ def annotate_costs(captured: Captured, kinds: Iterable[str] | Mapping[str, Devic
     try:
         interpreter.run(*_with_rows(captured, rows))
         if captured.batch_symbol is not None:
-            # saved bytes per row: the slope to a run on twice the rows, so what does not grow with
-            # the batch (masks and tables built from shapes) drops out; on its own random state, so
-            # the runs leave the generator where the stats run alone leaves it
-            once = interpreter.saved
+            # saved bytes per row: what one more row adds (storages grow linearly in the rows), so
+            # what does not grow with the batch (masks and tables built from sizes) drops out; on
+            # its own random state, so the runs leave the generator where the stats run leaves it
+            at_rows = interpreter.saved
             interpreter = _SavingInterpreter(captured)
             with torch.random.fork_rng(devices=_cuda_devices(gm)):
-                interpreter.run(*_with_rows(captured, 2 * rows))
+                interpreter.run(*_with_rows(captured, rows + 1))
             for n, stats in _node_stats(gm):
-                per_row = (interpreter.saved.get(n, 0) - once.get(n, 0)) / rows
+                per_row = interpreter.saved.get(n, 0) - at_rows.get(n, 0)
                 n.meta["asteroid.stats"] = dataclasses.replace(stats, saved_bytes_per_row=max(0.0, per_row))
     except Exception as e:  # the example does not run through its own graph: say where, not how
         raise InputError(f"the model fails on the example inputs at {_where(interpreter.current)}: "
