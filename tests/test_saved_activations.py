@@ -104,7 +104,8 @@ def test_every_layer_is_charged_what_autograd_saves(zoo_graph):
     assert sum(reference) > 0
     for layer, want in zip(lg.layers, reference):
         got = layer.saved_bytes_per_row
-        where = f"layer {layer.index} ({layer.nodes[0]}..{layer.nodes[-1]}): charged {got:.1f} B/row, autograd saves {want:.1f}"
+        where = (f"layer {layer.index} ({layer.nodes[0]}..{layer.nodes[-1]}): charged {got:.1f} B/row, "
+                 f"autograd saves {want:.1f}")
         assert got >= want - 1e-6, where
         assert got <= want * (1 + SLACK) + 1e-6, where
 
