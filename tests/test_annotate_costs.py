@@ -51,6 +51,17 @@ def test_linear_stats(linear):
     assert stats.saved_bytes_per_row == IN * 4  # the input, for the weight gradient
 
 
+def test_a_tensor_saved_by_two_nodes_counts_once():
+    """ReLU keeps its output for backward and the linear after it keeps the same tensor as its
+    input: one storage, charged to the ReLU, which saves it first; the weights count apart."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, OUT), torch.nn.ReLU(), torch.nn.Linear(OUT, 3))
+    captured = annotate_costs(capture(model, (torch.randn(8, IN),)), KINDS[:1])
+    saved = [n.meta["asteroid.stats"].saved_bytes_per_row for n in captured.module.graph.nodes
+             if n.op in COMPUTE_OPS]
+    assert saved == [IN * 4, OUT * 4, 0.0]
+
+
 def test_stats_do_not_depend_on_the_example_batch():
     """Every node's stats are the same whether the example batch is 8 or 16 rows, although 16 is
     also the GPT's sequence length (a shape equal to the batch size is not the batch)."""

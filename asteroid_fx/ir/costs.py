@@ -64,7 +64,9 @@ class NodeStats:
     bytes_per_row: float  # bytes read + written per row (activations)
     param_bytes: int  # bytes of the parameters and buffers the node reads
     out_bytes_per_row: float  # bytes of the node's output per row
-    saved_bytes_per_row: float  # activation bytes autograd keeps for backward, per row
+    # activation bytes autograd keeps for backward, per row: the storages its saved-tensor hooks
+    # see this node save that no earlier node saved, weights left out (passes/annotate_costs.py)
+    saved_bytes_per_row: float
 
 
 @dataclasses.dataclass(frozen=True)

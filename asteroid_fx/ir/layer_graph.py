@@ -46,7 +46,7 @@ class Layer:
     costs: tuple[tuple[str, Cost], ...]  # (device kind, cost) for every kind of the cluster
     param_bytes: int  # trainable parameters owned by this layer
     buffer_bytes: int  # buffers (BatchNorm statistics, masks) owned by this layer
-    saved_bytes_per_row: float  # activations kept for backward, per row
+    saved_bytes_per_row: float  # activations kept for backward, per row, each storage in the first layer saving it
     params: tuple[str, ...] = ()  # qualified names of the parameters and buffers it owns
     batch_stats: tuple[BatchStat, ...] = ()  # its nodes that take statistics over their rows in training
     # forward FLOPs per row of its nodes (FlopCounterMode: matrix products, convolutions,
