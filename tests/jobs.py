@@ -145,3 +145,27 @@ def build_with_loader_processes() -> Job:
     import dataclasses
 
     return dataclasses.replace(build(), loader_workers=2)
+
+
+HIDDEN_ENV = "ASTEROID_TEST_HIDDEN"
+
+
+class Inner(nn.Module):
+    """32 features between its first layer and the rest, and ``hidden`` inside the rest."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(FEATURES, 32)
+        self.fc2 = nn.Linear(32, hidden)
+        self.head = nn.Linear(hidden, CLASSES)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def hidden_from_env() -> Job:
+    """``Inner`` with the hidden width $ASTEROID_TEST_HIDDEN (32 without it): a process that sees
+    another value builds another model, and the same program when its stages cut after fc1."""
+    width = int(os.environ.get(HIDDEN_ENV, "32"))
+    return Job(model=lambda: Inner(width), dataset=Inputs(), labels=Labels(), loss=F.cross_entropy, batch=BATCH,
+               example=torch.zeros(BATCH, FEATURES), optimizer="SGD", lr=0.1)

@@ -33,6 +33,7 @@ from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.program_text import format_program, parse_program
 from asteroid_fx.runtime import checkpoint, netns
 from asteroid_fx.runtime.auth import SECRET_ENV, SECRET_FILE_ENV, SignedStore, new_secret, write_secret
+from asteroid_fx.runtime.build import build_of
 from asteroid_fx.runtime.errors import RunFailed, RunTimedOut
 from asteroid_fx.runtime.evaluate import Validation
 from asteroid_fx.runtime.faults import FAULTS_ENV, require_injection, worker_env
@@ -40,9 +41,9 @@ from asteroid_fx.runtime.job import import_root
 from asteroid_fx.runtime.metrics import Metrics, Progress, read_metrics
 from asteroid_fx.runtime.spec import (RunSpec, check_job, check_last_batch, compile_spec, iterations_of, job_of,
                                       log_path, pinned, smaller_program, weights_path)
-from asteroid_fx.runtime.store import (CLUSTER, DEAD, PROGRAM, SPEC, admit_key, beat_key, epoch_of, failure_key,
-                                       failures_key, get_float, get_json, has, killed_at_key, loss_key, result_key,
-                                       seconds_key, serve_store)
+from asteroid_fx.runtime.store import (BUILD, CLUSTER, DEAD, PROGRAM, REFUSED, SPEC, admit_key, beat_key, epoch_of,
+                                       failure_key, failures_key, get_float, get_json, has, killed_at_key, loss_key,
+                                       result_key, seconds_key, serve_store)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def launch(spec: RunSpec, cluster, out: str | os.PathLike, *, timeout_s: float =
         raise
     store.set(SPEC, dataclasses.replace(spec, faults=()).to_json())  # faults go by environment (runtime/faults.py)
     store.set(CLUSTER, json.dumps(cluster.to_json()))  # the whole cluster: devices that join are in it
+    store.set(BUILD, json.dumps(build_of(compiled)))  # before the program: a worker that reads one finds both
     store.set(PROGRAM, format_program(compiled.program))
     report.info(f"coordinator on {host}:{store.port}; {len(devices)} workers ({', '.join(devices)})"
                 + (f"; recovery on (heartbeat timeout {spec.heartbeat_timeout_s:g}s, backups {spec.backups_text()})"
@@ -198,6 +200,7 @@ class _Workers:
         self.secret, self.faults = secret, faults
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
+        self._tether = _ends_with_this_thread()
 
     def start(self, device: str, *extra: str) -> None:
         cmd = [sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator", self.coordinator,
@@ -211,7 +214,7 @@ class _Workers:
         if self.network is not None:  # in the device's namespace, gloo on its interface
             cmd, env = self.network.command(device, cmd), {**env, **self.network.env(device)}
         self.procs[device] = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, start_new_session=True,
-                                              env=env)
+                                              env=env, preexec_fn=self._tether)
 
     def signal(self, device: str, signum: int) -> bool:
         """Send ``signum`` to ``device``'s process group if it still runs; whether it did."""
@@ -228,6 +231,30 @@ class _Workers:
                 p.wait()
         for err in self._logs:
             err.close()
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _ends_with_this_thread() -> Callable[[], None] | None:
+    """What a worker runs between fork and exec so that the kernel SIGKILLs it when the thread that
+    started it ends (Linux's parent-death signal): a launcher killed or crashed at any moment, even
+    while its workers still import torch, leaves none behind. ``launch`` starts every worker from
+    the thread it runs in and stops them before it returns, so that thread lives as long as they
+    should. None where the kernel has no such signal."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    launcher, kill = os.getpid(), int(signal.SIGKILL)
+
+    def tether() -> None:
+        prctl(_PR_SET_PDEATHSIG, kill, 0, 0, 0)
+        if os.getppid() != launcher:  # the launcher died before the signal was asked for
+            os.kill(os.getpid(), kill)
+
+    return tether
 
 
 def _supervise(spec: RunSpec, store, workers: _Workers, devices: Sequence[str], joining: Sequence[str],
@@ -260,6 +287,9 @@ def _supervise(spec: RunSpec, store, workers: _Workers, devices: Sequence[str], 
             for d in joining:  # the run is over: a device still waiting to join is told so
                 if d not in finished and not has(store, admit_key(d)):
                     store.set(admit_key(d), json.dumps({"declined": "the run ended before it could be taken in"}))
+        if has(store, REFUSED):  # a worker of another build: nothing the others do can succeed
+            refusal = get_json(store, REFUSED)
+            raise RunFailed(f"worker {refusal['device']} refused the run: {refusal['reason']}")
         for d, p in workers.procs.items():
             if d in ended or p.poll() is None:
                 continue

@@ -7,6 +7,12 @@ Each is stored signed with the run's secret and checked against its key's schema
 counts, which a store cannot sign, and nothing takes more from them than how many.
 
   spec, cluster, program          the run's RunSpec, Cluster and first program (launcher, once)
+  build                           the launcher's build fingerprint (runtime/build.py), set before
+                                  the program (launcher, once)
+  claim/<device>                  the worker that runs that device, first come first served: a
+                                  second worker for the device is refused (worker)
+  refused                         the first worker that refused the run, and why (its build or
+                                  program differs from the launcher's); the launcher stops the run
   result/<device>                 a worker's result record: it is done (worker)
   loss/<device>/<i>               iteration i's loss on that device; marks the iteration done
   seconds/<device>/<i>            iteration i's step time on that device
@@ -50,6 +56,7 @@ from asteroid_fx.runtime.errors import CannotListen, CoordinatorUnreachable
 STORE_TIMEOUT_S = 60.0
 
 SPEC, CLUSTER, PROGRAM = "spec", "cluster", "program"
+BUILD, REFUSED = "build", "refused"
 EPOCH = "ft/epoch"
 JOIN_COUNT = "join/n"
 DEAD, LEFT = "dead", "left"  # heartbeat values: the launcher saw the process end; the device left
@@ -57,6 +64,10 @@ DEAD, LEFT = "dead", "left"  # heartbeat values: the launcher saw the process en
 
 def result_key(device: str) -> str:
     return f"result/{device}"
+
+
+def claim_key(device: str) -> str:
+    return f"claim/{device}"
 
 
 def loss_key(device: str, iteration: int) -> str:

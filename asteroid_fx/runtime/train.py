@@ -177,7 +177,8 @@ def _torchrun(spec: RunSpec, cluster, out, resume, new_cluster: bool, log) -> Tr
     from asteroid_fx.runtime.auth import SignedStore, secret_from_env
     from asteroid_fx.runtime.launcher import _Report, _resumed, load_weights, results_of
     from asteroid_fx.runtime.spec import pinned
-    from asteroid_fx.runtime.store import CLUSTER, PROGRAM, SPEC, connect, result_key
+    from asteroid_fx.runtime.build import build_of
+    from asteroid_fx.runtime.store import BUILD, CLUSTER, PROGRAM, SPEC, connect, result_key
     from asteroid_fx.runtime.worker import run_worker
 
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
@@ -208,6 +209,7 @@ def _torchrun(spec: RunSpec, cluster, out, resume, new_cluster: bool, log) -> Tr
                              "every device of the cluster is used")
         store.set(SPEC, spec.to_json())
         store.set(CLUSTER, json.dumps(cluster.to_json()))
+        store.set(BUILD, json.dumps(build_of(compiled)))  # before the program, as the launcher does
         store.set(PROGRAM, format_program(compiled.program))
     elif not store.get(PROGRAM):
         raise InputError("rank 0 found that the plan does not use every torchrun process (its error says how many)")

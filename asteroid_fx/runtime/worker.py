@@ -10,6 +10,8 @@ import faulthandler
 import json
 import logging
 import os
+import secrets
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from asteroid_fx.ir.program_text import format_program, parse_program
 from asteroid_fx.backends.state import StateCopy
 from asteroid_fx.runtime import checkpoint, switch
 from asteroid_fx.runtime.auth import SECRET_ENV, SECRET_FILE_ENV, SignedStore, secret_from_env
+from asteroid_fx.runtime.build import build_of, difference
 from asteroid_fx.runtime.errors import RunFailed, StoreValueRejected
 from asteroid_fx.runtime.heartbeat import Heartbeat
 from asteroid_fx.runtime.member import Member
@@ -31,8 +34,8 @@ from asteroid_fx.runtime.recovery import recover
 from asteroid_fx.runtime.data import Loader, needed_rows
 from asteroid_fx.runtime.spec import (RunSpec, batches_of, check_last_batch, compile_spec, iterations_of, job_of,
                                       smaller_program, weights_path)
-from asteroid_fx.runtime.store import (CLUSTER, PROGRAM, SPEC, STORE_TIMEOUT_S, checkpoint_key, connect, loss_key,
-                                       result_key, seconds_key)
+from asteroid_fx.runtime.store import (BUILD, CLUSTER, PROGRAM, REFUSED, SPEC, STORE_TIMEOUT_S, checkpoint_key,
+                                       claim_key, connect, loss_key, result_key, seconds_key)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
             raise InputError("this run does not take devices in: launch it with --recover (and re-planning on)")
     elif device not in devices:
         raise InputError(f"device {device!r} is not in this run's program (devices: {', '.join(devices)})")
+    _claim(store, device)
     heartbeat = None
     if spec.recovery:
         heartbeat = Heartbeat(store.over(connect(coordinator, connect_timeout_s), device), device,
@@ -84,9 +88,7 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
             heartbeat.on_interrupt = lambda: cut_connections(keep_port=store.port)
         heartbeat.start()
     compiled = compile_spec(spec, cluster)
-    if format_program(compiled.program) != program_text:
-        raise RunFailed(f"device {device}: the program compiled here differs from the launcher's; "
-                        "every process must run the same torch and asteroid_fx versions")
+    _check_build(store, device, compiled, program_text)
     running: list[Training] = []
     if heartbeat is not None:
         heartbeat.on_given_up = lambda own_store: _leave_given_up(own_store, device, running)
@@ -116,6 +118,36 @@ def run_worker(coordinator: str | None, device: str | None, out: str | os.PathLi
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _claim(store, device: str) -> None:
+    """Make this process the run's only worker of ``device``, or refuse it: a second worker for a
+    device would train its share twice and write over the first one's records."""
+    mine = {"device": device, "host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8)}
+    holder = json.loads(store.compare_set(claim_key(device), "", json.dumps(mine)).decode())
+    if holder.get("token") != mine["token"]:
+        raise InputError(f"another worker already runs device {device!r} in this run (process {holder.get('pid')} "
+                         f"on {holder.get('host')}): stop this one, or give it the --device of a device that has no "
+                         "worker yet")
+
+
+def _check_build(store, device: str, compiled, program_text: str) -> None:
+    """Refuse the run unless this process compiled the launcher's program from the launcher's build
+    (runtime/build.py): the reason goes to the launcher (``REFUSED``), which stops the run at once
+    instead of leaving the others to time out waiting for this device."""
+    here = build_of(compiled)
+    if store.check([BUILD]):  # set before the program by every launcher that publishes one
+        reason = difference(here, json.loads(store.get(BUILD).decode()))
+    else:
+        reason = "the launcher published no build fingerprint (it runs another version of asteroid_fx)"
+    if format_program(compiled.program) != program_text:
+        reason = "the program compiled here differs from the launcher's" + (f": {reason}" if reason else "")
+    if reason is None:
+        return
+    reason += (f" (asteroid_fx {here['asteroid_fx']}, torch {here['torch']} here): every process must run the "
+               "same build of the model, asteroid_fx and torch")
+    store.compare_set(REFUSED, "", json.dumps({"device": device, "reason": reason, "at": time.time()}))
+    raise RunFailed(f"device {device} refuses the run: {reason}")
 
 
 def _first_read(store, key: str) -> bytes:
