@@ -26,7 +26,8 @@ from asteroid_fx.runtime.errors import RunFailed, StoreValueRejected
 from asteroid_fx.runtime.faults import FAULT_INJECTION_ENV, FAULTS_ENV, injected, worker_env
 from asteroid_fx.runtime.launcher import launch
 from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of
-from asteroid_fx.runtime.store import EPOCH, JOIN_COUNT, PROGRAM, SPEC, beat_key, failure_key, loss_key, serve_store
+from asteroid_fx.runtime.store import (EPOCH, JOIN_COUNT, PROGRAM, REFUSED, SPEC, beat_key, claim_key, failure_key,
+                                       loss_key, serve_store)
 
 HOST3 = resolve_cluster("host-3")
 SPEC3 = RunSpec(model="mlp:small", batch=12, microbatches=2, groups=(("host0",), ("host1", "host2")),
@@ -183,8 +184,8 @@ def test_a_join_count_nobody_wrote_a_request_for_is_passed_over(tmp_path):
     assert result["losses"] == pytest.approx(reference_losses(spec), rel=1e-6)
 
 
-@pytest.mark.parametrize("key", [failure_key(0), EPOCH])
-def test_a_junk_failure_record_or_epoch_ends_the_run_naming_the_key(key, tmp_path):
+@pytest.mark.parametrize("key", [failure_key(0), EPOCH, REFUSED, claim_key("host1")])
+def test_a_junk_failure_record_epoch_refusal_or_claim_ends_the_run_naming_the_key(key, tmp_path):
     with pytest.raises((RunFailed, StoreValueRejected)) as e:
         Junk(key, b"junk").run(RECOVER, tmp_path)
     assert_refused_naming(e.value, key, tmp_path)
