@@ -3,9 +3,11 @@
 The launcher compiles once, serves the rendezvous store, and hands every worker the plan and the
 cluster as JSON text through the store (never pickles; the cluster's JSON carries the figures
 of a measured kind such as host-cpu, so no worker measures its own); each worker
-(runtime/worker.py) checks that it compiles the same program, trains its device's share and
-reports. A worker that fails
-takes the run down: the others are stopped and its error is shown.
+(runtime/worker.py) checks that it compiles the same program from the same build (the
+fingerprint the launcher publishes, runtime/build.py), trains its device's share and reports. A
+worker that fails or refuses the run takes the run down at once: the others are stopped and its
+error or reason is shown. On Linux the local workers end with the launcher's thread, however it
+ends (``_ends_with_this_thread``).
 
 With ``RunSpec.recovery`` the run survives devices that die (SIGKILL, a lost machine) or leave
 (runtime/recovery.py), and switches to re-planned programs (runtime/switch.py). The launcher then

@@ -1,8 +1,10 @@
-"""`asteroid worker`: one device of a run. It connects to the run's store, re-runs the compiler
-with the launcher's plan pinned, checks that its program is byte-for-byte the launcher's, trains
-its device's share with the torch_dist backend (``Training``) and writes its losses into the store
-and its weights into the run folder. Every value it reads from the store or writes into it is signed
-with the run's secret (runtime/auth.py), which it is given in its environment."""
+"""`asteroid worker`: one device of a run. It connects to the run's store, claims its device (a
+device has one worker), re-runs the compiler with the launcher's plan pinned, checks that its
+program is byte-for-byte the launcher's and its build the launcher's (runtime/build.py; else it
+refuses the run, and says why to the launcher), trains its device's share with the torch_dist
+backend (``Training``) and writes its losses into the store and its weights into the run folder.
+Every value it reads from the store or writes into it is signed with the run's secret
+(runtime/auth.py), which it is given in its environment."""
 
 from __future__ import annotations
 
