@@ -25,10 +25,12 @@ def _digest(text: str) -> str:
 def _stage(stage) -> dict:
     module = stage.module
     tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    # a leaf module kept by a symbolic trace is a call in the code: its settings (eps, p) are not
-    settings = [f"{name}: {type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})"
-                for name, m in module.named_modules() if name and not isinstance(m, torch.fx.GraphModule)]
-    return {"code": _digest(module.code + "\n".join(settings)),
+    # a submodule is a call in the code: what it computes is its own code (a graph) or, for a leaf
+    # module a symbolic trace kept, its settings (eps, p)
+    inner = [f"{name}: " + (m.code if isinstance(m, torch.fx.GraphModule)
+                            else f"{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})")
+             for name, m in module.named_modules() if name]
+    return {"code": _digest("\n".join([module.code, *inner])),
             "tensors": [[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in tensors]}
 
 
