@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import signal
 import socket
@@ -85,6 +86,7 @@ class _Launch:
         self.result: dict = {}
         self.error: BaseException | None = None
         self.ended_at: float | None = None
+        self.started = 0  # remote workers started
         self.thread = threading.Thread(target=self._run, args=(spec,), daemon=True)
         self.thread.start()
 
@@ -105,29 +107,42 @@ class _Launch:
         assert secret.exists(), self.error
         environ = {k: v for k, v in os.environ.items() if k not in (SECRET_ENV, HIDDEN_ENV)}
         environ.update({SECRET_FILE_ENV: str(secret), "PYTHONPATH": str(ROOT), **env})
-        return subprocess.Popen([sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator",
-                                 f"127.0.0.1:{self.port}", "--device", device, "--out", str(self.out / "remote")],
-                                env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.started += 1
+        with open(self.out / f"remote_{self.started}.log", "w") as log:  # the child holds its own copy
+            proc = subprocess.Popen([sys.executable, "-m", "asteroid_fx.cli", "worker", "--coordinator",
+                                     f"127.0.0.1:{self.port}", "--device", device, "--out",
+                                     str(self.out / "remote")], env=environ, stdout=log, stderr=subprocess.STDOUT)
+        proc.log = self.out / f"remote_{self.started}.log"
+        return proc
 
     def join(self) -> None:
         self.thread.join(TIMEOUT_S + 30)
         assert not self.thread.is_alive(), "the launcher did not end within its timeout"
 
 
-def _ended(proc: subprocess.Popen) -> tuple[int, str, float]:
+def _ended(*procs: subprocess.Popen) -> list[tuple[int, str, float]]:
+    """(exit code, output, when it was seen gone) of each process, all watched together; a process
+    still running after the timeout is killed."""
+    gone: dict[int, float] = {}
+    deadline = time.monotonic() + TIMEOUT_S
     try:
-        _, err = proc.communicate(timeout=TIMEOUT_S)
+        while len(gone) < len(procs) and time.monotonic() < deadline:
+            for k, p in enumerate(procs):
+                if k not in gone and p.poll() is not None:
+                    gone[k] = time.monotonic()
+            time.sleep(0.01)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, err, time.monotonic()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, p.log.read_text(), gone.get(k, math.inf)) for k, p in enumerate(procs)]
 
 
 def test_a_worker_of_another_build_is_refused_and_the_launcher_says_why_at_once(tmp_path, monkeypatch):
     monkeypatch.delenv(HIDDEN_ENV, raising=False)
     run = _Launch(SPEC, tmp_path)
-    code, err, exited = _ended(run.remote_worker("host2", **{HIDDEN_ENV: "64"}))
+    ((code, err, exited),) = _ended(run.remote_worker("host2", **{HIDDEN_ENV: "64"}))
     run.join()
     assert code != 0 and "device host2 refuses the run" in err, err
     assert isinstance(run.error, RunFailed), run.error
@@ -143,7 +158,7 @@ def test_a_second_worker_for_a_device_is_refused_and_the_run_goes_on(tmp_path, m
     monkeypatch.delenv(HIDDEN_ENV, raising=False)
     run = _Launch(dataclasses.replace(SPEC, iterations=2), tmp_path)
     both = [run.remote_worker("host2"), run.remote_worker("host2")]  # one claims host2 first
-    ended = [_ended(p) for p in both]
+    ended = _ended(*both)
     run.join()
     assert run.error is None, run.error
     refused = [e for e in ended if e[0] != 0]
