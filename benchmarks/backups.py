@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recovery import PLANS as RECOVERY_PLANS  # noqa: E402
 from recovery import cluster_of  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
@@ -51,8 +50,16 @@ from asteroid_fx.runtime.spec import RunSpec  # noqa: E402
 
 HYBRID = dict(batch=48, microbatches=2, optimizer="adam", lr=1e-3, groups=(("host0",), ("host1", "host2")),
               rows=((24,), (12, 12)))
+MLP = dict(model="mlp:small", batch=48, microbatches=2, optimizer="adam", lr=1e-3)
 # plan -> (devices, spec without recovery, iterations per run); clusters as benchmarks/recovery.py's
-PLANS = {name: (n, dataclasses.replace(spec, recovery=False), 300) for name, (n, spec) in RECOVERY_PLANS.items()}
+PLANS = {
+    "3 devices, 1 + group of 2": (3, RunSpec(groups=(("host0",), ("host1", "host2")), rows=((24,), (12, 12)), **MLP),
+                                  300),
+    "3 devices, 3 stages": (3, RunSpec(groups=(("host0",), ("host1",), ("host2",)), rows=((24,), (24,), (24,)),
+                                       **MLP), 300),
+    "4 devices, 2 groups of 2": (4, RunSpec(groups=(("host0", "host1"), ("host2", "host3")), rows=((12, 12), (12, 12)),
+                                            **MLP), 300),
+}
 PLANS["resnet18:small, 1 + group of 2"] = (3, RunSpec(model="resnet18:small", **HYBRID), 100)
 PLANS["gpt:small, 1 + group of 2"] = (3, RunSpec(model="gpt:small", **HYBRID), 160)
 SETTINGS = {"off": dict(recovery=False), "no backups": dict(recovery=True, backup_every=10**6),
