@@ -78,7 +78,7 @@ def halves(rows: int, parts: int) -> tuple[int, ...]:
     return tuple(rows // parts + (1 if k < rows % parts else 0) for k in range(parts))
 
 
-# devices -> (groups, slots per group): the pinned plans of the trials (a stage of one, so its loss
+# devices -> (name, groups): the pinned plans of the trials (a stage of one, so its loss
 # merges; groups, whose members take over a lost one's rows)
 PLANS = {
     3: ("1 + group of 2", (("host0",), ("host1", "host2"))),
@@ -201,14 +201,21 @@ def relative_gap(got: dict, want: dict) -> float:
                for k in want)
 
 
+def without_joiners(setup: Setup) -> Cluster:
+    """The devices the trial's run starts on."""
+    joining = {d for d, _ in setup.joins}
+    return setup.cluster.subset([d for d in setup.cluster.names if d not in joining]) if joining else setup.cluster
+
+
 def failure_free_of(setup: Setup, work: Path, cache: dict) -> tuple[dict, list[float]]:
     """The failure-free run of the trial's plan and iterations on worker processes, as the trial
-    runs (no faults, no joins; backups and re-planning change no number): (weights, losses)."""
+    starts (no faults, nobody joins; backups and re-planning change no number): (weights, losses)."""
     spec = dataclasses.replace(setup.spec, faults=(), backup_every=None, replan=True)
-    key = ("workers", spec, setup.cluster.name)
+    cluster = without_joiners(setup)
+    key = ("workers", spec, cluster.names)
     if key not in cache:
         out = work / f"failure-free-{len(cache)}"
-        result = launch(spec, setup.cluster, out, timeout_s=TRIAL_TIMEOUT_S * 2, log=quiet)
+        result = launch(spec, cluster, out, timeout_s=TRIAL_TIMEOUT_S * 2, log=quiet)
         cache[key] = (load_weights(out, result["program"].devices), result["losses"])
     return cache[key]
 
@@ -218,10 +225,11 @@ def local_of(setup: Setup, cache: dict) -> dict:
     Program's meaning; gloo's sums differ from it by float32 rounding, which Adam amplifies in
     parameters of near-zero gradient)."""
     spec = dataclasses.replace(setup.spec, faults=(), backup_every=None, replan=True)
-    key = ("local", spec, setup.cluster.name)
+    cluster = without_joiners(setup)
+    key = ("local", spec, cluster.names)
     if key not in cache:
-        runner, _ = compile_spec(spec, setup.cluster).run(batches(spec), iterations_of(spec),
-                                                          optimizer=optimizer_of(spec))
+        runner, _ = compile_spec(spec, cluster).run(batches(spec), iterations_of(spec),
+                                                    optimizer=optimizer_of(spec))
         cache[key] = runner.state_dict()
     return cache[key]
 
