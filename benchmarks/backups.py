@@ -3,8 +3,8 @@ recovery on without backups, with backups paced by their measured cost (the defa
 backups every iteration, on worker processes of this machine (gloo on loopback, clusters of
 laptop-i7 devices as in benchmarks/recovery.py). Writes the "backups" section of RESULTS.md.
 
-  plans      the three benchmarks/recovery.py trains (mlp:small, 2-7 ms iterations, where a backup's
-             fixed costs show most), and resnet18:small and gpt:small on three devices with a group,
+  plans      three of mlp:small (a stage of one and a group of two, three stages, two groups of two;
+             2-7 ms iterations, where a backup's fixed costs show most), and resnet18:small and gpt:small on three devices with a group,
              whose longer iterations carry 0.2-1 MB of state per backup.
   settings   "off": no recovery; "no backups": recovery on (heartbeats, interruptible waits,
              rollback points) with backup_every larger than the run, so only iteration 0 backs up;
@@ -21,7 +21,7 @@ laptop-i7 devices as in benchmarks/recovery.py). Writes the "backups" section of
              other iterations, as a fraction of its time (``own_cost``): a paired measure that drift
              between runs cannot move.
   step       a run's median over its iterations of the step time (barrier to the slowest device's
-             last action), the measure benchmarks/recovery.py reports; the median of the runs.
+             last action); the median of the runs.
 
     .venv/bin/python benchmarks/backups.py [--rounds 6]
 """
