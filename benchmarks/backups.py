@@ -3,8 +3,8 @@ recovery on without backups, with backups paced by their measured cost (the defa
 backups every iteration, on worker processes of this machine (gloo on loopback, clusters of
 laptop-i7 devices as in benchmarks/recovery.py). Writes the "backups" section of RESULTS.md.
 
-  plans      the three benchmarks/recovery.py trains (mlp:small, 2-7 ms iterations, where a backup's
-             fixed costs show most), and resnet18:small and gpt:small on three devices with a group,
+  plans      three of mlp:small (a stage of one and a group of two, three stages, two groups of two;
+             2-7 ms iterations, where a backup's fixed costs show most), and resnet18:small and gpt:small on three devices with a group,
              whose longer iterations carry 0.2-1 MB of state per backup.
   settings   "off": no recovery; "no backups": recovery on (heartbeats, interruptible waits,
              rollback points) with backup_every larger than the run, so only iteration 0 backs up;
@@ -21,7 +21,7 @@ laptop-i7 devices as in benchmarks/recovery.py). Writes the "backups" section of
              other iterations, as a fraction of its time (``own_cost``): a paired measure that drift
              between runs cannot move.
   step       a run's median over its iterations of the step time (barrier to the slowest device's
-             last action), the measure benchmarks/recovery.py reports; the median of the runs.
+             last action); the median of the runs.
 
     .venv/bin/python benchmarks/backups.py [--rounds 6]
 """
@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recovery import PLANS as RECOVERY_PLANS  # noqa: E402
 from recovery import cluster_of  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
@@ -51,8 +50,16 @@ from asteroid_fx.runtime.spec import RunSpec  # noqa: E402
 
 HYBRID = dict(batch=48, microbatches=2, optimizer="adam", lr=1e-3, groups=(("host0",), ("host1", "host2")),
               rows=((24,), (12, 12)))
+MLP = dict(model="mlp:small", batch=48, microbatches=2, optimizer="adam", lr=1e-3)
 # plan -> (devices, spec without recovery, iterations per run); clusters as benchmarks/recovery.py's
-PLANS = {name: (n, dataclasses.replace(spec, recovery=False), 300) for name, (n, spec) in RECOVERY_PLANS.items()}
+PLANS = {
+    "3 devices, 1 + group of 2": (3, RunSpec(groups=(("host0",), ("host1", "host2")), rows=((24,), (12, 12)), **MLP),
+                                  300),
+    "3 devices, 3 stages": (3, RunSpec(groups=(("host0",), ("host1",), ("host2",)), rows=((24,), (24,), (24,)),
+                                       **MLP), 300),
+    "4 devices, 2 groups of 2": (4, RunSpec(groups=(("host0", "host1"), ("host2", "host3")), rows=((12, 12), (12, 12)),
+                                            **MLP), 300),
+}
 PLANS["resnet18:small, 1 + group of 2"] = (3, RunSpec(model="resnet18:small", **HYBRID), 100)
 PLANS["gpt:small, 1 + group of 2"] = (3, RunSpec(model="gpt:small", **HYBRID), 160)
 SETTINGS = {"off": dict(recovery=False), "no backups": dict(recovery=True, backup_every=10**6),
