@@ -53,6 +53,7 @@ from results import machine, write_section  # noqa: E402
 import torch  # noqa: E402
 
 from asteroid_fx.ir.cluster import Cluster, Device, resolve_cluster  # noqa: E402
+from asteroid_fx.runtime.faults import FAULT_INJECTION_ENV  # noqa: E402
 from asteroid_fx.runtime.errors import RunFailed, RunTimedOut  # noqa: E402
 from asteroid_fx.runtime.launcher import launch, load_weights  # noqa: E402
 from asteroid_fx.runtime.spec import RunSpec, batches, compile_spec, iterations_of, optimizer_of  # noqa: E402
@@ -355,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help=f"{len(QUICK)} trials and one restart each; no write")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     args = parser.parse_args(argv)
+    # every trial injects its failures through RunSpec.faults, which a launcher runs only when told
+    os.environ[FAULT_INJECTION_ENV] = "1"
     for name in ("rounds", "restarts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)}: give 1 or more")
