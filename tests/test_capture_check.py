@@ -226,8 +226,9 @@ def _hf(name: str):
     return transformers.ViTForImageClassification(cfg), (torch.randn(4, 3, 16, 16),), {}
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "vit"])
-def test_no_false_alarm_on_transformers_with_dropout(name):
+@pytest.mark.parametrize("name", [pytest.param("bert", marks=pytest.mark.slow), "gpt2",
+                                  pytest.param("llama", marks=pytest.mark.slow), "vit"])
+def test_no_false_alarm_on_transformers_with_dropout(name):  # bert and llama under the slow marker
     torch.manual_seed(0)
     model, args, kwargs = _hf(name)
     model.train()

@@ -452,7 +452,7 @@ def clusters(draw) -> Cluster:
     return Cluster(devices, bandwidth, latency, name=draw(st.text(max_size=8)))
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(clusters())
 def test_random_clusters_round_trip(tmp_path, c):

@@ -24,9 +24,18 @@ def _four_devices() -> Cluster:
     return Cluster.uniform([Device(n, k) for n, k in zip("abcd", kinds)], bandwidth=125e6, latency=1e-3)
 
 
-@pytest.mark.parametrize("kind", SCHEDULES)
-@pytest.mark.parametrize("n_stages", [1, 2, 3, 4])
-@pytest.mark.parametrize("name", ["mlp", "gpt"])
+def _round_trip_cases():
+    """mlp and gpt x stage count x schedule; the default run takes every stage count of both and
+    every schedule of each, the rest are slow."""
+    for i, name in enumerate(["mlp", "gpt"]):
+        for n_stages in (1, 2, 3, 4):
+            for j, kind in enumerate(SCHEDULES):
+                default = j == (n_stages - 1 + i) % len(SCHEDULES)
+                yield pytest.param(name, n_stages, kind, marks=() if default else pytest.mark.slow,
+                                   id=f"{name}-{n_stages}-{kind}")
+
+
+@pytest.mark.parametrize("name, n_stages, kind", list(_round_trip_cases()))
 def test_compiled_programs_round_trip_and_verify(name, n_stages, kind):
     most = most_stages(zoo.layer_graph(name, [d.kind for d in _four_devices().devices]))
     if n_stages > most:  # the small mlp's third relu would be a stage alone: refused, not a sham stage
