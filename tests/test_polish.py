@@ -95,3 +95,26 @@ def test_the_plan_is_no_slower_than_the_search_before_its_polish(graphs):
 def test_the_budget_shrinks_with_the_cluster():
     assert polish.budget(4) == polish.SIMULATIONS
     assert polish.budget(64) * 64 <= polish.SIMULATED_DEVICES and polish.budget(1000) >= 4
+
+
+def test_twins_are_devices_that_trade_places_without_changing_anything():
+    cluster = Cluster.from_kinds(("jetson-nano", "jetson-nano", "jetson-tx2", "jetson-nano"), 125e6, 1e-3)
+    a, b, c, d = cluster.names
+    assert hpp.twins(cluster) == {a: a, b: a, c: c, d: a}
+    bw = [list(r) for r in cluster.bandwidth]
+    bw[3][2] = bw[2][3] = 12.5e6  # the last nano has a slow link to the tx2: no longer a twin
+    slow = Cluster(cluster.devices, bandwidth=bw, latency=cluster.latency)
+    assert hpp.twins(slow) == {a: a, b: a, c: c, d: d}
+
+
+def test_candidates_that_only_trade_twins_are_simulated_once(graphs):
+    lg = graphs["gpt", 12]
+    cluster = Cluster.from_kinds(("jetson-nano", "jetson-nano", "laptop-i7"), 12.5e6, 1e-3)
+    cands = hpp.search(lg, cluster, batch=16)
+    kept = hpp.distinct(cands, cluster)
+    assert kept == [c for c in cands if c in kept]  # order kept, the best of each class first
+    cls = hpp.twins(cluster)
+    shapes = [(c.microbatches, c.schedule, tuple((st.layers, tuple(cls[d] for d in st.devices), st.rows)
+                                                 for st in c.stages)) for c in kept]
+    assert len(shapes) == len(set(shapes))
+    assert len(kept) < len(cands)  # the two nanos make twins of many candidates

@@ -19,8 +19,9 @@ The search (after the paper's planner, MobiCom 2024 §4, and extended where note
 4. Local search on the best few (beyond the paper): move a cut to a neighbouring allowed cut, move
    a device to another group or out of the plan, swap two devices of different groups; keep a move
    when the closed form improves.
-5. The best few distinct candidates are simulated (``sim.predict`` of the program they lower to)
-   and the fastest simulated one is kept.
+5. The best few distinct candidates (trading twin devices, same kind, memory and links, makes no
+   new one) are simulated (``sim.predict`` of the program they lower to) and the fastest
+   simulated one is kept.
 6. Polish (beyond the paper, polish.py): single moves of that plan (a cut, a device, the
    micro-batch count, rows between members, the warm-up depth) are simulated, best closed form
    first, and the first faster one is kept, while one is and a budget of simulations lasts. The
@@ -65,6 +66,7 @@ LOCAL_SEARCH_STARTS = 3
 POLISHED = 16  # best DP answers whose cuts are polished on the closed form before local search
 DEEPENED = 8  # best plans also tried with a deeper 1F1B warm-up ("1f1b+N", N in DEPTHS)
 DEPTHS = (1, 2, 4)
+SIMULATE_TOP = 8  # best closed forms simulated (half beyond 16 devices), twins traded counted once
 
 
 def _dp_candidates(table: CostTable, costs: GroupCosts, orders, M: int, schedule: str, stages: int | None,
@@ -147,7 +149,7 @@ def search(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | 
 def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | None = None,
          microbatch_rows: int | None = None, schedule: str = "1f1b", stages: int | None = None,
          opt_state_factor: float = ADAM_STATE_FACTOR, orders: str = "all", local: bool = True,
-         simulate_top: int = 4, name: str = "asteroid", deepen: bool = True, recovery: bool = False) -> Plan:
+         simulate_top: int | None = None, name: str = "asteroid", deepen: bool = True, recovery: bool = False) -> Plan:
     """The Asteroid planner; see the module docstring. ``recovery``: the plan runs with pipeline
     replay, and every device's memory holds recovery's state copies. A pinned ``stages`` the
     model or the cluster does not allow raises InputError with the most stages and why."""
@@ -159,7 +161,10 @@ def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | No
     if not cands:
         raise NoPlanError(no_plan_message(lg, cluster, batch, microbatches, microbatch_rows, schedule,
                                           opt_state_factor, recovery, stages))
-    best, seconds = fastest(to_simulate(cands, simulate_top), lg, cluster, opt_state_factor, name, recovery)
+    if simulate_top is None:  # the closed form misranks near-ties: small clusters simulate more of them
+        simulate_top = SIMULATE_TOP if len(cluster.devices) <= 16 else SIMULATE_TOP // 2
+    best, seconds = fastest(to_simulate(distinct(cands, cluster), simulate_top), lg, cluster, opt_state_factor, name,
+                            recovery)
     if local and orders != "memory":
         tables: dict[int, CostTable] = {}
 
@@ -173,6 +178,45 @@ def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | No
         best, seconds = polish(best, seconds, lambda c: _simulated_s(c, lg, cluster, opt_state_factor, name, recovery),
                                table_for, cluster.names, pins, polish_budget(len(cluster.devices)))
     return finish(best, lg, cluster, opt_state_factor, name, recovery)
+
+
+def twins(cluster: Cluster) -> dict[str, str]:
+    """Each device's class: the first device it can trade places with in any plan without changing
+    anything (same kind and memory, the same links to every other device and to each other). On
+    clusters of up to 16 devices; beyond, every device is its own."""
+    names = cluster.names
+    if len(names) > 16:
+        return {d: d for d in names}
+    bw, lat = cluster.bandwidth, cluster.latency
+    out: dict[str, str] = {}
+    for i, a in enumerate(names):
+        da = cluster.devices[i]
+        for j in range(i):
+            db = cluster.devices[j]
+            if (db.kind, db.memory_bytes) != (da.kind, da.memory_bytes) or out[names[j]] != names[j]:
+                continue
+            others = [x for x in range(len(names)) if x not in (i, j)]
+            if (bw[i][j] == bw[j][i] and lat[i][j] == lat[j][i]
+                    and all(bw[i][x] == bw[j][x] and bw[x][i] == bw[x][j] and lat[i][x] == lat[j][x]
+                            and lat[x][i] == lat[x][j] for x in others)):
+                out[a] = names[j]
+                break
+        out.setdefault(a, a)
+    return out
+
+
+def distinct(cands: Sequence[Candidate], cluster: Cluster) -> list[Candidate]:
+    """``cands`` without those that differ from a better one only by trading twin devices
+    (``twins``): the simulator would score them the same, and they would take its places."""
+    cls = twins(cluster)
+    seen, out = set(), []
+    for c in cands:
+        key = (c.microbatches, c.schedule, tuple((st.layers, tuple(cls[d] for d in st.devices), st.rows)
+                                                  for st in c.stages))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
 
 
 def to_simulate(cands: Sequence[Candidate], top: int, most: int = 10) -> list[Candidate]:
