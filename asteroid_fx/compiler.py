@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from asteroid_fx.backends.base import step_swapped
 from asteroid_fx.ir.atomic import write_text
 from asteroid_fx.ir.cluster import Cluster, resolve_cluster
 from asteroid_fx.ir.errors import InputError
@@ -86,11 +87,7 @@ class Compiled:
             if rows < self.plan.batch:
                 if rows not in smaller:
                     smaller[rows] = remainder_program(self, rows)
-                runner.swap(smaller[rows])
-                try:
-                    losses.append(runner.step(inputs, labels))
-                finally:
-                    runner.swap(self.program)
+                losses.append(step_swapped(runner, smaller[rows], self.program, inputs, labels))
             else:
                 losses.append(runner.step(inputs, labels))
             if log:

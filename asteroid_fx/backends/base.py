@@ -79,6 +79,16 @@ class Runner(Protocol):
         ...
 
 
+def step_swapped(runner: "Runner", program: Any, back: Any, inputs, labels) -> float:
+    """One iteration of ``runner`` on ``program`` (over the running one's stages and groups:
+    ``Runner.swap``), then ``back`` again, also when the step raises; the step's loss."""
+    runner.swap(program)
+    try:
+        return runner.step(inputs, labels)
+    finally:
+        runner.swap(back)
+
+
 @runtime_checkable
 class Comm(Protocol):
     """One device's transport for one membership epoch, as a distributed runner uses it. Every

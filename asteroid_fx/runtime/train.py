@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from asteroid_fx.backends.base import step_swapped
 from asteroid_fx.ir.cluster import resolve_cluster
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.runtime import checkpoint
@@ -125,11 +126,7 @@ def _local(job: Job, spec: RunSpec, cluster, out, resume, new_cluster: bool, log
         rows = job.rows_at(i)
         began = time.perf_counter()
         if rows < job.batch:  # swapped in for this iteration: the same stages and groups, nothing moves
-            runner.swap(smaller)
-            try:
-                losses.append(runner.step(inputs, labels))
-            finally:
-                runner.swap(compiled.program)
+            losses.append(step_swapped(runner, smaller, compiled.program, inputs, labels))
         else:
             losses.append(runner.step(inputs, labels))
         seconds.append(time.perf_counter() - began)
