@@ -123,7 +123,8 @@ class Compiled:
                         recovery=self.plan.recovery if recovery is None else recovery)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """plan.json, plan.txt, program.txt, program.json, cluster.json, stage_<p>.pt (fx code + weights)."""
+        """plan.json, plan.txt, program.txt, program.json, cluster.json, stage_<p>.pt (fx code + weights),
+        each file written whole; stage files of a layout saved there before with more stages go."""
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         _write(out / "plan.json", self.plan.dumps() + "\n")
@@ -144,6 +145,12 @@ class Compiled:
         from asteroid_fx.backends.onnxruntime import save_check_files
 
         save_check_files(self, out)  # stage_<p>.eval.json/.pt, check_inputs.pt, check.json: what `asteroid check` reads
+        # a folder saved before with more stages keeps no files of stages this program lacks (they
+        # would be listed and checked as its own); nothing but stage files of this layout is touched
+        for path in out.glob("stage_*.*"):
+            index = path.name[len("stage_"):].split(".", 1)[0]
+            if index.isdigit() and int(index) >= len(self.stages):
+                path.unlink()
         return out
 
 

@@ -29,6 +29,21 @@ def test_compile_then_show(tmp_path, capsys):
     assert "Plan (asteroid): 2 stages" in capsys.readouterr().out
 
 
+def test_compile_into_a_folder_of_more_stages_leaves_none_of_theirs(tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["compile", "mlp:small", "--cluster", "edge-4-1g", "--batch", "16", "--microbatches", "2", "--out", str(out)]
+    assert cli.main([*common, "--stages", "3"]) == 0
+    assert sorted(p.name for p in out.glob("stage_2.*"))  # the three-stage layout's last stage
+    (out / "notes.txt").write_text("mine")
+    assert cli.main([*common, "--stages", "2"]) == 0
+    assert not list(out.glob("stage_2.*"))
+    assert (out / "notes.txt").read_text() == "mine"  # what is not a stage file stays
+    capsys.readouterr()
+    assert cli.main(["show", str(out), "stages"]) == 0
+    shown = capsys.readouterr().out
+    assert "# stage_1.py" in shown and "stage_2" not in shown
+
+
 def test_compile_says_how_many_cuts_the_model_allows_and_what_forbids_the_others(tmp_path, capsys):
     from collections import Counter
 
