@@ -124,3 +124,15 @@ def test_compile_a_job_above_its_own_example_says_so(tmp_path):
     with pytest.raises(SystemExit, match=f"example has {jobs.BATCH} rows, fewer than --batch {2 * jobs.BATCH}"):
         cli.main(["compile", "tests.jobs:vector_loss", "--cluster", "host-2", "--batch", str(2 * jobs.BATCH),
                   "--out", str(tmp_path / "o")])
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
+    from asteroid_fx.cli import show
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(show, "run", interrupted)
+    assert cli.main(["show", str(tmp_path), "plan"]) == 130
+    assert capsys.readouterr().err == "asteroid show: interrupted\n"
+

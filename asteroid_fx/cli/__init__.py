@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AsteroidError, ValueError) as e:
         print(f"asteroid {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what the command started is stopped on the way out, no traceback
+        print(f"asteroid {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
