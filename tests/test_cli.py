@@ -136,3 +136,13 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch):
     assert cli.main(["show", str(tmp_path), "plan"]) == 130
     assert capsys.readouterr().err == "asteroid show: interrupted\n"
 
+
+def test_an_error_is_one_line_and_debug_adds_its_traceback(tmp_path, capsys):
+    (tmp_path / "plan.json").write_text("{")
+    assert cli.main(["show", str(tmp_path), "plan"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asteroid show: error: ") and err.count("\n") == 1
+    with pytest.raises(Exception) as raised:
+        cli.main(["--debug", "show", str(tmp_path), "plan"])
+    assert str(raised.value) in capsys.readouterr().err
+

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="asteroid", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log messages (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+    parser.add_argument("--debug", action="store_true",
+                        help="after an error's one-line message, its traceback too (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (compile_command, show, simulate, profile, check, launch, export, report):
         command.register(sub)
@@ -55,9 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (AsteroidError, ValueError) as e:
         print(f"asteroid {args.command}: error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what the command started is stopped on the way out, no traceback
         print(f"asteroid {args.command}: interrupted", file=sys.stderr)
+        if args.debug:
+            raise
         return 130
 
 
