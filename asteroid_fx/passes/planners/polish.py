@@ -34,7 +34,7 @@ from asteroid_fx.passes.planners.candidates import Candidate, exact, microbatch_
 
 CUT_STEPS = (1, 2, 3)  # allowed cuts a cut moves by
 DEPTHS = (0, 1, 2, 4)  # 1F1B warm-ups: "1f1b" and "1f1b+N"
-SIMULATIONS = 32  # the most simulations on clusters of up to 8 devices
+SIMULATIONS = 64  # the most simulations on clusters of up to 8 devices
 SIMULATED_DEVICES = 256  # beyond 8 devices: simulations x devices stays under this (at least 4)
 
 
