@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -123,10 +124,39 @@ class Compiled:
                         recovery=self.plan.recovery if recovery is None else recovery)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """plan.json, plan.txt, program.txt, program.json, cluster.json, stage_<p>.pt (fx code + weights),
-        each file written whole; stage files of a layout saved there before with more stages go."""
+        """plan.json, plan.txt, program.txt, program.json, layers.txt, cluster.json, costs.json,
+        stage_<p>.py/.pt (fx code + weights) and the check files, written whole into a folder beside
+        ``folder`` that then takes its place: a save that fails leaves ``folder`` as it was, and a
+        folder saved before with more stages keeps none of their files. Files in ``folder`` that a
+        save does not write (the user's own) move over to the new one."""
         out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out} exists and is not a folder; give --out a folder (new or one saved before)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        beside = out.parent / f".{out.name}.saving-{os.getpid()}"
+        shutil.rmtree(beside, ignore_errors=True)
+        try:
+            self._save_files(beside)
+            if not out.exists():
+                os.replace(beside, out)
+                return out
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            try:
+                os.replace(beside, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+        finally:
+            shutil.rmtree(beside, ignore_errors=True)
+        for path in old.iterdir():  # the user's files go along; the older save's own go with ``old``
+            if not _saved_name(path.name) and not (out / path.name).exists():
+                os.replace(path, out / path.name)
+        shutil.rmtree(old)
+        return out
+
+    def _save_files(self, out: Path) -> None:
+        out.mkdir(parents=True)
         _write(out / "plan.json", self.plan.dumps() + "\n")
         _write(out / "plan.txt", str(self.plan) + "\n")
         _write(out / "program.txt", format_program(self.program))
@@ -139,19 +169,22 @@ class Compiled:
         keys = self.captured.module.state_dict().keys()
         for st in self.stages:
             _write(out / f"stage_{st.index}.py", st.module.code)
-            tmp = out / f".stage_{st.index}.pt.tmp"
-            torch.save({k: v for k, v in st.module.state_dict().items() if k in keys}, tmp)
-            os.replace(tmp, out / f"stage_{st.index}.pt")
+            torch.save({k: v for k, v in st.module.state_dict().items() if k in keys}, out / f"stage_{st.index}.pt")
         from asteroid_fx.backends.onnxruntime import save_check_files
 
         save_check_files(self, out)  # stage_<p>.eval.json/.pt, check_inputs.pt, check.json: what `asteroid check` reads
-        # a folder saved before with more stages keeps no files of stages this program lacks (they
-        # would be listed and checked as its own); nothing but stage files of this layout is touched
-        for path in out.glob("stage_*.*"):
-            index = path.name[len("stage_"):].split(".", 1)[0]
-            if index.isdigit() and int(index) >= len(self.stages):
-                path.unlink()
-        return out
+
+
+SAVED_FILES = {"plan.json", "plan.txt", "program.txt", "program.json", "layers.txt", "cluster.json", "costs.json",
+               "check.json", "check_inputs.pt"}
+
+
+def _saved_name(name: str) -> bool:
+    """Whether ``name`` is a file ``Compiled.save`` writes (for some layout): not the user's."""
+    if name in SAVED_FILES:
+        return True
+    index = name[len("stage_"):].split(".", 1)[0] if name.startswith("stage_") else ""
+    return index.isdigit()
 
 
 def _write(path: Path, text: str) -> None:

@@ -30,6 +30,7 @@ def test_compile_then_show(tmp_path, capsys):
 
 
 def test_compile_into_a_folder_of_more_stages_leaves_none_of_theirs(tmp_path, capsys):
+    """A save replaces the folder as a whole (written beside it, then swapped in)."""
     out = tmp_path / "out"
     common = ["compile", "mlp:small", "--cluster", "edge-4-1g", "--batch", "16", "--microbatches", "2", "--out", str(out)]
     assert cli.main([*common, "--stages", "3"]) == 0
@@ -37,7 +38,8 @@ def test_compile_into_a_folder_of_more_stages_leaves_none_of_theirs(tmp_path, ca
     (out / "notes.txt").write_text("mine")
     assert cli.main([*common, "--stages", "2"]) == 0
     assert not list(out.glob("stage_2.*"))
-    assert (out / "notes.txt").read_text() == "mine"  # what is not a stage file stays
+    assert (out / "notes.txt").read_text() == "mine"  # what a save does not write stays
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing left beside it
     capsys.readouterr()
     assert cli.main(["show", str(out), "stages"]) == 0
     shown = capsys.readouterr().out
@@ -145,4 +147,23 @@ def test_an_error_is_one_line_and_debug_adds_its_traceback(tmp_path, capsys):
     with pytest.raises(Exception) as raised:
         cli.main(["--debug", "show", str(tmp_path), "plan"])
     assert str(raised.value) in capsys.readouterr().err
+
+
+def test_a_save_that_fails_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    from asteroid_fx.ir import cluster as cluster_module
+
+    out = tmp_path / "out"
+    assert cli.main(["compile", "mlp:small", "--cluster", "edge-4-1g", "--batch", "16", "--stages", "3",
+                     "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(self, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cluster_module.Cluster, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(["compile", "mlp:small", "--cluster", "edge-4-1g", "--batch", "16", "--stages", "2",
+                  "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
