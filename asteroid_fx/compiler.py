@@ -175,13 +175,14 @@ class Compiled:
         save_check_files(self, out)  # stage_<p>.eval.json/.pt, check_inputs.pt, check.json: what `asteroid check` reads
 
 
-SAVED_FILES = {"plan.json", "plan.txt", "program.txt", "program.json", "layers.txt", "cluster.json", "costs.json",
-               "check.json", "check_inputs.pt"}
+SAVED_FILES = {"plan.json", "plan.txt", "program.txt", "program.json", "layers.txt", "cluster.json", "costs.json"}
 
 
 def _saved_name(name: str) -> bool:
     """Whether ``name`` is a file ``Compiled.save`` writes (for some layout): not the user's."""
-    if name in SAVED_FILES:
+    from asteroid_fx.backends.onnxruntime import INPUTS_FILE, MANIFEST  # the check files' own names
+
+    if name in SAVED_FILES or name in (MANIFEST, INPUTS_FILE):
         return True
     index = name[len("stage_"):].split(".", 1)[0] if name.startswith("stage_") else ""
     return index.isdigit()
