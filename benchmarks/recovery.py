@@ -14,6 +14,9 @@ measured in each process, and under load two processes can plan differently.)
                3 cascading      as "2 cascading", and a third dies inside a redone iteration
                joiner dies      a device asks to join a running run (the planner takes it in) and
                                 dies before its first hand-over action
+               re-planned       a single kill on 3 devices with re-planning after the failure: its
+                                gap is reported, not held to 1e-6 (a new plan's row split changes
+                                BatchNorm's batches and the summation order of later iterations)
              The victims of the cascades leave every stage at least one device. A trial is
              recovered when its run ends with every fault recorded as a failure and no victim in
              the last program; exact when its weights are within 1e-6 (relative, per tensor) of
@@ -134,12 +137,14 @@ def one_per_stage_victims(rng: random.Random, n: int, count: int) -> list[str]:
             return victims
 
 
-def single_kill(rng: random.Random, model: str, n: int) -> Setup:
+def single_kill(rng: random.Random, model: str, n: int, replan: bool = False) -> Setup:
     victim = rng.choice([f"host{k}" for k in range(n)])
     i, k = rng.randint(1, HORIZON - 3), rng.randrange(actions_of(model, n)[victim])
-    # the default backups (paced by their measured cost) and re-planning after the failure
-    spec = plan_spec(model, n, faults=((victim, i, k, "kill"),))
-    return Setup("single kill", model, f"{n} devices, {PLANS[n][0]}", cluster_of(n), spec, (), (victim,))
+    # the default backups (paced by their measured cost); re-planning after the failure only in
+    # the "re-planned" kind: a new plan trains the later iterations with its own row split
+    spec = plan_spec(model, n, faults=((victim, i, k, "kill"),), replan=replan)
+    kind = "re-planned" if replan else "single kill"
+    return Setup(kind, model, f"{n} devices, {PLANS[n][0]}", cluster_of(n), spec, (), (victim,))
 
 
 def kill_in_redo(rng: random.Random, model: str) -> Setup:
@@ -184,8 +189,14 @@ KINDS: dict[str, Callable[[random.Random, str], Setup]] = {
     "2 cascading": two_cascading,
     "3 cascading": three_cascading,
     "joiner dies": joiner_dies,
+    "re-planned": lambda rng, model: single_kill(rng, model, 3, replan=True),
 }
-QUICK = (("mlp:small", "single kill, 3 devices"), ("resnet18:small", "kill in redo"),
+# kinds whose weights are not held to the failure-free run's: after the redone iteration a new
+# plan trains with its own row split, which changes BatchNorm's batch statistics and the float
+# summation order (docs/replay.md); their gap is reported on its own
+REPORTED_ONLY = frozenset({"re-planned"})
+ONCE = frozenset({"joiner dies", "re-planned"})  # the longest kinds, and the one not held to 1e-6: first round only
+QUICK = (("resnet18:small", "single kill, 3 devices"), ("resnet18:small", "kill in redo"),
          ("mlp:small", "3 cascading"), ("gpt:small", "joiner dies"))
 
 
@@ -312,8 +323,13 @@ def summary_row(label: str, rows: list[dict], baseline: Callable[[dict], float])
     times = (f"{statistics.median(ours) * 1e3:.0f} ms | {p90(ours) * 1e3:.0f} ms | {statistics.median(theirs):.2f} s "
              f"| {p90(theirs):.2f} s | **{statistics.median(theirs) / statistics.median(ours):.0f}x**"
              if ours else "- | - | - | - | -")
-    return (f"| {label} | {len(rows)} | {len(ours)} | {len(recovered) / len(rows):.0%} | "
-            f"{sum(exact(r) for r in rows) / len(rows):.0%} | {times} |")
+    kept = held(rows)
+    if kept:
+        within = f"{sum(exact(r) for r in kept) / len(kept):.0%}" + ("" if len(kept) == len(rows) else f" of {len(kept)}")
+    else:
+        gaps = [r["gap"] for r in rows if r["gap"] is not None]
+        within = f"not held (gap up to {max(gaps):.1e})" if gaps else "not held"
+    return f"| {label} | {len(rows)} | {len(ours)} | {len(recovered) / len(rows):.0%} | {within} | {times} |"
 
 
 def faults_text(setup: Setup) -> str:
@@ -350,7 +366,7 @@ def recovery_text(row: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3,
-                        help="trials of every kind on every model (\"joiner dies\", the longest: in the first only)")
+                        help="trials of every kind on every model (\"joiner dies\" and \"re-planned\": in the first only)")
     parser.add_argument("--restarts", type=int, default=1, help="one-iteration restarts per baseline measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help=f"{len(QUICK)} trials and one restart each; no write")
@@ -363,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--{name} {getattr(args, name)}: give 1 or more")
     rng = random.Random(args.seed)
     plan = list(QUICK) if args.quick else [(m, k) for n in range(args.rounds) for m in MODELS for k in KINDS
-                                           if k != "joiner dies" or n == 0]
+                                           if k not in ONCE or n == 0]
     run = Sweep(command=" ".join([".venv/bin/python", "benchmarks/recovery.py",
                                   *(argv if argv is not None else sys.argv[1:])]),
                 seed=args.seed, planned=len(plan), repeats=1 if args.quick else args.restarts)
@@ -389,11 +405,16 @@ def main(argv: list[str] | None = None) -> dict:
     if write:
         write_section("recovery", body)
     return {"trials": len(run.rows), "recovered": sum(r["recovered"] for r in run.rows),
-            "exact": sum(exact(r) for r in run.rows), "rows": run.rows}
+            "exact": sum(exact(r) for r in held(run.rows)), "held": len(held(run.rows)), "rows": run.rows}
 
 
 def exact(row: dict) -> bool:
     return row["recovered"] and row["gap"] is not None and row["gap"] <= 1e-6
+
+
+def held(rows: list[dict]) -> list[dict]:
+    """The trials held to the failure-free run's weights (every kind but the re-planned)."""
+    return [r for r in rows if r["setup"].kind not in REPORTED_ONLY]
 
 
 @dataclasses.dataclass
@@ -429,7 +450,9 @@ class Sweep:
         rows, restart, load, repeats, baseline = self.rows, self.restart, self.load, self.repeats, self.baseline
         seconds = time.perf_counter() - self.began
         recovered = [r for r in rows if r["recovered"]]
-        exacts = [r for r in rows if exact(r)]
+        kept = held(rows)
+        exacts = [r for r in kept if exact(r)]
+        replanned = [r for r in rows if r["setup"].kind in REPORTED_ONLY]
         ours = [f["recovery_s"] for r in recovered for f in r["failures"]]
         theirs = [baseline(f) for r in recovered for f in r["failures"]]
         lines = [
@@ -442,9 +465,11 @@ class Sweep:
             f"clusters of 3-5 devices for {HORIZON} iterations (the horizon), the \"joiner dies\" runs on the "
             f"planner's plans for {JOIN_CLUSTER} for {', '.join(str(JOIN_HORIZON[m]) for m in MODELS)} iterations. "
             f"Faults are drawn from seed {self.seed} (device, iteration, action; the cascades' victims leave every "
-            "stage a device). Single kills run the defaults (backups paced by their measured cost, re-planning "
-            f"after a failure); the aimed kinds back up every {AIMED_BACKUPS} iterations, without re-planning, so "
-            "that the iterations a recovery redoes are known. Exact: weights within 1e-6 (relative, per tensor) of "
+            "stage a device). Single kills back up as paced by the measured cost (the default) and keep the "
+            f"survivors' rewritten plan; the aimed kinds back up every {AIMED_BACKUPS} iterations, so that the "
+            "iterations a recovery redoes are known; \"re-planned\" trials are single kills on 3 devices with "
+            "re-planning after the failure (the default of `asteroid launch --recover`). Exact: weights within 1e-6 "
+            "(relative, per tensor) of "
             "the failure-free run of the same plan and iterations on worker processes. Recovery time: a failure's "
             "death to the end of its interrupted iteration, redone; the baseline for the same failure: its "
             "detection time + a one-iteration restart of the same model on the same survivors ("
@@ -452,13 +477,20 @@ class Sweep:
             "lost iterations counted as zero (its best case).",
             "",
             f"- recovered: **{len(recovered)}/{len(rows)}** trials; weights within 1e-6 of the failure-free run: "
-            f"**{len(exacts)}/{len(rows)}**" + ("" if len(rows) == self.planned else
-                                                 f" (so far: {len(rows)} of {self.planned} planned trials)"),
+            f"**{len(exacts)}/{len(kept)}** of the trials held to it (all but the re-planned)"
+            + ("" if len(rows) == self.planned else f" (so far: {len(rows)} of {self.planned} planned trials)"),
             (f"- recovery time over all {len(ours)} failures, median: **{statistics.median(ours) * 1e3:.0f} ms**, p90 "
              f"{p90(ours) * 1e3:.0f} ms (live replay) vs **{statistics.median(theirs):.2f} s**, p90 "
              f"{p90(theirs):.2f} s "
              f"(checkpoint and restart, best case) = **{statistics.median(theirs) / statistics.median(ours):.0f}x** "
              "faster" if ours else "- no trial recovered"),
+        ]
+        if replanned:
+            gaps = ", ".join(f"{r['setup'].model} {r['gap']:.1e}" for r in replanned if r["gap"] is not None)
+            lines.append(f"- re-planned trials, not held to 1e-6: after the redone iteration the new plan trains "
+                         "with its own row split, so BatchNorm sees other batches and float32 sums run in another "
+                         f"order (docs/replay.md); their weights gap to the failure-free run: {gaps or '-'}")
+        lines += [
             "",
             "| model / kind | trials | failures | recovered | within 1e-6 | recovery median | p90 | restart baseline "
             "median | p90 | baseline / replay |",

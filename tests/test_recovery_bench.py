@@ -1,6 +1,6 @@
-"""benchmarks/recovery.py --quick end to end: a trial of each kind of failure (a single kill, a kill
-inside a redone iteration on the BatchNorm model, three cascading kills, a joiner that dies in its
-hand-over on the GPT-style model) recovers, with the weights of the failure-free run."""
+"""benchmarks/recovery.py --quick end to end: a trial of each kind of failure (a single kill and a
+kill inside a redone iteration on the BatchNorm model, three cascading kills, a joiner that dies in
+its hand-over on the GPT-style model) recovers, with the weights of the failure-free run."""
 
 from __future__ import annotations
 
