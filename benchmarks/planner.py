@@ -356,7 +356,8 @@ def main() -> None:
     if stats["moves"]:
         body += ["", "### Local optimality", "",
                  "Every single move of `polish.moves` (a cut by 1-3 allowed cuts, a device into the next or "
-                 "previous group, dropped or added, the next micro-batch count either way, 1 row or an eighth "
+                 "previous group, dropped or added, two devices of different groups trading places, the next "
+                 "micro-batch count either way, 1 row or an eighth "
                  "of a member's rows to another member, another 1F1B warm-up depth) applied to asteroid's plan "
                  "of each case above and simulated; gain = how much faster the best of them simulates "
                  f"(goal: at most {LOCAL_GOAL:.1%} anywhere).", "", *local_optimality(stats["moves"])]

@@ -118,3 +118,21 @@ def test_candidates_that_only_trade_twins_are_simulated_once(graphs):
                                                  for st in c.stages)) for c in kept]
     assert len(shapes) == len(set(shapes))
     assert len(kept) < len(cands)  # the two nanos make twins of many candidates
+
+
+def test_devices_of_different_stages_trade_places_once_per_twin_class(graphs):
+    """A swap move for every pair of devices of two stages; two twins (same kind, memory and links)
+    trading with the same device make one neighbour, not two."""
+    lg = graphs["gpt", 12]
+    cluster = Cluster.from_kinds(("jetson-nano", "jetson-nano", "jetson-tx2", "jetson-xavier-nx"), 12.5e6, 1e-3)
+    nano0, nano1, tx2, xnx = cluster.names
+    table_for, _ = _tools(lg, cluster)
+    c = polish.exact(table_for(4), [0, 6, 12], [[nano0, nano1, xnx], [tx2]], 4, "1f1b")
+    assert c is not None
+    swaps = lambda classes: sorted(w for w, _ in polish.moves(c, table_for, cluster.names, polish.Pins(16),  # noqa: E731
+                                                             classes) if "<->" in w)
+    assert swaps(None) == sorted([f"{nano0} <-> {tx2}", f"{nano1} <-> {tx2}", f"{xnx} <-> {tx2}"])
+    assert swaps(hpp.twins(cluster)) == sorted([f"{nano0} <-> {tx2}", f"{xnx} <-> {tx2}"])
+    for what, m in polish.moves(c, table_for, cluster.names, polish.Pins(16)):
+        if what == f"{xnx} <-> {tx2}":
+            assert [sorted(st.devices) for st in m.stages] == [sorted((nano0, nano1, tx2)), [xnx]]

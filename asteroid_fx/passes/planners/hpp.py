@@ -22,10 +22,10 @@ The search (after the paper's planner, MobiCom 2024 §4, and extended where note
 5. The best few distinct candidates (trading twin devices, same kind, memory and links, makes no
    new one) are simulated (``sim.predict`` of the program they lower to) and the fastest
    simulated one is kept.
-6. Polish (beyond the paper, polish.py): single moves of that plan (a cut, a device, the
-   micro-batch count, rows between members, the warm-up depth) are simulated, best closed form
-   first, and the first faster one is kept, while one is and a budget of simulations lasts. The
-   result is the plan: its prediction is the simulator's.
+6. Polish (beyond the paper, polish.py): single moves of that plan (a cut, a device, two devices
+   trading places, the micro-batch count, rows between members, the warm-up depth) are
+   simulated, best closed form first, and the first faster one is kept, while one is and a
+   budget of simulations lasts. The result is the plan: its prediction is the simulator's.
 
 With ``recovery`` every device's memory also holds recovery's state copies (estimate.py): its
 rollback point in every stage's static bytes, and the backups a stage's first device holds, which
@@ -176,7 +176,7 @@ def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | No
         pins = Pins(batch, microbatches is not None or microbatch_rows is not None, stages,
                     deepen and schedule == "1f1b")
         best, seconds = polish(best, seconds, lambda c: _simulated_s(c, lg, cluster, opt_state_factor, name, recovery),
-                               table_for, cluster.names, pins, polish_budget(len(cluster.devices)))
+                               table_for, cluster.names, pins, polish_budget(len(cluster.devices)), twins(cluster))
     return finish(best, lg, cluster, opt_state_factor, name, recovery)
 
 

@@ -7,7 +7,7 @@ few. Here its neighbours are simulated too:
 
 - a cut moved by one to three allowed cuts (the stages keep their groups);
 - a device moved into the next or the previous stage's group, dropped from its group, or a device
-  the plan leaves out added to a group;
+  the plan leaves out added to a group; two devices of different stages trading places;
 - the next smaller or larger micro-batch count (every group's rows made exact again);
 - rows moved between two members of a group (one row, or an eighth of the giver's);
 - the deeper or shallower 1F1B warm-up ("1f1b" <-> "1f1b+N").
@@ -26,7 +26,7 @@ its devices.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from asteroid_fx.cost.estimate import CostTable
 from asteroid_fx.ir.plan import StagePlan, warmup_depth
@@ -58,9 +58,10 @@ def _schedule(depth: int) -> str:
 
 
 def moves(c: Candidate, table_for: Callable[[int], CostTable], devices: Sequence[str],
-          pins: Pins) -> Iterator[tuple[str, Candidate]]:
+          pins: Pins, classes: Mapping[str, str] | None = None) -> Iterator[tuple[str, Candidate]]:
     """(what, neighbour) for every single move of ``c`` that fits; ``table_for(R)`` is the cost
-    table at R rows per micro-batch."""
+    table at R rows per micro-batch. ``classes`` (hpp.twins): devices that trade places without
+    changing anything; of neighbours that differ only by such a trade, the first is kept."""
     table = table_for(c.rows)
     lg, M, sched = table.lg, c.microbatches, c.schedule
     bounds = [c.stages[0].layers[0]] + [st.layers[1] for st in c.stages]
@@ -100,6 +101,18 @@ def moves(c: Candidate, table_for: Callable[[int], CostTable], devices: Sequence
             ng = [list(x) for x in groups]
             ng[p].remove(d)
             out.append(made(f"{d} dropped", bounds, ng))
+    # two devices of different stages trade places (a weak device or one with a slow link moved
+    # where it costs least)
+    for p in range(len(groups)):
+        for q in range(p + 1, len(groups)):
+            for a in groups[p]:
+                for b in groups[q]:
+                    ng = [list(x) for x in groups]
+                    ng[p].remove(a)
+                    ng[q].remove(b)
+                    ng[p].append(b)  # last, as a moved device goes: twins' trades then read alike
+                    ng[q].append(a)
+                    out.append(made(f"{a} <-> {b}", bounds, ng))
     used = {d for g in groups for d in g}
     for d in devices:
         if d in used:
@@ -141,22 +154,28 @@ def moves(c: Candidate, table_for: Callable[[int], CostTable], devices: Sequence
         for d2 in DEPTHS:
             if d2 != depth:
                 out.append(made(f"schedule {_schedule(d2)}", bounds, groups, schedule=_schedule(d2)))
-    seen = {c.key}
+    cls = classes or {}
+
+    def key(n: Candidate) -> tuple:
+        return (n.microbatches, n.schedule,
+                tuple((st.layers, tuple(cls.get(d, d) for d in st.devices), st.rows) for st in n.stages))
+
+    seen = {key(c)}
     for m in out:
-        if m is not None and m[1].key not in seen:
-            seen.add(m[1].key)
+        if m is not None and key(m[1]) not in seen:
+            seen.add(key(m[1]))
             yield m
 
 
 def polish(c: Candidate, seconds: float, simulate: Callable[[Candidate], float],
            table_for: Callable[[int], CostTable], devices: Sequence[str], pins: Pins,
-           simulations: int) -> tuple[Candidate, float]:
+           simulations: int, classes: Mapping[str, str] | None = None) -> tuple[Candidate, float]:
     """First-improvement descent from ``c`` (simulated at ``seconds``) over ``moves``, each
     round's neighbours best closed form first, at most ``simulations`` simulations in all; the
     result and its simulated seconds."""
     left = simulations
     while left > 0:
-        ranked = sorted((n for _, n in moves(c, table_for, devices, pins)), key=lambda n: n.estimate_s)
+        ranked = sorted((n for _, n in moves(c, table_for, devices, pins, classes)), key=lambda n: n.estimate_s)
         improved = False
         for n in ranked:
             if left <= 0:
