@@ -15,7 +15,7 @@ from asteroid_fx.backends.base import step_swapped
 from asteroid_fx.ir.atomic import write_text
 from asteroid_fx.ir.cluster import Cluster, resolve_cluster
 from asteroid_fx.ir.errors import InputError
-from asteroid_fx.ir.layer_graph import LayerGraph, write_costs
+from asteroid_fx.ir.layer_graph import DEFAULT_MAX_LAYERS, LayerGraph, write_costs
 from asteroid_fx.ir.plan import Plan
 from asteroid_fx.ir.program import Program
 from asteroid_fx.ir.program_text import format_program, program_to_json
@@ -30,7 +30,6 @@ from asteroid_fx.passes.partition import partition
 from asteroid_fx.passes.profile_costs import profile_costs
 from asteroid_fx.passes.split import Stage, split
 
-DEFAULT_MAX_LAYERS = 48
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@ from the catalog's spec sheets) x every heterogeneous edge preset x two global
 batch sizes: the simulated throughput of the plan of every planner (asteroid, dp, pp, pipedream,
 hetpipe, metis, and "asteroid (paper)": the paper's single memory ordering, no local search), and
 the ratio of asteroid to each, and how much the best single move (passes/planners/polish.py,
-every one simulated) would still speed up asteroid's plan of each case. Then the gap to the exhaustive oracle on graphs coarsened to 12
+every one simulated) would still speed up asteroid's plan of each case, and whether a pinned
+micro-batch count or, for a few models, the graph with every layer kept beats it. Then the gap to the exhaustive oracle on graphs coarsened to 12
 layers and clusters of up to 5 devices, and the planning time against layers and devices.
 Writes the "planner" section of RESULTS.md; a run of transformers models only (``--models
 hf-gpt2,hf-bert``) writes its own section, "planner-transformers", and leaves the zoo's as it is.
@@ -38,11 +39,11 @@ from asteroid_fx import models
 from asteroid_fx.ir.cluster import Cluster  # noqa: E402
 from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, CostTable  # noqa: E402
 from asteroid_fx.passes.planners import baselines, hpp, polish  # noqa: E402
-from asteroid_fx.passes.planners.candidates import Candidate  # noqa: E402
+from asteroid_fx.passes.planners.candidates import Candidate, microbatch_choices  # noqa: E402
 from asteroid_fx.passes.annotate_costs import annotate_costs  # noqa: E402
 from asteroid_fx.passes.capture import capture  # noqa: E402
 from asteroid_fx.passes.linearize import linearize  # noqa: E402
-from asteroid_fx.ir.plan import NoPlanError  # noqa: E402
+from asteroid_fx.ir.plan import NoPlanError, StagePlan  # noqa: E402
 
 HF_MODELS = tuple(hf_zoo.FULL_MODELS)  # "hf-gpt2", "hf-bert"
 MODELS = ("vgg16", "resnet50", "mobilenetv2", "bert", "gpt", *HF_MODELS)
@@ -52,6 +53,7 @@ SECTIONS = {"zoo": ("planner", "Planner against baselines"),
 PRESETS = ("edge-4-1g", "edge-5-mixed-1g", "edge-6-300m", "edge-6-laptop-300m", "edge-8-100m", "edge-7-laptop-100m")
 BATCHES = (32, 128)
 MAX_LAYERS = 48
+FINE_MODELS = ("resnet50", "mobilenetv2", "gpt")  # also planned with every layer kept (more than 48)
 HYBRID = ("pipedream", "hetpipe", "metis")
 PLANNERS = {
     "asteroid": hpp.plan,
@@ -117,7 +119,7 @@ def fmt(x: float | None) -> str:
 
 def grid(captured: dict, presets, batches) -> tuple[list[str], dict]:
     rows, stats = [], {"ratios": {p: [] for p in PLANNERS if p != "asteroid"}, "best_hybrid": [], "cases": [],
-                       "moves": []}
+                       "moves": [], "pinned": [], "fine": []}
     head = ("| model | cluster | batch | " + " | ".join(PLANNERS) + " | asteroid / best hybrid | asteroid plan |")
     rows += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, cap in captured.items():
@@ -151,7 +153,56 @@ def grid(captured: dict, presets, batches) -> tuple[list[str], dict]:
                 if p is not None:
                     gain, what, n = best_single_move(lg, cluster, batch, p)
                     stats["moves"].append((gain, name, preset, batch, what, n))
+                    stats["pinned"].append((best_pinned_gain(lg, cluster, batch, p), name, preset, batch))
+        if name in FINE_MODELS:
+            fine = linearize(cap, max_layers=None)
+            for preset in presets:
+                cluster = catalog.preset(preset)
+                for batch in batches:
+                    stats["fine"].append((coarse_gain(lg, fine, cluster, batch), name, preset, batch, len(fine)))
     return rows, stats
+
+
+def best_pinned_gain(lg, cluster, batch: int, p) -> tuple[float, int]:
+    """How much faster than plan ``p`` the planner's plan with the micro-batch count pinned
+    simulates, at the best count (a fraction; <= 0: none is faster), and that count."""
+    best, at = 0.0, 0
+    for M, _ in microbatch_choices(batch, None, None):
+        q, _s = run_planner(hpp.plan, lg, cluster, batch=batch, microbatches=M)
+        if q is not None and p.prediction.iteration_s / q.prediction.iteration_s - 1.0 > best:
+            best, at = p.prediction.iteration_s / q.prediction.iteration_s - 1.0, M
+    return best, at
+
+
+def coarse_gain(lg, fine, cluster, batch: int) -> float:
+    """How much faster the plan of the coarsened graph ``lg`` simulates on the uncoarsened ``fine``
+    (its stages mapped onto fine layers) than the plan of ``fine`` itself (<= 0: not faster)."""
+    p, _ = run_planner(hpp.plan, lg, cluster, batch=batch)
+    f, _ = run_planner(hpp.plan, fine, cluster, batch=batch)
+    if p is None or f is None:
+        return 0.0 if f is not None or p is None else float("inf")
+    at = {layer.nodes[0]: layer.index for layer in fine.layers}
+
+    def mapped(st):
+        hi = len(fine) if st.layers[1] == len(lg) else at[lg.layers[st.layers[1]].nodes[0]]
+        return StagePlan((at[lg.layers[st.layers[0]].nodes[0]], hi), st.devices, st.rows)
+
+    c = Candidate(tuple(mapped(st) for st in p.stages), p.microbatches, p.microbatch_rows, 0.0, p.schedule)
+    return f.prediction.iteration_s / hpp._simulated_s(c, fine, cluster, ADAM_STATE_FACTOR, "asteroid", False) - 1.0
+
+
+def never_loses(stats) -> list[str]:
+    """The distribution of the pinned and coarse searches' gains over the unpinned, fine plan."""
+    lines = ["| comparison | cases | plan at least as fast | worst gain of the other (where) |", "|---|---:|---:|---|"]
+    for label, rows in (("every micro-batch count pinned, best of them, vs unpinned (48 layers)",
+                         [(g, f"{n} on {pr}, batch {b}, {m} micro-batches") for (g, m), n, pr, b in stats["pinned"]]),
+                        ("48-layer plan mapped onto every layer vs the plan of every layer",
+                         [(g, f"{n} ({L} layers) on {pr}, batch {b}") for g, n, pr, b, L in stats["fine"]])):
+        if rows:
+            worst = max(rows)
+            lines.append(f"| {label} | {len(rows)} | {sum(g <= 1e-9 for g, _ in rows)} | "
+                         f"{worst[0]:+.2%} ({worst[1] if worst[0] > 1e-9 else '-'}) |")
+    return lines
 
 
 def best_single_move(lg, cluster, batch: int, p) -> tuple[float, str, int]:
@@ -361,6 +412,12 @@ def main() -> None:
                  "of a member's rows to another member, another 1F1B warm-up depth) applied to asteroid's plan "
                  "of each case above and simulated; gain = how much faster the best of them simulates "
                  f"(goal: at most {LOCAL_GOAL:.1%} anywhere).", "", *local_optimality(stats["moves"])]
+    if stats["pinned"] or stats["fine"]:
+        body += ["", "### Never losing to itself", "",
+                 "For each case above: asteroid's plan against the best of its own plans with every micro-batch "
+                 "count pinned in turn; and, for " + ", ".join(FINE_MODELS) + ", the plan of the graph with every "
+                 f"allowed cut kept against the {MAX_LAYERS}-layer plan mapped onto it, both simulated on the fine "
+                 "graph. Gain: how much faster the other simulates (<= 0: not faster).", "", *never_loses(stats)]
     secs = [c[4]["asteroid"] for c in stats["cases"]]
     if secs:
         body += ["", f"Asteroid planning time over the grid: median {statistics.median(secs):.2f} s, "

@@ -387,3 +387,17 @@ def test_a_value_that_cannot_be_recomputed_or_sent_blocks_with_its_reason(model,
     assert len(across) >= 3
     for c in across:
         assert not c.allowed and repr(value) in c.why_not and reason in c.why_not, c.why_not
+
+
+def test_coarsening_is_the_layer_graphs_own_and_a_view_keeps_the_layers(resnet):
+    """linearize(max_layers=) merges where LayerGraph.coarsening of the uncoarsened graph says, and
+    cut_only_at keeps every layer and allows only the cuts it is given."""
+    fine = linearize(resnet, max_layers=None)
+    for max_layers in (4, 16):
+        coarse = linearize(resnet, max_layers=max_layers)
+        at = {layer.nodes[0]: layer.index for layer in fine.layers}
+        bounds = fine.coarsening(max_layers)
+        assert tuple(at[layer.nodes[0]] for layer in coarse.layers) + (len(fine),) == bounds
+        view = fine.cut_only_at(bounds)
+        assert view.layers == fine.layers and view.allowed_cuts() == bounds[1:-1]
+        assert all(c.why_not for c in view.cuts[1:-1] if not c.allowed)

@@ -136,3 +136,47 @@ def test_devices_of_different_stages_trade_places_once_per_twin_class(graphs):
     for what, m in polish.moves(c, table_for, cluster.names, polish.Pins(16)):
         if what == f"{xnx} <-> {tx2}":
             assert [sorted(st.devices) for st in m.stages] == [sorted((nano0, nano1, tx2)), [xnx]]
+
+
+NEVER_LOSES = [  # (kinds, bandwidth, batch): small clusters, where the planner searches every micro-batching alone too
+    (("jetson-nano", "jetson-tx2", "laptop-i7", "raspberry-pi-5"), 12.5e6, 16),
+    (("jetson-orin-nano", "jetson-nano", "jetson-xavier-nx"), 125e6, 32),
+]
+
+
+@pytest.mark.parametrize("case", NEVER_LOSES, ids=["4 devices", "3 devices"])
+def test_no_pinned_micro_batch_count_beats_the_unpinned_plan(graphs, case):
+    kinds, bw, batch = case
+    lg = graphs["gpt", 12]
+    cluster = Cluster.from_kinds(kinds, bw, 1e-3)
+    free = hpp.plan(lg, cluster, batch=batch).prediction.iteration_s
+    for M, _ in hpp.microbatch_choices(batch, None, None):
+        try:
+            pinned = hpp.plan(lg, cluster, batch=batch, microbatches=M).prediction.iteration_s
+        except hpp.NoPlanError:
+            continue
+        assert free <= pinned * (1 + 1e-12), f"{M} micro-batches pinned: {pinned} < {free}"
+
+
+def test_a_finer_graph_never_plans_slower_than_its_coarsening(graphs):
+    """The graph with every allowed cut (gpt small: more layers than compile's 48) plans at least as
+    fast as the 48-layer graph linearize makes of it, that plan mapped onto the fine layers."""
+    from asteroid_fx.ir.layer_graph import DEFAULT_MAX_LAYERS
+    from asteroid_fx.ir.plan import StagePlan
+
+    fine = _layer_graph("gpt", None)
+    coarse = _layer_graph("gpt", DEFAULT_MAX_LAYERS)
+    assert len(fine.allowed_cuts()) + 1 > DEFAULT_MAX_LAYERS
+    at = {layer.nodes[0]: layer.index for layer in fine.layers}
+    assert tuple(at[layer.nodes[0]] for layer in coarse.layers) + (len(fine),) == fine.coarsening(DEFAULT_MAX_LAYERS)
+    for kinds, bw, batch in NEVER_LOSES:
+        cluster = Cluster.from_kinds(kinds, bw, 1e-3)
+        table_for, simulated = _tools(fine, cluster)
+        p = hpp.plan(coarse, cluster, batch=batch)
+        mapped = Candidate(tuple(StagePlan((at[coarse.layers[st.layers[0]].nodes[0]],
+                                            len(fine) if st.layers[1] == len(coarse)
+                                            else at[coarse.layers[st.layers[1]].nodes[0]]), st.devices, st.rows)
+                                 for st in p.stages), p.microbatches, p.microbatch_rows, 0.0, p.schedule)
+        got = hpp.plan(fine, cluster, batch=batch)
+        check_sound(got, fine, cluster, batch)
+        assert got.prediction.iteration_s <= simulated(mapped) * (1 + 1e-9), kinds

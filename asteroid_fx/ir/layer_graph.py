@@ -23,6 +23,8 @@ from asteroid_fx.ir.profile import MAX_SECONDS
 # row gives BatchNorm over (N, C) one value per channel (torch refuses it in training) and
 # BatchNorm2d the noisy statistics of one image (docs/planner.md, docs/semantics.md).
 MIN_BATCH_STAT_ROWS = 2
+COARSENING_ROWS = 16  # rows at which a layer's work is weighed when layers are merged
+DEFAULT_MAX_LAYERS = 48  # layers compile coarsens a model to (and the planner searches a longer graph by)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +151,48 @@ class LayerGraph:
 
     def allowed_cuts(self) -> tuple[int, ...]:
         return tuple(c.index for c in self.cuts[1:-1] if c.allowed)
+
+    def coarsening(self, max_layers: int) -> tuple[int, ...]:
+        """Layer bounds (0, some allowed cuts, L) of at most ``max_layers`` layers of work: cuts are
+        dropped until that many remain, the most expensive cut first (most bytes per row), as long as
+        the layer it makes holds at most twice the average work (else the lightest merge). A layer's
+        work is its share of the model's time at COARSENING_ROWS rows, averaged over the device
+        kinds. What ``linearize(max_layers=)`` merges and what the planner searches a long graph by."""
+        bounds = [0, *self.allowed_cuts(), len(self.layers)]
+        if len(bounds) - 1 <= max(1, max_layers):
+            return tuple(bounds)
+        kinds = self.kinds
+        weight = [0.0] * len(self.layers)
+        for k in kinds:
+            times = [layer.cost(k).fwd(COARSENING_ROWS) + layer.cost(k).bwd(COARSENING_ROWS) for layer in self.layers]
+            total = sum(times)
+            for i, t in enumerate(times):
+                weight[i] += (t / total if total > 0 else 1.0 / len(times)) / max(1, len(kinds))
+        if not kinds:
+            weight = [1.0 / len(self.layers)] * len(self.layers)
+        prefix = [0.0]
+        for w in weight:
+            prefix.append(prefix[-1] + w)
+        cap = 2.0 * prefix[-1] / max_layers
+        while len(bounds) - 1 > max(1, max_layers):
+            best, best_key = 1, None
+            for j in range(1, len(bounds) - 1):
+                merged = prefix[bounds[j + 1]] - prefix[bounds[j - 1]]
+                within = merged <= cap
+                key = (within, self.cuts[bounds[j]].bytes_per_row if within else -merged)
+                if best_key is None or key > best_key:
+                    best, best_key = j, key
+            del bounds[best]
+        return tuple(bounds)
+
+    def cut_only_at(self, bounds: tuple[int, ...]) -> "LayerGraph":
+        """This graph with stage boundaries allowed at ``bounds`` only (the same layers, so a plan
+        of it is a plan of this graph, with the same costs): a coarse search of a long graph."""
+        keep = set(bounds)
+        cuts = tuple(c if c.index in keep or not c.allowed or c.index in (0, len(self.layers)) else
+                     dataclasses.replace(c, allowed=False, why_not="left out by coarsening")
+                     for c in self.cuts)
+        return dataclasses.replace(self, cuts=cuts)
 
     def __str__(self) -> str:
         kinds = self.kinds

@@ -11,7 +11,7 @@ used on both sides of it; a parameter or an unwritten buffer read on both sides 
 gradients (a TIE action, docs/semantics.md); a layer lists its nodes that normalize over the rows
 they are given in training (``Layer.batch_stats``: BatchNorm, passes/batch_stats.py); with
 ``max_layers`` the layers are merged until at most that many remain, dropping the most expensive
-cuts first while keeping layers balanced.
+cuts first while keeping layers balanced (``LayerGraph.coarsening``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from asteroid_fx.ir.costs import Cost, NodeStats
+from asteroid_fx.ir.costs import Cost
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.ir.layer_graph import Cut, Layer, LayerGraph, Tie
 from asteroid_fx.passes.batch_stats import batch_stat
@@ -233,11 +233,18 @@ def linearize(captured: Captured, max_layers: int | None = None) -> LayerGraph:
         raise InputError("the captured graph has no compute nodes: there is nothing to partition")
     cuts = node_cuts(captured)
 
-    # One unit per node, merged across forbidden cuts; then coarsened to max_layers.
+    # One unit per node, merged across forbidden cuts; then coarsened to max_layers by the
+    # layer graph's own rule (LayerGraph.coarsening), which the planner also searches long graphs by
     bounds = [0] + [k for k in range(1, n_nodes) if cuts[k].allowed] + [n_nodes]
-    weight = [_node_weight(n) for n in order]
     if max_layers is not None and len(bounds) - 1 > max_layers:
-        bounds = _coarsen(bounds, weight, cuts, max_layers)
+        fine = _layer_graph(captured, order, cuts, bounds)
+        bounds = [bounds[b] for b in fine.coarsening(max_layers)]
+    return _layer_graph(captured, order, cuts, bounds)
+
+
+def _layer_graph(captured: Captured, order: list[fx.Node], cuts: tuple[Cut, ...], bounds: list[int]) -> LayerGraph:
+    """The layers between node positions ``bounds``."""
+    gm = captured.module
 
     # every name of a tied weight: the graph may read it under the alias that named_* drops
     params = dict(gm.named_parameters(remove_duplicate=False))
@@ -313,30 +320,3 @@ def _sum_costs(costs: list[Cost]) -> Cost:
     return Cost(fwd, bwd, source)
 
 
-def _node_weight(node: fx.Node) -> float:
-    stats: NodeStats | None = node.meta.get("asteroid.stats")
-    if stats is None:
-        return 0.0
-    # FLOPs dominate; bytes keep memory-bound layers from looking free.
-    return 3.0 * (stats.flops_per_row + stats.flops_fixed) + 10.0 * stats.bytes_per_row
-
-
-def _coarsen(bounds: list[int], weight: list[float], cuts: list[Cut], max_layers: int) -> list[int]:
-    """Drop interior bounds until ``max_layers`` layers remain: expensive cuts go first, but no
-    merged layer may exceed twice the average weight while a cheaper choice exists."""
-    prefix = [0.0]
-    for w in weight:
-        prefix.append(prefix[-1] + w)
-    cap = 2.0 * prefix[-1] / max_layers
-    bounds = list(bounds)
-    while len(bounds) - 1 > max(1, max_layers):
-        best, best_key = None, None
-        for j in range(1, len(bounds) - 1):
-            merged = prefix[bounds[j + 1]] - prefix[bounds[j - 1]]
-            within = merged <= cap
-            # prefer: within the cap, then the most expensive cut, then the lightest merge
-            key = (within, cuts[bounds[j]].bytes_per_row if within else -merged)
-            if best_key is None or key > best_key:
-                best, best_key = j, key
-        del bounds[best]
-    return bounds

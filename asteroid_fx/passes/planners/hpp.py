@@ -26,6 +26,15 @@ The search (after the paper's planner, MobiCom 2024 §4, and extended where note
    trading places, the micro-batch count, rows between members, the warm-up depth) are
    simulated, best closed form first, and the first faster one is kept, while one is and a
    budget of simulations lasts. The result is the plan: its prediction is the simulator's.
+7. The search never loses to itself (beyond the paper). On clusters of up to
+   ``EVERY_MICROBATCHING_UP_TO`` devices an unpinned micro-batching is also planned with each
+   micro-batching pinned (steps 2-6 each, as a caller who pins it gets it); the fastest is
+   polished once more, free to change it. A graph with more allowed cuts than compile's
+   coarsening (``DEFAULT_MAX_LAYERS``) is also planned with cuts only where that coarsening keeps
+   them (``LayerGraph.coarsening``: the very graph ``linearize(max_layers=48)`` makes, with the
+   same layers, so its plan is a plan of this graph) and polished on the fine layers; beyond that
+   many devices, this coarse search and its polish replace the search on every cut. So no pinned
+   micro-batching, and no coarsening, simulates faster than the plan.
 
 With ``recovery`` every device's memory also holds recovery's state copies (estimate.py): its
 rollback point in every stage's static bytes, and the backups a stage's first device holds, which
@@ -49,7 +58,8 @@ import numpy as np
 
 from asteroid_fx.cost.estimate import ADAM_STATE_FACTOR, CostTable, in_flight
 from asteroid_fx.ir.cluster import Cluster
-from asteroid_fx.ir.layer_graph import LayerGraph
+from asteroid_fx.ir.errors import InputError
+from asteroid_fx.ir.layer_graph import DEFAULT_MAX_LAYERS, LayerGraph
 from asteroid_fx.ir.plan import NoPlanError, Plan
 from asteroid_fx.passes.planners.candidates import Candidate, exact, microbatch_choices, orderings
 from asteroid_fx.passes.planners.dp import DP_BOUNDARIES, dp_boundaries, dp_plans
@@ -67,6 +77,7 @@ POLISHED = 16  # best DP answers whose cuts are polished on the closed form befo
 DEEPENED = 8  # best plans also tried with a deeper 1F1B warm-up ("1f1b+N", N in DEPTHS)
 DEPTHS = (1, 2, 4)
 SIMULATE_TOP = 8  # best closed forms simulated (half beyond 16 devices), twins traded counted once
+EVERY_MICROBATCHING_UP_TO = 8  # devices: an unpinned plan is also searched with each micro-batching pinned
 
 
 def _dp_candidates(table: CostTable, costs: GroupCosts, orders, M: int, schedule: str, stages: int | None,
@@ -155,29 +166,79 @@ def plan(lg: LayerGraph, cluster: Cluster, *, batch: int, microbatches: int | No
     model or the cluster does not allow raises InputError with the most stages and why."""
     if stages is not None:
         check_stages(lg, cluster, stages)
+    kw = dict(schedule=schedule, stages=stages, opt_state_factor=opt_state_factor, orders=orders, local=local,
+              simulate_top=simulate_top, name=name, deepen=deepen, recovery=recovery)
+    pinned = microbatches is not None or microbatch_rows is not None
+    full = local and orders != "memory"  # the paper's search stays the paper's
+    small = len(cluster.devices) <= EVERY_MICROBATCHING_UP_TO
+    # a graph longer than compile's coarsening is also searched by it (step 7)
+    long = full and len(lg.allowed_cuts()) + 1 > DEFAULT_MAX_LAYERS
+    best = None
+    if small or not long:
+        best = _planned(lg, cluster, batch, microbatches, microbatch_rows, **kw)
+        if full and small and not pinned:
+            # the search never loses to itself: each micro-batching searched on its own (as a
+            # caller who pins it gets it) is a candidate too, and the winner is polished once
+            # more, free to change the micro-batching
+            each = [_planned(lg, cluster, batch, M, None, **kw) for M, _ in microbatch_choices(batch, None, None)]
+            winner = min((t for t in (best, *each) if t is not None), key=lambda t: t[1], default=None)
+            if winner is not None and winner is not best:
+                best = _polished(winner, lg, cluster, batch, False, **kw)
+    if long:
+        # nor to its coarsening: the graph with cuts only where linearize(max_layers=48) keeps
+        # them (the same layers, so its plan is a plan of this graph), then polished here
+        view = lg.cut_only_at(lg.coarsening(DEFAULT_MAX_LAYERS))
+        try:
+            p = plan(view, cluster, batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows, **kw)
+        except InputError:
+            p = None
+        if p is not None:
+            c = Candidate(p.stages, p.microbatches, p.microbatch_rows, 0.0, p.schedule)
+            c_s = _polished((c, _simulated_s(c, lg, cluster, opt_state_factor, name, recovery)), lg, cluster, batch,
+                            pinned, **kw)
+            if best is None or c_s[1] < best[1]:
+                best = c_s
+    if best is None:
+        raise NoPlanError(no_plan_message(lg, cluster, batch, microbatches, microbatch_rows, schedule,
+                                          opt_state_factor, recovery, stages))
+    return finish(best[0], lg, cluster, opt_state_factor, name, recovery)
+
+
+def _planned(lg: LayerGraph, cluster: Cluster, batch: int, microbatches: int | None, microbatch_rows: int | None,
+             *, schedule: str, stages: int | None, opt_state_factor: float, orders: str, local: bool,
+             simulate_top: int | None, name: str, deepen: bool, recovery: bool) -> tuple[Candidate, float] | None:
+    """Steps 1-6 for one setting of the pins: the polished plan and its simulated seconds, or
+    None when nothing fits."""
     cands = search(lg, cluster, batch=batch, microbatches=microbatches, microbatch_rows=microbatch_rows,
                    schedule=schedule, stages=stages, opt_state_factor=opt_state_factor, orders=orders,
                    local=local, deepen=deepen, recovery=recovery)
     if not cands:
-        raise NoPlanError(no_plan_message(lg, cluster, batch, microbatches, microbatch_rows, schedule,
-                                          opt_state_factor, recovery, stages))
+        return None
     if simulate_top is None:  # the closed form misranks near-ties: small clusters simulate more of them
         simulate_top = SIMULATE_TOP if len(cluster.devices) <= 16 else SIMULATE_TOP // 2
-    best, seconds = fastest(to_simulate(distinct(cands, cluster), simulate_top), lg, cluster, opt_state_factor, name,
-                            recovery)
+    best = fastest(to_simulate(distinct(cands, cluster), simulate_top), lg, cluster, opt_state_factor, name, recovery)
     if local and orders != "memory":
-        tables: dict[int, CostTable] = {}
+        pinned = microbatches is not None or microbatch_rows is not None
+        best = _polished(best, lg, cluster, batch, pinned, schedule=schedule, stages=stages,
+                         opt_state_factor=opt_state_factor, name=name, deepen=deepen, recovery=recovery)
+    return best
 
-        def table_for(R: int) -> CostTable:
-            if R not in tables:
-                tables[R] = CostTable(lg, cluster, R, opt_state_factor, recovery)
-            return tables[R]
 
-        pins = Pins(batch, microbatches is not None or microbatch_rows is not None, stages,
-                    deepen and schedule == "1f1b")
-        best, seconds = polish(best, seconds, lambda c: _simulated_s(c, lg, cluster, opt_state_factor, name, recovery),
-                               table_for, cluster.names, pins, polish_budget(len(cluster.devices)), twins(cluster))
-    return finish(best, lg, cluster, opt_state_factor, name, recovery)
+def _polished(start: tuple[Candidate, float], lg: LayerGraph, cluster: Cluster, batch: int, pinned: bool, *,
+              schedule: str, stages: int | None, opt_state_factor: float, name: str, deepen: bool, recovery: bool,
+              **_: object) -> tuple[Candidate, float]:
+    """Step 6 from ``start`` (a candidate and its simulated seconds); ``pinned``: the
+    micro-batching stays."""
+    tables: dict[int, CostTable] = {}
+
+    def table_for(R: int) -> CostTable:
+        if R not in tables:
+            tables[R] = CostTable(lg, cluster, R, opt_state_factor, recovery)
+        return tables[R]
+
+    pins = Pins(batch, pinned, stages, deepen and schedule == "1f1b")
+    return polish(*start, lambda c: _simulated_s(c, lg, cluster, opt_state_factor, name, recovery), table_for,
+                  cluster.names, pins, polish_budget(len(cluster.devices)), twins(cluster))
 
 
 def twins(cluster: Cluster) -> dict[str, str]:
