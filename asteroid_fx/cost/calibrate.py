@@ -214,7 +214,8 @@ def calibrated_profile(captured: Captured, lg: LayerGraph, calibration: Calibrat
             saved = mem.saved_bytes if mem else int(layer.saved_bytes_per_row * r)
             cells.append(Cell(r, Timing.exact(layer_time(nodes, calibration, kind, "fwd", r) + overhead.fwd),
                               Timing.exact(layer_time(nodes, calibration, kind, "bwd", r) + overhead.bwd),
-                              saved_bytes=saved, peak_bytes=mem.peak_bytes if mem else saved))
+                              saved_bytes=saved, peak_bytes=mem.peak_bytes if mem else saved,
+                              boundary=mem.boundary if mem else None))
         layers.append(LayerProfile(index=i, first=layer.nodes[0] if layer.nodes else "",
                                    last=layer.nodes[-1] if layer.nodes else "", nodes=len(layer.nodes),
                                    param_bytes=layer.param_bytes, buffer_bytes=layer.buffer_bytes,
