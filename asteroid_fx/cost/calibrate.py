@@ -198,8 +198,9 @@ def calibrated_profile(captured: Captured, lg: LayerGraph, calibration: Calibrat
                        rows: Sequence[int], model: str = "", max_layers: int | None = None,
                        memory_from: DeviceProfile | None = None) -> DeviceProfile:
     """A DeviceProfile (source "calibrated") of ``lg`` for ``kind``: the calibrated roofline at
-    ``rows``. Memory per cell comes from ``memory_from`` (a measured profile of this graph) when
-    given, else from the analytic saved bytes."""
+    ``rows``. Memory per cell (saved bytes, which of them are boundary tensors, peak) comes from
+    ``memory_from`` (a measured profile of this graph) when given, else from the analytic saved
+    bytes, which count each tensor once already."""
     spec = catalog.kind(kind)
     overhead = Overhead(calibration.stage_overhead_ops[0] * spec.overhead_s,
                         calibration.stage_overhead_ops[1] * spec.overhead_s)
