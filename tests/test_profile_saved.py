@@ -160,4 +160,10 @@ def test_a_boundary_tensor_counts_in_the_first_layer_of_the_stage_that_saves_it(
     # an older profile's layer (nothing recorded) counts what it saved and holds nothing for later layers
     old = _profile(_layer(0, 150, None), *profile.layers[1:])
     assert old.layer_saved_bytes_per_row(0, 4) == (150, 10, 55, 20)
+    # so does one with a cell that lists nothing (measured before, then resumed)
+    two = dataclasses.replace(profile.layers[2], cells=(*profile.layers[2].cells,
+                                                        dataclasses.replace(profile.layers[2].cells[0], rows=2,
+                                                                            saved_bytes=110, boundary=None)))
+    mixed = _profile(*profile.layers[:2], two, profile.layers[3])
+    assert mixed.layer_saved_bytes_per_row(0, 4) == (150, 10, 55, 20)
     assert P.loads(P.dumps(profile)) == profile

@@ -123,10 +123,18 @@ class LayerProfile:
                 return c
         return None
 
+    @property
+    def knows_boundary(self) -> bool:
+        """Whether every cell lists its boundary storages (not so in older profiles, nor in one
+        resumed from an older partial profile)."""
+        return all(c.boundary is not None for c in self.cells)
+
     def saved_bytes_per_row(self, held: frozenset[str] = frozenset()) -> float:
         """Least-squares slope of saved bytes over rows (a fixed part, if any, cancels out),
         without the saved storages that hold any of the values ``held`` (which the stage holds
-        already: ``DeviceProfile.layer_saved_bytes_per_row``)."""
+        already: ``DeviceProfile.layer_saved_bytes_per_row``) where ``knows_boundary``."""
+        if not self.knows_boundary:
+            held = frozenset()
         return _slope([(c.rows, c.saved_bytes - sum(b.saved_bytes for b in c.boundary or ()
                                                     if held.intersection(b.values)))
                        for c in self.cells])
@@ -134,9 +142,10 @@ class LayerProfile:
     def holds(self, held: frozenset[str]) -> frozenset[str]:
         """The boundary values whose storage a stage holds after this layer ran, when it held
         those of ``held`` before: ``held``, what the layer saved, and what lies in a storage held
-        already (an output that is a view of a held input)."""
+        already (an output that is a view of a held input); only ``held`` where not
+        ``knows_boundary``."""
         out = set(held)
-        for c in self.cells:
+        for c in self.cells if self.knows_boundary else ():
             for b in c.boundary or ():
                 if b.saved_bytes > 0 or out.intersection(b.values):
                     out.update(b.values)
@@ -238,9 +247,10 @@ class DeviceProfile:
         backward, each tensor in the first layer of the stage that saves it: a layer's saved
         storage that holds a boundary value an earlier layer of the stage saved too (ReLU keeps
         its output, the convolution after it the same tensor as its input; or under another name,
-        through a layer that passes it on as a view) is not counted again. A layer whose cells do not say which saved storages are boundary values (an older
-        profile) counts all it saved, as measured alone. With lo = 0, each layer's share of the
-        whole model's, as ``annotate_costs`` attributes them (``profile_costs`` sets those)."""
+        through a layer that passes it on as a view) is not counted again. A layer whose cells do
+        not say which saved storages are boundary values (an older profile) counts all it saved,
+        as measured alone. With lo = 0, each layer's share of the whole model's, as
+        ``annotate_costs`` attributes them (``profile_costs`` sets those)."""
         held: frozenset[str] = frozenset()
         out = []
         for la in self.layers[lo:hi]:

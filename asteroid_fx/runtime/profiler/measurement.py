@@ -10,9 +10,8 @@ Expects the ``Captured`` graph and the ``LayerGraph`` that ``linearize`` made of
   - per cell: one untimed warm-up run that also measures the activation bytes saved for backward
     (saved-tensor hooks), which of them are the layer's inputs or outputs, by value name, and
     which of those share a storage (so a stage of several layers counts a tensor two of them save
-    once: ``Cell.boundary``), and
-    the peak memory, then timed repeats (at least ``min_repeats``, more
-    until ``budget_s`` of timing or ``max_repeats``) spread over ``rounds`` passes through the
+    once: ``Cell.boundary``), and the peak memory, then timed repeats (at least ``min_repeats``,
+    more until ``budget_s`` of timing or ``max_repeats``) spread over ``rounds`` passes through the
     model, summarised by an outlier-robust median; where the layer's weights, gradients and saved
     activations would fit in ``CACHE_COLD_FROM`` caches, as many repeats again with the cache
     flushed before forward and before backward (the cell's cold timing; else cold is warm);
@@ -40,8 +39,8 @@ import torch
 
 from asteroid_fx.ir import catalog
 from asteroid_fx.ir.layer_graph import LayerGraph
-from asteroid_fx.ir.profile import (CACHE_COLD_FROM, Block, BoundaryStorage, Cell, DeviceInfo, DeviceProfile, LayerProfile, Method, Overhead,
-                                 ProfileError, Timing, graph_key)
+from asteroid_fx.ir.profile import (CACHE_COLD_FROM, Block, BoundaryStorage, Cell, DeviceInfo, DeviceProfile,
+                                    LayerProfile, Method, Overhead, ProfileError, Timing, graph_key)
 from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import Captured, capture
 from asteroid_fx.passes.linearize import linearize
@@ -353,8 +352,8 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
 
 def _boundary(stage: Stage, inputs: Sequence[Any], outputs: Sequence[Any]) -> dict[str, Any]:
     """The layer's boundary values by name: the inputs it received and the outputs it sends on
-    (the last layer's outputs, which no layer receives, are left out: its flat outputs may hold
-    constants that have no name)."""
+    (only the inputs where its outputs hold constants, which have no name: the last layer's flat
+    outputs may, and no layer receives those)."""
     named = dict(zip(stage.inputs, inputs))
     if len(outputs) == len(stage.outputs):
         named.update(zip(stage.outputs, outputs))
