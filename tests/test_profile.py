@@ -130,7 +130,24 @@ REJECTIONS = {
     "every time 0": (lambda p: _edit(p, _zero_times), "every layer's forward and backward time at 2 rows is 0"),
     "bad cold timing": (lambda p: _edit(p, lambda d: d["layers"][0]["cells"][0]["cold"]["bwd"].pop("mad")),
                         "missing field 'layers[0].cells[0].cold.bwd.mad'"),
+    "boundary value twice": (lambda p: _edit(p, lambda d: _boundary(d).append({"values": ["relu"], "saved_bytes": 0})),
+                             "'layers[1].cells[0].boundary[1].values' names 'relu' again"),
+    "boundary saves too much": (lambda p: _edit(p, lambda d: _boundary(d)[0].update(saved_bytes=10**6)),
+                                "saved 1000000 bytes, more than the cell's saved_bytes"),
+    "boundary without names": (lambda p: _edit(p, lambda d: _boundary(d)[0].update(values=[""])),
+                               "must be a non-empty list of value names"),
+    "boundary negative": (lambda p: _edit(p, lambda d: _boundary(d)[0].update(saved_bytes=-1)),
+                          "'layers[1].cells[0].boundary[0].saved_bytes' must be an integer >= 0"),
+    "boundary extra field": (lambda p: _edit(p, lambda d: _boundary(d)[0].update(bytes=1)),
+                             "unknown field(s) 'layers[1].cells[0].boundary[0].bytes'"),
+    "boundary not a list": (lambda p: _edit(p, lambda d: d["layers"][1]["cells"][0].update(boundary={})),
+                            "'layers[1].cells[0].boundary' must be a list"),
 }
+
+
+def _boundary(data):
+    """The boundary storages of the ReLU's first cell: its output, which it saves."""
+    return data["layers"][1]["cells"][0]["boundary"]
 
 
 @pytest.mark.parametrize("case", sorted(REJECTIONS))

@@ -198,8 +198,9 @@ def calibrated_profile(captured: Captured, lg: LayerGraph, calibration: Calibrat
                        rows: Sequence[int], model: str = "", max_layers: int | None = None,
                        memory_from: DeviceProfile | None = None) -> DeviceProfile:
     """A DeviceProfile (source "calibrated") of ``lg`` for ``kind``: the calibrated roofline at
-    ``rows``. Memory per cell comes from ``memory_from`` (a measured profile of this graph) when
-    given, else from the analytic saved bytes."""
+    ``rows``. Memory per cell (saved bytes, which of them are boundary tensors, peak) comes from
+    ``memory_from`` (a measured profile of this graph) when given, else from the analytic saved
+    bytes, which count each tensor once already."""
     spec = catalog.kind(kind)
     overhead = Overhead(calibration.stage_overhead_ops[0] * spec.overhead_s,
                         calibration.stage_overhead_ops[1] * spec.overhead_s)
@@ -214,7 +215,8 @@ def calibrated_profile(captured: Captured, lg: LayerGraph, calibration: Calibrat
             saved = mem.saved_bytes if mem else int(layer.saved_bytes_per_row * r)
             cells.append(Cell(r, Timing.exact(layer_time(nodes, calibration, kind, "fwd", r) + overhead.fwd),
                               Timing.exact(layer_time(nodes, calibration, kind, "bwd", r) + overhead.bwd),
-                              saved_bytes=saved, peak_bytes=mem.peak_bytes if mem else saved))
+                              saved_bytes=saved, peak_bytes=mem.peak_bytes if mem else saved,
+                              boundary=mem.boundary if mem else None))
         layers.append(LayerProfile(index=i, first=layer.nodes[0] if layer.nodes else "",
                                    last=layer.nodes[-1] if layer.nodes else "", nodes=len(layer.nodes),
                                    param_bytes=layer.param_bytes, buffer_bytes=layer.buffer_bytes,

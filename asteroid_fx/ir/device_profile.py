@@ -65,19 +65,35 @@ class Timing:
 
 
 @dataclasses.dataclass(frozen=True)
+class BoundaryStorage:
+    """A storage that holds values at a layer's boundary (inputs it received, outputs it sent on:
+    LayerGraph cut values, by fx node name) and that autograd saved for the layer's backward
+    (``saved_bytes``: its bytes, a part of the cell's) or that holds several of them (views of one
+    tensor, an output that is its input under another name; ``saved_bytes`` 0 when not saved).
+    The layers around it may save the same tensor, ReLU its output and the convolution after it
+    its input: a stage running both holds it once (``DeviceProfile.layer_saved_bytes_per_row``)."""
+
+    values: tuple[str, ...]
+    saved_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Cell:
     """One layer (or block) run forward and backward on ``rows`` rows."""
 
     rows: int
     fwd: Timing
     bwd: Timing
-    saved_bytes: int = 0  # activation bytes autograd kept for backward (saved-tensor hooks)
+    saved_bytes: int = 0  # activation bytes autograd kept for backward (saved-tensor hooks), each storage once
     peak_bytes: int = 0  # peak bytes allocated during forward + backward, beyond inputs and weights
     # the same layer timed inside a pass over the whole model (forward through every layer, then
     # backward through every layer), where its weights and saved activations were evicted from the
     # cache since it last ran: what it takes inside a stage too big for the cache (None: not measured)
     cold_fwd: Timing | None = None
     cold_bwd: Timing | None = None
+    # the storages of the layer's inputs and outputs that it saved or that hold several of them;
+    # None: not recorded (profiles measured before it was), and nothing is counted once across layers
+    boundary: tuple[BoundaryStorage, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +123,33 @@ class LayerProfile:
                 return c
         return None
 
-    def saved_bytes_per_row(self) -> float:
-        """Least-squares slope of saved bytes over rows (a fixed part, if any, cancels out)."""
-        return _slope([(c.rows, c.saved_bytes) for c in self.cells])
+    @property
+    def knows_boundary(self) -> bool:
+        """Whether every cell lists its boundary storages (not so in older profiles, nor in one
+        resumed from an older partial profile)."""
+        return all(c.boundary is not None for c in self.cells)
+
+    def saved_bytes_per_row(self, held: frozenset[str] = frozenset()) -> float:
+        """Least-squares slope of saved bytes over rows (a fixed part, if any, cancels out),
+        without the saved storages that hold any of the values ``held`` (which the stage holds
+        already: ``DeviceProfile.layer_saved_bytes_per_row``) where ``knows_boundary``."""
+        if not self.knows_boundary:
+            held = frozenset()
+        return _slope([(c.rows, c.saved_bytes - sum(b.saved_bytes for b in c.boundary or ()
+                                                    if held.intersection(b.values)))
+                       for c in self.cells])
+
+    def holds(self, held: frozenset[str]) -> frozenset[str]:
+        """The boundary values whose storage a stage holds after this layer ran, when it held
+        those of ``held`` before: ``held``, what the layer saved, and what lies in a storage held
+        already (an output that is a view of a held input); only ``held`` where not
+        ``knows_boundary``."""
+        out = set(held)
+        for c in self.cells if self.knows_boundary else ():
+            for b in c.boundary or ():
+                if b.saved_bytes > 0 or out.intersection(b.values):
+                    out.update(b.values)
+        return frozenset(out)
 
     def peak_bytes_per_row(self) -> float:
         return _slope([(c.rows, c.peak_bytes) for c in self.cells])
@@ -202,10 +242,32 @@ class DeviceProfile:
     def costs(self) -> tuple[Cost, ...]:
         return tuple(self.layer_cost(i) for i in range(len(self.layers)))
 
+    def layer_saved_bytes_per_row(self, lo: int, hi: int) -> tuple[float, ...]:
+        """Per layer of [lo, hi) run as one stage, the activation bytes per row it keeps for
+        backward, each tensor in the first layer of the stage that saves it: a layer's saved
+        storage that holds a boundary value an earlier layer of the stage saved too (ReLU keeps
+        its output, the convolution after it the same tensor as its input; or under another name,
+        through a layer that passes it on as a view) is not counted again. A layer whose cells do
+        not say which saved storages are boundary values (an older profile) counts all it saved,
+        as measured alone. With lo = 0, each layer's share of the whole model's, as
+        ``annotate_costs`` attributes them (``profile_costs`` sets those)."""
+        held: frozenset[str] = frozenset()
+        out = []
+        for la in self.layers[lo:hi]:
+            out.append(la.saved_bytes_per_row(held))
+            held = la.holds(held)
+        return tuple(out)
+
+    def saved_bytes_per_row(self, lo: int, hi: int) -> float:
+        """Activation bytes per row layers [lo, hi) run as one stage keep for backward, each saved
+        tensor once (``layer_saved_bytes_per_row``)."""
+        return sum(self.layer_saved_bytes_per_row(lo, hi))
+
     def working_set(self, lo: int, hi: int, rows: float) -> float:
         """Bytes a stage of layers [lo, hi) touches again between its forward and its backward and
         from one micro-batch to the next: weights, gradients and saved activations."""
-        return sum(la.param_bytes + la.grad_bytes + la.saved_bytes_per_row() * rows for la in self.layers[lo:hi])
+        return (sum(la.param_bytes + la.grad_bytes for la in self.layers[lo:hi])
+                + self.saved_bytes_per_row(lo, hi) * rows)
 
     def cold_share(self, lo: int, hi: int, rows: float) -> float:
         """How far a stage of layers [lo, hi) on ``rows`` runs cold (1) rather than cache-warm (0).
@@ -257,12 +319,13 @@ class DeviceProfile:
                  f"stage, typically fwd {self.overhead.fwd * 1e6:.1f} us, bwd {self.overhead.bwd * 1e6:.1f} us",
                  f"  {'layer':>5}  {'params':>10}  {'saved B/row':>11}  " +
                  "  ".join(f"{'f+b ms @' + str(r):>12}" for r in self.rows) + "  first node"]
+        saved = self.layer_saved_bytes_per_row(0, len(self.layers))
         for layer in self.layers:
             times = []
             for r in self.rows:
                 c = layer.cell(r)
                 times.append(f"{(c.fwd.median + c.bwd.median) * 1e3:>12.3f}" if c else f"{'-':>12}")
-            lines.append(f"  {layer.index:>5}  {layer.param_bytes:>10}  {layer.saved_bytes_per_row():>11.0f}  "
+            lines.append(f"  {layer.index:>5}  {layer.param_bytes:>10}  {saved[layer.index]:>11.0f}  "
                          + "  ".join(times) + f"  {layer.first}")
         return "\n".join(lines)
 

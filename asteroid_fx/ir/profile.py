@@ -35,11 +35,23 @@ On disk (JSON, ``save``/``load``)::
                  "overhead": {"fwd": 2e-06, "bwd": 1.2e-05},
                  "cells": [{"rows": 1, "fwd": {"median": ..., "mad": ..., "best": ...,
                             "repeats": 9, "outliers": 0}, "bwd": {...}, "saved_bytes": ...,
-                            "peak_bytes": ..., "cold": {"fwd": {...}, "bwd": {...}}}, ...]}, ...],
+                            "peak_bytes": ..., "cold": {"fwd": {...}, "bwd": {...}},
+                            "boundary": [{"values": ["relu"], "saved_bytes": ...}, ...]}, ...]}, ...],
      "blocks": [{"lo": 0, "hi": 2, "rows": 1, "fwd": {...}, "bwd": {...}}, ...]}
+
+A cell's ``saved_bytes`` is every storage autograd saved while the layer ran alone, its saved
+inputs included; ``boundary`` lists the storages of the layer's boundary values (the inputs it
+received, the outputs it sent on, by fx node name) that it saved, with their saved bytes, or that
+hold several of those values (views of one tensor, an input passed on under another name; saved
+bytes 0 when not saved). A boundary tensor two layers save (ReLU keeps its output, the convolution
+after it the same tensor as its input) is one storage while they run in one stage, so
+``DeviceProfile.layer_saved_bytes_per_row`` and ``saved_bytes_per_row`` count it once, in the
+first layer that saves it. ``boundary`` is optional: a profile written before it was recorded
+loads as it did and counts each layer's saved bytes as measured alone.
 
 ``load`` rejects, with the file, the field and what to do: a file that is not JSON or is cut short,
 another format or version, a missing, mistyped, negative or non-finite field, cells out of order,
+``boundary`` storages that name a value twice or save more than the cell's ``saved_bytes``,
 a checksum that does not match the content (an edited or damaged file), a partial profile where a
 complete one is needed, and a profile of another model or graph than the one being compiled.
 """
@@ -61,6 +73,7 @@ from asteroid_fx.ir.device_profile import (
     CACHE_WARM_UP_TO,
     DEFAULT_ROWS,
     Block,
+    BoundaryStorage,
     Cell,
     DeviceInfo,
     DeviceProfile,
@@ -79,7 +92,7 @@ from asteroid_fx.ir.device_profile import (
 if TYPE_CHECKING:
     from asteroid_fx.ir.layer_graph import LayerGraph
 
-__all__ = ["Block", "CACHE_COLD_FROM", "CACHE_WARM_UP_TO", "Cell", "DEFAULT_ROWS", "DeviceInfo", "DeviceProfile", "FORMAT", "GraphKey", "LayerProfile", "Method", "Overhead", "ProfileError", "Timing", "VERSION", "check_matches", "dumps", "fingerprint", "from_json", "graph_key", "load", "loads", "monotone_fit", "save", "to_json"]
+__all__ = ["Block", "BoundaryStorage", "CACHE_COLD_FROM", "CACHE_WARM_UP_TO", "Cell", "DEFAULT_ROWS", "DeviceInfo", "DeviceProfile", "FORMAT", "GraphKey", "LayerProfile", "Method", "Overhead", "ProfileError", "Timing", "VERSION", "check_matches", "dumps", "fingerprint", "from_json", "graph_key", "load", "loads", "monotone_fit", "save", "to_json"]
 
 FORMAT = "asteroid-profile"
 VERSION = 1
@@ -92,6 +105,16 @@ _TIMING = ("median", "mad", "best", "repeats", "outliers")
 
 def _timing_json(t: Timing) -> dict[str, Any]:
     return dataclasses.asdict(t)
+
+
+def _cell_json(c: Cell) -> dict[str, Any]:
+    out = {"rows": c.rows, "fwd": _timing_json(c.fwd), "bwd": _timing_json(c.bwd),
+           "saved_bytes": c.saved_bytes, "peak_bytes": c.peak_bytes,
+           "cold": None if c.cold_fwd is None or c.cold_bwd is None else
+           {"fwd": _timing_json(c.cold_fwd), "bwd": _timing_json(c.cold_bwd)}}
+    if c.boundary is not None:  # absent in profiles measured before it was recorded
+        out["boundary"] = [{"values": list(b.values), "saved_bytes": b.saved_bytes} for b in c.boundary]
+    return out
 
 
 def to_json(p: DeviceProfile) -> dict[str, Any]:
@@ -113,11 +136,7 @@ def to_json(p: DeviceProfile) -> dict[str, Any]:
              "param_bytes": layer.param_bytes, "buffer_bytes": layer.buffer_bytes,
              "grad_bytes": layer.grad_bytes, "optimizer_bytes": layer.optimizer_bytes,
              "overhead": dataclasses.asdict(layer.overhead),
-             "cells": [{"rows": c.rows, "fwd": _timing_json(c.fwd), "bwd": _timing_json(c.bwd),
-                        "saved_bytes": c.saved_bytes, "peak_bytes": c.peak_bytes,
-                        "cold": None if c.cold_fwd is None or c.cold_bwd is None else
-                        {"fwd": _timing_json(c.cold_fwd), "bwd": _timing_json(c.cold_bwd)}}
-                       for c in layer.cells]}
+             "cells": [_cell_json(c) for c in layer.cells]}
             for layer in p.layers
         ],
         "blocks": [{"lo": b.lo, "hi": b.hi, "rows": b.rows, "fwd": _timing_json(b.fwd), "bwd": _timing_json(b.bwd)}
@@ -227,6 +246,31 @@ def _timing(r: _Reader) -> Timing:
     return t
 
 
+def _boundary(c: _Reader, saved_bytes: int) -> tuple[BoundaryStorage, ...]:
+    """A cell's ``boundary``: distinct storages, so each value name in one of them only, whose
+    saved bytes are a part of the cell's ``saved_bytes``."""
+    out, seen = [], set()
+    for k, raw in enumerate(c.list("boundary")):
+        b = _Reader(raw, c._where(f"boundary[{k}]"))
+        b.only(("values", "saved_bytes"))
+        names = b.list("values")
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ProfileError(f"field {b._where('values')!r} must be a non-empty list of value names "
+                               f"(non-empty strings), got {names!r}")
+        again = sorted(seen.intersection(names)) or sorted({n for n in names if names.count(n) > 1})
+        if again:
+            raise ProfileError(f"field {b._where('values')!r} names {again[0]!r} again, but a value lies in "
+                               "one storage; the file was edited or damaged: re-run `asteroid profile`")
+        seen.update(names)
+        out.append(BoundaryStorage(tuple(names), b.number("saved_bytes", integer=True)))
+    total = sum(b.saved_bytes for b in out)
+    if total > saved_bytes:
+        raise ProfileError(f"field {c._where('boundary')!r} saved {total} bytes, more than the cell's saved_bytes "
+                           f"({saved_bytes}), of which they are a part; the file was edited or damaged: "
+                           "re-run `asteroid profile`")
+    return tuple(out)
+
+
 def _increasing(rows: list[int], what: str) -> None:
     if any(b <= a for a, b in zip(rows, rows[1:])):
         raise ProfileError(f"{what} must be strictly increasing, got {rows}")
@@ -302,14 +346,16 @@ def _from_json(data: Any) -> DeviceProfile:
         cells = []
         for j, rc in enumerate(r.list("cells")):
             c = _Reader(rc, f"layers[{i}].cells[{j}]")
-            c.only(("rows", "fwd", "bwd", "saved_bytes", "peak_bytes", "cold"))
+            c.only(("rows", "fwd", "bwd", "saved_bytes", "peak_bytes", "cold", "boundary"))
             cold = None if c.raw("cold") is None else c.obj("cold")
             if cold is not None:
                 cold.only(("fwd", "bwd"))
+            saved_bytes = c.number("saved_bytes", integer=True)
             cells.append(Cell(c.number("rows", integer=True, minimum=1), _timing(c.obj("fwd")),
-                              _timing(c.obj("bwd")), c.number("saved_bytes", integer=True),
+                              _timing(c.obj("bwd")), saved_bytes,
                               c.number("peak_bytes", integer=True),
-                              _timing(cold.obj("fwd")) if cold else None, _timing(cold.obj("bwd")) if cold else None))
+                              _timing(cold.obj("fwd")) if cold else None, _timing(cold.obj("bwd")) if cold else None,
+                              _boundary(c, saved_bytes) if "boundary" in rc else None))
         _increasing([c.rows for c in cells], f"layers[{i}].cells rows")
         lo = r.obj("overhead")
         lo.only(("fwd", "bwd"))

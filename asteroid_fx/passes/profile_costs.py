@@ -8,7 +8,11 @@ Guarantees: a new LayerGraph (the input is not changed) in which, for every prof
 i's Cost is ``profile.layer_cost(i)`` (source "measured" or "calibrated", times monotone in rows,
 as inside a stage too big for the cache, which a planner's stages are)
 and other kinds keep their analytic costs; ``saved_bytes_per_row`` becomes the largest per-row
-activation bytes the profiles measured with saved-tensor hooks; nothing else changes.
+activation bytes the profiles measured with saved-tensor hooks, each tensor in the first layer that
+saves it, as ``annotate_costs`` attributes them (``DeviceProfile.layer_saved_bytes_per_row``: a
+boundary tensor both layer i - 1 and layer i save counts in layer i - 1; from a profile that does
+not say which saved storages are boundary values, each layer's bytes as measured alone); nothing
+else changes.
 Not carried: the per-stage call overhead (``profile.overhead``) and the warmer cache of a stage
 small enough to keep its data there. A LayerGraph's stage time is a sum over layers, so through it
 a stage's prediction is short by that constant (tens of microseconds on a CPU) and a small
@@ -45,8 +49,9 @@ def profile_costs(lg: LayerGraph, profiles: Iterable[DeviceProfile | str | os.Pa
     if not by_kind:
         return lg
     layers = []
+    saved_by_kind = [p.layer_saved_bytes_per_row(0, len(lg)) for p in by_kind.values()]
     for i, layer in enumerate(lg.layers):
         costs = tuple((k, by_kind[k].layer_cost(i) if k in by_kind else c) for k, c in layer.costs)
-        saved = max(p.layers[i].saved_bytes_per_row() for p in by_kind.values())
+        saved = max(per_layer[i] for per_layer in saved_by_kind)
         layers.append(dataclasses.replace(layer, costs=costs, saved_bytes_per_row=saved))
     return dataclasses.replace(lg, layers=tuple(layers))

@@ -8,8 +8,10 @@ Expects the ``Captured`` graph and the ``LayerGraph`` that ``linearize`` made of
     gradients where the backend would send them and ones as the backward seed: the same calls the
     local backend makes, so a stage's time is what is measured, not an op-by-op sum;
   - per cell: one untimed warm-up run that also measures the activation bytes saved for backward
-    (saved-tensor hooks) and the peak memory, then timed repeats (at least ``min_repeats``, more
-    until ``budget_s`` of timing or ``max_repeats``) spread over ``rounds`` passes through the
+    (saved-tensor hooks), which of them are the layer's inputs or outputs, by value name, and
+    which of those share a storage (so a stage of several layers counts a tensor two of them save
+    once: ``Cell.boundary``), and the peak memory, then timed repeats (at least ``min_repeats``,
+    more until ``budget_s`` of timing or ``max_repeats``) spread over ``rounds`` passes through the
     model, summarised by an outlier-robust median; where the layer's weights, gradients and saved
     activations would fit in ``CACHE_COLD_FROM`` caches, as many repeats again with the cache
     flushed before forward and before backward (the cell's cold timing; else cold is warm);
@@ -37,11 +39,12 @@ import torch
 
 from asteroid_fx.ir import catalog
 from asteroid_fx.ir.layer_graph import LayerGraph
-from asteroid_fx.ir.profile import (CACHE_COLD_FROM, Block, Cell, DeviceInfo, DeviceProfile, LayerProfile, Method, Overhead,
-                                 ProfileError, Timing, graph_key)
+from asteroid_fx.ir.profile import (CACHE_COLD_FROM, Block, BoundaryStorage, Cell, DeviceInfo, DeviceProfile,
+                                    LayerProfile, Method, Overhead, ProfileError, Timing, graph_key)
 from asteroid_fx.passes.annotate_costs import annotate_costs
 from asteroid_fx.passes.capture import Captured, capture
 from asteroid_fx.passes.linearize import linearize
+from asteroid_fx.passes.split import Stage
 from asteroid_fx.runtime.profiler.memory import MemoryProbe, optimizer_bytes, unique_bytes
 from asteroid_fx.runtime.profiler.timing import (BlockRunner, CacheFlush, example_rows, resolve_clock, restore_state,
                                                  round_quota, snapshot_state, stages_for)
@@ -234,6 +237,7 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
         cold_fwd: dict[int, list[float]] = {}
         cold_bwd: dict[int, list[float]] = {}
         memory: dict[int, tuple[int, int]] = {}
+        boundary: dict[int, tuple[BoundaryStorage, ...]] = {}
         # rounds: every layer gets some of its repeats in each pass over the model, so a burst
         # of load from other processes touches one round of a cell, not all of its repeats
         for k in range(passes):
@@ -255,8 +259,9 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
                     if k == 0:
                         probe = MemoryProbe(dev, [*gm.parameters(), *gm.buffers()],
                                              [t for t in inputs if isinstance(t, torch.Tensor)])
-                        runner.warm(inputs, method, probe)
+                        outputs = runner.warm(inputs, method, probe)
                         memory[i] = (probe.saved_bytes, probe.peak_bytes)
+                        boundary[i] = probe.boundary(_boundary(runner.stage, inputs, outputs))
                         if i not in static:  # the warm-up left this layer's gradients
                             grads = unique_bytes(p.grad for p in runner.params if p.grad is not None)
                             static[i] = (grads, optimizer_bytes(runner.params, method.optimizer))
@@ -300,7 +305,8 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
             # a layer whose data outgrows the cache on its own runs as cold alone as in any stage
             cold = ((Timing.of(cold_fwd[i], method.outlier_mads), Timing.of(cold_bwd[i], method.outlier_mads))
                     if i in cold_fwd else warm)
-            cells[(i, r)] = Cell(r, *warm, *memory[i], cold_fwd=cold[0], cold_bwd=cold[1])
+            cells[(i, r)] = Cell(r, *warm, *memory[i], cold_fwd=cold[0], cold_bwd=cold[1],
+                                 boundary=boundary[i])
         for lo, hi in todo_blocks:
             blocks[(lo, hi, r)] = Block(lo, hi, r, Timing.of(fwd[(lo, hi)], method.outlier_mads),
                                         Timing.of(bwd[(lo, hi)], method.outlier_mads))
@@ -342,6 +348,16 @@ def measure(captured: Captured, lg: LayerGraph, rows: Sequence[int], *, device: 
     finally:
         restore_state(gm, saved, home)
     return snapshot(True)
+
+
+def _boundary(stage: Stage, inputs: Sequence[Any], outputs: Sequence[Any]) -> dict[str, Any]:
+    """The layer's boundary values by name: the inputs it received and the outputs it sends on
+    (only the inputs where its outputs hold constants, which have no name: the last layer's flat
+    outputs may, and no layer receives those)."""
+    named = dict(zip(stage.inputs, inputs))
+    if len(outputs) == len(stage.outputs):
+        named.update(zip(stage.outputs, outputs))
+    return named
 
 
 PROBE_BEND = 0.1  # probe a layer below a row count where its time bends down by more than this share

@@ -3,12 +3,14 @@ peak (``MemoryProbe``), and the bytes of its gradients and optimizer state."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.utils._pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from asteroid_fx.ir.profile import BoundaryStorage
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -43,7 +45,8 @@ class _LiveBytes(TorchDispatchMode):
 
 class MemoryProbe:
     """Saved-for-backward bytes (every device) and peak bytes (CUDA: the allocator's statistics;
-    CPU: ``_LiveBytes``) of what runs inside it, beyond the tensors in ``exclude``."""
+    CPU: ``_LiveBytes``) of what runs inside it, beyond the tensors in ``exclude``; and which of
+    the saved storages hold the layer's boundary values (``boundary``)."""
 
     def __init__(self, device: torch.device, weights: Iterable[torch.Tensor], inputs: Iterable[torch.Tensor]):
         self.device = device
@@ -51,14 +54,14 @@ class MemoryProbe:
         # save each other's outputs; peak bytes leave out both, which exist before the run
         self.weights = {storage_key(t) for t in weights}
         self.exclude = self.weights | {storage_key(t) for t in inputs}
-        self.saved_keys: set[int] = set()
+        self.saved_keys: dict[int, int] = {}  # storage -> bytes, of what autograd saved
         self.saved_bytes = 0
         self.peak_bytes = 0
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = storage_key(t)
         if key not in self.weights and key not in self.saved_keys:
-            self.saved_keys.add(key)
+            self.saved_keys[key] = t.untyped_storage().nbytes()
             self.saved_bytes += t.untyped_storage().nbytes()
         return t
 
@@ -82,6 +85,19 @@ class MemoryProbe:
             self._live.__exit__(*exc)
             self.peak_bytes = self._live.peak
         self._hooks.__exit__(*exc)
+
+
+    def boundary(self, values: Mapping[str, Any]) -> tuple[BoundaryStorage, ...]:
+        """The storages of ``values`` (value name -> tensor: the inputs the layer received and the
+        outputs it sent, alive since the run, so no saved storage that was freed can share their
+        address) that autograd saved or that hold several of them, each with the names of the
+        values in it (in the order of ``values``) and its saved bytes (0: not saved)."""
+        names: dict[int, list[str]] = {}
+        for name, t in values.items():
+            if isinstance(t, torch.Tensor):
+                names.setdefault(storage_key(t), []).append(name)
+        return tuple(BoundaryStorage(tuple(n), self.saved_keys.get(key, 0)) for key, n in names.items()
+                     if key in self.saved_keys or len(n) > 1)
 
 
 def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:

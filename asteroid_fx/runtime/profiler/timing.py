@@ -89,15 +89,20 @@ class BlockRunner:
         with torch.no_grad():
             return tuple(self.stage.module(*[t.detach() for t in inputs]))
 
-    def warm(self, inputs: Sequence[torch.Tensor], method: Method, probe: MemoryProbe | None = None) -> None:
+    def warm(self, inputs: Sequence[torch.Tensor], method: Method,
+             probe: MemoryProbe | None = None) -> tuple[Any, ...]:
         """Untimed runs (the first inside ``probe``, if given): allocator, kernel choice and caches
-        settle before anything is timed."""
+        settle before anything is timed. Returns the first run's outputs (what ``probe`` saw)."""
+        first: tuple[Any, ...] = ()
         for i in range(max(1, method.warmup)):
             if i == 0 and probe is not None:
                 with probe:
-                    self.run(inputs)
+                    out = self.run(inputs)[2]
             else:
-                self.run(inputs)
+                out = self.run(inputs)[2]
+            if i == 0:
+                first = out
+        return first
 
     def samples(self, inputs: Sequence[torch.Tensor], min_repeats: int, max_repeats: int, budget_s: float,
                 before: Callable[[], Any] | None = None) -> tuple[list[float], list[float], tuple[Any, ...]]:
