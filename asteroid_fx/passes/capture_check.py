@@ -46,6 +46,7 @@ from asteroid_fx.passes.capture import Captured
 RTOL = 1e-4
 ATOL = 1e-5  # times max(1, the largest eager magnitude of the output): a scale-free float32 floor
 SEED = 0x5EED
+_CHUNK = 1 << 16  # elements compared at a time: float64 temporaries that stay in cache
 CHECK_ROWS = 4  # rows the check runs on when the batch is symbolic (BatchNorm in train mode needs 2 or more)
 
 _SKIP = "To compile anyway, pass check_capture=False to compile() (--no-capture-check to `asteroid compile`)."
@@ -260,20 +261,30 @@ def _differs(got: Any, want: Any) -> str | None:
 
 
 def _error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / (atol + rtol |want|): at most 1 is a match; NaN matches NaN only."""
-    g, w = got.detach().double(), want.detach().double()
+    """max |got - want| / (atol + rtol |want|): at most 1 is a match; NaN matches NaN only.
+    Computed in float64 a chunk of ``_CHUNK`` elements at a time: on a whole large output (a
+    language model's logits) the float64 temporaries cost more than the forward that made it."""
+    g, w = got.detach().reshape(-1), want.detach().reshape(-1)
+
+    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, g.numel(), _CHUNK):
+            yield g[i:i + _CHUNK].double(), w[i:i + _CHUNK].double()
+
     if g.numel() == 0:
         return 0.0
-    nan_g, nan_w = torch.isnan(g), torch.isnan(w)
-    if not torch.equal(nan_g, nan_w):
-        return float("inf")
-    g, w = g[~nan_w], w[~nan_w]
-    if g.numel() == 0:
-        return 0.0
-    same_inf = (g == w)  # equal infinities compare equal; their difference would be NaN
-    scale = max(1.0, float(w[torch.isfinite(w)].abs().max())) if torch.isfinite(w).any() else 1.0
-    ratio = ((g - w).abs() / (ATOL * scale + RTOL * w.abs())).masked_fill(same_inf, 0.0)
-    return float(ratio.nan_to_num(nan=float("inf")).max())
+    tops = []
+    for gc, wc in chunks():
+        if not torch.equal(torch.isnan(gc), torch.isnan(wc)):
+            return float("inf")
+        tops.append(wc.abs().masked_fill(~torch.isfinite(wc), 0.0).max())
+    scale = max(1.0, float(torch.stack(tops).max()))  # the largest finite magnitude, 1 at least
+    worst = []
+    for gc, wc in chunks():
+        # equal infinities compare equal (their difference would be NaN); NaN matches NaN
+        same = (gc == wc) | torch.isnan(wc)
+        ratio = ((gc - wc).abs() / (ATOL * scale + RTOL * wc.abs())).masked_fill(same, 0.0)
+        worst.append(ratio.nan_to_num(nan=float("inf")).max())
+    return float(torch.stack(worst).max())
 
 
 def _max_abs(got: torch.Tensor, want: torch.Tensor) -> float:
