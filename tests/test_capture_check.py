@@ -4,6 +4,7 @@ the check leaves the model, its mode and the caller's RNG as they were."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -15,7 +16,7 @@ import asteroid_fx as asteroid
 from asteroid_fx import cli, models
 from asteroid_fx.ir.errors import InputError
 from asteroid_fx.passes.capture import capture
-from asteroid_fx.passes.capture_check import _drawn_like, verify_capture
+from asteroid_fx.passes.capture_check import CHECK_ROWS, _drawn_like, _first_rows, verify_capture
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -275,3 +276,101 @@ def test_randomness_outside_torch_is_named_as_such():
     assert "on the example, output 0 differs" in text
     assert "graph node 'add', an output of the model itself (NumpyNoise)" in text
     assert "Eager forward itself gives other outputs on two runs from the same torch seed" in text
+
+
+# --- the check runs on a few rows -----------------------------------------------------------------
+
+SEEN: list[int] = []  # rows eager forward saw (a global: the check's eager copy shares it)
+
+
+class RowRecorder(nn.Module):
+    """Records the rows of every eager call; refuses fewer than ``least`` rows, as a forward that
+    needs a minimum batch does (capture drops that bound)."""
+
+    def __init__(self, least: int = 0) -> None:
+        super().__init__()
+        self.least = least
+        self.inp = nn.Linear(4, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_exporting():
+            SEEN.append(x.shape[0])
+            if x.shape[0] < self.least:
+                raise ValueError(f"needs {self.least} rows")
+        return self.out(self.norm(self.inp(x) + y.sum(1, keepdim=True)))
+
+
+def _graph_rows(captured) -> list[int]:
+    """Record the rows of every graph run (the check calls the graph's forward)."""
+    rows, forward = [], captured.module.forward
+
+    def recording(*flat):
+        rows.append(flat[0].shape[0])
+        return forward(*flat)
+
+    captured.module.forward = recording
+    return rows
+
+
+def test_the_check_runs_on_the_examples_first_rows():
+    torch.manual_seed(0)
+    model = RowRecorder()
+    x, y = torch.randn(32, 4), torch.randn(32, 3)
+    captured = capture(model, (x, y))
+    graph_rows = _graph_rows(captured)
+    SEEN.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verify_capture(captured, model, (x, y))
+    assert SEEN == [CHECK_ROWS, CHECK_ROWS] and graph_rows == [CHECK_ROWS, CHECK_ROWS]
+
+
+def test_without_a_batch_symbol_the_check_runs_on_the_whole_example():
+    torch.manual_seed(0)
+    model = RowRecorder()
+    x, y = torch.randn(32, 4), torch.randn(32, 3)
+    captured = dataclasses.replace(capture(model, (x, y)), batch_symbol=None)
+    SEEN.clear()
+    verify_capture(captured, model, (x, y))
+    assert SEEN == [32, 32]
+
+
+def test_a_forward_that_refuses_the_cut_rows_is_checked_on_the_whole_example():
+    torch.manual_seed(0)
+    model = RowRecorder(least=CHECK_ROWS + 1)
+    x, y = torch.randn(32, 4), torch.randn(32, 3)
+    captured = capture(model, (x, y))
+    SEEN.clear()
+    verify_capture(captured, model, (x, y))
+    assert SEEN == [CHECK_ROWS, 32, 32]  # the cut refused, then the example and the second batch whole
+
+
+def test_the_cut_keeps_aliases_and_inputs_that_are_not_batch_first():
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+            return self.lin(a) * scale + b
+
+    x = torch.randn(16, 4)
+    captured = capture(Pair(), (x, x, 2.0))
+    calls = _first_rows(captured, (x, x, 2.0), {}, CHECK_ROWS)
+    for call in calls:
+        a, b, scale = call.args
+        assert a is b and a.shape == (CHECK_ROWS, 4) and scale == 2.0
+    assert torch.equal(calls[0].args[0], x[:CHECK_ROWS]) and calls[0].args[0].data_ptr() != x.data_ptr()
+
+
+def test_a_wrong_capture_is_still_caught_on_the_cut_rows_and_the_error_says_which_rows():
+    model = counting_model()
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(InputError) as e:
+        asteroid.compile(model, CLUSTER, example=x)
+    text = str(e.value)
+    assert "on a second batch drawn like the example, output 0 differs" in text
+    assert f"{CHECK_ROWS} rows drawn like the example's first {CHECK_ROWS} of its 32)" in text
+    assert "graph node 'mul', an output of count (Counter)" in text

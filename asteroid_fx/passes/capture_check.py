@@ -5,16 +5,20 @@ changes between calls (an attribute or global updated in forward, Python's ``ran
 writes a buffer or an input in place and reads it back, or that is handed one tensor as two
 inputs, can be recorded as a graph that computes something else; training would then silently
 train another model. So compile runs both, in train mode as they will be trained, on the example
-and on a second batch drawn like it, and compares.
+and on a second batch drawn like it, and compares. With a symbolic batch dim the check runs on the
+example's first ``CHECK_ROWS`` rows (every batch-first input cut, the rest as given): what forward
+computes on a row does not depend on how many rows come with it once the batch is a size only, and
+the full example would cost four full forwards of the model. A cut example that forward cannot take
+(an error, not a mismatch) is checked whole instead.
 
 Expects a ``Captured`` of ``model(*args, **kwargs)`` (passes/capture.py) and the user's model.
 Guarantees:
   - returns None when every output of the graph equals the eager output within float32 tolerance
     (``RTOL``, ``ATOL`` times the output's scale; non-float outputs exactly) on both batches;
-  - otherwise raises InputError naming the input, the output, the first graph node whose value
-    diverges from its eager module's output (graph nodes are matched to modules through
-    ``node.meta["nn_module_stack"]``, eager outputs are taken by forward hooks; modules are looked
-    at in the order their forward returns) and what to try;
+  - otherwise raises InputError naming the input (and the rows it was cut to), the output, the
+    first graph node whose value diverges from its eager module's output (graph nodes are matched
+    to modules through ``node.meta["nn_module_stack"]``, eager outputs are taken by forward hooks;
+    modules are looked at in the order their forward returns) and what to try;
   - a difference that vanishes in eval mode in a graph that draws random numbers is randomness,
     not a wrong capture: it is reported with a warning, not an error. Both sides are seeded alike
     before every run (inside ``torch.random.fork_rng``, so the caller's RNG state is untouched);
@@ -42,6 +46,8 @@ from asteroid_fx.passes.capture import Captured
 RTOL = 1e-4
 ATOL = 1e-5  # times max(1, the largest eager magnitude of the output): a scale-free float32 floor
 SEED = 0x5EED
+_CHUNK = 1 << 22  # elements compared at a time: float64 temporaries of 32 MB, and few ops
+CHECK_ROWS = 4  # rows the check runs on when the batch is symbolic (BatchNorm in train mode needs 2 or more)
 
 _SKIP = "To compile anyway, pass check_capture=False to compile() (--no-capture-check to `asteroid compile`)."
 
@@ -57,6 +63,7 @@ class _Call(NamedTuple):
     what: str  # how the error names this input: "the example", "a second batch drawn like the example"
     args: tuple
     kwargs: dict
+    cut: tuple[int, int] | None = None  # (rows run, the example's rows) when the example was cut
 
 
 class _Mismatch(NamedTuple):
@@ -68,15 +75,22 @@ def verify_capture(captured: Captured, model: torch.nn.Module, args: Any, kwargs
     """Raise InputError if ``captured`` does not compute ``model(*args, **kwargs)`` in train mode."""
     args = args if isinstance(args, tuple) else (args,)
     kwargs = dict(kwargs or {})
-    calls = [_Call("the example", args, kwargs), _drawn_like(args, kwargs)]
-    found = _first_mismatch(captured, model, calls, train=True)
+    calls = _first_rows(captured, args, kwargs, CHECK_ROWS)
+    try:
+        found = None if calls is None else _first_mismatch(captured, model, calls, train=True)
+    except Exception:  # forward cannot take the cut rows (not a mismatch): check the example whole
+        calls = None
+    if calls is None:
+        calls = _calls(args, kwargs)
+        found = _first_mismatch(captured, model, calls, train=True)
     if found is None:
         return
     k, mismatch = found
     if _draws_random(captured.module) and _first_mismatch(captured, model, calls, train=False) is None:
         warnings.warn(
             f"the captured graph of {type(model).__name__} gives other outputs than eager in train mode "
-            f"(output {mismatch.index} {mismatch.detail} on {calls[k].what}, with the same seed) but the same "
+            f"(output {mismatch.index} {mismatch.detail} on {calls[k].what}{_rows_note(calls[k])}, with the "
+            "same seed) but the same "
             "in eval mode: the difference is randomness (dropout), drawn in another order by the graph than by "
             "eager forward. Training is not wrong for it; set dropout to 0 to see the graph and eager agree.",
             stacklevel=2)
@@ -85,6 +99,52 @@ def verify_capture(captured: Captured, model: torch.nn.Module, args: Any, kwargs
 
 
 # --- inputs ------------------------------------------------------------------------------------
+
+def _calls(args: tuple, kwargs: dict, cut: tuple[int, int] | None = None) -> list[_Call]:
+    """The example and a second batch drawn like it."""
+    return [_Call("the example", args, kwargs, cut), _drawn_like(args, kwargs)._replace(cut=cut)]
+
+
+def _first_rows(captured: Captured, args: tuple, kwargs: dict, rows: int) -> list[_Call] | None:
+    """The calls on the example's first ``rows`` rows: every batch-first input (as its placeholder
+    was traced) cut, in a storage of its own so a forward that writes its input leaves the
+    example's alone, the other inputs as given; one tensor passed twice stays one tensor. None
+    without a symbolic batch dim (a size that merely equals the batch cannot be told from it), when
+    the example has no more rows, or when one tensor is batch-first at one input and not at another."""
+    if captured.batch_symbol is None or captured.example_batch <= rows:
+        return None
+    placeholders = [n for n in captured.module.graph.nodes if n.op == "placeholder"]
+    flat = captured.flatten_inputs(args, kwargs)
+    batched: dict[int, bool] = {}
+    for node, x in zip(placeholders, flat):
+        if isinstance(x, torch.Tensor):
+            is_batched = captured.is_batched(node.meta.get("val"))
+            if batched.setdefault(id(x), is_batched) != is_batched:
+                return None
+    if not any(batched.values()):
+        return None
+    cut: dict[int, torch.Tensor] = {}
+
+    def take(x: Any) -> Any:
+        if not (isinstance(x, torch.Tensor) and batched.get(id(x))):
+            return x
+        if id(x) not in cut:
+            cut[id(x)] = x[:rows].clone()
+        return cut[id(x)]
+
+    args2, kwargs2 = pytree.tree_map(take, (args, kwargs))
+    return _calls(args2, kwargs2, (rows, captured.example_batch))
+
+
+def _rows_note(call: _Call) -> str:
+    """Which rows the call ran on, when the example was cut: for the error and the warning."""
+    if call.cut is None:
+        return ""
+    rows, batch = call.cut
+    if call.what == "the example":
+        return f", on the example's first {rows} of its {batch} rows"
+    return f", {rows} rows drawn like the example's first {rows} of its {batch}"
+
 
 def _drawn_like(args: tuple, kwargs: dict) -> _Call:
     """Inputs of the example's shapes and dtypes with fresh values in its ranges: a float tensor
@@ -201,20 +261,28 @@ def _differs(got: Any, want: Any) -> str | None:
 
 
 def _error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / (atol + rtol |want|): at most 1 is a match; NaN matches NaN only."""
-    g, w = got.detach().double(), want.detach().double()
+    """max |got - want| / (atol + rtol |want|): at most 1 is a match; NaN matches NaN only.
+    Computed in float64 a chunk of ``_CHUNK`` elements at a time: on a whole large output (a
+    language model's logits) the float64 temporaries cost more than the forward that made it."""
+    g, w = got.detach().reshape(-1), want.detach().reshape(-1)
     if g.numel() == 0:
         return 0.0
-    nan_g, nan_w = torch.isnan(g), torch.isnan(w)
-    if not torch.equal(nan_g, nan_w):
-        return float("inf")
-    g, w = g[~nan_w], w[~nan_w]
-    if g.numel() == 0:
-        return 0.0
-    same_inf = (g == w)  # equal infinities compare equal; their difference would be NaN
-    scale = max(1.0, float(w[torch.isfinite(w)].abs().max())) if torch.isfinite(w).any() else 1.0
-    ratio = ((g - w).abs() / (ATOL * scale + RTOL * w.abs())).masked_fill(same_inf, 0.0)
-    return float(ratio.nan_to_num(nan=float("inf")).max())
+    parts = [(g[i:i + _CHUNK], w[i:i + _CHUNK]) for i in range(0, g.numel(), _CHUNK)]
+    tops = []
+    for gc, wc in parts:
+        gc, wc = gc.double(), wc.double()
+        if not torch.equal(torch.isnan(gc), torch.isnan(wc)):
+            return float("inf")
+        tops.append(wc.abs().nan_to_num_(nan=0.0, posinf=0.0).max())  # the largest finite magnitude
+    scale = max(1.0, float(torch.stack(tops).max()))
+    worst = []
+    for gc, wc in parts:
+        gc, wc = gc.double(), wc.double()
+        ratio = (gc - wc).abs_().div_(wc.abs().mul_(RTOL).add_(ATOL * scale))
+        # equal infinities compare equal (their difference would be NaN); NaN matches NaN
+        ratio.masked_fill_((gc == wc).logical_or_(torch.isnan(wc)), 0.0)
+        worst.append(ratio.nan_to_num_(nan=float("inf")).max())
+    return float(torch.stack(worst).max())
 
 
 def _max_abs(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -345,7 +413,7 @@ def _same_type(value: Any, want: torch.Tensor) -> bool:
 def _message(captured: Captured, model: torch.nn.Module, calls: list[_Call], k: int, mismatch: _Mismatch) -> str:
     name = type(model).__name__
     lines = [f"the captured graph of {name} does not compute what its forward computes: on {calls[k].what}, "
-             f"output {mismatch.index} {mismatch.detail} (train mode, the same seed on both)."]
+             f"output {mismatch.index} {mismatch.detail} (train mode, the same seed on both{_rows_note(calls[k])})."]
     where = _locate(captured, model, calls, k)
     if where is not None:
         module = f"the model itself ({where.kind})" if not where.module else f"{where.module} ({where.kind})"
