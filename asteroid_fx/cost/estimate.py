@@ -21,6 +21,8 @@ simulation of the program it lowers to (``sim.predict``).
 
 from __future__ import annotations
 
+import collections
+
 from typing import Any, Sequence
 
 from asteroid_fx.cost.stage import (ADAM_STATE_FACTOR, activation_memory, device_memory, in_flight,
@@ -58,8 +60,7 @@ class CostTable:
         self.kinds = tuple(sorted({d.kind for d in cluster.devices}))
         self.time: dict[str, Any] = {}  # kind -> (max_rows + 1, L + 1) prefix sums, row 0 all zero
         for k in self.kinds:
-            per_layer = step_table(lg, k, rs)
-            self.time[k] = np.concatenate([np.zeros((max_rows + 1, 1)), np.cumsum(per_layer, axis=1)], axis=1)
+            self.time[k] = _time_prefix(lg, k, rs)
         prefix = lambda xs: np.concatenate([[0.0], np.cumsum(np.asarray(xs, dtype=float))])  # noqa: E731
         self.params = prefix([layer.param_bytes for layer in lg.layers])
         self.buffers = prefix([layer.buffer_bytes for layer in lg.layers])
@@ -341,3 +342,27 @@ def _overlaps(src: Sequence[tuple[str, int, int]], dst: Sequence[tuple[str, int,
 # the stage model's pieces that callers have long imported from here
 __all__ = ["ADAM_STATE_FACTOR", "CostTable", "activation_memory", "device_memory", "in_flight", "ring_allreduce_s",
            "state_memory", "static_memory"]
+
+
+# (id of a graph's layers, kind, rows) -> (those layers, prefix table): a planner builds tables for
+# the same layers many times (every micro-batching searched alone, a long graph's coarse view,
+# which shares its layers), and evaluating every layer's fits is most of a table's cost
+_TIME_PREFIX: "collections.OrderedDict[tuple, tuple[Any, Any]]" = collections.OrderedDict()
+_TIME_PREFIX_SIZE = 64
+
+
+def _time_prefix(lg: LayerGraph, kind: str, rs: Any) -> Any:
+    """Read-only (len(rs), L + 1) prefix sums over layers of ``step_table``, column 0 zero."""
+    import numpy as np
+
+    key = (id(lg.layers), kind, len(rs))
+    hit = _TIME_PREFIX.get(key)
+    if hit is not None and hit[0] is lg.layers:
+        _TIME_PREFIX.move_to_end(key)
+        return hit[1]
+    table = np.concatenate([np.zeros((len(rs), 1)), np.cumsum(step_table(lg, kind, rs), axis=1)], axis=1)
+    table.flags.writeable = False
+    _TIME_PREFIX[key] = (lg.layers, table)
+    while len(_TIME_PREFIX) > _TIME_PREFIX_SIZE:
+        _TIME_PREFIX.popitem(last=False)
+    return table
