@@ -225,7 +225,7 @@ def compile(model: torch.nn.Module, devices: Any, *, example: Any, kwargs: dict 
     ``torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)`` does in eager training
     (a NORM on every device; docs/semantics.md, "Gradient clipping"). With ``check_capture`` (the
     default) the captured graph must compute what the model's forward does, in train mode, on the
-    example and on a second batch drawn like it, both cut to the example's first 4 rows when the
+    example and on a second batch drawn like it, both cut to the example's first 2 rows when the
     batch is symbolic (docs/semantics.md, "Capture self-check")."""
     max_norm = check_clip(clip_grad_norm)  # a bad value fails before the capture and the planner
     cluster = resolve_cluster(devices)
