@@ -442,3 +442,24 @@ def test_costs_round_trip_and_the_simulate_command(tmp_path, capsys):
     assert f"iteration {compiled.simulate().iteration_s * 1e3:.2f} ms" in printed
     assert "step | t (ms)" in printed
     assert json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+
+
+def test_the_critical_path_ends_on_links_of_absurd_latency():
+    """A latency of 2**63 s (hostile cluster files reach the planner) makes the walk's time
+    tolerance span several spans; the walk still ends, every step once, and the plan says what binds."""
+    import dataclasses
+
+    from asteroid_fx.passes.planners.predict import predict
+
+    entry = models.get("mlp")
+    torch.manual_seed(0)
+    cluster = Cluster.uniform([Device(n, "laptop-i7") for n in ("a", "b", "c")], bandwidth="1Gbps", latency=1e-4)
+    compiled = asteroid.compile(entry.build(small=True), cluster, example=entry.example(24, True), loss=entry.loss,
+                                microbatches=3, groups=[["a", "b"], ["c"]], rows=[[5, 3], [8]])
+    latency = [list(r) for r in cluster.latency]
+    latency[2][0] = float(2**63)  # c -> a
+    hostile = dataclasses.replace(cluster, latency=tuple(tuple(r) for r in latency))
+    # the plan the planner's polish met there: c's gradients to a take 2**63 s
+    plan = Plan((StagePlan((0, 3), ("a",), (2,)), StagePlan((3, 6), ("b", "c"), (1, 1))), 12, 2, "1f1b+4", "x")
+    pred = predict(plan, compiled.layer_graph, hostile, ADAM_STATE_FACTOR)
+    assert math.isfinite(pred.iteration_s) and pred.binding

@@ -151,7 +151,12 @@ class Simulation:
             return ()
         device = max(spans, key=lambda d: spans[d][-1].end)
         k = len(spans[device]) - 1
-        while k >= 0:
+        # the walk goes back in time, so it never meets a span twice; where times are so large that
+        # the tolerance of ``last_ending`` spans several of them (a hostile latency of 1e18 s), it
+        # could go round in a cycle: it stops there instead
+        seen: set[tuple[str, int]] = set()
+        while k >= 0 and (device, k) not in seen:
+            seen.add((device, k))
             sp = spans[device][k]
             if sp.what == "compute":
                 path.append(PathStep("compute", device, sp.start, sp.end))
