@@ -10,7 +10,10 @@ at the same moment, in which iteration, how far every device got). It returns a 
   after     the program for the survivors from the next iteration on, verified: in a stage that
             kept group members a survivor next to each lost device takes its rows over as chunks
             of its own (``take_over``: the same rows per F/B, the same batch statistics, the
-            gradients summed in the failure-free order); a stage that lost every device is merged
+            gradients summed in the failure-free order); a stage that lost every device next to a
+            group that keeps two survivors is lent the member holding its backup, which runs it on
+            the lost stage's own chunks while its group takes its rows over (exact, batch
+            statistics included; ``_lends``); any other stage that lost every device is merged
             into the stage of a survivor that holds its backup (a neighbour, once the other lost
             stages have merged), and its layers run over that stage's chunks; backups are placed
             again when the program had them, and a program that clips its gradients (NORM) clips
@@ -260,9 +263,11 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
            cluster: Cluster | None = None) -> Rewrite:
     """The Rewrite of ``program`` for the devices that survive ``failure`` (see the module docstring),
     one device or several at once: in every stage that keeps members the survivors take the lost
-    devices' rows over as chunks (``take_over``); every stage that keeps none merges into the stage
-    of a survivor that holds its backup, which must be next to it once the other lost stages have
-    merged. Raises ReplayError when a device is
+    devices' rows over as chunks (``take_over``); a stage that keeps none is lent a member of a
+    neighbouring group that keeps two survivors and holds its backup (``_lends``; with ``lg`` and
+    ``cluster`` only one that fits its memory), else merges into the stage of a survivor that
+    holds its backup, which must be next to it once the other lost stages have merged. Raises
+    ReplayError when a device is
     not in the program, when no device survives, when a lost stage's state is held by no survivor
     (no backup, or its holder failed too), when its holder is not next to it, and when stages merged
     from both sides have no survivor holding all of them."""
