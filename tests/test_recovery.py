@@ -254,7 +254,8 @@ def test_a_device_that_cannot_help_is_told_so_and_the_run_goes_on(tmp_path):
 
 @pytest.mark.parametrize("victims, changes", [
     (("host1", "host2"), ("takes over its rows", "takes over its rows")),  # one member of each group
-    (("host2", "host3"), ("move to stage 0",)),         # a whole stage: it merges into its backup's holder
+    # a whole stage: the other group lends it the holder of its backup, host0
+    (("host2", "host3"), ("stage 0 lends host0 to stage 1", "is lent to it")),
 ])
 def test_two_devices_killed_at_the_same_moment(tmp_path, victims, changes):
     spec = dataclasses.replace(HYBRID, groups=(("host0", "host1"), ("host2", "host3")), rows=((3, 3), (2, 4)),
