@@ -25,6 +25,7 @@ from asteroid_fx.ir.program import Action, Op, Program, StageInfo, StageSlot, Te
 from asteroid_fx.ir.program_text import format_program, parse_program, program_from_json, program_to_json
 from asteroid_fx.sim import simulate
 from asteroid_fx.ir.verify import VerifyError, execution_order, verify
+from asteroid_fx.passes import replay as replay_pass
 from asteroid_fx.passes.lower_comm import lower_comm
 from asteroid_fx.passes.replay import (Failure, ReplayError, add_backups, backup_holders, replay, split_rows,
                                        split_stages)
@@ -122,11 +123,14 @@ def test_every_failure_position_gives_the_failure_free_update(layout, microbatch
 
 def test_the_sweeps_take_layers_over_in_a_group():
     """The merge into a group, where members other than the holder receive the lost layers, is
-    among the swept cases (1-3-1 without speeds: d0's layers go to d1 d2 d3, d1 holds them)."""
+    shown on 1-3-1 without speeds, d0 and d4 failing at once (both stages' backups are on d1,
+    which is therefore not lent, so both merge into d1 d2 d3); d0 alone borrows d1 instead."""
     program = _compiled("1-3-1", "1f1b", 2)[0].program
-    prologue = dict(replay(program, Failure("d0", 1)).prologue)
+    prologue = dict(replay(program, Failure("d0", 1, also=("d4",))).prologue)
     assert prologue["d1"] == (Action(Op.ROLLBACK, 0), Action(Op.BACKUP, 0, peer="d2"), Action(Op.BACKUP, 0, peer="d3"))
     assert prologue["d2"] == (Action(Op.RESTORE, 0, peer="d1"), Action(Op.ROLLBACK, 0))
+    alone = replay(program, Failure("d0", 1))
+    assert alone.after.stages[0].devices == ("d1",) and dict(alone.prologue)["d1"] == (Action(Op.ROLLBACK, 0),)
 
 
 @_every_layout
@@ -343,9 +347,15 @@ def test_two_failures_that_lose_a_stage_say_what_to_do():
     with pytest.raises(ReplayError, match="a device is named twice among the failed"):
         Failure("a", also=("b", "a"))
     split = _three_stages({0: "b", 1: "d", 2: "c"})  # the two backups of stage 1's neighbours on two devices
+    # stage 1 lends b (stage 0's holder) to stage 0; c, left alone, takes stage 2 over by a merge
+    lent = replay(split, Failure("a", also=("d",)))
+    assert [st.devices for st in lent.after.stages] == [("b",), ("c",)]
+    assert lent.after.stages[1].layers == (split.stages[1].layers[0], split.stages[2].layers[1])
+    # without the lend (its device over memory) both would merge into stage 1 from two holders
+    holds = replay_pass._held_stages(split, ["b", "c"])
     with pytest.raises(ReplayError, match=r"stages 0 and 2 merge into stage 1, but no surviving device of stage 1 "
                                           r"holds all of them \(stage 0's backup is on b; stage 2's backup is on c\)"):
-        replay(split, Failure("a", also=("d",)))
+        replay_pass._stage_table(split, ("a", "d"), holds, {}, None, None)
 
 
 def test_add_backups_places_a_ring_of_neighbours(golden):

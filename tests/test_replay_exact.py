@@ -102,7 +102,9 @@ def test_take_over_keeps_every_chunk_on_one_survivor():
 # --- resnet18 (BatchNorm) on the local backend ---------------------------------------------------
 
 M, R = 2, 4  # two micro-batches of 4 rows: 2 + 2 rows on the group, BatchNorm's least
-GROUPS, ROWS = [["d0", "d1"], ["d2"]], [[2, 2], [4]]
+GROUPS, ROWS = (("d0", "d1"), ("d2",)), ((2, 2), (4,))
+# "1 + group of 2": a stage of one device before a group of two
+LENDING, LENDING_ROWS = (("d0",), ("d1", "d2")), ((4,), (2, 2))
 
 
 def adam(params):
@@ -110,9 +112,9 @@ def adam(params):
 
 
 @functools.cache
-def _resnet(dtype: torch.dtype):
-    """resnet18 (small) on a group of two and a stage of one, with backups; three batches, and
-    the failure-free losses and state after the first and after both of the first two."""
+def _resnet(dtype: torch.dtype, groups=GROUPS, rows=ROWS):
+    """resnet18 (small) on ``groups`` (default: a group of two and a stage of one), with backups;
+    two batches, and the failure-free losses and state after the first and after both."""
     entry = models.get("resnet18")
     torch.manual_seed(0)
     model = entry.build(small=True).to(dtype)
@@ -121,7 +123,8 @@ def _resnet(dtype: torch.dtype):
         return tuple(t.to(dtype) if t.is_floating_point() else t for t in ts)
 
     compiled = asteroid.compile(model, _named_cluster(), example=cast(entry.example(M * R, True)), loss=entry.loss,
-                                microbatches=M, schedule_kind="1f1b", groups=GROUPS, rows=ROWS)
+                                microbatches=M, schedule_kind="1f1b", groups=[list(g) for g in groups],
+                                rows=[list(r) for r in rows])
     compiled = dataclasses.replace(compiled, program=add_backups(compiled.program))
     torch.manual_seed(1)
     batches = [(cast(entry.example(M * R, True)), entry.labels(M * R, True)) for _ in range(2)]
@@ -180,6 +183,63 @@ def test_a_batchnorm_stage_re_split_without_chunks_is_not_the_failure_free_updat
     plain = dataclasses.replace(rewrite, after=after, recovery=recovery)
     _, got_first, _ = _recover(compiled, batches, failure, plain)
     assert _relative(got_first, first) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("groups, rows, dead, k, lent, group", [
+    # "1 + group of 2": stage 0's only device dies, the group after it lends d1
+    (LENDING, LENDING_ROWS, "d0", 3, (0, "d1"), (1, "d2")),
+    # "group of 2 + 1": stage 1's only device dies, the group before it lends d0
+    (GROUPS, ROWS, "d2", 5, (1, "d0"), (0, "d1")),
+])
+def test_a_lost_single_device_stage_borrows_a_group_member_and_keeps_the_failure_free_update(
+        dtype, groups, rows, dead, k, lent, group):
+    """A stage's only device dies: the neighbouring group lends the member that holds the stage's
+    backup, which runs the stage on its own chunk of 4 rows as the dead device did, and the other
+    member runs the lent device's rows as a chunk of its own. A merge would run the stage's
+    BatchNorm layers over the group's 2 + 2 rows instead."""
+    compiled, batches, losses, first, second = _resnet(dtype, groups, rows)
+    failure = Failure.at(compiled.program, dead, k, iteration=0)
+    rewrite = replay(compiled.program, failure, compiled.layer_graph, compiled.cluster)
+    p, borrowed = lent
+    q, keeper = group
+    before, after = compiled.program.stages, rewrite.after.stages
+    assert (after[p].layers, after[p].slots, after[p].splits) == (before[p].layers, (StageSlot(borrowed, 0, 4),), ())
+    assert (after[q].layers, after[q].slots, after[q].splits) == (before[q].layers, (StageSlot(keeper, 0, 4),), (2,))
+    assert any(f"{borrowed} (stage {q}, holds the backup) is lent to it" in c for c in rewrite.changes)
+    # the lent device holds the stage's copy: the prologue moves nothing, every device rolls back
+    assert dict(rewrite.prologue) == {borrowed: (Action(Op.ROLLBACK, p),), keeper: (Action(Op.ROLLBACK, q),)}
+    got_losses, got_first, got_second = _recover(compiled, batches, failure, rewrite)
+    assert got_losses == pytest.approx(losses, rel=1e-12)
+    assert _relative(got_first, first) <= 1e-6
+    assert _relative(got_second, second) <= 1e-6
+    assert all(torch.equal(got_second[n], second[n]) for n in second if "running" in n)
+
+
+def test_a_lost_stage_merges_when_the_lent_device_would_not_fit():
+    """The same failure with d1's memory budget too small for stage 0 alone: the stage merges
+    into stage 1, whose chunks are not its own, and the changes say why."""
+    compiled, *_ = _resnet(torch.float64, LENDING, LENDING_ROWS)
+    failure = Failure.at(compiled.program, "d0", 3, iteration=0)
+    lent = replay(compiled.program, failure, compiled.layer_graph, compiled.cluster)
+    peak = simulate(lent.after, compiled.layer_graph, compiled.cluster, recovery=True).device("d1").memory.peak_bytes
+    devices = tuple(dataclasses.replace(d, memory_bytes=peak - 1) if d.name == "d1" else d
+                    for d in compiled.cluster.devices)
+    small = dataclasses.replace(compiled.cluster, devices=devices)
+    rewrite = replay(compiled.program, failure, compiled.layer_graph, small)
+    assert len(rewrite.after.stages) == 1
+    assert any("d1 would exceed its memory running it alone, so it merges" in c for c in rewrite.changes)
+    assert any("not its own r0:4: its batch statistics are over other rows" in c for c in rewrite.changes)
+
+
+def test_a_lost_stage_merges_when_no_neighbour_keeps_two_survivors():
+    """d0 and d2 fail at once: stage 1 keeps d1 alone, nothing to lend, so stage 0 merges into
+    it (d1 holds its backup) and runs over d1's chunks."""
+    compiled, *_ = _resnet(torch.float64, LENDING, LENDING_ROWS)
+    rewrite = replay(compiled.program, Failure.at(compiled.program, "d0", 3, also=("d2",)), compiled.layer_graph,
+                     compiled.cluster)
+    assert len(rewrite.after.stages) == 1 and rewrite.after.devices == ("d1",)
+    assert not any("lent" in c for c in rewrite.changes)
 
 
 # --- the MLP in float32 over many iterations -------------------------------------------------------

@@ -10,7 +10,10 @@ at the same moment, in which iteration, how far every device got). It returns a 
   after     the program for the survivors from the next iteration on, verified: in a stage that
             kept group members a survivor next to each lost device takes its rows over as chunks
             of its own (``take_over``: the same rows per F/B, the same batch statistics, the
-            gradients summed in the failure-free order); a stage that lost every device is merged
+            gradients summed in the failure-free order); a stage that lost every device next to a
+            group that keeps two survivors is lent the member holding its backup, which runs it on
+            the lost stage's own chunks while its group takes its rows over (exact, batch
+            statistics included; ``_lends``); any other stage that lost every device is merged
             into the stage of a survivor that holds its backup (a neighbour, once the other lost
             stages have merged), and its layers run over that stage's chunks; backups are placed
             again when the program had them, and a program that clips its gradients (NORM) clips
@@ -36,7 +39,7 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from asteroid_fx.cost.stage import step_s, tensor_bytes
+from asteroid_fx.cost.stage import step_s, tensor_bytes, within
 from asteroid_fx.ir.cluster import Cluster
 from asteroid_fx.ir.errors import AsteroidError
 from asteroid_fx.ir.layer_graph import LayerGraph, Tie
@@ -260,9 +263,11 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
            cluster: Cluster | None = None) -> Rewrite:
     """The Rewrite of ``program`` for the devices that survive ``failure`` (see the module docstring),
     one device or several at once: in every stage that keeps members the survivors take the lost
-    devices' rows over as chunks (``take_over``); every stage that keeps none merges into the stage
-    of a survivor that holds its backup, which must be next to it once the other lost stages have
-    merged. Raises ReplayError when a device is
+    devices' rows over as chunks (``take_over``); a stage that keeps none is lent a member of a
+    neighbouring group that keeps two survivors and holds its backup (``_lends``; with ``lg`` and
+    ``cluster`` only one that fits its memory), else merges into the stage of a survivor that
+    holds its backup, which must be next to it once the other lost stages have merged. Raises
+    ReplayError when a device is
     not in the program, when no device survives, when a lost stage's state is held by no survivor
     (no backup, or its holder failed too), when its holder is not next to it, and when stages merged
     from both sides have no survivor holding all of them."""
@@ -275,46 +280,19 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
         raise ReplayError(f"no device survives: {_and(failed)} {'was' if len(failed) == 1 else 'were'} {only} of the "
                           "program; training cannot go on here (restart from a checkpoint on new devices)")
     holds = _held_stages(program, survivors)
-    into = _merge_targets(program, failed)
-    changes: list[str] = []
-    new: list[tuple[tuple[int, int], tuple[StageSlot, ...], tuple[int, ...]]] = []
-    for st in program.stages:
-        if st.index in into:
-            continue
-        q = st.index
-        merged = sorted(p for p, (target, _) in into.items() if target == q)
-        gone = [d for d in st.devices if d in failed]
-        rest = [d for d in st.devices if d not in failed]
-        layers = (program.stages[min([q, *merged])].layers[0], program.stages[max([q, *merged])].layers[1])
-        # a survivor takes a lost device's rows over as chunks of their own: the same rows per F/B,
-        # the same batch statistics and the same gradient sums as the failure-free group's
-        slots, splits = take_over(st, failed, layers, lg=lg, cluster=cluster) if gone else (st.slots, st.splits)
-        if not merged:
-            new.append((st.layers, slots, splits))
-            if gone:
-                changes.append(f"{_taken(st, slots, gone)}: {_slots(slots, splits)}")
-            continue
-        group = [program.stages[i] for i in sorted([q, *merged])]
-        # the prologue hands the merged stage to the other members from one device that holds it whole
-        whole = [d for d in rest if {g.index for g in group} <= holds[d]]
-        if not whole:
-            held_by = "; ".join(f"stage {p}'s backup is on {into[p][1]}" for p in merged)
-            raise ReplayError(f"stages {_and(str(p) for p in merged)} merge into stage {q}, but no surviving device of "
-                              f"stage {q} holds all of them ({held_by}), so the merged stage cannot be handed to its "
-                              "members; place the backups of stages that may merge into one stage on one device "
-                              "(passes.replay.default_holders does), or give those stages a second device")
-        new.append((layers, slots, splits))
-        if gone:
-            changes.append(_taken(st, slots, gone))
-        chunks = _edges(slots, splits)
-        for i, p in enumerate(merged):
-            lost = program.stages[p]
-            now = f", now layers {layers[0]}:{layers[1]} on {_slots(slots, splits)}" if i == len(merged) - 1 else ""
-            changes.append(f"stage {p} lost {_only(lost.devices)}; its layers {lost.layers[0]}:{lost.layers[1]} move "
-                           f"to stage {q} ({into[p][1]} holds the backup){now}")
-            if _edges(lost.slots, lost.splits) != chunks:
-                changes.append(_inexact(lost, chunks, lg))
-    table = tuple(StageInfo(i, layers, slots, splits) for i, (layers, slots, splits) in enumerate(new))
+    # a neighbouring group that keeps two survivors lends one to a stage that lost every device,
+    # so the stage keeps its own chunks (a merge would run its layers over the neighbour's)
+    lent = _lends(program, failed, holds, lg, cluster)
+    refused: list[str] = []
+    while True:
+        table, changes = _stage_table(program, failed, holds, lent, lg, cluster)
+        # a lent device must hold the lost stage all iteration; one that cannot leaves it to merge
+        crowded = _over_memory(program, table, lent, lg, cluster)
+        if not crowded:
+            break
+        for p in crowded:
+            refused.append(f"stage {p}: {lent.pop(p)} would exceed its memory running it alone, so it merges")
+    changes += refused
     idle = [d for d in survivors if not any(d in st.devices for st in table)]
     if idle:
         changes.append(f"left out (slower than giving their rows to others): {', '.join(idle)}")
@@ -330,6 +308,108 @@ def replay(program: Program, failure: Failure, lg: LayerGraph | None = None,
     verify(after)
     verify(recovery)
     return Rewrite(failure, program, recovery, after, tuple(changes))
+
+
+def _stage_table(program: Program, failed: Sequence[str], holds: Mapping[str, frozenset[int]],
+                 lent: Mapping[int, str], lg: LayerGraph | None,
+                 cluster: Cluster | None) -> tuple[tuple[StageInfo, ...], list[str]]:
+    """The survivors' stage table and its change lines: a lent device runs its lost stage on that
+    stage's own chunks, its group's other members take its rows over (``take_over``), every other
+    lost stage merges into a neighbour."""
+    into = _merge_targets(program, failed, lent)
+    away = {*failed, *lent.values()}
+    changes: list[str] = []
+    new: list[tuple[tuple[int, int], tuple[StageSlot, ...], tuple[int, ...]]] = []
+    for st in program.stages:
+        if st.index in lent:
+            d = lent[st.index]
+            slots = (StageSlot(d, st.slots[0].lo, st.slots[-1].hi),)
+            splits = _edges(st.slots, st.splits)[1:-1]
+            new.append((st.layers, slots, splits))
+            changes.append(f"stage {st.index} lost {_only(st.devices)}; {d} (stage {program.stage_of(d).index}, holds "
+                           f"the backup) is lent to it and runs its chunks as they ran: {_slots(slots, splits)}")
+            continue
+        if st.index in into:
+            continue
+        q = st.index
+        merged = sorted(p for p, (target, _) in into.items() if target == q)
+        gone = [d for d in st.devices if d in away]
+        rest = [d for d in st.devices if d not in away]
+        layers = (program.stages[min([q, *merged])].layers[0], program.stages[max([q, *merged])].layers[1])
+        # a survivor takes a lost device's rows over as chunks of their own: the same rows per F/B,
+        # the same batch statistics and the same gradient sums as the failure-free group's
+        slots, splits = take_over(st, away, layers, lg=lg, cluster=cluster) if gone else (st.slots, st.splits)
+        if not merged:
+            new.append((st.layers, slots, splits))
+            if gone:
+                changes.append(f"{_taken(st, slots, gone, lent)}: {_slots(slots, splits)}")
+            continue
+        group = [program.stages[i] for i in sorted([q, *merged])]
+        # the prologue hands the merged stage to the other members from one device that holds it whole
+        whole = [d for d in rest if {g.index for g in group} <= holds[d]]
+        if not whole:
+            held_by = "; ".join(f"stage {p}'s backup is on {into[p][1]}" for p in merged)
+            raise ReplayError(f"stages {_and(str(p) for p in merged)} merge into stage {q}, but no surviving device of "
+                              f"stage {q} holds all of them ({held_by}), so the merged stage cannot be handed to its "
+                              "members; place the backups of stages that may merge into one stage on one device "
+                              "(passes.replay.default_holders does), or give those stages a second device")
+        new.append((layers, slots, splits))
+        if gone:
+            changes.append(_taken(st, slots, gone, lent))
+        chunks = _edges(slots, splits)
+        for i, p in enumerate(merged):
+            lost = program.stages[p]
+            now = f", now layers {layers[0]}:{layers[1]} on {_slots(slots, splits)}" if i == len(merged) - 1 else ""
+            changes.append(f"stage {p} lost {_only(lost.devices)}; its layers {lost.layers[0]}:{lost.layers[1]} move "
+                           f"to stage {q} ({into[p][1]} holds the backup){now}")
+            if _edges(lost.slots, lost.splits) != chunks:
+                changes.append(_inexact(lost, chunks, lg))
+    return tuple(StageInfo(i, layers, slots, splits) for i, (layers, slots, splits) in enumerate(new)), changes
+
+
+def _lends(program: Program, failed: Sequence[str], holds: Mapping[str, frozenset[int]], lg: LayerGraph | None,
+           cluster: Cluster | None) -> dict[int, str]:
+    """Lost stage -> the survivor lent to run it: a member of a neighbouring group that keeps
+    another survivor, holding the lost stage's copy (nothing to transfer) and no other lost
+    stage's (which may need it to merge into its stage); the fastest for the stage's layers
+    (``lg`` and ``cluster``), else the first. A lost stage no such device is next to merges."""
+    lost = {st.index for st in program.stages if all(d in failed for d in st.devices)}
+    lent: dict[int, str] = {}
+    for p in sorted(lost):
+        st = program.stages[p]
+        candidates = []
+        for q in (p - 1, p + 1):
+            if q in lost or not 0 <= q < len(program.stages):
+                continue
+            rest = [d for d in program.stages[q].devices if d not in failed and d not in lent.values()]
+            if len(rest) >= 2:
+                candidates += [d for d in rest if p in holds[d] and not holds[d] & (lost - {p})]
+
+        def time(d: str) -> float:
+            if lg is None or cluster is None:
+                return 0.0
+            return step_s(lg, cluster.device(d).kind, st.layers, st.slots[-1].hi - st.slots[0].lo)
+
+        if candidates:
+            lent[p] = min(candidates, key=time)
+    return lent
+
+
+def _over_memory(program: Program, table: tuple[StageInfo, ...], lent: Mapping[int, str], lg: LayerGraph | None,
+                 cluster: Cluster | None) -> list[int]:
+    """The lent stages whose lent device would exceed its memory budget in the simulator (the
+    program after, its backups and rollback copies included); none without ``lg`` and ``cluster``."""
+    if not lent or lg is None or cluster is None:
+        return []
+    from asteroid_fx.sim import simulate
+
+    after = _program(program, table)
+    backed = bool(backup_holders(program)) and len(table) > 1
+    if backed:
+        after = add_backups(after)
+    sim = simulate(after, lg, cluster, recovery=backed)
+    return [p for p, d in lent.items()
+            if not within(sim.device(d).memory.peak_bytes, sim.device(d).memory.budget_bytes)]
 
 
 def _tie_changes(before: Program, after: Program) -> list[str]:
@@ -357,11 +437,13 @@ def _held_stages(program: Program, survivors: Sequence[str]) -> dict[str, frozen
             for d in survivors}
 
 
-def _merge_targets(program: Program, failed: Sequence[str]) -> dict[int, tuple[int, str]]:
-    """Stage that lost every device -> (the stage it merges into, the survivor holding its backup)."""
+def _merge_targets(program: Program, failed: Sequence[str],
+                   lent: Mapping[int, str] | None = None) -> dict[int, tuple[int, str]]:
+    """Stage that lost every device and is not ``lent`` a device -> (the stage it merges into, the
+    survivor holding its backup)."""
     into: dict[int, tuple[int, str]] = {}
     for st in program.stages:
-        if any(d not in failed for d in st.devices):
+        if any(d not in failed for d in st.devices) or st.index in (lent or {}):
             continue
         p = st.index
         holders = [d for d, acts in program.actions if any(a.op == Op.RESTORE and a.stage == p for a in acts)]
@@ -406,12 +488,17 @@ def _edges(slots: Sequence[StageSlot], splits: Sequence[int]) -> tuple[int, ...]
     return tuple(sorted({0, *splits, *(s.hi for s in slots)}))
 
 
-def _taken(before: StageInfo, slots: Sequence[StageSlot], gone: Sequence[str]) -> str:
-    """The change line of a stage whose survivors took over the rows of ``gone``."""
+def _taken(before: StageInfo, slots: Sequence[StageSlot], gone: Sequence[str], lent: Mapping[int, str]) -> str:
+    """The change line of a stage whose survivors took over the rows of ``gone`` (failed, or
+    ``lent`` to a lost stage)."""
     old = {s.device: (s.lo, s.hi) for s in before.slots}
     takers = [s.device for s in slots if old[s.device] != (s.lo, s.hi)]
     one = len(takers) == 1
-    return (f"stage {before.index} lost {_and(gone)}; {_and(takers)} take{'s' if one else ''} over "
+    to = {d: p for p, d in lent.items()}
+    lost = [d for d in gone if d not in to]
+    what = " and ".join(filter(None, [f"lost {_and(lost)}" if lost else "",
+                                      *(f"lends {d} to stage {to[d]}" for d in gone if d in to)]))
+    return (f"stage {before.index} {what}; {_and(takers)} take{'s' if one else ''} over "
             f"{'its' if len(gone) == 1 else 'their'} rows as chunks of {'its' if one else 'their'} own")
 
 
