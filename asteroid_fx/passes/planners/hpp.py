@@ -33,8 +33,9 @@ The search (after the paper's planner, MobiCom 2024 §4, and extended where note
    coarsening (``DEFAULT_MAX_LAYERS``) is also planned with cuts only where that coarsening keeps
    them (``LayerGraph.coarsening``: the very graph ``linearize(max_layers=48)`` makes, with the
    same layers, so its plan is a plan of this graph) and polished on the fine layers; beyond that
-   many devices, this coarse search and its polish replace the search on every cut. So no pinned
-   micro-batching, and no coarsening, simulates faster than the plan.
+   many devices, this coarse search and its polish replace the search on every cut. So no
+   coarsening, and on up to that many devices no pinned micro-batching, simulates faster than
+   the plan.
 
 With ``recovery`` every device's memory also holds recovery's state copies (estimate.py): its
 rollback point in every stage's static bytes, and the backups a stage's first device holds, which
