@@ -124,6 +124,7 @@ def grid(captured: dict, presets, batches) -> tuple[list[str], dict]:
     rows += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, cap in captured.items():
         lg = linearize(cap, max_layers=MAX_LAYERS)
+        fine = linearize(cap, max_layers=None) if name in FINE_MODELS else None
         for preset in presets:
             cluster = catalog.preset(preset)
             for batch in batches:
@@ -154,12 +155,8 @@ def grid(captured: dict, presets, batches) -> tuple[list[str], dict]:
                     gain, what, n = best_single_move(lg, cluster, batch, p)
                     stats["moves"].append((gain, name, preset, batch, what, n))
                     stats["pinned"].append((best_pinned_gain(lg, cluster, batch, p), name, preset, batch))
-        if name in FINE_MODELS:
-            fine = linearize(cap, max_layers=None)
-            for preset in presets:
-                cluster = catalog.preset(preset)
-                for batch in batches:
-                    stats["fine"].append((coarse_gain(lg, fine, cluster, batch), name, preset, batch, len(fine)))
+                if fine is not None:
+                    stats["fine"].append((coarse_gain(p, lg, fine, cluster, batch), name, preset, batch, len(fine)))
     return rows, stats
 
 
@@ -174,10 +171,10 @@ def best_pinned_gain(lg, cluster, batch: int, p) -> tuple[float, int]:
     return best, at
 
 
-def coarse_gain(lg, fine, cluster, batch: int) -> float:
-    """How much faster the plan of the coarsened graph ``lg`` simulates on the uncoarsened ``fine``
-    (its stages mapped onto fine layers) than the plan of ``fine`` itself (<= 0: not faster)."""
-    p, _ = run_planner(hpp.plan, lg, cluster, batch=batch)
+def coarse_gain(p, lg, fine, cluster, batch: int) -> float:
+    """How much faster ``p``, the plan of the coarsened graph ``lg`` (None: it had none), simulates
+    on the uncoarsened ``fine`` (its stages mapped onto fine layers) than the plan of ``fine``
+    itself (<= 0: not faster)."""
     f, _ = run_planner(hpp.plan, fine, cluster, batch=batch)
     if p is None or f is None:
         return 0.0 if f is not None or p is None else float("inf")

@@ -141,6 +141,17 @@ def _relative(got: dict, want: dict) -> float:
                for k in want)
 
 
+def _recovers_the_failure_free_run(compiled, batches, failure: Failure, rewrite: Rewrite, losses, first,
+                                   second) -> None:
+    """The recovered run's losses, weights after the redone iteration and after the next, and its
+    BatchNorm running statistics (bit for bit) are the failure-free run's."""
+    got_losses, got_first, got_second = _recover(compiled, batches, failure, rewrite)
+    assert got_losses == pytest.approx(losses, rel=1e-12)
+    assert _relative(got_first, first) <= 1e-6
+    assert _relative(got_second, second) <= 1e-6
+    assert all(torch.equal(got_second[n], second[n]) for n in second if "running" in n)
+
+
 def _recover(compiled, batches, failure: Failure, rewrite: Rewrite | None = None):
     """Iteration 0 cut off by ``failure``, redone by its rewrite, then iteration 1: the losses and
     the state after each."""
@@ -162,12 +173,8 @@ def test_a_batchnorm_group_member_dying_keeps_the_failure_free_update(dtype, dea
     rewrite = replay(compiled.program, failure, compiled.layer_graph, compiled.cluster)
     alive = "d0" if dead == "d1" else "d1"
     assert rewrite.after.stages[0].slots == (StageSlot(alive, 0, 4),) and rewrite.after.stages[0].splits == (2,)
-    got_losses, got_first, got_second = _recover(compiled, batches, failure, rewrite)
     # the same operations on the same rows in the same order: bit for bit, in float32 too
-    assert got_losses == pytest.approx(losses, rel=1e-12)
-    assert _relative(got_first, first) <= 1e-6
-    assert _relative(got_second, second) <= 1e-6
-    assert all(torch.equal(got_second[n], second[n]) for n in second if "running" in n)
+    _recovers_the_failure_free_run(compiled, batches, failure, rewrite, losses, first, second)
 
 
 def test_a_batchnorm_stage_re_split_without_chunks_is_not_the_failure_free_update():
@@ -209,11 +216,7 @@ def test_a_lost_single_device_stage_borrows_a_group_member_and_keeps_the_failure
     assert any(f"{borrowed} (stage {q}, holds the backup) is lent to it" in c for c in rewrite.changes)
     # the lent device holds the stage's copy: the prologue moves nothing, every device rolls back
     assert dict(rewrite.prologue) == {borrowed: (Action(Op.ROLLBACK, p),), keeper: (Action(Op.ROLLBACK, q),)}
-    got_losses, got_first, got_second = _recover(compiled, batches, failure, rewrite)
-    assert got_losses == pytest.approx(losses, rel=1e-12)
-    assert _relative(got_first, first) <= 1e-6
-    assert _relative(got_second, second) <= 1e-6
-    assert all(torch.equal(got_second[n], second[n]) for n in second if "running" in n)
+    _recovers_the_failure_free_run(compiled, batches, failure, rewrite, losses, first, second)
 
 
 def test_a_lost_stage_merges_when_the_lent_device_would_not_fit():
