@@ -71,7 +71,7 @@ def test_a_backend_trains_like_the_local_backend(backend, case, tmp_path):
 def test_the_runners_and_the_gloo_transport_satisfy_the_protocols():
     for runner in (LocalRunner, DistWorker):
         assert all(callable(getattr(runner, m, None)) for m in ("step", "state_dict", "load")), runner
-    for method in ("send_rows", "recv_rows", "allreduce_stage", "allreduce_tie", "allreduce_norm", "send_state",
+    for method in ("send_rows", "recv_rows", "sum_stage_chunks", "allreduce_tie", "allreduce_norm", "send_state",
                    "recv_state", "wait", "wait_all", "barrier"):
         assert callable(getattr(Comm, method, None)), method
 

@@ -431,3 +431,61 @@ def test_clip_grad_norm_on_gloo_workers_equals_the_local_backend(case, tmp_path)
             if k in want:
                 torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{d} {k}: {m}")
     assert {k for d in devices for k in results[d]["state"]} >= want.keys()
+
+
+# --- a stage's gradient sum: row order, whoever holds which chunk ----------------------------------
+
+
+THREE = RunSpec(model="mlp:small", batch=9, microbatches=1, groups=(("host0", "host1", "host2"),), rows=((4, 1, 4),))
+SUM_LAYOUTS = (
+    (),  # one chunk per device, as a failure-free group runs
+    (2, 7),  # host0 and host2 also run a lost device's rows as a chunk of their own: 2 + 1 + 2 chunks
+)
+
+
+def _chunk_values(lo: int, n: int) -> torch.Tensor:
+    """A chunk's flat gradients: float32 over many magnitudes, so that the order of a sum shows."""
+    g = torch.Generator().manual_seed(lo)
+    return torch.randn(n, generator=g) * 10.0 ** torch.randint(-3, 4, (n,), generator=g)
+
+
+def _sum_worker(rank: int, world: int, port: int, devices: list[str], out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from asteroid_fx.backends.torch_dist.gloo import Comm as GlooComm
+
+    program = compile_spec(THREE, asteroid.resolve_cluster("host-4")).program
+    device = devices[rank]
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=60))
+    comm = GlooComm(store, program, device, timeout_s=60)
+    n, results = 1001, {}  # not a multiple of the group's size
+    for splits in SUM_LAYOUTS:
+        stage = dataclasses.replace(program.stages[0], splits=splits)
+        mine = [_chunk_values(lo, n) for lo, _ in stage.chunks_of(device)]
+        results[splits] = comm.sum_stage_chunks(mine, stage)
+    ring = mine[0].clone()  # gloo's own all-reduce of the one-chunk layout, for comparison
+    comm.wait(comm.allreduce(comm.group, [ring]))
+    torch.save({"sums": results, "ring": ring}, f"{out}/{device}.pt")
+    comm.barrier()
+
+
+def test_a_stages_gradient_sum_is_in_row_order_bit_for_bit_whoever_holds_the_chunks(tmp_path):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    devices = ["host0", "host1", "host2"]
+    spawn_ranks(_sum_worker, devices, str(tmp_path))
+    got = {d: torch.load(tmp_path / f"{d}.pt", weights_only=True) for d in devices}
+    program = compile_spec(THREE, asteroid.resolve_cluster("host-4")).program
+    for splits in SUM_LAYOUTS:
+        chunks = dataclasses.replace(program.stages[0], splits=splits).chunks
+        want = _chunk_values(chunks[0][1], 1001)
+        for _, lo, _ in chunks[1:]:
+            want += _chunk_values(lo, 1001)
+        for d in devices:
+            assert torch.equal(got[d]["sums"][splits], want), (splits, d)
+    # what the failure-free group would have summed without it: not the row-order sum
+    assert not torch.equal(got["host0"]["ring"], got["host0"]["sums"][()])

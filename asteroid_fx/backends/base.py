@@ -20,7 +20,7 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 import torch
 
 from asteroid_fx.ir.errors import AsteroidError
-from asteroid_fx.ir.program import Action
+from asteroid_fx.ir.program import Action, StageInfo
 
 
 class BackendError(AsteroidError, RuntimeError):
@@ -108,8 +108,10 @@ class Comm(Protocol):
         """Post the receives of a RECV's row slice from ``a.peer`` into ``bufs`` (and ``arrive``)."""
         ...
 
-    def allreduce_stage(self, tensors: list[torch.Tensor]) -> None:
-        """Sum ``tensors`` in place over the devices of this device's stage (blocking)."""
+    def sum_stage_chunks(self, chunks: Sequence[torch.Tensor], stage: StageInfo) -> torch.Tensor:
+        """The sum over every chunk of ``stage``, this device's (several devices), in the stage's
+        row order (``StageInfo.chunks``), the same bit for bit on each of its devices; ``chunks``
+        are this device's, flat tensors of one length in row order (blocking)."""
         ...
 
     def allreduce_tie(self, group: Sequence[str], tensors: list[torch.Tensor]) -> None:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from asteroid_fx.backends.base import GroupTimeout, Interrupted
 from asteroid_fx.backends.torch_dist.messages import TaggedMessages
-from asteroid_fx.ir.program import Op, Program
+from asteroid_fx.ir.program import Op, Program, StageInfo
 
 CHECK_IN_POLL_S = 0.002  # how often a device building an epoch's groups looks for the others
 
@@ -134,8 +134,41 @@ class Comm(TaggedMessages):
     def allreduce(self, group: Any, tensors: list[torch.Tensor]) -> dist.Work:
         return self._post(group.allreduce, tensors)
 
-    def allreduce_stage(self, tensors: list[torch.Tensor]) -> None:
-        self.wait(self.allreduce(self.group, tensors))
+    def sum_stage_chunks(self, chunks: Sequence[torch.Tensor], stage: StageInfo) -> torch.Tensor:
+        """The sum over every chunk of ``stage`` (this device's stage) in its row order, equal bit
+        for bit on every member: ``chunks`` are this device's, flat and of one length, in row order.
+
+        gloo's all-reduce adds the members' tensors in an order of its own that differs between
+        parts of the tensor and with the group's size; float32 addition is not associative, so a
+        survivor that adds a lost member's chunk to its own would not get the failure-free sum.
+        Here every sum is in row order, whoever holds the chunks: member r adds up part r of the
+        tensor (every chunk's part r, sent to it by one all-to-all), then an all-gather gives each
+        member every part. Each member sends and receives about twice the tensor times
+        (members - 1) / members, as a ring all-reduce does."""
+        order, counts = self.group_order, {d: len(stage.chunks_of(d)) for d in stage.devices}
+        members, me = len(order), self.group.rank()
+        n = chunks[0].numel()
+        part = -(-n // members)
+        mine = torch.zeros(len(chunks), members * part, dtype=chunks[0].dtype)
+        for k, c in enumerate(chunks):
+            mine[k, :n] = c
+        # to member r: this device's chunks' part r, in row order
+        send = mine.view(len(chunks), members, part).transpose(0, 1).contiguous().view(-1)
+        received = torch.empty(sum(counts.values()) * part, dtype=send.dtype)
+        self.wait(self._post(self.group.alltoall_base, received, send,
+                             [counts[d] * part for d in order], [len(chunks) * part] * members,
+                             dist.AllToAllOptions()))
+        blocks, at = {}, 0
+        for d in order:
+            blocks[d] = received[at:at + counts[d] * part].view(counts[d], part)
+            at += counts[d] * part
+        rows = [blocks[d][k] for d in stage.devices for k in range(counts[d])]
+        total = rows[0].clone()
+        for r in rows[1:]:
+            total += r
+        parts = [torch.empty(part, dtype=total.dtype) for _ in range(members)]
+        self.wait(self._post(self.group.allgather, [parts], [total]))
+        return torch.cat(parts)[:n]
 
     def allreduce_tie(self, group: Sequence[str], tensors: list[torch.Tensor]) -> None:
         self.wait(self.allreduce(self.ties[tuple(group)], tensors))
@@ -215,7 +248,7 @@ def _build_groups(comm: Comm, program: Program, device: str, make: Callable[[str
     comm.grads = make("/grads", members) if sends_grads(program) else None
     comm.backups = make("/backups", members) if stage_groups and has_backups(program) else None
     comm.norm = make("/norm", members) if stage_groups and clips(program) else None
-    comm.group = None
+    comm.group, comm.group_order = None, ()
     comm.ties = {}
     if not stage_groups:
         return
@@ -224,6 +257,13 @@ def _build_groups(comm: Comm, program: Program, device: str, make: Callable[[str
             g = make(f"/stage{info.index}", info.devices)
             if device in info.devices:
                 comm.group = g
+                # its members by rank: torch.distributed's new_group ranks them by world rank
+                comm.group_order = (tuple(sorted(info.devices, key=comm.rank_of.__getitem__)) if collective
+                                    else info.devices)
+                if comm.group_order.index(device) != g.rank():
+                    raise RuntimeError(f"the process group of stage {info.index} ranks {device!r} "
+                                       f"{g.rank()}, not {comm.group_order.index(device)} as its members "
+                                       f"{', '.join(comm.group_order)} say")
     # the holders of each set of tied weights (a TIE's group), named by their position in the
     # program's sorted list of such groups, which every rank computes alike
     for k, members in enumerate(tie_groups(program)):

@@ -14,9 +14,10 @@ Same meaning as the local backend (backends/local.py), action by action; F and B
              several peers) counts as one receive. Posted at the start, the peers learn of every
              receive before they send: no notice of a receive then reaches a sender in the middle
              of its sends (see ``gloo.Comm`` for why that matters);
-  ALLREDUCE  the device's chunks summed in row order (one chunk where the stage has no split), then
-             one flat all-reduce of the stage's gradients over the stage's group (none for a device
-             alone in its stage), then the floating buffers are averaged over the stage's chunks;
+  ALLREDUCE  the gradients of every chunk of the stage (one per device where the stage has no
+             split) summed in row order, flat, over the stage's group (``gloo.Comm.sum_stage_chunks``:
+             the same sum bit for bit whichever device holds which chunk; a device alone in its
+             stage adds its chunks itself), then the floating buffers averaged over the chunks alike;
   TIE        one flat all-reduce of the tied weights' gradients over their holders' group, the
              stage's first device bringing its gradients and the others zeros (local rule);
   NORM       one all-reduce of a float64 over every device of the program: the stage's first
@@ -300,42 +301,40 @@ class DistWorker:
         self.replica.receive(a.mb, a.payload, a.rows, bufs)
 
     def _allreduce(self, a: Action) -> None:
-        # this device's chunks first summed in row order (one chunk: its gradients as they are),
-        # then the group's sum; a device alone in its stage (several chunks) has no group to ask
-        chunks = self.replica.chunk_grads()
+        # every chunk of the stage summed in row order (gloo.Comm.sum_stage_chunks where the stage
+        # has a group, here for a device alone in it): the same sum whoever holds which chunk
         alone = len(a.group) == 1
         everything = list(self.module.parameters())
         trained = [i for i, p in enumerate(everything) if p.requires_grad]
         sums: list[torch.Tensor | None] = [None] * len(everything)
         if trained:
-            grads = []
-            for i in trained:
-                present = [c[i] for c in chunks if c[i] is not None]
-                total = present[0].clone() if len(present) > 1 else present[0] if present else torch.zeros_like(everything[i])
-                for g in present[1:]:
-                    total += g
-                grads.append(total)
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            if not alone:
-                self.comm.allreduce_stage([flat])
+            flats = [torch.cat([(c[i] if c[i] is not None else torch.zeros_like(everything[i])).reshape(-1)
+                                for i in trained])
+                     for c in self.replica.chunk_grads()]
+            flat = self._sum_chunks(flats, alone)
             offset = 0
-            for i, g in zip(trained, grads):
-                sums[i] = flat[offset:offset + g.numel()].view_as(g).clone()
-                offset += g.numel()
+            for i in trained:
+                n = everything[i].numel()
+                sums[i] = flat[offset:offset + n].view_as(everything[i]).clone()
+                offset += n
         buffers = self.replica.chunk_buffers()
         means = None
         if buffers and buffers[0]:
-            flat = torch.cat([b.reshape(-1) for b in buffers[0]])
-            for other in buffers[1:]:
-                flat += torch.cat([b.reshape(-1) for b in other])
-            if not alone:
-                self.comm.allreduce_stage([flat])
+            flat = self._sum_chunks([torch.cat([b.reshape(-1) for b in chunk]) for chunk in buffers], alone)
             flat /= len(self.info.chunks)
             means, offset = [], 0
             for b in buffers[0]:
                 means.append(flat[offset:offset + b.numel()].view_as(b).clone())
                 offset += b.numel()
         self.replica.settle(sums, means)
+
+    def _sum_chunks(self, flats: list[torch.Tensor], alone: bool) -> torch.Tensor:
+        if not alone:
+            return self.comm.sum_stage_chunks(flats, self.info)
+        total = flats[0].clone() if len(flats) > 1 else flats[0]
+        for f in flats[1:]:
+            total += f
+        return total
 
     def _tie(self, a: Action) -> None:
         # the stage's first device brings the stage's sum (after its ALLREDUCE every device of the
