@@ -149,11 +149,14 @@ class Comm(TaggedMessages):
         members, me = len(order), self.group.rank()
         n = chunks[0].numel()
         part = -(-n // members)
-        mine = torch.zeros(len(chunks), members * part, dtype=chunks[0].dtype)
-        for k, c in enumerate(chunks):
-            mine[k, :n] = c
         # to member r: this device's chunks' part r, in row order
-        send = mine.view(len(chunks), members, part).transpose(0, 1).contiguous().view(-1)
+        if len(chunks) == 1 and n == members * part:
+            send = chunks[0].contiguous()
+        else:
+            mine = torch.zeros(len(chunks), members * part, dtype=chunks[0].dtype)
+            for k, c in enumerate(chunks):
+                mine[k, :n] = c
+            send = mine.view(len(chunks), members, part).transpose(0, 1).contiguous().view(-1)
         received = torch.empty(sum(counts.values()) * part, dtype=send.dtype)
         self.wait(self._post(self.group.alltoall_base, received, send,
                              [counts[d] * part for d in order], [len(chunks) * part] * members,
@@ -166,9 +169,9 @@ class Comm(TaggedMessages):
         total = rows[0].clone()
         for r in rows[1:]:
             total += r
-        parts = [torch.empty(part, dtype=total.dtype) for _ in range(members)]
-        self.wait(self._post(self.group.allgather, [parts], [total]))
-        return torch.cat(parts)[:n]
+        gathered = torch.empty(members, part, dtype=total.dtype)
+        self.wait(self._post(self.group.allgather, [list(gathered)], [total]))
+        return gathered.view(-1)[:n]
 
     def allreduce_tie(self, group: Sequence[str], tensors: list[torch.Tensor]) -> None:
         self.wait(self.allreduce(self.ties[tuple(group)], tensors))
