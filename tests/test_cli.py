@@ -167,3 +167,17 @@ def test_a_save_that_fails_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
+
+
+def test_a_run_whose_loss_diverges_trains_to_the_end_and_exits_with_its_own_code(tmp_path, capsys):
+    from asteroid_fx.cli.launch import DIVERGED
+    from asteroid_fx.runtime.metrics import read_metrics
+
+    run = tmp_path / "run"
+    # a learning rate of 1e30: the first step sends every weight to inf, the second loss is nan
+    assert cli.main(["-q", "launch", "mlp:small", "--cluster", "host-2", "--iterations", "3", "--lr", "1e30",
+                     "--out", str(run)]) == DIVERGED
+    out, err = capsys.readouterr()
+    assert "iteration 3: loss nan" in out
+    assert "the loss was nan at iteration 2: training diverged" in err and "--lr" in err
+    assert [r["loss"] for r in read_metrics(run)[0]][1:] == [None, None]  # strict JSON: a diverged loss is null

@@ -13,7 +13,7 @@ from asteroid_fx.runtime import auth
 from asteroid_fx.runtime.auth import SignedStore, secret_from_env
 from asteroid_fx.runtime.errors import StoreValueRejected
 from asteroid_fx.runtime.store import (EPOCH, SPEC, agreed_failure, beat_key, epoch_of, failure_key, get_float,
-                                       get_json, loss_key)
+                                       get_json, loss_key, seconds_key)
 
 SECRET = "s" * 64
 
@@ -67,7 +67,7 @@ def test_a_signed_value_moved_to_another_key_is_refused():
 
 
 @pytest.mark.parametrize("key, payload, why", [
-    (loss_key("host0", 1), "nan", "not finite"),
+    (seconds_key("host0", 1), "nan", "not finite"),  # a loss may be nan (a diverged run), a step time not
     (loss_key("host0", 1), "junk", "could not convert"),
     (EPOCH, "-1", "non-negative"),
     (beat_key("host1"), "maybe", "heartbeat"),

@@ -181,7 +181,26 @@ def run_launch(args: argparse.Namespace) -> int:
         print(f"  iteration {s['iteration'] + 1}: switched to a new plan on {', '.join(s['devices'])} ({s['reason']})")
     print(f"worker logs, metrics, weights and checkpoints in {args.out}/ (`asteroid report {args.out}` plots the "
           f"run; `asteroid export {args.out} model.pt` writes the model's state_dict)")
-    return 0
+    return _diverged(result)
+
+
+DIVERGED = 3  # the exit code of a run whose loss stopped being finite
+
+
+def _diverged(result: dict) -> int:
+    """0, or DIVERGED with one line on stderr when an iteration's loss was nan or infinite: the run
+    trained to the end, as eager training would, but a script must not take its weights for a model."""
+    import math
+    import sys
+
+    bad = next(((i, loss) for i, loss in enumerate(result["losses"], start=result["start"] + 1)
+                if not math.isfinite(loss)), None)
+    if bad is None:
+        return 0
+    print(f"asteroid launch: the loss was {bad[1]} at iteration {bad[0]}: training diverged, and the weights "
+          "written are the diverged model's; try a lower --lr, or clip the gradients (Job.clip_grad_norm)",
+          file=sys.stderr)
+    return DIVERGED
 
 
 def run_worker(args: argparse.Namespace) -> int:

@@ -155,7 +155,8 @@ SCHEMAS: tuple[tuple[re.Pattern, Callable[[str], object]], ...] = tuple((re.comp
     (r"claim/[^/]+", _json_of(dict, ("device", "host", "pid", "token"))),
     (r"refused", _json_of(dict, ("device", "reason"))),
     (r"result/[^/]+", _json_of(dict)),
-    (r"(loss|seconds)/[^/]+/\d+", _finite_float),
+    (r"loss/[^/]+/\d+", float),  # a diverged run's loss is nan or inf, and still its loss
+    (r"seconds/[^/]+/\d+", _finite_float),
     (r"ft/epoch", _count),
     (r"ft/hb/[^/]+", _beat),
     (r"ft/fail/\d+", _json_of(dict, ("device", "reason"))),
