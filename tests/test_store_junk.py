@@ -156,10 +156,12 @@ def test_a_strangers_dead_heartbeat_is_ignored_with_a_warning_and_a_key_nobody_r
 
     monkeypatch.setattr(launcher_module.subprocess, "Popen", spy)
     # host1 overwrites its key every 0.1 s; a refused "dead" is as if its key had not changed. The
-    # junk comes back every 0.05 s and the run lasts long enough (150 iterations, a few seconds) for
-    # its peers' reads, 10 a second, to meet it; the loss of iteration 1000 of 150 is never read
+    # junk comes back every 0.01 s, so it holds the key most of the time, and the run lasts long
+    # enough (150 iterations, a second or more) for its peers' reads, 10 a second each, to meet it
+    # (at every 0.05 s a loaded host's run sometimes ended before one did); the loss of iteration
+    # 1000 of 150 is never read
     spec = dataclasses.replace(RECOVER, iterations=150)
-    junk = Junk(beat_key("host1"), b"dead", every_s=0.05, once={loss_key("host0", 1000): b"1e9"})
+    junk = Junk(beat_key("host1"), b"dead", every_s=0.01, once={loss_key("host0", 1000): b"1e9"})
     result = junk.run(spec, tmp_path)
     assert result["failures"] == [] and result["program"].devices == ("host0", "host1", "host2")
     assert result["losses"] == pytest.approx(reference_losses(spec), rel=1e-6)
